@@ -1,0 +1,72 @@
+//! Constants of QEMU's migration stream (migration/savevm.c, ram.c, migration.h).
+
+/// "QEVM"
+pub const FILE_MAGIC: u32 = 0x5145_564d;
+/// Stream version 3 (2 is refused as obsolete by QEMU).
+pub const FILE_VERSION: u32 = 3;
+
+/// Section type bytes.
+pub mod section {
+    pub const EOF: u8 = 0x00;
+    pub const START: u8 = 0x01;
+    pub const PART: u8 = 0x02;
+    pub const END: u8 = 0x03;
+    pub const FULL: u8 = 0x04;
+    pub const SUBSECTION: u8 = 0x05;
+    pub const VMDESCRIPTION: u8 = 0x06;
+    pub const CONFIGURATION: u8 = 0x07;
+    pub const COMMAND: u8 = 0x08;
+    pub const FOOTER: u8 = 0x7e;
+}
+
+/// `QEMU_VM_COMMAND` ids.
+pub mod command {
+    pub const OPEN_RETURN_PATH: u16 = 1;
+    pub const PING: u16 = 2;
+    pub const POSTCOPY_ADVISE: u16 = 3;
+    pub const POSTCOPY_LISTEN: u16 = 4;
+    pub const POSTCOPY_RUN: u16 = 5;
+    pub const POSTCOPY_RAM_DISCARD: u16 = 6;
+    pub const PACKAGED: u16 = 7;
+    pub const ENABLE_COLO: u16 = 8;
+    pub const POSTCOPY_RESUME: u16 = 9;
+    pub const RECV_BITMAP: u16 = 10;
+    pub const SWITCHOVER_START: u16 = 11;
+}
+
+/// Return-path message types (destination -> source).
+pub mod rp {
+    pub const SHUT: u16 = 1;
+    pub const PONG: u16 = 2;
+    pub const REQ_PAGES_ID: u16 = 3;
+    pub const REQ_PAGES: u16 = 4;
+    pub const RECV_BITMAP: u16 = 5;
+    pub const RESUME_ACK: u16 = 6;
+    pub const SWITCHOVER_ACK: u16 = 7;
+    /// The source refuses longer return-path payloads.
+    pub const MAX_PAYLOAD: usize = 512;
+    /// End mark after a received-bitmap.
+    pub const RECV_BITMAP_ENDING: u64 = 0x0123_4567_89ab_cdef;
+}
+
+/// RAM record flags, the low bits of the be64 that carries the page offset.
+pub mod ram {
+    pub const ZERO: u64 = 0x02;
+    pub const MEM_SIZE: u64 = 0x04;
+    pub const PAGE: u64 = 0x08;
+    pub const EOS: u64 = 0x10;
+    pub const CONTINUE: u64 = 0x20;
+    pub const XBZRLE: u64 = 0x40;
+    pub const HOOK: u64 = 0x80;
+    pub const COMPRESS_PAGE: u64 = 0x100;
+    pub const MULTIFD_FLUSH: u64 = 0x200;
+    /// x86 masks the flags with the target page size minus one.
+    pub const FLAGS_MASK: u64 = 0xfff;
+    /// The RAM section's version id.
+    pub const VERSION: u32 = 4;
+    /// The RAM section's idstr.
+    pub const IDSTR: &str = "ram";
+}
+
+/// x86's target page size.
+pub const TARGET_PAGE_SIZE: usize = 4096;

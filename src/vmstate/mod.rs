@@ -1,0 +1,1 @@
+//! VM descriptions and section codecs.
