@@ -17,7 +17,10 @@ pub struct QemuVersion {
 
 impl QemuVersion {
     pub const V7_2: QemuVersion = QemuVersion { major: 7, minor: 2 };
-    pub const V10_0: QemuVersion = QemuVersion { major: 10, minor: 0 };
+    pub const V10_0: QemuVersion = QemuVersion {
+        major: 10,
+        minor: 0,
+    };
     /// The versions the helper is tested against.
     pub const SUPPORTED: [QemuVersion; 2] = [Self::V7_2, Self::V10_0];
 
@@ -73,7 +76,10 @@ pub fn machine_sends_switchover_start(machine: &str) -> bool {
         return true;
     }
     // pc-i440fx-10.0, pc-q35-9.2, ...: the version is the last dash-separated part.
-    match machine.rsplit_once('-').map(|(_, v)| v.parse::<QemuVersion>()) {
+    match machine
+        .rsplit_once('-')
+        .map(|(_, v)| v.parse::<QemuVersion>())
+    {
         Some(Ok(v)) => v >= QemuVersion::V10_0,
         // Unversioned aliases (pc, q35) resolve to the newest machine.
         _ => true,

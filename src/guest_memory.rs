@@ -1,0 +1,406 @@
+//! Guest memory: the parent's RAM blocks (memfd or other shareable files) mapped MAP_SHARED,
+//! and their dirty bitmaps. The helper reads and writes guest RAM only through these
+//! mappings, so it never holds a private copy.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use vm_memory::mmap::MmapRegion;
+use vm_memory::FileOffset;
+
+use crate::compat::wire::TARGET_PAGE_SIZE;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("block {id:?}: fd is not a regular file or memfd ({kind})")]
+    NotAFile { id: String, kind: &'static str },
+    #[error("block {id:?}: {what}: {source}")]
+    Os {
+        id: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("block {id:?}: offset {offset} + size {size} exceeds the fd's size {file_size}")]
+    PastEnd {
+        id: String,
+        offset: u64,
+        size: u64,
+        file_size: u64,
+    },
+    #[error("block {id:?}: {msg}")]
+    Invalid { id: String, msg: String },
+    #[error("block {id:?}: mapping failed: {source}")]
+    Map {
+        id: String,
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error("block {id:?}: dirty bitmap is {have} bytes, needs at least {need}")]
+    BitmapTooSmall { id: String, have: u64, need: u64 },
+}
+
+impl MemoryError {
+    fn invalid(id: &str, msg: impl Into<String>) -> Self {
+        MemoryError::Invalid {
+            id: id.to_string(),
+            msg: msg.into(),
+        }
+    }
+}
+
+/// Checks that `fd` is something the helper may map as guest RAM, and returns its size.
+fn file_size(id: &str, fd: &OwnedFd) -> Result<u64, MemoryError> {
+    let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| MemoryError::Os {
+        id: id.into(),
+        what: "fstat",
+        source: e.into(),
+    })?;
+    let fmt = st.st_mode & libc::S_IFMT;
+    if fmt != libc::S_IFREG {
+        let kind = match fmt {
+            libc::S_IFSOCK => "a socket",
+            libc::S_IFIFO => "a pipe",
+            libc::S_IFCHR => "a character device",
+            libc::S_IFDIR => "a directory",
+            libc::S_IFBLK => "a block device",
+            _ => "not a regular file",
+        };
+        return Err(MemoryError::NotAFile {
+            id: id.into(),
+            kind,
+        });
+    }
+    Ok(st.st_size as u64)
+}
+
+/// The page size of the file system behind `fd` (hugetlbfs reports its huge page size).
+fn fd_page_size(fd: &OwnedFd) -> u64 {
+    const HUGETLBFS_MAGIC: i64 = 0x958458f6;
+    match nix::sys::statfs::fstatfs(fd) {
+        Ok(s) if s.filesystem_type().0 as i64 == HUGETLBFS_MAGIC => s.block_size() as u64,
+        _ => TARGET_PAGE_SIZE as u64,
+    }
+}
+
+/// A dirty bitmap shared with the parent: little-endian u64 words, bit i = page i.
+/// The parent sets bits with an atomic OR; the helper takes a word with an atomic swap.
+pub struct DirtyBitmap {
+    region: MmapRegion,
+    words: usize,
+}
+
+impl DirtyBitmap {
+    pub fn new(id: &str, fd: OwnedFd, pages: u64) -> Result<Self, MemoryError> {
+        let have = file_size(id, &fd)?;
+        let words = pages.div_ceil(64);
+        let need = words * 8;
+        if have < need {
+            return Err(MemoryError::BitmapTooSmall {
+                id: id.into(),
+                have,
+                need,
+            });
+        }
+        let file = File::from(fd);
+        let region = MmapRegion::build(
+            Some(FileOffset::new(file, 0)),
+            need.max(8) as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+        )
+        .map_err(|source| MemoryError::Map {
+            id: id.into(),
+            source,
+        })?;
+        Ok(DirtyBitmap {
+            region,
+            words: words as usize,
+        })
+    }
+
+    fn words(&self) -> &[AtomicU64] {
+        // SAFETY: the region is page aligned, at least words*8 bytes, and lives as long as
+        // self; AtomicU64 is how both processes access it.
+        unsafe { std::slice::from_raw_parts(self.region.as_ptr() as *const AtomicU64, self.words) }
+    }
+
+    pub fn len_words(&self) -> usize {
+        self.words
+    }
+
+    /// Takes word `i` (pages 64i..64i+63), leaving it zero. Words are little-endian on the
+    /// wire of the contract, which is native on the x86 hosts the helper runs on.
+    #[inline]
+    pub fn take_word(&self, i: usize) -> u64 {
+        match self.words().get(i) {
+            Some(w) if w.load(Ordering::Relaxed) != 0 => u64::from_le(w.swap(0, Ordering::AcqRel)),
+            _ => 0,
+        }
+    }
+
+    /// Marks a page dirty (as the parent does); used by tests and the demo.
+    pub fn set(&self, page: u64) {
+        if let Some(w) = self.words().get((page / 64) as usize) {
+            w.fetch_or((1u64 << (page % 64)).to_le(), Ordering::AcqRel);
+        }
+    }
+}
+
+/// One RAM block as registered with `ram-block-add`.
+pub struct RamBlock {
+    pub id: String,
+    pub fdname: String,
+    pub offset: u64,
+    pub size: u64,
+    pub page_size: u64,
+    pub host_addr: Option<u64>,
+    pub dirty_bitmap_name: Option<String>,
+    region: MmapRegion,
+    dirty: Option<DirtyBitmap>,
+}
+
+/// What `ram-block-add` asks for.
+pub struct RamBlockSpec {
+    pub id: String,
+    pub fdname: String,
+    pub offset: u64,
+    pub size: u64,
+    pub page_size: Option<u64>,
+    pub host_addr: Option<u64>,
+    pub dirty_bitmap: Option<(String, OwnedFd)>,
+}
+
+impl RamBlock {
+    pub fn new(spec: RamBlockSpec, fd: OwnedFd) -> Result<Self, MemoryError> {
+        let id = spec.id.as_str();
+        if id.is_empty() || id.len() > 255 {
+            return Err(MemoryError::invalid(id, "id must be 1 to 255 bytes"));
+        }
+        let fsize = file_size(id, &fd)?;
+        let fd_ps = fd_page_size(&fd);
+        let page_size = spec.page_size.unwrap_or(fd_ps);
+        if !page_size.is_power_of_two() || page_size < TARGET_PAGE_SIZE as u64 {
+            return Err(MemoryError::invalid(
+                id,
+                format!("page-size {page_size} is not a power of two >= 4096"),
+            ));
+        }
+        if page_size != fd_ps {
+            return Err(MemoryError::invalid(
+                id,
+                format!("page-size {page_size} differs from the fd's page size {fd_ps}"),
+            ));
+        }
+        if spec.size == 0 || spec.size % page_size != 0 {
+            return Err(MemoryError::invalid(
+                id,
+                format!(
+                    "size {} is not a positive multiple of the page size {page_size}",
+                    spec.size
+                ),
+            ));
+        }
+        if spec.offset % page_size != 0 {
+            return Err(MemoryError::invalid(
+                id,
+                format!("offset {} is not page aligned", spec.offset),
+            ));
+        }
+        let end = spec.offset.checked_add(spec.size);
+        if end.is_none_or(|e| e > fsize) {
+            return Err(MemoryError::PastEnd {
+                id: id.into(),
+                offset: spec.offset,
+                size: spec.size,
+                file_size: fsize,
+            });
+        }
+        if let Some(a) = spec.host_addr {
+            if a % page_size != 0 {
+                return Err(MemoryError::invalid(id, "host-addr is not page aligned"));
+            }
+        }
+        let size = usize::try_from(spec.size)
+            .map_err(|_| MemoryError::invalid(id, "size does not fit the address space"))?;
+        let region = MmapRegion::build(
+            Some(FileOffset::new(File::from(fd), spec.offset)),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+        )
+        .map_err(|source| MemoryError::Map {
+            id: id.into(),
+            source,
+        })?;
+        let pages = spec.size / TARGET_PAGE_SIZE as u64;
+        let (dirty_bitmap_name, dirty) = match spec.dirty_bitmap {
+            Some((name, bfd)) => (Some(name), Some(DirtyBitmap::new(id, bfd, pages)?)),
+            None => (None, None),
+        };
+        Ok(RamBlock {
+            id: spec.id,
+            fdname: spec.fdname,
+            offset: spec.offset,
+            size: spec.size,
+            page_size,
+            host_addr: spec.host_addr,
+            dirty_bitmap_name,
+            region,
+            dirty,
+        })
+    }
+
+    /// Number of target pages (4 KiB) in the block.
+    pub fn pages(&self) -> u64 {
+        self.size / TARGET_PAGE_SIZE as u64
+    }
+
+    pub fn dirty(&self) -> Option<&DirtyBitmap> {
+        self.dirty.as_ref()
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.region.as_ptr()
+    }
+
+    /// The target page at byte offset `off`, or None when out of bounds or unaligned.
+    ///
+    /// The parent's vCPUs may write the page while the helper reads it; a torn page is
+    /// re-sent because the parent also sets its dirty bit, exactly as in QEMU.
+    #[inline]
+    pub fn page(&self, off: u64) -> Option<&[u8]> {
+        if off % TARGET_PAGE_SIZE as u64 != 0
+            || off.checked_add(TARGET_PAGE_SIZE as u64)? > self.size
+        {
+            return None;
+        }
+        // SAFETY: bounds checked above; the mapping lives as long as self.
+        Some(unsafe {
+            std::slice::from_raw_parts(self.region.as_ptr().add(off as usize), TARGET_PAGE_SIZE)
+        })
+    }
+
+    /// Writes one target page at `off`. Returns false when `off` is not a page inside the block.
+    #[inline]
+    pub fn write_page(&self, off: u64, data: &[u8]) -> bool {
+        if data.len() != TARGET_PAGE_SIZE
+            || off % TARGET_PAGE_SIZE as u64 != 0
+            || off
+                .checked_add(TARGET_PAGE_SIZE as u64)
+                .is_none_or(|e| e > self.size)
+        {
+            return false;
+        }
+        // SAFETY: bounds checked; the source is a separate buffer, never the mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.region.as_ptr().add(off as usize),
+                TARGET_PAGE_SIZE,
+            )
+        };
+        true
+    }
+
+    /// Makes the page at `off` all `fill`, without dirtying an already zero page (reading a
+    /// page is cheaper than writing one, and keeps holes in the memfd where it can).
+    #[inline]
+    pub fn fill_page(&self, off: u64, fill: u8) -> bool {
+        let Some(page) = self.page(off) else {
+            return false;
+        };
+        if fill == 0 && crate::ram::is_zero_page(page) {
+            return true;
+        }
+        // SAFETY: `page` is inside the mapping (checked by `page`).
+        unsafe {
+            std::ptr::write_bytes(
+                self.region.as_ptr().add(off as usize),
+                fill,
+                TARGET_PAGE_SIZE,
+            )
+        };
+        true
+    }
+}
+
+// The mapping is shared memory accessed through raw pointers only.
+unsafe impl Send for RamBlock {}
+unsafe impl Sync for RamBlock {}
+unsafe impl Send for DirtyBitmap {}
+unsafe impl Sync for DirtyBitmap {}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+
+    pub(crate) fn memfd(size: u64) -> OwnedFd {
+        let fd = memfd_create(c"qmh-test", MemFdCreateFlag::MFD_CLOEXEC).unwrap();
+        nix::unistd::ftruncate(&fd, size as i64).unwrap();
+        fd
+    }
+
+    fn spec(id: &str, size: u64) -> RamBlockSpec {
+        RamBlockSpec {
+            id: id.into(),
+            fdname: "m".into(),
+            offset: 0,
+            size,
+            page_size: None,
+            host_addr: None,
+            dirty_bitmap: None,
+        }
+    }
+
+    #[test]
+    fn map_write_read() {
+        let b = RamBlock::new(spec("ram", 1 << 20), memfd(1 << 20)).unwrap();
+        assert_eq!(b.pages(), 256);
+        assert!(b.write_page(4096, &[7u8; 4096]));
+        assert_eq!(b.page(4096).unwrap()[100], 7);
+        assert!(!b.write_page(1 << 20, &[7u8; 4096]));
+        assert!(!b.write_page(4095, &[7u8; 4096]));
+        assert!(b.page(u64::MAX - 4095).is_none());
+        assert!(b.fill_page(4096, 0));
+        assert!(crate::ram::is_zero_page(b.page(4096).unwrap()));
+    }
+
+    #[test]
+    fn rejects_bad_specs() {
+        assert!(matches!(
+            RamBlock::new(spec("ram", 2 << 20), memfd(1 << 20)),
+            Err(MemoryError::PastEnd { .. })
+        ));
+        assert!(RamBlock::new(spec("ram", 1000), memfd(1 << 20)).is_err());
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(matches!(
+            RamBlock::new(spec("ram", 4096), OwnedFd::from(a)),
+            Err(MemoryError::NotAFile { .. })
+        ));
+        let mut s = spec("ram", 4096);
+        s.offset = u64::MAX - 100;
+        assert!(RamBlock::new(s, memfd(8192)).is_err());
+    }
+
+    #[test]
+    fn dirty_bitmap() {
+        let mut s = spec("ram", 1 << 20);
+        s.dirty_bitmap = Some(("d".into(), memfd(32)));
+        let b = RamBlock::new(s, memfd(1 << 20)).unwrap();
+        let d = b.dirty().unwrap();
+        d.set(3);
+        d.set(70);
+        assert_eq!(d.take_word(0), 1 << 3);
+        assert_eq!(d.take_word(0), 0);
+        assert_eq!(d.take_word(1), 1 << 6);
+        assert_eq!(d.take_word(99), 0);
+        let mut s = spec("ram", 1 << 20);
+        s.dirty_bitmap = Some(("d".into(), memfd(16)));
+        assert!(matches!(
+            RamBlock::new(s, memfd(1 << 20)),
+            Err(MemoryError::BitmapTooSmall { .. })
+        ));
+    }
+}

@@ -1,0 +1,828 @@
+//! Running real QEMU processes for the interop tests: finding the binaries, starting a VM
+//! whose RAM the test can map, and talking QMP to it.
+//!
+//! Environment:
+//! - `QMH_QEMU10`: QEMU 10 binary (default `qemu-system-x86_64` on PATH).
+//! - `QMH_QEMU72_DIR`: where QEMU 7.2 is unpacked (default
+//!   `/var/cache/qemu-migration-helper/qemu-7.2`).
+//! - `QMH_REQUIRE_QEMU=1`: a missing QEMU fails the test instead of skipping it.
+//! - `QMH_ACCEL=kvm|tcg`: force the accelerator (default: KVM when /dev/kvm opens
+//!   read-write, else TCG).
+
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::io::{IoSlice, Read, Write};
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::ptr::NonNull;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use serde_json::{json, Value};
+
+use crate::util::{unique_name, TempDir};
+
+/// How long a QMP command may take before the client gives up.
+pub const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long QEMU may take from spawn to QMP greeting.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+const DEFAULT_QEMU72_DIR: &str = "/var/cache/qemu-migration-helper/qemu-7.2";
+
+/// The QEMU versions the project interoperates with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Qemu {
+    V10,
+    V72,
+}
+
+/// A located, version-checked QEMU binary and the environment it needs.
+#[derive(Debug, Clone)]
+pub struct QemuBinary {
+    pub qemu: Qemu,
+    pub path: PathBuf,
+    pub env: Vec<(OsString, OsString)>,
+    /// First line of `--version`.
+    pub version_line: String,
+}
+
+impl QemuBinary {
+    /// A `Command` for this binary with its environment set.
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(&self.path);
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
+        c
+    }
+}
+
+impl Qemu {
+    pub fn name(self) -> &'static str {
+        match self {
+            Qemu::V10 => "QEMU 10.0",
+            Qemu::V72 => "QEMU 7.2",
+        }
+    }
+
+    /// Locates and version-checks the binary (cached per process). `None` when it is
+    /// missing or reports another version; `binary_problem` says why.
+    pub fn binary(self) -> Option<QemuBinary> {
+        self.lookup().as_ref().ok().cloned()
+    }
+
+    /// Why `binary()` is `None`, or `None` when the binary is there.
+    pub fn binary_problem(self) -> Option<String> {
+        self.lookup().as_ref().err().cloned()
+    }
+
+    fn lookup(self) -> &'static Result<QemuBinary, String> {
+        static V10: OnceLock<Result<QemuBinary, String>> = OnceLock::new();
+        static V72: OnceLock<Result<QemuBinary, String>> = OnceLock::new();
+        match self {
+            Qemu::V10 => V10.get_or_init(|| {
+                let path = std::env::var_os("QMH_QEMU10")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
+                probe(self, path, Vec::new(), "version 10.")
+            }),
+            Qemu::V72 => V72.get_or_init(|| {
+                let dir = std::env::var_os("QMH_QEMU72_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_QEMU72_DIR));
+                let path = dir.join("usr/bin/qemu-system-x86_64");
+                if !path.exists() {
+                    return Err(format!("{} does not exist", path.display()));
+                }
+                let env = vec![(
+                    OsString::from("QEMU_MODULE_DIR"),
+                    dir.join("usr/lib/x86_64-linux-gnu/qemu").into_os_string(),
+                )];
+                probe(self, path, env, "version 7.2")
+            }),
+        }
+    }
+}
+
+fn probe(
+    qemu: Qemu,
+    path: PathBuf,
+    env: Vec<(OsString, OsString)>,
+    want: &str,
+) -> Result<QemuBinary, String> {
+    let mut bin = QemuBinary {
+        qemu,
+        path,
+        env,
+        version_line: String::new(),
+    };
+    let out = bin
+        .command()
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", bin.path.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().next().unwrap_or("").to_string();
+    if !out.status.success() || !line.contains(want) {
+        return Err(format!(
+            "{} --version said {line:?} ({}), want {want:?}",
+            bin.path.display(),
+            out.status
+        ));
+    }
+    bin.version_line = line;
+    Ok(bin)
+}
+
+/// The binary for `qemu`, or `None` after printing a SKIP line for `test` to stderr.
+/// With `QMH_REQUIRE_QEMU=1` a missing binary panics instead.
+pub fn require_qemu(qemu: Qemu, test: &str) -> Option<QemuBinary> {
+    match qemu.lookup() {
+        Ok(b) => Some(b.clone()),
+        Err(why) => {
+            if std::env::var("QMH_REQUIRE_QEMU").as_deref() == Ok("1") {
+                panic!(
+                    "{test}: {} not found ({why}) and QMH_REQUIRE_QEMU=1 \
+                     (run tests/install-deps.sh)",
+                    qemu.name()
+                );
+            }
+            // Straight to the stderr handle, past libtest's output capture, so that a
+            // skip shows even when the test "passes".
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIP {test}: {} not found (run tests/install-deps.sh): {why}",
+                qemu.name()
+            );
+            None
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    /// `QMH_ACCEL` if set, else KVM when /dev/kvm opens read-write, else TCG.
+    pub fn detect() -> Accel {
+        match std::env::var("QMH_ACCEL").as_deref() {
+            Ok("kvm") => return Accel::Kvm,
+            Ok("tcg") => return Accel::Tcg,
+            Ok(other) => panic!("QMH_ACCEL={other:?}: want kvm or tcg"),
+            Err(_) => {}
+        }
+        if Accel::detect_kvm() {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        }
+    }
+
+    /// Whether /dev/kvm opens read-write.
+    pub fn detect_kvm() -> bool {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok()
+    }
+
+    pub fn arg(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// Options for `QemuVm::start`.
+#[derive(Debug, Clone, Default)]
+pub struct VmOpts {
+    /// Add `-incoming defer` (a destination; start it with `migrate-incoming`).
+    pub incoming_defer: bool,
+    /// Accelerator; `None` = `Accel::detect()`.
+    pub accel: Option<Accel>,
+    /// Extra command-line arguments appended last.
+    pub extra_args: Vec<String>,
+}
+
+impl VmOpts {
+    /// Options for a destination started with `-incoming defer`.
+    pub fn incoming() -> VmOpts {
+        VmOpts {
+            incoming_defer: true,
+            ..VmOpts::default()
+        }
+    }
+}
+
+/// A running QEMU with `-M none`, one RAM block `ram` backed by a shared file in /dev/shm,
+/// and a QMP socket. Dropping it kills QEMU and removes the RAM file and its temp dir.
+///
+/// QEMU gets `PR_SET_PDEATHSIG(SIGKILL)` so it does not outlive a killed test binary; as
+/// that signal follows the *thread* that spawned it, start a VM on a thread that lives at
+/// least as long as the VM.
+pub struct QemuVm {
+    binary: QemuBinary,
+    child: Child,
+    qmp: Qmp,
+    ram_path: PathBuf,
+    ram_size: u64,
+    stderr_path: PathBuf,
+    accel: Accel,
+    // Dropped last (fields drop in order, after `Drop::drop`).
+    dir: TempDir,
+}
+
+impl QemuVm {
+    /// Starts a VM, panicking with QEMU's stderr on failure.
+    pub fn start(qemu: Qemu, ram_size: u64, opts: &VmOpts) -> QemuVm {
+        QemuVm::try_start(qemu, ram_size, opts)
+            .unwrap_or_else(|e| panic!("starting {}: {e}", qemu.name()))
+    }
+
+    pub fn try_start(qemu: Qemu, ram_size: u64, opts: &VmOpts) -> Result<QemuVm, String> {
+        let binary = qemu
+            .binary()
+            .ok_or_else(|| qemu.binary_problem().unwrap_or_default())?;
+        let dir = TempDir::new("qmh-qemu");
+        let ram_path = PathBuf::from("/dev/shm").join(unique_name("qmh-test"));
+        let qmp_path = dir.join("qmp.sock");
+        if qmp_path.as_os_str().len() >= 108 {
+            return Err(format!(
+                "QMP socket path {} is too long for a unix socket; set TMPDIR shorter",
+                qmp_path.display()
+            ));
+        }
+        let stderr_path = dir.join("qemu.stderr");
+        let accel = opts.accel.unwrap_or_else(Accel::detect);
+        static ANNOUNCED: OnceLock<()> = OnceLock::new();
+        ANNOUNCED.get_or_init(|| {
+            // Once per process, past libtest's capture.
+            let _ = writeln!(
+                std::io::stderr(),
+                "interop: QEMU accelerator {} (/dev/kvm {}; QMH_ACCEL overrides)",
+                accel.arg(),
+                if Accel::detect_kvm() { "usable" } else { "not usable" }
+            );
+        });
+
+        let mut cmd = binary.command();
+        cmd.args(["-M", "none", "-m"])
+            .arg(ram_size.to_string() + "B")
+            .args(["-nodefaults", "-display", "none", "-S", "-name"])
+            .arg(dir.path().file_name().unwrap())
+            .arg("-object")
+            .arg(format!(
+                "memory-backend-file,id=ram,size={ram_size}B,mem-path={},share=on",
+                ram_path.display()
+            ))
+            .args(["-machine", "memory-backend=ram", "-accel", accel.arg()])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
+        if opts.incoming_defer {
+            cmd.args(["-incoming", "defer"]);
+        }
+        cmd.args(&opts.extra_args);
+        let stderr = File::create(&stderr_path).map_err(|e| format!("stderr file: {e}"))?;
+        let stdout = stderr.try_clone().map_err(|e| e.to_string())?;
+        cmd.stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .process_group(0);
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("spawning {}: {e}", binary.path.display()))?;
+        eprintln!(
+            "started {} pid {} ({}, accel {}, {} MiB RAM{})",
+            qemu.name(),
+            child.id(),
+            binary.version_line,
+            accel.arg(),
+            ram_size >> 20,
+            if opts.incoming_defer {
+                ", -incoming defer"
+            } else {
+                ""
+            }
+        );
+        // From here on, Drop cleans up; only the QMP field is provisional.
+        let mut vm = QemuVm {
+            binary,
+            child,
+            qmp: Qmp::disconnected(),
+            ram_path,
+            ram_size,
+            stderr_path: stderr_path.clone(),
+            accel,
+            dir,
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        let stream = loop {
+            if let Ok(Some(status)) = vm.child.try_wait() {
+                return Err(format!(
+                    "QEMU exited during startup ({status}); stderr:\n{}",
+                    vm.stderr_tail(40)
+                ));
+            }
+            match UnixStream::connect(&qmp_path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(format!(
+                        "no QMP socket at {} after {START_TIMEOUT:?} ({e}); stderr:\n{}",
+                        qmp_path.display(),
+                        vm.stderr_tail(40)
+                    ))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        vm.qmp = Qmp::connect(stream, Some(stderr_path))
+            .map_err(|e| format!("QMP handshake: {e}; stderr:\n{}", vm.stderr_tail(40)))?;
+        // The greeting comes from the main loop, so the memory backend exists by now.
+        let len = std::fs::metadata(&vm.ram_path)
+            .map_err(|e| format!("RAM file {}: {e}", vm.ram_path.display()))?
+            .len();
+        if len < ram_size {
+            return Err(format!(
+                "RAM file {} is {len} bytes, want {ram_size}",
+                vm.ram_path.display()
+            ));
+        }
+        Ok(vm)
+    }
+
+    pub fn qemu(&self) -> Qemu {
+        self.binary.qemu
+    }
+
+    pub fn binary(&self) -> &QemuBinary {
+        &self.binary
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn qmp(&mut self) -> &mut Qmp {
+        &mut self.qmp
+    }
+
+    /// The /dev/shm file backing the VM's RAM block `ram`.
+    pub fn ram_path(&self) -> &Path {
+        &self.ram_path
+    }
+
+    pub fn ram_size(&self) -> u64 {
+        self.ram_size
+    }
+
+    /// A fresh MAP_SHARED read-write mapping of the whole RAM file. It stays valid after
+    /// the VM is dropped (the mapping keeps the file's pages).
+    pub fn ram_mmap(&self) -> RamMap {
+        RamMap::open(&self.ram_path, self.ram_size as usize)
+            .unwrap_or_else(|e| panic!("mapping {}: {e}", self.ram_path.display()))
+    }
+
+    /// The test's private temp dir for this VM (holds `qmp.sock`, `qemu.stderr`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn stderr_path(&self) -> &Path {
+        &self.stderr_path
+    }
+
+    /// The last `lines` lines QEMU wrote to stdout/stderr.
+    pub fn stderr_tail(&self, lines: usize) -> String {
+        file_tail(&self.stderr_path, lines)
+    }
+
+    /// `Some(status)` once QEMU has exited.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits up to `timeout` for QEMU to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_wait() {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "QEMU pid {} still running after {timeout:?}",
+                    self.pid()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILLs QEMU now (Drop does this too).
+    pub fn kill(&mut self) {
+        if self.try_wait().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// `Qmp::wait_migration` on this VM.
+    pub fn wait_migration(
+        &mut self,
+        statuses: &[&str],
+        timeout: Duration,
+    ) -> Result<Value, String> {
+        self.qmp.wait_migration(statuses, timeout)
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- {} pid {} output (tail) ---\n{}--- end ---",
+                self.binary.qemu.name(),
+                self.pid(),
+                self.stderr_tail(30)
+            );
+        }
+        self.kill();
+        let _ = std::fs::remove_file(&self.ram_path);
+    }
+}
+
+fn file_tail(path: &Path, lines: usize) -> String {
+    let Ok(text) = std::fs::read(path) else {
+        return format!("(cannot read {})\n", path.display());
+    };
+    let text = String::from_utf8_lossy(&text);
+    let all: Vec<&str> = text.lines().collect();
+    let mut out = String::new();
+    for l in &all[all.len().saturating_sub(lines)..] {
+        out.push_str(l);
+        out.push('\n');
+    }
+    out
+}
+
+/// A MAP_SHARED read-write mapping of a whole file; derefs to `[u8]`.
+pub struct RamMap {
+    ptr: NonNull<libc::c_void>,
+    len: usize,
+}
+
+// SAFETY: plain shared memory; no thread affinity.
+unsafe impl Send for RamMap {}
+unsafe impl Sync for RamMap {}
+
+impl RamMap {
+    pub fn open(path: &Path, len: usize) -> Result<RamMap, String> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| e.to_string())?;
+        let nz = NonZeroUsize::new(len).ok_or("empty mapping")?;
+        // SAFETY: fresh mapping of a file we opened; unmapped in Drop.
+        let ptr = unsafe {
+            mmap(
+                None,
+                nz,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                file.as_fd(),
+                0,
+            )
+        }
+        .map_err(|e| format!("mmap: {e}"))?;
+        Ok(RamMap { ptr, len })
+    }
+}
+
+impl std::ops::Deref for RamMap {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: valid mapping of `len` bytes for our lifetime. (QEMU may write to it
+        // concurrently; tests only read it once QEMU is done.)
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr() as *const u8, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for RamMap {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr() as *mut u8, self.len) }
+    }
+}
+
+impl Drop for RamMap {
+    fn drop(&mut self) {
+        // SAFETY: we mapped exactly this range.
+        let _ = unsafe { munmap(self.ptr, self.len) };
+    }
+}
+
+/// A QMP client over a unix stream. Every read has a deadline; events seen while waiting
+/// for replies are queued (`take_events`, `wait_event`).
+pub struct Qmp {
+    stream: Option<UnixStream>,
+    buf: Vec<u8>,
+    events: VecDeque<Value>,
+    next_id: u64,
+    timeout: Duration,
+    stderr_path: Option<PathBuf>,
+}
+
+impl Qmp {
+    fn disconnected() -> Qmp {
+        Qmp {
+            stream: None,
+            buf: Vec::new(),
+            events: VecDeque::new(),
+            next_id: 1,
+            timeout: QMP_TIMEOUT,
+            stderr_path: None,
+        }
+    }
+
+    /// Reads the greeting and negotiates capabilities. `stderr_path`, when given, is
+    /// quoted (tail) in migration failure messages.
+    pub fn connect(stream: UnixStream, stderr_path: Option<PathBuf>) -> Result<Qmp, String> {
+        stream
+            .set_write_timeout(Some(QMP_TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        let mut q = Qmp {
+            stream: Some(stream),
+            stderr_path,
+            ..Qmp::disconnected()
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        let greeting = q.read_message(deadline)?;
+        if greeting.get("QMP").is_none() {
+            return Err(format!("unexpected QMP greeting {greeting}"));
+        }
+        q.execute("qmp_capabilities", Value::Null)?;
+        Ok(q)
+    }
+
+    /// Per-command timeout (default `QMP_TIMEOUT`).
+    pub fn set_timeout(&mut self, t: Duration) {
+        self.timeout = t;
+    }
+
+    fn stream(&mut self) -> Result<&mut UnixStream, String> {
+        self.stream
+            .as_mut()
+            .ok_or_else(|| "QMP not connected".to_string())
+    }
+
+    fn request(&mut self, cmd: &str, args: Value) -> (u64, Vec<u8>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut req = json!({ "execute": cmd, "id": id });
+        let has_args = match &args {
+            Value::Null => false,
+            Value::Object(m) => !m.is_empty(),
+            _ => true,
+        };
+        if has_args {
+            req["arguments"] = args;
+        }
+        let mut line = serde_json::to_vec(&req).unwrap();
+        line.push(b'\n');
+        (id, line)
+    }
+
+    /// Runs `cmd` and returns its `return` value, or the error's `desc`.
+    pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, String> {
+        let (id, line) = self.request(cmd, args);
+        self.stream()?
+            .write_all(&line)
+            .map_err(|e| format!("QMP {cmd}: write: {e}"))?;
+        self.reply(cmd, id)
+    }
+
+    /// Runs `cmd`, sending `fd` as SCM_RIGHTS in the same sendmsg as the JSON line.
+    pub fn execute_with_fd(
+        &mut self,
+        cmd: &str,
+        args: Value,
+        fd: BorrowedFd<'_>,
+    ) -> Result<Value, String> {
+        let (id, line) = self.request(cmd, args);
+        let sock = self.stream()?.as_raw_fd();
+        let fds = [fd.as_raw_fd()];
+        let sent = loop {
+            match sendmsg::<()>(
+                sock,
+                &[IoSlice::new(&line)],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            ) {
+                Ok(n) => break n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(format!("QMP {cmd}: sendmsg: {e}")),
+            }
+        };
+        if sent < line.len() {
+            self.stream()?
+                .write_all(&line[sent..])
+                .map_err(|e| format!("QMP {cmd}: write: {e}"))?;
+        }
+        self.reply(cmd, id)
+    }
+
+    /// `getfd`: hands `fd` to QEMU under `name` (for `fd:NAME` URIs).
+    pub fn getfd(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<(), String> {
+        self.execute_with_fd("getfd", json!({ "fdname": name }), fd)
+            .map(drop)
+    }
+
+    pub fn query_migrate(&mut self) -> Result<Value, String> {
+        self.execute("query-migrate", Value::Null)
+    }
+
+    /// `human-monitor-command`; returns HMP's output text.
+    pub fn hmp(&mut self, cmd: &str) -> Result<String, String> {
+        let v = self.execute("human-monitor-command", json!({ "command-line": cmd }))?;
+        Ok(v.as_str().unwrap_or_default().to_string())
+    }
+
+    /// Sets migration capabilities, e.g. `&[("postcopy-ram", true)]`.
+    pub fn set_capabilities(&mut self, caps: &[(&str, bool)]) -> Result<(), String> {
+        let caps: Vec<Value> = caps
+            .iter()
+            .map(|(c, s)| json!({ "capability": c, "state": s }))
+            .collect();
+        self.execute("migrate-set-capabilities", json!({ "capabilities": caps }))
+            .map(drop)
+    }
+
+    /// `migrate-set-parameters` with `params` (a JSON object).
+    pub fn set_parameters(&mut self, params: Value) -> Result<(), String> {
+        self.execute("migrate-set-parameters", params).map(drop)
+    }
+
+    /// Polls `query-migrate` every 20 ms until its status is one of `statuses`, returning
+    /// the whole reply. Fails on status `failed` (unless listed), when QEMU goes away, or
+    /// after `timeout`, quoting QEMU's error-desc and output tail.
+    pub fn wait_migration(
+        &mut self,
+        statuses: &[&str],
+        timeout: Duration,
+    ) -> Result<Value, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self
+                .query_migrate()
+                .map_err(|e| format!("{e}{}", self.stderr_note()))?;
+            let status = v.get("status").and_then(Value::as_str).unwrap_or("");
+            if statuses.contains(&status) {
+                return Ok(v);
+            }
+            if status == "failed" {
+                return Err(format!(
+                    "migration failed: {}{}",
+                    v.get("error-desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("(no error-desc)"),
+                    self.stderr_note()
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "migration not in {statuses:?} after {timeout:?}; last query-migrate: \
+                     {v}{}",
+                    self.stderr_note()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Events received so far (and removes them from the queue).
+    pub fn take_events(&mut self) -> Vec<Value> {
+        self.events.drain(..).collect()
+    }
+
+    /// Waits up to `timeout` for an event named `name` (queued ones first), returning it.
+    /// Other events stay queued.
+    pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Value, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self
+                .events
+                .iter()
+                .position(|e| e.get("event").and_then(Value::as_str) == Some(name))
+            {
+                return Ok(self.events.remove(i).unwrap());
+            }
+            let msg = self
+                .read_message(deadline)
+                .map_err(|e| format!("waiting for event {name}: {e}"))?;
+            if msg.get("event").is_some() {
+                self.events.push_back(msg);
+            }
+        }
+    }
+
+    fn stderr_note(&self) -> String {
+        match &self.stderr_path {
+            Some(p) => format!("\nQEMU output (tail):\n{}", file_tail(p, 20)),
+            None => String::new(),
+        }
+    }
+
+    fn reply(&mut self, cmd: &str, id: u64) -> Result<Value, String> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let msg = self
+                .read_message(deadline)
+                .map_err(|e| format!("QMP {cmd}: {e}"))?;
+            if msg.get("event").is_some() {
+                self.events.push_back(msg);
+                continue;
+            }
+            if msg.get("id").and_then(Value::as_u64) != Some(id) {
+                // A reply to a command abandoned after a timeout; skip it.
+                continue;
+            }
+            if let Some(r) = msg.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = msg.get("error") {
+                return Err(e
+                    .get("desc")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| e.to_string()));
+            }
+            return Err(format!("QMP {cmd}: unexpected message {msg}"));
+        }
+    }
+
+    /// Reads one JSON message (one line) before `deadline`.
+    fn read_message(&mut self, deadline: Instant) -> Result<Value, String> {
+        loop {
+            if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=nl).collect();
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                return serde_json::from_slice(&line).map_err(|e| {
+                    format!("bad QMP JSON {:?}: {e}", String::from_utf8_lossy(&line))
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err("timed out waiting for QMP".to_string());
+            }
+            let stream = self.stream()?;
+            stream
+                .set_read_timeout(Some(deadline - now))
+                .map_err(|e| e.to_string())?;
+            let mut chunk = [0u8; 8192];
+            match stream.read(&mut chunk) {
+                Ok(0) => return Err("QMP connection closed (QEMU exited?)".to_string()),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err("timed out waiting for QMP".to_string())
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("QMP read: {e}")),
+            }
+        }
+    }
+}
