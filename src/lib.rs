@@ -1,9 +1,19 @@
 //! qemu-migration-helper: move a VMM's guest memory in QEMU's migration stream format.
 
+pub mod client;
 pub mod compat;
+pub mod control;
+pub mod destination;
+pub mod demo;
+pub mod device_state;
 pub mod events;
 pub mod guest_memory;
+pub mod logging;
+pub mod migration;
 pub mod ram;
+pub mod return_path;
+pub mod source;
 pub mod state;
 pub mod stream;
+pub mod transport;
 pub mod vmstate;

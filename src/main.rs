@@ -1,1 +1,98 @@
-fn main() {}
+//! The `qemu-migration-helper` command.
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use qemu_migration_helper::control::{self, Helper};
+use qemu_migration_helper::logging::{self, LogFormat, LogLevel};
+
+/// Exit codes (also in the man page).
+const EXIT_USAGE: u8 = 2;
+const EXIT_FAILURE: u8 = 1;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "qemu-migration-helper",
+    version,
+    about = "Migrate a VMM's guest memory in QEMU's migration stream format",
+    long_about = "A helper process that a virtual machine monitor spawns to send or receive its guest's \
+memory as a QEMU migration stream, so that the other end can be a real qemu-system-x86_64 or \
+another helper. The parent drives it over a QMP-dialect control socket and passes guest-memory \
+fds, dirty bitmaps and the migration socket with SCM_RIGHTS."
+)]
+struct Cli {
+    /// Serve the control protocol on this inherited fd (one end of a socketpair).
+    #[arg(long, value_name = "N", conflicts_with = "control_socket")]
+    control_fd: Option<RawFd>,
+    /// Listen on this Unix socket path and serve one control client at a time.
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "human", global = true)]
+    log_format: LogFormat,
+    /// Least severe level that is logged.
+    #[arg(long, value_enum, default_value = "info", global = true)]
+    log_level: LogLevel,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Play the parent VMM: make a guest in a memfd, spawn a source and a destination helper,
+    /// migrate, verify the destination byte for byte and print the rate.
+    Demo(qemu_migration_helper::demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let log = logging::logger(cli.log_format, cli.log_level);
+    match cli.command {
+        Some(Cmd::Demo(args)) => {
+            return match qemu_migration_helper::demo::run(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("demo failed: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            };
+        }
+        None => {}
+    }
+    // A dead control client must not kill the helper with SIGPIPE.
+    // SAFETY: setting a signal disposition at startup, before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    let helper = Helper::new(log.clone());
+    let result = match (cli.control_fd, cli.control_socket) {
+        (Some(fd), None) => {
+            if fd < 0 || nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_err() {
+                eprintln!("qemu-migration-helper: --control-fd {fd} is not an open file descriptor");
+                return ExitCode::from(EXIT_USAGE);
+            }
+            // SAFETY: the parent handed this fd to us; nothing else in the process owns it.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let _ = nix::fcntl::fcntl(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            );
+            control::serve_fd(&helper, fd).map(|_| ())
+        }
+        (None, Some(path)) => control::serve_socket(&helper, &path),
+        _ => {
+            eprintln!("qemu-migration-helper: give --control-fd N or --control-socket PATH (see --help)");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match result {
+        Ok(()) => {
+            slog::info!(log, "exiting");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            slog::error!(log, "control channel failed"; "error" => %e);
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}

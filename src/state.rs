@@ -175,6 +175,11 @@ impl StateMachine {
         Ok(())
     }
 
+    /// Emits an event other than `MIGRATION` (e.g. `MIGRATION_PASS`).
+    pub fn emit_event(&self, name: &str, data: serde_json::Value) {
+        self.events.emit(name, data);
+    }
+
     /// Waits until the status satisfies `pred` or `timeout` passes; returns the status.
     pub fn wait_for(
         &self,

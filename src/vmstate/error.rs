@@ -41,7 +41,9 @@ pub enum VmStateError {
     },
 
     /// The subsection name on the wire is not the one described.
-    #[error("device {device:?}: expected subsection {expected:?} at offset {offset}, found {found:?}")]
+    #[error(
+        "device {device:?}: expected subsection {expected:?} at offset {offset}, found {found:?}"
+    )]
     SubsectionName {
         device: String,
         expected: String,

@@ -1,0 +1,558 @@
+//! The helper's commands. Each handler validates its arguments, changes shared state under
+//! short locks, and returns; migrations run on worker threads.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use serde_json::{json, Map, Value};
+
+use super::qmp::QmpError;
+use crate::compat::QemuVersion;
+use crate::device_state::DeviceSection;
+use crate::events::EventSink;
+use crate::guest_memory::{RamBlock, RamBlockSpec};
+use crate::migration::{Capabilities, MigrationCtx};
+use crate::state::MigrationStatus;
+use crate::transport::{Channel, Incoming, Uri};
+
+type CmdResult = Result<Value, QmpError>;
+
+/// The helper's state as the control channel sees it.
+pub struct Helper {
+    log: slog::Logger,
+    events: EventSink,
+    ctx: Arc<MigrationCtx>,
+    fds: Mutex<HashMap<String, OwnedFd>>,
+    blocks: Mutex<Vec<Arc<RamBlock>>>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+    role: Mutex<Option<Role>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Source,
+    Destination,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Argument accessors with QMP-style messages.
+struct Args<'a>(&'a Map<String, Value>);
+
+impl<'a> Args<'a> {
+    fn str(&self, k: &str) -> Result<&'a str, QmpError> {
+        match self.0.get(k) {
+            Some(Value::String(s)) => Ok(s),
+            Some(_) => Err(QmpError::generic(format!("Invalid parameter type for '{k}', expected: string"))),
+            None => Err(QmpError::generic(format!("Parameter '{k}' is missing"))),
+        }
+    }
+    fn opt_str(&self, k: &str) -> Result<Option<&'a str>, QmpError> {
+        match self.0.get(k) {
+            None => Ok(None),
+            Some(_) => self.str(k).map(Some),
+        }
+    }
+    fn opt_u64(&self, k: &str) -> Result<Option<u64>, QmpError> {
+        match self.0.get(k) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| QmpError::generic(format!("Invalid parameter type for '{k}', expected: integer >= 0"))),
+        }
+    }
+    fn u64(&self, k: &str) -> Result<u64, QmpError> {
+        self.opt_u64(k)?
+            .ok_or_else(|| QmpError::generic(format!("Parameter '{k}' is missing")))
+    }
+    fn opt_bool(&self, k: &str) -> Result<Option<bool>, QmpError> {
+        match self.0.get(k) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(QmpError::generic(format!("Invalid parameter type for '{k}', expected: boolean"))),
+        }
+    }
+    /// Refuses arguments the command does not know, as QMP does.
+    fn only(&self, known: &[&str]) -> Result<(), QmpError> {
+        match self.0.keys().find(|k| !known.contains(&k.as_str())) {
+            Some(k) => Err(QmpError::generic(format!("Parameter '{k}' is unexpected"))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Commands the helper knows, for `query-commands` and the man page.
+pub const COMMANDS: &[&str] = &[
+    "qmp_capabilities",
+    "query-version",
+    "query-commands",
+    "getfd",
+    "closefd",
+    "ram-block-add",
+    "ram-block-del",
+    "query-ram-blocks",
+    "migrate-set-capabilities",
+    "query-migrate-capabilities",
+    "migrate-set-parameters",
+    "query-migrate-parameters",
+    "migrate",
+    "migrate-incoming",
+    "migrate_cancel",
+    "migrate-continue",
+    "migrate-start-postcopy",
+    "migrate-pause",
+    "migrate-recover",
+    "userfaultfd-set",
+    "query-migrate",
+    "device-state-set",
+    "query-device-state",
+    "quit",
+];
+
+impl Helper {
+    pub fn new(log: slog::Logger) -> Arc<Self> {
+        let events = EventSink::default();
+        Arc::new(Helper {
+            ctx: MigrationCtx::new(log.clone(), events.clone()),
+            log,
+            events,
+            fds: Mutex::new(HashMap::new()),
+            blocks: Mutex::new(Vec::new()),
+            worker: Mutex::new(None),
+            role: Mutex::new(None),
+        })
+    }
+
+    pub fn log(&self) -> &slog::Logger {
+        &self.log
+    }
+
+    pub fn events(&self) -> &EventSink {
+        &self.events
+    }
+
+    pub fn ctx(&self) -> &Arc<MigrationCtx> {
+        &self.ctx
+    }
+
+    /// Waits for a migration in flight to end.
+    pub fn wait_idle(&self) {
+        if let Some(h) = lock(&self.worker).take() {
+            let _ = h.join();
+        }
+    }
+
+    fn take_fd(&self, name: &str) -> Option<OwnedFd> {
+        lock(&self.fds).remove(name)
+    }
+
+    fn dup_fd(&self, name: &str) -> Result<OwnedFd, QmpError> {
+        let fds = lock(&self.fds);
+        let fd = fds
+            .get(name)
+            .ok_or_else(|| QmpError::generic(format!("File descriptor named '{name}' not found")))?;
+        fd.try_clone()
+            .map_err(|e| QmpError::generic(format!("cannot duplicate fd '{name}': {e}")))
+    }
+
+    fn busy(&self) -> bool {
+        !self.ctx.state.status().is_finished()
+    }
+
+    pub fn dispatch(&self, name: &str, args: &Map<String, Value>, mut fds: Vec<OwnedFd>) -> CmdResult {
+        let a = Args(args);
+        if name != "getfd" && !fds.is_empty() {
+            slog::warn!(self.log, "closing fds sent with a command that takes none"; "command" => name, "count" => fds.len());
+            fds.clear();
+        }
+        match name {
+            "query-version" => Ok(super::greeting()["QMP"]["version"].clone()),
+            "query-commands" => Ok(Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect())),
+            "getfd" => {
+                a.only(&["fdname"])?;
+                let fdname = a.str("fdname")?;
+                if fdname.is_empty() || fdname.starts_with(|c: char| c.is_ascii_digit()) {
+                    return Err(QmpError::generic("Parameter 'fdname' expects a name not starting with a digit"));
+                }
+                if fds.len() != 1 {
+                    return Err(QmpError::generic(format!(
+                        "getfd needs exactly one file descriptor sent with SCM_RIGHTS, got {}",
+                        fds.len()
+                    )));
+                }
+                let fd = fds.pop().ok_or_else(|| QmpError::generic("No file descriptor supplied via SCM_RIGHTS"))?;
+                lock(&self.fds).insert(fdname.to_string(), fd);
+                Ok(json!({}))
+            }
+            "closefd" => {
+                a.only(&["fdname"])?;
+                let fdname = a.str("fdname")?;
+                lock(&self.fds)
+                    .remove(fdname)
+                    .map(|_| json!({}))
+                    .ok_or_else(|| QmpError::generic(format!("File descriptor named '{fdname}' not found")))
+            }
+            "ram-block-add" => self.ram_block_add(&a),
+            "ram-block-del" => {
+                a.only(&["id"])?;
+                let id = a.str("id")?;
+                if self.busy() {
+                    return Err(QmpError::generic("cannot remove a RAM block while a migration is running"));
+                }
+                let mut blocks = lock(&self.blocks);
+                let before = blocks.len();
+                blocks.retain(|b| b.id != id);
+                if blocks.len() == before {
+                    return Err(QmpError::generic(format!("no RAM block '{id}'")));
+                }
+                Ok(json!({}))
+            }
+            "query-ram-blocks" => Ok(Value::Array(
+                lock(&self.blocks)
+                    .iter()
+                    .map(|b| {
+                        let mut v = json!({
+                            "id": b.id, "fdname": b.fdname, "offset": b.offset,
+                            "size": b.size, "page-size": b.page_size,
+                        });
+                        if let Some(h) = b.host_addr {
+                            v["host-addr"] = json!(h);
+                        }
+                        if let Some(d) = &b.dirty_bitmap_name {
+                            v["dirty-bitmap"] = json!(d);
+                        }
+                        v
+                    })
+                    .collect(),
+            )),
+            "migrate-set-capabilities" => self.set_capabilities(&a),
+            "query-migrate-capabilities" => {
+                let caps = self.ctx.caps();
+                Ok(Value::Array(
+                    Capabilities::NAMES
+                        .iter()
+                        .map(|n| json!({"capability": n, "state": caps.get(n).unwrap_or(false)}))
+                        .collect(),
+                ))
+            }
+            "migrate-set-parameters" => self.set_parameters(&a),
+            "query-migrate-parameters" => {
+                let p = self.ctx.params();
+                Ok(json!({
+                    "max-bandwidth": p.max_bandwidth,
+                    "downtime-limit": p.downtime_limit,
+                    "max-postcopy-bandwidth": p.max_postcopy_bandwidth,
+                    "machine-type": p.machine_type,
+                    "compat-version": p.compat_version.to_string(),
+                }))
+            }
+            "migrate" => self.migrate(&a),
+            "migrate-incoming" => self.migrate_incoming(&a),
+            "migrate_cancel" => {
+                a.only(&[])?;
+                let st = self.ctx.state.status();
+                match st {
+                    MigrationStatus::PostcopyActive
+                    | MigrationStatus::PostcopyPaused
+                    | MigrationStatus::PostcopyRecover
+                    | MigrationStatus::PostcopyRecoverSetup => Err(QmpError::generic(
+                        "Postcopy is not cancellable (the guest would be lost); use migrate-pause",
+                    )),
+                    s if s.is_finished() || s == MigrationStatus::Cancelling => Ok(json!({})),
+                    _ => {
+                        let _ = self.ctx.state.transition(MigrationStatus::Cancelling);
+                        self.ctx.request_cancel();
+                        Ok(json!({}))
+                    }
+                }
+            }
+            "migrate-continue" => {
+                a.only(&["state"])?;
+                let want = a.str("state")?;
+                let st = self.ctx.state.status();
+                if want != st.as_str() || st != MigrationStatus::PreSwitchover {
+                    return Err(QmpError::generic(format!(
+                        "Migration not in expected state: {want} (it is {})",
+                        st.as_str()
+                    )));
+                }
+                self.ctx.gate.open();
+                Ok(json!({}))
+            }
+            "migrate-start-postcopy" | "migrate-pause" | "migrate-recover" => Err(QmpError::generic(format!(
+                "{name}: postcopy is not available in this build of the helper yet"
+            ))),
+            "userfaultfd-set" => Err(QmpError::generic(
+                "userfaultfd-set: postcopy is not available in this build of the helper yet",
+            )),
+            "query-migrate" => Ok(self.query_migrate()),
+            "device-state-set" => {
+                a.only(&["sections"])?;
+                let v = args
+                    .get("sections")
+                    .ok_or_else(|| QmpError::generic("Parameter 'sections' is missing"))?;
+                let list = DeviceSection::list_from_json(v).map_err(|e| QmpError::generic(e.to_string()))?;
+                let st = self.ctx.state.status();
+                if matches!(st, MigrationStatus::Device | MigrationStatus::Completed)
+                    && *lock(&self.role) == Some(Role::Source)
+                {
+                    return Err(QmpError::generic("device state was already sent"));
+                }
+                *lock(&self.ctx.device_out) = list;
+                Ok(json!({}))
+            }
+            "query-device-state" => Ok(json!({
+                "sections": lock(&self.ctx.device_in).iter().map(DeviceSection::to_json).collect::<Vec<_>>(),
+            })),
+            "quit" => {
+                if self.busy() {
+                    slog::warn!(self.log, "quit while a migration is running; cancelling it");
+                    self.ctx.request_cancel();
+                }
+                Ok(json!({}))
+            }
+            other => Err(QmpError::not_found(format!("The command {other} has not been found"))),
+        }
+    }
+
+    fn ram_block_add(&self, a: &Args<'_>) -> CmdResult {
+        a.only(&["id", "fdname", "offset", "size", "page-size", "host-addr", "dirty-bitmap"])?;
+        if self.busy() {
+            return Err(QmpError::generic("cannot add a RAM block while a migration is running"));
+        }
+        let id = a.str("id")?.to_string();
+        if lock(&self.blocks).iter().any(|b| b.id == id) {
+            return Err(QmpError::generic(format!("RAM block '{id}' already exists")));
+        }
+        let fdname = a.str("fdname")?.to_string();
+        let fd = self.dup_fd(&fdname)?;
+        let dirty_bitmap = match a.opt_str("dirty-bitmap")? {
+            Some(n) => Some((n.to_string(), self.dup_fd(n)?)),
+            None => None,
+        };
+        let spec = RamBlockSpec {
+            id: id.clone(),
+            fdname,
+            offset: a.u64("offset")?,
+            size: a.u64("size")?,
+            page_size: a.opt_u64("page-size")?,
+            host_addr: a.opt_u64("host-addr")?,
+            dirty_bitmap,
+        };
+        let block = RamBlock::new(spec, fd).map_err(|e| QmpError::generic(e.to_string()))?;
+        slog::info!(self.log, "RAM block added"; "id" => &block.id, "size" => block.size, "page_size" => block.page_size);
+        lock(&self.blocks).push(Arc::new(block));
+        Ok(json!({}))
+    }
+
+    fn set_capabilities(&self, a: &Args<'_>) -> CmdResult {
+        a.only(&["capabilities"])?;
+        if self.busy() {
+            return Err(QmpError::generic("There's a migration process in progress"));
+        }
+        let list = a
+            .0
+            .get("capabilities")
+            .and_then(Value::as_array)
+            .ok_or_else(|| QmpError::generic("Parameter 'capabilities' must be an array"))?;
+        let mut caps = self.ctx.caps();
+        for item in list {
+            let o = item
+                .as_object()
+                .ok_or_else(|| QmpError::generic("each capability must be an object"))?;
+            let ia = Args(o);
+            ia.only(&["capability", "state"])?;
+            let name = ia.str("capability")?;
+            let on = ia
+                .opt_bool("state")?
+                .ok_or_else(|| QmpError::generic("Parameter 'state' is missing"))?;
+            if !caps.set(name, on) {
+                return Err(QmpError::generic(format!(
+                    "Parameter 'capability' does not accept value '{name}'"
+                )));
+            }
+        }
+        *lock(&self.ctx.caps) = caps;
+        Ok(json!({}))
+    }
+
+    fn set_parameters(&self, a: &Args<'_>) -> CmdResult {
+        a.only(&["max-bandwidth", "downtime-limit", "max-postcopy-bandwidth", "machine-type", "compat-version"])?;
+        let mut p = self.ctx.params();
+        if let Some(v) = a.opt_u64("max-bandwidth")? {
+            p.max_bandwidth = v;
+        }
+        if let Some(v) = a.opt_u64("downtime-limit")? {
+            // QEMU's limit: 2000 s.
+            if v > 2_000_000 {
+                return Err(QmpError::generic("Parameter 'downtime_limit' expects an integer in the range of 0 to 2000000 milliseconds"));
+            }
+            p.downtime_limit = v;
+        }
+        if let Some(v) = a.opt_u64("max-postcopy-bandwidth")? {
+            p.max_postcopy_bandwidth = v;
+        }
+        let running = self.busy();
+        if let Some(m) = a.opt_str("machine-type")? {
+            if running {
+                return Err(QmpError::generic("machine-type cannot change while a migration is running"));
+            }
+            if m.is_empty() || m.len() > 255 {
+                return Err(QmpError::generic("machine-type must be 1 to 255 bytes"));
+            }
+            p.machine_type = m.to_string();
+        }
+        if let Some(v) = a.opt_str("compat-version")? {
+            if running {
+                return Err(QmpError::generic("compat-version cannot change while a migration is running"));
+            }
+            p.compat_version = v.parse::<QemuVersion>().map_err(|e| QmpError::generic(e.to_string()))?;
+        }
+        *lock(&self.ctx.params) = p;
+        Ok(json!({}))
+    }
+
+    /// Starts a migration thread after the state moved to `setup`.
+    fn start_worker(&self, role: Role, f: impl FnOnce(&MigrationCtx) -> Result<(), String> + Send + 'static) -> CmdResult {
+        // Reap the previous worker (finished, since the status is final).
+        if let Some(h) = lock(&self.worker).take() {
+            let _ = h.join();
+        }
+        self.ctx.cancel.store(false, Ordering::Release);
+        self.ctx.gate.reset();
+        self.ctx.stats.reset();
+        self.ctx
+            .state
+            .transition(MigrationStatus::Setup)
+            .map_err(|e| QmpError::generic(e.to_string()))?;
+        *lock(&self.role) = Some(role);
+        *lock(&self.ctx.started) = Some(std::time::Instant::now());
+        let ctx = self.ctx.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("qmh-{role:?}").to_lowercase())
+            .spawn(move || {
+                let r = f(&ctx);
+                ctx.set_channel(None);
+                match r {
+                    Ok(()) => {}
+                    Err(_) if ctx.cancelled() && ctx.state.status() == MigrationStatus::Cancelling => {
+                        let _ = ctx.state.transition(MigrationStatus::Cancelled);
+                    }
+                    Err(e) => ctx.state.fail(e),
+                }
+            })
+            .map_err(|e| QmpError::generic(format!("cannot start the migration thread: {e}")))?;
+        *lock(&self.worker) = Some(h);
+        Ok(json!({}))
+    }
+
+    fn migration_blocks(&self) -> Result<Vec<Arc<RamBlock>>, QmpError> {
+        let blocks = lock(&self.blocks).clone();
+        if blocks.is_empty() {
+            return Err(QmpError::generic("no RAM blocks registered (use ram-block-add)"));
+        }
+        Ok(blocks)
+    }
+
+    fn check_can_start(&self) -> Result<(), QmpError> {
+        if self.busy() {
+            return Err(QmpError::generic(format!(
+                "There's a migration process in progress (status {})",
+                self.ctx.state.status().as_str()
+            )));
+        }
+        Ok(())
+    }
+
+    fn migrate(&self, a: &Args<'_>) -> CmdResult {
+        a.only(&["uri", "resume", "detach", "blk", "inc"])?;
+        let uri: Uri = a.str("uri")?.parse().map_err(|e: crate::transport::TransportError| QmpError::generic(e.to_string()))?;
+        if a.opt_bool("resume")?.unwrap_or(false) {
+            return Err(QmpError::generic(format!(
+                "Cannot resume if there is no paused migration (status {})",
+                self.ctx.state.status().as_str()
+            )));
+        }
+        self.check_can_start()?;
+        let blocks = self.migration_blocks()?;
+        // Take a passed fd now, so a second migrate cannot race for it.
+        let fd = match &uri {
+            Uri::Fd(n) => Some(
+                self.take_fd(n)
+                    .ok_or_else(|| QmpError::generic(format!("File descriptor named '{n}' not found")))?,
+            ),
+            _ => None,
+        };
+        let chan = match fd {
+            Some(fd) => {
+                let Uri::Fd(n) = &uri else { unreachable!() };
+                Some(Channel::from_fd(n, fd).map_err(|e| QmpError::generic(e.to_string()))?)
+            }
+            None => None,
+        };
+        slog::info!(self.log, "migrate"; "uri" => %uri, "blocks" => blocks.len());
+        self.start_worker(Role::Source, move |ctx| {
+            let chan = match chan {
+                Some(c) => c,
+                None => Channel::connect(&uri, |_| None).map_err(|e| e.to_string())?,
+            };
+            if let Ok(fd) = chan.try_clone_fd() {
+                ctx.set_channel(Some(fd));
+            }
+            crate::source::run(ctx, blocks, chan).map_err(|e| e.to_string())
+        })
+    }
+
+    fn migrate_incoming(&self, a: &Args<'_>) -> CmdResult {
+        a.only(&["uri", "exit-on-error"])?;
+        let uri: Uri = a.str("uri")?.parse().map_err(|e: crate::transport::TransportError| QmpError::generic(e.to_string()))?;
+        self.check_can_start()?;
+        let blocks = self.migration_blocks()?;
+        // Listen now so that a peer may connect as soon as this returns.
+        let incoming = Incoming::open(&uri, |n| self.take_fd(n)).map_err(|e| QmpError::generic(e.to_string()))?;
+        lock(&self.ctx.device_in).clear();
+        slog::info!(self.log, "migrate-incoming"; "uri" => %uri);
+        self.start_worker(Role::Destination, move |ctx| {
+            let chan = incoming.accept(&ctx.cancel).map_err(|e| e.to_string())?;
+            if let Ok(fd) = chan.try_clone_fd() {
+                ctx.set_channel(Some(fd));
+            }
+            crate::destination::run(ctx, blocks, chan).map_err(|e| e.to_string())
+        })
+    }
+
+    fn query_migrate(&self) -> Value {
+        let st = self.ctx.state.status();
+        let mut v = json!({"status": st.as_str()});
+        if st == MigrationStatus::None {
+            return v;
+        }
+        v["ram"] = self.ctx.stats.to_json();
+        let s = &self.ctx.stats;
+        let total_ms = if st.is_finished() {
+            s.total_time_us.load(Ordering::Relaxed) / 1000
+        } else {
+            lock(&self.ctx.started).map(|t| t.elapsed().as_millis() as u64).unwrap_or(0)
+        };
+        v["total-time"] = json!(total_ms);
+        v["setup-time"] = json!(s.setup_time_us.load(Ordering::Relaxed) / 1000);
+        if st == MigrationStatus::Completed {
+            v["downtime"] = json!(s.downtime_us.load(Ordering::Relaxed) / 1000);
+        }
+        if let Some(r) = *lock(&self.role) {
+            v["role"] = json!(if r == Role::Source { "source" } else { "destination" });
+        }
+        if st == MigrationStatus::Failed {
+            if let Some(e) = self.ctx.state.error_desc() {
+                v["error-desc"] = json!(e);
+            }
+        }
+        v
+    }
+}

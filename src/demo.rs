@@ -1,0 +1,297 @@
+//! `qemu-migration-helper demo`: plays the parent VMM end to end with two helpers.
+
+use std::io::{IsTerminal, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+use serde_json::json;
+
+use crate::client::{ClientError, HelperClient, RamBlockSpec};
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Guest RAM size (bytes, or with a K, M or G suffix).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub size: u64,
+    /// Fraction of the guest's pages that are zero.
+    #[arg(long, default_value_t = 0.5)]
+    pub zero_fraction: f64,
+    /// Seed for the guest's content.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// The helper binary to spawn (default: this one).
+    #[arg(long)]
+    pub helper: Option<PathBuf>,
+}
+
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mul) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .filter(|&n| n > 0 && n % 4096 == 0)
+        .ok_or_else(|| format!("{s:?} is not a positive size that is a multiple of 4 KiB"))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    #[error("{what}: {source}")]
+    Os {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Check(String),
+}
+
+fn os(what: &'static str) -> impl FnOnce(nix::errno::Errno) -> DemoError {
+    move |e| DemoError::Os {
+        what,
+        source: e.into(),
+    }
+}
+
+/// A guest-memory memfd and the parent's own mapping of it.
+struct Guest {
+    fd: OwnedFd,
+    map: *mut u8,
+    len: usize,
+}
+
+impl Guest {
+    fn new(name: &std::ffi::CStr, len: u64) -> Result<Self, DemoError> {
+        let fd = memfd_create(name, MemFdCreateFlag::MFD_CLOEXEC).map_err(os("memfd_create"))?;
+        nix::unistd::ftruncate(&fd, len as i64).map_err(os("ftruncate"))?;
+        let len = len as usize;
+        // SAFETY: a fresh shared mapping of our own memfd.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(DemoError::Os {
+                what: "mmap",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(Guest {
+            fd,
+            map: map as *mut u8,
+            len,
+        })
+    }
+
+    fn bytes(&self) -> &mut [u8] {
+        // SAFETY: the mapping lives as long as self; the demo is the only writer.
+        unsafe { std::slice::from_raw_parts_mut(self.map, self.len) }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `new` mapped.
+        unsafe { libc::munmap(self.map as *mut _, self.len) };
+    }
+}
+
+/// Fills pages with either zeros or pseudo-random bytes (xorshift: fast and incompressible).
+pub fn fill_guest(mem: &mut [u8], zero_fraction: f64, seed: u64) -> u64 {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let threshold = (zero_fraction.clamp(0.0, 1.0) * u32::MAX as f64) as u64;
+    let mut zeros = 0;
+    for page in mem.chunks_mut(4096) {
+        if (next() & 0xffff_ffff) < threshold {
+            page.fill(0);
+            zeros += 1;
+        } else {
+            for w in page.chunks_mut(8) {
+                w.copy_from_slice(&next().to_le_bytes()[..w.len()]);
+            }
+        }
+    }
+    zeros
+}
+
+struct Progress {
+    tty: bool,
+    last: Instant,
+}
+
+impl Progress {
+    fn show(&mut self, v: &serde_json::Value) {
+        let total = v["ram"]["total"].as_u64().unwrap_or(0).max(1);
+        let remaining = v["ram"]["remaining"].as_u64().unwrap_or(total);
+        let done = total.saturating_sub(remaining) as f64 / total as f64;
+        let status = v["status"].as_str().unwrap_or("?");
+        let mbps = v["ram"]["mbps"].as_f64().unwrap_or(0.0);
+        if self.tty {
+            let width = 40;
+            let fill = (done * width as f64) as usize;
+            eprint!(
+                "\r  [{}{}] {:5.1}% {:<16} {:8.1} Mbit/s",
+                "#".repeat(fill),
+                " ".repeat(width - fill),
+                done * 100.0,
+                status,
+                mbps
+            );
+            let _ = std::io::stderr().flush();
+        } else if self.last.elapsed() >= Duration::from_secs(1) {
+            eprintln!("  progress: {:.1}% {status}", done * 100.0);
+            self.last = Instant::now();
+        }
+    }
+}
+
+pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
+    let bin = match &args.helper {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().map_err(|source| DemoError::Os {
+            what: "current_exe",
+            source,
+        })?,
+    };
+    let size = args.size;
+    println!("demo: guest of {} MiB, {:.0}% zero pages", size >> 20, args.zero_fraction * 100.0);
+    let src_mem = Guest::new(c"demo-src-ram", size)?;
+    let dst_mem = Guest::new(c"demo-dst-ram", size)?;
+    let t = Instant::now();
+    let zeros = fill_guest(src_mem.bytes(), args.zero_fraction, args.seed);
+    println!(
+        "demo: filled the source guest in {:.2} s ({zeros} zero pages of {})",
+        t.elapsed().as_secs_f64(),
+        size / 4096
+    );
+
+    let (mut src, mut src_child) = HelperClient::spawn(&bin, &[])?;
+    let (mut dst, mut dst_child) = HelperClient::spawn(&bin, &[])?;
+    let result = (|| -> Result<f64, DemoError> {
+        for (h, g) in [(&mut src, &src_mem), (&mut dst, &dst_mem)] {
+            h.getfd("guest-ram", g.fd.as_fd())?;
+            h.ram_block_add(&RamBlockSpec {
+                id: "pc.ram".into(),
+                fdname: "guest-ram".into(),
+                offset: 0,
+                size,
+                ..Default::default()
+            })?;
+        }
+        let (a, b) = UnixStream::pair().map_err(|source| DemoError::Os {
+            what: "socketpair",
+            source,
+        })?;
+        dst.getfd("mig", b.as_fd())?;
+        src.getfd("mig", a.as_fd())?;
+        drop((a, b));
+        src.set_parameters(json!({"max-bandwidth": 0u64}))?;
+        dst.migrate_incoming("fd:mig")?;
+        let t0 = Instant::now();
+        src.migrate("fd:mig")?;
+        let mut progress = Progress {
+            tty: std::io::stderr().is_terminal(),
+            last: Instant::now(),
+        };
+        loop {
+            let v = src.query_migrate()?;
+            progress.show(&v);
+            match v["status"].as_str() {
+                Some("completed") => break,
+                Some("failed") | Some("cancelled") => {
+                    return Err(DemoError::Check(format!(
+                        "source migration {}: {}",
+                        v["status"],
+                        v["error-desc"].as_str().unwrap_or("")
+                    )))
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+            if t0.elapsed() > Duration::from_secs(600) {
+                return Err(DemoError::Check("the migration took more than 10 minutes".into()));
+            }
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        if progress.tty {
+            eprintln!();
+        }
+        dst.wait_for_status(&["completed"], Duration::from_secs(60))?;
+        let v = src.query_migrate()?;
+        println!(
+            "demo: migrated {} MiB in {:.2} s: {:.0} MB/s of guest RAM ({} pages sent, {} zero pages, {} bytes on the wire)",
+            size >> 20,
+            secs,
+            size as f64 / secs / 1e6,
+            v["ram"]["normal"],
+            v["ram"]["duplicate"],
+            v["ram"]["transferred"],
+        );
+        Ok(secs)
+    })();
+    let _ = src.quit();
+    let _ = dst.quit();
+    let _ = src_child.wait();
+    let _ = dst_child.wait();
+    result?;
+    let t = Instant::now();
+    let (a, b) = (src_mem.bytes(), dst_mem.bytes());
+    if a != b {
+        let page = a
+            .chunks(4096)
+            .zip(b.chunks(4096))
+            .position(|(x, y)| x != y)
+            .unwrap_or(0);
+        return Err(DemoError::Check(format!("destination differs from the source at page {page}")));
+    }
+    println!(
+        "demo: destination verified byte for byte ({} MiB compared in {:.2} s)",
+        size >> 20,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("8192"), Ok(8192));
+        assert!(parse_size("1000").is_err());
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("99999999999G").is_err());
+    }
+
+    #[test]
+    fn fill_is_mixed() {
+        let mut m = vec![1u8; 4096 * 1000];
+        let z = fill_guest(&mut m, 0.5, 3);
+        assert!(z > 400 && z < 600, "{z}");
+        assert_eq!(m.chunks(4096).filter(|p| p.iter().all(|&b| b == 0)).count() as u64, z);
+    }
+}

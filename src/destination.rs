@@ -1,0 +1,637 @@
+//! The destination engine: loads a QEMU migration stream into the parent's RAM blocks and
+//! keeps the device sections byte-exact for `query-device-state`.
+//!
+//! Device sections of unknown devices can only be delimited with the VM description that a
+//! precopy source appends after EOF. When the loader meets the first such section it holds
+//! the rest of the stream in memory until the description has arrived (RAM pages normally
+//! all come before it), then walks the held bytes with the description.
+
+use std::io::Read;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::compat::wire::{self, command};
+use crate::device_state::DeviceSection;
+use crate::guest_memory::RamBlock;
+use crate::migration::{MigrationCtx, Stats};
+use crate::ram::{self, Record};
+use crate::return_path::{self, RpMessage};
+use crate::state::MigrationStatus;
+use crate::stream::{self, SectionHeader, Token, WireError};
+use crate::transport::Channel;
+use crate::vmstate::{self, VmDescription};
+
+/// The most a destination holds while waiting for the VM description.
+const MAX_HELD: usize = 1 << 30;
+const READ_CHUNK: usize = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("read from {peer} failed at stream offset {offset}: {source}")]
+    Io {
+        peer: String,
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("stream ended early at offset {offset} ({context})")]
+    Truncated { offset: u64, context: &'static str },
+    #[error("at stream offset {offset}: {source}")]
+    Wire {
+        offset: u64,
+        #[source]
+        source: WireError,
+    },
+    #[error("at stream offset {offset}: {msg}")]
+    Invalid { offset: u64, msg: String },
+    #[error("at stream offset {offset}, section {section:?}: {source}")]
+    Device {
+        offset: u64,
+        section: String,
+        #[source]
+        source: vmstate::VmStateError,
+    },
+    #[error("cancelled")]
+    Cancelled,
+    #[error("{0}")]
+    State(#[from] crate::state::BadTransition),
+}
+
+/// A read buffer over any byte source, tracking the absolute stream offset.
+struct Reader<R> {
+    src: R,
+    peer: String,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Stream offset of `buf[start]`.
+    offset: u64,
+    eof: bool,
+}
+
+impl<R: Read> Reader<R> {
+    fn new(src: R, peer: String, cap: usize) -> Self {
+        Reader {
+            src,
+            peer,
+            buf: vec![0; cap],
+            start: 0,
+            end: 0,
+            offset: 0,
+            eof: false,
+        }
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        self.offset += n as u64;
+    }
+
+    /// Reads more; false at the end of the stream.
+    fn fill(&mut self) -> Result<bool, LoadError> {
+        if self.eof {
+            return Ok(false);
+        }
+        if self.start > 0 && (self.start >= self.buf.len() / 2 || self.end == self.buf.len()) {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.buf.len() {
+            // An item larger than the buffer (a big VM description): grow.
+            let n = self.buf.len() * 2;
+            self.buf.resize(n, 0);
+        }
+        loop {
+            match self.src.read(&mut self.buf[self.end..]) {
+                Ok(0) => {
+                    self.eof = true;
+                    return Ok(false);
+                }
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(LoadError::Io {
+                        peer: self.peer.clone(),
+                        offset: self.offset + (self.end - self.start) as u64,
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    fn need_more(&mut self, context: &'static str) -> Result<(), LoadError> {
+        if self.fill()? {
+            Ok(())
+        } else {
+            Err(LoadError::Truncated {
+                offset: self.offset + (self.end - self.start) as u64,
+                context,
+            })
+        }
+    }
+
+    fn wire(&self, source: WireError) -> LoadError {
+        LoadError::Wire {
+            offset: self.offset,
+            source,
+        }
+    }
+}
+
+/// Decodes the next item with `$dec`, reading more as needed; binds it to `$pat` for `$body`
+/// and consumes it afterwards. A macro because the item borrows the reader's buffer.
+macro_rules! with_next {
+    ($r:expr, $ctx:expr, $dec:expr, |$item:pat_param| $body:expr) => {{
+        loop {
+            match $dec($r.data()) {
+                Ok(Some(($item, n))) => {
+                    let out = $body;
+                    $r.consume(n);
+                    break out;
+                }
+                Ok(None) => {}
+                Err(e) => return Err($r.wire(e)),
+            }
+            $r.need_more($ctx)?;
+        }
+    }};
+}
+
+/// What ended a pass of the section loop.
+enum LoopEnd {
+    /// EOF and, where one came, the VM description.
+    Done,
+    /// A device section needs the VM description (not yet known) to be delimited.
+    NeedDescription,
+}
+
+/// Loader state shared by the streaming pass and the held-bytes pass.
+struct Loader<'a> {
+    ctx: &'a MigrationCtx,
+    blocks: &'a [Arc<RamBlock>],
+    ram_section: Option<u32>,
+    last_block: Option<usize>,
+    rp: Option<Channel>,
+    devices: Vec<DeviceSection>,
+    bytes: u64,
+}
+
+impl<'a> Loader<'a> {
+    fn block_index(&self, name: &str) -> Option<usize> {
+        self.blocks.iter().position(|b| b.id == name)
+    }
+
+    fn invalid<R>(&self, r: &Reader<R>, msg: String) -> LoadError {
+        LoadError::Invalid {
+            offset: r.offset,
+            msg,
+        }
+    }
+
+    /// Applies one RAM record; returns true at EOS.
+    fn apply<R>(&mut self, r: &Reader<R>, rec: Record<'_>) -> Result<bool, LoadError> {
+        let (offset, block) = match &rec {
+            Record::Eos => return Ok(true),
+            Record::MultifdFlush => return Ok(false),
+            Record::MemSize { .. } => {
+                return Err(self.invalid(r, "block list outside the RAM START section".into()))
+            }
+            Record::Zero { offset, block, .. } | Record::Page { offset, block, .. } => (*offset, *block),
+        };
+        let bi = match block {
+            Some(name) => {
+                let i = self.block_index(name).ok_or_else(|| {
+                    self.invalid(r, format!("page for unknown RAM block {name:?}"))
+                })?;
+                self.last_block = Some(i);
+                i
+            }
+            None => self
+                .last_block
+                .ok_or_else(|| self.invalid(r, "CONTINUE page with no previous block".into()))?,
+        };
+        let b = &self.blocks[bi];
+        let ok = match rec {
+            Record::Zero { fill, .. } => {
+                Stats::add(&self.ctx.stats.duplicate, 1);
+                b.fill_page(offset, fill)
+            }
+            Record::Page { data, .. } => {
+                Stats::add(&self.ctx.stats.normal, 1);
+                b.write_page(offset, data)
+            }
+            _ => true,
+        };
+        if !ok {
+            return Err(self.invalid(
+                r,
+                format!("page offset {offset:#x} is outside RAM block {:?} of size {:#x}", b.id, b.size),
+            ));
+        }
+        Ok(false)
+    }
+
+    fn ram_body<R: Read>(&mut self, r: &mut Reader<R>) -> Result<(), LoadError> {
+        loop {
+            let start = r.offset;
+            let eos = with_next!(r, "in a RAM section", ram::decode_record, |rec| {
+                self.apply(r, rec)?
+            });
+            self.bytes += r.offset - start;
+            if eos {
+                return Ok(());
+            }
+        }
+    }
+
+    fn ram_start<R: Read>(&mut self, r: &mut Reader<R>, h: &SectionHeader) -> Result<(), LoadError> {
+        if h.version_id != wire::ram::VERSION || h.instance_id != 0 {
+            return Err(self.invalid(
+                r,
+                format!("RAM section version {} instance {} (expected 4, 0)", h.version_id, h.instance_id),
+            ));
+        }
+        if self.ram_section.is_some() {
+            return Err(self.invalid(r, "a second RAM START section".into()));
+        }
+        self.ram_section = Some(h.section_id);
+        let total = with_next!(r, "in the RAM block list", ram::decode_record, |rec| match rec {
+            Record::MemSize { total } => total,
+            other => return Err(self.invalid(r, format!("RAM START begins with {other:?}, not the block list"))),
+        });
+        let mut seen = 0u64;
+        let mut names = Vec::new();
+        while seen < total {
+            let blocks = self.blocks;
+            let e = with_next!(r, "in the RAM block list", |b| ram::decode_block_entry(b, &|_| false), |e| e);
+            let Some(b) = blocks.iter().find(|b| b.id == e.idstr) else {
+                let known: Vec<&str> = blocks.iter().map(|b| b.id.as_str()).collect();
+                return Err(self.invalid(
+                    r,
+                    format!("the source has RAM block {:?}, which is not registered here (registered: {known:?})", e.idstr),
+                ));
+            };
+            if b.size != e.used_length {
+                return Err(self.invalid(
+                    r,
+                    format!(
+                        "RAM block {:?} is {:#x} bytes at the source and {:#x} here",
+                        e.idstr, e.used_length, b.size
+                    ),
+                ));
+            }
+            seen = seen
+                .checked_add(e.used_length)
+                .filter(|&s| s <= total)
+                .ok_or_else(|| self.invalid(r, "RAM block lengths exceed the announced total".into()))?;
+            names.push(e.idstr);
+        }
+        slog::info!(self.ctx.log, "RAM block list"; "blocks" => format!("{names:?}"), "total" => total);
+        self.ram_body(r)
+    }
+
+    fn send_rp(&mut self, m: RpMessage<'_>) -> Result<(), LoadError> {
+        if let Some(rp) = &self.rp {
+            let mut b = Vec::new();
+            return_path::encode(&mut b, &m).map_err(|source| LoadError::Wire { offset: 0, source })?;
+            rp.write_all(&b).map_err(|source| LoadError::Io {
+                peer: "return path".into(),
+                offset: 0,
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn command<R>(&mut self, r: &Reader<R>, chan: Option<&Channel>, cmd: u16, payload: &[u8]) -> Result<(), LoadError> {
+        match cmd {
+            command::OPEN_RETURN_PATH => {
+                let Some(c) = chan.filter(|c| c.is_socket) else {
+                    return Err(self.invalid(r, "OPEN_RETURN_PATH on a channel that is not a socket".into()));
+                };
+                let fd = c.try_clone_fd().map_err(|source| LoadError::Io {
+                    peer: c.peer.clone(),
+                    offset: r.offset,
+                    source,
+                })?;
+                self.rp = Some(Channel::from_fd("return-path", fd).map_err(|e| self.invalid(r, e.to_string()))?);
+            }
+            command::PING => {
+                let v = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                self.send_rp(RpMessage::Pong(v))?;
+            }
+            command::SWITCHOVER_START => {}
+            command::POSTCOPY_ADVISE => {
+                return Err(self.invalid(r, "the source asks for postcopy, which this helper does not do yet".into()))
+            }
+            other => return Err(self.invalid(r, format!("unexpected command {other} in a precopy stream"))),
+        }
+        Ok(())
+    }
+
+    /// Loads sections until EOF (and the VM description after it).
+    fn sections<R: Read>(
+        &mut self,
+        r: &mut Reader<R>,
+        chan: Option<&Channel>,
+        desc: Option<&VmDescription>,
+    ) -> Result<LoopEnd, LoadError> {
+        loop {
+            if self.ctx.cancelled() {
+                return Err(LoadError::Cancelled);
+            }
+            // Peek the token without consuming, so a device section can be handed over whole.
+            let token = loop {
+                match stream::decode_token(r.data()) {
+                    Ok(Some((t, n))) => break Some((owned_token(t), n)),
+                    Ok(None) => {}
+                    Err(e) => return Err(r.wire(e)),
+                }
+                if !r.fill()? {
+                    break None;
+                }
+            };
+            let Some((token, n)) = token else {
+                return Err(LoadError::Truncated {
+                    offset: r.offset + r.data().len() as u64,
+                    context: "between sections",
+                });
+            };
+            match token {
+                OwnedToken::Start(h) if h.idstr == wire::ram::IDSTR => {
+                    r.consume(n);
+                    self.ram_start(r, &h)?;
+                    self.footer(r, h.section_id)?;
+                }
+                OwnedToken::Part(id) | OwnedToken::End(id) => {
+                    if Some(id) != self.ram_section {
+                        return Err(self.invalid(r, format!("PART/END for section {id}, which was never started")));
+                    }
+                    r.consume(n);
+                    self.ram_body(r)?;
+                    self.footer(r, id)?;
+                }
+                OwnedToken::Start(h) | OwnedToken::Full(h) => {
+                    let Some(desc) = desc else {
+                        return Ok(LoopEnd::NeedDescription);
+                    };
+                    r.consume(n);
+                    self.device_section(r, h, n, desc)?;
+                }
+                OwnedToken::Command(cmd, payload) => {
+                    r.consume(n);
+                    self.command(r, chan, cmd, &payload)?;
+                }
+                OwnedToken::VmDescription => {
+                    return Err(self.invalid(r, "VM description before EOF".into()));
+                }
+                OwnedToken::Eof => {
+                    r.consume(n);
+                    // A precopy source sends its VM description after EOF and then waits.
+                    if desc.is_none() {
+                        loop {
+                            match stream::decode_token(r.data()) {
+                                Ok(Some((Token::VmDescription(_), m))) => {
+                                    r.consume(m);
+                                    break;
+                                }
+                                Ok(Some(_)) => return Err(self.invalid(r, "data after EOF that is not a VM description".into())),
+                                Ok(None) => {}
+                                Err(e) => return Err(r.wire(e)),
+                            }
+                            if !r.fill()? {
+                                if r.data().is_empty() {
+                                    break;
+                                }
+                                return Err(LoadError::Truncated {
+                                    offset: r.offset,
+                                    context: "in the VM description",
+                                });
+                            }
+                        }
+                    }
+                    return Ok(LoopEnd::Done);
+                }
+            }
+        }
+    }
+
+    fn footer<R: Read>(&mut self, r: &mut Reader<R>, id: u32) -> Result<(), LoadError> {
+        with_next!(r, "at a section footer", |b| stream::decode_footer(b, id), |_x| ());
+        Ok(())
+    }
+
+    /// A device section whose header (`hlen` bytes) was just consumed.
+    fn device_section<R: Read>(
+        &mut self,
+        r: &mut Reader<R>,
+        h: SectionHeader,
+        hlen: usize,
+        desc: &VmDescription,
+    ) -> Result<(), LoadError> {
+        let offset = r.offset - hlen as u64;
+        let dev_err = |source| LoadError::Device {
+            offset,
+            section: h.idstr.clone(),
+            source,
+        };
+        let d = desc.device(&h.idstr, h.instance_id).ok_or_else(|| LoadError::Invalid {
+            offset,
+            msg: format!(
+                "device section {:?} instance {} is not in the VM description",
+                h.idstr, h.instance_id
+            ),
+        })?;
+        let blen = loop {
+            match vmstate::body_len(d, r.data()) {
+                Ok(n) if r.data().len() >= n + 5 => break n,
+                Ok(_) => {}
+                Err(e) if e.is_truncated() => {}
+                Err(e) => return Err(dev_err(e)),
+            }
+            r.need_more("in a device section")?;
+        };
+        let body = &r.data()[..blen];
+        let fields = vmstate::decode_fields(d, body).ok();
+        let mut sec = DeviceSection::from_body(h.clone(), body).map_err(|e| r.wire(e))?;
+        sec.description = Some(d.json.clone());
+        sec.fields = fields;
+        r.consume(blen);
+        self.footer(r, h.section_id)?;
+        // Keep the original framing bytes: `from_body` re-encodes the same header, so the
+        // raw bytes equal what was read.
+        self.devices.push(sec);
+        Ok(())
+    }
+}
+
+/// A token detached from the read buffer.
+enum OwnedToken {
+    Eof,
+    Start(SectionHeader),
+    Full(SectionHeader),
+    Part(u32),
+    End(u32),
+    Command(u16, Vec<u8>),
+    VmDescription,
+}
+
+fn owned_token(t: Token<'_>) -> OwnedToken {
+    match t {
+        Token::Eof => OwnedToken::Eof,
+        Token::Start(h) => OwnedToken::Start(h),
+        Token::Full(h) => OwnedToken::Full(h),
+        Token::Part(i) => OwnedToken::Part(i),
+        Token::End(i) => OwnedToken::End(i),
+        Token::Command(c) => OwnedToken::Command(c.cmd, c.payload.to_vec()),
+        Token::VmDescription(_) => OwnedToken::VmDescription,
+    }
+}
+
+/// Reads a stream from `src` into `blocks`. `chan` is the socket (for the return path), if any.
+pub fn load<R: Read>(
+    ctx: &MigrationCtx,
+    blocks: &[Arc<RamBlock>],
+    src: R,
+    peer: String,
+    chan: Option<&Channel>,
+) -> Result<Vec<DeviceSection>, LoadError> {
+    let t0 = Instant::now();
+    let mut r = Reader::new(src, peer, READ_CHUNK);
+    let mut loader = Loader {
+        ctx,
+        blocks,
+        ram_section: None,
+        last_block: None,
+        rp: None,
+        devices: Vec::new(),
+        bytes: 0,
+    };
+    let result = load_inner(&mut loader, &mut r, chan);
+    match &result {
+        Ok(()) => {
+            loader.send_rp(RpMessage::Shut(0))?;
+            let secs = t0.elapsed().as_secs_f64();
+            slog::info!(ctx.log, "migration summary";
+                "role" => "destination",
+                "bytes" => r.offset,
+                "pages" => ctx.stats.normal.load(Ordering::Relaxed),
+                "zero_pages" => ctx.stats.duplicate.load(Ordering::Relaxed),
+                "secs" => secs,
+                "rate_mbps" => r.offset as f64 * 8.0 / secs.max(1e-9) / 1e6,
+                "device_sections" => loader.devices.len(),
+            );
+        }
+        Err(_) => {
+            // Tell a waiting source that loading failed, as QEMU does.
+            let _ = loader.send_rp(RpMessage::Shut(1));
+        }
+    }
+    result.map(|()| loader.devices)
+}
+
+fn load_inner<R: Read>(loader: &mut Loader<'_>, r: &mut Reader<R>, chan: Option<&Channel>) -> Result<(), LoadError> {
+    with_next!(r, "in the stream header", stream::decode_header, |_h| ());
+    if r.data().is_empty() {
+        r.need_more("after the stream header")?;
+    }
+    if r.data().first() == Some(&wire::section::CONFIGURATION) {
+        let conf = with_next!(r, "in the configuration section", stream::decode_configuration, |c| c);
+        if let Some(cap) = conf.capabilities.first() {
+            return Err(r.wire(WireError::UnsupportedCapability(cap.clone())));
+        }
+        if let Some(bits) = conf.target_page_bits {
+            if bits != 12 {
+                return Err(loader.invalid(r, format!("target page bits {bits}, the helper supports 12 (4 KiB)")));
+            }
+        }
+        slog::info!(loader.ctx.log, "incoming stream"; "machine" => &conf.machine);
+    }
+    loader.ctx.stats.total.store(loader.blocks.iter().map(|b| b.size).sum(), Ordering::Relaxed);
+    match loader.sections(r, chan, None)? {
+        LoopEnd::Done => Ok(()),
+        LoopEnd::NeedDescription => {
+            // Hold everything that is left until the description has arrived.
+            let mut held: Vec<u8> = r.data().to_vec();
+            let base = r.offset;
+            let (eof_at, json) = loop {
+                if let Some(found) = vmstate::find_trailing_vmdesc(&held) {
+                    break found;
+                }
+                if held.len() > MAX_HELD {
+                    return Err(loader.invalid(r, "device state larger than 1 GiB without a VM description".into()));
+                }
+                let len = held.len();
+                held.resize(len + (1 << 20), 0);
+                let n = loop {
+                    match r.src.read(&mut held[len..]) {
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        other => break other,
+                    }
+                };
+                match n {
+                    Ok(0) => {
+                        held.truncate(len);
+                        return Err(LoadError::Truncated {
+                            offset: base + len as u64,
+                            context: "device sections without a VM description after EOF",
+                        });
+                    }
+                    Ok(n) => held.truncate(len + n),
+                    Err(source) => {
+                        return Err(LoadError::Io {
+                            peer: r.peer.clone(),
+                            offset: base + len as u64,
+                            source,
+                        })
+                    }
+                }
+            };
+            let desc = VmDescription::parse(&held[json.clone()]).map_err(|source| LoadError::Device {
+                offset: base + json.start as u64,
+                section: "VM description".into(),
+                source,
+            })?;
+            // Walk the held bytes, up to and including EOF, with the description.
+            let mut h = Reader::new(&held[..=eof_at], r.peer.clone(), READ_CHUNK.min(eof_at + 1).max(64));
+            h.offset = base;
+            match loader.sections(&mut h, chan, Some(&desc))? {
+                LoopEnd::Done if h.data().is_empty() && h.eof_or_fill()? => Ok(()),
+                _ => Err(loader.invalid(&h, "device sections do not end at EOF".into())),
+            }
+        }
+    }
+}
+
+impl<R: Read> Reader<R> {
+    fn eof_or_fill(&mut self) -> Result<bool, LoadError> {
+        Ok(!self.fill()? && self.data().is_empty())
+    }
+}
+
+impl Read for &Channel {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        Channel::read(self, buf)
+    }
+}
+
+/// Runs an incoming migration on an established channel. The caller set `setup`.
+pub fn run(ctx: &MigrationCtx, blocks: Vec<Arc<RamBlock>>, chan: Channel) -> Result<(), LoadError> {
+    ctx.state.transition(MigrationStatus::Active)?;
+    let t0 = Instant::now();
+    let devices = load(ctx, &blocks, &chan, chan.peer.clone(), Some(&chan))?;
+    ctx.stats.total_time_us.store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+    *ctx.device_in.lock().unwrap_or_else(|e| e.into_inner()) = devices;
+    ctx.state.transition(MigrationStatus::Completed)?;
+    Ok(())
+}

@@ -1,0 +1,241 @@
+//! What a running migration shares with the control channel: capabilities, parameters,
+//! counters, the cancel flag and the pre-switchover gate. The engines (`source`,
+//! `destination`) run on their own threads and never hold a lock across I/O.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::compat::QemuVersion;
+use crate::device_state::DeviceSection;
+use crate::state::StateMachine;
+
+/// `migrate-set-capabilities`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    pub postcopy_ram: bool,
+    pub return_path: bool,
+    pub pause_before_switchover: bool,
+    pub events: bool,
+}
+
+impl Capabilities {
+    pub const NAMES: [&'static str; 4] = [
+        "postcopy-ram",
+        "return-path",
+        "pause-before-switchover",
+        "events",
+    ];
+
+    pub fn get(&self, name: &str) -> Option<bool> {
+        Some(match name {
+            "postcopy-ram" => self.postcopy_ram,
+            "return-path" => self.return_path,
+            "pause-before-switchover" => self.pause_before_switchover,
+            "events" => self.events,
+            _ => return None,
+        })
+    }
+
+    pub fn set(&mut self, name: &str, on: bool) -> bool {
+        let slot = match name {
+            "postcopy-ram" => &mut self.postcopy_ram,
+            "return-path" => &mut self.return_path,
+            "pause-before-switchover" => &mut self.pause_before_switchover,
+            "events" => &mut self.events,
+            _ => return false,
+        };
+        *slot = on;
+        true
+    }
+}
+
+/// `migrate-set-parameters`. Defaults are QEMU's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parameters {
+    /// Bytes per second; 0 means unlimited.
+    pub max_bandwidth: u64,
+    /// Milliseconds.
+    pub downtime_limit: u64,
+    /// Bytes per second for the background push in postcopy; 0 means unlimited.
+    pub max_postcopy_bandwidth: u64,
+    pub machine_type: String,
+    pub compat_version: QemuVersion,
+}
+
+impl Default for Parameters {
+    fn default() -> Self {
+        Parameters {
+            max_bandwidth: 128 << 20,
+            downtime_limit: 300,
+            max_postcopy_bandwidth: 0,
+            machine_type: "none".into(),
+            compat_version: QemuVersion::V10_0,
+        }
+    }
+}
+
+/// Counters reported by `query-migrate` (`ram` object).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub transferred: AtomicU64,
+    pub remaining: AtomicU64,
+    pub total: AtomicU64,
+    pub duplicate: AtomicU64,
+    pub normal: AtomicU64,
+    pub dirty_sync_count: AtomicU64,
+    pub postcopy_requests: AtomicU64,
+    pub dirty_pages_rate: AtomicU64,
+    /// Microseconds from `migrate` to completion (or so far).
+    pub total_time_us: AtomicU64,
+    pub downtime_us: AtomicU64,
+    pub setup_time_us: AtomicU64,
+    /// Bits per second over the last pass, times 1000 (QEMU reports mbps as a float).
+    pub rate_bps: AtomicU64,
+}
+
+impl Stats {
+    pub fn reset(&self) {
+        for c in [
+            &self.transferred,
+            &self.remaining,
+            &self.total,
+            &self.duplicate,
+            &self.normal,
+            &self.dirty_sync_count,
+            &self.postcopy_requests,
+            &self.dirty_pages_rate,
+            &self.total_time_us,
+            &self.downtime_us,
+            &self.setup_time_us,
+            &self.rate_bps,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub fn add(c: &AtomicU64, v: u64) {
+        c.fetch_add(v, Ordering::Relaxed);
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let normal = g(&self.normal);
+        serde_json::json!({
+            "transferred": g(&self.transferred),
+            "remaining": g(&self.remaining),
+            "total": g(&self.total),
+            "duplicate": g(&self.duplicate),
+            "normal": normal,
+            "normal-bytes": normal * crate::compat::wire::TARGET_PAGE_SIZE as u64,
+            "mbps": g(&self.rate_bps) as f64 / 1e6,
+            "dirty-sync-count": g(&self.dirty_sync_count),
+            "postcopy-requests": g(&self.postcopy_requests),
+            "dirty-pages-rate": g(&self.dirty_pages_rate),
+            "page-size": crate::compat::wire::TARGET_PAGE_SIZE,
+        })
+    }
+}
+
+/// A gate the source waits at in `pre-switchover` until `migrate-continue` (or cancel).
+#[derive(Default)]
+pub struct Gate {
+    open: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Gate {
+    pub fn reset(&self) {
+        *self.open.lock().unwrap_or_else(|e| e.into_inner()) = false;
+    }
+    pub fn open(&self) {
+        *self.open.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cv.notify_all();
+    }
+    /// Waits until opened or `cancel` is set; true when opened.
+    pub fn wait(&self, cancel: &AtomicBool) -> bool {
+        let mut g = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if *g {
+                return true;
+            }
+            if cancel.load(Ordering::Acquire) {
+                return false;
+            }
+            g = self
+                .cv
+                .wait_timeout(g, Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Everything a migration thread needs, shared with the control channel.
+pub struct MigrationCtx {
+    pub log: slog::Logger,
+    pub state: StateMachine,
+    pub stats: Stats,
+    pub caps: Mutex<Capabilities>,
+    pub params: Mutex<Parameters>,
+    pub cancel: AtomicBool,
+    pub gate: Gate,
+    /// A duplicate of the live channel's fd, shut down by cancel to unblock I/O.
+    pub channel: Mutex<Option<OwnedFd>>,
+    /// Source: sections to send at switchover. Destination: sections received.
+    pub device_out: Mutex<Vec<DeviceSection>>,
+    pub device_in: Mutex<Vec<DeviceSection>>,
+    pub started: Mutex<Option<Instant>>,
+}
+
+impl MigrationCtx {
+    pub fn new(log: slog::Logger, events: crate::events::EventSink) -> Arc<Self> {
+        Arc::new(MigrationCtx {
+            state: StateMachine::new(events, log.clone()),
+            log,
+            stats: Stats::default(),
+            caps: Mutex::new(Capabilities::default()),
+            params: Mutex::new(Parameters::default()),
+            cancel: AtomicBool::new(false),
+            gate: Gate::default(),
+            channel: Mutex::new(None),
+            device_out: Mutex::new(Vec::new()),
+            device_in: Mutex::new(Vec::new()),
+            started: Mutex::new(None),
+        })
+    }
+
+    pub fn caps(&self) -> Capabilities {
+        self.caps.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn params(&self) -> Parameters {
+        self.params.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Acquire)
+    }
+
+    /// Registers the live channel so cancel can shut it down.
+    pub fn set_channel(&self, fd: Option<OwnedFd>) {
+        *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = fd;
+    }
+
+    /// Sets the cancel flag and shuts the channel down so blocked I/O returns at once.
+    pub fn request_cancel(&self) {
+        self.cancel.store(true, Ordering::Release);
+        if let Some(fd) = self.channel.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            crate::transport::shutdown_fd(fd);
+        }
+        self.gate.open_for_cancel();
+    }
+}
+
+impl Gate {
+    /// Wakes a waiter so it re-checks the cancel flag.
+    fn open_for_cancel(&self) {
+        self.cv.notify_all();
+    }
+}
