@@ -99,8 +99,13 @@ impl Guest {
         })
     }
 
-    fn bytes(&self) -> &mut [u8] {
-        // SAFETY: the mapping lives as long as self; the demo is the only writer.
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping lives as long as self.
+        unsafe { std::slice::from_raw_parts(self.map, self.len) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping lives as long as self, and &mut self makes this the only view.
         unsafe { std::slice::from_raw_parts_mut(self.map, self.len) }
     }
 }
@@ -176,11 +181,15 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
         })?,
     };
     let size = args.size;
-    println!("demo: guest of {} MiB, {:.0}% zero pages", size >> 20, args.zero_fraction * 100.0);
-    let src_mem = Guest::new(c"demo-src-ram", size)?;
+    println!(
+        "demo: guest of {} MiB, {:.0}% zero pages",
+        size >> 20,
+        args.zero_fraction * 100.0
+    );
+    let mut src_mem = Guest::new(c"demo-src-ram", size)?;
     let dst_mem = Guest::new(c"demo-dst-ram", size)?;
     let t = Instant::now();
-    let zeros = fill_guest(src_mem.bytes(), args.zero_fraction, args.seed);
+    let zeros = fill_guest(src_mem.bytes_mut(), args.zero_fraction, args.seed);
     println!(
         "demo: filled the source guest in {:.2} s ({zeros} zero pages of {})",
         t.elapsed().as_secs_f64(),
@@ -230,7 +239,9 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
                 _ => std::thread::sleep(Duration::from_millis(50)),
             }
             if t0.elapsed() > Duration::from_secs(600) {
-                return Err(DemoError::Check("the migration took more than 10 minutes".into()));
+                return Err(DemoError::Check(
+                    "the migration took more than 10 minutes".into(),
+                ));
             }
         }
         let secs = t0.elapsed().as_secs_f64();
@@ -263,7 +274,9 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
             .zip(b.chunks(4096))
             .position(|(x, y)| x != y)
             .unwrap_or(0);
-        return Err(DemoError::Check(format!("destination differs from the source at page {page}")));
+        return Err(DemoError::Check(format!(
+            "destination differs from the source at page {page}"
+        )));
     }
     println!(
         "demo: destination verified byte for byte ({} MiB compared in {:.2} s)",
@@ -292,6 +305,9 @@ mod tests {
         let mut m = vec![1u8; 4096 * 1000];
         let z = fill_guest(&mut m, 0.5, 3);
         assert!(z > 400 && z < 600, "{z}");
-        assert_eq!(m.chunks(4096).filter(|p| p.iter().all(|&b| b == 0)).count() as u64, z);
+        assert_eq!(
+            m.chunks(4096).filter(|p| p.iter().all(|&b| b == 0)).count() as u64,
+            z
+        );
     }
 }

@@ -184,9 +184,59 @@ struct Loader<'a> {
     rp: Option<Channel>,
     devices: Vec<DeviceSection>,
     bytes: u64,
+    /// Per block: pages known to read as zero (holes, not written since), so that zero
+    /// pages there cost nothing.
+    known_zero: Vec<Vec<u64>>,
+    /// A run of consecutive pages waiting to be written with one `pwritev`. The pointers
+    /// point into the reader's buffer, so the run is flushed before every refill.
+    run: Run,
+}
+
+#[derive(Default)]
+struct Run {
+    block: usize,
+    start: u64,
+    pages: Vec<*const u8>,
 }
 
 impl<'a> Loader<'a> {
+    fn flush(&mut self) -> Result<(), LoadError> {
+        if self.run.pages.is_empty() {
+            return Ok(());
+        }
+        let b = &self.blocks[self.run.block];
+        let r = b.write_pages_at(self.run.start, &self.run.pages);
+        self.run.pages.clear();
+        match r {
+            Ok(true) => Ok(()),
+            // Offsets were checked when the pages were queued.
+            Ok(false) => Err(LoadError::Invalid {
+                offset: 0,
+                msg: format!("write outside RAM block {:?}", b.id),
+            }),
+            Err(source) => Err(LoadError::Io {
+                peer: format!("RAM block {:?}", b.id),
+                offset: 0,
+                source,
+            }),
+        }
+    }
+
+    fn queue_page(&mut self, bi: usize, offset: u64, data: &[u8]) -> Result<(), LoadError> {
+        let next = self.run.start + (self.run.pages.len() * wire::TARGET_PAGE_SIZE) as u64;
+        if !self.run.pages.is_empty()
+            && (self.run.block != bi || next != offset || self.run.pages.len() >= 1024)
+        {
+            self.flush()?;
+        }
+        if self.run.pages.is_empty() {
+            self.run.block = bi;
+            self.run.start = offset;
+        }
+        self.run.pages.push(data.as_ptr());
+        Ok(())
+    }
+
     fn block_index(&self, name: &str) -> Option<usize> {
         self.blocks.iter().position(|b| b.id == name)
     }
@@ -206,7 +256,9 @@ impl<'a> Loader<'a> {
             Record::MemSize { .. } => {
                 return Err(self.invalid(r, "block list outside the RAM START section".into()))
             }
-            Record::Zero { offset, block, .. } | Record::Page { offset, block, .. } => (*offset, *block),
+            Record::Zero { offset, block, .. } | Record::Page { offset, block, .. } => {
+                (*offset, *block)
+            }
         };
         let bi = match block {
             Some(name) => {
@@ -221,59 +273,110 @@ impl<'a> Loader<'a> {
                 .ok_or_else(|| self.invalid(r, "CONTINUE page with no previous block".into()))?,
         };
         let b = &self.blocks[bi];
-        let ok = match rec {
+        let page = offset / wire::TARGET_PAGE_SIZE as u64;
+        let in_block = offset % wire::TARGET_PAGE_SIZE as u64 == 0 && offset < b.size;
+        if !in_block {
+            return Err(self.invalid(
+                r,
+                format!(
+                    "page offset {offset:#x} is outside RAM block {:?} of size {:#x}",
+                    b.id, b.size
+                ),
+            ));
+        }
+        let (w, bit) = ((page / 64) as usize, 1u64 << (page % 64));
+        match rec {
             Record::Zero { fill, .. } => {
                 Stats::add(&self.ctx.stats.duplicate, 1);
-                b.fill_page(offset, fill)
+                let known = self.known_zero[bi].get(w).is_some_and(|x| x & bit != 0);
+                if !(known && fill == 0) {
+                    // The page may be in the pending run: write that first.
+                    self.flush()?;
+                    b.fill_page(offset, fill);
+                }
             }
             Record::Page { data, .. } => {
                 Stats::add(&self.ctx.stats.normal, 1);
-                b.write_page(offset, data)
+                if let Some(x) = self.known_zero[bi].get_mut(w) {
+                    *x &= !bit;
+                }
+                self.queue_page(bi, offset, data)?;
             }
-            _ => true,
-        };
-        if !ok {
-            return Err(self.invalid(
-                r,
-                format!("page offset {offset:#x} is outside RAM block {:?} of size {:#x}", b.id, b.size),
-            ));
+            _ => {}
         }
         Ok(false)
     }
 
     fn ram_body<R: Read>(&mut self, r: &mut Reader<R>) -> Result<(), LoadError> {
-        loop {
-            let start = r.offset;
-            let eos = with_next!(r, "in a RAM section", ram::decode_record, |rec| {
-                self.apply(r, rec)?
-            });
-            self.bytes += r.offset - start;
-            if eos {
-                return Ok(());
+        let start = r.offset;
+        let result = loop {
+            match ram::decode_record(r.data()) {
+                Ok(Some((rec, n))) => {
+                    let eos = self.apply(r, rec);
+                    r.consume(n);
+                    match eos {
+                        Ok(true) => break Ok(()),
+                        Ok(false) => continue,
+                        Err(e) => break Err(e),
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => break Err(r.wire(e)),
             }
-        }
+            // The pending run points into the buffer that a refill moves.
+            if let Err(e) = self.flush() {
+                break Err(e);
+            }
+            if let Err(e) = r.need_more("in a RAM section") {
+                break Err(e);
+            }
+        };
+        let flushed = self.flush();
+        self.bytes += r.offset - start;
+        result.and(flushed)
     }
 
-    fn ram_start<R: Read>(&mut self, r: &mut Reader<R>, h: &SectionHeader) -> Result<(), LoadError> {
+    fn ram_start<R: Read>(
+        &mut self,
+        r: &mut Reader<R>,
+        h: &SectionHeader,
+    ) -> Result<(), LoadError> {
         if h.version_id != wire::ram::VERSION || h.instance_id != 0 {
             return Err(self.invalid(
                 r,
-                format!("RAM section version {} instance {} (expected 4, 0)", h.version_id, h.instance_id),
+                format!(
+                    "RAM section version {} instance {} (expected 4, 0)",
+                    h.version_id, h.instance_id
+                ),
             ));
         }
         if self.ram_section.is_some() {
             return Err(self.invalid(r, "a second RAM START section".into()));
         }
         self.ram_section = Some(h.section_id);
-        let total = with_next!(r, "in the RAM block list", ram::decode_record, |rec| match rec {
-            Record::MemSize { total } => total,
-            other => return Err(self.invalid(r, format!("RAM START begins with {other:?}, not the block list"))),
-        });
+        let total = with_next!(
+            r,
+            "in the RAM block list",
+            ram::decode_record,
+            |rec| match rec {
+                Record::MemSize { total } => total,
+                other =>
+                    return Err(self.invalid(
+                        r,
+                        format!("RAM START begins with {other:?}, not the block list")
+                    )),
+            }
+        );
         let mut seen = 0u64;
         let mut names = Vec::new();
         while seen < total {
             let blocks = self.blocks;
-            let e = with_next!(r, "in the RAM block list", |b| ram::decode_block_entry(b, &|_| false), |e| e);
+            let e = with_next!(
+                r,
+                "in the RAM block list",
+                |b| ram::decode_block_entry(b, &|_| false),
+                |e| e
+            );
             let Some(b) = blocks.iter().find(|b| b.id == e.idstr) else {
                 let known: Vec<&str> = blocks.iter().map(|b| b.id.as_str()).collect();
                 return Err(self.invalid(
@@ -293,7 +396,9 @@ impl<'a> Loader<'a> {
             seen = seen
                 .checked_add(e.used_length)
                 .filter(|&s| s <= total)
-                .ok_or_else(|| self.invalid(r, "RAM block lengths exceed the announced total".into()))?;
+                .ok_or_else(|| {
+                    self.invalid(r, "RAM block lengths exceed the announced total".into())
+                })?;
             names.push(e.idstr);
         }
         slog::info!(self.ctx.log, "RAM block list"; "blocks" => format!("{names:?}"), "total" => total);
@@ -303,7 +408,8 @@ impl<'a> Loader<'a> {
     fn send_rp(&mut self, m: RpMessage<'_>) -> Result<(), LoadError> {
         if let Some(rp) = &self.rp {
             let mut b = Vec::new();
-            return_path::encode(&mut b, &m).map_err(|source| LoadError::Wire { offset: 0, source })?;
+            return_path::encode(&mut b, &m)
+                .map_err(|source| LoadError::Wire { offset: 0, source })?;
             rp.write_all(&b).map_err(|source| LoadError::Io {
                 peer: "return path".into(),
                 offset: 0,
@@ -313,18 +419,30 @@ impl<'a> Loader<'a> {
         Ok(())
     }
 
-    fn command<R>(&mut self, r: &Reader<R>, chan: Option<&Channel>, cmd: u16, payload: &[u8]) -> Result<(), LoadError> {
+    fn command<R>(
+        &mut self,
+        r: &Reader<R>,
+        chan: Option<&Channel>,
+        cmd: u16,
+        payload: &[u8],
+    ) -> Result<(), LoadError> {
         match cmd {
             command::OPEN_RETURN_PATH => {
                 let Some(c) = chan.filter(|c| c.is_socket) else {
-                    return Err(self.invalid(r, "OPEN_RETURN_PATH on a channel that is not a socket".into()));
+                    return Err(self.invalid(
+                        r,
+                        "OPEN_RETURN_PATH on a channel that is not a socket".into(),
+                    ));
                 };
                 let fd = c.try_clone_fd().map_err(|source| LoadError::Io {
                     peer: c.peer.clone(),
                     offset: r.offset,
                     source,
                 })?;
-                self.rp = Some(Channel::from_fd("return-path", fd).map_err(|e| self.invalid(r, e.to_string()))?);
+                self.rp = Some(
+                    Channel::from_fd("return-path", fd)
+                        .map_err(|e| self.invalid(r, e.to_string()))?,
+                );
             }
             command::PING => {
                 let v = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
@@ -332,9 +450,16 @@ impl<'a> Loader<'a> {
             }
             command::SWITCHOVER_START => {}
             command::POSTCOPY_ADVISE => {
-                return Err(self.invalid(r, "the source asks for postcopy, which this helper does not do yet".into()))
+                return Err(self.invalid(
+                    r,
+                    "the source asks for postcopy, which this helper does not do yet".into(),
+                ))
             }
-            other => return Err(self.invalid(r, format!("unexpected command {other} in a precopy stream"))),
+            other => {
+                return Err(
+                    self.invalid(r, format!("unexpected command {other} in a precopy stream"))
+                )
+            }
         }
         Ok(())
     }
@@ -375,7 +500,10 @@ impl<'a> Loader<'a> {
                 }
                 OwnedToken::Part(id) | OwnedToken::End(id) => {
                     if Some(id) != self.ram_section {
-                        return Err(self.invalid(r, format!("PART/END for section {id}, which was never started")));
+                        return Err(self.invalid(
+                            r,
+                            format!("PART/END for section {id}, which was never started"),
+                        ));
                     }
                     r.consume(n);
                     self.ram_body(r)?;
@@ -405,7 +533,12 @@ impl<'a> Loader<'a> {
                                     r.consume(m);
                                     break;
                                 }
-                                Ok(Some(_)) => return Err(self.invalid(r, "data after EOF that is not a VM description".into())),
+                                Ok(Some(_)) => {
+                                    return Err(self.invalid(
+                                        r,
+                                        "data after EOF that is not a VM description".into(),
+                                    ))
+                                }
                                 Ok(None) => {}
                                 Err(e) => return Err(r.wire(e)),
                             }
@@ -427,7 +560,12 @@ impl<'a> Loader<'a> {
     }
 
     fn footer<R: Read>(&mut self, r: &mut Reader<R>, id: u32) -> Result<(), LoadError> {
-        with_next!(r, "at a section footer", |b| stream::decode_footer(b, id), |_x| ());
+        with_next!(
+            r,
+            "at a section footer",
+            |b| stream::decode_footer(b, id),
+            |_x| ()
+        );
         Ok(())
     }
 
@@ -445,13 +583,15 @@ impl<'a> Loader<'a> {
             section: h.idstr.clone(),
             source,
         };
-        let d = desc.device(&h.idstr, h.instance_id).ok_or_else(|| LoadError::Invalid {
-            offset,
-            msg: format!(
-                "device section {:?} instance {} is not in the VM description",
-                h.idstr, h.instance_id
-            ),
-        })?;
+        let d = desc
+            .device(&h.idstr, h.instance_id)
+            .ok_or_else(|| LoadError::Invalid {
+                offset,
+                msg: format!(
+                    "device section {:?} instance {} is not in the VM description",
+                    h.idstr, h.instance_id
+                ),
+            })?;
         let blen = loop {
             match vmstate::body_len(d, r.data()) {
                 Ok(n) if r.data().len() >= n + 5 => break n,
@@ -516,6 +656,8 @@ pub fn load<R: Read>(
         rp: None,
         devices: Vec::new(),
         bytes: 0,
+        known_zero: blocks.iter().map(|b| b.hole_bitmap()).collect(),
+        run: Run::default(),
     };
     let result = load_inner(&mut loader, &mut r, chan);
     match &result {
@@ -540,24 +682,39 @@ pub fn load<R: Read>(
     result.map(|()| loader.devices)
 }
 
-fn load_inner<R: Read>(loader: &mut Loader<'_>, r: &mut Reader<R>, chan: Option<&Channel>) -> Result<(), LoadError> {
+fn load_inner<R: Read>(
+    loader: &mut Loader<'_>,
+    r: &mut Reader<R>,
+    chan: Option<&Channel>,
+) -> Result<(), LoadError> {
     with_next!(r, "in the stream header", stream::decode_header, |_h| ());
     if r.data().is_empty() {
         r.need_more("after the stream header")?;
     }
     if r.data().first() == Some(&wire::section::CONFIGURATION) {
-        let conf = with_next!(r, "in the configuration section", stream::decode_configuration, |c| c);
+        let conf = with_next!(
+            r,
+            "in the configuration section",
+            stream::decode_configuration,
+            |c| c
+        );
         if let Some(cap) = conf.capabilities.first() {
             return Err(r.wire(WireError::UnsupportedCapability(cap.clone())));
         }
         if let Some(bits) = conf.target_page_bits {
             if bits != 12 {
-                return Err(loader.invalid(r, format!("target page bits {bits}, the helper supports 12 (4 KiB)")));
+                return Err(loader.invalid(
+                    r,
+                    format!("target page bits {bits}, the helper supports 12 (4 KiB)"),
+                ));
             }
         }
         slog::info!(loader.ctx.log, "incoming stream"; "machine" => &conf.machine);
     }
-    loader.ctx.stats.total.store(loader.blocks.iter().map(|b| b.size).sum(), Ordering::Relaxed);
+    loader.ctx.stats.total.store(
+        loader.blocks.iter().map(|b| b.size).sum(),
+        Ordering::Relaxed,
+    );
     match loader.sections(r, chan, None)? {
         LoopEnd::Done => Ok(()),
         LoopEnd::NeedDescription => {
@@ -569,7 +726,10 @@ fn load_inner<R: Read>(loader: &mut Loader<'_>, r: &mut Reader<R>, chan: Option<
                     break found;
                 }
                 if held.len() > MAX_HELD {
-                    return Err(loader.invalid(r, "device state larger than 1 GiB without a VM description".into()));
+                    return Err(loader.invalid(
+                        r,
+                        "device state larger than 1 GiB without a VM description".into(),
+                    ));
                 }
                 let len = held.len();
                 held.resize(len + (1 << 20), 0);
@@ -597,13 +757,18 @@ fn load_inner<R: Read>(loader: &mut Loader<'_>, r: &mut Reader<R>, chan: Option<
                     }
                 }
             };
-            let desc = VmDescription::parse(&held[json.clone()]).map_err(|source| LoadError::Device {
-                offset: base + json.start as u64,
-                section: "VM description".into(),
-                source,
-            })?;
+            let desc =
+                VmDescription::parse(&held[json.clone()]).map_err(|source| LoadError::Device {
+                    offset: base + json.start as u64,
+                    section: "VM description".into(),
+                    source,
+                })?;
             // Walk the held bytes, up to and including EOF, with the description.
-            let mut h = Reader::new(&held[..=eof_at], r.peer.clone(), READ_CHUNK.min(eof_at + 1).max(64));
+            let mut h = Reader::new(
+                &held[..=eof_at],
+                r.peer.clone(),
+                READ_CHUNK.min(eof_at + 1).max(64),
+            );
             h.offset = base;
             match loader.sections(&mut h, chan, Some(&desc))? {
                 LoopEnd::Done if h.data().is_empty() && h.eof_or_fill()? => Ok(()),
@@ -628,9 +793,12 @@ impl Read for &Channel {
 /// Runs an incoming migration on an established channel. The caller set `setup`.
 pub fn run(ctx: &MigrationCtx, blocks: Vec<Arc<RamBlock>>, chan: Channel) -> Result<(), LoadError> {
     ctx.state.transition(MigrationStatus::Active)?;
+    chan.tune_buffers();
     let t0 = Instant::now();
     let devices = load(ctx, &blocks, &chan, chan.peer.clone(), Some(&chan))?;
-    ctx.stats.total_time_us.store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+    ctx.stats
+        .total_time_us
+        .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
     *ctx.device_in.lock().unwrap_or_else(|e| e.into_inner()) = devices;
     ctx.state.transition(MigrationStatus::Completed)?;
     Ok(())

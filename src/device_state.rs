@@ -63,7 +63,12 @@ impl DeviceSection {
     pub fn from_raw(index: usize, raw: Vec<u8>) -> Result<Self, DeviceStateError> {
         let (header, hlen) = match stream::decode_token(&raw) {
             Ok(Some((Token::Full(h), n))) => (h, n),
-            Ok(Some(_)) => return Err(bad(index, "raw bytes must start with a FULL section (0x04)")),
+            Ok(Some(_)) => {
+                return Err(bad(
+                    index,
+                    "raw bytes must start with a FULL section (0x04)",
+                ))
+            }
             Ok(None) => return Err(bad(index, "raw section is truncated")),
             Err(e) => return Err(bad(index, e.to_string())),
         };
@@ -181,7 +186,8 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(s[0].body(), &[1, 2, 3]);
-        let again = DeviceSection::list_from_json(&json!([{"raw": s[0].to_json()["raw"]}])).unwrap();
+        let again =
+            DeviceSection::list_from_json(&json!([{"raw": s[0].to_json()["raw"]}])).unwrap();
         assert_eq!(again[0].raw, s[0].raw);
         assert_eq!(again[0].header, s[0].header);
     }

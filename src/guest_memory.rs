@@ -78,7 +78,7 @@ fn file_size(id: &str, fd: &OwnedFd) -> Result<u64, MemoryError> {
 fn fd_page_size(fd: &OwnedFd) -> u64 {
     const HUGETLBFS_MAGIC: i64 = 0x958458f6;
     match nix::sys::statfs::fstatfs(fd) {
-        Ok(s) if s.filesystem_type().0 as i64 == HUGETLBFS_MAGIC => s.block_size() as u64,
+        Ok(s) if s.filesystem_type().0 == HUGETLBFS_MAGIC => s.block_size() as u64,
         _ => TARGET_PAGE_SIZE as u64,
     }
 }
@@ -303,6 +303,93 @@ impl RamBlock {
         true
     }
 
+    fn fd(&self) -> Option<&File> {
+        self.region.file_offset().map(|f| f.file())
+    }
+
+    /// A bitmap of the target pages that are holes in the fd (so read as zero) right now,
+    /// found with SEEK_DATA/SEEK_HOLE: a fresh memfd is one hole and costs one call.
+    /// Pages whose state cannot be told are reported as data.
+    pub fn hole_bitmap(&self) -> Vec<u64> {
+        let pages = self.pages();
+        let mut bits = vec![0u64; pages.div_ceil(64) as usize];
+        let Some(f) = self.fd() else { return bits };
+        let fd = f.as_raw_fd();
+        let (start, end) = (self.offset as i64, (self.offset + self.size) as i64);
+        let mut pos = start;
+        while pos < end {
+            // SAFETY: plain syscalls on an fd we own.
+            let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+            let hole_end = if data < 0 { end } else { (data).min(end) };
+            // [pos, hole_end) is a hole.
+            let first = (pos - start) as u64 / TARGET_PAGE_SIZE as u64;
+            let last = (hole_end - start) as u64 / TARGET_PAGE_SIZE as u64;
+            for p in first..last {
+                bits[(p / 64) as usize] |= 1 << (p % 64);
+            }
+            if data < 0 || data >= end {
+                break;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            if hole <= data {
+                break;
+            }
+            // Round up: a partly written page is data.
+            let p = hole - start;
+            pos = start
+                + (p as u64).div_ceil(TARGET_PAGE_SIZE as u64) as i64 * TARGET_PAGE_SIZE as i64;
+        }
+        bits
+    }
+
+    /// Writes whole target pages at consecutive offsets from `off` with one `pwritev` into
+    /// the fd (the page cache the parent maps): no page fault and no page clearing per page,
+    /// unlike a copy through the mapping. Returns false when the range leaves the block.
+    pub fn write_pages_at(&self, off: u64, pages: &[*const u8]) -> std::io::Result<bool> {
+        let len = pages.len() as u64 * TARGET_PAGE_SIZE as u64;
+        if off % TARGET_PAGE_SIZE as u64 != 0 || off.checked_add(len).is_none_or(|e| e > self.size)
+        {
+            return Ok(false);
+        }
+        let Some(f) = self.fd() else { return Ok(false) };
+        let mut iov: Vec<libc::iovec> = pages
+            .iter()
+            .map(|&p| libc::iovec {
+                iov_base: p as *mut libc::c_void,
+                iov_len: TARGET_PAGE_SIZE,
+            })
+            .collect();
+        let mut file_off = (self.offset + off) as i64;
+        let mut idx = 0usize;
+        while idx < iov.len() {
+            let n = iov.len().saturating_sub(idx).min(1024);
+            // SAFETY: the iovecs point at caller-owned page buffers of TARGET_PAGE_SIZE bytes.
+            let w =
+                unsafe { libc::pwritev(f.as_raw_fd(), iov[idx..].as_ptr(), n as i32, file_off) };
+            if w < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            let mut w = w as usize;
+            file_off += w as i64;
+            while w > 0 && idx < iov.len() {
+                let take = w.min(iov[idx].iov_len);
+                iov[idx].iov_len -= take;
+                // SAFETY: advancing within the same page buffer.
+                iov[idx].iov_base = unsafe { (iov[idx].iov_base as *mut u8).add(take) } as *mut _;
+                w -= take;
+                if iov[idx].iov_len == 0 {
+                    idx += 1;
+                }
+            }
+        }
+        Ok(true)
+    }
+
     /// Makes the page at `off` all `fill`, without dirtying an already zero page (reading a
     /// page is cheaper than writing one, and keeps holes in the memfd where it can).
     #[inline]
@@ -365,6 +452,20 @@ pub(crate) mod tests {
         assert!(b.page(u64::MAX - 4095).is_none());
         assert!(b.fill_page(4096, 0));
         assert!(crate::ram::is_zero_page(b.page(4096).unwrap()));
+    }
+
+    #[test]
+    fn holes_and_batched_writes() {
+        let b = RamBlock::new(spec("ram", 1 << 20), memfd(1 << 20)).unwrap();
+        assert!(b.hole_bitmap().iter().all(|&w| w == u64::MAX));
+        let pages = [[1u8; 4096], [2u8; 4096], [3u8; 4096]];
+        let ptrs: Vec<*const u8> = pages.iter().map(|p| p.as_ptr()).collect();
+        assert!(b.write_pages_at(8192, &ptrs).unwrap());
+        assert_eq!(b.page(8192).unwrap()[0], 1);
+        assert_eq!(b.page(16384).unwrap()[4095], 3);
+        let h = b.hole_bitmap();
+        assert_eq!(h[0] & 0b11111, 0b00011, "pages 2..5 are data");
+        assert!(!b.write_pages_at((1 << 20) - 4096, &ptrs).unwrap());
     }
 
     #[test]

@@ -3,8 +3,8 @@
 pub mod client;
 pub mod compat;
 pub mod control;
-pub mod destination;
 pub mod demo;
+pub mod destination;
 pub mod device_state;
 pub mod events;
 pub mod guest_memory;

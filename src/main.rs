@@ -68,7 +68,9 @@ fn main() -> ExitCode {
     let result = match (cli.control_fd, cli.control_socket) {
         (Some(fd), None) => {
             if fd < 0 || nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_err() {
-                eprintln!("qemu-migration-helper: --control-fd {fd} is not an open file descriptor");
+                eprintln!(
+                    "qemu-migration-helper: --control-fd {fd} is not an open file descriptor"
+                );
                 return ExitCode::from(EXIT_USAGE);
             }
             // SAFETY: the parent handed this fd to us; nothing else in the process owns it.
@@ -81,7 +83,9 @@ fn main() -> ExitCode {
         }
         (None, Some(path)) => control::serve_socket(&helper, &path),
         _ => {
-            eprintln!("qemu-migration-helper: give --control-fd N or --control-socket PATH (see --help)");
+            eprintln!(
+                "qemu-migration-helper: give --control-fd N or --control-socket PATH (see --help)"
+            );
             return ExitCode::from(EXIT_USAGE);
         }
     };

@@ -211,7 +211,10 @@ impl MigrationCtx {
     }
 
     pub fn params(&self) -> Parameters {
-        self.params.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.params
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn cancelled(&self) -> bool {
@@ -226,7 +229,12 @@ impl MigrationCtx {
     /// Sets the cancel flag and shuts the channel down so blocked I/O returns at once.
     pub fn request_cancel(&self) {
         self.cancel.store(true, Ordering::Release);
-        if let Some(fd) = self.channel.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if let Some(fd) = self
+            .channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
             crate::transport::shutdown_fd(fd);
         }
         self.gate.open_for_cancel();

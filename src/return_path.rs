@@ -8,10 +8,19 @@ use crate::stream::{put_be16, put_be32, put_be64, put_str8, Cursor, Decoded, Wir
 pub enum RpMessage<'a> {
     Shut(u32),
     Pong(u32),
-    ReqPagesId { offset: u64, len: u32, block: &'a str },
-    ReqPages { offset: u64, len: u32 },
+    ReqPagesId {
+        offset: u64,
+        len: u32,
+        block: &'a str,
+    },
+    ReqPages {
+        offset: u64,
+        len: u32,
+    },
     /// The bitmap follows the message, outside its length (see `decode_recv_bitmap`).
-    RecvBitmap { block: &'a str },
+    RecvBitmap {
+        block: &'a str,
+    },
     ResumeAck(u32),
     SwitchoverAck,
 }
@@ -73,7 +82,11 @@ pub fn decode(buf: &[u8]) -> Decoded<RpMessage<'_>> {
         rp::REQ_PAGES => Some(12),
         rp::SWITCHOVER_ACK => Some(0),
         rp::REQ_PAGES_ID | rp::RECV_BITMAP => None,
-        other => return Err(WireError::Invalid(format!("unknown return-path message type {other}"))),
+        other => {
+            return Err(WireError::Invalid(format!(
+                "unknown return-path message type {other}"
+            )))
+        }
     };
     if let Some(f) = fixed {
         if len != f {

@@ -76,7 +76,10 @@ impl<'c> Writer<'c> {
     }
 
     /// Appends bytes produced by an encoder.
-    fn put(&mut self, f: impl FnOnce(&mut Vec<u8>) -> Result<(), WireError>) -> Result<(), SourceError> {
+    fn put(
+        &mut self,
+        f: impl FnOnce(&mut Vec<u8>) -> Result<(), WireError>,
+    ) -> Result<(), SourceError> {
         let start = self.arena.len();
         f(&mut self.arena)?;
         let end = self.arena.len();
@@ -221,7 +224,11 @@ enum RpEvent {
 impl<'c> Source<'c> {
     /// Sends pages from the to-do sets, starting at the cursor, until all are sent or
     /// `deadline` passes. `limit` applies the bandwidth limit.
-    fn send_pages(&mut self, deadline: Option<Instant>, limit: bool) -> Result<SendEnd, SourceError> {
+    fn send_pages(
+        &mut self,
+        deadline: Option<Instant>,
+        limit: bool,
+    ) -> Result<SendEnd, SourceError> {
         let mut last_block: Option<usize> = None;
         let mut since_check = 0u32;
         while self.cursor.0 < self.blocks.len() {
@@ -238,7 +245,9 @@ impl<'c> Source<'c> {
                 let bit = word.trailing_zeros() as u64;
                 word &= word - 1;
                 let off = (wi as u64 * 64 + bit) * PAGE as u64;
-                let Some(page) = block.page(off) else { continue };
+                let Some(page) = block.page(off) else {
+                    continue;
+                };
                 let name = if last_block == Some(bi) {
                     None
                 } else {
@@ -250,7 +259,8 @@ impl<'c> Source<'c> {
                     Stats::add(&self.ctx.stats.duplicate, 1);
                     bytes += 9;
                 } else {
-                    self.out.put(|o| ram::encode_page_header(o, off, wire::ram::PAGE, name))?;
+                    self.out
+                        .put(|o| ram::encode_page_header(o, off, wire::ram::PAGE, name))?;
                     self.out.put_page(page)?;
                     Stats::add(&self.ctx.stats.normal, 1);
                     bytes += 8 + PAGE as u64;
@@ -259,7 +269,10 @@ impl<'c> Source<'c> {
             self.cursor = (bi, wi + 1);
             Stats::add(&self.ctx.stats.transferred, bytes);
             let rem = self.ctx.stats.remaining.load(Ordering::Relaxed);
-            self.ctx.stats.remaining.store(rem.saturating_sub(bytes.min(rem)), Ordering::Relaxed);
+            self.ctx
+                .stats
+                .remaining
+                .store(rem.saturating_sub(bytes.min(rem)), Ordering::Relaxed);
             if limit {
                 let bw = self.ctx.params().max_bandwidth;
                 self.throttle.account(bytes, bw, self.ctx);
@@ -316,7 +329,11 @@ impl<'c> Source<'c> {
 }
 
 /// Runs a precopy migration to `chan`. The caller has moved the state to `setup`.
-pub fn run(ctx: &MigrationCtx, blocks: Vec<Arc<RamBlock>>, chan: Channel) -> Result<(), SourceError> {
+pub fn run(
+    ctx: &MigrationCtx,
+    blocks: Vec<Arc<RamBlock>>,
+    chan: Channel,
+) -> Result<(), SourceError> {
     let caps = ctx.caps();
     let params = ctx.params();
     let t0 = Instant::now();
@@ -324,6 +341,7 @@ pub fn run(ctx: &MigrationCtx, blocks: Vec<Arc<RamBlock>>, chan: Channel) -> Res
     ctx.stats.total.store(total, Ordering::Relaxed);
     ctx.stats.remaining.store(total, Ordering::Relaxed);
 
+    chan.tune_buffers();
     let use_rp = (caps.return_path || caps.postcopy_ram) && chan.is_socket;
     let rp = if use_rp {
         let fd = chan.try_clone_fd().map_err(|source| SourceError::Io {
@@ -331,7 +349,10 @@ pub fn run(ctx: &MigrationCtx, blocks: Vec<Arc<RamBlock>>, chan: Channel) -> Res
             sent: 0,
             source,
         })?;
-        Some(spawn_rp_reader(Channel::from_fd("return-path", fd).map_err(|e| SourceError::Peer(e.to_string()))?, ctx.log.clone()))
+        Some(spawn_rp_reader(
+            Channel::from_fd("return-path", fd).map_err(|e| SourceError::Peer(e.to_string()))?,
+            ctx.log.clone(),
+        ))
     } else {
         None
     };
@@ -407,7 +428,8 @@ pub fn run(ctx: &MigrationCtx, blocks: Vec<Arc<RamBlock>>, chan: Channel) -> Res
         ctx.stats
             .rate_bps
             .store((bps * 8.0) as u64, Ordering::Relaxed);
-        ctx.state.emit_event("MIGRATION_PASS", serde_json::json!({"pass": pass}));
+        ctx.state
+            .emit_event("MIGRATION_PASS", serde_json::json!({"pass": pass}));
         let dirty = src.harvest();
         let dirty_bytes = dirty * PAGE as u64;
         let p = ctx.params();
@@ -429,7 +451,9 @@ pub fn run(ctx: &MigrationCtx, blocks: Vec<Arc<RamBlock>>, chan: Channel) -> Res
     let downtime_start = Instant::now();
     ctx.state.transition(MigrationStatus::Device)?;
     let p = ctx.params();
-    if p.compat_version.accepts_switchover_start() && compat::machine_sends_switchover_start(&p.machine_type) {
+    if p.compat_version.accepts_switchover_start()
+        && compat::machine_sends_switchover_start(&p.machine_type)
+    {
         src.out
             .put(|o| stream::encode_command(o, wire::command::SWITCHOVER_START, &[]))?;
     }
@@ -446,7 +470,11 @@ pub fn run(ctx: &MigrationCtx, blocks: Vec<Arc<RamBlock>>, chan: Channel) -> Res
         Ok(())
     })?;
 
-    let devices: Vec<DeviceSection> = ctx.device_out.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let devices: Vec<DeviceSection> = ctx
+        .device_out
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     let mut desc = VmDescriptionBuilder::new(PAGE as u64);
     if p.compat_version.vmdesc_has_configuration() {
         desc.configuration(p.machine_type.len());
@@ -458,7 +486,12 @@ pub fn run(ctx: &MigrationCtx, blocks: Vec<Arc<RamBlock>>, chan: Channel) -> Res
         })?;
         match &d.description {
             Some(j) => desc.push_device(j.clone()),
-            None => desc.push_opaque(&d.header.idstr, d.header.instance_id, d.header.version_id, d.body.len()),
+            None => desc.push_opaque(
+                &d.header.idstr,
+                d.header.instance_id,
+                d.header.version_id,
+                d.body.len(),
+            ),
         };
     }
     let json = desc.to_json_bytes();
@@ -472,14 +505,19 @@ pub fn run(ctx: &MigrationCtx, blocks: Vec<Arc<RamBlock>>, chan: Channel) -> Res
     if let Some(rx) = src.rp.take() {
         match rx.recv_timeout(SHUT_TIMEOUT) {
             Ok(RpEvent::Shut(0)) => {}
-            Ok(RpEvent::Shut(v)) => return Err(SourceError::Peer(format!("destination failed to load the stream (SHUT {v})"))),
+            Ok(RpEvent::Shut(v)) => {
+                return Err(SourceError::Peer(format!(
+                    "destination failed to load the stream (SHUT {v})"
+                )))
+            }
             Ok(RpEvent::Error(e)) => return Err(SourceError::Peer(e)),
             Err(_) => return Err(SourceError::Peer("no SHUT from the destination".into())),
         }
     }
-    ctx.stats
-        .downtime_us
-        .store(downtime_start.elapsed().as_micros() as u64, Ordering::Relaxed);
+    ctx.stats.downtime_us.store(
+        downtime_start.elapsed().as_micros() as u64,
+        Ordering::Relaxed,
+    );
     ctx.stats
         .total_time_us
         .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -529,7 +567,8 @@ fn spawn_rp_reader(chan: Channel, log: slog::Logger) -> mpsc::Receiver<RpEvent> 
                         }
                         Ok(None) => break,
                         Err(e) => {
-                            let _ = tx.send(RpEvent::Error(format!("bad return-path message: {e}")));
+                            let _ =
+                                tx.send(RpEvent::Error(format!("bad return-path message: {e}")));
                             return;
                         }
                     }

@@ -48,7 +48,9 @@ impl<'a> Args<'a> {
     fn str(&self, k: &str) -> Result<&'a str, QmpError> {
         match self.0.get(k) {
             Some(Value::String(s)) => Ok(s),
-            Some(_) => Err(QmpError::generic(format!("Invalid parameter type for '{k}', expected: string"))),
+            Some(_) => Err(QmpError::generic(format!(
+                "Invalid parameter type for '{k}', expected: string"
+            ))),
             None => Err(QmpError::generic(format!("Parameter '{k}' is missing"))),
         }
     }
@@ -61,10 +63,11 @@ impl<'a> Args<'a> {
     fn opt_u64(&self, k: &str) -> Result<Option<u64>, QmpError> {
         match self.0.get(k) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(Some)
-                .ok_or_else(|| QmpError::generic(format!("Invalid parameter type for '{k}', expected: integer >= 0"))),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                QmpError::generic(format!(
+                    "Invalid parameter type for '{k}', expected: integer >= 0"
+                ))
+            }),
         }
     }
     fn u64(&self, k: &str) -> Result<u64, QmpError> {
@@ -75,7 +78,9 @@ impl<'a> Args<'a> {
         match self.0.get(k) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(_) => Err(QmpError::generic(format!("Invalid parameter type for '{k}', expected: boolean"))),
+            Some(_) => Err(QmpError::generic(format!(
+                "Invalid parameter type for '{k}', expected: boolean"
+            ))),
         }
     }
     /// Refuses arguments the command does not know, as QMP does.
@@ -154,9 +159,9 @@ impl Helper {
 
     fn dup_fd(&self, name: &str) -> Result<OwnedFd, QmpError> {
         let fds = lock(&self.fds);
-        let fd = fds
-            .get(name)
-            .ok_or_else(|| QmpError::generic(format!("File descriptor named '{name}' not found")))?;
+        let fd = fds.get(name).ok_or_else(|| {
+            QmpError::generic(format!("File descriptor named '{name}' not found"))
+        })?;
         fd.try_clone()
             .map_err(|e| QmpError::generic(format!("cannot duplicate fd '{name}': {e}")))
     }
@@ -165,7 +170,12 @@ impl Helper {
         !self.ctx.state.status().is_finished()
     }
 
-    pub fn dispatch(&self, name: &str, args: &Map<String, Value>, mut fds: Vec<OwnedFd>) -> CmdResult {
+    pub fn dispatch(
+        &self,
+        name: &str,
+        args: &Map<String, Value>,
+        mut fds: Vec<OwnedFd>,
+    ) -> CmdResult {
         let a = Args(args);
         if name != "getfd" && !fds.is_empty() {
             slog::warn!(self.log, "closing fds sent with a command that takes none"; "command" => name, "count" => fds.len());
@@ -173,12 +183,16 @@ impl Helper {
         }
         match name {
             "query-version" => Ok(super::greeting()["QMP"]["version"].clone()),
-            "query-commands" => Ok(Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect())),
+            "query-commands" => Ok(Value::Array(
+                COMMANDS.iter().map(|c| json!({"name": c})).collect(),
+            )),
             "getfd" => {
                 a.only(&["fdname"])?;
                 let fdname = a.str("fdname")?;
                 if fdname.is_empty() || fdname.starts_with(|c: char| c.is_ascii_digit()) {
-                    return Err(QmpError::generic("Parameter 'fdname' expects a name not starting with a digit"));
+                    return Err(QmpError::generic(
+                        "Parameter 'fdname' expects a name not starting with a digit",
+                    ));
                 }
                 if fds.len() != 1 {
                     return Err(QmpError::generic(format!(
@@ -186,7 +200,9 @@ impl Helper {
                         fds.len()
                     )));
                 }
-                let fd = fds.pop().ok_or_else(|| QmpError::generic("No file descriptor supplied via SCM_RIGHTS"))?;
+                let fd = fds.pop().ok_or_else(|| {
+                    QmpError::generic("No file descriptor supplied via SCM_RIGHTS")
+                })?;
                 lock(&self.fds).insert(fdname.to_string(), fd);
                 Ok(json!({}))
             }
@@ -196,14 +212,18 @@ impl Helper {
                 lock(&self.fds)
                     .remove(fdname)
                     .map(|_| json!({}))
-                    .ok_or_else(|| QmpError::generic(format!("File descriptor named '{fdname}' not found")))
+                    .ok_or_else(|| {
+                        QmpError::generic(format!("File descriptor named '{fdname}' not found"))
+                    })
             }
             "ram-block-add" => self.ram_block_add(&a),
             "ram-block-del" => {
                 a.only(&["id"])?;
                 let id = a.str("id")?;
                 if self.busy() {
-                    return Err(QmpError::generic("cannot remove a RAM block while a migration is running"));
+                    return Err(QmpError::generic(
+                        "cannot remove a RAM block while a migration is running",
+                    ));
                 }
                 let mut blocks = lock(&self.blocks);
                 let before = blocks.len();
@@ -285,9 +305,11 @@ impl Helper {
                 self.ctx.gate.open();
                 Ok(json!({}))
             }
-            "migrate-start-postcopy" | "migrate-pause" | "migrate-recover" => Err(QmpError::generic(format!(
-                "{name}: postcopy is not available in this build of the helper yet"
-            ))),
+            "migrate-start-postcopy" | "migrate-pause" | "migrate-recover" => {
+                Err(QmpError::generic(format!(
+                    "{name}: postcopy is not available in this build of the helper yet"
+                )))
+            }
             "userfaultfd-set" => Err(QmpError::generic(
                 "userfaultfd-set: postcopy is not available in this build of the helper yet",
             )),
@@ -297,7 +319,8 @@ impl Helper {
                 let v = args
                     .get("sections")
                     .ok_or_else(|| QmpError::generic("Parameter 'sections' is missing"))?;
-                let list = DeviceSection::list_from_json(v).map_err(|e| QmpError::generic(e.to_string()))?;
+                let list = DeviceSection::list_from_json(v)
+                    .map_err(|e| QmpError::generic(e.to_string()))?;
                 let st = self.ctx.state.status();
                 if matches!(st, MigrationStatus::Device | MigrationStatus::Completed)
                     && *lock(&self.role) == Some(Role::Source)
@@ -317,18 +340,32 @@ impl Helper {
                 }
                 Ok(json!({}))
             }
-            other => Err(QmpError::not_found(format!("The command {other} has not been found"))),
+            other => Err(QmpError::not_found(format!(
+                "The command {other} has not been found"
+            ))),
         }
     }
 
     fn ram_block_add(&self, a: &Args<'_>) -> CmdResult {
-        a.only(&["id", "fdname", "offset", "size", "page-size", "host-addr", "dirty-bitmap"])?;
+        a.only(&[
+            "id",
+            "fdname",
+            "offset",
+            "size",
+            "page-size",
+            "host-addr",
+            "dirty-bitmap",
+        ])?;
         if self.busy() {
-            return Err(QmpError::generic("cannot add a RAM block while a migration is running"));
+            return Err(QmpError::generic(
+                "cannot add a RAM block while a migration is running",
+            ));
         }
         let id = a.str("id")?.to_string();
         if lock(&self.blocks).iter().any(|b| b.id == id) {
-            return Err(QmpError::generic(format!("RAM block '{id}' already exists")));
+            return Err(QmpError::generic(format!(
+                "RAM block '{id}' already exists"
+            )));
         }
         let fdname = a.str("fdname")?.to_string();
         let fd = self.dup_fd(&fdname)?;
@@ -356,11 +393,10 @@ impl Helper {
         if self.busy() {
             return Err(QmpError::generic("There's a migration process in progress"));
         }
-        let list = a
-            .0
-            .get("capabilities")
-            .and_then(Value::as_array)
-            .ok_or_else(|| QmpError::generic("Parameter 'capabilities' must be an array"))?;
+        let list =
+            a.0.get("capabilities")
+                .and_then(Value::as_array)
+                .ok_or_else(|| QmpError::generic("Parameter 'capabilities' must be an array"))?;
         let mut caps = self.ctx.caps();
         for item in list {
             let o = item
@@ -383,7 +419,13 @@ impl Helper {
     }
 
     fn set_parameters(&self, a: &Args<'_>) -> CmdResult {
-        a.only(&["max-bandwidth", "downtime-limit", "max-postcopy-bandwidth", "machine-type", "compat-version"])?;
+        a.only(&[
+            "max-bandwidth",
+            "downtime-limit",
+            "max-postcopy-bandwidth",
+            "machine-type",
+            "compat-version",
+        ])?;
         let mut p = self.ctx.params();
         if let Some(v) = a.opt_u64("max-bandwidth")? {
             p.max_bandwidth = v;
@@ -401,7 +443,9 @@ impl Helper {
         let running = self.busy();
         if let Some(m) = a.opt_str("machine-type")? {
             if running {
-                return Err(QmpError::generic("machine-type cannot change while a migration is running"));
+                return Err(QmpError::generic(
+                    "machine-type cannot change while a migration is running",
+                ));
             }
             if m.is_empty() || m.len() > 255 {
                 return Err(QmpError::generic("machine-type must be 1 to 255 bytes"));
@@ -410,16 +454,24 @@ impl Helper {
         }
         if let Some(v) = a.opt_str("compat-version")? {
             if running {
-                return Err(QmpError::generic("compat-version cannot change while a migration is running"));
+                return Err(QmpError::generic(
+                    "compat-version cannot change while a migration is running",
+                ));
             }
-            p.compat_version = v.parse::<QemuVersion>().map_err(|e| QmpError::generic(e.to_string()))?;
+            p.compat_version = v
+                .parse::<QemuVersion>()
+                .map_err(|e| QmpError::generic(e.to_string()))?;
         }
         *lock(&self.ctx.params) = p;
         Ok(json!({}))
     }
 
     /// Starts a migration thread after the state moved to `setup`.
-    fn start_worker(&self, role: Role, f: impl FnOnce(&MigrationCtx) -> Result<(), String> + Send + 'static) -> CmdResult {
+    fn start_worker(
+        &self,
+        role: Role,
+        f: impl FnOnce(&MigrationCtx) -> Result<(), String> + Send + 'static,
+    ) -> CmdResult {
         // Reap the previous worker (finished, since the status is final).
         if let Some(h) = lock(&self.worker).take() {
             let _ = h.join();
@@ -441,7 +493,9 @@ impl Helper {
                 ctx.set_channel(None);
                 match r {
                     Ok(()) => {}
-                    Err(_) if ctx.cancelled() && ctx.state.status() == MigrationStatus::Cancelling => {
+                    Err(_)
+                        if ctx.cancelled() && ctx.state.status() == MigrationStatus::Cancelling =>
+                    {
                         let _ = ctx.state.transition(MigrationStatus::Cancelled);
                     }
                     Err(e) => ctx.state.fail(e),
@@ -455,7 +509,9 @@ impl Helper {
     fn migration_blocks(&self) -> Result<Vec<Arc<RamBlock>>, QmpError> {
         let blocks = lock(&self.blocks).clone();
         if blocks.is_empty() {
-            return Err(QmpError::generic("no RAM blocks registered (use ram-block-add)"));
+            return Err(QmpError::generic(
+                "no RAM blocks registered (use ram-block-add)",
+            ));
         }
         Ok(blocks)
     }
@@ -472,7 +528,10 @@ impl Helper {
 
     fn migrate(&self, a: &Args<'_>) -> CmdResult {
         a.only(&["uri", "resume", "detach", "blk", "inc"])?;
-        let uri: Uri = a.str("uri")?.parse().map_err(|e: crate::transport::TransportError| QmpError::generic(e.to_string()))?;
+        let uri: Uri = a
+            .str("uri")?
+            .parse()
+            .map_err(|e: crate::transport::TransportError| QmpError::generic(e.to_string()))?;
         if a.opt_bool("resume")?.unwrap_or(false) {
             return Err(QmpError::generic(format!(
                 "Cannot resume if there is no paused migration (status {})",
@@ -483,10 +542,9 @@ impl Helper {
         let blocks = self.migration_blocks()?;
         // Take a passed fd now, so a second migrate cannot race for it.
         let fd = match &uri {
-            Uri::Fd(n) => Some(
-                self.take_fd(n)
-                    .ok_or_else(|| QmpError::generic(format!("File descriptor named '{n}' not found")))?,
-            ),
+            Uri::Fd(n) => Some(self.take_fd(n).ok_or_else(|| {
+                QmpError::generic(format!("File descriptor named '{n}' not found"))
+            })?),
             _ => None,
         };
         let chan = match fd {
@@ -511,11 +569,15 @@ impl Helper {
 
     fn migrate_incoming(&self, a: &Args<'_>) -> CmdResult {
         a.only(&["uri", "exit-on-error"])?;
-        let uri: Uri = a.str("uri")?.parse().map_err(|e: crate::transport::TransportError| QmpError::generic(e.to_string()))?;
+        let uri: Uri = a
+            .str("uri")?
+            .parse()
+            .map_err(|e: crate::transport::TransportError| QmpError::generic(e.to_string()))?;
         self.check_can_start()?;
         let blocks = self.migration_blocks()?;
         // Listen now so that a peer may connect as soon as this returns.
-        let incoming = Incoming::open(&uri, |n| self.take_fd(n)).map_err(|e| QmpError::generic(e.to_string()))?;
+        let incoming = Incoming::open(&uri, |n| self.take_fd(n))
+            .map_err(|e| QmpError::generic(e.to_string()))?;
         lock(&self.ctx.device_in).clear();
         slog::info!(self.log, "migrate-incoming"; "uri" => %uri);
         self.start_worker(Role::Destination, move |ctx| {
@@ -538,7 +600,9 @@ impl Helper {
         let total_ms = if st.is_finished() {
             s.total_time_us.load(Ordering::Relaxed) / 1000
         } else {
-            lock(&self.ctx.started).map(|t| t.elapsed().as_millis() as u64).unwrap_or(0)
+            lock(&self.ctx.started)
+                .map(|t| t.elapsed().as_millis() as u64)
+                .unwrap_or(0)
         };
         v["total-time"] = json!(total_ms);
         v["setup-time"] = json!(s.setup_time_us.load(Ordering::Relaxed) / 1000);
@@ -546,7 +610,11 @@ impl Helper {
             v["downtime"] = json!(s.downtime_us.load(Ordering::Relaxed) / 1000);
         }
         if let Some(r) = *lock(&self.role) {
-            v["role"] = json!(if r == Role::Source { "source" } else { "destination" });
+            v["role"] = json!(if r == Role::Source {
+                "source"
+            } else {
+                "destination"
+            });
         }
         if st == MigrationStatus::Failed {
             if let Some(e) = self.ctx.state.error_desc() {

@@ -47,10 +47,13 @@ pub fn serve_connection(helper: &Arc<Helper>, stream: UnixStream) -> std::io::Re
     let mut reader = LineReader::new(stream);
     let mut negotiated = false;
     let end = loop {
-        let (line, fds) = match reader.next() {
+        let (line, fds) = match reader.read_input() {
             Ok(Input::Line(l, f)) => (l, f),
             Ok(Input::TooLong) => {
-                sink.send_line(&qmp::reply_err(&QmpError::generic("command line too long"), &None));
+                sink.send_line(&qmp::reply_err(
+                    &QmpError::generic("command line too long"),
+                    &None,
+                ));
                 continue;
             }
             Ok(Input::Eof) => break ConnEnd::Eof,
@@ -74,8 +77,12 @@ pub fn serve_connection(helper: &Arc<Helper>, stream: UnixStream) -> std::io::Re
             } else {
                 match req.args.get("enable") {
                     None => Ok(json!({})),
-                    Some(serde_json::Value::Array(a)) if a.iter().all(|c| c == "oob") => Ok(json!({})),
-                    Some(_) => Err(QmpError::generic("only the 'oob' capability can be enabled")),
+                    Some(serde_json::Value::Array(a)) if a.iter().all(|c| c == "oob") => {
+                        Ok(json!({}))
+                    }
+                    Some(_) => Err(QmpError::generic(
+                        "only the 'oob' capability can be enabled",
+                    )),
                 }
                 .inspect(|_| negotiated = true)
             }
@@ -130,7 +137,10 @@ pub fn serve_socket(helper: &Arc<Helper>, path: &Path) -> std::io::Result<()> {
         if serve_connection(helper, stream)? == ConnEnd::Quit {
             break;
         }
-        slog::info!(helper.log(), "control client disconnected; waiting for the next");
+        slog::info!(
+            helper.log(),
+            "control client disconnected; waiting for the next"
+        );
     }
     let _ = std::fs::remove_file(path);
     Ok(())

@@ -69,21 +69,39 @@ pub fn parse_request(line: &[u8]) -> Result<Request, (QmpError, Option<Value>)> 
     let id = obj.remove("id");
     let name = match obj.remove("execute").or_else(|| obj.remove("exec-oob")) {
         Some(Value::String(s)) => s,
-        Some(_) => return Err((QmpError::generic("QMP input member 'execute' must be a string"), id)),
+        Some(_) => {
+            return Err((
+                QmpError::generic("QMP input member 'execute' must be a string"),
+                id,
+            ))
+        }
         None => return Err((QmpError::generic("QMP input lacks member 'execute'"), id)),
     };
     let args = match obj.remove("arguments") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(m)) => m,
-        Some(_) => return Err((QmpError::generic("QMP input member 'arguments' must be an object"), id)),
+        Some(_) => {
+            return Err((
+                QmpError::generic("QMP input member 'arguments' must be an object"),
+                id,
+            ))
+        }
     };
     match obj.remove("control") {
         None => {}
         Some(Value::Object(c)) if c.iter().all(|(k, v)| k == "run-oob" && v.is_boolean()) => {}
-        Some(_) => return Err((QmpError::generic("QMP input member 'control' is invalid"), id)),
+        Some(_) => {
+            return Err((
+                QmpError::generic("QMP input member 'control' is invalid"),
+                id,
+            ))
+        }
     }
     if let Some(k) = obj.keys().next() {
-        return Err((QmpError::generic(format!("QMP input member '{k}' is unexpected")), id));
+        return Err((
+            QmpError::generic(format!("QMP input member '{k}' is unexpected")),
+            id,
+        ));
     }
     Ok(Request { name, args, id })
 }
@@ -115,15 +133,19 @@ impl LineReader {
         }
     }
 
-    pub fn next(&mut self) -> std::io::Result<Input> {
+    pub fn read_input(&mut self) -> std::io::Result<Input> {
         loop {
             if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
                 let rest = self.buf.split_off(nl + 1);
                 let mut line = std::mem::replace(&mut self.buf, rest);
                 line.pop();
                 // The fds that came with this line's bytes belong to it.
-                let (mine, later): (Vec<_>, Vec<_>) = self.fds.drain(..).partition(|(pos, _)| *pos <= nl);
-                self.fds = later.into_iter().map(|(p, fd)| (p - (nl + 1), fd)).collect();
+                let (mine, later): (Vec<_>, Vec<_>) =
+                    self.fds.drain(..).partition(|(pos, _)| *pos <= nl);
+                self.fds = later
+                    .into_iter()
+                    .map(|(p, fd)| (p - (nl + 1), fd))
+                    .collect();
                 let fds = mine.into_iter().map(|(_, fd)| fd).collect();
                 if std::mem::take(&mut self.discarding) {
                     continue;
@@ -183,7 +205,8 @@ mod tests {
         let r = parse_request(br#"{"execute": "query-migrate", "id": 7}"#).unwrap();
         assert_eq!(r.name, "query-migrate");
         assert_eq!(r.id, Some(json!(7)));
-        let r = parse_request(br#"{"execute": "migrate-pause", "control": {"run-oob": true}}"#).unwrap();
+        let r = parse_request(br#"{"execute": "migrate-pause", "control": {"run-oob": true}}"#)
+            .unwrap();
         assert_eq!(r.name, "migrate-pause");
         for bad in [
             &b"{"[..],
@@ -194,7 +217,11 @@ mod tests {
             br#"{"execute": "x", "bogus": 1}"#,
             br#"{"execute": "x", "control": {"run-oob": 1}}"#,
         ] {
-            assert!(parse_request(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_request(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
         let (_, id) = parse_request(br#"{"execute": 5, "id": "a"}"#).unwrap_err();
         assert_eq!(id, Some(json!("a")));

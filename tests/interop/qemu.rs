@@ -256,8 +256,13 @@ impl QemuVm {
         let binary = qemu
             .binary()
             .ok_or_else(|| qemu.binary_problem().unwrap_or_default())?;
-        let dir = TempDir::new("qmh-qemu");
-        let ram_path = PathBuf::from("/dev/shm").join(unique_name("qmh-test"));
+        static SWEPT: OnceLock<()> = OnceLock::new();
+        SWEPT.get_or_init(|| {
+            sweep_stale(Path::new("/dev/shm"), RAM_PREFIX);
+            sweep_stale(&std::env::temp_dir(), DIR_PREFIX);
+        });
+        let dir = TempDir::new(DIR_PREFIX);
+        let ram_path = PathBuf::from("/dev/shm").join(unique_name(RAM_PREFIX));
         let qmp_path = dir.join("qmp.sock");
         if qmp_path.as_os_str().len() >= 108 {
             return Err(format!(
@@ -274,7 +279,11 @@ impl QemuVm {
                 std::io::stderr(),
                 "interop: QEMU accelerator {} (/dev/kvm {}; QMH_ACCEL overrides)",
                 accel.arg(),
-                if Accel::detect_kvm() { "usable" } else { "not usable" }
+                if Accel::detect_kvm() {
+                    "usable"
+                } else {
+                    "not usable"
+                }
             );
         });
 
@@ -452,13 +461,34 @@ impl QemuVm {
         }
     }
 
-    /// `Qmp::wait_migration` on this VM.
+    /// `Qmp::wait_migration` on this VM; when it fails because QEMU exited (as a
+    /// destination does by default when an incoming migration fails), says so.
     pub fn wait_migration(
         &mut self,
         statuses: &[&str],
         timeout: Duration,
     ) -> Result<Value, String> {
-        self.qmp.wait_migration(statuses, timeout)
+        self.qmp
+            .wait_migration(statuses, timeout)
+            .map_err(|e| self.exited_note(e))
+    }
+
+    /// `Qmp::execute` on this VM, noting in an error when QEMU has exited.
+    pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, String> {
+        self.qmp.execute(cmd, args).map_err(|e| self.exited_note(e))
+    }
+
+    fn exited_note(&mut self, e: String) -> String {
+        // Give a dying QEMU a moment so the note is reliable.
+        std::thread::sleep(Duration::from_millis(50));
+        match self.try_wait() {
+            Some(status) => format!(
+                "{} pid {} has exited ({status}): {e}",
+                self.binary.qemu.name(),
+                self.pid()
+            ),
+            None => e,
+        }
     }
 }
 
@@ -474,6 +504,39 @@ impl Drop for QemuVm {
         }
         self.kill();
         let _ = std::fs::remove_file(&self.ram_path);
+    }
+}
+
+const RAM_PREFIX: &str = "qmh-test";
+const DIR_PREFIX: &str = "qmh-qemu";
+
+/// Removes `<prefix>-<pid>-...` entries of `dir` whose pid is gone: what a test binary
+/// killed with SIGKILL leaves behind (its QEMUs die with it through PDEATHSIG).
+fn sweep_stale(dir: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|n| n.strip_prefix('-'))
+        else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = e.path();
+        let _ = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
     }
 }
 

@@ -60,13 +60,20 @@ pub fn test_seed(what: &str) -> u64 {
 /// Compares two memory images byte for byte. On mismatch panics naming the first differing
 /// page (index, byte offset, and the first differing bytes) and how many pages differ.
 pub fn assert_same_memory(a: &[u8], b: &[u8], what: &str) {
-    assert_eq!(
-        a.len(),
-        b.len(),
-        "{what}: memory sizes differ ({} vs {} bytes)",
-        a.len(),
-        b.len()
-    );
+    if let Err(e) = compare_memory(a, b) {
+        panic!("{what}: {e}");
+    }
+}
+
+/// `assert_same_memory` without the panic: the description of the difference.
+pub fn compare_memory(a: &[u8], b: &[u8]) -> Result<(), String> {
+    if a.len() != b.len() {
+        return Err(format!(
+            "memory sizes differ ({} vs {} bytes)",
+            a.len(),
+            b.len()
+        ));
+    }
     // Fast path: big chunks compared with memcmp.
     const CHUNK: usize = 1 << 20;
     let first_bad_chunk = a
@@ -74,7 +81,7 @@ pub fn assert_same_memory(a: &[u8], b: &[u8], what: &str) {
         .zip(b.chunks(CHUNK))
         .position(|(x, y)| x != y);
     let Some(first_bad_chunk) = first_bad_chunk else {
-        return;
+        return Ok(());
     };
     let start = first_bad_chunk * CHUNK;
     let mut first: Option<(usize, usize)> = None; // (page index, byte offset)
@@ -99,14 +106,14 @@ pub fn assert_same_memory(a: &[u8], b: &[u8], what: &str) {
     }
     let (page, offset) = first.unwrap();
     let end = (offset + 16).min(a.len());
-    panic!(
-        "{what}: memory differs: first differing page {page} (byte offset {offset:#x}; \
+    Err(format!(
+        "memory differs: first differing page {page} (byte offset {offset:#x}; \
          expected {:02x?}, got {:02x?}); {differing} of {} pages differ \
          ({zero_on_b} of them all-zero on the second side)",
         &a[offset..end],
         &b[offset..end],
         a.len().div_ceil(PAGE_SIZE),
-    );
+    ))
 }
 
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
@@ -176,8 +183,8 @@ mod tests {
         let mut b = a.clone();
         b[3 * PAGE_SIZE + 5] = 0;
         b[1000 * PAGE_SIZE] = 0;
-        let err = std::panic::catch_unwind(|| assert_same_memory(&a, &b, "x")).unwrap_err();
-        let msg = err.downcast_ref::<String>().unwrap();
+        assert_same_memory(&a, &a.clone(), "same");
+        let msg = compare_memory(&a, &b).unwrap_err();
         assert!(msg.contains("first differing page 3 "), "{msg}");
         assert!(msg.contains("2 of 2048 pages differ"), "{msg}");
     }
