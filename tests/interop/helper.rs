@@ -1,0 +1,150 @@
+//! A helper process driven through the library's client API, with guest RAM in memfds
+//! that the test (as the parent VMM) maps and fills.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::Duration;
+
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+use qemu_migration_helper::client::{HelperClient, RamBlockSpec};
+
+use crate::qemu::RamMap;
+
+pub fn helper_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_qemu-migration-helper"))
+}
+
+/// A memfd the test owns, mapped shared.
+pub struct Memfd {
+    pub fd: OwnedFd,
+    pub size: u64,
+}
+
+impl Memfd {
+    pub fn new(name: &str, size: u64) -> Memfd {
+        let c = std::ffi::CString::new(name).expect("name");
+        let fd = memfd_create(&c, MemFdCreateFlag::MFD_CLOEXEC).expect("memfd_create");
+        nix::unistd::ftruncate(&fd, size as i64).expect("ftruncate");
+        Memfd { fd, size }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+
+    pub fn map(&self) -> RamMap {
+        RamMap::open(&self.path(), self.size as usize).expect("map memfd")
+    }
+}
+
+/// A guest RAM block registered with a helper.
+pub struct Block {
+    pub id: String,
+    pub mem: Memfd,
+    pub bitmap: Option<Memfd>,
+}
+
+impl Block {
+    pub fn pages(&self) -> u64 {
+        self.mem.size / 4096
+    }
+}
+
+pub struct HelperVm {
+    pub client: HelperClient,
+    child: Child,
+    pub blocks: Vec<Block>,
+}
+
+impl HelperVm {
+    pub fn spawn() -> HelperVm {
+        let (client, child) =
+            HelperClient::spawn(helper_bin(), &["--log-level", "debug"]).expect("spawn helper");
+        HelperVm {
+            client,
+            child,
+            blocks: Vec::new(),
+        }
+    }
+
+    /// Adds a block backed by a new memfd (and a dirty bitmap memfd when asked).
+    pub fn add_block(&mut self, id: &str, size: u64, with_bitmap: bool) -> usize {
+        let mem = Memfd::new(id, size);
+        let fdname = format!("mem-{}", self.blocks.len());
+        self.client
+            .getfd(&fdname, mem.fd.as_fd())
+            .expect("getfd mem");
+        let bitmap = with_bitmap.then(|| {
+            let pages = size / 4096;
+            let b = Memfd::new("bitmap", pages.div_ceil(64) * 8);
+            let name = format!("bitmap-{}", self.blocks.len());
+            self.client
+                .getfd(&name, b.fd.as_fd())
+                .expect("getfd bitmap");
+            (b, name)
+        });
+        self.client
+            .ram_block_add(&RamBlockSpec {
+                id: id.into(),
+                fdname,
+                offset: 0,
+                size,
+                dirty_bitmap: bitmap.as_ref().map(|(_, n)| n.clone()),
+                ..Default::default()
+            })
+            .expect("ram-block-add");
+        self.blocks.push(Block {
+            id: id.into(),
+            mem,
+            bitmap: bitmap.map(|(b, _)| b),
+        });
+        self.blocks.len() - 1
+    }
+
+    pub fn wait(&mut self, wanted: &[&str], timeout: Duration) -> serde_json::Value {
+        match self.client.wait_for_status(wanted, timeout) {
+            Ok(v) => v,
+            Err(e) => panic!(
+                "helper (pid {}) did not reach {wanted:?}: {e}",
+                self.child.id()
+            ),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the helper process is still alive.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for HelperVm {
+    fn drop(&mut self) {
+        let _ = self.client.set_timeout(Duration::from_secs(2));
+        let _ = self.client.quit();
+        for _ in 0..50 {
+            if !self.alive() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A connected socketpair for a migration channel.
+pub fn socketpair() -> (OwnedFd, OwnedFd) {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .expect("socketpair")
+}

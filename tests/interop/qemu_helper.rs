@@ -1,0 +1,115 @@
+//! Real QEMU (10.0 and 7.2) on one end, the helper on the other, over a socketpair passed
+//! with `getfd`; guest RAM compared byte for byte.
+
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::helper::{socketpair, HelperVm};
+use crate::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+use crate::util::{assert_same_memory, fill_mixed, test_seed, GIB, MIB};
+
+const RAM: u64 = 64 * MIB;
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn qemu_to_helper(qemu: Qemu, test: &str) {
+    if require_qemu(qemu, test).is_none() {
+        return;
+    }
+    let mut src = QemuVm::start(qemu, RAM, &VmOpts::default());
+    let mut dst = HelperVm::spawn();
+    dst.add_block("ram", RAM, false);
+    let zeros = fill_mixed(&mut src.ram_mmap(), test_seed(test), 0.5);
+    eprintln!("{test}: {zeros} zero pages of {}", RAM / 4096);
+
+    let (a, b) = socketpair();
+    src.qmp().getfd("mig", a.as_fd()).expect("qemu getfd");
+    dst.client.getfd("mig", b.as_fd()).expect("helper getfd");
+    drop((a, b));
+    dst.client
+        .migrate_incoming("fd:mig")
+        .expect("migrate-incoming");
+    src.qmp()
+        .set_parameters(json!({"max-bandwidth": 10 * GIB}))
+        .expect("params");
+    src.qmp()
+        .execute("migrate", json!({"uri": "fd:mig"}))
+        .expect("migrate");
+    src.wait_migration(&["completed"], TIMEOUT)
+        .expect("qemu source completes");
+    let v = dst.wait(&["completed"], TIMEOUT);
+    assert!(v["ram"]["normal"].as_u64().unwrap() > 0, "{v}");
+    assert_same_memory(&src.ram_mmap(), &dst.blocks[0].mem.map(), test);
+
+    // The device sections QEMU sent are kept, described and decoded.
+    let ds = dst.client.query_device_state().expect("query-device-state");
+    let names: Vec<&str> = ds["sections"]
+        .as_array()
+        .expect("sections")
+        .iter()
+        .map(|s| s["idstr"].as_str().unwrap_or(""))
+        .collect();
+    assert!(
+        names.contains(&"timer") && names.contains(&"globalstate"),
+        "{names:?}"
+    );
+    let gs = ds["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["idstr"] == "globalstate")
+        .unwrap();
+    assert!(gs["fields"].is_object(), "globalstate decoded: {gs}");
+}
+
+fn helper_to_qemu(qemu: Qemu, test: &str) {
+    if require_qemu(qemu, test).is_none() {
+        return;
+    }
+    let mut src = HelperVm::spawn();
+    src.add_block("ram", RAM, false);
+    let mut dst = QemuVm::start(qemu, RAM, &VmOpts::incoming());
+    fill_mixed(&mut src.blocks[0].mem.map(), test_seed(test), 0.5);
+    if qemu == Qemu::V72 {
+        src.client
+            .set_parameters(json!({"compat-version": "7.2"}))
+            .expect("compat");
+    }
+    src.client
+        .set_parameters(json!({"max-bandwidth": 0}))
+        .expect("params");
+
+    let (a, b) = socketpair();
+    dst.qmp().getfd("mig", b.as_fd()).expect("qemu getfd");
+    src.client.getfd("mig", a.as_fd()).expect("helper getfd");
+    drop((a, b));
+    dst.qmp()
+        .execute("migrate-incoming", json!({"uri": "fd:mig"}))
+        .expect("migrate-incoming");
+    src.client.migrate("fd:mig").expect("migrate");
+    src.wait(&["completed"], TIMEOUT);
+    dst.wait_migration(&["completed"], TIMEOUT)
+        .expect("qemu destination completes");
+    assert_same_memory(&src.blocks[0].mem.map(), &dst.ram_mmap(), test);
+}
+
+#[test]
+fn qemu10_to_helper_fd() {
+    qemu_to_helper(Qemu::V10, "qemu10_to_helper_fd");
+}
+
+#[test]
+fn qemu72_to_helper_fd() {
+    qemu_to_helper(Qemu::V72, "qemu72_to_helper_fd");
+}
+
+#[test]
+fn helper_to_qemu10_fd() {
+    helper_to_qemu(Qemu::V10, "helper_to_qemu10_fd");
+}
+
+#[test]
+fn helper_to_qemu72_fd() {
+    helper_to_qemu(Qemu::V72, "helper_to_qemu72_fd");
+}
