@@ -148,3 +148,15 @@ pub fn socketpair() -> (OwnedFd, OwnedFd) {
     )
     .expect("socketpair")
 }
+
+impl HelperVm {
+    /// A helper that logs only warnings (for benchmarks).
+    pub fn spawn_quiet() -> HelperVm {
+        let (client, child) = HelperClient::spawn(helper_bin(), &["--log-level", "warn"]).expect("spawn helper");
+        HelperVm {
+            client,
+            child,
+            blocks: Vec::new(),
+        }
+    }
+}

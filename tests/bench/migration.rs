@@ -1,0 +1,268 @@
+//! Precopy throughput benchmark: `cargo bench --bench migration`.
+//!
+//! In one run, migrates the same amount of incompressible RAM over a Unix socketpair
+//! QEMU->QEMU, helper->helper, QEMU->helper and helper->QEMU, several times each, and prints
+//! the median seconds, MB/s and the ratio against QEMU->QEMU measured in the same run (QEMU
+//! on KVM where /dev/kvm exists). Then reports the helpers' peak memory at two guest sizes.
+//!
+//! Environment: QMH_BENCH_SIZE (default 2G), QMH_BENCH_REPEAT (default 3),
+//! QMH_BENCH_RSS_SIZES (default "2G,4G").
+
+#[path = "../interop/helper.rs"]
+#[allow(dead_code)]
+mod helper;
+#[path = "../interop/qemu.rs"]
+#[allow(dead_code)]
+mod qemu;
+#[path = "../interop/util.rs"]
+#[allow(dead_code, unused_imports)]
+mod util;
+
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use helper::{socketpair, HelperVm};
+use qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+use util::{fill_mixed, GIB};
+
+const TIMEOUT: Duration = Duration::from_secs(600);
+
+enum End {
+    Qemu(QemuVm),
+    Helper(HelperVm),
+}
+
+impl End {
+    fn source(qemu: bool, size: u64, seed: u64) -> End {
+        if qemu {
+            let vm = QemuVm::start(Qemu::V10, size, &VmOpts::default());
+            fill_mixed(&mut vm.ram_mmap(), seed, 0.0);
+            End::Qemu(vm)
+        } else {
+            let mut h = HelperVm::spawn_quiet();
+            h.add_block("ram", size, false);
+            fill_mixed(&mut h.blocks[0].mem.map(), seed, 0.0);
+            End::Helper(h)
+        }
+    }
+
+    fn destination(qemu: bool, size: u64) -> End {
+        if qemu {
+            End::Qemu(QemuVm::start(Qemu::V10, size, &VmOpts::incoming()))
+        } else {
+            let mut h = HelperVm::spawn_quiet();
+            h.add_block("ram", size, false);
+            End::Helper(h)
+        }
+    }
+
+    fn getfd(&mut self, fd: std::os::fd::BorrowedFd<'_>) {
+        match self {
+            End::Qemu(q) => q.qmp().getfd("mig", fd).expect("qemu getfd"),
+            End::Helper(h) => h.client.getfd("mig", fd).expect("helper getfd"),
+        }
+    }
+
+    fn status(&mut self) -> Value {
+        match self {
+            End::Qemu(q) => q.qmp().query_migrate().expect("query-migrate"),
+            End::Helper(h) => h.client.query_migrate().expect("query-migrate"),
+        }
+    }
+}
+
+/// One migration; returns seconds from `migrate` until both ends report `completed`.
+fn migrate_once(src_qemu: bool, dst_qemu: bool, size: u64, seed: u64) -> f64 {
+    let mut src = End::source(src_qemu, size, seed);
+    let mut dst = End::destination(dst_qemu, size);
+    let (a, b) = socketpair();
+    src.getfd(a.as_fd());
+    dst.getfd(b.as_fd());
+    drop((a, b));
+    match &mut dst {
+        End::Qemu(q) => {
+            q.qmp().execute("migrate-incoming", json!({"uri": "fd:mig"})).expect("incoming");
+        }
+        End::Helper(h) => h.client.migrate_incoming("fd:mig").expect("incoming"),
+    }
+    match &mut src {
+        End::Qemu(q) => q
+            .qmp()
+            .set_parameters(json!({"max-bandwidth": 100 * GIB, "downtime-limit": 300}))
+            .expect("params"),
+        End::Helper(h) => h.client.set_parameters(json!({"max-bandwidth": 0})).expect("params"),
+    }
+    let t0 = Instant::now();
+    match &mut src {
+        End::Qemu(q) => {
+            q.qmp().execute("migrate", json!({"uri": "fd:mig"})).expect("migrate");
+        }
+        End::Helper(h) => h.client.migrate("fd:mig").expect("migrate"),
+    }
+    let (mut src_done, mut dst_done) = (false, false);
+    while !(src_done && dst_done) {
+        for (done, end) in [(&mut src_done, &mut src), (&mut dst_done, &mut dst)] {
+            if !*done {
+                let v = end.status();
+                match v["status"].as_str() {
+                    Some("completed") => *done = true,
+                    Some("failed") | Some("cancelled") => panic!("migration failed: {v}"),
+                    _ => {}
+                }
+            }
+        }
+        assert!(t0.elapsed() < TIMEOUT, "migration took too long");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    // Spot-check the content: a benchmark of a broken migration means nothing.
+    let (s, d) = match (&src, &dst) {
+        (End::Qemu(q), End::Helper(h)) => (q.ram_mmap().to_vec_sample(), h.blocks[0].mem.map().to_vec_sample()),
+        (End::Helper(h), End::Qemu(q)) => (h.blocks[0].mem.map().to_vec_sample(), q.ram_mmap().to_vec_sample()),
+        (End::Helper(a), End::Helper(b)) => (a.blocks[0].mem.map().to_vec_sample(), b.blocks[0].mem.map().to_vec_sample()),
+        (End::Qemu(a), End::Qemu(b)) => (a.ram_mmap().to_vec_sample(), b.ram_mmap().to_vec_sample()),
+    };
+    assert_eq!(s, d, "destination differs from source");
+    secs
+}
+
+trait Sample {
+    fn to_vec_sample(&self) -> Vec<u8>;
+}
+
+impl Sample for qemu::RamMap {
+    /// Every 97th page's first and last 64 bytes.
+    fn to_vec_sample(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        for p in (0..self.len() / 4096).step_by(97) {
+            let o = p * 4096;
+            v.extend_from_slice(&self[o..o + 64]);
+            v.extend_from_slice(&self[o + 4032..o + 4096]);
+        }
+        v
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn parse_size(s: &str) -> u64 {
+    qemu_migration_helper::demo::parse_size(s).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Peak private (anonymous) and shared resident memory of a process, sampled.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<(u64, u64)>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> RssSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let (mut anon, mut shmem) = (0u64, 0u64);
+            while !s.load(Ordering::Relaxed) {
+                if let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+                    for l in st.lines() {
+                        let kb = |l: &str| l.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+                        if l.starts_with("RssAnon:") {
+                            anon = anon.max(kb(l));
+                        } else if l.starts_with("RssShmem:") {
+                            shmem = shmem.max(kb(l));
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (anon, shmem)
+        });
+        RssSampler { stop, handle }
+    }
+
+    fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().unwrap_or((0, 0))
+    }
+}
+
+/// helper->helper at `size`, sampling both helpers' memory; returns KiB peaks.
+fn rss_run(size: u64) -> [(u64, u64); 2] {
+    let mut src = HelperVm::spawn_quiet();
+    src.add_block("ram", size, false);
+    fill_mixed(&mut src.blocks[0].mem.map(), 7, 0.0);
+    let mut dst = HelperVm::spawn_quiet();
+    dst.add_block("ram", size, false);
+    let (a, b) = socketpair();
+    src.client.getfd("mig", a.as_fd()).expect("getfd");
+    dst.client.getfd("mig", b.as_fd()).expect("getfd");
+    drop((a, b));
+    let samplers = [RssSampler::start(src.pid()), RssSampler::start(dst.pid())];
+    dst.client.migrate_incoming("fd:mig").expect("incoming");
+    src.client.set_parameters(json!({"max-bandwidth": 0})).expect("params");
+    src.client.migrate("fd:mig").expect("migrate");
+    src.wait(&["completed"], TIMEOUT);
+    dst.wait(&["completed"], TIMEOUT);
+    let [s, d] = samplers;
+    [s.finish(), d.finish()]
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("migration benchmark: run it with `cargo bench --bench migration` (not part of the tests)");
+        return;
+    }
+    if require_qemu(Qemu::V10, "bench").is_none() {
+        return;
+    }
+    let size = parse_size(&std::env::var("QMH_BENCH_SIZE").unwrap_or_else(|_| "2G".into()));
+    let repeat: usize = std::env::var("QMH_BENCH_REPEAT").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    println!(
+        "precopy benchmark: {} MiB of incompressible RAM, Unix socketpair, {repeat} runs each, QEMU accel {:?}",
+        size >> 20,
+        qemu::Accel::detect()
+    );
+    let cases = [
+        ("QEMU->QEMU", true, true),
+        ("helper->helper", false, false),
+        ("QEMU->helper", true, false),
+        ("helper->QEMU", false, true),
+    ];
+    // Interleave the cases so that machine noise spreads over all of them.
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    for r in 0..repeat {
+        for (i, (name, sq, dq)) in cases.iter().enumerate() {
+            let t = migrate_once(*sq, *dq, size, 1000 + r as u64);
+            println!("  run {r} {name:<15} {t:7.3} s");
+            times[i].push(t);
+        }
+    }
+    let base = median(times[0].clone());
+    println!("\n{:<15} {:>9} {:>9} {:>12}", "case", "median s", "MB/s", "vs QEMU->QEMU");
+    for (i, (name, _, _)) in cases.iter().enumerate() {
+        let m = median(times[i].clone());
+        println!("{name:<15} {m:9.3} {:9.0} {:>11.2}x", size as f64 / m / 1e6, base / m);
+    }
+    println!("targets: helper->helper >= 2.00x; QEMU->helper and helper->QEMU >= 1.00x");
+
+    let sizes = std::env::var("QMH_BENCH_RSS_SIZES").unwrap_or_else(|_| "2G,4G".into());
+    println!("\nhelper memory during helper->helper (peak RssAnon = private; RssShmem = the guest's own shared pages, mapped, not copied)");
+    for s in sizes.split(',') {
+        let sz = parse_size(s);
+        let [src, dst] = rss_run(sz);
+        println!(
+            "  guest {:>5} MiB: source RssAnon {:>7} KiB RssShmem {:>8} KiB | destination RssAnon {:>7} KiB RssShmem {:>8} KiB",
+            sz >> 20,
+            src.0,
+            src.1,
+            dst.0,
+            dst.1
+        );
+    }
+}

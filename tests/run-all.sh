@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what the tests need (as root, idempotent) and runs every test: unit tests,
+# fixture tests and the interop tests against real QEMU 10.0 and 7.2.
+# Usage: bash tests/run-all.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash tests/install-deps.sh
+
+# Missing QEMU or fixtures fail the run here instead of being skipped.
+export QMH_REQUIRE_QEMU=1
+if [ -d ../shared/fixtures/qemu-streams ]; then
+  export QMH_REQUIRE_FIXTURES=1
+else
+  echo "run-all: ../shared/fixtures/qemu-streams is missing; fixture tests will say SKIP" >&2
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets --profile ci -- -D warnings
+echo "== cargo test"
+cargo test --profile ci --all-targets
+cargo test --profile ci --doc
