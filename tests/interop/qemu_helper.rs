@@ -13,7 +13,7 @@ use crate::util::{assert_same_memory, fill_mixed, test_seed, GIB, MIB};
 const RAM: u64 = 64 * MIB;
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-fn qemu_to_helper(qemu: Qemu, test: &str) {
+fn qemu_to_helper(qemu: Qemu, test: &str, return_path: bool) {
     if require_qemu(qemu, test).is_none() {
         return;
     }
@@ -63,7 +63,7 @@ fn qemu_to_helper(qemu: Qemu, test: &str) {
     assert!(gs["fields"].is_object(), "globalstate decoded: {gs}");
 }
 
-fn helper_to_qemu(qemu: Qemu, test: &str) {
+fn helper_to_qemu(qemu: Qemu, test: &str, return_path: bool) {
     if require_qemu(qemu, test).is_none() {
         return;
     }
@@ -96,20 +96,42 @@ fn helper_to_qemu(qemu: Qemu, test: &str) {
 
 #[test]
 fn qemu10_to_helper_fd() {
-    qemu_to_helper(Qemu::V10, "qemu10_to_helper_fd");
+    qemu_to_helper(Qemu::V10, "qemu10_to_helper_fd", false);
 }
 
 #[test]
 fn qemu72_to_helper_fd() {
-    qemu_to_helper(Qemu::V72, "qemu72_to_helper_fd");
+    qemu_to_helper(Qemu::V72, "qemu72_to_helper_fd", false);
 }
 
 #[test]
 fn helper_to_qemu10_fd() {
-    helper_to_qemu(Qemu::V10, "helper_to_qemu10_fd");
+    helper_to_qemu(Qemu::V10, "helper_to_qemu10_fd", false);
 }
 
 #[test]
 fn helper_to_qemu72_fd() {
-    helper_to_qemu(Qemu::V72, "helper_to_qemu72_fd");
+    helper_to_qemu(Qemu::V72, "helper_to_qemu72_fd", false);
+}
+
+/// With the `return-path` capability the destination answers PING with PONG and ends with
+/// SHUT; the source waits for it.
+#[test]
+fn qemu10_to_helper_return_path() {
+    qemu_to_helper(Qemu::V10, "qemu10_to_helper_return_path", true);
+}
+
+#[test]
+fn qemu72_to_helper_return_path() {
+    qemu_to_helper(Qemu::V72, "qemu72_to_helper_return_path", true);
+}
+
+#[test]
+fn helper_to_qemu10_return_path() {
+    helper_to_qemu(Qemu::V10, "helper_to_qemu10_return_path", true);
+}
+
+#[test]
+fn helper_to_qemu72_return_path() {
+    helper_to_qemu(Qemu::V72, "helper_to_qemu72_return_path", true);
 }
