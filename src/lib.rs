@@ -10,6 +10,7 @@ pub mod events;
 pub mod guest_memory;
 pub mod logging;
 pub mod migration;
+pub mod postcopy;
 pub mod ram;
 pub mod return_path;
 pub mod source;
