@@ -214,6 +214,12 @@ struct Source<'c> {
     cursor: (usize, usize),
     throttle: Throttle,
     rp: Option<mpsc::Receiver<RpEvent>>,
+    /// A SHUT 0 that arrived before the end.
+    shut: Option<u32>,
+}
+
+fn shut_error(v: u32) -> SourceError {
+    SourceError::Peer(format!("destination failed to load the stream (SHUT {v})"))
 }
 
 enum RpEvent {
@@ -292,10 +298,15 @@ impl<'c> Source<'c> {
         Ok(SendEnd::Done)
     }
 
+    /// Stops the migration as soon as the destination reports a failure (SHUT with an
+    /// error, or a broken return path), instead of sending the rest of RAM for nothing.
     fn check_rp(&mut self) -> Result<(), SourceError> {
         if let Some(rx) = &self.rp {
-            if let Ok(RpEvent::Error(e)) = rx.try_recv() {
-                return Err(SourceError::Peer(e));
+            match rx.try_recv() {
+                Ok(RpEvent::Shut(0)) => self.shut = Some(0),
+                Ok(RpEvent::Shut(v)) => return Err(shut_error(v)),
+                Ok(RpEvent::Error(e)) => return Err(SourceError::Peer(e)),
+                Err(_) => {}
             }
         }
         Ok(())
@@ -364,6 +375,7 @@ pub fn run(
         cursor: (0, 0),
         throttle: Throttle::new(),
         rp,
+        shut: None,
     };
     // Pages the parent dirtied before now are sent by the first pass anyway.
     for b in &mut src.blocks {
@@ -503,15 +515,13 @@ pub fn run(
     ctx.stats.remaining.store(0, Ordering::Relaxed);
 
     if let Some(rx) = src.rp.take() {
-        match rx.recv_timeout(SHUT_TIMEOUT) {
-            Ok(RpEvent::Shut(0)) => {}
-            Ok(RpEvent::Shut(v)) => {
-                return Err(SourceError::Peer(format!(
-                    "destination failed to load the stream (SHUT {v})"
-                )))
+        if src.shut.is_none() {
+            match rx.recv_timeout(SHUT_TIMEOUT) {
+                Ok(RpEvent::Shut(0)) => {}
+                Ok(RpEvent::Shut(v)) => return Err(shut_error(v)),
+                Ok(RpEvent::Error(e)) => return Err(SourceError::Peer(e)),
+                Err(_) => return Err(SourceError::Peer("no SHUT from the destination".into())),
             }
-            Ok(RpEvent::Error(e)) => return Err(SourceError::Peer(e)),
-            Err(_) => return Err(SourceError::Peer("no SHUT from the destination".into())),
         }
     }
     ctx.stats.downtime_us.store(

@@ -336,6 +336,7 @@ impl Helper {
             "quit" => {
                 if self.busy() {
                     slog::warn!(self.log, "quit while a migration is running; cancelling it");
+                    let _ = self.ctx.state.transition(MigrationStatus::Cancelling);
                     self.ctx.request_cancel();
                 }
                 Ok(json!({}))
@@ -491,6 +492,14 @@ impl Helper {
             .spawn(move || {
                 let r = f(&ctx);
                 ctx.set_channel(None);
+                // Failed and cancelled runs report how long they ran too.
+                if ctx.stats.total_time_us.load(Ordering::Relaxed) == 0 {
+                    if let Some(t) = *lock(&ctx.started) {
+                        ctx.stats
+                            .total_time_us
+                            .store(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    }
+                }
                 match r {
                     Ok(()) => {}
                     Err(_)

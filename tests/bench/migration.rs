@@ -85,7 +85,9 @@ fn migrate_once(src_qemu: bool, dst_qemu: bool, size: u64, seed: u64) -> f64 {
     drop((a, b));
     match &mut dst {
         End::Qemu(q) => {
-            q.qmp().execute("migrate-incoming", json!({"uri": "fd:mig"})).expect("incoming");
+            q.qmp()
+                .execute("migrate-incoming", json!({"uri": "fd:mig"}))
+                .expect("incoming");
         }
         End::Helper(h) => h.client.migrate_incoming("fd:mig").expect("incoming"),
     }
@@ -94,12 +96,17 @@ fn migrate_once(src_qemu: bool, dst_qemu: bool, size: u64, seed: u64) -> f64 {
             .qmp()
             .set_parameters(json!({"max-bandwidth": 100 * GIB, "downtime-limit": 300}))
             .expect("params"),
-        End::Helper(h) => h.client.set_parameters(json!({"max-bandwidth": 0})).expect("params"),
+        End::Helper(h) => h
+            .client
+            .set_parameters(json!({"max-bandwidth": 0}))
+            .expect("params"),
     }
     let t0 = Instant::now();
     match &mut src {
         End::Qemu(q) => {
-            q.qmp().execute("migrate", json!({"uri": "fd:mig"})).expect("migrate");
+            q.qmp()
+                .execute("migrate", json!({"uri": "fd:mig"}))
+                .expect("migrate");
         }
         End::Helper(h) => h.client.migrate("fd:mig").expect("migrate"),
     }
@@ -121,10 +128,21 @@ fn migrate_once(src_qemu: bool, dst_qemu: bool, size: u64, seed: u64) -> f64 {
     let secs = t0.elapsed().as_secs_f64();
     // Spot-check the content: a benchmark of a broken migration means nothing.
     let (s, d) = match (&src, &dst) {
-        (End::Qemu(q), End::Helper(h)) => (q.ram_mmap().to_vec_sample(), h.blocks[0].mem.map().to_vec_sample()),
-        (End::Helper(h), End::Qemu(q)) => (h.blocks[0].mem.map().to_vec_sample(), q.ram_mmap().to_vec_sample()),
-        (End::Helper(a), End::Helper(b)) => (a.blocks[0].mem.map().to_vec_sample(), b.blocks[0].mem.map().to_vec_sample()),
-        (End::Qemu(a), End::Qemu(b)) => (a.ram_mmap().to_vec_sample(), b.ram_mmap().to_vec_sample()),
+        (End::Qemu(q), End::Helper(h)) => (
+            q.ram_mmap().to_vec_sample(),
+            h.blocks[0].mem.map().to_vec_sample(),
+        ),
+        (End::Helper(h), End::Qemu(q)) => (
+            h.blocks[0].mem.map().to_vec_sample(),
+            q.ram_mmap().to_vec_sample(),
+        ),
+        (End::Helper(a), End::Helper(b)) => (
+            a.blocks[0].mem.map().to_vec_sample(),
+            b.blocks[0].mem.map().to_vec_sample(),
+        ),
+        (End::Qemu(a), End::Qemu(b)) => {
+            (a.ram_mmap().to_vec_sample(), b.ram_mmap().to_vec_sample())
+        }
     };
     assert_eq!(s, d, "destination differs from source");
     secs
@@ -171,7 +189,12 @@ impl RssSampler {
             while !s.load(Ordering::Relaxed) {
                 if let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
                     for l in st.lines() {
-                        let kb = |l: &str| l.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+                        let kb = |l: &str| {
+                            l.split_whitespace()
+                                .nth(1)
+                                .and_then(|n| n.parse::<u64>().ok())
+                                .unwrap_or(0)
+                        };
                         if l.starts_with("RssAnon:") {
                             anon = anon.max(kb(l));
                         } else if l.starts_with("RssShmem:") {
@@ -205,7 +228,9 @@ fn rss_run(size: u64) -> [(u64, u64); 2] {
     drop((a, b));
     let samplers = [RssSampler::start(src.pid()), RssSampler::start(dst.pid())];
     dst.client.migrate_incoming("fd:mig").expect("incoming");
-    src.client.set_parameters(json!({"max-bandwidth": 0})).expect("params");
+    src.client
+        .set_parameters(json!({"max-bandwidth": 0}))
+        .expect("params");
     src.client.migrate("fd:mig").expect("migrate");
     src.wait(&["completed"], TIMEOUT);
     dst.wait(&["completed"], TIMEOUT);
@@ -222,7 +247,10 @@ fn main() {
         return;
     }
     let size = parse_size(&std::env::var("QMH_BENCH_SIZE").unwrap_or_else(|_| "2G".into()));
-    let repeat: usize = std::env::var("QMH_BENCH_REPEAT").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let repeat: usize = std::env::var("QMH_BENCH_REPEAT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     println!(
         "precopy benchmark: {} MiB of incompressible RAM, Unix socketpair, {repeat} runs each, QEMU accel {:?}",
         size >> 20,
@@ -244,10 +272,17 @@ fn main() {
         }
     }
     let base = median(times[0].clone());
-    println!("\n{:<15} {:>9} {:>9} {:>12}", "case", "median s", "MB/s", "vs QEMU->QEMU");
+    println!(
+        "\n{:<15} {:>9} {:>9} {:>12}",
+        "case", "median s", "MB/s", "vs QEMU->QEMU"
+    );
     for (i, (name, _, _)) in cases.iter().enumerate() {
         let m = median(times[i].clone());
-        println!("{name:<15} {m:9.3} {:9.0} {:>11.2}x", size as f64 / m / 1e6, base / m);
+        println!(
+            "{name:<15} {m:9.3} {:9.0} {:>11.2}x",
+            size as f64 / m / 1e6,
+            base / m
+        );
     }
     println!("targets: helper->helper >= 2.00x; QEMU->helper and helper->QEMU >= 1.00x");
 

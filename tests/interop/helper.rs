@@ -152,7 +152,20 @@ pub fn socketpair() -> (OwnedFd, OwnedFd) {
 impl HelperVm {
     /// A helper that logs only warnings (for benchmarks).
     pub fn spawn_quiet() -> HelperVm {
-        let (client, child) = HelperClient::spawn(helper_bin(), &["--log-level", "warn"]).expect("spawn helper");
+        let (client, child) =
+            HelperClient::spawn(helper_bin(), &["--log-level", "warn"]).expect("spawn helper");
+        HelperVm {
+            client,
+            child,
+            blocks: Vec::new(),
+        }
+    }
+}
+
+impl HelperVm {
+    /// A helper started with `args` after `--control-fd N` (e.g. another log level).
+    pub fn spawn_with_args(args: &[&str]) -> HelperVm {
+        let (client, child) = HelperClient::spawn(helper_bin(), args).expect("spawn helper");
         HelperVm {
             client,
             child,
