@@ -7,16 +7,20 @@
 //! all come before it), then walks the held bytes with the description.
 
 use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::compat::wire::{self, command};
 use crate::device_state::DeviceSection;
+use crate::fault::{AtomicBitmap, FaultError, PostcopyDest, RpWriter};
+use crate::postcopy;
 use crate::guest_memory::RamBlock;
 use crate::migration::{MigrationCtx, Stats};
 use crate::ram::{self, Record};
-use crate::return_path::{self, RpMessage};
+use crate::return_path::RpMessage;
 use crate::state::MigrationStatus;
 use crate::stream::{self, SectionHeader, Token, WireError};
 use crate::transport::Channel;
@@ -140,6 +144,9 @@ impl<R: Read> Reader<R> {
         }
     }
 
+}
+
+impl<R> Reader<R> {
     fn wire(&self, source: WireError) -> LoadError {
         LoadError::Wire {
             offset: self.offset,
@@ -181,9 +188,19 @@ struct Loader<'a> {
     blocks: &'a [Arc<RamBlock>],
     ram_section: Option<u32>,
     last_block: Option<usize>,
-    rp: Option<Channel>,
+    rp: Option<Arc<RpWriter>>,
     devices: Vec<DeviceSection>,
     bytes: u64,
+    /// Per block: pages this destination has (received, or zero and left a hole).
+    received: Arc<Vec<AtomicBitmap>>,
+    /// The parent's userfaultfd, for postcopy.
+    uffd: Option<OwnedFd>,
+    /// POSTCOPY_ADVISE came: huge-page blocks carry their page size in the block list.
+    advised: bool,
+    /// From POSTCOPY_LISTEN on: pages are placed through the userfaultfd.
+    postcopy: Option<Arc<PostcopyDest>>,
+    fault_thread: Option<std::thread::JoinHandle<()>>,
+    fault_error: Arc<Mutex<Option<String>>>,
     /// Per block: pages known to read as zero (holes, not written since), so that zero
     /// pages there cost nothing.
     known_zero: Vec<Vec<u64>>,
@@ -285,6 +302,29 @@ impl<'a> Loader<'a> {
             ));
         }
         let (w, bit) = ((page / 64) as usize, 1u64 << (page % 64));
+        if let Some(pc) = self.postcopy.clone() {
+            // Postcopy: place atomically in the parent's mapping, waking faulting threads.
+            let placed = match rec {
+                Record::Zero { fill: 0, .. } => {
+                    Stats::add(&self.ctx.stats.duplicate, 1);
+                    pc.place_zero(bi, offset)
+                }
+                Record::Zero { fill, .. } => {
+                    Stats::add(&self.ctx.stats.duplicate, 1);
+                    pc.place_page(bi, offset, &[fill; wire::TARGET_PAGE_SIZE])
+                }
+                Record::Page { data, .. } => {
+                    Stats::add(&self.ctx.stats.normal, 1);
+                    pc.place_page(bi, offset, data)
+                }
+                _ => Ok(()),
+            };
+            self.ctx
+                .stats
+                .postcopy_requests
+                .store(pc.requests.load(Ordering::Relaxed), Ordering::Relaxed);
+            return placed.map(|()| false).map_err(|e| self.invalid(r, e.to_string()));
+        }
         match rec {
             Record::Zero { fill, .. } => {
                 Stats::add(&self.ctx.stats.duplicate, 1);
@@ -304,6 +344,7 @@ impl<'a> Loader<'a> {
             }
             _ => {}
         }
+        self.received[bi].set(page);
         Ok(false)
     }
 
@@ -371,10 +412,16 @@ impl<'a> Loader<'a> {
         let mut names = Vec::new();
         while seen < total {
             let blocks = self.blocks;
+            let advised = self.advised;
             let e = with_next!(
                 r,
                 "in the RAM block list",
-                |b| ram::decode_block_entry(b, &|_| false),
+                |b| ram::decode_block_entry(b, &|name: &str| {
+                    advised
+                        && blocks
+                            .iter()
+                            .any(|x| x.id == name && x.page_size != wire::TARGET_PAGE_SIZE as u64)
+                }),
                 |e| e
             );
             let Some(b) = blocks.iter().find(|b| b.id == e.idstr) else {
@@ -407,13 +454,9 @@ impl<'a> Loader<'a> {
 
     fn send_rp(&mut self, m: RpMessage<'_>) -> Result<(), LoadError> {
         if let Some(rp) = &self.rp {
-            let mut b = Vec::new();
-            return_path::encode(&mut b, &m)
-                .map_err(|source| LoadError::Wire { offset: 0, source })?;
-            rp.write_all(&b).map_err(|source| LoadError::Io {
-                peer: "return path".into(),
+            rp.send(&m).map_err(|e| LoadError::Invalid {
                 offset: 0,
-                source,
+                msg: e.to_string(),
             })?;
         }
         Ok(())
@@ -439,22 +482,18 @@ impl<'a> Loader<'a> {
                     offset: r.offset,
                     source,
                 })?;
-                self.rp = Some(
+                self.rp = Some(Arc::new(RpWriter::new(
                     Channel::from_fd("return-path", fd)
                         .map_err(|e| self.invalid(r, e.to_string()))?,
-                );
+                )));
             }
             command::PING => {
                 let v = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
                 self.send_rp(RpMessage::Pong(v))?;
             }
             command::SWITCHOVER_START => {}
-            command::POSTCOPY_ADVISE => {
-                return Err(self.invalid(
-                    r,
-                    "the source asks for postcopy, which this helper does not do yet".into(),
-                ))
-            }
+            command::POSTCOPY_ADVISE => self.advise(r, payload)?,
+            command::POSTCOPY_RAM_DISCARD => self.discard(r, payload)?,
             other => {
                 return Err(
                     self.invalid(r, format!("unexpected command {other} in a precopy stream"))
@@ -462,6 +501,161 @@ impl<'a> Loader<'a> {
             }
         }
         Ok(())
+    }
+
+    fn advise<R>(&mut self, r: &Reader<R>, payload: &[u8]) -> Result<(), LoadError> {
+        let Some(a) = postcopy::decode_advise(payload).map_err(|e| r.wire(e))? else {
+            // Only dirty bitmaps are advised: nothing to prepare for RAM.
+            return Ok(());
+        };
+        if a.target_page_size != wire::TARGET_PAGE_SIZE as u64 {
+            return Err(self.invalid(
+                r,
+                format!("postcopy target page size {} (this helper has 4096)", a.target_page_size),
+            ));
+        }
+        let local = self.blocks.iter().fold(0, |acc, b| acc | b.page_size);
+        if a.page_size_summary != local {
+            return Err(self.invalid(
+                r,
+                format!(
+                    "postcopy needs matching RAM page sizes: the source has {:#x}, this side {local:#x}",
+                    a.page_size_summary
+                ),
+            ));
+        }
+        if self.uffd.is_none() {
+            return Err(self.invalid(r, FaultError::NoUserfaultfd.to_string()));
+        }
+        if let Some(b) = self.blocks.iter().find(|b| b.host_addr.is_none()) {
+            return Err(self.invalid(r, FaultError::NoHostAddr(b.id.clone()).to_string()));
+        }
+        if self.rp.is_none() {
+            return Err(self.invalid(r, "POSTCOPY_ADVISE without a return path".into()));
+        }
+        self.advised = true;
+        Ok(())
+    }
+
+    /// Punches the discarded ranges out of the memfds: the parent's next access faults and
+    /// the page is requested from the source.
+    fn discard<R>(&mut self, r: &Reader<R>, payload: &[u8]) -> Result<(), LoadError> {
+        if !self.advised {
+            return Err(self.invalid(r, "POSTCOPY_RAM_DISCARD without POSTCOPY_ADVISE".into()));
+        }
+        let d = postcopy::decode_discard(payload).map_err(|e| r.wire(e))?;
+        let bi = self
+            .block_index(d.block)
+            .ok_or_else(|| self.invalid(r, format!("discard for unknown RAM block {:?}", d.block)))?;
+        let b = self.blocks[bi].clone();
+        for (off, len) in d.ranges {
+            let page = wire::TARGET_PAGE_SIZE as u64;
+            let end = off.checked_add(len);
+            if off % page != 0 || len % page != 0 || end.is_none_or(|e| e > b.size) {
+                return Err(self.invalid(
+                    r,
+                    format!(
+                        "discard range {off:#x}+{len:#x} is outside RAM block {:?} of size {:#x}",
+                        b.id, b.size
+                    ),
+                ));
+            }
+            b.punch_hole(off, len).map_err(|e| self.invalid(r, format!("discard in {:?}: {e}", b.id)))?;
+            for p in off / page..(off + len) / page {
+                self.received[bi].clear(p);
+                if let Some(w) = self.known_zero[bi].get_mut((p / 64) as usize) {
+                    *w |= 1 << (p % 64);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// POSTCOPY_LISTEN: from here pages go through the userfaultfd and faults are served.
+    fn listen<R>(&mut self, r: &Reader<R>) -> Result<(), LoadError> {
+        if !self.advised {
+            return Err(self.invalid(r, "POSTCOPY_LISTEN without POSTCOPY_ADVISE".into()));
+        }
+        if self.postcopy.is_some() {
+            return Err(self.invalid(r, "a second POSTCOPY_LISTEN".into()));
+        }
+        let (Some(uffd), Some(rp)) = (self.uffd.take(), self.rp.clone()) else {
+            return Err(self.invalid(r, FaultError::NoUserfaultfd.to_string()));
+        };
+        let pc = Arc::new(
+            PostcopyDest::new(
+                self.blocks.to_vec(),
+                uffd,
+                rp,
+                self.ctx.latency.clone(),
+                self.received.clone(),
+                self.ctx.log.clone(),
+            )
+            .map_err(|e| self.invalid(r, e.to_string()))?,
+        );
+        let (t, err, log) = (pc.clone(), self.fault_error.clone(), self.ctx.log.clone());
+        let h = std::thread::Builder::new()
+            .name("qmh-faults".into())
+            .spawn(move || {
+                if let Err(e) = t.run() {
+                    slog::error!(log, "fault handling stopped"; "error" => %e);
+                    *err.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                }
+            })
+            .map_err(|e| self.invalid(r, format!("cannot start the fault thread: {e}")))?;
+        self.fault_thread = Some(h);
+        self.postcopy = Some(pc);
+        slog::info!(self.ctx.log, "postcopy listening");
+        Ok(())
+    }
+
+    /// The PACKAGED command: LISTEN, the device sections, PINGs and RUN, in one blob.
+    fn package<R: Read>(&mut self, r: &mut Reader<R>, len: u32) -> Result<(), LoadError> {
+        if len > stream::MAX_PACKAGED_LEN {
+            return Err(r.wire(WireError::TooLong {
+                what: "postcopy package",
+                len: len as u64,
+                max: stream::MAX_PACKAGED_LEN as u64,
+            }));
+        }
+        let len = len as usize;
+        while r.data().len() < len {
+            r.need_more("in the postcopy package")?;
+        }
+        let blob = r.data()[..len].to_vec();
+        r.consume(len);
+        let pkg = postcopy::decode_package(&blob).map_err(|e| r.wire(e))?;
+        self.listen(r)?;
+        let parts = postcopy::split_full_sections(pkg.devices).map_err(|e| r.wire(e))?;
+        for (i, (_, range)) in parts.into_iter().enumerate() {
+            let raw = pkg.devices[range].to_vec();
+            let s = DeviceSection::from_raw(i, raw).map_err(|e| self.invalid(r, e.to_string()))?;
+            self.devices.push(s);
+        }
+        // The parent needs the device state before it starts its vCPUs.
+        *self.ctx.device_in.lock().unwrap_or_else(|e| e.into_inner()) = self.devices.clone();
+        for v in pkg.pings {
+            self.send_rp(RpMessage::Pong(v))?;
+        }
+        // POSTCOPY_RUN: the parent may start its vCPUs.
+        self.ctx.state.transition(MigrationStatus::PostcopyActive)?;
+        Ok(())
+    }
+
+    fn check_faults<R>(&self, r: &Reader<R>) -> Result<(), LoadError> {
+        match self.fault_error.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            Some(e) => Err(self.invalid(r, format!("postcopy fault handling: {e}"))),
+            None => Ok(()),
+        }
+    }
+
+    fn stop_faults(&mut self) {
+        if let Some(pc) = &self.postcopy {
+            pc.stop();
+        }
+        if let Some(h) = self.fault_thread.take() {
+            let _ = h.join();
+        }
     }
 
     /// Loads sections until EOF (and the VM description after it).
@@ -475,6 +669,7 @@ impl<'a> Loader<'a> {
             if self.ctx.cancelled() {
                 return Err(LoadError::Cancelled);
             }
+            self.check_faults(r)?;
             // Peek the token without consuming, so a device section can be handed over whole.
             let token = loop {
                 match stream::decode_token(r.data()) {
@@ -516,6 +711,11 @@ impl<'a> Loader<'a> {
                     r.consume(n);
                     self.device_section(r, h, n, desc)?;
                 }
+                OwnedToken::Command(command::PACKAGED, payload) => {
+                    r.consume(n);
+                    let len = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                    self.package(r, len)?;
+                }
                 OwnedToken::Command(cmd, payload) => {
                     r.consume(n);
                     self.command(r, chan, cmd, &payload)?;
@@ -525,8 +725,9 @@ impl<'a> Loader<'a> {
                 }
                 OwnedToken::Eof => {
                     r.consume(n);
-                    // A precopy source sends its VM description after EOF and then waits.
-                    if desc.is_none() {
+                    // A precopy source sends its VM description after EOF and then waits;
+                    // a postcopy source sends none.
+                    if desc.is_none() && self.postcopy.is_none() {
                         loop {
                             match stream::decode_token(r.data()) {
                                 Ok(Some((Token::VmDescription(_), m))) => {
@@ -645,6 +846,7 @@ pub fn load<R: Read>(
     src: R,
     peer: String,
     chan: Option<&Channel>,
+    uffd: Option<OwnedFd>,
 ) -> Result<Vec<DeviceSection>, LoadError> {
     let t0 = Instant::now();
     let mut r = Reader::new(src, peer, READ_CHUNK);
@@ -658,8 +860,21 @@ pub fn load<R: Read>(
         bytes: 0,
         known_zero: blocks.iter().map(|b| b.hole_bitmap()).collect(),
         run: Run::default(),
+        received: Arc::new(blocks.iter().map(|b| AtomicBitmap::new(b.pages())).collect()),
+        uffd,
+        advised: false,
+        postcopy: None,
+        fault_thread: None,
+        fault_error: Arc::new(Mutex::new(None)),
     };
     let result = load_inner(&mut loader, &mut r, chan);
+    // Every page has arrived (or the load failed): the fault thread's work is over.
+    if result.is_ok() {
+        if let Some(pc) = &loader.postcopy {
+            pc.finish();
+        }
+    }
+    loader.stop_faults();
     match &result {
         Ok(()) => {
             loader.send_rp(RpMessage::Shut(0))?;
@@ -791,11 +1006,16 @@ impl Read for &Channel {
 }
 
 /// Runs an incoming migration on an established channel. The caller set `setup`.
-pub fn run(ctx: &MigrationCtx, blocks: Vec<Arc<RamBlock>>, chan: Channel) -> Result<(), LoadError> {
+pub fn run(
+    ctx: &MigrationCtx,
+    blocks: Vec<Arc<RamBlock>>,
+    chan: Channel,
+    uffd: Option<OwnedFd>,
+) -> Result<(), LoadError> {
     ctx.state.transition(MigrationStatus::Active)?;
     chan.tune_buffers();
     let t0 = Instant::now();
-    let devices = load(ctx, &blocks, &chan, chan.peer.clone(), Some(&chan))?;
+    let devices = load(ctx, &blocks, &chan, chan.peer.clone(), Some(&chan), uffd)?;
     ctx.stats
         .total_time_us
         .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);

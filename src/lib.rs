@@ -7,6 +7,7 @@ pub mod demo;
 pub mod destination;
 pub mod device_state;
 pub mod events;
+pub mod fault;
 pub mod guest_memory;
 pub mod logging;
 pub mod migration;

@@ -138,6 +138,63 @@ impl Stats {
     }
 }
 
+/// Page-fault service latency on a postcopy destination (fault read -> page placed).
+#[derive(Default)]
+pub struct Latency {
+    inner: Mutex<LatencyInner>,
+}
+
+#[derive(Default)]
+struct LatencyInner {
+    count: u64,
+    sum_ns: u64,
+    max_ns: u64,
+    /// Samples for percentiles, capped so a long run cannot grow memory without bound.
+    samples: Vec<u32>,
+}
+
+impl Latency {
+    const MAX_SAMPLES: usize = 1 << 20;
+
+    pub fn record(&self, d: Duration) {
+        let ns = d.as_nanos().min(u32::MAX as u128) as u64;
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.count += 1;
+        g.sum_ns += ns;
+        g.max_ns = g.max_ns.max(ns);
+        if g.samples.len() < Self::MAX_SAMPLES {
+            g.samples.push(ns as u32);
+        }
+    }
+
+    pub fn reset(&self) {
+        *self.inner.lock().unwrap_or_else(|e| e.into_inner()) = LatencyInner::default();
+    }
+
+    /// `{count, mean-us, p50-us, p99-us, max-us}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = g.samples.clone();
+        drop(g);
+        s.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            if s.is_empty() {
+                return 0.0;
+            }
+            let i = ((s.len() as f64 - 1.0) * p).round() as usize;
+            s[i.min(s.len() - 1)] as f64 / 1000.0
+        };
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        serde_json::json!({
+            "count": g.count,
+            "mean-us": if g.count > 0 { g.sum_ns as f64 / g.count as f64 / 1000.0 } else { 0.0 },
+            "p50-us": pct(0.50),
+            "p99-us": pct(0.99),
+            "max-us": g.max_ns as f64 / 1000.0,
+        })
+    }
+}
+
 /// A gate the source waits at in `pre-switchover` until `migrate-continue` (or cancel).
 #[derive(Default)]
 pub struct Gate {
@@ -187,6 +244,9 @@ pub struct MigrationCtx {
     pub device_out: Mutex<Vec<DeviceSection>>,
     pub device_in: Mutex<Vec<DeviceSection>>,
     pub started: Mutex<Option<Instant>>,
+    /// Set by `migrate-start-postcopy`; the source switches at its next check.
+    pub postcopy_requested: AtomicBool,
+    pub latency: Arc<Latency>,
 }
 
 impl MigrationCtx {
@@ -203,6 +263,8 @@ impl MigrationCtx {
             device_out: Mutex::new(Vec::new()),
             device_in: Mutex::new(Vec::new()),
             started: Mutex::new(None),
+            postcopy_requested: AtomicBool::new(false),
+            latency: Arc::new(Latency::default()),
         })
     }
 

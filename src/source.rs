@@ -12,6 +12,7 @@ use crate::compat::{self, wire};
 use crate::device_state::DeviceSection;
 use crate::guest_memory::RamBlock;
 use crate::migration::{MigrationCtx, Stats};
+use crate::postcopy;
 use crate::ram::{self, BlockEntry};
 use crate::return_path::{self, RpMessage};
 use crate::state::MigrationStatus;
@@ -26,6 +27,8 @@ const RAM_SECTION_ID: u32 = 1;
 const PART_TIME: Duration = Duration::from_millis(50);
 /// How long the source waits for the destination's SHUT at the end.
 const SHUT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Socket send buffer in postcopy: small, so requested pages are not queued behind much.
+const POSTCOPY_SNDBUF: usize = 256 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -148,21 +151,21 @@ impl Throttle {
         }
     }
 
-    fn account(&mut self, bytes: u64, limit_bps: u64, ctx: &MigrationCtx) {
+    /// Counts `bytes`; returns how long to wait when the window's budget is spent.
+    fn account(&mut self, bytes: u64, limit_bps: u64) -> Option<Duration> {
         self.window_bytes += bytes;
         if limit_bps == 0 {
-            return;
+            return None;
         }
         let budget = (limit_bps / 10).max(PAGE as u64);
-        if self.window_bytes >= budget {
-            let elapsed = self.window_start.elapsed();
-            let window = Duration::from_millis(100);
-            if elapsed < window && !ctx.cancelled() {
-                std::thread::sleep(window - elapsed);
-            }
-            self.window_start = Instant::now();
-            self.window_bytes = 0;
+        if self.window_bytes < budget {
+            return None;
         }
+        let elapsed = self.window_start.elapsed();
+        let window = Duration::from_millis(100);
+        self.window_start = Instant::now() + window.saturating_sub(elapsed);
+        self.window_bytes = 0;
+        (elapsed < window).then(|| window - elapsed)
     }
 }
 
@@ -216,6 +219,16 @@ struct Source<'c> {
     rp: Option<mpsc::Receiver<RpEvent>>,
     /// A SHUT 0 that arrived before the end.
     shut: Option<u32>,
+    /// Page requests from the destination not yet served.
+    requests: std::collections::VecDeque<PageRequest>,
+}
+
+/// A validated page request: block index, byte offset and length.
+#[derive(Debug, Clone, Copy)]
+struct PageRequest {
+    block: usize,
+    offset: u64,
+    len: u64,
 }
 
 fn shut_error(v: u32) -> SourceError {
@@ -225,6 +238,7 @@ fn shut_error(v: u32) -> SourceError {
 enum RpEvent {
     Shut(u32),
     Error(String),
+    Request(PageRequest),
 }
 
 impl<'c> Source<'c> {
@@ -244,44 +258,17 @@ impl<'c> Source<'c> {
                 self.cursor = (bi + 1, 0);
                 continue;
             }
-            let mut word = std::mem::take(&mut bt.todo[wi]);
+            let word = std::mem::take(&mut bt.todo[wi]);
             let block = bt.block.clone();
-            let mut bytes = 0u64;
-            while word != 0 {
-                let bit = word.trailing_zeros() as u64;
-                word &= word - 1;
-                let off = (wi as u64 * 64 + bit) * PAGE as u64;
-                let Some(page) = block.page(off) else {
-                    continue;
-                };
-                let name = if last_block == Some(bi) {
-                    None
-                } else {
-                    last_block = Some(bi);
-                    Some(block.id.as_str())
-                };
-                if ram::is_zero_page(page) {
-                    self.out.put(|o| ram::encode_zero_page(o, off, name))?;
-                    Stats::add(&self.ctx.stats.duplicate, 1);
-                    bytes += 9;
-                } else {
-                    self.out
-                        .put(|o| ram::encode_page_header(o, off, wire::ram::PAGE, name))?;
-                    self.out.put_page(page)?;
-                    Stats::add(&self.ctx.stats.normal, 1);
-                    bytes += 8 + PAGE as u64;
-                }
-            }
+            let bytes = self.send_word(&block, bi, wi, word, &mut last_block)?;
             self.cursor = (bi, wi + 1);
-            Stats::add(&self.ctx.stats.transferred, bytes);
-            let rem = self.ctx.stats.remaining.load(Ordering::Relaxed);
-            self.ctx
-                .stats
-                .remaining
-                .store(rem.saturating_sub(bytes.min(rem)), Ordering::Relaxed);
             if limit {
                 let bw = self.ctx.params().max_bandwidth;
-                self.throttle.account(bytes, bw, self.ctx);
+                if let Some(wait) = self.throttle.account(bytes, bw) {
+                    if !self.ctx.cancelled() {
+                        std::thread::sleep(wait);
+                    }
+                }
             }
             since_check += 1;
             if since_check >= 16 {
@@ -298,6 +285,53 @@ impl<'c> Source<'c> {
         Ok(SendEnd::Done)
     }
 
+    /// Sends the pages of one bitmap word (pages `64*wi ..`) of block `bi`; returns the
+    /// bytes put on the wire. `last_block` tracks the CONTINUE flag.
+    fn send_word(
+        &mut self,
+        block: &RamBlock,
+        bi: usize,
+        wi: usize,
+        mut word: u64,
+        last_block: &mut Option<usize>,
+    ) -> Result<u64, SourceError> {
+        let mut bytes = 0u64;
+        let mut pages = 0u64;
+        while word != 0 {
+            let bit = word.trailing_zeros() as u64;
+            word &= word - 1;
+            let off = (wi as u64 * 64 + bit) * PAGE as u64;
+            let Some(page) = block.page(off) else {
+                continue;
+            };
+            let name = if *last_block == Some(bi) {
+                None
+            } else {
+                *last_block = Some(bi);
+                Some(block.id.as_str())
+            };
+            pages += 1;
+            if ram::is_zero_page(page) {
+                self.out.put(|o| ram::encode_zero_page(o, off, name))?;
+                Stats::add(&self.ctx.stats.duplicate, 1);
+                bytes += 9 + name.map_or(0, |n| 1 + n.len() as u64);
+            } else {
+                self.out
+                    .put(|o| ram::encode_page_header(o, off, wire::ram::PAGE, name))?;
+                self.out.put_page(page)?;
+                Stats::add(&self.ctx.stats.normal, 1);
+                bytes += 8 + PAGE as u64 + name.map_or(0, |n| 1 + n.len() as u64);
+            }
+        }
+        Stats::add(&self.ctx.stats.transferred, bytes);
+        let rem = self.ctx.stats.remaining.load(Ordering::Relaxed);
+        self.ctx.stats.remaining.store(
+            rem.saturating_sub(pages * PAGE as u64),
+            Ordering::Relaxed,
+        );
+        Ok(bytes)
+    }
+
     /// Stops the migration as soon as the destination reports a failure (SHUT with an
     /// error, or a broken return path), instead of sending the rest of RAM for nothing.
     fn check_rp(&mut self) -> Result<(), SourceError> {
@@ -306,6 +340,7 @@ impl<'c> Source<'c> {
                 Ok(RpEvent::Shut(0)) => self.shut = Some(0),
                 Ok(RpEvent::Shut(v)) => return Err(shut_error(v)),
                 Ok(RpEvent::Error(e)) => return Err(SourceError::Peer(e)),
+                Ok(RpEvent::Request(r)) => self.requests.push_back(r),
                 Err(_) => {}
             }
         }
@@ -353,6 +388,12 @@ pub fn run(
     ctx.stats.remaining.store(total, Ordering::Relaxed);
 
     chan.tune_buffers();
+    if caps.postcopy_ram && !chan.is_socket {
+        return Err(SourceError::Peer(format!(
+            "postcopy needs a socket (for the return path); {} is not one",
+            chan.peer
+        )));
+    }
     let use_rp = (caps.return_path || caps.postcopy_ram) && chan.is_socket;
     let rp = if use_rp {
         let fd = chan.try_clone_fd().map_err(|source| SourceError::Io {
@@ -360,8 +401,10 @@ pub fn run(
             sent: 0,
             source,
         })?;
+        let names = blocks.iter().map(|b| (b.id.clone(), b.size)).collect();
         Some(spawn_rp_reader(
             Channel::from_fd("return-path", fd).map_err(|e| SourceError::Peer(e.to_string()))?,
+            names,
             ctx.log.clone(),
         ))
     } else {
@@ -376,6 +419,7 @@ pub fn run(
         throttle: Throttle::new(),
         rp,
         shut: None,
+        requests: Default::default(),
     };
     // Pages the parent dirtied before now are sent by the first pass anyway.
     for b in &mut src.blocks {
@@ -402,6 +446,13 @@ pub fn run(
             stream::encode_command(o, wire::command::OPEN_RETURN_PATH, &[])?;
             stream::encode_command(o, wire::command::PING, &1u32.to_be_bytes())?;
         }
+        if caps.postcopy_ram {
+            let advise = postcopy::Advise {
+                page_size_summary: blocks.iter().fold(0, |a, b| a | b.page_size),
+                target_page_size: PAGE as u64,
+            };
+            stream::encode_command(o, wire::command::POSTCOPY_ADVISE, &postcopy::encode_advise(&advise))?;
+        }
         stream::encode_section_start(
             o,
             SectionKind::Start,
@@ -422,13 +473,18 @@ pub fn run(
         .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
     ctx.state.transition(MigrationStatus::Active)?;
 
-    // Iterate passes until what is left fits in the downtime limit.
+    // Iterate passes until what is left fits in the downtime limit, or postcopy is asked for.
     let mut pass = 1u64;
-    loop {
+    let mut go_postcopy = false;
+    'passes: loop {
         let pass_start = Instant::now();
         let sent_before = src.out.sent + src.out.pending as u64;
         loop {
             let end = src.part(Instant::now() + PART_TIME)?;
+            if caps.postcopy_ram && ctx.postcopy_requested.load(Ordering::Acquire) {
+                go_postcopy = true;
+                break 'passes;
+            }
             if end == SendEnd::Done {
                 break;
             }
@@ -453,7 +509,6 @@ pub fn run(
         }
     }
 
-    // Switchover.
     if caps.pause_before_switchover {
         ctx.state.transition(MigrationStatus::PreSwitchover)?;
         if !ctx.gate.wait(&ctx.cancel) {
@@ -461,7 +516,6 @@ pub fn run(
         }
     }
     let downtime_start = Instant::now();
-    ctx.state.transition(MigrationStatus::Device)?;
     let p = ctx.params();
     if p.compat_version.accepts_switchover_start()
         && compat::machine_sends_switchover_start(&p.machine_type)
@@ -469,133 +523,408 @@ pub fn run(
         src.out
             .put(|o| stream::encode_command(o, wire::command::SWITCHOVER_START, &[]))?;
     }
-    // The guest is stopped now: everything still dirty goes in the END section.
-    src.harvest();
-    src.out.put(|o| {
-        stream::encode_section_part(o, SectionKind::End, RAM_SECTION_ID);
-        Ok(())
-    })?;
-    src.send_pages(None, false)?;
-    src.out.put(|o| {
-        ram::encode_eos(o);
-        stream::encode_footer(o, RAM_SECTION_ID);
-        Ok(())
-    })?;
-
     let devices: Vec<DeviceSection> = ctx
         .device_out
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
-    let mut desc = VmDescriptionBuilder::new(PAGE as u64);
-    if p.compat_version.vmdesc_has_configuration() {
-        desc.configuration(p.machine_type.len());
+    if go_postcopy {
+        src.postcopy(&chan, &devices, downtime_start)?;
+    } else {
+        ctx.state.transition(MigrationStatus::Device)?;
+        src.precopy_end(&devices, &p)?;
+        ctx.stats.downtime_us.store(
+            downtime_start.elapsed().as_micros() as u64,
+            Ordering::Relaxed,
+        );
     }
-    for d in &devices {
-        src.out.put(|o| {
-            o.extend_from_slice(&d.raw);
-            Ok(())
-        })?;
-        match &d.description {
-            Some(j) => desc.push_device(j.clone()),
-            None => desc.push_opaque(
-                &d.header.idstr,
-                d.header.instance_id,
-                d.header.version_id,
-                d.body.len(),
-            ),
-        };
-    }
-    let json = desc.to_json_bytes();
-    src.out.put(|o| {
-        stream::encode_eof(o);
-        stream::encode_vmdesc(o, &json)
-    })?;
-    src.out.flush()?;
     ctx.stats.remaining.store(0, Ordering::Relaxed);
-
-    if let Some(rx) = src.rp.take() {
-        if src.shut.is_none() {
-            match rx.recv_timeout(SHUT_TIMEOUT) {
-                Ok(RpEvent::Shut(0)) => {}
-                Ok(RpEvent::Shut(v)) => return Err(shut_error(v)),
-                Ok(RpEvent::Error(e)) => return Err(SourceError::Peer(e)),
-                Err(_) => return Err(SourceError::Peer("no SHUT from the destination".into())),
-            }
-        }
-    }
-    ctx.stats.downtime_us.store(
-        downtime_start.elapsed().as_micros() as u64,
-        Ordering::Relaxed,
-    );
+    src.wait_shut()?;
     ctx.stats
         .total_time_us
         .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
     let secs = t0.elapsed().as_secs_f64();
     slog::info!(ctx.log, "migration summary";
         "role" => "source",
+        "postcopy" => go_postcopy,
         "bytes" => src.out.sent,
         "pages" => ctx.stats.normal.load(Ordering::Relaxed),
         "zero_pages" => ctx.stats.duplicate.load(Ordering::Relaxed),
         "secs" => secs,
         "rate_mbps" => src.out.sent as f64 * 8.0 / secs / 1e6,
-        "downtime_ms" => downtime_start.elapsed().as_millis() as u64,
+        "downtime_ms" => ctx.stats.downtime_us.load(Ordering::Relaxed) / 1000,
+        "postcopy_requests" => ctx.stats.postcopy_requests.load(Ordering::Relaxed),
         "device_sections" => devices.len(),
     );
     ctx.state.transition(MigrationStatus::Completed)?;
     Ok(())
 }
 
+impl Source<'_> {
+    /// Precopy switchover: END with everything still dirty, the device sections, EOF and
+    /// the VM description.
+    fn precopy_end(&mut self, devices: &[DeviceSection], p: &crate::migration::Parameters) -> Result<(), SourceError> {
+        // The guest is stopped now: everything still dirty goes in the END section.
+        self.harvest();
+        self.out.put(|o| {
+            stream::encode_section_part(o, SectionKind::End, RAM_SECTION_ID);
+            Ok(())
+        })?;
+        self.send_pages(None, false)?;
+        self.out.put(|o| {
+            ram::encode_eos(o);
+            stream::encode_footer(o, RAM_SECTION_ID);
+            Ok(())
+        })?;
+        let mut desc = VmDescriptionBuilder::new(PAGE as u64);
+        if p.compat_version.vmdesc_has_configuration() {
+            desc.configuration(p.machine_type.len());
+        }
+        for d in devices {
+            self.out.put(|o| {
+                o.extend_from_slice(&d.raw);
+                Ok(())
+            })?;
+            match &d.description {
+                Some(j) => desc.push_device(j.clone()),
+                None => desc.push_opaque(
+                    &d.header.idstr,
+                    d.header.instance_id,
+                    d.header.version_id,
+                    d.body.len(),
+                ),
+            };
+        }
+        let json = desc.to_json_bytes();
+        self.out.put(|o| {
+            stream::encode_eof(o);
+            stream::encode_vmdesc(o, &json)
+        })?;
+        self.out.flush()
+    }
+
+    /// Postcopy switchover and the rest of RAM: discards, the device package, then pages on
+    /// request first and in the background otherwise.
+    fn postcopy(&mut self, chan: &Channel, devices: &[DeviceSection], downtime_start: Instant) -> Result<(), SourceError> {
+        let ctx = self.ctx;
+        // What is still to send (never sent, or dirtied since) is discarded on the
+        // destination so that the guest faults on it instead of reading stale data.
+        self.harvest();
+        for bt in &self.blocks {
+            let ranges = bit_runs(&bt.todo);
+            if !ranges.is_empty() {
+                let name = bt.block.id.clone();
+                self.out.put(|o| postcopy::encode_discards(o, &name, &ranges))?;
+            }
+        }
+        let mut dev = Vec::new();
+        for d in devices {
+            dev.extend_from_slice(&d.raw);
+        }
+        let blob = postcopy::encode_package(&dev)?;
+        let len = u32::try_from(blob.len())
+            .ok()
+            .filter(|&l| l <= stream::MAX_PACKAGED_LEN)
+            .ok_or(WireError::TooLong {
+                what: "postcopy package",
+                len: blob.len() as u64,
+                max: stream::MAX_PACKAGED_LEN as u64,
+            })?;
+        self.out.put(|o| {
+            stream::encode_command(o, wire::command::PING, &2u32.to_be_bytes())?;
+            stream::encode_command(o, wire::command::PACKAGED, &len.to_be_bytes())?;
+            o.extend_from_slice(&blob);
+            stream::encode_command(o, wire::command::PING, &4u32.to_be_bytes())
+        })?;
+        self.out.flush()?;
+        ctx.stats.downtime_us.store(
+            downtime_start.elapsed().as_micros() as u64,
+            Ordering::Relaxed,
+        );
+        ctx.state.transition(MigrationStatus::PostcopyActive)?;
+        // Keep little queued in the socket, so a requested page does not wait behind
+        // megabytes of background pages.
+        chan.set_send_buffer(POSTCOPY_SNDBUF);
+
+        self.cursor = (0, 0);
+        let mut throttle = Throttle::new();
+        let mut resume_at: Option<Instant> = None;
+        loop {
+            self.serve_requests()?;
+            // The background push waits out its bandwidth window; requests do not.
+            if let Some(t) = resume_at {
+                let now = Instant::now();
+                if now < t {
+                    self.wait_for_request(t - now)?;
+                    continue;
+                }
+                resume_at = None;
+            }
+            let Some((bi, wi, word)) = self.next_word() else {
+                break;
+            };
+            let block = self.blocks[bi].block.clone();
+            self.out.put(|o| {
+                stream::encode_section_part(o, SectionKind::Part, RAM_SECTION_ID);
+                Ok(())
+            })?;
+            let bytes = self.send_word(&block, bi, wi, word, &mut None)?;
+            self.out.put(|o| {
+                ram::encode_eos(o);
+                stream::encode_footer(o, RAM_SECTION_ID);
+                Ok(())
+            })?;
+            self.out.flush()?;
+            let limit = ctx.params().max_postcopy_bandwidth;
+            if let Some(wait) = throttle.account(bytes, limit) {
+                resume_at = Some(Instant::now() + wait);
+            }
+        }
+        self.serve_requests()?;
+        self.out.put(|o| {
+            stream::encode_section_part(o, SectionKind::End, RAM_SECTION_ID);
+            ram::encode_eos(o);
+            stream::encode_footer(o, RAM_SECTION_ID);
+            stream::encode_eof(o);
+            Ok(())
+        })?;
+        self.out.flush()
+    }
+
+    /// The next word of pages still to send, taken out of the to-do set.
+    fn next_word(&mut self) -> Option<(usize, usize, u64)> {
+        while self.cursor.0 < self.blocks.len() {
+            let (bi, wi) = self.cursor;
+            let todo = &mut self.blocks[bi].todo;
+            if wi >= todo.len() {
+                self.cursor = (bi + 1, 0);
+                continue;
+            }
+            self.cursor = (bi, wi + 1);
+            let w = std::mem::take(&mut todo[wi]);
+            if w != 0 {
+                return Some((bi, wi, w));
+            }
+        }
+        None
+    }
+
+    /// Sends the requested pages that are still to send, each request in its own PART,
+    /// flushed at once. Pages already sent are in flight and are not sent again.
+    fn serve_requests(&mut self) -> Result<(), SourceError> {
+        self.check_rp_all()?;
+        while let Some(r) = self.requests.pop_front() {
+            Stats::add(&self.ctx.stats.postcopy_requests, 1);
+            let first = r.offset / PAGE as u64;
+            let last = (r.offset + r.len).div_ceil(PAGE as u64);
+            let block = self.blocks[r.block].block.clone();
+            let mut sent = false;
+            let mut p = first;
+            while p < last {
+                let wi = (p / 64) as usize;
+                let lo = p % 64;
+                let hi = (last - wi as u64 * 64).min(64);
+                let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+                let todo = &mut self.blocks[r.block].todo;
+                let word = todo.get(wi).copied().unwrap_or(0) & mask;
+                if word != 0 {
+                    todo[wi] &= !word;
+                    if !sent {
+                        self.out.put(|o| {
+                            stream::encode_section_part(o, SectionKind::Part, RAM_SECTION_ID);
+                            Ok(())
+                        })?;
+                        sent = true;
+                    }
+                    self.send_word(&block, r.block, wi, word, &mut None)?;
+                }
+                p = (wi as u64 + 1) * 64;
+            }
+            if sent {
+                self.out.put(|o| {
+                    ram::encode_eos(o);
+                    stream::encode_footer(o, RAM_SECTION_ID);
+                    Ok(())
+                })?;
+                self.out.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes every return-path event that is waiting.
+    fn check_rp_all(&mut self) -> Result<(), SourceError> {
+        loop {
+            let before = self.requests.len();
+            let had_shut = self.shut;
+            self.check_rp()?;
+            if self.requests.len() == before && self.shut == had_shut {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sleeps up to `d`, returning early when a page request arrives.
+    fn wait_for_request(&mut self, d: Duration) -> Result<(), SourceError> {
+        let Some(rx) = &self.rp else {
+            std::thread::sleep(d);
+            return Ok(());
+        };
+        match rx.recv_timeout(d) {
+            Ok(RpEvent::Request(r)) => self.requests.push_back(r),
+            Ok(RpEvent::Shut(0)) => self.shut = Some(0),
+            Ok(RpEvent::Shut(v)) => return Err(shut_error(v)),
+            Ok(RpEvent::Error(e)) => return Err(SourceError::Peer(e)),
+            Err(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Waits for the destination's SHUT, ignoring late requests for pages in flight.
+    fn wait_shut(&mut self) -> Result<(), SourceError> {
+        let Some(rx) = self.rp.take() else {
+            return Ok(());
+        };
+        if self.shut.is_some() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + SHUT_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(RpEvent::Shut(0)) => return Ok(()),
+                Ok(RpEvent::Shut(v)) => return Err(shut_error(v)),
+                Ok(RpEvent::Error(e)) => return Err(SourceError::Peer(e)),
+                Ok(RpEvent::Request(_)) => continue,
+                Err(_) => return Err(SourceError::Peer("no SHUT from the destination".into())),
+            }
+        }
+    }
+}
+
+/// Runs of set bits as (byte offset, byte length).
+fn bit_runs(bits: &[u64]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut start: Option<u64> = None;
+    let total = bits.len() as u64 * 64;
+    for i in 0..=total {
+        let set = i < total && bits[(i / 64) as usize] & (1 << (i % 64)) != 0;
+        match (set, start) {
+            (true, None) => start = Some(i),
+            (false, Some(s)) => {
+                out.push((s * PAGE as u64, (i - s) * PAGE as u64));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Validates a page request against the blocks: a known block, page aligned, inside it.
+fn check_request(
+    blocks: &[(String, u64)],
+    block: Option<usize>,
+    offset: u64,
+    len: u32,
+) -> Result<PageRequest, String> {
+    let bi = block.ok_or("REQ_PAGES before any REQ_PAGES_ID named a block")?;
+    let (name, size) = &blocks[bi];
+    let len = len as u64;
+    let page = PAGE as u64;
+    if len == 0 || offset % page != 0 || len % page != 0 || offset.checked_add(len).is_none_or(|e| e > *size) {
+        return Err(format!(
+            "page request {offset:#x}+{len:#x} is outside RAM block {name:?} of size {size:#x} or not page aligned"
+        ));
+    }
+    Ok(PageRequest {
+        block: bi,
+        offset,
+        len,
+    })
+}
+
 /// Reads the return path on its own thread and forwards what matters.
-fn spawn_rp_reader(chan: Channel, log: slog::Logger) -> mpsc::Receiver<RpEvent> {
+fn spawn_rp_reader(chan: Channel, blocks: Vec<(String, u64)>, log: slog::Logger) -> mpsc::Receiver<RpEvent> {
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name("qmh-rp".into())
         .spawn(move || {
             let mut buf = vec![0u8; 4096];
             let mut have = 0usize;
+            let mut last_block: Option<usize> = None;
+            let fail = |e: String| {
+                let _ = tx.send(RpEvent::Error(e));
+            };
             loop {
                 // Decode everything buffered.
                 loop {
-                    match return_path::decode(&buf[..have]) {
-                        Ok(Some((m, n))) => {
-                            match m {
-                                RpMessage::Shut(v) => {
-                                    let _ = tx.send(RpEvent::Shut(v));
-                                    return;
-                                }
-                                RpMessage::Pong(v) => slog::debug!(log, "PONG"; "value" => v),
-                                other => {
-                                    let _ = tx.send(RpEvent::Error(format!(
-                                        "unexpected return-path message in precopy: {other:?}"
-                                    )));
-                                    return;
-                                }
-                            }
-                            buf.copy_within(n..have, 0);
-                            have -= n;
-                        }
+                    let (m, n) = match return_path::decode(&buf[..have]) {
+                        Ok(Some(x)) => x,
                         Ok(None) => break,
-                        Err(e) => {
-                            let _ =
-                                tx.send(RpEvent::Error(format!("bad return-path message: {e}")));
+                        Err(e) => return fail(format!("bad return-path message: {e}")),
+                    };
+                    let ev = match m {
+                        RpMessage::Shut(v) => {
+                            let _ = tx.send(RpEvent::Shut(v));
                             return;
                         }
+                        RpMessage::Pong(v) => {
+                            slog::debug!(log, "PONG"; "value" => v);
+                            None
+                        }
+                        RpMessage::ReqPagesId { offset, len, block } => {
+                            match blocks.iter().position(|(n, _)| n == block) {
+                                Some(i) => last_block = Some(i),
+                                None => return fail(format!("page request for unknown RAM block {block:?}")),
+                            }
+                            Some(check_request(&blocks, last_block, offset, len))
+                        }
+                        RpMessage::ReqPages { offset, len } => Some(check_request(&blocks, last_block, offset, len)),
+                        other => return fail(format!("unexpected return-path message: {other:?}")),
+                    };
+                    match ev {
+                        Some(Ok(r)) => {
+                            if tx.send(RpEvent::Request(r)).is_err() {
+                                return;
+                            }
+                        }
+                        Some(Err(e)) => return fail(e),
+                        None => {}
                     }
+                    buf.copy_within(n..have, 0);
+                    have -= n;
                 }
                 match chan.read(&mut buf[have..]) {
-                    Ok(0) => {
-                        let _ = tx.send(RpEvent::Error("return path closed before SHUT".into()));
-                        return;
-                    }
+                    Ok(0) => return fail("return path closed before SHUT".into()),
                     Ok(n) => have += n,
-                    Err(e) => {
-                        let _ = tx.send(RpEvent::Error(format!("return path: {e}")));
-                        return;
-                    }
+                    Err(e) => return fail(format!("return path: {e}")),
                 }
             }
         })
         .ok();
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs() {
+        assert_eq!(bit_runs(&[0b1011]), vec![(0, 8192), (12288, 4096)]);
+        assert_eq!(bit_runs(&[u64::MAX, 1]), vec![(0, 65 * 4096)]);
+        assert!(bit_runs(&[0, 0]).is_empty());
+    }
+
+    #[test]
+    fn requests_are_checked() {
+        let b = vec![("ram".to_string(), 1 << 20)];
+        assert!(check_request(&b, Some(0), 4096, 4096).is_ok());
+        assert!(check_request(&b, None, 4096, 4096).is_err());
+        assert!(check_request(&b, Some(0), 1 << 20, 4096).is_err());
+        assert!(check_request(&b, Some(0), 100, 4096).is_err());
+        assert!(check_request(&b, Some(0), u64::MAX - 4095, 4096).is_err());
+        assert!(check_request(&b, Some(0), 0, 0).is_err());
+    }
 }

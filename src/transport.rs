@@ -196,6 +196,12 @@ impl Channel {
         }
     }
 
+    pub fn set_send_buffer(&self, bytes: usize) {
+        if self.is_socket {
+            let _ = nix::sys::socket::setsockopt(&self.fd, nix::sys::socket::sockopt::SndBuf, &bytes);
+        }
+    }
+
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }

@@ -16,6 +16,16 @@ if [ "$(id -u)" != 0 ]; then
   log "must run as root (apt-get install)"; exit 1
 fi
 
+# --build-only: just what building the crate needs (libclang for the userfaultfd crate's
+# bindings), for running the demo on a fresh machine.
+if [ "${1:-}" = "--build-only" ]; then
+  if ! dpkg -s libclang-dev >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev >/dev/null
+  fi
+  exit 0
+fi
+
 mirror_uri() {
   local uri=""
   if [ -f "$SOURCES" ]; then
@@ -63,9 +73,10 @@ fi
 QEMU_MODULE_DIR="$QEMU72_DIR/usr/lib/x86_64-linux-gnu/qemu" \
   "$QEMU72_DIR/usr/bin/qemu-system-x86_64" --version | head -1 | sed 's/^/install-deps: QEMU 7.2: /' >&2
 
+# Build dependency: the userfaultfd crate generates its bindings with libclang.
 # Packaging and man-page tools used by the tests.
 need=()
-for p in man-db lintian; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
+for p in libclang-dev man-db lintian; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
 if [ ${#need[@]} -gt 0 ]; then
   apt_update
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null

@@ -29,6 +29,8 @@ pub struct Helper {
     blocks: Mutex<Vec<Arc<RamBlock>>>,
     worker: Mutex<Option<JoinHandle<()>>>,
     role: Mutex<Option<Role>>,
+    /// The parent's userfaultfd (`userfaultfd-set`), for postcopy destinations.
+    uffd: Mutex<Option<OwnedFd>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +133,7 @@ impl Helper {
             blocks: Mutex::new(Vec::new()),
             worker: Mutex::new(None),
             role: Mutex::new(None),
+            uffd: Mutex::new(None),
         })
     }
 
@@ -305,14 +308,40 @@ impl Helper {
                 self.ctx.gate.open();
                 Ok(json!({}))
             }
-            "migrate-start-postcopy" | "migrate-pause" | "migrate-recover" => {
+            "migrate-start-postcopy" => {
+                a.only(&[])?;
+                let st = self.ctx.state.status();
+                if *lock(&self.role) != Some(Role::Source) || st.is_finished() {
+                    return Err(QmpError::generic(
+                        "Postcopy must be started after migration has been started",
+                    ));
+                }
+                if !self.ctx.caps().postcopy_ram {
+                    return Err(QmpError::generic(
+                        "Enable postcopy with migrate_set_capability before the start of migration",
+                    ));
+                }
+                if self.ctx.postcopy_requested.swap(true, Ordering::AcqRel) {
+                    return Err(QmpError::generic("Postcopy already started"));
+                }
+                Ok(json!({}))
+            }
+            "migrate-pause" | "migrate-recover" => {
                 Err(QmpError::generic(format!(
                     "{name}: postcopy is not available in this build of the helper yet"
                 )))
             }
-            "userfaultfd-set" => Err(QmpError::generic(
-                "userfaultfd-set: postcopy is not available in this build of the helper yet",
-            )),
+            "userfaultfd-set" => {
+                a.only(&["fdname"])?;
+                let name = a.str("fdname")?;
+                let fd = self.dup_fd(name)?;
+                crate::fault::check_userfaultfd(name, &fd).map_err(|e| QmpError::generic(e.to_string()))?;
+                if self.busy() && *lock(&self.role) == Some(Role::Destination) {
+                    return Err(QmpError::generic("cannot change the userfaultfd of a running migration"));
+                }
+                *lock(&self.uffd) = Some(fd);
+                Ok(json!({}))
+            }
             "query-migrate" => Ok(self.query_migrate()),
             "device-state-set" => {
                 a.only(&["sections"])?;
@@ -480,6 +509,8 @@ impl Helper {
         self.ctx.cancel.store(false, Ordering::Release);
         self.ctx.gate.reset();
         self.ctx.stats.reset();
+        self.ctx.latency.reset();
+        self.ctx.postcopy_requested.store(false, Ordering::Release);
         self.ctx
             .state
             .transition(MigrationStatus::Setup)
@@ -589,12 +620,19 @@ impl Helper {
             .map_err(|e| QmpError::generic(e.to_string()))?;
         lock(&self.ctx.device_in).clear();
         slog::info!(self.log, "migrate-incoming"; "uri" => %uri);
+        let uffd = match lock(&self.uffd).as_ref() {
+            Some(fd) => Some(
+                fd.try_clone()
+                    .map_err(|e| QmpError::generic(format!("cannot duplicate the userfaultfd: {e}")))?,
+            ),
+            None => None,
+        };
         self.start_worker(Role::Destination, move |ctx| {
             let chan = incoming.accept(&ctx.cancel).map_err(|e| e.to_string())?;
             if let Ok(fd) = chan.try_clone_fd() {
                 ctx.set_channel(Some(fd));
             }
-            crate::destination::run(ctx, blocks, chan).map_err(|e| e.to_string())
+            crate::destination::run(ctx, blocks, chan, uffd).map_err(|e| e.to_string())
         })
     }
 
@@ -624,6 +662,10 @@ impl Helper {
             } else {
                 "destination"
             });
+            if r == Role::Destination {
+                // Page-fault service latency (fault read -> page placed), in microseconds.
+                v["postcopy-latency"] = self.ctx.latency.to_json();
+            }
         }
         if st == MigrationStatus::Failed {
             if let Some(e) = self.ctx.state.error_desc() {

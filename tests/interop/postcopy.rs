@@ -1,0 +1,199 @@
+//! Postcopy: the test is the destination's parent VMM, with a real userfaultfd registered
+//! on its own mapping of the guest memfd; reader threads fault pages in through it while the
+//! background push goes on.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use qemu_migration_helper::client::RamBlockSpec;
+use serde_json::json;
+use userfaultfd::{Uffd, UffdBuilder};
+
+use crate::helper::{socketpair, HelperVm, Memfd};
+use crate::qemu::{require_qemu, Qemu, QemuVm, RamMap, VmOpts};
+use crate::util::{assert_same_memory, fill_mixed, test_seed, MIB};
+
+const RAM: u64 = 64 * MIB;
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A destination's guest as its parent VMM holds it: memfd, the parent's mapping, and a
+/// userfaultfd registered for missing faults on that mapping.
+pub struct UffdGuest {
+    pub mem: Memfd,
+    pub map: Arc<RamMap>,
+    pub uffd: Option<Uffd>,
+}
+
+impl UffdGuest {
+    pub fn new(size: u64) -> UffdGuest {
+        let mem = Memfd::new("uffd-guest", size);
+        let map = Arc::new(mem.map());
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .create()
+            .expect("userfaultfd (run as root, or set vm.unprivileged_userfaultfd=1)");
+        uffd.register(map.as_ptr() as *mut _, size as usize)
+            .expect("UFFDIO_REGISTER on the memfd mapping");
+        UffdGuest {
+            mem,
+            map,
+            uffd: Some(uffd),
+        }
+    }
+
+    pub fn host_addr(&self) -> u64 {
+        self.map.as_ptr() as u64
+    }
+
+    pub fn uffd_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the Uffd lives as long as self.
+        unsafe { BorrowedFd::borrow_raw(self.uffd.as_ref().expect("uffd").as_raw_fd()) }
+    }
+
+    /// Registers this guest as block `id` of a helper destination, with its userfaultfd.
+    pub fn attach(&self, h: &mut HelperVm, id: &str) {
+        h.client.getfd("guest", self.mem.fd.as_fd()).expect("getfd guest");
+        h.client.getfd("uffd", self.uffd_fd()).expect("getfd uffd");
+        h.client.execute("userfaultfd-set", json!({"fdname": "uffd"})).expect("userfaultfd-set");
+        h.client
+            .ram_block_add(&RamBlockSpec {
+                id: id.into(),
+                fdname: "guest".into(),
+                offset: 0,
+                size: self.mem.size,
+                host_addr: Some(self.host_addr()),
+                ..Default::default()
+            })
+            .expect("ram-block-add");
+    }
+
+    /// Drops the userfaultfd, so threads blocked on faults wake up (used when a test fails).
+    pub fn release(&mut self) {
+        self.uffd = None;
+    }
+}
+
+/// Reader threads that fault random pages in through the parent's mapping and compare each
+/// page with the source's content.
+struct Readers {
+    stop: Arc<AtomicBool>,
+    checked: Arc<AtomicU64>,
+    handles: Vec<std::thread::JoinHandle<Result<(), String>>>,
+}
+
+impl Readers {
+    fn start(guest: &UffdGuest, expected: Arc<Vec<u8>>, threads: usize, seed: u64) -> Readers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let checked = Arc::new(AtomicU64::new(0));
+        let pages = (guest.mem.size / 4096) as usize;
+        let handles = (0..threads)
+            .map(|t| {
+                let (map, expected, stop, checked) = (guest.map.clone(), expected.clone(), stop.clone(), checked.clone());
+                std::thread::spawn(move || {
+                    let mut x = seed ^ (t as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                    while !stop.load(Ordering::Relaxed) {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let p = (x % pages as u64) as usize;
+                        let got = &map[p * 4096..(p + 1) * 4096];
+                        if got != &expected[p * 4096..(p + 1) * 4096] {
+                            return Err(format!("page {p} differs from the source while in postcopy"));
+                        }
+                        checked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        Readers { stop, checked, handles }
+    }
+
+    fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles {
+            match h.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => panic!("{e}"),
+                Err(_) => panic!("reader thread panicked"),
+            }
+        }
+        self.checked.load(Ordering::Relaxed)
+    }
+}
+
+/// Polls `f` until it returns Some or the deadline passes; on timeout releases the guest's
+/// userfaultfd (so no thread stays blocked) and panics.
+fn wait_until<T>(guest: &mut UffdGuest, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if t0.elapsed() > TIMEOUT {
+            guest.release();
+            panic!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn status(h: &mut HelperVm) -> serde_json::Value {
+    h.client.query_migrate().expect("query-migrate")
+}
+
+/// helper -> helper in postcopy: faults served while most of RAM is still missing.
+#[test]
+fn helper_to_helper_postcopy() {
+    let seed = test_seed("helper_to_helper_postcopy");
+    let mut src = HelperVm::spawn();
+    src.add_block("pc.ram", RAM, false);
+    fill_mixed(&mut src.blocks[0].mem.map(), seed, 0.3);
+    let expected = Arc::new(src.blocks[0].mem.map().to_vec());
+    let mut guest = UffdGuest::new(RAM);
+    let mut dst = HelperVm::spawn();
+    guest.attach(&mut dst, "pc.ram");
+    for h in [&mut src, &mut dst] {
+        h.client.set_capabilities(&[("postcopy-ram", true)]).expect("caps");
+    }
+    // Slow enough that postcopy starts with most of RAM missing.
+    src.client
+        .set_parameters(json!({"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 8 * MIB}))
+        .expect("params");
+    let (a, b) = socketpair();
+    src.client.getfd("mig", a.as_fd()).expect("getfd");
+    dst.client.getfd("mig", b.as_fd()).expect("getfd");
+    drop((a, b));
+    dst.client.migrate_incoming("fd:mig").expect("incoming");
+    src.client.migrate("fd:mig").expect("migrate");
+    std::thread::sleep(Duration::from_millis(300));
+    src.client.migrate_start_postcopy().expect("migrate-start-postcopy");
+    wait_until(&mut guest, "destination postcopy-active", || {
+        let v = status(&mut dst);
+        assert_ne!(v["status"], "failed", "{v}");
+        (v["status"] == "postcopy-active" || v["status"] == "completed").then_some(())
+    });
+    let readers = Readers::start(&guest, expected.clone(), 4, seed);
+    std::thread::sleep(Duration::from_millis(500));
+    let mid = status(&mut dst);
+    let checked = readers.finish();
+    assert!(checked > 100, "readers checked only {checked} pages");
+    let v = wait_until(&mut guest, "source completed", || {
+        let v = status(&mut src);
+        assert_ne!(v["status"], "failed", "{v}");
+        (v["status"] == "completed").then_some(v)
+    });
+    let d = wait_until(&mut guest, "destination completed", || {
+        let v = status(&mut dst);
+        assert_ne!(v["status"], "failed", "{v}");
+        (v["status"] == "completed").then_some(v)
+    });
+    eprintln!("source: {v}\ndestination mid-postcopy: {mid}\ndestination: {d}");
+    assert!(v["ram"]["postcopy-requests"].as_u64().unwrap() > 0, "no page came by request: {v}");
+    assert!(d["postcopy-latency"]["count"].as_u64().unwrap() > 0, "{d}");
+    assert_same_memory(&expected, &guest.map, "helper_to_helper_postcopy");
+}
