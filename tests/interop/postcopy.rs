@@ -197,3 +197,127 @@ fn helper_to_helper_postcopy() {
     assert!(d["postcopy-latency"]["count"].as_u64().unwrap() > 0, "{d}");
     assert_same_memory(&expected, &guest.map, "helper_to_helper_postcopy");
 }
+
+/// Real QEMU source in postcopy -> helper destination whose parent (the test) faults pages
+/// in from several threads while QEMU pushes the rest slowly.
+fn qemu_to_helper_postcopy(qemu: Qemu, test: &str) {
+    if require_qemu(qemu, test).is_none() {
+        return;
+    }
+    let seed = test_seed(test);
+    let mut src = QemuVm::start(qemu, RAM, &VmOpts::default());
+    fill_mixed(&mut src.ram_mmap(), seed, 0.3);
+    let expected = Arc::new(src.ram_mmap().to_vec());
+    let mut guest = UffdGuest::new(RAM);
+    let mut dst = HelperVm::spawn();
+    guest.attach(&mut dst, "ram");
+    dst.client.set_capabilities(&[("postcopy-ram", true)]).expect("caps");
+    src.qmp().set_capabilities(&[("postcopy-ram", true)]).expect("qemu caps");
+    src.qmp()
+        .set_parameters(json!({"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 8 * MIB}))
+        .expect("qemu params");
+    let (a, b) = socketpair();
+    src.qmp().getfd("mig", a.as_fd()).expect("qemu getfd");
+    dst.client.getfd("mig", b.as_fd()).expect("getfd");
+    drop((a, b));
+    dst.client.migrate_incoming("fd:mig").expect("incoming");
+    src.qmp().execute("migrate", json!({"uri": "fd:mig"})).expect("migrate");
+    std::thread::sleep(Duration::from_millis(300));
+    src.qmp().execute("migrate-start-postcopy", json!({})).expect("migrate-start-postcopy");
+    wait_until(&mut guest, "destination postcopy-active", || {
+        let v = status(&mut dst);
+        assert_ne!(v["status"], "failed", "{v}");
+        (v["status"] == "postcopy-active" || v["status"] == "completed").then_some(())
+    });
+    // QEMU's device state came in the postcopy package.
+    let ds = dst.client.query_device_state().expect("query-device-state");
+    let names: Vec<String> = ds["sections"]
+        .as_array()
+        .expect("sections")
+        .iter()
+        .map(|s| s["idstr"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(names.iter().any(|n| n == "timer"), "device sections from the package: {names:?}");
+    let readers = Readers::start(&guest, expected.clone(), 4, seed);
+    std::thread::sleep(Duration::from_millis(500));
+    let checked = readers.finish();
+    assert!(checked > 100, "readers checked only {checked} pages");
+    src.wait_migration(&["completed"], TIMEOUT).expect("qemu source completes");
+    let d = wait_until(&mut guest, "destination completed", || {
+        let v = status(&mut dst);
+        assert_ne!(v["status"], "failed", "{v}");
+        (v["status"] == "completed").then_some(v)
+    });
+    eprintln!("{test}: destination {d}");
+    assert!(d["ram"]["postcopy-requests"].as_u64().unwrap() > 0, "no page came by request: {d}");
+    assert!(d["postcopy-latency"]["count"].as_u64().unwrap() > 0, "{d}");
+    assert_same_memory(&expected, &guest.map, test);
+}
+
+#[test]
+fn qemu10_to_helper_postcopy() {
+    qemu_to_helper_postcopy(Qemu::V10, "qemu10_to_helper_postcopy");
+}
+
+#[test]
+fn qemu72_to_helper_postcopy() {
+    qemu_to_helper_postcopy(Qemu::V72, "qemu72_to_helper_postcopy");
+}
+
+/// Helper source in postcopy -> real QEMU destination; QEMU faults pages in when the test
+/// reads guest memory through its monitor (`xp`), and the helper serves them.
+fn helper_to_qemu_postcopy(qemu: Qemu, test: &str) {
+    if require_qemu(qemu, test).is_none() {
+        return;
+    }
+    let seed = test_seed(test);
+    let mut src = HelperVm::spawn();
+    src.add_block("ram", RAM, false);
+    fill_mixed(&mut src.blocks[0].mem.map(), seed, 0.3);
+    let expected = src.blocks[0].mem.map().to_vec();
+    let mut dst = QemuVm::start(qemu, RAM, &VmOpts::incoming());
+    dst.qmp().set_capabilities(&[("postcopy-ram", true)]).expect("qemu caps");
+    src.client.set_capabilities(&[("postcopy-ram", true)]).expect("caps");
+    if qemu == Qemu::V72 {
+        src.client.set_parameters(json!({"compat-version": "7.2"})).expect("compat");
+    }
+    src.client
+        .set_parameters(json!({"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 32 * MIB}))
+        .expect("params");
+    let (a, b) = socketpair();
+    dst.qmp().getfd("mig", b.as_fd()).expect("qemu getfd");
+    src.client.getfd("mig", a.as_fd()).expect("getfd");
+    drop((a, b));
+    dst.qmp().execute("migrate-incoming", json!({"uri": "fd:mig"})).expect("incoming");
+    src.client.migrate("fd:mig").expect("migrate");
+    std::thread::sleep(Duration::from_millis(300));
+    src.client.migrate_start_postcopy().expect("migrate-start-postcopy");
+    src.wait(&["postcopy-active", "completed"], TIMEOUT);
+    dst.wait_migration(&["postcopy-active", "completed"], TIMEOUT)
+        .expect("qemu postcopy-active");
+    // Read pages near the end of RAM (pushed last) through QEMU's monitor: each read faults.
+    let mut read = 0;
+    for i in 0..40u64 {
+        let page = RAM / 4096 - 1 - i * 7;
+        let addr = page * 4096;
+        let out = dst.qmp().hmp(&format!("xp /1xg {addr:#x}")).expect("xp");
+        let want = u64::from_le_bytes(expected[addr as usize..addr as usize + 8].try_into().unwrap());
+        assert!(out.contains(&format!("{want:#018x}")), "xp at {addr:#x}: {out:?}, want {want:#018x}");
+        read += 1;
+    }
+    let v = src.wait(&["completed"], TIMEOUT);
+    dst.wait_migration(&["completed"], TIMEOUT).expect("qemu completes");
+    eprintln!("{test}: read {read} pages through QEMU; source {v}");
+    assert!(v["ram"]["postcopy-requests"].as_u64().unwrap() > 0, "QEMU requested no page: {v}");
+    assert_same_memory(&expected, &dst.ram_mmap(), test);
+}
+
+#[test]
+fn helper_to_qemu10_postcopy() {
+    helper_to_qemu_postcopy(Qemu::V10, "helper_to_qemu10_postcopy");
+}
+
+#[test]
+fn helper_to_qemu72_postcopy() {
+    helper_to_qemu_postcopy(Qemu::V72, "helper_to_qemu72_postcopy");
+}
