@@ -8,17 +8,17 @@
 
 use std::io::Read;
 use std::os::fd::OwnedFd;
-use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::compat::wire::{self, command};
 use crate::device_state::DeviceSection;
 use crate::fault::{AtomicBitmap, FaultError, PostcopyDest, RpWriter};
-use crate::postcopy;
 use crate::guest_memory::RamBlock;
 use crate::migration::{MigrationCtx, Stats};
+use crate::postcopy;
 use crate::ram::{self, Record};
 use crate::return_path::RpMessage;
 use crate::state::MigrationStatus;
@@ -143,7 +143,6 @@ impl<R: Read> Reader<R> {
             })
         }
     }
-
 }
 
 impl<R> Reader<R> {
@@ -323,7 +322,9 @@ impl<'a> Loader<'a> {
                 .stats
                 .postcopy_requests
                 .store(pc.requests.load(Ordering::Relaxed), Ordering::Relaxed);
-            return placed.map(|()| false).map_err(|e| self.invalid(r, e.to_string()));
+            return placed
+                .map(|()| false)
+                .map_err(|e| self.invalid(r, e.to_string()));
         }
         match rec {
             Record::Zero { fill, .. } => {
@@ -511,7 +512,10 @@ impl<'a> Loader<'a> {
         if a.target_page_size != wire::TARGET_PAGE_SIZE as u64 {
             return Err(self.invalid(
                 r,
-                format!("postcopy target page size {} (this helper has 4096)", a.target_page_size),
+                format!(
+                    "postcopy target page size {} (this helper has 4096)",
+                    a.target_page_size
+                ),
             ));
         }
         let local = self.blocks.iter().fold(0, |acc, b| acc | b.page_size);
@@ -544,9 +548,9 @@ impl<'a> Loader<'a> {
             return Err(self.invalid(r, "POSTCOPY_RAM_DISCARD without POSTCOPY_ADVISE".into()));
         }
         let d = postcopy::decode_discard(payload).map_err(|e| r.wire(e))?;
-        let bi = self
-            .block_index(d.block)
-            .ok_or_else(|| self.invalid(r, format!("discard for unknown RAM block {:?}", d.block)))?;
+        let bi = self.block_index(d.block).ok_or_else(|| {
+            self.invalid(r, format!("discard for unknown RAM block {:?}", d.block))
+        })?;
         let b = self.blocks[bi].clone();
         for (off, len) in d.ranges {
             let page = wire::TARGET_PAGE_SIZE as u64;
@@ -560,7 +564,8 @@ impl<'a> Loader<'a> {
                     ),
                 ));
             }
-            b.punch_hole(off, len).map_err(|e| self.invalid(r, format!("discard in {:?}: {e}", b.id)))?;
+            b.punch_hole(off, len)
+                .map_err(|e| self.invalid(r, format!("discard in {:?}: {e}", b.id)))?;
             for p in off / page..(off + len) / page {
                 self.received[bi].clear(p);
                 if let Some(w) = self.known_zero[bi].get_mut((p / 64) as usize) {
@@ -643,7 +648,12 @@ impl<'a> Loader<'a> {
     }
 
     fn check_faults<R>(&self, r: &Reader<R>) -> Result<(), LoadError> {
-        match self.fault_error.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        match self
+            .fault_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
             Some(e) => Err(self.invalid(r, format!("postcopy fault handling: {e}"))),
             None => Ok(()),
         }
@@ -860,7 +870,12 @@ pub fn load<R: Read>(
         bytes: 0,
         known_zero: blocks.iter().map(|b| b.hole_bitmap()).collect(),
         run: Run::default(),
-        received: Arc::new(blocks.iter().map(|b| AtomicBitmap::new(b.pages())).collect()),
+        received: Arc::new(
+            blocks
+                .iter()
+                .map(|b| AtomicBitmap::new(b.pages()))
+                .collect(),
+        ),
         uffd,
         advised: false,
         postcopy: None,

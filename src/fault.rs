@@ -76,7 +76,10 @@ impl AtomicBitmap {
         }
     }
     pub fn count(&self) -> u64 {
-        self.0.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as u64).sum()
+        self.0
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
+            .sum()
     }
 }
 
@@ -106,7 +109,9 @@ impl RpWriter {
         let mut b = Vec::with_capacity(32);
         return_path::encode(&mut b, m).map_err(|e| FaultError::ReturnPath(e.to_string()))?;
         let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        g.chan.write_all(&b).map_err(|e| FaultError::ReturnPath(e.to_string()))
+        g.chan
+            .write_all(&b)
+            .map_err(|e| FaultError::ReturnPath(e.to_string()))
     }
 
     /// Requests one page, naming the block only when it changed (as QEMU does).
@@ -119,7 +124,9 @@ impl RpWriter {
         };
         let mut b = Vec::with_capacity(32 + block.len());
         return_path::encode(&mut b, &m).map_err(|e| FaultError::ReturnPath(e.to_string()))?;
-        g.chan.write_all(&b).map_err(|e| FaultError::ReturnPath(e.to_string()))?;
+        g.chan
+            .write_all(&b)
+            .map_err(|e| FaultError::ReturnPath(e.to_string()))?;
         g.last_block = Some(block.to_string());
         Ok(())
     }
@@ -191,7 +198,10 @@ impl PostcopyDest {
     /// twice, or the parent had it.
     pub fn place_page(&self, bi: usize, offset: u64, data: &[u8]) -> Result<(), FaultError> {
         let b = &self.blocks[bi];
-        if data.len() != TARGET_PAGE_SIZE || offset % PAGE != 0 || offset.checked_add(PAGE).is_none_or(|e| e > b.size) {
+        if data.len() != TARGET_PAGE_SIZE
+            || offset % PAGE != 0
+            || offset.checked_add(PAGE).is_none_or(|e| e > b.size)
+        {
             return Err(FaultError::Place {
                 what: "page",
                 block: b.id.clone(),
@@ -201,7 +211,14 @@ impl PostcopyDest {
         }
         // SAFETY: dst is inside the parent's registered mapping of this block (host-addr,
         // size), src is a page-sized buffer of ours.
-        let r = unsafe { self.uffd.copy(data.as_ptr() as *const _, self.host(bi, offset), TARGET_PAGE_SIZE, true) };
+        let r = unsafe {
+            self.uffd.copy(
+                data.as_ptr() as *const _,
+                self.host(bi, offset),
+                TARGET_PAGE_SIZE,
+                true,
+            )
+        };
         match r {
             Ok(_) => {}
             Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {}
@@ -229,7 +246,10 @@ impl PostcopyDest {
             });
         }
         // SAFETY: inside the parent's registered mapping of this block.
-        match unsafe { self.uffd.zeropage(self.host(bi, offset), TARGET_PAGE_SIZE, true) } {
+        match unsafe {
+            self.uffd
+                .zeropage(self.host(bi, offset), TARGET_PAGE_SIZE, true)
+        } {
             Ok(_) => {}
             Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EEXIST => {}
             Err(e) => {
@@ -255,13 +275,18 @@ impl PostcopyDest {
     /// Handles one fault: requests the page, or resolves it at once when the page is
     /// already here (a zero page the loader skipped, or a race with its arrival).
     fn fault(&self, addr: u64) -> Result<(), FaultError> {
-        let (bi, offset) = self.block_of(addr).ok_or(FaultError::OutsideBlocks { addr })?;
+        let (bi, offset) = self
+            .block_of(addr)
+            .ok_or(FaultError::OutsideBlocks { addr })?;
         let page = offset / PAGE;
         if self.received[bi].get(page) {
             // Present in our books but missing in the mapping: a zero page that was never
             // written (a hole). Map a zero page; EEXIST means it raced in, so just wake.
             // SAFETY: inside the parent's registered mapping of this block.
-            match unsafe { self.uffd.zeropage(self.host(bi, offset), TARGET_PAGE_SIZE, true) } {
+            match unsafe {
+                self.uffd
+                    .zeropage(self.host(bi, offset), TARGET_PAGE_SIZE, true)
+            } {
                 Ok(_) => {}
                 Err(_) => {
                     let _ = self.uffd.wake(self.host(bi, offset), TARGET_PAGE_SIZE);
@@ -277,7 +302,8 @@ impl PostcopyDest {
             p.insert((bi, page), Instant::now());
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
-        self.rp.request(&self.blocks[bi].id, offset, TARGET_PAGE_SIZE as u32)?;
+        self.rp
+            .request(&self.blocks[bi].id, offset, TARGET_PAGE_SIZE as u32)?;
         // The page may have been placed between our check and the request: then the request
         // is merely redundant (the source skips pages it already sent).
         Ok(())
@@ -287,7 +313,10 @@ impl PostcopyDest {
     pub fn run(self: &Arc<Self>) -> Result<(), FaultError> {
         let mut buf = userfaultfd::EventBuffer::new(64);
         while !self.stop.load(Ordering::Acquire) {
-            let mut pfd = [nix::poll::PollFd::new(self.uffd.as_fd(), nix::poll::PollFlags::POLLIN)];
+            let mut pfd = [nix::poll::PollFd::new(
+                self.uffd.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
             match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(50u16)) {
                 Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
                 Ok(_) => {}
@@ -300,7 +329,9 @@ impl PostcopyDest {
             for ev in events {
                 match ev {
                     Ok(Event::Pagefault { addr, .. }) => self.fault(addr as u64)?,
-                    Ok(other) => slog::debug!(self.log, "userfaultfd event ignored"; "event" => format!("{other:?}")),
+                    Ok(other) => {
+                        slog::debug!(self.log, "userfaultfd event ignored"; "event" => format!("{other:?}"))
+                    }
                     Err(e) => return Err(FaultError::Read(e.to_string())),
                 }
             }
@@ -314,7 +345,10 @@ impl PostcopyDest {
     pub fn finish(&self) {
         for b in &self.blocks {
             if let Some(base) = b.host_addr {
-                if let Err(e) = self.uffd.unregister(base as *mut libc::c_void, b.size as usize) {
+                if let Err(e) = self
+                    .uffd
+                    .unregister(base as *mut libc::c_void, b.size as usize)
+                {
                     slog::warn!(self.log, "UFFDIO_UNREGISTER failed"; "block" => &b.id, "error" => %e);
                 }
             }

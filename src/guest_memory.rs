@@ -393,10 +393,13 @@ impl RamBlock {
     /// Frees `[off, off+len)` of the block back to a hole (postcopy discard): the parent's
     /// next access to it faults.
     pub fn punch_hole(&self, off: u64, len: u64) -> std::io::Result<()> {
-        let f = self.fd().ok_or_else(|| std::io::Error::other("block has no fd"))?;
+        let f = self
+            .fd()
+            .ok_or_else(|| std::io::Error::other("block has no fd"))?;
         nix::fcntl::fallocate(
             f.as_raw_fd(),
-            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
             (self.offset + off) as i64,
             len as i64,
         )

@@ -236,7 +236,8 @@ pub struct MigrationCtx {
     pub stats: Stats,
     pub caps: Mutex<Capabilities>,
     pub params: Mutex<Parameters>,
-    pub cancel: AtomicBool,
+    /// Shared with the live channel, whose pipe I/O polls it.
+    pub cancel: Arc<AtomicBool>,
     pub gate: Gate,
     /// A duplicate of the live channel's fd, shut down by cancel to unblock I/O.
     pub channel: Mutex<Option<OwnedFd>>,
@@ -257,7 +258,7 @@ impl MigrationCtx {
             stats: Stats::default(),
             caps: Mutex::new(Capabilities::default()),
             params: Mutex::new(Parameters::default()),
-            cancel: AtomicBool::new(false),
+            cancel: Arc::new(AtomicBool::new(false)),
             gate: Gate::default(),
             channel: Mutex::new(None),
             device_out: Mutex::new(Vec::new()),

@@ -325,10 +325,10 @@ impl<'c> Source<'c> {
         }
         Stats::add(&self.ctx.stats.transferred, bytes);
         let rem = self.ctx.stats.remaining.load(Ordering::Relaxed);
-        self.ctx.stats.remaining.store(
-            rem.saturating_sub(pages * PAGE as u64),
-            Ordering::Relaxed,
-        );
+        self.ctx
+            .stats
+            .remaining
+            .store(rem.saturating_sub(pages * PAGE as u64), Ordering::Relaxed);
         Ok(bytes)
     }
 
@@ -451,7 +451,11 @@ pub fn run(
                 page_size_summary: blocks.iter().fold(0, |a, b| a | b.page_size),
                 target_page_size: PAGE as u64,
             };
-            stream::encode_command(o, wire::command::POSTCOPY_ADVISE, &postcopy::encode_advise(&advise))?;
+            stream::encode_command(
+                o,
+                wire::command::POSTCOPY_ADVISE,
+                &postcopy::encode_advise(&advise),
+            )?;
         }
         stream::encode_section_start(
             o,
@@ -563,7 +567,11 @@ pub fn run(
 impl Source<'_> {
     /// Precopy switchover: END with everything still dirty, the device sections, EOF and
     /// the VM description.
-    fn precopy_end(&mut self, devices: &[DeviceSection], p: &crate::migration::Parameters) -> Result<(), SourceError> {
+    fn precopy_end(
+        &mut self,
+        devices: &[DeviceSection],
+        p: &crate::migration::Parameters,
+    ) -> Result<(), SourceError> {
         // The guest is stopped now: everything still dirty goes in the END section.
         self.harvest();
         self.out.put(|o| {
@@ -605,7 +613,12 @@ impl Source<'_> {
 
     /// Postcopy switchover and the rest of RAM: discards, the device package, then pages on
     /// request first and in the background otherwise.
-    fn postcopy(&mut self, chan: &Channel, devices: &[DeviceSection], downtime_start: Instant) -> Result<(), SourceError> {
+    fn postcopy(
+        &mut self,
+        chan: &Channel,
+        devices: &[DeviceSection],
+        downtime_start: Instant,
+    ) -> Result<(), SourceError> {
         let ctx = self.ctx;
         // What is still to send (never sent, or dirtied since) is discarded on the
         // destination so that the guest faults on it instead of reading stale data.
@@ -614,7 +627,8 @@ impl Source<'_> {
             let ranges = bit_runs(&bt.todo);
             if !ranges.is_empty() {
                 let name = bt.block.id.clone();
-                self.out.put(|o| postcopy::encode_discards(o, &name, &ranges))?;
+                self.out
+                    .put(|o| postcopy::encode_discards(o, &name, &ranges))?;
             }
         }
         let mut dev = Vec::new();
@@ -724,7 +738,11 @@ impl Source<'_> {
                 let wi = (p / 64) as usize;
                 let lo = p % 64;
                 let hi = (last - wi as u64 * 64).min(64);
-                let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+                let mask = if hi - lo == 64 {
+                    u64::MAX
+                } else {
+                    ((1u64 << (hi - lo)) - 1) << lo
+                };
                 let todo = &mut self.blocks[r.block].todo;
                 let word = todo.get(wi).copied().unwrap_or(0) & mask;
                 if word != 0 {
@@ -832,7 +850,11 @@ fn check_request(
     let (name, size) = &blocks[bi];
     let len = len as u64;
     let page = PAGE as u64;
-    if len == 0 || offset % page != 0 || len % page != 0 || offset.checked_add(len).is_none_or(|e| e > *size) {
+    if len == 0
+        || offset % page != 0
+        || len % page != 0
+        || offset.checked_add(len).is_none_or(|e| e > *size)
+    {
         return Err(format!(
             "page request {offset:#x}+{len:#x} is outside RAM block {name:?} of size {size:#x} or not page aligned"
         ));
@@ -845,7 +867,11 @@ fn check_request(
 }
 
 /// Reads the return path on its own thread and forwards what matters.
-fn spawn_rp_reader(chan: Channel, blocks: Vec<(String, u64)>, log: slog::Logger) -> mpsc::Receiver<RpEvent> {
+fn spawn_rp_reader(
+    chan: Channel,
+    blocks: Vec<(String, u64)>,
+    log: slog::Logger,
+) -> mpsc::Receiver<RpEvent> {
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name("qmh-rp".into())
@@ -876,21 +902,23 @@ fn spawn_rp_reader(chan: Channel, blocks: Vec<(String, u64)>, log: slog::Logger)
                         RpMessage::ReqPagesId { offset, len, block } => {
                             match blocks.iter().position(|(n, _)| n == block) {
                                 Some(i) => last_block = Some(i),
-                                None => return fail(format!("page request for unknown RAM block {block:?}")),
+                                None => {
+                                    return fail(format!(
+                                        "page request for unknown RAM block {block:?}"
+                                    ))
+                                }
                             }
                             Some(check_request(&blocks, last_block, offset, len))
                         }
-                        RpMessage::ReqPages { offset, len } => Some(check_request(&blocks, last_block, offset, len)),
+                        RpMessage::ReqPages { offset, len } => {
+                            Some(check_request(&blocks, last_block, offset, len))
+                        }
                         other => return fail(format!("unexpected return-path message: {other:?}")),
                     };
                     match ev {
-                        Some(Ok(r)) => {
-                            if tx.send(RpEvent::Request(r)).is_err() {
-                                return;
-                            }
-                        }
+                        Some(Ok(r)) if tx.send(RpEvent::Request(r)).is_err() => return,
                         Some(Err(e)) => return fail(e),
-                        None => {}
+                        _ => {}
                     }
                     buf.copy_within(n..have, 0);
                     have -= n;

@@ -5,10 +5,12 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Socket buffer size asked for (the kernel caps it at net.core.[rw]mem_max).
@@ -83,6 +85,9 @@ pub struct Channel {
     fd: OwnedFd,
     /// Sockets carry a return path and can be shut down to unblock I/O; files and pipes not.
     pub is_socket: bool,
+    /// Pipes (and FIFOs) are non-blocking and polled, so that a cancel never waits on them.
+    is_pipe: bool,
+    cancel: Option<Arc<AtomicBool>>,
     pub peer: String,
 }
 
@@ -128,9 +133,15 @@ impl Channel {
                 });
             }
         }
+        let is_pipe = kind == libc::S_IFIFO;
+        if is_pipe {
+            set_nonblocking(&fd).map_err(|e| io_err("fcntl", name)(e.into()))?;
+        }
         Ok(Channel {
             fd,
             is_socket,
+            is_pipe,
+            cancel: None,
             peer: format!("fd:{name}"),
         })
     }
@@ -139,6 +150,8 @@ impl Channel {
         Channel {
             fd: s.into(),
             is_socket: true,
+            is_pipe: false,
+            cancel: None,
             peer,
         }
     }
@@ -147,7 +160,35 @@ impl Channel {
         Channel {
             fd: f.into(),
             is_socket: false,
+            is_pipe: false,
+            cancel: None,
             peer,
+        }
+    }
+
+    /// The flag a cancel sets; pipe I/O checks it while it waits.
+    pub fn with_cancel(mut self, cancel: Arc<AtomicBool>) -> Self {
+        self.cancel = Some(cancel);
+        self
+    }
+
+    /// For a pipe: waits until `events` or a cancel. Other channels block in the syscall
+    /// and are unblocked by shutdown(2) instead.
+    fn wait_pipe(&self, events: nix::poll::PollFlags) -> io::Result<()> {
+        loop {
+            if self
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::Acquire))
+            {
+                return Err(io::Error::other("cancelled"));
+            }
+            let mut pfd = [nix::poll::PollFd::new(self.fd.as_fd(), events)];
+            match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(100u16)) {
+                Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+                Ok(_) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
         }
     }
 
@@ -155,6 +196,7 @@ impl Channel {
     pub fn connect(
         uri: &Uri,
         take_fd: impl FnOnce(&str) -> Option<OwnedFd>,
+        cancel: &AtomicBool,
     ) -> Result<Self, TransportError> {
         match uri {
             Uri::Fd(name) => {
@@ -171,8 +213,29 @@ impl Channel {
                 Ok(Channel {
                     fd: s.into(),
                     is_socket: true,
+                    is_pipe: false,
+                    cancel: None,
                     peer: uri.to_string(),
                 })
+            }
+            Uri::File(p) if is_fifo(p) => {
+                // A FIFO's open for writing blocks until a reader comes: poll for one.
+                loop {
+                    match OpenOptions::new()
+                        .write(true)
+                        .custom_flags(libc::O_NONBLOCK)
+                        .open(p)
+                    {
+                        Ok(f) => return Channel::from_fd(&uri.to_string(), f.into()),
+                        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                            if cancel.load(Ordering::Acquire) {
+                                return Err(TransportError::Cancelled(uri.to_string()));
+                            }
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                        }
+                        Err(e) => return Err(io_err("open", uri)(e)),
+                    }
+                }
             }
             Uri::File(p) => {
                 let f = OpenOptions::new()
@@ -198,7 +261,8 @@ impl Channel {
 
     pub fn set_send_buffer(&self, bytes: usize) {
         if self.is_socket {
-            let _ = nix::sys::socket::setsockopt(&self.fd, nix::sys::socket::sockopt::SndBuf, &bytes);
+            let _ =
+                nix::sys::socket::setsockopt(&self.fd, nix::sys::socket::sockopt::SndBuf, &bytes);
         }
     }
 
@@ -213,10 +277,18 @@ impl Channel {
 
     /// Reads into `buf`; 0 means the peer closed. Retries EINTR.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.is_pipe {
+            // Poll first: a FIFO whose writer has not come yet reads as EOF, but polls as
+            // not ready (it reports POLLHUP only once a writer has been and gone).
+            self.wait_pipe(nix::poll::PollFlags::POLLIN)?;
+        }
         loop {
             match nix::unistd::read(self.fd.as_raw_fd(), buf) {
                 Ok(n) => return Ok(n),
                 Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EAGAIN) if self.is_pipe => {
+                    self.wait_pipe(nix::poll::PollFlags::POLLIN)?
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -230,6 +302,10 @@ impl Channel {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => n,
                 Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EAGAIN) if self.is_pipe => {
+                    self.wait_pipe(nix::poll::PollFlags::POLLOUT)?;
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
             };
             io::IoSlice::advance_slices(&mut bufs, n);
@@ -250,6 +326,17 @@ impl Channel {
             let _ = s.set_read_timeout(t);
         }
     }
+}
+
+fn is_fifo(p: &std::path::Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(p).is_ok_and(|m| m.file_type().is_fifo())
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_truncate(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?);
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map(|_| ())
 }
 
 /// Shuts a socket down in both directions so that blocked reads and writes return.
@@ -292,6 +379,18 @@ impl Incoming {
                 let l = TcpListener::bind(a.as_str()).map_err(io_err("listen on", uri))?;
                 Ok(Incoming::Tcp(l, a.clone()))
             }
+            // Opening a FIFO blocks until a writer comes: open it non-blocking (never waits).
+            Uri::File(p) if is_fifo(p) => {
+                let f = OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(p)
+                    .map_err(io_err("open", uri))?;
+                Ok(Incoming::Ready(Channel::from_fd(
+                    &uri.to_string(),
+                    f.into(),
+                )?))
+            }
             Uri::File(p) => {
                 let f = File::open(p).map_err(io_err("open", uri))?;
                 Ok(Incoming::Ready(Channel::from_file(f, uri.to_string())))
@@ -318,6 +417,8 @@ impl Incoming {
                 Ok(Channel {
                     fd: s.into(),
                     is_socket: true,
+                    is_pipe: false,
+                    cancel: None,
                     peer: format!("tcp:{peer}"),
                 })
             }

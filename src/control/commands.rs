@@ -185,10 +185,16 @@ impl Helper {
             fds.clear();
         }
         match name {
-            "query-version" => Ok(super::greeting()["QMP"]["version"].clone()),
-            "query-commands" => Ok(Value::Array(
-                COMMANDS.iter().map(|c| json!({"name": c})).collect(),
-            )),
+            "query-version" => {
+                a.only(&[])?;
+                Ok(super::greeting()["QMP"]["version"].clone())
+            }
+            "query-commands" => {
+                a.only(&[])?;
+                Ok(Value::Array(
+                    COMMANDS.iter().map(|c| json!({"name": c})).collect(),
+                ))
+            }
             "getfd" => {
                 a.only(&["fdname"])?;
                 let fdname = a.str("fdname")?;
@@ -236,26 +242,30 @@ impl Helper {
                 }
                 Ok(json!({}))
             }
-            "query-ram-blocks" => Ok(Value::Array(
-                lock(&self.blocks)
-                    .iter()
-                    .map(|b| {
-                        let mut v = json!({
-                            "id": b.id, "fdname": b.fdname, "offset": b.offset,
-                            "size": b.size, "page-size": b.page_size,
-                        });
-                        if let Some(h) = b.host_addr {
-                            v["host-addr"] = json!(h);
-                        }
-                        if let Some(d) = &b.dirty_bitmap_name {
-                            v["dirty-bitmap"] = json!(d);
-                        }
-                        v
-                    })
-                    .collect(),
-            )),
+            "query-ram-blocks" => {
+                a.only(&[])?;
+                Ok(Value::Array(
+                    lock(&self.blocks)
+                        .iter()
+                        .map(|b| {
+                            let mut v = json!({
+                                "id": b.id, "fdname": b.fdname, "offset": b.offset,
+                                "size": b.size, "page-size": b.page_size,
+                            });
+                            if let Some(h) = b.host_addr {
+                                v["host-addr"] = json!(h);
+                            }
+                            if let Some(d) = &b.dirty_bitmap_name {
+                                v["dirty-bitmap"] = json!(d);
+                            }
+                            v
+                        })
+                        .collect(),
+                ))
+            }
             "migrate-set-capabilities" => self.set_capabilities(&a),
             "query-migrate-capabilities" => {
+                a.only(&[])?;
                 let caps = self.ctx.caps();
                 Ok(Value::Array(
                     Capabilities::NAMES
@@ -266,6 +276,7 @@ impl Helper {
             }
             "migrate-set-parameters" => self.set_parameters(&a),
             "query-migrate-parameters" => {
+                a.only(&[])?;
                 let p = self.ctx.params();
                 Ok(json!({
                     "max-bandwidth": p.max_bandwidth,
@@ -326,23 +337,27 @@ impl Helper {
                 }
                 Ok(json!({}))
             }
-            "migrate-pause" | "migrate-recover" => {
-                Err(QmpError::generic(format!(
-                    "{name}: postcopy is not available in this build of the helper yet"
-                )))
-            }
+            "migrate-pause" | "migrate-recover" => Err(QmpError::generic(format!(
+                "{name}: postcopy is not available in this build of the helper yet"
+            ))),
             "userfaultfd-set" => {
                 a.only(&["fdname"])?;
                 let name = a.str("fdname")?;
                 let fd = self.dup_fd(name)?;
-                crate::fault::check_userfaultfd(name, &fd).map_err(|e| QmpError::generic(e.to_string()))?;
+                crate::fault::check_userfaultfd(name, &fd)
+                    .map_err(|e| QmpError::generic(e.to_string()))?;
                 if self.busy() && *lock(&self.role) == Some(Role::Destination) {
-                    return Err(QmpError::generic("cannot change the userfaultfd of a running migration"));
+                    return Err(QmpError::generic(
+                        "cannot change the userfaultfd of a running migration",
+                    ));
                 }
                 *lock(&self.uffd) = Some(fd);
                 Ok(json!({}))
             }
-            "query-migrate" => Ok(self.query_migrate()),
+            "query-migrate" => {
+                a.only(&[])?;
+                Ok(self.query_migrate())
+            }
             "device-state-set" => {
                 a.only(&["sections"])?;
                 let v = args
@@ -359,10 +374,14 @@ impl Helper {
                 *lock(&self.ctx.device_out) = list;
                 Ok(json!({}))
             }
-            "query-device-state" => Ok(json!({
-                "sections": lock(&self.ctx.device_in).iter().map(DeviceSection::to_json).collect::<Vec<_>>(),
-            })),
+            "query-device-state" => {
+                a.only(&[])?;
+                Ok(json!({
+                    "sections": lock(&self.ctx.device_in).iter().map(DeviceSection::to_json).collect::<Vec<_>>(),
+                }))
+            }
             "quit" => {
+                a.only(&[])?;
                 if self.busy() {
                     slog::warn!(self.log, "quit while a migration is running; cancelling it");
                     let _ = self.ctx.state.transition(MigrationStatus::Cancelling);
@@ -598,8 +617,9 @@ impl Helper {
         self.start_worker(Role::Source, move |ctx| {
             let chan = match chan {
                 Some(c) => c,
-                None => Channel::connect(&uri, |_| None).map_err(|e| e.to_string())?,
-            };
+                None => Channel::connect(&uri, |_| None, &ctx.cancel).map_err(|e| e.to_string())?,
+            }
+            .with_cancel(ctx.cancel.clone());
             if let Ok(fd) = chan.try_clone_fd() {
                 ctx.set_channel(Some(fd));
             }
@@ -621,14 +641,16 @@ impl Helper {
         lock(&self.ctx.device_in).clear();
         slog::info!(self.log, "migrate-incoming"; "uri" => %uri);
         let uffd = match lock(&self.uffd).as_ref() {
-            Some(fd) => Some(
-                fd.try_clone()
-                    .map_err(|e| QmpError::generic(format!("cannot duplicate the userfaultfd: {e}")))?,
-            ),
+            Some(fd) => Some(fd.try_clone().map_err(|e| {
+                QmpError::generic(format!("cannot duplicate the userfaultfd: {e}"))
+            })?),
             None => None,
         };
         self.start_worker(Role::Destination, move |ctx| {
-            let chan = incoming.accept(&ctx.cancel).map_err(|e| e.to_string())?;
+            let chan = incoming
+                .accept(&ctx.cancel)
+                .map_err(|e| e.to_string())?
+                .with_cancel(ctx.cancel.clone());
             if let Ok(fd) = chan.try_clone_fd() {
                 ctx.set_channel(Some(fd));
             }

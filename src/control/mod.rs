@@ -9,15 +9,11 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde_json::json;
 
 pub use commands::Helper;
 use qmp::{Input, LineReader, QmpError};
-
-/// How long a write to a client that does not read may block before it is dropped.
-const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The greeting, with the QEMU version whose protocol the helper speaks.
 pub fn greeting() -> serde_json::Value {
@@ -39,10 +35,8 @@ pub enum ConnEnd {
 
 /// Serves one client until it disconnects or sends `quit`.
 pub fn serve_connection(helper: &Arc<Helper>, stream: UnixStream) -> std::io::Result<ConnEnd> {
-    let writer = stream.try_clone()?;
-    writer.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT))?;
     let sink = helper.events().clone();
-    sink.attach(Some(writer));
+    sink.attach(Some(stream.try_clone()?));
     sink.send_line(&greeting());
     let mut reader = LineReader::new(stream);
     let mut negotiated = false;

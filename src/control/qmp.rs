@@ -114,6 +114,8 @@ pub struct LineReader {
     fds: Vec<(usize, OwnedFd)>,
     /// Set while skipping the rest of an over-long line.
     discarding: bool,
+    /// How much of `buf` is known to hold no newline.
+    scanned: usize,
 }
 
 /// What the reader produced.
@@ -130,12 +132,16 @@ impl LineReader {
             buf: Vec::new(),
             fds: Vec::new(),
             discarding: false,
+            scanned: 0,
         }
     }
 
     pub fn read_input(&mut self) -> std::io::Result<Input> {
         loop {
-            if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+            // Only the bytes not yet searched: a long line must not cost quadratic time.
+            if let Some(i) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
+                let nl = self.scanned + i;
+                self.scanned = 0;
                 let rest = self.buf.split_off(nl + 1);
                 let mut line = std::mem::replace(&mut self.buf, rest);
                 line.pop();
@@ -147,23 +153,21 @@ impl LineReader {
                     .map(|(p, fd)| (p - (nl + 1), fd))
                     .collect();
                 let fds = mine.into_iter().map(|(_, fd)| fd).collect();
-                if std::mem::take(&mut self.discarding) {
-                    continue;
-                }
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
                 return Ok(Input::Line(line, fds));
             }
+            self.scanned = self.buf.len();
             if self.buf.len() > MAX_LINE {
-                self.buf.clear();
+                // Drop the line; skip what is left of it as it arrives.
+                self.buf = Vec::new();
                 self.fds.clear();
-                if !self.discarding {
-                    self.discarding = true;
-                    return Ok(Input::TooLong);
-                }
+                self.scanned = 0;
+                self.discarding = true;
+                return Ok(Input::TooLong);
             }
-            let mut chunk = [0u8; 64 * 1024];
+            let mut chunk = vec![0u8; 256 * 1024];
             let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; MAX_FDS]);
             let mut iov = [IoSliceMut::new(&mut chunk)];
             let msg = match recvmsg::<()>(
@@ -178,12 +182,13 @@ impl LineReader {
             };
             let n = msg.bytes;
             let pos = self.buf.len();
+            let mut received = Vec::new();
             if let Ok(cmsgs) = msg.cmsgs() {
                 for c in cmsgs {
                     if let ControlMessageOwned::ScmRights(raw) = c {
                         for fd in raw {
                             // SAFETY: the kernel just installed this fd for us.
-                            self.fds.push((pos, unsafe { OwnedFd::from_raw_fd(fd) }));
+                            received.push(unsafe { OwnedFd::from_raw_fd(fd) });
                         }
                     }
                 }
@@ -191,7 +196,20 @@ impl LineReader {
             if n == 0 {
                 return Ok(Input::Eof);
             }
-            self.buf.extend_from_slice(&chunk[..n]);
+            let data = &chunk[..n];
+            if self.discarding {
+                // Still inside the over-long line: keep only what follows its end.
+                match data.iter().position(|&b| b == b'\n') {
+                    Some(i) => {
+                        self.discarding = false;
+                        self.buf.extend_from_slice(&data[i + 1..]);
+                    }
+                    None => continue,
+                }
+                continue;
+            }
+            self.fds.extend(received.into_iter().map(|fd| (pos, fd)));
+            self.buf.extend_from_slice(data);
         }
     }
 }

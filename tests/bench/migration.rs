@@ -9,13 +9,11 @@
 //! QMH_BENCH_RSS_SIZES (default "2G,4G").
 
 #[path = "../interop/helper.rs"]
-#[allow(dead_code)]
 mod helper;
 #[path = "../interop/qemu.rs"]
-#[allow(dead_code)]
 mod qemu;
 #[path = "../interop/util.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod util;
 
 use std::os::fd::AsFd;

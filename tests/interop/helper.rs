@@ -1,5 +1,7 @@
 //! A helper process driven through the library's client API, with guest RAM in memfds
 //! that the test (as the parent VMM) maps and fills.
+// Shared by the interop tests and the benchmark; not every item is used by both.
+#![allow(dead_code)]
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};

@@ -56,9 +56,13 @@ impl UffdGuest {
 
     /// Registers this guest as block `id` of a helper destination, with its userfaultfd.
     pub fn attach(&self, h: &mut HelperVm, id: &str) {
-        h.client.getfd("guest", self.mem.fd.as_fd()).expect("getfd guest");
+        h.client
+            .getfd("guest", self.mem.fd.as_fd())
+            .expect("getfd guest");
         h.client.getfd("uffd", self.uffd_fd()).expect("getfd uffd");
-        h.client.execute("userfaultfd-set", json!({"fdname": "uffd"})).expect("userfaultfd-set");
+        h.client
+            .execute("userfaultfd-set", json!({"fdname": "uffd"}))
+            .expect("userfaultfd-set");
         h.client
             .ram_block_add(&RamBlockSpec {
                 id: id.into(),
@@ -92,7 +96,12 @@ impl Readers {
         let pages = (guest.mem.size / 4096) as usize;
         let handles = (0..threads)
             .map(|t| {
-                let (map, expected, stop, checked) = (guest.map.clone(), expected.clone(), stop.clone(), checked.clone());
+                let (map, expected, stop, checked) = (
+                    guest.map.clone(),
+                    expected.clone(),
+                    stop.clone(),
+                    checked.clone(),
+                );
                 std::thread::spawn(move || {
                     let mut x = seed ^ (t as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
                     while !stop.load(Ordering::Relaxed) {
@@ -102,7 +111,9 @@ impl Readers {
                         let p = (x % pages as u64) as usize;
                         let got = &map[p * 4096..(p + 1) * 4096];
                         if got != &expected[p * 4096..(p + 1) * 4096] {
-                            return Err(format!("page {p} differs from the source while in postcopy"));
+                            return Err(format!(
+                                "page {p} differs from the source while in postcopy"
+                            ));
                         }
                         checked.fetch_add(1, Ordering::Relaxed);
                     }
@@ -110,7 +121,11 @@ impl Readers {
                 })
             })
             .collect();
-        Readers { stop, checked, handles }
+        Readers {
+            stop,
+            checked,
+            handles,
+        }
     }
 
     fn finish(self) -> u64 {
@@ -158,7 +173,9 @@ fn helper_to_helper_postcopy() {
     let mut dst = HelperVm::spawn();
     guest.attach(&mut dst, "pc.ram");
     for h in [&mut src, &mut dst] {
-        h.client.set_capabilities(&[("postcopy-ram", true)]).expect("caps");
+        h.client
+            .set_capabilities(&[("postcopy-ram", true)])
+            .expect("caps");
     }
     // Slow enough that postcopy starts with most of RAM missing.
     src.client
@@ -171,7 +188,9 @@ fn helper_to_helper_postcopy() {
     dst.client.migrate_incoming("fd:mig").expect("incoming");
     src.client.migrate("fd:mig").expect("migrate");
     std::thread::sleep(Duration::from_millis(300));
-    src.client.migrate_start_postcopy().expect("migrate-start-postcopy");
+    src.client
+        .migrate_start_postcopy()
+        .expect("migrate-start-postcopy");
     wait_until(&mut guest, "destination postcopy-active", || {
         let v = status(&mut dst);
         assert_ne!(v["status"], "failed", "{v}");
@@ -193,7 +212,10 @@ fn helper_to_helper_postcopy() {
         (v["status"] == "completed").then_some(v)
     });
     eprintln!("source: {v}\ndestination mid-postcopy: {mid}\ndestination: {d}");
-    assert!(v["ram"]["postcopy-requests"].as_u64().unwrap() > 0, "no page came by request: {v}");
+    assert!(
+        v["ram"]["postcopy-requests"].as_u64().unwrap() > 0,
+        "no page came by request: {v}"
+    );
     assert!(d["postcopy-latency"]["count"].as_u64().unwrap() > 0, "{d}");
     assert_same_memory(&expected, &guest.map, "helper_to_helper_postcopy");
 }
@@ -211,8 +233,12 @@ fn qemu_to_helper_postcopy(qemu: Qemu, test: &str) {
     let mut guest = UffdGuest::new(RAM);
     let mut dst = HelperVm::spawn();
     guest.attach(&mut dst, "ram");
-    dst.client.set_capabilities(&[("postcopy-ram", true)]).expect("caps");
-    src.qmp().set_capabilities(&[("postcopy-ram", true)]).expect("qemu caps");
+    dst.client
+        .set_capabilities(&[("postcopy-ram", true)])
+        .expect("caps");
+    src.qmp()
+        .set_capabilities(&[("postcopy-ram", true)])
+        .expect("qemu caps");
     // QEMU 7.2 applies the postcopy bandwidth limit to requested pages too, so a very low
     // limit makes each fault wait for the next 100 ms window there.
     src.qmp()
@@ -223,9 +249,13 @@ fn qemu_to_helper_postcopy(qemu: Qemu, test: &str) {
     dst.client.getfd("mig", b.as_fd()).expect("getfd");
     drop((a, b));
     dst.client.migrate_incoming("fd:mig").expect("incoming");
-    src.qmp().execute("migrate", json!({"uri": "fd:mig"})).expect("migrate");
+    src.qmp()
+        .execute("migrate", json!({"uri": "fd:mig"}))
+        .expect("migrate");
     std::thread::sleep(Duration::from_millis(300));
-    src.qmp().execute("migrate-start-postcopy", json!({})).expect("migrate-start-postcopy");
+    src.qmp()
+        .execute("migrate-start-postcopy", json!({}))
+        .expect("migrate-start-postcopy");
     wait_until(&mut guest, "destination postcopy-active", || {
         let v = status(&mut dst);
         assert_ne!(v["status"], "failed", "{v}");
@@ -239,19 +269,26 @@ fn qemu_to_helper_postcopy(qemu: Qemu, test: &str) {
         .iter()
         .map(|s| s["idstr"].as_str().unwrap_or("").to_string())
         .collect();
-    assert!(names.iter().any(|n| n == "timer"), "device sections from the package: {names:?}");
+    assert!(
+        names.iter().any(|n| n == "timer"),
+        "device sections from the package: {names:?}"
+    );
     let readers = Readers::start(&guest, expected.clone(), 4, seed);
     std::thread::sleep(Duration::from_millis(500));
     let checked = readers.finish();
     assert!(checked > 20, "readers checked only {checked} pages");
-    src.wait_migration(&["completed"], TIMEOUT).expect("qemu source completes");
+    src.wait_migration(&["completed"], TIMEOUT)
+        .expect("qemu source completes");
     let d = wait_until(&mut guest, "destination completed", || {
         let v = status(&mut dst);
         assert_ne!(v["status"], "failed", "{v}");
         (v["status"] == "completed").then_some(v)
     });
     eprintln!("{test}: destination {d}");
-    assert!(d["ram"]["postcopy-requests"].as_u64().unwrap() > 0, "no page came by request: {d}");
+    assert!(
+        d["ram"]["postcopy-requests"].as_u64().unwrap() > 0,
+        "no page came by request: {d}"
+    );
     assert!(d["postcopy-latency"]["count"].as_u64().unwrap() > 0, "{d}");
     assert_same_memory(&expected, &guest.map, test);
 }
@@ -278,10 +315,16 @@ fn helper_to_qemu_postcopy(qemu: Qemu, test: &str) {
     fill_mixed(&mut src.blocks[0].mem.map(), seed, 0.3);
     let expected = src.blocks[0].mem.map().to_vec();
     let mut dst = QemuVm::start(qemu, RAM, &VmOpts::incoming());
-    dst.qmp().set_capabilities(&[("postcopy-ram", true)]).expect("qemu caps");
-    src.client.set_capabilities(&[("postcopy-ram", true)]).expect("caps");
+    dst.qmp()
+        .set_capabilities(&[("postcopy-ram", true)])
+        .expect("qemu caps");
+    src.client
+        .set_capabilities(&[("postcopy-ram", true)])
+        .expect("caps");
     if qemu == Qemu::V72 {
-        src.client.set_parameters(json!({"compat-version": "7.2"})).expect("compat");
+        src.client
+            .set_parameters(json!({"compat-version": "7.2"}))
+            .expect("compat");
     }
     src.client
         .set_parameters(json!({"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 32 * MIB}))
@@ -290,10 +333,14 @@ fn helper_to_qemu_postcopy(qemu: Qemu, test: &str) {
     dst.qmp().getfd("mig", b.as_fd()).expect("qemu getfd");
     src.client.getfd("mig", a.as_fd()).expect("getfd");
     drop((a, b));
-    dst.qmp().execute("migrate-incoming", json!({"uri": "fd:mig"})).expect("incoming");
+    dst.qmp()
+        .execute("migrate-incoming", json!({"uri": "fd:mig"}))
+        .expect("incoming");
     src.client.migrate("fd:mig").expect("migrate");
     std::thread::sleep(Duration::from_millis(300));
-    src.client.migrate_start_postcopy().expect("migrate-start-postcopy");
+    src.client
+        .migrate_start_postcopy()
+        .expect("migrate-start-postcopy");
     src.wait(&["postcopy-active", "completed"], TIMEOUT);
     dst.wait_migration(&["postcopy-active", "completed"], TIMEOUT)
         .expect("qemu postcopy-active");
@@ -303,14 +350,25 @@ fn helper_to_qemu_postcopy(qemu: Qemu, test: &str) {
         let page = RAM / 4096 - 1 - i * 7;
         let addr = page * 4096;
         let out = dst.qmp().hmp(&format!("xp /1xg {addr:#x}")).expect("xp");
-        let want = u64::from_le_bytes(expected[addr as usize..addr as usize + 8].try_into().unwrap());
-        assert!(out.contains(&format!("{want:#018x}")), "xp at {addr:#x}: {out:?}, want {want:#018x}");
+        let want = u64::from_le_bytes(
+            expected[addr as usize..addr as usize + 8]
+                .try_into()
+                .unwrap(),
+        );
+        assert!(
+            out.contains(&format!("{want:#018x}")),
+            "xp at {addr:#x}: {out:?}, want {want:#018x}"
+        );
         read += 1;
     }
     let v = src.wait(&["completed"], TIMEOUT);
-    dst.wait_migration(&["completed"], TIMEOUT).expect("qemu completes");
+    dst.wait_migration(&["completed"], TIMEOUT)
+        .expect("qemu completes");
     eprintln!("{test}: read {read} pages through QEMU; source {v}");
-    assert!(v["ram"]["postcopy-requests"].as_u64().unwrap() > 0, "QEMU requested no page: {v}");
+    assert!(
+        v["ram"]["postcopy-requests"].as_u64().unwrap() > 0,
+        "QEMU requested no page: {v}"
+    );
     assert_same_memory(&expected, &dst.ram_mmap(), test);
 }
 

@@ -33,6 +33,11 @@ fn qemu_to_helper(qemu: Qemu, test: &str, return_path: bool) {
     src.qmp()
         .set_parameters(json!({"max-bandwidth": 10 * GIB}))
         .expect("params");
+    if return_path {
+        src.qmp()
+            .set_capabilities(&[("return-path", true)])
+            .expect("caps");
+    }
     src.qmp()
         .execute("migrate", json!({"uri": "fd:mig"}))
         .expect("migrate");
@@ -79,6 +84,14 @@ fn helper_to_qemu(qemu: Qemu, test: &str, return_path: bool) {
     src.client
         .set_parameters(json!({"max-bandwidth": 0}))
         .expect("params");
+    if return_path {
+        src.client
+            .set_capabilities(&[("return-path", true)])
+            .expect("caps");
+        dst.qmp()
+            .set_capabilities(&[("return-path", true)])
+            .expect("caps");
+    }
 
     let (a, b) = socketpair();
     dst.qmp().getfd("mig", b.as_fd()).expect("qemu getfd");
