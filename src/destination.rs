@@ -200,6 +200,8 @@ struct Loader<'a> {
     postcopy: Option<Arc<PostcopyDest>>,
     fault_thread: Option<std::thread::JoinHandle<()>>,
     fault_error: Arc<Mutex<Option<String>>>,
+    /// Postcopy pages waiting for one UFFDIO_COPY.
+    staged: Staged,
     /// Per block: pages known to read as zero (holes, not written since), so that zero
     /// pages there cost nothing.
     known_zero: Vec<Vec<u64>>,
@@ -215,8 +217,58 @@ struct Run {
     pages: Vec<*const u8>,
 }
 
+/// Consecutive postcopy pages gathered for one UFFDIO_COPY.
+#[derive(Default)]
+struct Staged {
+    block: usize,
+    start: u64,
+    data: Vec<u8>,
+}
+
+/// Pages per UFFDIO_COPY: large enough to amortise the ioctl, small enough that a requested
+/// page behind a run of background pages is placed soon.
+const STAGE_PAGES: usize = 32;
+
 impl<'a> Loader<'a> {
+    fn stage(&mut self, pc: &PostcopyDest, bi: usize, offset: u64, data: &[u8]) -> Result<(), FaultError> {
+        let page = wire::TARGET_PAGE_SIZE;
+        let next = self.staged.start + self.staged.data.len() as u64;
+        if !self.staged.data.is_empty()
+            && (self.staged.block != bi || next != offset || self.staged.data.len() >= STAGE_PAGES * page)
+        {
+            self.flush_staged_with(pc)?;
+        }
+        if self.staged.data.is_empty() {
+            self.staged.block = bi;
+            self.staged.start = offset;
+        }
+        self.staged.data.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn flush_staged_with(&mut self, pc: &PostcopyDest) -> Result<(), FaultError> {
+        if self.staged.data.is_empty() {
+            return Ok(());
+        }
+        let r = pc.place_pages(self.staged.block, self.staged.start, &self.staged.data);
+        self.staged.data.clear();
+        r
+    }
+
+    fn flush_staged(&mut self) -> Result<(), FaultError> {
+        match self.postcopy.clone() {
+            Some(pc) => self.flush_staged_with(&pc),
+            None => Ok(()),
+        }
+    }
+
     fn flush(&mut self) -> Result<(), LoadError> {
+        if let Err(e) = self.flush_staged() {
+            return Err(LoadError::Invalid {
+                offset: 0,
+                msg: e.to_string(),
+            });
+        }
         if self.run.pages.is_empty() {
             return Ok(());
         }
@@ -306,15 +358,16 @@ impl<'a> Loader<'a> {
             let placed = match rec {
                 Record::Zero { fill: 0, .. } => {
                     Stats::add(&self.ctx.stats.duplicate, 1);
-                    pc.place_zero(bi, offset)
+                    self.flush_staged().and_then(|()| pc.place_zero(bi, offset))
                 }
                 Record::Zero { fill, .. } => {
                     Stats::add(&self.ctx.stats.duplicate, 1);
-                    pc.place_page(bi, offset, &[fill; wire::TARGET_PAGE_SIZE])
+                    self.flush_staged()
+                        .and_then(|()| pc.place_page(bi, offset, &[fill; wire::TARGET_PAGE_SIZE]))
                 }
                 Record::Page { data, .. } => {
                     Stats::add(&self.ctx.stats.normal, 1);
-                    pc.place_page(bi, offset, data)
+                    self.stage(&pc, bi, offset, data)
                 }
                 _ => Ok(()),
             };
@@ -881,6 +934,7 @@ pub fn load<R: Read>(
         postcopy: None,
         fault_thread: None,
         fault_error: Arc::new(Mutex::new(None)),
+        staged: Staged::default(),
     };
     let result = load_inner(&mut loader, &mut r, chan);
     // Every page has arrived (or the load failed): the fault thread's work is over.

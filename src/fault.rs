@@ -197,10 +197,18 @@ impl PostcopyDest {
     /// Places a page the source sent. A page already present (EEXIST) is fine: it arrived
     /// twice, or the parent had it.
     pub fn place_page(&self, bi: usize, offset: u64, data: &[u8]) -> Result<(), FaultError> {
+        self.place_pages(bi, offset, data)
+    }
+
+    /// Places consecutive pages with one UFFDIO_COPY (one ioctl and one wake for the run);
+    /// when some page of the run is already present, falls back to page by page.
+    pub fn place_pages(&self, bi: usize, offset: u64, data: &[u8]) -> Result<(), FaultError> {
         let b = &self.blocks[bi];
-        if data.len() != TARGET_PAGE_SIZE
+        let len = data.len() as u64;
+        if len == 0
+            || len % PAGE != 0
             || offset % PAGE != 0
-            || offset.checked_add(PAGE).is_none_or(|e| e > b.size)
+            || offset.checked_add(len).is_none_or(|e| e > b.size)
         {
             return Err(FaultError::Place {
                 what: "page",
@@ -209,19 +217,16 @@ impl PostcopyDest {
                 err: "outside the block".into(),
             });
         }
-        // SAFETY: dst is inside the parent's registered mapping of this block (host-addr,
-        // size), src is a page-sized buffer of ours.
-        let r = unsafe {
-            self.uffd.copy(
-                data.as_ptr() as *const _,
-                self.host(bi, offset),
-                TARGET_PAGE_SIZE,
-                true,
-            )
+        let copy = |off: u64, d: &[u8]| {
+            // SAFETY: dst is inside the parent's registered mapping of this block
+            // (host-addr, size; checked above), src is our buffer of d.len() bytes.
+            unsafe { self.uffd.copy(d.as_ptr() as *const _, self.host(bi, off), d.len(), true) }
         };
-        match r {
-            Ok(_) => {}
-            Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {}
+        let whole = copy(offset, data);
+        let per_page = match whole {
+            Ok(n) if n == data.len() => false,
+            Ok(_) | Err(userfaultfd::Error::PartiallyCopied(_)) => true,
+            Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => true,
             Err(e) => {
                 return Err(FaultError::Place {
                     what: "page",
@@ -230,8 +235,27 @@ impl PostcopyDest {
                     err: format!("{e}"),
                 })
             }
+        };
+        if per_page {
+            for (i, d) in data.chunks(TARGET_PAGE_SIZE).enumerate() {
+                let off = offset + i as u64 * PAGE;
+                match copy(off, d) {
+                    Ok(_) => {}
+                    Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {}
+                    Err(e) => {
+                        return Err(FaultError::Place {
+                            what: "page",
+                            block: b.id.clone(),
+                            offset: off,
+                            err: format!("{e}"),
+                        })
+                    }
+                }
+            }
         }
-        self.placed(bi, offset / PAGE);
+        for p in offset / PAGE..(offset + len) / PAGE {
+            self.placed(bi, p);
+        }
         Ok(())
     }
 

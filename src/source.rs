@@ -28,7 +28,9 @@ const PART_TIME: Duration = Duration::from_millis(50);
 /// How long the source waits for the destination's SHUT at the end.
 const SHUT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Socket send buffer in postcopy: small, so requested pages are not queued behind much.
-const POSTCOPY_SNDBUF: usize = 256 << 10;
+const POSTCOPY_SNDBUF: usize = 64 << 10;
+/// Background pages sent between two looks at the page requests.
+const POSTCOPY_CHUNK: u32 = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -705,20 +707,31 @@ impl Source<'_> {
         self.out.flush()
     }
 
-    /// The next word of pages still to send, taken out of the to-do set.
+    /// The next pages still to send (at most POSTCOPY_CHUNK, within one bitmap word), taken
+    /// out of the to-do set.
     fn next_word(&mut self) -> Option<(usize, usize, u64)> {
         while self.cursor.0 < self.blocks.len() {
             let (bi, wi) = self.cursor;
             let todo = &mut self.blocks[bi].todo;
-            if wi >= todo.len() {
+            let Some(&w) = todo.get(wi) else {
                 self.cursor = (bi + 1, 0);
                 continue;
+            };
+            if w == 0 {
+                self.cursor = (bi, wi + 1);
+                continue;
             }
-            self.cursor = (bi, wi + 1);
-            let w = std::mem::take(&mut todo[wi]);
-            if w != 0 {
-                return Some((bi, wi, w));
+            let mut chunk = 0u64;
+            let mut rest = w;
+            for _ in 0..POSTCOPY_CHUNK {
+                if rest == 0 {
+                    break;
+                }
+                chunk |= rest & rest.wrapping_neg();
+                rest &= rest - 1;
             }
+            todo[wi] = rest;
+            return Some((bi, wi, chunk));
         }
         None
     }

@@ -260,10 +260,16 @@ fn main() {
         ("QEMU->helper", true, false),
         ("helper->QEMU", false, true),
     ];
+    // QMH_BENCH_CASES=qq,hh,qh,hq picks cases (QEMU->QEMU is the baseline and always runs).
+    let pick = std::env::var("QMH_BENCH_CASES").unwrap_or_else(|_| "qq,hh,qh,hq".into());
+    let keys = ["qq", "hh", "qh", "hq"];
     // Interleave the cases so that machine noise spreads over all of them.
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     for r in 0..repeat {
         for (i, (name, sq, dq)) in cases.iter().enumerate() {
+            if i > 0 && !pick.split(',').any(|k| k == keys[i]) {
+                continue;
+            }
             let t = migrate_once(*sq, *dq, size, 1000 + r as u64);
             println!("  run {r} {name:<15} {t:7.3} s");
             times[i].push(t);
@@ -275,6 +281,9 @@ fn main() {
         "case", "median s", "MB/s", "vs QEMU->QEMU"
     );
     for (i, (name, _, _)) in cases.iter().enumerate() {
+        if times[i].is_empty() {
+            continue;
+        }
         let m = median(times[i].clone());
         println!(
             "{name:<15} {m:9.3} {:9.0} {:>11.2}x",

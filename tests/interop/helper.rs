@@ -154,8 +154,10 @@ pub fn socketpair() -> (OwnedFd, OwnedFd) {
 impl HelperVm {
     /// A helper that logs only warnings (for benchmarks).
     pub fn spawn_quiet() -> HelperVm {
+        // QMH_HELPER_LOG=info shows the helpers' own summaries.
+        let level = std::env::var("QMH_HELPER_LOG").unwrap_or_else(|_| "warn".into());
         let (client, child) =
-            HelperClient::spawn(helper_bin(), &["--log-level", "warn"]).expect("spawn helper");
+            HelperClient::spawn(helper_bin(), &["--log-level", &level]).expect("spawn helper");
         HelperVm {
             client,
             child,

@@ -1,0 +1,215 @@
+//! Postcopy page-fault service latency: `cargo bench --bench postcopy`.
+//!
+//! helper->helper and QEMU 10.0->helper over a Unix socketpair, 4 KiB pages, the background
+//! push at full speed (max-postcopy-bandwidth 0). The test is the destination's parent VMM:
+//! reader threads touch random pages through its userfaultfd-registered mapping and time
+//! each first touch (the latency a vCPU sees); the helper's own figures (fault read -> page
+//! placed) are printed beside them. QEMU->QEMU is measured the only way QEMU 10.0 allows from
+//! outside without running a guest: the monitor's `xp` on a missing page versus on a present
+//! page (the difference is the fault service time).
+//!
+//! Environment: QMH_BENCH_PC_SIZE (default 1G), QMH_BENCH_REPEAT (default 3).
+
+#[path = "../interop/helper.rs"]
+mod helper;
+#[path = "../interop/postcopy.rs"]
+#[allow(dead_code)]
+mod postcopy;
+#[path = "../interop/qemu.rs"]
+mod qemu;
+#[path = "../interop/util.rs"]
+#[allow(unused_imports)]
+mod util;
+
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use helper::{socketpair, HelperVm};
+use postcopy::UffdGuest;
+use qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+use util::{fill_mixed, GIB, MIB};
+
+const TIMEOUT: Duration = Duration::from_secs(600);
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[(((v.len() - 1) as f64) * p).round() as usize]
+}
+
+/// Reader threads timing first touches of random pages; returns microseconds per touch of
+/// pages that were still missing (a touch under 1 us hit a present page and is not counted).
+fn touch_pages(guest: &UffdGuest, stop: Arc<AtomicBool>, threads: usize) -> Vec<f64> {
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let pages = guest.mem.size / 4096;
+    let hs: Vec<_> = (0..threads)
+        .map(|t| {
+            let (map, stop, out) = (guest.map.clone(), stop.clone(), out.clone());
+            std::thread::spawn(move || {
+                let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (t as u64 + 7);
+                let mut mine = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let p = (x % pages) as usize;
+                    let t0 = Instant::now();
+                    // SAFETY: inside the mapping; volatile so the read happens.
+                    let _v = unsafe { std::ptr::read_volatile(map.as_ptr().add(p * 4096) as *const u64) };
+                    let us = t0.elapsed().as_secs_f64() * 1e6;
+                    if us >= 1.0 {
+                        mine.push(us);
+                    }
+                }
+                out.lock().unwrap().extend(mine);
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(800));
+    stop.store(true, Ordering::Relaxed);
+    for h in hs {
+        let _ = h.join();
+    }
+    let v = std::mem::take(&mut *out.lock().unwrap());
+    v
+}
+
+/// One postcopy run into a helper destination; returns (parent-side touch latencies in us,
+/// the helper's reported postcopy-latency).
+fn into_helper(from_qemu: bool, size: u64) -> (Vec<f64>, serde_json::Value) {
+    let mut guest = UffdGuest::new(size);
+    let mut dst = HelperVm::spawn_quiet();
+    guest.attach(&mut dst, "ram");
+    dst.client.set_capabilities(&[("postcopy-ram", true)]).expect("caps");
+    let (a, b) = socketpair();
+    dst.client.getfd("mig", b.as_fd()).expect("getfd");
+    dst.client.migrate_incoming("fd:mig").expect("incoming");
+    let mut qsrc = None;
+    let mut hsrc = None;
+    if from_qemu {
+        let mut q = QemuVm::start(Qemu::V10, size, &VmOpts::default());
+        fill_mixed(&mut q.ram_mmap(), 5, 0.0);
+        q.qmp().set_capabilities(&[("postcopy-ram", true)]).expect("caps");
+        q.qmp()
+            .set_parameters(json!({"max-bandwidth": 16 * MIB, "max-postcopy-bandwidth": 0}))
+            .expect("params");
+        q.qmp().getfd("mig", a.as_fd()).expect("getfd");
+        q.qmp().execute("migrate", json!({"uri": "fd:mig"})).expect("migrate");
+        std::thread::sleep(Duration::from_millis(200));
+        q.qmp().execute("migrate-start-postcopy", json!({})).expect("postcopy");
+        qsrc = Some(q);
+    } else {
+        let mut h = HelperVm::spawn_quiet();
+        h.add_block("ram", size, false);
+        fill_mixed(&mut h.blocks[0].mem.map(), 5, 0.0);
+        h.client.set_capabilities(&[("postcopy-ram", true)]).expect("caps");
+        h.client
+            .set_parameters(json!({"max-bandwidth": 16 * MIB, "max-postcopy-bandwidth": 0}))
+            .expect("params");
+        h.client.getfd("mig", a.as_fd()).expect("getfd");
+        h.client.migrate("fd:mig").expect("migrate");
+        std::thread::sleep(Duration::from_millis(200));
+        h.client.migrate_start_postcopy().expect("postcopy");
+        hsrc = Some(h);
+    }
+    drop((a, b));
+    dst.wait(&["postcopy-active", "completed"], TIMEOUT);
+    let lat = touch_pages(&guest, Arc::new(AtomicBool::new(false)), 2);
+    let v = dst.wait(&["completed"], TIMEOUT);
+    if let Some(mut q) = qsrc {
+        q.wait_migration(&["completed"], TIMEOUT).expect("qemu completes");
+    }
+    if let Some(mut h) = hsrc {
+        h.wait(&["completed"], TIMEOUT);
+    }
+    (lat, v["postcopy-latency"].clone())
+}
+
+/// QEMU->QEMU: `xp` round trips on missing pages minus those on present pages, in us.
+fn qemu_to_qemu(size: u64) -> (Vec<f64>, f64) {
+    let mut src = QemuVm::start(Qemu::V10, size, &VmOpts::default());
+    fill_mixed(&mut src.ram_mmap(), 5, 0.0);
+    let mut dst = QemuVm::start(Qemu::V10, size, &VmOpts::incoming());
+    for q in [&mut src, &mut dst] {
+        q.qmp().set_capabilities(&[("postcopy-ram", true)]).expect("caps");
+    }
+    src.qmp()
+        .set_parameters(json!({"max-bandwidth": 16 * MIB, "max-postcopy-bandwidth": 0}))
+        .expect("params");
+    let (a, b) = socketpair();
+    src.qmp().getfd("mig", a.as_fd()).expect("getfd");
+    dst.qmp().getfd("mig", b.as_fd()).expect("getfd");
+    drop((a, b));
+    dst.qmp().execute("migrate-incoming", json!({"uri": "fd:mig"})).expect("incoming");
+    src.qmp().execute("migrate", json!({"uri": "fd:mig"})).expect("migrate");
+    std::thread::sleep(Duration::from_millis(200));
+    src.qmp().execute("migrate-start-postcopy", json!({})).expect("postcopy");
+    dst.wait_migration(&["postcopy-active", "completed"], TIMEOUT).expect("active");
+    let pages = size / 4096;
+    let mut missing = Vec::new();
+    let mut present = Vec::new();
+    let mut x = 12345u64;
+    let t_end = Instant::now() + Duration::from_millis(800);
+    while Instant::now() < t_end {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let addr = (x % pages) * 4096;
+        let t0 = Instant::now();
+        dst.qmp().hmp(&format!("xp /1xg {addr:#x}")).expect("xp");
+        missing.push(t0.elapsed().as_secs_f64() * 1e6);
+        // The same page again: now present.
+        let t1 = Instant::now();
+        dst.qmp().hmp(&format!("xp /1xg {addr:#x}")).expect("xp");
+        present.push(t1.elapsed().as_secs_f64() * 1e6);
+    }
+    let base = pct(&mut present, 0.5);
+    src.wait_migration(&["completed"], TIMEOUT).expect("completes");
+    dst.wait_migration(&["completed"], TIMEOUT).expect("completes");
+    (missing.iter().map(|m| (m - base).max(0.0)).collect(), base)
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("postcopy latency benchmark: run it with `cargo bench --bench postcopy` (not part of the tests)");
+        return;
+    }
+    if require_qemu(Qemu::V10, "bench").is_none() {
+        return;
+    }
+    let size = qemu_migration_helper::demo::parse_size(
+        &std::env::var("QMH_BENCH_PC_SIZE").unwrap_or_else(|_| "1G".into()),
+    )
+    .unwrap_or(GIB);
+    let repeat: usize = std::env::var("QMH_BENCH_REPEAT").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    println!(
+        "postcopy fault latency: {} MiB guest, 4 KiB pages, Unix socketpair, background push unlimited, {repeat} runs each",
+        size >> 20
+    );
+    let mut hh = Vec::new();
+    let mut qh = Vec::new();
+    let mut qq = Vec::new();
+    for r in 0..repeat {
+        let (l, own) = into_helper(false, size);
+        println!("  run {r} helper->helper: {} faults timed by the parent; helper's own: {own}", l.len());
+        hh.extend(l);
+        let (l, own) = into_helper(true, size);
+        println!("  run {r} QEMU->helper:   {} faults timed by the parent; helper's own: {own}", l.len());
+        qh.extend(l);
+        let (l, base) = qemu_to_qemu(size);
+        println!("  run {r} QEMU->QEMU:     {} xp reads of missing pages (present-page xp: {base:.0} us)", l.len());
+        qq.extend(l);
+    }
+    println!("\n{:<15} {:>8} {:>10} {:>10}", "case", "faults", "p50 us", "p99 us");
+    for (name, v) in [("helper->helper", &mut hh), ("QEMU->helper", &mut qh), ("QEMU->QEMU (xp)", &mut qq)] {
+        let n = v.len();
+        println!("{name:<15} {n:>8} {:>10.1} {:>10.1}", pct(v, 0.5), pct(v, 0.99));
+    }
+    println!("targets: p50 <= 100 us, p99 <= 1000 us (helper destinations)");
+}
