@@ -230,11 +230,19 @@ struct Staged {
 const STAGE_PAGES: usize = 32;
 
 impl<'a> Loader<'a> {
-    fn stage(&mut self, pc: &PostcopyDest, bi: usize, offset: u64, data: &[u8]) -> Result<(), FaultError> {
+    fn stage(
+        &mut self,
+        pc: &PostcopyDest,
+        bi: usize,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), FaultError> {
         let page = wire::TARGET_PAGE_SIZE;
         let next = self.staged.start + self.staged.data.len() as u64;
         if !self.staged.data.is_empty()
-            && (self.staged.block != bi || next != offset || self.staged.data.len() >= STAGE_PAGES * page)
+            && (self.staged.block != bi
+                || next != offset
+                || self.staged.data.len() >= STAGE_PAGES * page)
         {
             self.flush_staged_with(pc)?;
         }

@@ -220,7 +220,10 @@ impl PostcopyDest {
         let copy = |off: u64, d: &[u8]| {
             // SAFETY: dst is inside the parent's registered mapping of this block
             // (host-addr, size; checked above), src is our buffer of d.len() bytes.
-            unsafe { self.uffd.copy(d.as_ptr() as *const _, self.host(bi, off), d.len(), true) }
+            unsafe {
+                self.uffd
+                    .copy(d.as_ptr() as *const _, self.host(bi, off), d.len(), true)
+            }
         };
         let whole = copy(offset, data);
         let per_page = match whole {

@@ -691,6 +691,9 @@ impl Source<'_> {
                 Ok(())
             })?;
             self.out.flush()?;
+            // On a busy machine, let the return-path thread run: a request it has not read
+            // yet cannot overtake the push.
+            std::thread::yield_now();
             let limit = ctx.params().max_postcopy_bandwidth;
             if let Some(wait) = throttle.account(bytes, limit) {
                 resume_at = Some(Instant::now() + wait);
