@@ -202,6 +202,8 @@ struct Loader<'a> {
     fault_error: Arc<Mutex<Option<String>>>,
     /// Postcopy pages waiting for one UFFDIO_COPY.
     staged: Staged,
+    /// The channel, for the fault thread to shut down when it fails.
+    chan_fd: Option<OwnedFd>,
     /// Per block: pages known to read as zero (holes, not written since), so that zero
     /// pages there cost nothing.
     known_zero: Vec<Vec<u64>>,
@@ -660,12 +662,18 @@ impl<'a> Loader<'a> {
             .map_err(|e| self.invalid(r, e.to_string()))?,
         );
         let (t, err, log) = (pc.clone(), self.fault_error.clone(), self.ctx.log.clone());
+        // On a fault-handling error the loader may be blocked reading the stream: shutting
+        // the channel down wakes it, and the fault error is what gets reported.
+        let wake = self.chan_fd.as_ref().and_then(|f| f.try_clone().ok());
         let h = std::thread::Builder::new()
             .name("qmh-faults".into())
             .spawn(move || {
                 if let Err(e) = t.run() {
                     slog::error!(log, "fault handling stopped"; "error" => %e);
                     *err.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                    if let Some(fd) = &wake {
+                        crate::transport::shutdown_fd(fd);
+                    }
                 }
             })
             .map_err(|e| self.invalid(r, format!("cannot start the fault thread: {e}")))?;
@@ -943,8 +951,23 @@ pub fn load<R: Read>(
         fault_thread: None,
         fault_error: Arc::new(Mutex::new(None)),
         staged: Staged::default(),
+        chan_fd: chan.and_then(|c| c.try_clone_fd().ok()),
     };
-    let result = load_inner(&mut loader, &mut r, chan);
+    let mut result = load_inner(&mut loader, &mut r, chan);
+    // A fault-handling failure is the cause of whatever the loader saw after it.
+    if result.is_err() {
+        if let Some(e) = loader
+            .fault_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            result = Err(LoadError::Invalid {
+                offset: r.offset,
+                msg: format!("postcopy fault handling: {e}"),
+            });
+        }
+    }
     // Every page has arrived (or the load failed): the fault thread's work is over.
     if result.is_ok() {
         if let Some(pc) = &loader.postcopy {

@@ -381,3 +381,214 @@ fn helper_to_qemu10_postcopy() {
 fn helper_to_qemu72_postcopy() {
     helper_to_qemu_postcopy(Qemu::V72, "helper_to_qemu72_postcopy");
 }
+
+/// The start of a postcopy stream for one block "ram" of `size`, up to and including RUN,
+/// as a source would send it: header, configuration, OPEN_RETURN_PATH, ADVISE, RAM START,
+/// the discards, then the package.
+fn postcopy_prologue(size: u64, discards: &[(u64, u64)]) -> Vec<u8> {
+    use qemu_migration_helper::compat::wire::command;
+    use qemu_migration_helper::{postcopy as pc, ram, stream};
+    let mut b = Vec::new();
+    stream::encode_header(&mut b);
+    stream::encode_configuration(&mut b, "none").unwrap();
+    stream::encode_command(&mut b, command::OPEN_RETURN_PATH, &[]).unwrap();
+    let advise = pc::encode_advise(&pc::Advise {
+        page_size_summary: 4096,
+        target_page_size: 4096,
+    });
+    stream::encode_command(&mut b, command::POSTCOPY_ADVISE, &advise).unwrap();
+    let h = stream::SectionHeader {
+        section_id: 1,
+        idstr: "ram".into(),
+        instance_id: 0,
+        version_id: 4,
+    };
+    stream::encode_section_start(&mut b, stream::SectionKind::Start, &h).unwrap();
+    ram::encode_block_list(
+        &mut b,
+        &[ram::BlockEntry {
+            idstr: "ram".into(),
+            used_length: size,
+            page_size: None,
+        }],
+    )
+    .unwrap();
+    stream::encode_footer(&mut b, 1);
+    pc::encode_discards(&mut b, "ram", discards).unwrap();
+    let blob = pc::encode_package(&[]).unwrap();
+    stream::encode_command(
+        &mut b,
+        command::PACKAGED,
+        &(blob.len() as u32).to_be_bytes(),
+    )
+    .unwrap();
+    b.extend_from_slice(&blob);
+    b
+}
+
+/// A PART section with one page at `offset` filled with `byte`.
+fn page_part(offset: u64, byte: u8) -> Vec<u8> {
+    use qemu_migration_helper::compat::wire::ram as flag;
+    use qemu_migration_helper::{ram, stream};
+    let mut b = Vec::new();
+    stream::encode_section_part(&mut b, stream::SectionKind::Part, 1);
+    ram::encode_page_header(&mut b, offset, flag::PAGE, Some("ram")).unwrap();
+    b.extend_from_slice(&[byte; 4096]);
+    ram::encode_eos(&mut b);
+    stream::encode_footer(&mut b, 1);
+    b
+}
+
+/// Feeds `stream` to a helper destination with a userfaultfd guest, from a thread that also
+/// drains the return path; returns the destination's final query-migrate.
+fn feed_postcopy(guest: &mut UffdGuest, stream: Vec<u8>, want: &[&str]) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut dst = HelperVm::spawn();
+    guest.attach(&mut dst, "ram");
+    let (a, b) = socketpair();
+    dst.client.getfd("mig", b.as_fd()).expect("getfd");
+    drop(b);
+    dst.client.migrate_incoming("fd:mig").expect("incoming");
+    let mut s = std::os::unix::net::UnixStream::from(a);
+    let mut r = s.try_clone().expect("clone");
+    let drain = std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = r.read_to_end(&mut sink);
+    });
+    let _ = s.write_all(&stream);
+    let v = wait_until(guest, "destination to finish", || {
+        let v = status(&mut dst);
+        want.contains(&v["status"].as_str().unwrap_or(""))
+            .then_some(v)
+    });
+    drop(s);
+    let _ = dst.client.quit();
+    let _ = drain.join();
+    v
+}
+
+/// A page that arrives twice in postcopy is placed once (EEXIST is not an error), and the
+/// stream completes with the first copy's content.
+#[test]
+fn postcopy_page_arriving_twice() {
+    use qemu_migration_helper::stream;
+    let size = 1 * MIB;
+    let mut guest = UffdGuest::new(size);
+    let mut s = postcopy_prologue(size, &[(0, size)]);
+    s.extend(page_part(0x3000, 0xaa));
+    s.extend(page_part(0x3000, 0xbb));
+    let mut end = Vec::new();
+    stream::encode_section_part(&mut end, stream::SectionKind::End, 1);
+    qemu_migration_helper::ram::encode_eos(&mut end);
+    stream::encode_footer(&mut end, 1);
+    stream::encode_eof(&mut end);
+    s.extend(end);
+    let v = feed_postcopy(&mut guest, s, &["completed", "failed"]);
+    assert_eq!(v["status"], "completed", "{v}");
+    assert!(
+        guest.map[0x3000..0x4000].iter().all(|&b| b == 0xaa),
+        "first copy wins"
+    );
+}
+
+/// A discard range past the block's end: a clear error, nothing written outside the block.
+#[test]
+fn postcopy_discard_out_of_bounds() {
+    let size = 1 * MIB;
+    let mut guest = UffdGuest::new(size);
+    let s = postcopy_prologue(size, &[(size - 4096, 8192)]);
+    let v = feed_postcopy(&mut guest, s, &["failed"]);
+    let e = v["error-desc"].as_str().unwrap_or("");
+    assert!(e.contains("outside RAM block"), "{v}");
+}
+
+/// A fault in the parent outside every registered block (the parent registered another
+/// range on the same userfaultfd) stops the destination with a clear error.
+#[test]
+fn postcopy_fault_outside_blocks() {
+    let size = 1 * MIB;
+    let mut guest = UffdGuest::new(size);
+    // Another region of the parent's, registered on the same userfaultfd but no block.
+    let other = Memfd::new("other", 64 * 1024);
+    let omap = Arc::new(other.map());
+    guest
+        .uffd
+        .as_ref()
+        .expect("uffd")
+        .register(omap.as_ptr() as *mut _, 64 * 1024)
+        .expect("register other");
+    let s = postcopy_prologue(size, &[(0, size)]);
+    let om = omap.clone();
+    let toucher = std::thread::spawn(move || {
+        // Wait for postcopy to listen, then fault outside the block.
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: inside our own mapping.
+        unsafe { std::ptr::read_volatile(om.as_ptr() as *const u64) }
+    });
+    let v = feed_postcopy(&mut guest, s, &["failed"]);
+    let e = v["error-desc"].as_str().unwrap_or("");
+    assert!(e.contains("outside every RAM block"), "{v}");
+    // Let the blocked thread go: without a userfaultfd the page reads as zero.
+    guest.release();
+    assert_eq!(toucher.join().expect("toucher"), 0);
+}
+
+/// A destination (played by the test) that asks a helper source for a page of an unknown
+/// block, then for a page past the block's end: the source stops with a clear error.
+#[test]
+fn postcopy_bad_page_requests() {
+    use qemu_migration_helper::return_path::{encode, RpMessage};
+    use std::io::{Read, Write};
+    for (what, msg) in [
+        (
+            "unknown RAM block",
+            RpMessage::ReqPagesId {
+                offset: 0,
+                len: 4096,
+                block: "nope",
+            },
+        ),
+        (
+            "outside RAM block",
+            RpMessage::ReqPagesId {
+                offset: RAM,
+                len: 4096,
+                block: "ram",
+            },
+        ),
+    ] {
+        let mut src = HelperVm::spawn();
+        src.add_block("ram", RAM, false);
+        // Random pages, so that precopy cannot finish before postcopy starts.
+        fill_mixed(&mut src.blocks[0].mem.map(), 9, 0.0);
+        src.client
+            .set_capabilities(&[("postcopy-ram", true)])
+            .expect("caps");
+        src.client
+            .set_parameters(json!({"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 8 * MIB}))
+            .expect("params");
+        let (a, b) = socketpair();
+        src.client.getfd("mig", a.as_fd()).expect("getfd");
+        drop(a);
+        let mut s = std::os::unix::net::UnixStream::from(b);
+        let mut r = s.try_clone().expect("clone");
+        let drain = std::thread::spawn(move || {
+            let mut sink = vec![0u8; 1 << 20];
+            while matches!(r.read(&mut sink), Ok(n) if n > 0) {}
+        });
+        src.client.migrate("fd:mig").expect("migrate");
+        std::thread::sleep(Duration::from_millis(100));
+        src.client.migrate_start_postcopy().expect("postcopy");
+        src.wait(&["postcopy-active"], TIMEOUT);
+        let mut m = Vec::new();
+        encode(&mut m, &msg).unwrap();
+        s.write_all(&m).expect("write request");
+        let v = src.wait(&["failed"], TIMEOUT);
+        assert!(
+            v["error-desc"].as_str().unwrap_or("").contains(what),
+            "{what}: {v}"
+        );
+        drop(s);
+        let _ = drain.join();
+    }
+}
