@@ -472,7 +472,7 @@ fn feed_postcopy(guest: &mut UffdGuest, stream: Vec<u8>, want: &[&str]) -> serde
 #[test]
 fn postcopy_page_arriving_twice() {
     use qemu_migration_helper::stream;
-    let size = 1 * MIB;
+    let size = MIB;
     let mut guest = UffdGuest::new(size);
     let mut s = postcopy_prologue(size, &[(0, size)]);
     s.extend(page_part(0x3000, 0xaa));
@@ -494,7 +494,7 @@ fn postcopy_page_arriving_twice() {
 /// A discard range past the block's end: a clear error, nothing written outside the block.
 #[test]
 fn postcopy_discard_out_of_bounds() {
-    let size = 1 * MIB;
+    let size = MIB;
     let mut guest = UffdGuest::new(size);
     let s = postcopy_prologue(size, &[(size - 4096, 8192)]);
     let v = feed_postcopy(&mut guest, s, &["failed"]);
@@ -506,7 +506,7 @@ fn postcopy_discard_out_of_bounds() {
 /// range on the same userfaultfd) stops the destination with a clear error.
 #[test]
 fn postcopy_fault_outside_blocks() {
-    let size = 1 * MIB;
+    let size = MIB;
     let mut guest = UffdGuest::new(size);
     // Another region of the parent's, registered on the same userfaultfd but no block.
     let other = Memfd::new("other", 64 * 1024);
