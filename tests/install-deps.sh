@@ -74,9 +74,8 @@ QEMU_MODULE_DIR="$QEMU72_DIR/usr/lib/x86_64-linux-gnu/qemu" \
   "$QEMU72_DIR/usr/bin/qemu-system-x86_64" --version | head -1 | sed 's/^/install-deps: QEMU 7.2: /' >&2
 
 # Build dependency: the userfaultfd crate generates its bindings with libclang.
-# Packaging and man-page tools used by the tests.
 need=()
-for p in libclang-dev man-db lintian; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
+for p in libclang-dev; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
 if [ ${#need[@]} -gt 0 ]; then
   apt_update
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null

@@ -164,6 +164,18 @@ fn status(h: &mut HelperVm) -> serde_json::Value {
 /// helper -> helper in postcopy: faults served while most of RAM is still missing.
 #[test]
 fn helper_to_helper_postcopy() {
+    helper_to_helper_postcopy_with(false);
+}
+
+/// The same with `pause-before-switchover`: `migrate-start-postcopy` goes through
+/// `pre-switchover`, where the parent hands over the device state that then arrives in the
+/// postcopy package.
+#[test]
+fn helper_to_helper_postcopy_pre_switchover() {
+    helper_to_helper_postcopy_with(true);
+}
+
+fn helper_to_helper_postcopy_with(pause: bool) {
     let seed = test_seed("helper_to_helper_postcopy");
     let mut src = HelperVm::spawn();
     src.add_block("pc.ram", RAM, false);
@@ -175,6 +187,11 @@ fn helper_to_helper_postcopy() {
     for h in [&mut src, &mut dst] {
         h.client
             .set_capabilities(&[("postcopy-ram", true)])
+            .expect("caps");
+    }
+    if pause {
+        src.client
+            .set_capabilities(&[("pause-before-switchover", true)])
             .expect("caps");
     }
     // Slow enough that postcopy starts with most of RAM missing.
@@ -191,6 +208,16 @@ fn helper_to_helper_postcopy() {
     src.client
         .migrate_start_postcopy()
         .expect("migrate-start-postcopy");
+    if pause {
+        src.wait(&["pre-switchover"], TIMEOUT);
+        let body = base64_encode(b"device state handed over in pre-switchover");
+        src.client
+            .device_state_set(
+                json!([{"idstr": "dev0", "instance-id": 0, "version-id": 1, "data": body}]),
+            )
+            .expect("device-state-set");
+        src.client.migrate_continue().expect("migrate-continue");
+    }
     wait_until(&mut guest, "destination postcopy-active", || {
         let v = status(&mut dst);
         assert_ne!(v["status"], "failed", "{v}");
@@ -212,6 +239,14 @@ fn helper_to_helper_postcopy() {
         (v["status"] == "completed").then_some(v)
     });
     eprintln!("source: {v}\ndestination mid-postcopy: {mid}\ndestination: {d}");
+    if pause {
+        let ds = dst.client.query_device_state().expect("query-device-state");
+        assert_eq!(ds["sections"][0]["idstr"], "dev0", "{ds}");
+        assert_eq!(
+            ds["sections"][0]["data"],
+            base64_encode(b"device state handed over in pre-switchover")
+        );
+    }
     assert!(
         v["ram"]["postcopy-requests"].as_u64().unwrap() > 0,
         "no page came by request: {v}"
@@ -591,4 +626,9 @@ fn postcopy_bad_page_requests() {
         drop(s);
         let _ = drain.join();
     }
+}
+
+fn base64_encode(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(b)
 }
