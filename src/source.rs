@@ -175,6 +175,9 @@ impl Throttle {
 struct BlockTodo {
     block: Arc<RamBlock>,
     todo: Vec<u64>,
+    /// Pages that are holes in the memfd and not written since: zero without reading them
+    /// (reading a hole through a shared mapping would allocate a page for it).
+    holes: Vec<u64>,
 }
 
 impl BlockTodo {
@@ -186,14 +189,23 @@ impl BlockTodo {
                 *last = (1u64 << (pages % 64)) - 1;
             }
         }
-        BlockTodo { block, todo }
+        BlockTodo {
+            block,
+            todo,
+            holes: Vec::new(),
+        }
     }
 
     /// Moves the parent's dirty bits into the to-do set; returns how many pages are to do.
     fn harvest(&mut self) -> u64 {
         if let Some(d) = self.block.dirty() {
             for (i, w) in self.todo.iter_mut().enumerate().take(d.len_words()) {
-                *w |= d.take_word(i);
+                let dirty = d.take_word(i);
+                *w |= dirty;
+                // A written page is no longer known to be a hole.
+                if let Some(h) = self.holes.get_mut(i) {
+                    *h &= !dirty;
+                }
             }
         }
         self.count()
@@ -313,7 +325,11 @@ impl<'c> Source<'c> {
                 Some(block.id.as_str())
             };
             pages += 1;
-            if ram::is_zero_page(page) {
+            let hole = self.blocks[bi]
+                .holes
+                .get(wi)
+                .is_some_and(|h| h & (1 << bit) != 0);
+            if hole || ram::is_zero_page(page) {
                 self.out.put(|o| ram::encode_zero_page(o, off, name))?;
                 Stats::add(&self.ctx.stats.duplicate, 1);
                 bytes += 9 + name.map_or(0, |n| 1 + n.len() as u64);
@@ -423,13 +439,15 @@ pub fn run(
         shut: None,
         requests: Default::default(),
     };
-    // Pages the parent dirtied before now are sent by the first pass anyway.
+    // Pages the parent dirtied before now are sent by the first pass anyway. Then, with the
+    // bits clear, note the holes: a page written after this has its bit set again.
     for b in &mut src.blocks {
         if let Some(d) = b.block.dirty() {
             for i in 0..d.len_words() {
                 d.take_word(i);
             }
         }
+        b.holes = b.block.hole_bitmap();
     }
 
     let entries: Vec<BlockEntry> = blocks

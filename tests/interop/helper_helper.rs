@@ -1480,3 +1480,44 @@ fn destination_extra_block_is_left_alone() {
         "extra block untouched",
     );
 }
+
+/// A sparse guest stays sparse: the source sends the memfd's holes as zero pages without
+/// reading them (a read through a shared mapping would allocate a page per hole), and the
+/// destination leaves them holes too.
+#[test]
+fn sparse_guest_stays_sparse() {
+    use std::os::unix::fs::MetadataExt;
+    let size = 256 * MIB;
+    let mut src = HelperVm::spawn();
+    src.add_block("ram", size, false);
+    {
+        let mut m = src.blocks[0].mem.map();
+        for p in (0..size as usize / 4096).step_by(1024) {
+            m[p * 4096] = (p % 251) as u8 + 1;
+        }
+    }
+    let allocated = |mem: &crate::helper::Memfd| -> u64 {
+        std::fs::metadata(mem.path()).expect("fstat").blocks() * 512
+    };
+    let before = allocated(&src.blocks[0].mem);
+    let mut dst = HelperVm::spawn();
+    dst.add_block("ram", size, false);
+    let (a, b) = socketpair();
+    src.client.getfd("mig", a.as_fd()).expect("getfd");
+    dst.client.getfd("mig", b.as_fd()).expect("getfd");
+    drop((a, b));
+    dst.client.migrate_incoming("fd:mig").expect("incoming");
+    src.client
+        .set_parameters(json!({"max-bandwidth": 0}))
+        .expect("params");
+    src.client.migrate("fd:mig").expect("migrate");
+    src.wait(&["completed"], TIMEOUT);
+    dst.wait(&["completed"], TIMEOUT);
+    let (s_after, d_after) = (allocated(&src.blocks[0].mem), allocated(&dst.blocks[0].mem));
+    assert_eq!(s_after, before, "the source allocated memory for holes");
+    assert!(
+        d_after <= 2 * before,
+        "destination allocated {d_after} bytes for {before} of data"
+    );
+    assert_same_memory(&src.blocks[0].mem.map(), &dst.blocks[0].mem.map(), "sparse");
+}
