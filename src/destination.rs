@@ -58,8 +58,17 @@ pub enum LoadError {
     },
     #[error("cancelled")]
     Cancelled,
+    #[error("recovery: {0}")]
+    Recovery(String),
     #[error("{0}")]
     State(#[from] crate::state::BadTransition),
+}
+
+impl LoadError {
+    /// The link broke (read error or EOF), as opposed to a bad stream.
+    fn is_link(&self) -> bool {
+        matches!(self, LoadError::Io { .. } | LoadError::Truncated { .. })
+    }
 }
 
 /// A read buffer over any byte source, tracking the absolute stream offset.
@@ -716,6 +725,124 @@ impl<'a> Loader<'a> {
         Ok(())
     }
 
+    /// Postcopy-paused until a recovery succeeds and the rest of the stream has loaded.
+    fn pause_and_recover(&mut self, why: String) -> Result<(), LoadError> {
+        let ctx = self.ctx;
+        ctx.pauses.fetch_add(1, Ordering::Relaxed);
+        slog::warn!(ctx.log, "postcopy link failed: paused"; "error" => &why);
+        ctx.state.transition(MigrationStatus::PostcopyPaused)?;
+        loop {
+            let Some(rec) = ctx.wait_recovery() else {
+                return Err(LoadError::Cancelled);
+            };
+            let crate::migration::Recovery::Destination(incoming) = rec else {
+                continue;
+            };
+            match self.recover_on(incoming) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_link() || matches!(e, LoadError::Recovery(_)) => {
+                    let phase = if ctx.state.status() == MigrationStatus::PostcopyActive {
+                        "postcopy link failed: paused"
+                    } else {
+                        "postcopy recovery failed: paused again"
+                    };
+                    slog::warn!(ctx.log, "{}", phase; "error" => %e);
+                    if ctx.state.status() != MigrationStatus::PostcopyPaused {
+                        ctx.state.transition(MigrationStatus::PostcopyPaused)?;
+                    }
+                    ctx.pauses.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Takes the new channel, answers the source's RECV_BITMAPs and POSTCOPY_RESUME, asks
+    /// again for the pages still pending, and loads the rest of the stream.
+    fn recover_on(&mut self, incoming: crate::transport::Incoming) -> Result<(), LoadError> {
+        let ctx = self.ctx;
+        let chan = incoming
+            .accept(&ctx.cancel)
+            .map_err(|e| LoadError::Recovery(e.to_string()))?
+            .with_cancel(ctx.cancel.clone());
+        let t0 = Instant::now();
+        if !chan.is_socket {
+            return Err(LoadError::Recovery(format!(
+                "{} is not a socket",
+                chan.peer
+            )));
+        }
+        let dup = |c: &Channel| {
+            c.try_clone_fd()
+                .map_err(|e| LoadError::Recovery(e.to_string()))
+        };
+        ctx.set_channel(Some(dup(&chan)?));
+        self.chan_fd = Some(dup(&chan)?);
+        let (Some(rp), Some(pc)) = (self.rp.clone(), self.postcopy.clone()) else {
+            return Err(LoadError::Recovery("no postcopy to recover".into()));
+        };
+        rp.replace(
+            Channel::from_fd("return-path", dup(&chan)?)
+                .map_err(|e| LoadError::Recovery(e.to_string()))?,
+        );
+        ctx.state.transition(MigrationStatus::PostcopyRecover)?;
+        let mut r = Reader::new(&chan, chan.peer.clone(), READ_CHUNK);
+        // No header on a recovery channel: RECV_BITMAP per block, then POSTCOPY_RESUME.
+        loop {
+            let (cmd, payload) = with_next!(
+                r,
+                "in the recovery handshake",
+                stream::decode_token,
+                |t| match t {
+                    Token::Command(c) => (c.cmd, c.payload.to_vec()),
+                    other => {
+                        return Err(LoadError::Recovery(format!(
+                            "expected RECV_BITMAP or POSTCOPY_RESUME, got {other:?}"
+                        )));
+                    }
+                }
+            );
+            match cmd {
+                command::RECV_BITMAP => {
+                    let mut c = stream::Cursor::new(&payload);
+                    let name = c
+                        .str8("block name")
+                        .map_err(|e| r.wire(e))?
+                        .ok_or_else(|| {
+                            LoadError::Recovery("RECV_BITMAP without a block name".into())
+                        })?;
+                    let bi = self.block_index(name).ok_or_else(|| {
+                        LoadError::Recovery(format!("RECV_BITMAP for unknown RAM block {name:?}"))
+                    })?;
+                    rp.send_bitmap(name, &self.received[bi].words())
+                        .map_err(|e| LoadError::Recovery(e.to_string()))?;
+                }
+                command::POSTCOPY_RESUME => {
+                    rp.send(&RpMessage::ResumeAck(1))
+                        .map_err(|e| LoadError::Recovery(e.to_string()))?;
+                    break;
+                }
+                other => {
+                    return Err(LoadError::Recovery(format!(
+                        "unexpected command {other} during recovery"
+                    )))
+                }
+            }
+        }
+        ctx.state.transition(MigrationStatus::PostcopyActive)?;
+        ctx.record_recovery(t0.elapsed());
+        slog::info!(ctx.log, "postcopy recovered"; "ms" => t0.elapsed().as_secs_f64() * 1000.0);
+        // The source forgot the requests of the old link.
+        self.last_block = None;
+        pc.resend_pending();
+        match self.sections(&mut r, None, None)? {
+            LoopEnd::Done => Ok(()),
+            LoopEnd::NeedDescription => Err(LoadError::Recovery(
+                "device sections after a postcopy recovery".into(),
+            )),
+        }
+    }
+
     fn check_faults<R>(&self, r: &Reader<R>) -> Result<(), LoadError> {
         match self
             .fault_error
@@ -954,6 +1081,19 @@ pub fn load<R: Read>(
         chan_fd: chan.and_then(|c| c.try_clone_fd().ok()),
     };
     let mut result = load_inner(&mut loader, &mut r, chan);
+    // In postcopy a broken link pauses: neither side has the whole guest.
+    while let Err(e) = &result {
+        let fault_failed = loader
+            .fault_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if loader.postcopy.is_none() || !e.is_link() || ctx.cancelled() || fault_failed {
+            break;
+        }
+        let why = e.to_string();
+        result = loader.pause_and_recover(why);
+    }
     // A fault-handling failure is the cause of whatever the loader saw after it.
     if result.is_err() {
         if let Some(e) = loader

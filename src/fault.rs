@@ -75,6 +75,11 @@ impl AtomicBitmap {
             w.fetch_and(!(1 << (i % 64)), Ordering::AcqRel);
         }
     }
+    /// The bits as words (bit i of word w = item 64w + i).
+    pub fn words(&self) -> Vec<u64> {
+        self.0.iter().map(|w| w.load(Ordering::Acquire)).collect()
+    }
+
     pub fn count(&self) -> u64 {
         self.0
             .iter()
@@ -108,6 +113,25 @@ impl RpWriter {
     pub fn send(&self, m: &RpMessage<'_>) -> Result<(), FaultError> {
         let mut b = Vec::with_capacity(32);
         return_path::encode(&mut b, m).map_err(|e| FaultError::ReturnPath(e.to_string()))?;
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.chan
+            .write_all(&b)
+            .map_err(|e| FaultError::ReturnPath(e.to_string()))
+    }
+
+    /// Continues on a new channel (postcopy recovery).
+    pub fn replace(&self, chan: Channel) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.chan = chan;
+        g.last_block = None;
+    }
+
+    /// The received bitmap of `block`, answering the source's RECV_BITMAP.
+    pub fn send_bitmap(&self, block: &str, words: &[u64]) -> Result<(), FaultError> {
+        let mut b = Vec::with_capacity(words.len() * 8 + 64);
+        return_path::encode(&mut b, &RpMessage::RecvBitmap { block })
+            .map_err(|e| FaultError::ReturnPath(e.to_string()))?;
+        return_path::encode_bitmap_tail(&mut b, words);
         let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         g.chan
             .write_all(&b)
@@ -329,8 +353,14 @@ impl PostcopyDest {
             p.insert((bi, page), Instant::now());
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
-        self.rp
-            .request(&self.blocks[bi].id, offset, TARGET_PAGE_SIZE as u32)?;
+        if let Err(e) = self
+            .rp
+            .request(&self.blocks[bi].id, offset, TARGET_PAGE_SIZE as u32)
+        {
+            // The link is down: the request stays pending and is sent again after the
+            // recovery; the faulting thread keeps waiting.
+            slog::debug!(self.log, "page request not sent"; "error" => %e);
+        }
         // The page may have been placed between our check and the request: then the request
         // is merely redundant (the source skips pages it already sent).
         Ok(())
@@ -384,6 +414,28 @@ impl PostcopyDest {
 
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
+    }
+
+    /// After a recovery: asks again for every page still pending.
+    pub fn resend_pending(&self) {
+        let pending: Vec<(usize, u64)> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        for (bi, page) in pending {
+            if self.received[bi].get(page) {
+                continue;
+            }
+            if let Err(e) =
+                self.rp
+                    .request(&self.blocks[bi].id, page * PAGE, TARGET_PAGE_SIZE as u32)
+            {
+                slog::debug!(self.log, "page request not sent again"; "error" => %e);
+            }
+        }
     }
 
     /// Pages requested and not yet placed.

@@ -248,6 +248,21 @@ pub struct MigrationCtx {
     /// Set by `migrate-start-postcopy`; the source switches at its next check.
     pub postcopy_requested: AtomicBool,
     pub latency: Arc<Latency>,
+    /// A recovery handed to a paused migration (`migrate resume=true`, `migrate-recover`).
+    recovery: Mutex<Option<Recovery>>,
+    recovery_cv: Condvar,
+    /// How often postcopy paused, and how long each recovery took (new channel ->
+    /// postcopy-active), in milliseconds.
+    pub pauses: AtomicU64,
+    pub recoveries: Mutex<Vec<f64>>,
+}
+
+/// What a paused migration gets to go on with.
+pub enum Recovery {
+    /// Source: where to connect.
+    Source(crate::transport::Uri, Option<OwnedFd>),
+    /// Destination: the listening (or ready) channel.
+    Destination(crate::transport::Incoming),
 }
 
 impl MigrationCtx {
@@ -266,6 +281,10 @@ impl MigrationCtx {
             started: Mutex::new(None),
             postcopy_requested: AtomicBool::new(false),
             latency: Arc::new(Latency::default()),
+            recovery: Mutex::new(None),
+            recovery_cv: Condvar::new(),
+            pauses: AtomicU64::new(0),
+            recoveries: Mutex::new(Vec::new()),
         })
     }
 
@@ -287,6 +306,49 @@ impl MigrationCtx {
     /// Registers the live channel so cancel can shut it down.
     pub fn set_channel(&self, fd: Option<OwnedFd>) {
         *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = fd;
+    }
+
+    /// Hands a recovery to the paused migration thread.
+    pub fn offer_recovery(&self, r: Recovery) {
+        *self.recovery.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        self.recovery_cv.notify_all();
+    }
+
+    /// Waits for a recovery; None when the helper is quitting (cancel set).
+    pub fn wait_recovery(&self) -> Option<Recovery> {
+        let mut g = self.recovery.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(r) = g.take() {
+                return Some(r);
+            }
+            if self.cancelled() {
+                return None;
+            }
+            g = self
+                .recovery_cv
+                .wait_timeout(g, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Shuts the live channel down without cancelling: in postcopy this pauses.
+    pub fn shutdown_channel(&self) {
+        if let Some(fd) = self
+            .channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            crate::transport::shutdown_fd(fd);
+        }
+    }
+
+    pub fn record_recovery(&self, took: Duration) {
+        self.recoveries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(took.as_secs_f64() * 1000.0);
     }
 
     /// Sets the cancel flag and shuts the channel down so blocked I/O returns at once.

@@ -128,8 +128,63 @@ pub fn decode(buf: &[u8]) -> Decoded<RpMessage<'_>> {
     Ok(Some((m, c.pos())))
 }
 
+/// The received-bitmap that follows an RP RECV_BITMAP message, as QEMU writes it: be64 size
+/// (bitmap bytes rounded up to 8), the bitmap as little-endian u64 words, be64 end mark.
+pub fn encode_bitmap_tail(out: &mut Vec<u8>, words: &[u64]) {
+    put_be64(out, (words.len() * 8) as u64);
+    for w in words {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+    put_be64(out, rp::RECV_BITMAP_ENDING);
+}
+
+/// Decodes a bitmap tail of at most `max_bytes` bitmap bytes.
+pub fn decode_bitmap_tail(buf: &[u8], max_bytes: u64) -> Decoded<Vec<u64>> {
+    let mut c = Cursor::new(buf);
+    let Some(size) = c.be64() else {
+        return Ok(None);
+    };
+    if size % 8 != 0 || size > max_bytes {
+        return Err(WireError::Invalid(format!(
+            "received bitmap of {size} bytes (expected a multiple of 8, at most {max_bytes})"
+        )));
+    }
+    let Some(bytes) = c.bytes(size as usize) else {
+        return Ok(None);
+    };
+    let Some(end) = c.be64() else { return Ok(None) };
+    if end != rp::RECV_BITMAP_ENDING {
+        return Err(WireError::Invalid(format!(
+            "received bitmap ends with {end:#x}, not the end mark {:#x}",
+            rp::RECV_BITMAP_ENDING
+        )));
+    }
+    let words = bytes
+        .chunks_exact(8)
+        .map(|w| u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
+        .collect();
+    Ok(Some((words, c.pos())))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn bitmap_tail() {
+        let mut b = Vec::new();
+        encode_bitmap_tail(&mut b, &[0b1011, u64::MAX]);
+        assert_eq!(b.len(), 8 + 16 + 8);
+        let (w, n) = decode_bitmap_tail(&b, 16).unwrap().unwrap();
+        assert_eq!(w, vec![0b1011, u64::MAX]);
+        assert_eq!(n, b.len());
+        assert!(decode_bitmap_tail(&b, 8).is_err());
+        for cut in 0..b.len() {
+            assert_eq!(decode_bitmap_tail(&b[..cut], 16), Ok(None));
+        }
+        let n = b.len();
+        b[n - 1] ^= 1;
+        assert!(decode_bitmap_tail(&b, 16).is_err());
+    }
+
     use super::*;
 
     #[test]

@@ -27,6 +27,8 @@ const RAM_SECTION_ID: u32 = 1;
 const PART_TIME: Duration = Duration::from_millis(50);
 /// How long the source waits for the destination's SHUT at the end.
 const SHUT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a recovery handshake may take before it counts as failed.
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Socket send buffer in postcopy: small, so requested pages are not queued behind much.
 const POSTCOPY_SNDBUF: usize = 64 << 10;
 /// Background pages sent between two looks at the page requests.
@@ -49,12 +51,23 @@ pub enum SourceError {
     Peer(String),
     #[error("{0}")]
     State(#[from] crate::state::BadTransition),
+    #[error("link: {0}")]
+    Link(String),
+    #[error("recovery: {0}")]
+    Recovery(String),
+}
+
+impl SourceError {
+    /// A failure of the link (not of either side's state): postcopy pauses on it.
+    fn is_link_failure(&self) -> bool {
+        matches!(self, SourceError::Io { .. } | SourceError::Link(_))
+    }
 }
 
 /// Gathers records into few large `writev` calls: headers are copied into an arena, pages
 /// are sent straight from the guest mapping (never copied).
-struct Writer<'c> {
-    chan: &'c Channel,
+struct Writer {
+    chan: Arc<Channel>,
     arena: Vec<u8>,
     segs: Vec<Seg>,
     pending: usize,
@@ -66,11 +79,11 @@ enum Seg {
     Page(*const u8),
 }
 
-impl<'c> Writer<'c> {
+impl Writer {
     const MAX_SEGS: usize = 1024;
     const MAX_PENDING: usize = 1 << 20;
 
-    fn new(chan: &'c Channel) -> Self {
+    fn new(chan: Arc<Channel>) -> Self {
         Writer {
             chan,
             arena: Vec::with_capacity(64 << 10),
@@ -108,6 +121,15 @@ impl<'c> Writer<'c> {
             self.flush()?;
         }
         Ok(())
+    }
+
+    /// Continues on a new channel (postcopy recovery); what was not written is dropped:
+    /// the destination's received bitmap says what to send again.
+    fn set_channel(&mut self, chan: Arc<Channel>) {
+        self.chan = chan;
+        self.segs.clear();
+        self.arena.clear();
+        self.pending = 0;
     }
 
     fn flush(&mut self) -> Result<(), SourceError> {
@@ -225,7 +247,7 @@ enum SendEnd {
 
 struct Source<'c> {
     ctx: &'c MigrationCtx,
-    out: Writer<'c>,
+    out: Writer,
     blocks: Vec<BlockTodo>,
     /// Where the current pass is: (block index, word index).
     cursor: (usize, usize),
@@ -249,10 +271,17 @@ fn shut_error(v: u32) -> SourceError {
     SourceError::Peer(format!("destination failed to load the stream (SHUT {v})"))
 }
 
+#[derive(Debug)]
 enum RpEvent {
     Shut(u32),
+    /// The destination sent something wrong.
     Error(String),
+    /// The return path broke (EOF or an I/O error).
+    LinkDown(String),
     Request(PageRequest),
+    /// A block's received bitmap (recovery).
+    Bitmap(usize, Vec<u64>),
+    ResumeAck(u32),
 }
 
 impl<'c> Source<'c> {
@@ -358,7 +387,13 @@ impl<'c> Source<'c> {
                 Ok(RpEvent::Shut(0)) => self.shut = Some(0),
                 Ok(RpEvent::Shut(v)) => return Err(shut_error(v)),
                 Ok(RpEvent::Error(e)) => return Err(SourceError::Peer(e)),
+                Ok(RpEvent::LinkDown(e)) => return Err(SourceError::Link(e)),
                 Ok(RpEvent::Request(r)) => self.requests.push_back(r),
+                Ok(other) => {
+                    return Err(SourceError::Peer(format!(
+                        "unexpected return-path message {other:?}"
+                    )))
+                }
                 Err(_) => {}
             }
         }
@@ -405,6 +440,7 @@ pub fn run(
     ctx.stats.total.store(total, Ordering::Relaxed);
     ctx.stats.remaining.store(total, Ordering::Relaxed);
 
+    let chan = Arc::new(chan);
     chan.tune_buffers();
     if caps.postcopy_ram && !chan.is_socket {
         return Err(SourceError::Peer(format!(
@@ -431,7 +467,7 @@ pub fn run(
 
     let mut src = Source {
         ctx,
-        out: Writer::new(&chan),
+        out: Writer::new(chan.clone()),
         blocks: blocks.iter().cloned().map(BlockTodo::all).collect(),
         cursor: (0, 0),
         throttle: Throttle::new(),
@@ -553,7 +589,7 @@ pub fn run(
         .unwrap_or_else(|e| e.into_inner())
         .clone();
     if go_postcopy {
-        src.postcopy(&chan, &devices, downtime_start)?;
+        src.postcopy(&devices, downtime_start)?;
     } else {
         ctx.state.transition(MigrationStatus::Device)?;
         src.precopy_end(&devices, &p)?;
@@ -635,7 +671,6 @@ impl Source<'_> {
     /// request first and in the background otherwise.
     fn postcopy(
         &mut self,
-        chan: &Channel,
         devices: &[DeviceSection],
         downtime_start: Instant,
     ) -> Result<(), SourceError> {
@@ -678,8 +713,22 @@ impl Source<'_> {
         ctx.state.transition(MigrationStatus::PostcopyActive)?;
         // Keep little queued in the socket, so a requested page does not wait behind
         // megabytes of background pages.
-        chan.set_send_buffer(POSTCOPY_SNDBUF);
+        self.out.chan.set_send_buffer(POSTCOPY_SNDBUF);
 
+        // From here on a broken link pauses the migration instead of failing it: neither
+        // side has the whole guest.
+        loop {
+            match self.postcopy_push() {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_link_failure() => self.pause_and_recover(e)?,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Pushes the rest of RAM (requests first), ends the stream and waits for SHUT.
+    fn postcopy_push(&mut self) -> Result<(), SourceError> {
+        let ctx = self.ctx;
         self.cursor = (0, 0);
         let mut throttle = Throttle::new();
         let mut resume_at: Option<Instant> = None;
@@ -725,7 +774,170 @@ impl Source<'_> {
             stream::encode_eof(o);
             Ok(())
         })?;
-        self.out.flush()
+        self.out.flush()?;
+        self.wait_shut()
+    }
+
+    /// Postcopy-paused until a recovery succeeds: `migrate resume=true` gives a new channel,
+    /// the destination says per block what it has (RECV_BITMAP), the rest is to send again,
+    /// POSTCOPY_RESUME / RESUME_ACK, and postcopy goes on. Any failure on the way pauses
+    /// again, ready for the next attempt.
+    fn pause_and_recover(&mut self, why: SourceError) -> Result<(), SourceError> {
+        let ctx = self.ctx;
+        ctx.pauses.fetch_add(1, Ordering::Relaxed);
+        slog::warn!(ctx.log, "postcopy link failed: paused"; "error" => %why);
+        self.out.chan.shutdown();
+        ctx.state.transition(MigrationStatus::PostcopyPaused)?;
+        // The old return path thread ends with its socket; requests pending at the
+        // destination are sent again after the recovery.
+        self.rp = None;
+        self.requests.clear();
+        self.shut = None;
+        loop {
+            let Some(rec) = ctx.wait_recovery() else {
+                return Err(SourceError::Cancelled);
+            };
+            let crate::migration::Recovery::Source(uri, fd) = rec else {
+                continue;
+            };
+            let t0 = Instant::now();
+            match self.recover(uri, fd) {
+                Ok(()) => {
+                    let took = t0.elapsed();
+                    ctx.record_recovery(took);
+                    slog::info!(ctx.log, "postcopy recovered"; "ms" => took.as_secs_f64() * 1000.0);
+                    return Ok(());
+                }
+                Err(e) => {
+                    slog::warn!(ctx.log, "postcopy recovery failed: paused again"; "error" => %e);
+                    self.out.chan.shutdown();
+                    self.rp = None;
+                    let _ = ctx.state.transition(MigrationStatus::PostcopyPaused);
+                    if !e.is_link_failure() && !matches!(e, SourceError::Recovery(_)) {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    fn recover(
+        &mut self,
+        uri: crate::transport::Uri,
+        fd: Option<std::os::fd::OwnedFd>,
+    ) -> Result<(), SourceError> {
+        let ctx = self.ctx;
+        ctx.state
+            .transition(MigrationStatus::PostcopyRecoverSetup)?;
+        let name = uri.to_string();
+        let chan = match fd {
+            Some(fd) => Channel::from_fd(&name, fd),
+            None => Channel::connect(&uri, |_| None, &ctx.cancel),
+        }
+        .map_err(|e| SourceError::Recovery(e.to_string()))?
+        .with_cancel(ctx.cancel.clone());
+        if !chan.is_socket {
+            return Err(SourceError::Recovery(format!("{name} is not a socket")));
+        }
+        let chan = Arc::new(chan);
+        if let Ok(fd) = chan.try_clone_fd() {
+            ctx.set_channel(Some(fd));
+        }
+        ctx.state.transition(MigrationStatus::PostcopyRecover)?;
+        let rp_fd = chan
+            .try_clone_fd()
+            .map_err(|e| SourceError::Recovery(e.to_string()))?;
+        let names: Vec<(String, u64)> = self
+            .blocks
+            .iter()
+            .map(|b| (b.block.id.clone(), b.block.size))
+            .collect();
+        let rx = spawn_rp_reader(
+            Channel::from_fd("return-path", rp_fd)
+                .map_err(|e| SourceError::Recovery(e.to_string()))?,
+            names,
+            ctx.log.clone(),
+        );
+        self.rp = Some(rx);
+        self.out.set_channel(chan.clone());
+        chan.set_send_buffer(POSTCOPY_SNDBUF);
+        // No header on a recovery channel: straight to the bitmap requests.
+        for bt in &self.blocks {
+            let name = bt.block.id.clone();
+            self.out.put(|o| {
+                let mut p = Vec::new();
+                stream::put_str8(&mut p, &name)?;
+                stream::encode_command(o, wire::command::RECV_BITMAP, &p)
+            })?;
+        }
+        self.out.flush()?;
+        let mut got = vec![false; self.blocks.len()];
+        let deadline = Instant::now() + RECOVERY_TIMEOUT;
+        while got.iter().any(|g| !g) {
+            match self.next_rp(deadline)? {
+                RpEvent::Bitmap(bi, words) => {
+                    // What the destination lacks is what is left to send.
+                    let bt = &mut self.blocks[bi];
+                    let pages = bt.block.pages();
+                    for (i, t) in bt.todo.iter_mut().enumerate() {
+                        let have = words.get(i).copied().unwrap_or(0);
+                        let valid = if (i as u64 + 1) * 64 <= pages {
+                            u64::MAX
+                        } else {
+                            (1u64 << (pages % 64)) - 1
+                        };
+                        *t = !have & valid;
+                    }
+                    got[bi] = true;
+                }
+                RpEvent::Request(r) => self.requests.push_back(r),
+                other => {
+                    return Err(SourceError::Recovery(format!(
+                        "unexpected {other:?} during recovery"
+                    )))
+                }
+            }
+        }
+        self.out
+            .put(|o| stream::encode_command(o, wire::command::POSTCOPY_RESUME, &[]))?;
+        self.out.flush()?;
+        loop {
+            match self.next_rp(deadline)? {
+                RpEvent::ResumeAck(1) => break,
+                RpEvent::ResumeAck(v) => {
+                    return Err(SourceError::Recovery(format!("RESUME_ACK {v}, expected 1")))
+                }
+                RpEvent::Request(r) => self.requests.push_back(r),
+                other => {
+                    return Err(SourceError::Recovery(format!(
+                        "unexpected {other:?} during recovery"
+                    )))
+                }
+            }
+        }
+        let left: u64 = self.blocks.iter().map(|b| b.count()).sum();
+        ctx.stats
+            .remaining
+            .store(left * PAGE as u64, Ordering::Relaxed);
+        ctx.state.transition(MigrationStatus::PostcopyActive)?;
+        Ok(())
+    }
+
+    /// The next return-path event before `deadline`.
+    fn next_rp(&mut self, deadline: Instant) -> Result<RpEvent, SourceError> {
+        let rx = self
+            .rp
+            .as_ref()
+            .ok_or_else(|| SourceError::Link("no return path".into()))?;
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(RpEvent::Error(e)) => Err(SourceError::Peer(e)),
+            Ok(RpEvent::LinkDown(e)) => Err(SourceError::Link(e)),
+            Ok(RpEvent::Shut(v)) if v != 0 => Err(shut_error(v)),
+            Ok(ev) => Ok(ev),
+            Err(_) => Err(SourceError::Link(
+                "the destination did not answer in time".into(),
+            )),
+        }
     }
 
     /// The next pages still to send (at most POSTCOPY_CHUNK, within one bitmap word), taken
@@ -827,6 +1039,12 @@ impl Source<'_> {
             Ok(RpEvent::Shut(0)) => self.shut = Some(0),
             Ok(RpEvent::Shut(v)) => return Err(shut_error(v)),
             Ok(RpEvent::Error(e)) => return Err(SourceError::Peer(e)),
+            Ok(RpEvent::LinkDown(e)) => return Err(SourceError::Link(e)),
+            Ok(other) => {
+                return Err(SourceError::Peer(format!(
+                    "unexpected return-path message {other:?}"
+                )))
+            }
             Err(_) => {}
         }
         Ok(())
@@ -847,7 +1065,13 @@ impl Source<'_> {
                 Ok(RpEvent::Shut(0)) => return Ok(()),
                 Ok(RpEvent::Shut(v)) => return Err(shut_error(v)),
                 Ok(RpEvent::Error(e)) => return Err(SourceError::Peer(e)),
+                Ok(RpEvent::LinkDown(e)) => return Err(SourceError::Link(e)),
                 Ok(RpEvent::Request(_)) => continue,
+                Ok(other) => {
+                    return Err(SourceError::Peer(format!(
+                        "unexpected return-path message {other:?}"
+                    )))
+                }
                 Err(_) => return Err(SourceError::Peer("no SHUT from the destination".into())),
             }
         }
@@ -947,6 +1171,30 @@ fn spawn_rp_reader(
                         RpMessage::ReqPages { offset, len } => {
                             Some(check_request(&blocks, last_block, offset, len))
                         }
+                        RpMessage::RecvBitmap { block } => {
+                            let Some(bi) = blocks.iter().position(|(n, _)| n == block) else {
+                                return fail(format!(
+                                    "received bitmap for unknown RAM block {block:?}"
+                                ));
+                            };
+                            let max = blocks[bi].1.div_ceil(PAGE as u64 * 64) * 8;
+                            match return_path::decode_bitmap_tail(&buf[n..have], max) {
+                                Ok(None) => break,
+                                Ok(Some((words, m))) => {
+                                    let _ = tx.send(RpEvent::Bitmap(bi, words));
+                                    buf.copy_within(n + m..have, 0);
+                                    have -= n + m;
+                                    continue;
+                                }
+                                Err(e) => {
+                                    return fail(format!("bad received bitmap for {block:?}: {e}"))
+                                }
+                            }
+                        }
+                        RpMessage::ResumeAck(v) => {
+                            let _ = tx.send(RpEvent::ResumeAck(v));
+                            None
+                        }
                         other => return fail(format!("unexpected return-path message: {other:?}")),
                     };
                     match ev {
@@ -957,10 +1205,20 @@ fn spawn_rp_reader(
                     buf.copy_within(n..have, 0);
                     have -= n;
                 }
+                if have == buf.len() {
+                    // A received bitmap is larger than a message: grow.
+                    buf.resize(buf.len() * 2, 0);
+                }
                 match chan.read(&mut buf[have..]) {
-                    Ok(0) => return fail("return path closed before SHUT".into()),
+                    Ok(0) => {
+                        let _ = tx.send(RpEvent::LinkDown("return path closed before SHUT".into()));
+                        return;
+                    }
                     Ok(n) => have += n,
-                    Err(e) => return fail(format!("return path: {e}")),
+                    Err(e) => {
+                        let _ = tx.send(RpEvent::LinkDown(format!("return path: {e}")));
+                        return;
+                    }
                 }
             }
         })

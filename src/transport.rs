@@ -266,6 +266,13 @@ impl Channel {
         }
     }
 
+    /// Shuts a socket down (both directions) so that blocked I/O on it returns.
+    pub fn shutdown(&self) {
+        if self.is_socket {
+            shutdown_fd(&self.fd);
+        }
+    }
+
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }

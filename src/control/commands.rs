@@ -337,9 +337,49 @@ impl Helper {
                 }
                 Ok(json!({}))
             }
-            "migrate-pause" | "migrate-recover" => Err(QmpError::generic(format!(
-                "{name}: postcopy is not available in this build of the helper yet"
-            ))),
+            "migrate-pause" => {
+                a.only(&[])?;
+                let st = self.ctx.state.status();
+                if !matches!(
+                    st,
+                    MigrationStatus::PostcopyActive | MigrationStatus::PostcopyRecover
+                ) {
+                    return Err(QmpError::generic(format!(
+                        "migrate-pause is only allowed in postcopy (status {})",
+                        st.as_str()
+                    )));
+                }
+                // As in QEMU: shut the channel down; the I/O failure pauses both sides.
+                self.ctx.shutdown_channel();
+                Ok(json!({}))
+            }
+            "migrate-recover" => {
+                a.only(&["uri"])?;
+                let uri: Uri =
+                    a.str("uri")?
+                        .parse()
+                        .map_err(|e: crate::transport::TransportError| {
+                            QmpError::generic(e.to_string())
+                        })?;
+                if *lock(&self.role) != Some(Role::Destination) {
+                    return Err(QmpError::generic(
+                        "migrate-recover is for the destination; the source resumes with migrate {\"resume\": true}",
+                    ));
+                }
+                let st = self.ctx.state.status();
+                if st != MigrationStatus::PostcopyPaused {
+                    return Err(QmpError::generic(format!(
+                        "Migrate recover can only be run when postcopy is paused (status {})",
+                        st.as_str()
+                    )));
+                }
+                let incoming = Incoming::open(&uri, |n| self.take_fd(n))
+                    .map_err(|e| QmpError::generic(e.to_string()))?;
+                slog::info!(self.log, "migrate-recover"; "uri" => %uri);
+                self.ctx
+                    .offer_recovery(crate::migration::Recovery::Destination(incoming));
+                Ok(json!({}))
+            }
             "userfaultfd-set" => {
                 a.only(&["fdname"])?;
                 let name = a.str("fdname")?;
@@ -529,6 +569,8 @@ impl Helper {
         self.ctx.gate.reset();
         self.ctx.stats.reset();
         self.ctx.latency.reset();
+        self.ctx.pauses.store(0, Ordering::Relaxed);
+        lock(&self.ctx.recoveries).clear();
         self.ctx.postcopy_requested.store(false, Ordering::Release);
         self.ctx
             .state
@@ -592,10 +634,35 @@ impl Helper {
             .parse()
             .map_err(|e: crate::transport::TransportError| QmpError::generic(e.to_string()))?;
         if a.opt_bool("resume")?.unwrap_or(false) {
-            return Err(QmpError::generic(format!(
-                "Cannot resume if there is no paused migration (status {})",
-                self.ctx.state.status().as_str()
-            )));
+            let st = self.ctx.state.status();
+            if *lock(&self.role) != Some(Role::Source) || st != MigrationStatus::PostcopyPaused {
+                return Err(QmpError::generic(format!(
+                    "Cannot resume if there is no paused migration (status {})",
+                    st.as_str()
+                )));
+            }
+            // A passed fd is taken now and checked to be a connected socket.
+            let fd = match &uri {
+                Uri::Fd(n) => {
+                    let fd = self.take_fd(n).ok_or_else(|| {
+                        QmpError::generic(format!("File descriptor named '{n}' not found"))
+                    })?;
+                    let chan =
+                        Channel::from_fd(n, fd).map_err(|e| QmpError::generic(e.to_string()))?;
+                    if !chan.is_socket {
+                        return Err(QmpError::generic(format!("fd '{n}' is not a socket")));
+                    }
+                    Some(
+                        chan.try_clone_fd()
+                            .map_err(|e| QmpError::generic(e.to_string()))?,
+                    )
+                }
+                _ => None,
+            };
+            slog::info!(self.log, "migrate resume"; "uri" => %uri);
+            self.ctx
+                .offer_recovery(crate::migration::Recovery::Source(uri, fd));
+            return Ok(json!({}));
         }
         self.check_can_start()?;
         let blocks = self.migration_blocks()?;
@@ -688,6 +755,10 @@ impl Helper {
                 // Page-fault service latency (fault read -> page placed), in microseconds.
                 v["postcopy-latency"] = self.ctx.latency.to_json();
             }
+            // Postcopy recovery figures: pauses, and each recovery's time (new channel ->
+            // postcopy-active) in milliseconds.
+            v["postcopy-pauses"] = json!(self.ctx.pauses.load(Ordering::Relaxed));
+            v["postcopy-recoveries-ms"] = json!(*lock(&self.ctx.recoveries));
         }
         if st == MigrationStatus::Failed {
             if let Some(e) = self.ctx.state.error_desc() {
