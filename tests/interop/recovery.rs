@@ -150,3 +150,197 @@ fn helper_to_helper_recovery_twice_with_pending_faults() {
     }
     assert_same_memory(&expected, &guest.map, "recovered twice");
 }
+
+use crate::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+
+/// Real QEMU source -> helper destination; the link is cut twice with QEMU's migrate-pause
+/// and recovered over fresh socketpairs; the parent's reader threads fault pages throughout.
+fn qemu_to_helper_recovery(qemu: Qemu, test: &str) {
+    if require_qemu(qemu, test).is_none() {
+        return;
+    }
+    let seed = test_seed(test);
+    let mut src = QemuVm::start(qemu, RAM, &VmOpts::default());
+    fill_mixed(&mut src.ram_mmap(), seed, 0.2);
+    let expected = Arc::new(src.ram_mmap().to_vec());
+    let mut guest = UffdGuest::new(RAM);
+    let mut dst = HelperVm::spawn();
+    guest.attach(&mut dst, "ram");
+    dst.client
+        .set_capabilities(&[("postcopy-ram", true)])
+        .expect("caps");
+    src.qmp()
+        .set_capabilities(&[("postcopy-ram", true)])
+        .expect("qemu caps");
+    src.qmp()
+        .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
+        .expect("qemu params");
+    let (a, b) = socketpair();
+    src.qmp().getfd("mig", a.as_fd()).expect("qemu getfd");
+    dst.client.getfd("mig", b.as_fd()).expect("getfd");
+    drop((a, b));
+    dst.client.migrate_incoming("fd:mig").expect("incoming");
+    src.qmp()
+        .execute("migrate", json!({"uri": "fd:mig"}))
+        .expect("migrate");
+    std::thread::sleep(Duration::from_millis(200));
+    src.qmp()
+        .execute("migrate-start-postcopy", json!({}))
+        .expect("postcopy");
+    wait(&mut dst, &mut guest, &["postcopy-active"]);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (map, exp, stop) = (guest.map.clone(), expected.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let pages = exp.len() / 4096;
+            let mut x = seed | 1;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let p = (x % pages as u64) as usize;
+                if map[p * 4096..(p + 1) * 4096] != exp[p * 4096..(p + 1) * 4096] {
+                    return Err(format!("page {p} differs"));
+                }
+            }
+            Ok(())
+        })
+    };
+    for n in 1..=2 {
+        std::thread::sleep(Duration::from_millis(200));
+        src.qmp()
+            .execute("migrate-pause", json!({}))
+            .expect("qemu migrate-pause");
+        src.wait_migration(&["postcopy-paused"], TIMEOUT)
+            .expect("qemu paused");
+        wait(&mut dst, &mut guest, &["postcopy-paused"]);
+        let (a, b) = socketpair();
+        let name = format!("mig{n}");
+        dst.client.getfd(&name, b.as_fd()).expect("getfd");
+        dst.client
+            .execute_oob("migrate-recover", json!({"uri": format!("fd:{name}")}))
+            .expect("migrate-recover");
+        src.qmp().getfd(&name, a.as_fd()).expect("qemu getfd");
+        drop((a, b));
+        src.qmp()
+            .execute(
+                "migrate",
+                json!({"uri": format!("fd:{name}"), "resume": true}),
+            )
+            .expect("qemu migrate resume");
+        src.wait_migration(&["postcopy-active", "completed"], TIMEOUT)
+            .expect("qemu resumed");
+        wait(&mut dst, &mut guest, &["postcopy-active", "completed"]);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    reader
+        .join()
+        .expect("reader")
+        .expect("reader saw the right data");
+    src.qmp()
+        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
+        .expect("params");
+    src.wait_migration(&["completed"], TIMEOUT)
+        .expect("qemu completes");
+    let d = wait(&mut dst, &mut guest, &["completed"]);
+    assert_eq!(d["postcopy-pauses"], 2, "{d}");
+    assert_same_memory(&expected, &guest.map, test);
+}
+
+#[test]
+fn qemu10_to_helper_recovery() {
+    qemu_to_helper_recovery(Qemu::V10, "qemu10_to_helper_recovery");
+}
+
+/// Helper source -> real QEMU destination, cut twice with the helper's migrate-pause;
+/// QEMU's destination recovers with migrate-recover over a passed fd.
+fn helper_to_qemu_recovery(qemu: Qemu, test: &str) {
+    if require_qemu(qemu, test).is_none() {
+        return;
+    }
+    let seed = test_seed(test);
+    let mut src = HelperVm::spawn();
+    src.add_block("ram", RAM, false);
+    fill_mixed(&mut src.blocks[0].mem.map(), seed, 0.2);
+    let expected = src.blocks[0].mem.map().to_vec();
+    let mut dst = QemuVm::start(qemu, RAM, &VmOpts::incoming());
+    dst.qmp()
+        .set_capabilities(&[("postcopy-ram", true)])
+        .expect("qemu caps");
+    src.client
+        .set_capabilities(&[("postcopy-ram", true)])
+        .expect("caps");
+    if qemu == Qemu::V72 {
+        src.client
+            .set_parameters(json!({"compat-version": "7.2"}))
+            .expect("compat");
+    }
+    src.client
+        .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
+        .expect("params");
+    let (a, b) = socketpair();
+    dst.qmp().getfd("mig", b.as_fd()).expect("qemu getfd");
+    src.client.getfd("mig", a.as_fd()).expect("getfd");
+    drop((a, b));
+    dst.qmp()
+        .execute("migrate-incoming", json!({"uri": "fd:mig"}))
+        .expect("incoming");
+    src.client.migrate("fd:mig").expect("migrate");
+    std::thread::sleep(Duration::from_millis(200));
+    src.client.migrate_start_postcopy().expect("postcopy");
+    src.wait(&["postcopy-active"], TIMEOUT);
+    dst.wait_migration(&["postcopy-active"], TIMEOUT)
+        .expect("qemu postcopy-active");
+    for n in 1..=2 {
+        // A page fault on QEMU's side that stays pending across the cut.
+        let addr = RAM - 4096 * (n as u64 * 3 + 1);
+        let _ = dst.qmp().hmp(&format!("xp /1xg {addr:#x}"));
+        src.client
+            .execute_oob("migrate-pause", json!({}))
+            .expect("migrate-pause");
+        src.wait(&["postcopy-paused"], TIMEOUT);
+        dst.wait_migration(&["postcopy-paused"], TIMEOUT)
+            .expect("qemu paused");
+        let (a, b) = socketpair();
+        let name = format!("mig{n}");
+        dst.qmp().getfd(&name, b.as_fd()).expect("qemu getfd");
+        dst.qmp()
+            .execute("migrate-recover", json!({"uri": format!("fd:{name}")}))
+            .expect("qemu migrate-recover");
+        src.client.getfd(&name, a.as_fd()).expect("getfd");
+        drop((a, b));
+        src.client
+            .execute(
+                "migrate",
+                json!({"uri": format!("fd:{name}"), "resume": true}),
+            )
+            .expect("migrate resume");
+        src.wait(&["postcopy-active", "completed"], TIMEOUT);
+        dst.wait_migration(&["postcopy-active", "completed"], TIMEOUT)
+            .expect("qemu resumed");
+    }
+    src.client
+        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
+        .expect("params");
+    let v = src.wait(&["completed"], TIMEOUT);
+    dst.wait_migration(&["completed"], TIMEOUT)
+        .expect("qemu completes");
+    assert_eq!(v["postcopy-pauses"], 2, "{v}");
+    assert_same_memory(&expected, &dst.ram_mmap(), test);
+}
+
+#[test]
+fn helper_to_qemu10_recovery() {
+    helper_to_qemu_recovery(Qemu::V10, "helper_to_qemu10_recovery");
+}
+
+#[test]
+fn qemu72_to_helper_recovery() {
+    qemu_to_helper_recovery(Qemu::V72, "qemu72_to_helper_recovery");
+}
+
+#[test]
+fn helper_to_qemu72_recovery() {
+    helper_to_qemu_recovery(Qemu::V72, "helper_to_qemu72_recovery");
+}
