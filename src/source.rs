@@ -831,7 +831,7 @@ impl Source<'_> {
             .transition(MigrationStatus::PostcopyRecoverSetup)?;
         let name = uri.to_string();
         let chan = match fd {
-            Some(fd) => Channel::from_fd(&name, fd),
+            Some(fd) => Channel::from_fd(name.trim_start_matches("fd:"), fd),
             None => Channel::connect(&uri, |_| None, &ctx.cancel),
         }
         .map_err(|e| SourceError::Recovery(e.to_string()))?

@@ -344,3 +344,117 @@ fn qemu72_to_helper_recovery() {
 fn helper_to_qemu72_recovery() {
     helper_to_qemu_recovery(Qemu::V72, "helper_to_qemu72_recovery");
 }
+
+/// Starts a helper -> helper postcopy migration of RAM with a slow push; returns the two
+/// helpers, the destination's guest and the source content.
+fn start_postcopy(seed: u64) -> (HelperVm, HelperVm, UffdGuest, Arc<Vec<u8>>) {
+    let mut src = HelperVm::spawn();
+    src.add_block("ram", RAM, false);
+    fill_mixed(&mut src.blocks[0].mem.map(), seed, 0.2);
+    let expected = Arc::new(src.blocks[0].mem.map().to_vec());
+    let mut guest = UffdGuest::new(RAM);
+    let mut dst = HelperVm::spawn();
+    guest.attach(&mut dst, "ram");
+    for h in [&mut src, &mut dst] {
+        h.client.set_capabilities(&[("postcopy-ram", true)]).expect("caps");
+    }
+    src.client
+        .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
+        .expect("params");
+    let (a, b) = socketpair();
+    src.client.getfd("mig", a.as_fd()).expect("getfd");
+    dst.client.getfd("mig", b.as_fd()).expect("getfd");
+    drop((a, b));
+    dst.client.migrate_incoming("fd:mig").expect("incoming");
+    src.client.migrate("fd:mig").expect("migrate");
+    std::thread::sleep(Duration::from_millis(200));
+    src.client.migrate_start_postcopy().expect("postcopy");
+    wait(&mut dst, &mut guest, &["postcopy-active"]);
+    (src, dst, guest, expected)
+}
+
+/// Recovery started wrongly (wrong side, unknown fd, an fd that is not a socket) gets a
+/// clear error and leaves the migration paused; recoveries over dead sockets (the link dies
+/// during the handshake) pause again, several times in a row; then a good one completes.
+#[test]
+fn recovery_errors_and_failures_in_a_row() {
+    let seed = test_seed("recovery_errors");
+    let (mut src, mut dst, mut guest, expected) = start_postcopy(seed);
+    src.client.execute_oob("migrate-pause", json!({})).expect("migrate-pause");
+    wait(&mut src, &mut guest, &["postcopy-paused"]);
+    wait(&mut dst, &mut guest, &["postcopy-paused"]);
+
+    // Wrong side, unknown fd, not a socket.
+    let e = src.client.execute("migrate-recover", json!({"uri": "fd:x"})).unwrap_err().to_string();
+    assert!(e.contains("destination"), "{e}");
+    let e = dst
+        .client
+        .execute("migrate", json!({"uri": "fd:x", "resume": true}))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no paused migration") || e.contains("paused"), "{e}");
+    let e = src
+        .client
+        .execute("migrate", json!({"uri": "fd:nope", "resume": true}))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not found"), "{e}");
+    let file = crate::helper::Memfd::new("not-a-socket", 4096);
+    src.client.getfd("file", file.fd.as_fd()).expect("getfd");
+    let e = src
+        .client
+        .execute("migrate", json!({"uri": "fd:file", "resume": true}))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a socket"), "{e}");
+    for h in [&mut src, &mut dst] {
+        assert_eq!(h.client.query_migrate().expect("query")["status"], "postcopy-paused");
+    }
+
+    // Dead links during recovery, three times in a row on each side.
+    for n in 0..3 {
+        let (a, b) = socketpair();
+        let (c, d) = socketpair();
+        // Each side gets a socket whose peer is already gone.
+        drop(b);
+        drop(d);
+        dst.client.getfd(&format!("dead{n}"), a.as_fd()).expect("getfd");
+        src.client.getfd(&format!("dead{n}"), c.as_fd()).expect("getfd");
+        drop((a, c));
+        dst.client
+            .execute_oob("migrate-recover", json!({"uri": format!("fd:dead{n}")}))
+            .expect("migrate-recover");
+        src.client
+            .execute("migrate", json!({"uri": format!("fd:dead{n}"), "resume": true}))
+            .expect("migrate resume");
+        std::thread::sleep(Duration::from_millis(100));
+        wait(&mut src, &mut guest, &["postcopy-paused"]);
+        wait(&mut dst, &mut guest, &["postcopy-paused"]);
+    }
+    let events: Vec<String> = src
+        .client
+        .take_events()
+        .iter()
+        .filter(|e| e.name == "MIGRATION")
+        .map(|e| e.data["status"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        events.windows(2).any(|w| w[0] == "postcopy-recover-setup" || w[1] == "postcopy-paused"),
+        "{events:?}"
+    );
+
+    // A good recovery still completes.
+    let (a, b) = socketpair();
+    dst.client.getfd("good", b.as_fd()).expect("getfd");
+    dst.client.execute_oob("migrate-recover", json!({"uri": "fd:good"})).expect("recover");
+    src.client.getfd("good", a.as_fd()).expect("getfd");
+    drop((a, b));
+    src.client
+        .execute("migrate", json!({"uri": "fd:good", "resume": true}))
+        .expect("resume");
+    src.client.set_parameters(json!({"max-postcopy-bandwidth": 0})).expect("params");
+    wait(&mut src, &mut guest, &["completed"]);
+    let d = wait(&mut dst, &mut guest, &["completed"]);
+    assert!(d["postcopy-pauses"].as_u64().unwrap() >= 4, "{d}");
+    assert_same_memory(&expected, &guest.map, "after failed recoveries");
+}
