@@ -688,6 +688,7 @@ impl<'a> Loader<'a> {
             .map_err(|e| self.invalid(r, format!("cannot start the fault thread: {e}")))?;
         self.fault_thread = Some(h);
         self.postcopy = Some(pc);
+        self.arm_link_timeout();
         slog::info!(self.ctx.log, "postcopy listening");
         Ok(())
     }
@@ -723,6 +724,18 @@ impl<'a> Loader<'a> {
         // POSTCOPY_RUN: the parent may start its vCPUs.
         self.ctx.state.transition(MigrationStatus::PostcopyActive)?;
         Ok(())
+    }
+
+    /// In postcopy a link with no traffic for `link-timeout` is dead (the source pings; a
+    /// QEMU source pushes pages without pause): reads and writes time out instead of hanging.
+    fn arm_link_timeout(&self) {
+        let t = self.ctx.params().link_timeout;
+        if let Some(fd) = &self.chan_fd {
+            crate::transport::set_socket_timeouts(
+                fd,
+                (t > 0).then(|| std::time::Duration::from_millis(t)),
+            );
+        }
     }
 
     /// Postcopy-paused until a recovery succeeds and the rest of the stream has loaded.
@@ -778,6 +791,7 @@ impl<'a> Loader<'a> {
         };
         ctx.set_channel(Some(dup(&chan)?));
         self.chan_fd = Some(dup(&chan)?);
+        self.arm_link_timeout();
         let (Some(rp), Some(pc)) = (self.rp.clone(), self.postcopy.clone()) else {
             return Err(LoadError::Recovery("no postcopy to recover".into()));
         };

@@ -62,6 +62,9 @@ pub struct Parameters {
     pub max_postcopy_bandwidth: u64,
     pub machine_type: String,
     pub compat_version: QemuVersion,
+    /// Postcopy: a link with no traffic for this long (ms) counts as dead, so a silently
+    /// dead link pauses instead of hanging. 0 disables. The source pings at a quarter of it.
+    pub link_timeout: u64,
 }
 
 impl Default for Parameters {
@@ -72,6 +75,7 @@ impl Default for Parameters {
             max_postcopy_bandwidth: 0,
             machine_type: "none".into(),
             compat_version: QemuVersion::V10_0,
+            link_timeout: 10_000,
         }
     }
 }

@@ -257,6 +257,11 @@ struct Source<'c> {
     shut: Option<u32>,
     /// Page requests from the destination not yet served.
     requests: std::collections::VecDeque<PageRequest>,
+    /// Keepalive on the return path in postcopy.
+    postcopy_live: bool,
+    last_pong: Instant,
+    last_ping_sent: Instant,
+    ping_seq: u32,
 }
 
 /// A validated page request: block index, byte offset and length.
@@ -282,6 +287,7 @@ enum RpEvent {
     /// A block's received bitmap (recovery).
     Bitmap(usize, Vec<u64>),
     ResumeAck(u32),
+    Pong,
 }
 
 impl<'c> Source<'c> {
@@ -389,6 +395,7 @@ impl<'c> Source<'c> {
                 Ok(RpEvent::Error(e)) => return Err(SourceError::Peer(e)),
                 Ok(RpEvent::LinkDown(e)) => return Err(SourceError::Link(e)),
                 Ok(RpEvent::Request(r)) => self.requests.push_back(r),
+                Ok(RpEvent::Pong) => self.last_pong = Instant::now(),
                 Ok(other) => {
                     return Err(SourceError::Peer(format!(
                         "unexpected return-path message {other:?}"
@@ -474,6 +481,10 @@ pub fn run(
         rp,
         shut: None,
         requests: Default::default(),
+        postcopy_live: false,
+        last_pong: Instant::now(),
+        last_ping_sent: Instant::now(),
+        ping_seq: 100,
     };
     // Pages the parent dirtied before now are sent by the first pass anyway. Then, with the
     // bits clear, note the holes: a page written after this has its bit set again.
@@ -714,6 +725,7 @@ impl Source<'_> {
         // Keep little queued in the socket, so a requested page does not wait behind
         // megabytes of background pages.
         self.out.chan.set_send_buffer(POSTCOPY_SNDBUF);
+        self.arm_link_timeout();
 
         // From here on a broken link pauses the migration instead of failing it: neither
         // side has the whole guest.
@@ -733,6 +745,7 @@ impl Source<'_> {
         let mut throttle = Throttle::new();
         let mut resume_at: Option<Instant> = None;
         loop {
+            self.keepalive()?;
             self.serve_requests()?;
             // The background push waits out its bandwidth window; requests do not.
             if let Some(t) = resume_at {
@@ -793,6 +806,7 @@ impl Source<'_> {
         self.rp = None;
         self.requests.clear();
         self.shut = None;
+        self.postcopy_live = false;
         loop {
             let Some(rec) = ctx.wait_recovery() else {
                 return Err(SourceError::Cancelled);
@@ -861,6 +875,8 @@ impl Source<'_> {
         self.rp = Some(rx);
         self.out.set_channel(chan.clone());
         chan.set_send_buffer(POSTCOPY_SNDBUF);
+        let t = ctx.params().link_timeout;
+        chan.set_timeouts((t > 0).then(|| Duration::from_millis(t)));
         // No header on a recovery channel: straight to the bitmap requests.
         for bt in &self.blocks {
             let name = bt.block.id.clone();
@@ -920,6 +936,7 @@ impl Source<'_> {
             .remaining
             .store(left * PAGE as u64, Ordering::Relaxed);
         ctx.state.transition(MigrationStatus::PostcopyActive)?;
+        self.arm_link_timeout();
         Ok(())
     }
 
@@ -933,6 +950,10 @@ impl Source<'_> {
             Ok(RpEvent::Error(e)) => Err(SourceError::Peer(e)),
             Ok(RpEvent::LinkDown(e)) => Err(SourceError::Link(e)),
             Ok(RpEvent::Shut(v)) if v != 0 => Err(shut_error(v)),
+            Ok(RpEvent::Pong) => {
+                self.last_pong = Instant::now();
+                self.next_rp(deadline)
+            }
             Ok(ev) => Ok(ev),
             Err(_) => Err(SourceError::Link(
                 "the destination did not answer in time".into(),
@@ -1030,12 +1051,14 @@ impl Source<'_> {
 
     /// Sleeps up to `d`, returning early when a page request arrives.
     fn wait_for_request(&mut self, d: Duration) -> Result<(), SourceError> {
+        let d = self.ping_interval().map_or(d, |p| d.min(p));
         let Some(rx) = &self.rp else {
             std::thread::sleep(d);
             return Ok(());
         };
         match rx.recv_timeout(d) {
             Ok(RpEvent::Request(r)) => self.requests.push_back(r),
+            Ok(RpEvent::Pong) => self.last_pong = Instant::now(),
             Ok(RpEvent::Shut(0)) => self.shut = Some(0),
             Ok(RpEvent::Shut(v)) => return Err(shut_error(v)),
             Ok(RpEvent::Error(e)) => return Err(SourceError::Peer(e)),
@@ -1052,29 +1075,77 @@ impl Source<'_> {
 
     /// Waits for the destination's SHUT, ignoring late requests for pages in flight.
     fn wait_shut(&mut self) -> Result<(), SourceError> {
-        let Some(rx) = self.rp.take() else {
-            return Ok(());
-        };
-        if self.shut.is_some() {
+        if self.rp.is_none() || self.shut.is_some() {
+            self.rp = None;
             return Ok(());
         }
         let deadline = Instant::now() + SHUT_TIMEOUT;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(RpEvent::Shut(0)) => return Ok(()),
+            self.keepalive()?;
+            let step = self
+                .ping_interval()
+                .unwrap_or(SHUT_TIMEOUT)
+                .min(deadline.saturating_duration_since(Instant::now()));
+            let Some(rx) = &self.rp else { return Ok(()) };
+            match rx.recv_timeout(step) {
+                Ok(RpEvent::Shut(0)) => {
+                    self.rp = None;
+                    return Ok(());
+                }
                 Ok(RpEvent::Shut(v)) => return Err(shut_error(v)),
                 Ok(RpEvent::Error(e)) => return Err(SourceError::Peer(e)),
                 Ok(RpEvent::LinkDown(e)) => return Err(SourceError::Link(e)),
+                Ok(RpEvent::Pong) => self.last_pong = Instant::now(),
                 Ok(RpEvent::Request(_)) => continue,
                 Ok(other) => {
                     return Err(SourceError::Peer(format!(
                         "unexpected return-path message {other:?}"
                     )))
                 }
+                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => continue,
                 Err(_) => return Err(SourceError::Peer("no SHUT from the destination".into())),
             }
         }
+    }
+
+    /// In postcopy with a link timeout: pings the destination at a quarter of the timeout,
+    /// and declares the link dead when no PONG came for the whole timeout.
+    fn keepalive(&mut self) -> Result<(), SourceError> {
+        let (Some(interval), true) = (self.ping_interval(), self.postcopy_live) else {
+            return Ok(());
+        };
+        if self.last_pong.elapsed() > interval * 4 && self.last_ping_sent > self.last_pong {
+            return Err(SourceError::Link(format!(
+                "no answer from the destination for {} ms",
+                self.last_pong.elapsed().as_millis()
+            )));
+        }
+        if self.last_ping_sent.elapsed() >= interval {
+            self.ping_seq = self.ping_seq.wrapping_add(1);
+            let v = self.ping_seq;
+            self.out
+                .put(|o| stream::encode_command(o, wire::command::PING, &v.to_be_bytes()))?;
+            self.out.flush()?;
+            self.last_ping_sent = Instant::now();
+        }
+        Ok(())
+    }
+
+    fn ping_interval(&self) -> Option<Duration> {
+        let t = self.ctx.params().link_timeout;
+        (t > 0).then(|| Duration::from_millis(t / 4))
+    }
+
+    /// Arms the link timeout on the channel once postcopy runs (precopy may idle for long,
+    /// e.g. in pre-switchover).
+    fn arm_link_timeout(&mut self) {
+        let t = self.ctx.params().link_timeout;
+        self.out
+            .chan
+            .set_timeouts((t > 0).then(|| Duration::from_millis(t)));
+        self.postcopy_live = true;
+        self.last_pong = Instant::now();
+        self.last_ping_sent = Instant::now() - Duration::from_secs(3600);
     }
 }
 
@@ -1155,6 +1226,7 @@ fn spawn_rp_reader(
                         }
                         RpMessage::Pong(v) => {
                             slog::debug!(log, "PONG"; "value" => v);
+                            let _ = tx.send(RpEvent::Pong);
                             None
                         }
                         RpMessage::ReqPagesId { offset, len, block } => {

@@ -266,6 +266,19 @@ impl Channel {
         }
     }
 
+    /// Read and write timeouts on a socket (None: block): a silently dead peer then shows
+    /// as an I/O error instead of a hang.
+    pub fn set_timeouts(&self, t: Option<std::time::Duration>) {
+        if self.is_socket {
+            // SAFETY: borrowed for the duration of the calls only; ManuallyDrop keeps the fd.
+            let s = std::mem::ManuallyDrop::new(unsafe {
+                UnixStream::from_raw_fd(self.fd.as_raw_fd())
+            });
+            let _ = s.set_read_timeout(t);
+            let _ = s.set_write_timeout(t);
+        }
+    }
+
     /// Shuts a socket down (both directions) so that blocked I/O on it returns.
     pub fn shutdown(&self) {
         if self.is_socket {
@@ -296,6 +309,7 @@ impl Channel {
                 Err(nix::errno::Errno::EAGAIN) if self.is_pipe => {
                     self.wait_pipe(nix::poll::PollFlags::POLLIN)?
                 }
+                Err(nix::errno::Errno::EAGAIN) => return Err(link_timeout_error("no data")),
                 Err(e) => return Err(e.into()),
             }
         }
@@ -313,6 +327,7 @@ impl Channel {
                     self.wait_pipe(nix::poll::PollFlags::POLLOUT)?;
                     continue;
                 }
+                Err(nix::errno::Errno::EAGAIN) => return Err(link_timeout_error("could not send")),
                 Err(e) => return Err(e.into()),
             };
             io::IoSlice::advance_slices(&mut bufs, n);
@@ -335,6 +350,14 @@ impl Channel {
     }
 }
 
+/// A socket timeout (SO_RCVTIMEO/SO_SNDTIMEO, set from link-timeout) fired.
+fn link_timeout_error(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("{what} for the link timeout: the peer is silent (link dead?)"),
+    )
+}
+
 fn is_fifo(p: &std::path::Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
     std::fs::metadata(p).is_ok_and(|m| m.file_type().is_fifo())
@@ -344,6 +367,14 @@ fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
     let flags = OFlag::from_bits_truncate(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?);
     fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map(|_| ())
+}
+
+/// Read and write timeouts on the socket behind `fd` (a duplicate shares them).
+pub fn set_socket_timeouts(fd: &OwnedFd, t: Option<std::time::Duration>) {
+    // SAFETY: borrowed for the duration of the calls only; ManuallyDrop keeps the fd open.
+    let s = std::mem::ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(fd.as_raw_fd()) });
+    let _ = s.set_read_timeout(t);
+    let _ = s.set_write_timeout(t);
 }
 
 /// Shuts a socket down in both directions so that blocked reads and writes return.

@@ -284,6 +284,7 @@ impl Helper {
                     "max-postcopy-bandwidth": p.max_postcopy_bandwidth,
                     "machine-type": p.machine_type,
                     "compat-version": p.compat_version.to_string(),
+                    "link-timeout": p.link_timeout,
                 }))
             }
             "migrate" => self.migrate(&a),
@@ -514,6 +515,7 @@ impl Helper {
             "max-postcopy-bandwidth",
             "machine-type",
             "compat-version",
+            "link-timeout",
         ])?;
         let mut p = self.ctx.params();
         if let Some(v) = a.opt_u64("max-bandwidth")? {
@@ -528,6 +530,14 @@ impl Helper {
         }
         if let Some(v) = a.opt_u64("max-postcopy-bandwidth")? {
             p.max_postcopy_bandwidth = v;
+        }
+        if let Some(v) = a.opt_u64("link-timeout")? {
+            if v != 0 && v < 100 {
+                return Err(QmpError::generic(
+                    "link-timeout is 0 (off) or at least 100 ms",
+                ));
+            }
+            p.link_timeout = v;
         }
         let running = self.busy();
         if let Some(m) = a.opt_str("machine-type")? {

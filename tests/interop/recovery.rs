@@ -356,7 +356,9 @@ fn start_postcopy(seed: u64) -> (HelperVm, HelperVm, UffdGuest, Arc<Vec<u8>>) {
     let mut dst = HelperVm::spawn();
     guest.attach(&mut dst, "ram");
     for h in [&mut src, &mut dst] {
-        h.client.set_capabilities(&[("postcopy-ram", true)]).expect("caps");
+        h.client
+            .set_capabilities(&[("postcopy-ram", true)])
+            .expect("caps");
     }
     src.client
         .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
@@ -380,19 +382,28 @@ fn start_postcopy(seed: u64) -> (HelperVm, HelperVm, UffdGuest, Arc<Vec<u8>>) {
 fn recovery_errors_and_failures_in_a_row() {
     let seed = test_seed("recovery_errors");
     let (mut src, mut dst, mut guest, expected) = start_postcopy(seed);
-    src.client.execute_oob("migrate-pause", json!({})).expect("migrate-pause");
+    src.client
+        .execute_oob("migrate-pause", json!({}))
+        .expect("migrate-pause");
     wait(&mut src, &mut guest, &["postcopy-paused"]);
     wait(&mut dst, &mut guest, &["postcopy-paused"]);
 
     // Wrong side, unknown fd, not a socket.
-    let e = src.client.execute("migrate-recover", json!({"uri": "fd:x"})).unwrap_err().to_string();
+    let e = src
+        .client
+        .execute("migrate-recover", json!({"uri": "fd:x"}))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("destination"), "{e}");
     let e = dst
         .client
         .execute("migrate", json!({"uri": "fd:x", "resume": true}))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("no paused migration") || e.contains("paused"), "{e}");
+    assert!(
+        e.contains("no paused migration") || e.contains("paused"),
+        "{e}"
+    );
     let e = src
         .client
         .execute("migrate", json!({"uri": "fd:nope", "resume": true}))
@@ -408,7 +419,10 @@ fn recovery_errors_and_failures_in_a_row() {
         .to_string();
     assert!(e.contains("not a socket"), "{e}");
     for h in [&mut src, &mut dst] {
-        assert_eq!(h.client.query_migrate().expect("query")["status"], "postcopy-paused");
+        assert_eq!(
+            h.client.query_migrate().expect("query")["status"],
+            "postcopy-paused"
+        );
     }
 
     // Dead links during recovery, three times in a row on each side.
@@ -418,14 +432,21 @@ fn recovery_errors_and_failures_in_a_row() {
         // Each side gets a socket whose peer is already gone.
         drop(b);
         drop(d);
-        dst.client.getfd(&format!("dead{n}"), a.as_fd()).expect("getfd");
-        src.client.getfd(&format!("dead{n}"), c.as_fd()).expect("getfd");
+        dst.client
+            .getfd(&format!("dead{n}"), a.as_fd())
+            .expect("getfd");
+        src.client
+            .getfd(&format!("dead{n}"), c.as_fd())
+            .expect("getfd");
         drop((a, c));
         dst.client
             .execute_oob("migrate-recover", json!({"uri": format!("fd:dead{n}")}))
             .expect("migrate-recover");
         src.client
-            .execute("migrate", json!({"uri": format!("fd:dead{n}"), "resume": true}))
+            .execute(
+                "migrate",
+                json!({"uri": format!("fd:dead{n}"), "resume": true}),
+            )
             .expect("migrate resume");
         std::thread::sleep(Duration::from_millis(100));
         wait(&mut src, &mut guest, &["postcopy-paused"]);
@@ -439,22 +460,159 @@ fn recovery_errors_and_failures_in_a_row() {
         .map(|e| e.data["status"].as_str().unwrap_or("").to_string())
         .collect();
     assert!(
-        events.windows(2).any(|w| w[0] == "postcopy-recover-setup" || w[1] == "postcopy-paused"),
+        events
+            .windows(2)
+            .any(|w| w[0] == "postcopy-recover-setup" || w[1] == "postcopy-paused"),
         "{events:?}"
     );
 
     // A good recovery still completes.
     let (a, b) = socketpair();
     dst.client.getfd("good", b.as_fd()).expect("getfd");
-    dst.client.execute_oob("migrate-recover", json!({"uri": "fd:good"})).expect("recover");
+    dst.client
+        .execute_oob("migrate-recover", json!({"uri": "fd:good"}))
+        .expect("recover");
     src.client.getfd("good", a.as_fd()).expect("getfd");
     drop((a, b));
     src.client
         .execute("migrate", json!({"uri": "fd:good", "resume": true}))
         .expect("resume");
-    src.client.set_parameters(json!({"max-postcopy-bandwidth": 0})).expect("params");
+    src.client
+        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
+        .expect("params");
     wait(&mut src, &mut guest, &["completed"]);
     let d = wait(&mut dst, &mut guest, &["completed"]);
     assert!(d["postcopy-pauses"].as_u64().unwrap() >= 4, "{d}");
     assert_same_memory(&expected, &guest.map, "after failed recoveries");
+}
+
+/// A link the test owns: two socketpairs with a forwarder between them that can stop
+/// forwarding without closing anything (a peer host gone, a cable pulled).
+struct Link {
+    stall: Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Link {
+    fn new() -> (Link, std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+        use std::io::{Read, Write};
+        use std::os::unix::net::UnixStream;
+        let (src_end, a) = socketpair();
+        let (dst_end, b) = socketpair();
+        let stall = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (a, b) = (UnixStream::from(a), UnixStream::from(b));
+        let mut threads = Vec::new();
+        for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+            let (stall, stop) = (stall.clone(), stop.clone());
+            from.set_read_timeout(Some(Duration::from_millis(20)))
+                .unwrap();
+            threads.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if stall.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
+                    match from.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::WouldBlock
+                                || e.kind() == std::io::ErrorKind::TimedOut => {}
+                        Err(_) => break,
+                    }
+                }
+                // Keep both sockets open until the test ends: a stalled link says nothing.
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }));
+        }
+        (
+            Link {
+                stall,
+                stop,
+                threads,
+            },
+            src_end,
+            dst_end,
+        )
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A link that dies silently (no error, no data) is noticed within the link timeout on
+/// both sides, which pause by themselves; then the migration recovers and completes.
+#[test]
+fn silent_link_death_pauses_then_recovers() {
+    let seed = test_seed("silent_link_death");
+    let mut src = HelperVm::spawn();
+    src.add_block("ram", RAM, false);
+    fill_mixed(&mut src.blocks[0].mem.map(), seed, 0.2);
+    let expected = Arc::new(src.blocks[0].mem.map().to_vec());
+    let mut guest = UffdGuest::new(RAM);
+    let mut dst = HelperVm::spawn();
+    guest.attach(&mut dst, "ram");
+    for h in [&mut src, &mut dst] {
+        h.client
+            .set_capabilities(&[("postcopy-ram", true)])
+            .expect("caps");
+        h.client
+            .set_parameters(json!({"link-timeout": 600}))
+            .expect("link-timeout");
+    }
+    src.client
+        .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
+        .expect("params");
+    let (link, a, b) = Link::new();
+    src.client.getfd("mig", a.as_fd()).expect("getfd");
+    dst.client.getfd("mig", b.as_fd()).expect("getfd");
+    drop((a, b));
+    dst.client.migrate_incoming("fd:mig").expect("incoming");
+    src.client.migrate("fd:mig").expect("migrate");
+    std::thread::sleep(Duration::from_millis(200));
+    src.client.migrate_start_postcopy().expect("postcopy");
+    wait(&mut dst, &mut guest, &["postcopy-active"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = std::time::Instant::now();
+    link.stall.store(true, std::sync::atomic::Ordering::Relaxed);
+    wait(&mut src, &mut guest, &["postcopy-paused"]);
+    wait(&mut dst, &mut guest, &["postcopy-paused"]);
+    let took = t0.elapsed();
+    eprintln!("silent link death noticed after {} ms", took.as_millis());
+    assert!(
+        took < Duration::from_secs(3),
+        "took {took:?} with a 600 ms link timeout"
+    );
+    let (a, b) = socketpair();
+    dst.client.getfd("mig2", b.as_fd()).expect("getfd");
+    dst.client
+        .execute_oob("migrate-recover", json!({"uri": "fd:mig2"}))
+        .expect("recover");
+    src.client.getfd("mig2", a.as_fd()).expect("getfd");
+    drop((a, b));
+    src.client
+        .execute("migrate", json!({"uri": "fd:mig2", "resume": true}))
+        .expect("resume");
+    src.client
+        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
+        .expect("params");
+    wait(&mut src, &mut guest, &["completed"]);
+    wait(&mut dst, &mut guest, &["completed"]);
+    drop(link);
+    assert_same_memory(&expected, &guest.map, "after a silent link death");
 }
