@@ -205,6 +205,9 @@ struct Loader<'a> {
     uffd: Option<OwnedFd>,
     /// POSTCOPY_ADVISE came: huge-page blocks carry their page size in the block list.
     advised: bool,
+    /// Took over a migration from a helper that died: the RAM section id is learnt from the
+    /// first PART after the recovery.
+    adopted: bool,
     /// From POSTCOPY_LISTEN on: pages are placed through the userfaultfd.
     postcopy: Option<Arc<PostcopyDest>>,
     fault_thread: Option<std::thread::JoinHandle<()>>,
@@ -744,6 +747,12 @@ impl<'a> Loader<'a> {
         ctx.pauses.fetch_add(1, Ordering::Relaxed);
         slog::warn!(ctx.log, "postcopy link failed: paused"; "error" => &why);
         ctx.state.transition(MigrationStatus::PostcopyPaused)?;
+        self.wait_and_recover()
+    }
+
+    /// In postcopy-paused: takes recoveries until one succeeds and the stream has loaded.
+    fn wait_and_recover(&mut self) -> Result<(), LoadError> {
+        let ctx = self.ctx;
         loop {
             let Some(rec) = ctx.wait_recovery() else {
                 return Err(LoadError::Cancelled);
@@ -914,6 +923,9 @@ impl<'a> Loader<'a> {
                     self.footer(r, h.section_id)?;
                 }
                 OwnedToken::Part(id) | OwnedToken::End(id) => {
+                    if self.adopted && self.ram_section.is_none() {
+                        self.ram_section = Some(id);
+                    }
                     if Some(id) != self.ram_section {
                         return Err(self.invalid(
                             r,
@@ -1070,31 +1082,20 @@ pub fn load<R: Read>(
 ) -> Result<Vec<DeviceSection>, LoadError> {
     let t0 = Instant::now();
     let mut r = Reader::new(src, peer, READ_CHUNK);
-    let mut loader = Loader {
-        ctx,
-        blocks,
-        ram_section: None,
-        last_block: None,
-        rp: None,
-        devices: Vec::new(),
-        bytes: 0,
-        known_zero: blocks.iter().map(|b| b.hole_bitmap()).collect(),
-        run: Run::default(),
-        received: Arc::new(
-            blocks
-                .iter()
-                .map(|b| AtomicBitmap::new(b.pages()))
-                .collect(),
-        ),
-        uffd,
-        advised: false,
-        postcopy: None,
-        fault_thread: None,
-        fault_error: Arc::new(Mutex::new(None)),
-        staged: Staged::default(),
-        chan_fd: chan.and_then(|c| c.try_clone_fd().ok()),
-    };
-    let mut result = load_inner(&mut loader, &mut r, chan);
+    let mut loader = Loader::new(ctx, blocks, uffd, chan.and_then(|c| c.try_clone_fd().ok()));
+    let result = load_inner(&mut loader, &mut r, chan);
+    finish(&mut loader, result, t0, r.offset)
+}
+
+/// Ends a load: recovers from link failures in postcopy, finishes postcopy, and tells the
+/// source how it went (SHUT).
+fn finish(
+    loader: &mut Loader<'_>,
+    mut result: Result<(), LoadError>,
+    t0: Instant,
+    offset: u64,
+) -> Result<Vec<DeviceSection>, LoadError> {
+    let ctx = loader.ctx;
     // In postcopy a broken link pauses: neither side has the whole guest.
     while let Err(e) = &result {
         let fault_failed = loader
@@ -1117,7 +1118,7 @@ pub fn load<R: Read>(
             .clone()
         {
             result = Err(LoadError::Invalid {
-                offset: r.offset,
+                offset,
                 msg: format!("postcopy fault handling: {e}"),
             });
         }
@@ -1135,11 +1136,11 @@ pub fn load<R: Read>(
             let secs = t0.elapsed().as_secs_f64();
             slog::info!(ctx.log, "migration summary";
                 "role" => "destination",
-                "bytes" => r.offset,
+                "bytes" => offset,
                 "pages" => ctx.stats.normal.load(Ordering::Relaxed),
                 "zero_pages" => ctx.stats.duplicate.load(Ordering::Relaxed),
                 "secs" => secs,
-                "rate_mbps" => r.offset as f64 * 8.0 / secs.max(1e-9) / 1e6,
+                "rate_mbps" => offset as f64 * 8.0 / secs.max(1e-9) / 1e6,
                 "device_sections" => loader.devices.len(),
             );
         }
@@ -1148,7 +1149,90 @@ pub fn load<R: Read>(
             let _ = loader.send_rp(RpMessage::Shut(1));
         }
     }
-    result.map(|()| loader.devices)
+    result.map(|()| std::mem::take(&mut loader.devices))
+}
+
+/// A new helper takes over a postcopy migration whose destination helper died: the parent
+/// passed the same memfds (and its userfaultfd). What has been received is what the memfds
+/// hold: after the discards, a page is data in the memfd only if it arrived (a zero page
+/// left as a hole is asked for again, harmlessly). Then it waits in postcopy-paused for
+/// `migrate-recover`.
+pub fn adopt(
+    ctx: &MigrationCtx,
+    blocks: Vec<Arc<RamBlock>>,
+    uffd: OwnedFd,
+) -> Result<(), LoadError> {
+    let t0 = Instant::now();
+    let mut loader = Loader::new(ctx, &blocks, Some(uffd), None);
+    for (bi, b) in blocks.iter().enumerate() {
+        let holes = b.hole_bitmap();
+        for p in 0..b.pages() {
+            if holes
+                .get((p / 64) as usize)
+                .is_some_and(|w| w & (1 << (p % 64)) == 0)
+            {
+                loader.received[bi].set(p);
+            }
+        }
+    }
+    loader.advised = true;
+    loader.adopted = true;
+    // The return path comes with the recovery channel.
+    let (placeholder, _) =
+        std::os::unix::net::UnixStream::pair().map_err(|source| LoadError::Io {
+            peer: "socketpair".into(),
+            offset: 0,
+            source,
+        })?;
+    loader.rp = Some(Arc::new(RpWriter::new(Channel::from_unix(
+        placeholder,
+        "none".into(),
+    ))));
+    let empty: &[u8] = &[];
+    loader.listen(&Reader::new(empty, String::new(), 64))?;
+    ctx.state.transition(MigrationStatus::PostcopyPaused)?;
+    slog::info!(ctx.log, "adopted a paused postcopy migration";
+        "received_pages" => loader.received.iter().map(|b| b.count()).sum::<u64>());
+    let result = loader.wait_and_recover();
+    let devices = finish(&mut loader, result, t0, 0)?;
+    drop(devices);
+    ctx.state.transition(MigrationStatus::Completed)?;
+    Ok(())
+}
+
+impl<'a> Loader<'a> {
+    fn new(
+        ctx: &'a MigrationCtx,
+        blocks: &'a [Arc<RamBlock>],
+        uffd: Option<OwnedFd>,
+        chan_fd: Option<OwnedFd>,
+    ) -> Self {
+        Loader {
+            ctx,
+            blocks,
+            ram_section: None,
+            last_block: None,
+            rp: None,
+            devices: Vec::new(),
+            bytes: 0,
+            known_zero: blocks.iter().map(|b| b.hole_bitmap()).collect(),
+            run: Run::default(),
+            received: Arc::new(
+                blocks
+                    .iter()
+                    .map(|b| AtomicBitmap::new(b.pages()))
+                    .collect(),
+            ),
+            uffd,
+            advised: false,
+            adopted: false,
+            postcopy: None,
+            fault_thread: None,
+            fault_error: Arc::new(Mutex::new(None)),
+            staged: Staged::default(),
+            chan_fd,
+        }
+    }
 }
 
 fn load_inner<R: Read>(

@@ -807,6 +807,12 @@ impl Source<'_> {
         self.requests.clear();
         self.shut = None;
         self.postcopy_live = false;
+        self.wait_and_recover()
+    }
+
+    /// In postcopy-paused: takes recoveries until one succeeds.
+    fn wait_and_recover(&mut self) -> Result<(), SourceError> {
+        let ctx = self.ctx;
         loop {
             let Some(rec) = ctx.wait_recovery() else {
                 return Err(SourceError::Cancelled);
@@ -1193,6 +1199,64 @@ fn check_request(
         offset,
         len,
     })
+}
+
+/// A new helper takes over a postcopy migration whose source helper died: the parent
+/// passed the same memfds (its guest is stopped). What is left to send comes entirely from
+/// the destination's received bitmaps in the recovery; until then it is postcopy-paused,
+/// waiting for `migrate resume=true`.
+pub fn adopt(ctx: &MigrationCtx, blocks: Vec<Arc<RamBlock>>) -> Result<(), SourceError> {
+    let t0 = Instant::now();
+    let (placeholder, _) =
+        std::os::unix::net::UnixStream::pair().map_err(|source| SourceError::Io {
+            peer: "socketpair".into(),
+            sent: 0,
+            source,
+        })?;
+    // Replaced by the recovery channel before anything is written.
+    let chan = Arc::new(Channel::from_unix(placeholder, "none".into()));
+    let mut src = Source {
+        ctx,
+        out: Writer::new(chan),
+        blocks: blocks.iter().cloned().map(BlockTodo::all).collect(),
+        cursor: (0, 0),
+        throttle: Throttle::new(),
+        rp: None,
+        shut: None,
+        requests: Default::default(),
+        postcopy_live: false,
+        last_pong: Instant::now(),
+        last_ping_sent: Instant::now(),
+        ping_seq: 100,
+    };
+    for b in &mut src.blocks {
+        b.holes = b.block.hole_bitmap();
+    }
+    ctx.stats
+        .total
+        .store(blocks.iter().map(|b| b.size).sum(), Ordering::Relaxed);
+    ctx.state.transition(MigrationStatus::PostcopyPaused)?;
+    slog::info!(ctx.log, "adopted a paused postcopy migration"; "blocks" => blocks.len());
+    src.wait_and_recover()?;
+    loop {
+        match src.postcopy_push() {
+            Ok(()) => break,
+            Err(e) if e.is_link_failure() => src.pause_and_recover(e)?,
+            Err(e) => return Err(e),
+        }
+    }
+    ctx.stats.remaining.store(0, Ordering::Relaxed);
+    ctx.stats
+        .total_time_us
+        .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+    slog::info!(ctx.log, "migration summary";
+        "role" => "source (adopted)",
+        "bytes" => src.out.sent,
+        "pages" => ctx.stats.normal.load(Ordering::Relaxed),
+        "postcopy_requests" => ctx.stats.postcopy_requests.load(Ordering::Relaxed),
+    );
+    ctx.state.transition(MigrationStatus::Completed)?;
+    Ok(())
 }
 
 /// Reads the return path on its own thread and forwards what matters.

@@ -73,10 +73,13 @@ impl MigrationStatus {
             PreSwitchover => matches!(self, Active),
             Device => matches!(self, Active | PreSwitchover),
             PostcopyActive => matches!(self, Active | PreSwitchover | Device | PostcopyRecover),
-            PostcopyPaused => matches!(
-                self,
-                PostcopyActive | PostcopyRecoverSetup | PostcopyRecover
-            ),
+            // From a finished state: a new helper adopting a paused postcopy migration.
+            PostcopyPaused => {
+                matches!(
+                    self,
+                    PostcopyActive | PostcopyRecoverSetup | PostcopyRecover
+                ) || self.is_finished()
+            }
             PostcopyRecoverSetup => self == PostcopyPaused,
             PostcopyRecover => matches!(self, PostcopyPaused | PostcopyRecoverSetup),
             Completed => matches!(self, Active | Device | PostcopyActive),

@@ -362,17 +362,40 @@ impl Helper {
                         .map_err(|e: crate::transport::TransportError| {
                             QmpError::generic(e.to_string())
                         })?;
-                if *lock(&self.role) != Some(Role::Destination) {
+                let role = *lock(&self.role);
+                let fresh = self.ctx.state.status().is_finished();
+                if role == Some(Role::Source) && !fresh || role.is_none() && !fresh {
                     return Err(QmpError::generic(
                         "migrate-recover is for the destination; the source resumes with migrate {\"resume\": true}",
                     ));
                 }
                 let st = self.ctx.state.status();
-                if st != MigrationStatus::PostcopyPaused {
+                // A fresh helper (the previous one died) adopts the paused migration.
+                let adopt = st.is_finished() && self.ctx.caps().postcopy_ram;
+                if st != MigrationStatus::PostcopyPaused && !adopt {
                     return Err(QmpError::generic(format!(
                         "Migrate recover can only be run when postcopy is paused (status {})",
                         st.as_str()
                     )));
+                }
+                if adopt {
+                    let blocks = self.migration_blocks()?;
+                    let uffd = lock(&self.uffd)
+                        .as_ref()
+                        .map(|fd| fd.try_clone())
+                        .transpose()
+                        .map_err(|e| QmpError::generic(e.to_string()))?
+                        .ok_or_else(|| {
+                            QmpError::generic("adopting a postcopy migration needs userfaultfd-set")
+                        })?;
+                    let incoming = Incoming::open(&uri, |n| self.take_fd(n))
+                        .map_err(|e| QmpError::generic(e.to_string()))?;
+                    slog::info!(self.log, "migrate-recover: adopting a paused postcopy migration"; "uri" => %uri);
+                    self.ctx
+                        .offer_recovery(crate::migration::Recovery::Destination(incoming));
+                    return self.start_adopt(Role::Destination, move |ctx| {
+                        crate::destination::adopt(ctx, blocks, uffd).map_err(|e| e.to_string())
+                    });
                 }
                 let incoming = Incoming::open(&uri, |n| self.take_fd(n))
                     .map_err(|e| QmpError::generic(e.to_string()))?;
@@ -617,6 +640,42 @@ impl Helper {
         Ok(json!({}))
     }
 
+    /// Starts the thread of an adopted postcopy migration (it moves to postcopy-paused
+    /// itself; the recovery is already offered).
+    fn start_adopt(
+        &self,
+        role: Role,
+        f: impl FnOnce(&MigrationCtx) -> Result<(), String> + Send + 'static,
+    ) -> CmdResult {
+        if let Some(h) = lock(&self.worker).take() {
+            let _ = h.join();
+        }
+        self.ctx.cancel.store(false, Ordering::Release);
+        self.ctx.stats.reset();
+        self.ctx.latency.reset();
+        self.ctx.pauses.store(0, Ordering::Relaxed);
+        lock(&self.ctx.recoveries).clear();
+        *lock(&self.role) = Some(role);
+        *lock(&self.ctx.started) = Some(std::time::Instant::now());
+        let ctx = self.ctx.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("qmh-adopt-{role:?}").to_lowercase())
+            .spawn(move || {
+                let r = f(&ctx);
+                ctx.set_channel(None);
+                if let Err(e) = r {
+                    ctx.state.fail(e);
+                }
+            })
+            .map_err(|e| QmpError::generic(format!("cannot start the migration thread: {e}")))?;
+        *lock(&self.worker) = Some(h);
+        // The thread moves to postcopy-paused at once; answer after it has.
+        self.ctx
+            .state
+            .wait_for(std::time::Duration::from_secs(2), |s| !s.is_finished());
+        Ok(json!({}))
+    }
+
     fn migration_blocks(&self) -> Result<Vec<Arc<RamBlock>>, QmpError> {
         let blocks = lock(&self.blocks).clone();
         if blocks.is_empty() {
@@ -645,7 +704,12 @@ impl Helper {
             .map_err(|e: crate::transport::TransportError| QmpError::generic(e.to_string()))?;
         if a.opt_bool("resume")?.unwrap_or(false) {
             let st = self.ctx.state.status();
-            if *lock(&self.role) != Some(Role::Source) || st != MigrationStatus::PostcopyPaused {
+            // A fresh helper (the previous one died) adopts the paused migration.
+            let adopt = st.is_finished() && self.ctx.caps().postcopy_ram;
+            if !adopt
+                && (*lock(&self.role) != Some(Role::Source)
+                    || st != MigrationStatus::PostcopyPaused)
+            {
                 return Err(QmpError::generic(format!(
                     "Cannot resume if there is no paused migration (status {})",
                     st.as_str()
@@ -669,7 +733,15 @@ impl Helper {
                 }
                 _ => None,
             };
-            slog::info!(self.log, "migrate resume"; "uri" => %uri);
+            slog::info!(self.log, "migrate resume"; "uri" => %uri, "adopt" => adopt);
+            if adopt {
+                let blocks = self.migration_blocks()?;
+                self.ctx
+                    .offer_recovery(crate::migration::Recovery::Source(uri, fd));
+                return self.start_adopt(Role::Source, move |ctx| {
+                    crate::source::adopt(ctx, blocks).map_err(|e| e.to_string())
+                });
+            }
             self.ctx
                 .offer_recovery(crate::migration::Recovery::Source(uri, fd));
             return Ok(json!({}));

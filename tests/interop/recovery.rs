@@ -616,3 +616,92 @@ fn silent_link_death_pauses_then_recovers() {
     drop(link);
     assert_same_memory(&expected, &guest.map, "after a silent link death");
 }
+
+/// Kills a helper with SIGKILL.
+fn kill(h: &mut HelperVm) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(h.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    for _ in 0..100 {
+        if !h.alive() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("helper {} did not die", h.pid());
+}
+
+/// Both helpers killed mid-postcopy, one after the other: the parent starts a new helper
+/// with the same memfds (and, on the destination, its userfaultfd), passes a fresh socket,
+/// and the migration recovers and completes: no guest is lost.
+#[test]
+fn helpers_killed_and_respawned() {
+    let seed = test_seed("helpers_killed");
+    let (mut src, mut dst, mut guest, expected) = start_postcopy(seed);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The source helper dies; the destination pauses by itself.
+    let src_mem = std::mem::replace(&mut src.blocks, Vec::new());
+    kill(&mut src);
+    wait(&mut dst, &mut guest, &["postcopy-paused"]);
+    let mut src = HelperVm::spawn();
+    src.client
+        .getfd("ram", src_mem[0].mem.fd.as_fd())
+        .expect("getfd");
+    src.client
+        .ram_block_add(&qemu_migration_helper::client::RamBlockSpec {
+            id: "ram".into(),
+            fdname: "ram".into(),
+            offset: 0,
+            size: RAM,
+            ..Default::default()
+        })
+        .expect("ram-block-add");
+    src.client
+        .set_capabilities(&[("postcopy-ram", true)])
+        .expect("caps");
+    src.client
+        .set_parameters(json!({"max-postcopy-bandwidth": 4 * MIB}))
+        .expect("params");
+    let (a, b) = socketpair();
+    dst.client.getfd("mig1", b.as_fd()).expect("getfd");
+    dst.client
+        .execute_oob("migrate-recover", json!({"uri": "fd:mig1"}))
+        .expect("recover");
+    src.client.getfd("mig1", a.as_fd()).expect("getfd");
+    drop((a, b));
+    src.client
+        .execute("migrate", json!({"uri": "fd:mig1", "resume": true}))
+        .expect("resume on a new source helper");
+    wait(&mut src, &mut guest, &["postcopy-active"]);
+    wait(&mut dst, &mut guest, &["postcopy-active"]);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Now the destination helper dies; the source pauses; a new destination helper takes
+    // the same guest memfd and userfaultfd.
+    kill(&mut dst);
+    wait(&mut src, &mut guest, &["postcopy-paused"]);
+    let mut dst = HelperVm::spawn();
+    guest.attach(&mut dst, "ram");
+    dst.client
+        .set_capabilities(&[("postcopy-ram", true)])
+        .expect("caps");
+    let (a, b) = socketpair();
+    dst.client.getfd("mig2", b.as_fd()).expect("getfd");
+    dst.client
+        .execute_oob("migrate-recover", json!({"uri": "fd:mig2"}))
+        .expect("recover on a new destination helper");
+    src.client.getfd("mig2", a.as_fd()).expect("getfd");
+    drop((a, b));
+    src.client
+        .execute("migrate", json!({"uri": "fd:mig2", "resume": true}))
+        .expect("resume");
+    src.client
+        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
+        .expect("params");
+    wait(&mut src, &mut guest, &["completed"]);
+    wait(&mut dst, &mut guest, &["completed"]);
+    assert_same_memory(&expected, &guest.map, "after both helpers were killed");
+    drop(src_mem);
+}
