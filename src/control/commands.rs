@@ -364,7 +364,7 @@ impl Helper {
                         })?;
                 let role = *lock(&self.role);
                 let fresh = self.ctx.state.status().is_finished();
-                if role == Some(Role::Source) && !fresh || role.is_none() && !fresh {
+                if role != Some(Role::Destination) && !fresh {
                     return Err(QmpError::generic(
                         "migrate-recover is for the destination; the source resumes with migrate {\"resume\": true}",
                     ));
