@@ -642,7 +642,7 @@ fn helpers_killed_and_respawned() {
     std::thread::sleep(Duration::from_millis(300));
 
     // The source helper dies; the destination pauses by itself.
-    let src_mem = std::mem::replace(&mut src.blocks, Vec::new());
+    let src_mem = std::mem::take(&mut src.blocks);
     kill(&mut src);
     wait(&mut dst, &mut guest, &["postcopy-paused"]);
     let mut src = HelperVm::spawn();
