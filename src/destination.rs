@@ -60,6 +60,8 @@ pub enum LoadError {
     Cancelled,
     #[error("recovery: {0}")]
     Recovery(String),
+    #[error("link: {0}")]
+    Link(String),
     #[error("{0}")]
     State(#[from] crate::state::BadTransition),
 }
@@ -67,7 +69,10 @@ pub enum LoadError {
 impl LoadError {
     /// The link broke (read error or EOF), as opposed to a bad stream.
     fn is_link(&self) -> bool {
-        matches!(self, LoadError::Io { .. } | LoadError::Truncated { .. })
+        matches!(
+            self,
+            LoadError::Io { .. } | LoadError::Truncated { .. } | LoadError::Link(_)
+        )
     }
 }
 
@@ -530,10 +535,8 @@ impl<'a> Loader<'a> {
 
     fn send_rp(&mut self, m: RpMessage<'_>) -> Result<(), LoadError> {
         if let Some(rp) = &self.rp {
-            rp.send(&m).map_err(|e| LoadError::Invalid {
-                offset: 0,
-                msg: e.to_string(),
-            })?;
+            // A return path that cannot be written is a broken link (postcopy pauses on it).
+            rp.send(&m).map_err(|e| LoadError::Link(e.to_string()))?;
         }
         Ok(())
     }
@@ -1096,18 +1099,28 @@ fn finish(
     offset: u64,
 ) -> Result<Vec<DeviceSection>, LoadError> {
     let ctx = loader.ctx;
-    // In postcopy a broken link pauses: neither side has the whole guest.
-    while let Err(e) = &result {
-        let fault_failed = loader
-            .fault_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some();
-        if loader.postcopy.is_none() || !e.is_link() || ctx.cancelled() || fault_failed {
-            break;
+    // In postcopy a broken link pauses: neither side has the whole guest. That includes
+    // the SHUT at the very end: the source must hear it to complete, so a link that dies
+    // just then is recovered too (the source then has nothing left but EOF).
+    loop {
+        match &result {
+            Ok(()) => match loader.send_rp(RpMessage::Shut(0)) {
+                Ok(()) => break,
+                Err(e) => result = Err(e),
+            },
+            Err(e) => {
+                let fault_failed = loader
+                    .fault_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_some();
+                if loader.postcopy.is_none() || !e.is_link() || ctx.cancelled() || fault_failed {
+                    break;
+                }
+                let why = e.to_string();
+                result = loader.pause_and_recover(why);
+            }
         }
-        let why = e.to_string();
-        result = loader.pause_and_recover(why);
     }
     // A fault-handling failure is the cause of whatever the loader saw after it.
     if result.is_err() {
@@ -1132,7 +1145,6 @@ fn finish(
     loader.stop_faults();
     match &result {
         Ok(()) => {
-            loader.send_rp(RpMessage::Shut(0))?;
             let secs = t0.elapsed().as_secs_f64();
             slog::info!(ctx.log, "migration summary";
                 "role" => "destination",

@@ -492,6 +492,8 @@ struct Link {
     stall: Arc<std::sync::atomic::AtomicBool>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// The forwarder's own ends, to cut the link (both sides see EOF / EPIPE).
+    ends: Vec<std::os::unix::net::UnixStream>,
 }
 
 impl Link {
@@ -503,6 +505,7 @@ impl Link {
         let stall = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (a, b) = (UnixStream::from(a), UnixStream::from(b));
+        let ends = vec![a.try_clone().unwrap(), b.try_clone().unwrap()];
         let mut threads = Vec::new();
         for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
             let (stall, stop) = (stall.clone(), stop.clone());
@@ -539,10 +542,18 @@ impl Link {
                 stall,
                 stop,
                 threads,
+                ends,
             },
             src_end,
             dst_end,
         )
+    }
+
+    /// Cuts the link: shuts down the forwarder's sockets in both directions.
+    fn cut(&self) {
+        for e in &self.ends {
+            let _ = e.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 
@@ -704,4 +715,136 @@ fn helpers_killed_and_respawned() {
     wait(&mut dst, &mut guest, &["completed"]);
     assert_same_memory(&expected, &guest.map, "after both helpers were killed");
     drop(src_mem);
+}
+
+/// Fault injection: helper -> helper postcopy through a link that is cut at random moments,
+/// during postcopy and during the recoveries themselves, many times; the seed is printed.
+/// QMH_STRESS_CUTS raises the number of cuts for manual stress runs.
+#[test]
+fn fault_injection_random_cuts() {
+    use rand::{Rng, SeedableRng};
+    let seed = test_seed("fault_injection_random_cuts");
+    let cuts: usize = std::env::var("QMH_STRESS_CUTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let mut src = HelperVm::spawn();
+    src.add_block("ram", RAM, false);
+    fill_mixed(&mut src.blocks[0].mem.map(), seed, 0.2);
+    let expected = Arc::new(src.blocks[0].mem.map().to_vec());
+    let mut guest = UffdGuest::new(RAM);
+    let mut dst = HelperVm::spawn();
+    guest.attach(&mut dst, "ram");
+    for h in [&mut src, &mut dst] {
+        h.client
+            .set_capabilities(&[("postcopy-ram", true)])
+            .expect("caps");
+    }
+    // Slow enough that the push outlives all the cuts.
+    let push = (RAM / (cuts as u64 + 4)).max(MIB);
+    src.client
+        .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": push}))
+        .expect("params");
+    let (mut link, a, b) = Link::new();
+    src.client.getfd("mig", a.as_fd()).expect("getfd");
+    dst.client.getfd("mig", b.as_fd()).expect("getfd");
+    drop((a, b));
+    dst.client.migrate_incoming("fd:mig").expect("incoming");
+    src.client.migrate("fd:mig").expect("migrate");
+    std::thread::sleep(Duration::from_millis(100));
+    src.client.migrate_start_postcopy().expect("postcopy");
+    wait(&mut dst, &mut guest, &["postcopy-active"]);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (map, exp, stop) = (guest.map.clone(), expected.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let pages = exp.len() / 4096;
+            let mut x = seed | 1;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let p = (x % pages as u64) as usize;
+                if map[p * 4096..(p + 1) * 4096] != exp[p * 4096..(p + 1) * 4096] {
+                    return Err(format!("page {p} differs"));
+                }
+            }
+            Ok(())
+        })
+    };
+    let mut n = 0;
+    let mut during_recovery = 0;
+    while n < cuts {
+        std::thread::sleep(Duration::from_millis(rng.gen_range(20..250)));
+        let st = src.client.query_migrate().expect("query")["status"].clone();
+        if st == "completed" {
+            break;
+        }
+        link.cut();
+        n += 1;
+        wait(&mut src, &mut guest, &["postcopy-paused", "completed"]);
+        wait(&mut dst, &mut guest, &["postcopy-paused", "completed"]);
+        if src.client.query_migrate().expect("query")["status"] == "completed" {
+            break;
+        }
+        // Recover; sometimes cut the new link again at once, in the middle of the handshake.
+        loop {
+            let (l, a, b) = Link::new();
+            link = l;
+            let name = format!("m{n}-{during_recovery}");
+            dst.client.getfd(&name, b.as_fd()).expect("getfd");
+            dst.client
+                .execute_oob("migrate-recover", json!({"uri": format!("fd:{name}")}))
+                .expect("recover");
+            src.client.getfd(&name, a.as_fd()).expect("getfd");
+            drop((a, b));
+            src.client
+                .execute(
+                    "migrate",
+                    json!({"uri": format!("fd:{name}"), "resume": true}),
+                )
+                .expect("resume");
+            if rng.gen_bool(0.3) {
+                std::thread::sleep(Duration::from_micros(rng.gen_range(0..2000)));
+                link.cut();
+                during_recovery += 1;
+                wait(
+                    &mut src,
+                    &mut guest,
+                    &["postcopy-paused", "postcopy-active"],
+                );
+                wait(
+                    &mut dst,
+                    &mut guest,
+                    &["postcopy-paused", "postcopy-active"],
+                );
+                // If the handshake had finished, the cut hit postcopy itself: pause first.
+                for h in [&mut src, &mut dst] {
+                    wait(h, &mut guest, &["postcopy-paused"]);
+                }
+                continue;
+            }
+            break;
+        }
+        wait(&mut src, &mut guest, &["postcopy-active", "completed"]);
+        wait(&mut dst, &mut guest, &["postcopy-active", "completed"]);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    reader
+        .join()
+        .expect("reader")
+        .expect("reader saw the right data");
+    src.client
+        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
+        .expect("params");
+    let s = wait(&mut src, &mut guest, &["completed"]);
+    let d = wait(&mut dst, &mut guest, &["completed"]);
+    eprintln!(
+        "fault injection (seed {seed}): {n} cuts in postcopy, {during_recovery} during recovery; source pauses {}, destination pauses {}",
+        s["postcopy-pauses"], d["postcopy-pauses"]
+    );
+    assert!(n > 0, "no cut happened");
+    drop(link);
+    assert_same_memory(&expected, &guest.map, "after random cuts");
 }
