@@ -830,6 +830,7 @@ impl Source<'_> {
                 }
                 Err(e) => {
                     slog::warn!(ctx.log, "postcopy recovery failed: paused again"; "error" => %e);
+                    ctx.pauses.fetch_add(1, Ordering::Relaxed);
                     self.out.chan.shutdown();
                     self.rp = None;
                     let _ = ctx.state.transition(MigrationStatus::PostcopyPaused);

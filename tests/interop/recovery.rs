@@ -848,3 +848,114 @@ fn fault_injection_random_cuts() {
     drop(link);
     assert_same_memory(&expected, &guest.map, "after random cuts");
 }
+
+/// QEMU's own postcopy recovery test cases, with real QEMU 10.0 as the destination peer:
+/// a double failure at reconnect (the source cannot connect: postcopy-recover-setup, then
+/// postcopy-paused), a double failure in the handshake (both sides paused again from
+/// postcopy-recover), then a recovery that completes with identical RAM.
+#[test]
+fn qemu10_double_failures_then_recovery() {
+    let test = "qemu10_double_failures_then_recovery";
+    if require_qemu(Qemu::V10, test).is_none() {
+        return;
+    }
+    let seed = test_seed(test);
+    let mut src = HelperVm::spawn();
+    src.add_block("ram", RAM, false);
+    fill_mixed(&mut src.blocks[0].mem.map(), seed, 0.2);
+    let expected = src.blocks[0].mem.map().to_vec();
+    let mut dst = QemuVm::start(Qemu::V10, RAM, &VmOpts::incoming());
+    dst.qmp()
+        .set_capabilities(&[("postcopy-ram", true)])
+        .expect("qemu caps");
+    src.client
+        .set_capabilities(&[("postcopy-ram", true)])
+        .expect("caps");
+    src.client
+        .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
+        .expect("params");
+    let (a, b) = socketpair();
+    dst.qmp().getfd("mig", b.as_fd()).expect("qemu getfd");
+    src.client.getfd("mig", a.as_fd()).expect("getfd");
+    drop((a, b));
+    dst.qmp()
+        .execute("migrate-incoming", json!({"uri": "fd:mig"}))
+        .expect("incoming");
+    src.client.migrate("fd:mig").expect("migrate");
+    std::thread::sleep(Duration::from_millis(200));
+    src.client.migrate_start_postcopy().expect("postcopy");
+    src.wait(&["postcopy-active"], TIMEOUT);
+    dst.wait_migration(&["postcopy-active"], TIMEOUT)
+        .expect("qemu postcopy-active");
+
+    src.client
+        .execute_oob("migrate-pause", json!({}))
+        .expect("migrate-pause");
+    src.wait(&["postcopy-paused"], TIMEOUT);
+    dst.wait_migration(&["postcopy-paused"], TIMEOUT)
+        .expect("qemu paused");
+    src.client.take_events();
+
+    // 1. Double failure at reconnect: nothing listens at the URI.
+    let nowhere = std::env::temp_dir().join(format!("qmh-nowhere-{}", std::process::id()));
+    src.client
+        .execute(
+            "migrate",
+            json!({"uri": format!("unix:{}", nowhere.display()), "resume": true}),
+        )
+        .expect("resume");
+    src.wait(&["postcopy-paused"], TIMEOUT);
+    std::thread::sleep(Duration::from_millis(100));
+    let seen: Vec<String> = src
+        .client
+        .take_events()
+        .iter()
+        .filter(|e| e.name == "MIGRATION")
+        .map(|e| e.data["status"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        seen,
+        vec!["postcopy-recover-setup", "postcopy-paused"],
+        "source states"
+    );
+
+    // 2. Double failure in the handshake: both recovery sockets lead nowhere useful.
+    let (qa, qb) = socketpair();
+    let (ha, hb) = socketpair();
+    dst.qmp().getfd("rec1", qb.as_fd()).expect("qemu getfd");
+    dst.qmp()
+        .execute("migrate-recover", json!({"uri": "fd:rec1"}))
+        .expect("qemu recover");
+    drop(hb);
+    src.client.getfd("rec1", ha.as_fd()).expect("getfd");
+    drop((qb, ha));
+    src.client
+        .execute("migrate", json!({"uri": "fd:rec1", "resume": true}))
+        .expect("resume");
+    src.wait(&["postcopy-paused"], TIMEOUT);
+    dst.wait_migration(&["postcopy-recover", "postcopy-paused"], TIMEOUT)
+        .expect("qemu in recovery");
+    drop(qa);
+    dst.wait_migration(&["postcopy-paused"], TIMEOUT)
+        .expect("qemu paused again");
+
+    // 3. A good recovery completes.
+    let (a, b) = socketpair();
+    dst.qmp().getfd("rec2", b.as_fd()).expect("qemu getfd");
+    dst.qmp()
+        .execute("migrate-recover", json!({"uri": "fd:rec2"}))
+        .expect("qemu recover");
+    src.client.getfd("rec2", a.as_fd()).expect("getfd");
+    drop((a, b));
+    src.client
+        .execute("migrate", json!({"uri": "fd:rec2", "resume": true}))
+        .expect("resume");
+    src.client
+        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
+        .expect("params");
+    let v = src.wait(&["completed"], TIMEOUT);
+    dst.wait_migration(&["completed"], TIMEOUT)
+        .expect("qemu completes");
+    assert!(v["postcopy-pauses"].as_u64().unwrap() >= 3, "{v}");
+    assert_same_memory(&expected, &dst.ram_mmap(), test);
+}
