@@ -32,7 +32,8 @@ const TIMEOUT: Duration = Duration::from_secs(300);
 
 enum End {
     Qemu(QemuVm),
-    Helper(HelperVm, Option<UffdGuest>),
+    // The destination's guest is only held: it must live as long as its helper.
+    Helper(HelperVm, #[allow(dead_code)] Option<UffdGuest>),
 }
 
 impl End {
