@@ -1,5 +1,6 @@
 //! qemu-migration-helper: move a VMM's guest memory in QEMU's migration stream format.
 
+pub mod analyze;
 pub mod client;
 pub mod compat;
 pub mod control;

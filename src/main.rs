@@ -1,5 +1,6 @@
 //! The `qemu-migration-helper` command.
 
+use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,6 +45,18 @@ enum Cmd {
     /// Play the parent VMM: make a guest in a memfd, spawn a source and a destination helper,
     /// migrate, verify the destination byte for byte and print the rate.
     Demo(qemu_migration_helper::demo::DemoArgs),
+    /// Print what a QEMU migration stream file holds: header, configuration, every section
+    /// with its size, RAM per block, device sections decoded with the VM description.
+    Analyze {
+        /// The stream file (from QEMU or from the helper).
+        file: PathBuf,
+        /// Machine-readable output (one JSON object).
+        #[arg(long)]
+        json: bool,
+        /// Write each RAM block's content to a file in DIR (named after the block).
+        #[arg(long, value_name = "DIR")]
+        extract_ram: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -55,6 +68,35 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("demo failed: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            };
+        }
+        Some(Cmd::Analyze {
+            file,
+            json,
+            extract_ram,
+        }) => {
+            return match qemu_migration_helper::analyze::analyze(&file, extract_ram.as_deref()) {
+                Ok(report) => {
+                    let mut out = std::io::stdout().lock();
+                    let r = if json {
+                        writeln!(out, "{}", report.to_json())
+                    } else {
+                        report.print(&mut out)
+                    };
+                    match r {
+                        // A reader that stopped early (`| head`) is not an error.
+                        Ok(()) => ExitCode::SUCCESS,
+                        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                        Err(e) => {
+                            eprintln!("qemu-migration-helper: writing the report: {e}");
+                            ExitCode::from(EXIT_FAILURE)
+                        }
+                    }
+                }
+                Err(e) => {
+                    eprintln!("qemu-migration-helper: {}: {e}", file.display());
                     ExitCode::from(EXIT_FAILURE)
                 }
             };

@@ -1,5 +1,6 @@
 //! Interop tests against real QEMU (see tests/install-deps.sh).
 
+mod analyze;
 mod bad_input;
 mod files;
 mod helper;

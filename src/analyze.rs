@@ -1,0 +1,573 @@
+//! `qemu-migration-helper analyze FILE`: what a migration stream file holds.
+//!
+//! The file is mapped read-only and walked with the same pure decoders the destination uses;
+//! page data is never copied unless `--extract-ram` writes it out (zero pages stay holes in
+//! the output files).
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use crate::compat::wire::{self, command};
+use crate::postcopy;
+use crate::ram::{self, Record};
+use crate::stream::{self, Token, WireError};
+use crate::vmstate::{self, VmDescription};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AnalyzeError {
+    #[error("{path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("at offset {offset:#x}{section}: {msg}")]
+    Bad {
+        offset: u64,
+        section: String,
+        msg: String,
+    },
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Pages of each fill byte, for 7.2's filled "zero" pages.
+static FILLS: [[u8; wire::TARGET_PAGE_SIZE]; 256] = {
+    let mut f = [[0u8; wire::TARGET_PAGE_SIZE]; 256];
+    let mut i = 0;
+    while i < 256 {
+        f[i] = [i as u8; wire::TARGET_PAGE_SIZE];
+        i += 1;
+    }
+    f
+};
+
+/// Per-block RAM figures.
+#[derive(Debug, Default, Clone)]
+pub struct BlockStats {
+    pub name: String,
+    pub length: u64,
+    pub pages: u64,
+    pub zero_pages: u64,
+}
+
+/// One top-level item of the stream.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub offset: u64,
+    pub kind: String,
+    pub section_id: Option<u32>,
+    pub idstr: Option<String>,
+    pub instance_id: Option<u32>,
+    pub version_id: Option<u32>,
+    pub size: u64,
+    pub fields: Option<Value>,
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub file_size: u64,
+    pub machine: Option<String>,
+    pub capabilities: Vec<String>,
+    pub items: Vec<Item>,
+    pub blocks: Vec<BlockStats>,
+    pub vmdesc_size: Option<u64>,
+    pub complete: bool,
+}
+
+/// Where RAM goes with `--extract-ram`.
+struct Extract {
+    dir: PathBuf,
+    files: Vec<File>,
+}
+
+struct Walker<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    report: Report,
+    desc: Option<VmDescription>,
+    ram_section: Option<u32>,
+    last_block: Option<usize>,
+    extract: Option<Extract>,
+    /// Current section, for error messages.
+    section: String,
+}
+
+impl<'a> Walker<'a> {
+    fn bad(&self, msg: impl Into<String>) -> AnalyzeError {
+        AnalyzeError::Bad {
+            offset: self.pos as u64,
+            section: if self.section.is_empty() {
+                String::new()
+            } else {
+                format!(" in section {}", self.section)
+            },
+            msg: msg.into(),
+        }
+    }
+
+    fn wire(&self, e: WireError) -> AnalyzeError {
+        self.bad(e.to_string())
+    }
+
+    /// Decodes with `dec` at the current position; a short file is an error here.
+    fn next<T>(
+        &mut self,
+        what: &str,
+        dec: impl Fn(&'a [u8]) -> stream::Decoded<T>,
+    ) -> Result<T, AnalyzeError> {
+        match dec(&self.buf[self.pos..]) {
+            Ok(Some((t, n))) => {
+                self.pos += n;
+                Ok(t)
+            }
+            Ok(None) => Err(self.bad(format!("file ends in the middle of {what}"))),
+            Err(e) => Err(self.wire(e)),
+        }
+    }
+
+    fn ram_body(&mut self) -> Result<(), AnalyzeError> {
+        loop {
+            let rec = self.next("a RAM record", ram::decode_record)?;
+            let (offset, block, data, zero) = match rec {
+                Record::Eos => return Ok(()),
+                Record::MultifdFlush => continue,
+                Record::MemSize { .. } => return Err(self.bad("block list outside RAM START")),
+                Record::Zero {
+                    offset,
+                    block,
+                    fill: 0,
+                } => (offset, block, None, true),
+                // QEMU 7.2 may fill a "zero" page with another byte.
+                Record::Zero {
+                    offset,
+                    block,
+                    fill,
+                } => (offset, block, Some(&FILLS[fill as usize][..]), true),
+                Record::Page {
+                    offset,
+                    block,
+                    data,
+                } => (offset, block, Some(data), false),
+            };
+            let bi = match block {
+                Some(name) => {
+                    let i = self
+                        .report
+                        .blocks
+                        .iter()
+                        .position(|b| b.name == name)
+                        .ok_or_else(|| {
+                            self.bad(format!(
+                                "page for RAM block {name:?}, not in the block list"
+                            ))
+                        })?;
+                    self.last_block = Some(i);
+                    i
+                }
+                None => self
+                    .last_block
+                    .ok_or_else(|| self.bad("CONTINUE page with no previous block"))?,
+            };
+            let b = &mut self.report.blocks[bi];
+            if offset >= b.length {
+                let (n, l) = (b.name.clone(), b.length);
+                return Err(self.bad(format!(
+                    "page offset {offset:#x} is outside RAM block {n:?} of {l:#x} bytes"
+                )));
+            }
+            b.pages += 1;
+            if zero {
+                b.zero_pages += 1;
+            }
+            match data {
+                None => {}
+                Some(d) => {
+                    if let Some(x) = &self.extract {
+                        let f = &x.files[bi];
+                        f.write_all_at(d, offset)
+                            .map_err(|source| AnalyzeError::Write {
+                                path: x.dir.clone(),
+                                source,
+                            })?;
+                    }
+                }
+            }
+        }
+    }
+
+    fn ram_start(&mut self) -> Result<(), AnalyzeError> {
+        let total = match self.next("the RAM block list", ram::decode_record)? {
+            Record::MemSize { total } => total,
+            _ => return Err(self.bad("RAM START does not begin with the block list")),
+        };
+        let mut seen = 0u64;
+        while seen < total {
+            let e = self.next("the RAM block list", |b| {
+                ram::decode_block_entry(b, &|_| false)
+            })?;
+            seen = seen
+                .checked_add(e.used_length)
+                .filter(|&s| s <= total)
+                .ok_or_else(|| self.bad("RAM block lengths exceed the announced total"))?;
+            self.report.blocks.push(BlockStats {
+                name: e.idstr,
+                length: e.used_length,
+                ..Default::default()
+            });
+        }
+        if let Some(x) = &mut self.extract {
+            for b in &self.report.blocks {
+                // Block names may hold '/'; keep them as one file name.
+                let name = b.name.replace('/', "_");
+                let path = x.dir.join(if name.is_empty() {
+                    "unnamed".into()
+                } else {
+                    name
+                });
+                let f = File::create(&path).map_err(|source| AnalyzeError::Write {
+                    path: path.clone(),
+                    source,
+                })?;
+                f.set_len(b.length)
+                    .map_err(|source| AnalyzeError::Write { path, source })?;
+                x.files.push(f);
+            }
+        }
+        self.ram_body()
+    }
+
+    fn device(
+        &mut self,
+        start: usize,
+        h: &stream::SectionHeader,
+        kind: &str,
+    ) -> Result<(), AnalyzeError> {
+        let Some(desc) = &self.desc else {
+            return Err(self.bad(format!(
+                "device section {:?} cannot be delimited: the file has no VM description",
+                h.idstr
+            )));
+        };
+        let d = desc.device(&h.idstr, h.instance_id).ok_or_else(|| {
+            self.bad(format!(
+                "device {:?} instance {} is not in the VM description",
+                h.idstr, h.instance_id
+            ))
+        })?;
+        let n = vmstate::body_len(d, &self.buf[self.pos..]).map_err(|e| self.bad(e.to_string()))?;
+        let body = &self.buf[self.pos..self.pos + n];
+        let fields = vmstate::decode_fields(d, body).ok();
+        self.pos += n;
+        let id = h.section_id;
+        self.next("a section footer", |b| stream::decode_footer(b, id))?;
+        self.report.items.push(Item {
+            offset: start as u64,
+            kind: kind.into(),
+            section_id: Some(h.section_id),
+            idstr: Some(h.idstr.clone()),
+            instance_id: Some(h.instance_id),
+            version_id: Some(h.version_id),
+            size: (self.pos - start) as u64,
+            fields,
+        });
+        Ok(())
+    }
+
+    fn walk(&mut self) -> Result<(), AnalyzeError> {
+        self.next("the header", stream::decode_header)?;
+        if self.buf.get(self.pos) == Some(&wire::section::CONFIGURATION) {
+            let c = self.next("the configuration section", stream::decode_configuration)?;
+            self.report.machine = Some(c.machine);
+            self.report.capabilities = c.capabilities;
+        }
+        loop {
+            let start = self.pos;
+            self.section.clear();
+            let token = self.next("a section", stream::decode_token)?;
+            let item = |kind: &str, id: Option<u32>, idstr: Option<String>| Item {
+                offset: start as u64,
+                kind: kind.into(),
+                section_id: id,
+                idstr,
+                instance_id: None,
+                version_id: None,
+                size: 0,
+                fields: None,
+            };
+            match token {
+                Token::Eof => {
+                    self.report.items.push(item("EOF", None, None));
+                    break;
+                }
+                Token::Start(h) if h.idstr == wire::ram::IDSTR => {
+                    self.section = format!("{} (ram, START)", h.section_id);
+                    self.ram_section = Some(h.section_id);
+                    self.ram_start()?;
+                    let id = h.section_id;
+                    self.next("a section footer", |b| stream::decode_footer(b, id))?;
+                    let mut it = item("START", Some(id), Some(h.idstr.clone()));
+                    it.instance_id = Some(h.instance_id);
+                    it.version_id = Some(h.version_id);
+                    it.size = (self.pos - start) as u64;
+                    self.report.items.push(it);
+                }
+                Token::Part(id) | Token::End(id) if Some(id) == self.ram_section => {
+                    let kind = if self.buf[start] == wire::section::PART {
+                        "PART"
+                    } else {
+                        "END"
+                    };
+                    self.section = format!("{id} (ram, {kind})");
+                    self.ram_body()?;
+                    self.next("a section footer", |b| stream::decode_footer(b, id))?;
+                    let mut it = item(kind, Some(id), Some("ram".into()));
+                    it.size = (self.pos - start) as u64;
+                    self.report.items.push(it);
+                }
+                Token::Part(id) | Token::End(id) => {
+                    return Err(self.bad(format!(
+                        "PART/END for section {id}, which was never started"
+                    )))
+                }
+                Token::Start(h) | Token::Full(h) => {
+                    self.section = format!("{} ({})", h.section_id, h.idstr);
+                    let kind = if self.buf[start] == wire::section::FULL {
+                        "FULL"
+                    } else {
+                        "START"
+                    };
+                    self.device(start, &h, kind)?;
+                }
+                Token::Command(c) => {
+                    let name = command_name(c.cmd);
+                    let mut it = item(&format!("COMMAND {name}"), None, None);
+                    if c.cmd == command::PACKAGED {
+                        let len = u32::from_be_bytes([
+                            c.payload[0],
+                            c.payload[1],
+                            c.payload[2],
+                            c.payload[3],
+                        ]) as usize;
+                        let blob = self
+                            .buf
+                            .get(self.pos..self.pos + len)
+                            .ok_or_else(|| self.bad("file ends inside the postcopy package"))?;
+                        let pkg = postcopy::decode_package(blob).map_err(|e| self.wire(e))?;
+                        let parts =
+                            postcopy::split_full_sections(pkg.devices).map_err(|e| self.wire(e))?;
+                        self.pos += len;
+                        it.fields = Some(json!({
+                            "device-sections": parts.iter().map(|(h, r)| json!({"idstr": h.idstr, "size": r.len()})).collect::<Vec<_>>(),
+                        }));
+                    }
+                    it.size = (self.pos - start) as u64;
+                    self.report.items.push(it);
+                }
+                Token::VmDescription(_) => return Err(self.bad("VM description before EOF")),
+            }
+        }
+        // After EOF: the VM description, if any, and nothing else.
+        if self.pos < self.buf.len() {
+            match self.next("the VM description", stream::decode_token)? {
+                Token::VmDescription(j) => self.report.vmdesc_size = Some(j.len() as u64),
+                _ => return Err(self.bad("data after EOF that is not a VM description")),
+            }
+        }
+        if self.pos != self.buf.len() {
+            return Err(self.bad(format!(
+                "{} bytes after the end of the stream",
+                self.buf.len() - self.pos
+            )));
+        }
+        self.report.complete = true;
+        Ok(())
+    }
+}
+
+fn command_name(c: u16) -> &'static str {
+    match c {
+        command::OPEN_RETURN_PATH => "OPEN_RETURN_PATH",
+        command::PING => "PING",
+        command::POSTCOPY_ADVISE => "POSTCOPY_ADVISE",
+        command::POSTCOPY_LISTEN => "POSTCOPY_LISTEN",
+        command::POSTCOPY_RUN => "POSTCOPY_RUN",
+        command::POSTCOPY_RAM_DISCARD => "POSTCOPY_RAM_DISCARD",
+        command::PACKAGED => "PACKAGED",
+        command::ENABLE_COLO => "ENABLE_COLO",
+        command::POSTCOPY_RESUME => "POSTCOPY_RESUME",
+        command::RECV_BITMAP => "RECV_BITMAP",
+        command::SWITCHOVER_START => "SWITCHOVER_START",
+        _ => "unknown",
+    }
+}
+
+/// Analyses the stream in `path`; with `extract`, writes each RAM block to a file there.
+pub fn analyze(path: &Path, extract: Option<&Path>) -> Result<Report, AnalyzeError> {
+    let open_err = |source| AnalyzeError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(open_err)?;
+    let len = file.metadata().map_err(open_err)?.len() as usize;
+    // An empty file cannot be mapped; it is simply not a stream.
+    let map = if len == 0 {
+        None
+    } else {
+        Some(
+            vm_memory::mmap::MmapRegion::<()>::build(
+                Some(vm_memory::FileOffset::new(file, 0)),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+            )
+            .map_err(|e| open_err(std::io::Error::other(e.to_string())))?,
+        )
+    };
+    // SAFETY: a private read-only mapping of `len` bytes that lives until the end of this
+    // function (a file changed under us gives wrong figures, never unsafety beyond SIGBUS).
+    let buf: &[u8] = match &map {
+        Some(m) => unsafe { std::slice::from_raw_parts(m.as_ptr(), len) },
+        None => &[],
+    };
+    if let Some(m) = &map {
+        // SAFETY: advice on our own mapping.
+        unsafe { libc::madvise(m.as_ptr() as *mut _, len, libc::MADV_SEQUENTIAL) };
+    }
+    let desc =
+        vmstate::find_trailing_vmdesc(buf).and_then(|(_, r)| VmDescription::parse(&buf[r]).ok());
+    let extract = match extract {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|source| AnalyzeError::Write {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+            Some(Extract {
+                dir: dir.to_path_buf(),
+                files: Vec::new(),
+            })
+        }
+        None => None,
+    };
+    let mut w = Walker {
+        buf,
+        pos: 0,
+        report: Report {
+            file_size: len as u64,
+            ..Default::default()
+        },
+        desc,
+        ram_section: None,
+        last_block: None,
+        extract,
+        section: String::new(),
+    };
+    w.walk()?;
+    Ok(w.report)
+}
+
+impl Report {
+    pub fn to_json(&self) -> Value {
+        json!({
+            "file-size": self.file_size,
+            "machine": self.machine,
+            "capabilities": self.capabilities,
+            "ram": self.blocks.iter().map(|b| json!({
+                "block": b.name, "length": b.length, "pages": b.pages,
+                "zero-pages": b.zero_pages, "normal-pages": b.pages - b.zero_pages,
+            })).collect::<Vec<_>>(),
+            "sections": self.items.iter().map(|i| {
+                let mut v = json!({"offset": i.offset, "type": i.kind, "size": i.size});
+                if let Some(x) = i.section_id { v["section-id"] = json!(x); }
+                if let Some(x) = &i.idstr { v["idstr"] = json!(x); }
+                if let Some(x) = i.instance_id { v["instance-id"] = json!(x); }
+                if let Some(x) = i.version_id { v["version-id"] = json!(x); }
+                if let Some(x) = &i.fields { v["fields"] = x.clone(); }
+                v
+            }).collect::<Vec<_>>(),
+            "vm-description-size": self.vmdesc_size,
+        })
+    }
+
+    pub fn print(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        writeln!(out, "file size: {} bytes", self.file_size)?;
+        writeln!(out, "header: QEVM version 3")?;
+        match &self.machine {
+            Some(m) => writeln!(
+                out,
+                "configuration: machine {m:?}{}",
+                if self.capabilities.is_empty() {
+                    String::new()
+                } else {
+                    format!(", capabilities {:?}", self.capabilities)
+                }
+            )?,
+            None => writeln!(out, "configuration: none")?,
+        }
+        writeln!(out, "RAM blocks:")?;
+        for b in &self.blocks {
+            writeln!(
+                out,
+                "  {:<32} {:>12} bytes  {:>9} pages sent ({} zero, {} normal)",
+                b.name,
+                b.length,
+                b.pages,
+                b.zero_pages,
+                b.pages - b.zero_pages
+            )?;
+        }
+        // RAM PARTs are many: summarise them; list everything else.
+        let parts = self.items.iter().filter(|i| i.kind == "PART").count();
+        let part_bytes: u64 = self
+            .items
+            .iter()
+            .filter(|i| i.kind == "PART")
+            .map(|i| i.size)
+            .sum();
+        writeln!(out, "sections:")?;
+        for i in self.items.iter().filter(|i| i.kind != "PART") {
+            write!(
+                out,
+                "  {:#012x} {:<24} {:>10} bytes",
+                i.offset, i.kind, i.size
+            )?;
+            if let (Some(id), Some(n)) = (i.section_id, &i.idstr) {
+                write!(out, "  id {id} {n:?}")?;
+                if let (Some(inst), Some(v)) = (i.instance_id, i.version_id) {
+                    write!(out, " instance {inst} version {v}")?;
+                }
+            }
+            writeln!(out)?;
+            if let Some(f) = &i.fields {
+                let s = f.to_string();
+                if s.len() > 200 {
+                    writeln!(
+                        out,
+                        "      fields: {}...",
+                        &s[..s
+                            .char_indices()
+                            .take_while(|(i, _)| *i < 200)
+                            .last()
+                            .map_or(0, |(i, _)| i)]
+                    )?;
+                } else {
+                    writeln!(out, "      fields: {s}")?;
+                }
+            }
+        }
+        writeln!(out, "  ({parts} RAM PART sections, {part_bytes} bytes)")?;
+        match self.vmdesc_size {
+            Some(n) => writeln!(out, "VM description: {n} bytes")?,
+            None => writeln!(out, "VM description: none")?,
+        }
+        Ok(())
+    }
+}
