@@ -74,8 +74,9 @@ QEMU_MODULE_DIR="$QEMU72_DIR/usr/lib/x86_64-linux-gnu/qemu" \
   "$QEMU72_DIR/usr/bin/qemu-system-x86_64" --version | head -1 | sed 's/^/install-deps: QEMU 7.2: /' >&2
 
 # Build dependency: the userfaultfd crate generates its bindings with libclang.
+# Package tests: lintian checks the .deb, man-db opens the installed man page.
 need=()
-for p in libclang-dev; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
+for p in libclang-dev lintian man-db; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
 if [ ${#need[@]} -gt 0 ]; then
   apt_update
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null

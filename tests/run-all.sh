@@ -22,3 +22,5 @@ cargo clippy --all-targets --profile ci -- -D warnings
 echo "== cargo test"
 cargo test --profile ci --all-targets
 cargo test --profile ci --doc
+echo "== Debian package"
+bash tests/package-test.sh

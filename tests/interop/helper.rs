@@ -13,8 +13,13 @@ use qemu_migration_helper::client::{HelperClient, RamBlockSpec};
 
 use crate::qemu::RamMap;
 
+/// The helper under test: the one cargo built, or `QMH_HELPER_BIN` (e.g. the installed one).
 pub fn helper_bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_qemu-migration-helper"))
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| match std::env::var_os("QMH_HELPER_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_qemu-migration-helper")),
+    })
 }
 
 /// A memfd the test owns, mapped shared.
