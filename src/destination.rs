@@ -1154,6 +1154,9 @@ fn finish(
                 "secs" => secs,
                 "rate_mbps" => offset as f64 * 8.0 / secs.max(1e-9) / 1e6,
                 "device_sections" => loader.devices.len(),
+                "postcopy" => loader.postcopy.is_some(),
+                "postcopy_requests" => ctx.stats.postcopy_requests.load(Ordering::Relaxed),
+                "postcopy_pauses" => ctx.pauses.load(Ordering::Relaxed),
             );
         }
         Err(_) => {
