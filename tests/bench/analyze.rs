@@ -10,7 +10,6 @@
 #[path = "../interop/helper.rs"]
 mod helper;
 #[path = "../interop/qemu.rs"]
-#[allow(dead_code)]
 mod qemu;
 #[path = "../interop/util.rs"]
 #[allow(unused_imports)]
