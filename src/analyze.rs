@@ -99,6 +99,52 @@ struct Walker<'a> {
     extract: Option<Extract>,
     /// Current section, for error messages.
     section: String,
+    progress: Progress,
+}
+
+/// Progress on stderr for big files: a bar on a terminal, a plain line a second otherwise.
+struct Progress {
+    enabled: bool,
+    tty: bool,
+    last: std::time::Instant,
+}
+
+impl Progress {
+    fn new(size: u64) -> Self {
+        use std::io::IsTerminal;
+        Progress {
+            enabled: size >= 256 << 20,
+            tty: std::io::stderr().is_terminal(),
+            last: std::time::Instant::now(),
+        }
+    }
+
+    fn show(&mut self, pos: u64, total: u64) {
+        if !self.enabled
+            || self.last.elapsed()
+                < std::time::Duration::from_millis(if self.tty { 100 } else { 1000 })
+        {
+            return;
+        }
+        self.last = std::time::Instant::now();
+        let pct = pos as f64 * 100.0 / total.max(1) as f64;
+        if self.tty {
+            let fill = (pct / 2.5) as usize;
+            eprint!(
+                "\r  [{}{}] {pct:5.1}%",
+                "#".repeat(fill),
+                " ".repeat(40 - fill.min(40))
+            );
+        } else {
+            eprintln!("analyze: {pct:.1}% ({} of {} MiB)", pos >> 20, total >> 20);
+        }
+    }
+
+    fn done(&self) {
+        if self.enabled && self.tty {
+            eprintln!();
+        }
+    }
 }
 
 impl<'a> Walker<'a> {
@@ -292,6 +338,7 @@ impl<'a> Walker<'a> {
         loop {
             let start = self.pos;
             self.section.clear();
+            self.progress.show(self.pos as u64, self.buf.len() as u64);
             let token = self.next("a section", stream::decode_token)?;
             let item = |kind: &str, id: Option<u32>, idstr: Option<String>| Item {
                 offset: start as u64,
@@ -469,8 +516,11 @@ pub fn analyze(path: &Path, extract: Option<&Path>) -> Result<Report, AnalyzeErr
         last_block: None,
         extract,
         section: String::new(),
+        progress: Progress::new(len as u64),
     };
-    w.walk()?;
+    let r = w.walk();
+    w.progress.done();
+    r?;
     Ok(w.report)
 }
 

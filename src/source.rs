@@ -259,6 +259,7 @@ struct Source<'c> {
     requests: std::collections::VecDeque<PageRequest>,
     /// Keepalive on the return path in postcopy.
     postcopy_live: bool,
+    last_progress: Instant,
     last_pong: Instant,
     last_ping_sent: Instant,
     ping_seq: u32,
@@ -482,6 +483,7 @@ pub fn run(
         shut: None,
         requests: Default::default(),
         postcopy_live: false,
+        last_progress: Instant::now(),
         last_pong: Instant::now(),
         last_ping_sent: Instant::now(),
         ping_seq: 100,
@@ -552,6 +554,7 @@ pub fn run(
         let sent_before = src.out.sent + src.out.pending as u64;
         loop {
             let end = src.part(Instant::now() + PART_TIME)?;
+            src.log_progress(pass);
             if caps.postcopy_ram && ctx.postcopy_requested.load(Ordering::Acquire) {
                 go_postcopy = true;
                 break 'passes;
@@ -632,6 +635,23 @@ pub fn run(
 }
 
 impl Source<'_> {
+    /// A progress line for operators, about once a second during long migrations.
+    fn log_progress(&mut self, pass: u64) {
+        if self.last_progress.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.last_progress = Instant::now();
+        let st = &self.ctx.stats;
+        slog::info!(self.ctx.log, "progress";
+            "pass" => pass,
+            "transferred" => st.transferred.load(Ordering::Relaxed),
+            "remaining" => st.remaining.load(Ordering::Relaxed),
+            "total" => st.total.load(Ordering::Relaxed),
+            "pages" => st.normal.load(Ordering::Relaxed),
+            "zero_pages" => st.duplicate.load(Ordering::Relaxed),
+        );
+    }
+
     /// Precopy switchover: END with everything still dirty, the device sections, EOF and
     /// the VM description.
     fn precopy_end(
@@ -1226,6 +1246,7 @@ pub fn adopt(ctx: &MigrationCtx, blocks: Vec<Arc<RamBlock>>) -> Result<(), Sourc
         shut: None,
         requests: Default::default(),
         postcopy_live: false,
+        last_progress: Instant::now(),
         last_pong: Instant::now(),
         last_ping_sent: Instant::now(),
         ping_seq: 100,
