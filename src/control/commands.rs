@@ -594,6 +594,17 @@ impl Helper {
         role: Role,
         f: impl FnOnce(&MigrationCtx) -> Result<(), String> + Send + 'static,
     ) -> CmdResult {
+        self.spawn_worker(role, true, f)
+    }
+
+    /// Resets the shared state and runs `f` on a migration thread; `setup` moves the status
+    /// to `setup` first (a new migration, not an adopted one).
+    fn spawn_worker(
+        &self,
+        role: Role,
+        setup: bool,
+        f: impl FnOnce(&MigrationCtx) -> Result<(), String> + Send + 'static,
+    ) -> CmdResult {
         // Reap the previous worker (finished, since the status is final).
         if let Some(h) = lock(&self.worker).take() {
             let _ = h.join();
@@ -605,10 +616,12 @@ impl Helper {
         self.ctx.pauses.store(0, Ordering::Relaxed);
         lock(&self.ctx.recoveries).clear();
         self.ctx.postcopy_requested.store(false, Ordering::Release);
-        self.ctx
-            .state
-            .transition(MigrationStatus::Setup)
-            .map_err(|e| QmpError::generic(e.to_string()))?;
+        if setup {
+            self.ctx
+                .state
+                .transition(MigrationStatus::Setup)
+                .map_err(|e| QmpError::generic(e.to_string()))?;
+        }
         *lock(&self.role) = Some(role);
         *lock(&self.ctx.started) = Some(std::time::Instant::now());
         let ctx = self.ctx.clone();
@@ -640,36 +653,14 @@ impl Helper {
         Ok(json!({}))
     }
 
-    /// Starts the thread of an adopted postcopy migration (it moves to postcopy-paused
-    /// itself; the recovery is already offered).
+    /// Starts the thread of an adopted postcopy migration: it moves to postcopy-paused
+    /// itself (the recovery is already offered); the reply waits until it has.
     fn start_adopt(
         &self,
         role: Role,
         f: impl FnOnce(&MigrationCtx) -> Result<(), String> + Send + 'static,
     ) -> CmdResult {
-        if let Some(h) = lock(&self.worker).take() {
-            let _ = h.join();
-        }
-        self.ctx.cancel.store(false, Ordering::Release);
-        self.ctx.stats.reset();
-        self.ctx.latency.reset();
-        self.ctx.pauses.store(0, Ordering::Relaxed);
-        lock(&self.ctx.recoveries).clear();
-        *lock(&self.role) = Some(role);
-        *lock(&self.ctx.started) = Some(std::time::Instant::now());
-        let ctx = self.ctx.clone();
-        let h = std::thread::Builder::new()
-            .name(format!("qmh-adopt-{role:?}").to_lowercase())
-            .spawn(move || {
-                let r = f(&ctx);
-                ctx.set_channel(None);
-                if let Err(e) = r {
-                    ctx.state.fail(e);
-                }
-            })
-            .map_err(|e| QmpError::generic(format!("cannot start the migration thread: {e}")))?;
-        *lock(&self.worker) = Some(h);
-        // The thread moves to postcopy-paused at once; answer after it has.
+        self.spawn_worker(role, false, f)?;
         self.ctx
             .state
             .wait_for(std::time::Duration::from_secs(2), |s| !s.is_finished());

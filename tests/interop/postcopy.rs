@@ -83,14 +83,14 @@ impl UffdGuest {
 
 /// Reader threads that fault random pages in through the parent's mapping and compare each
 /// page with the source's content.
-struct Readers {
+pub struct Readers {
     stop: Arc<AtomicBool>,
     checked: Arc<AtomicU64>,
     handles: Vec<std::thread::JoinHandle<Result<(), String>>>,
 }
 
 impl Readers {
-    fn start(guest: &UffdGuest, expected: Arc<Vec<u8>>, threads: usize, seed: u64) -> Readers {
+    pub fn start(guest: &UffdGuest, expected: Arc<Vec<u8>>, threads: usize, seed: u64) -> Readers {
         let stop = Arc::new(AtomicBool::new(false));
         let checked = Arc::new(AtomicU64::new(0));
         let pages = (guest.mem.size / 4096) as usize;
@@ -128,7 +128,7 @@ impl Readers {
         }
     }
 
-    fn finish(self) -> u64 {
+    pub fn finish(self) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
         for h in self.handles {
             match h.join() {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::helper::{socketpair, HelperVm};
-use crate::postcopy::UffdGuest;
+use crate::postcopy::{Readers, UffdGuest};
 use crate::util::{assert_same_memory, fill_mixed, test_seed, MIB};
 
 const RAM: u64 = 64 * MIB;
@@ -97,41 +97,13 @@ fn helper_to_helper_recovery_twice_with_pending_faults() {
     wait(&mut dst, &mut guest, &["postcopy-active"]);
 
     // Readers fault pages in throughout, across both cuts.
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let readers: Vec<_> = (0..3)
-        .map(|t| {
-            let (map, exp, stop) = (guest.map.clone(), expected.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let pages = exp.len() / 4096;
-                let mut x = seed ^ (t as u64 + 11).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                let mut n = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let p = (x % pages as u64) as usize;
-                    if map[p * 4096..(p + 1) * 4096] != exp[p * 4096..(p + 1) * 4096] {
-                        return Err(format!("page {p} differs"));
-                    }
-                    n += 1;
-                }
-                Ok(n)
-            })
-        })
-        .collect();
+    let readers = Readers::start(&guest, expected.clone(), 3, seed);
     std::thread::sleep(Duration::from_millis(200));
     cut_and_recover(&mut src, &mut dst, &mut guest, 1, true);
     std::thread::sleep(Duration::from_millis(200));
     cut_and_recover(&mut src, &mut dst, &mut guest, 2, false);
     std::thread::sleep(Duration::from_millis(200));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut checked = 0;
-    for r in readers {
-        checked += r
-            .join()
-            .expect("reader")
-            .expect("reader saw the right data");
-    }
+    let checked = readers.finish();
     assert!(checked > 0);
     // Let the push finish quickly now.
     src.client
@@ -188,24 +160,7 @@ fn qemu_to_helper_recovery(qemu: Qemu, test: &str) {
         .execute("migrate-start-postcopy", json!({}))
         .expect("postcopy");
     wait(&mut dst, &mut guest, &["postcopy-active"]);
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reader = {
-        let (map, exp, stop) = (guest.map.clone(), expected.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let pages = exp.len() / 4096;
-            let mut x = seed | 1;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let p = (x % pages as u64) as usize;
-                if map[p * 4096..(p + 1) * 4096] != exp[p * 4096..(p + 1) * 4096] {
-                    return Err(format!("page {p} differs"));
-                }
-            }
-            Ok(())
-        })
-    };
+    let reader = Readers::start(&guest, expected.clone(), 1, seed);
     for n in 1..=2 {
         std::thread::sleep(Duration::from_millis(200));
         src.qmp()
@@ -233,11 +188,7 @@ fn qemu_to_helper_recovery(qemu: Qemu, test: &str) {
         wait(&mut dst, &mut guest, &["postcopy-active", "completed"]);
     }
     std::thread::sleep(Duration::from_millis(200));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    reader
-        .join()
-        .expect("reader")
-        .expect("reader saw the right data");
+    reader.finish();
     src.qmp()
         .set_parameters(json!({"max-postcopy-bandwidth": 0}))
         .expect("params");
@@ -755,24 +706,7 @@ fn fault_injection_random_cuts() {
     std::thread::sleep(Duration::from_millis(100));
     src.client.migrate_start_postcopy().expect("postcopy");
     wait(&mut dst, &mut guest, &["postcopy-active"]);
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reader = {
-        let (map, exp, stop) = (guest.map.clone(), expected.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let pages = exp.len() / 4096;
-            let mut x = seed | 1;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let p = (x % pages as u64) as usize;
-                if map[p * 4096..(p + 1) * 4096] != exp[p * 4096..(p + 1) * 4096] {
-                    return Err(format!("page {p} differs"));
-                }
-            }
-            Ok(())
-        })
-    };
+    let reader = Readers::start(&guest, expected.clone(), 1, seed);
     let mut n = 0;
     let mut during_recovery = 0;
     while n < cuts {
@@ -830,11 +764,7 @@ fn fault_injection_random_cuts() {
         wait(&mut src, &mut guest, &["postcopy-active", "completed"]);
         wait(&mut dst, &mut guest, &["postcopy-active", "completed"]);
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    reader
-        .join()
-        .expect("reader")
-        .expect("reader saw the right data");
+    reader.finish();
     src.client
         .set_parameters(json!({"max-postcopy-bandwidth": 0}))
         .expect("params");
