@@ -325,6 +325,13 @@ impl HelperClient {
 
     /// Wraps an already connected control socket and does the handshake: reads the greeting
     /// and sends `qmp_capabilities` (enabling `oob` if the helper offers it).
+    /// Closes the control connection without `quit`, as a parent that goes away would.
+    /// Later calls fail with a protocol error.
+    pub fn disconnect(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        self.closed = true;
+    }
+
     pub fn from_stream(stream: UnixStream) -> Result<HelperClient, ClientError> {
         stream
             .set_nonblocking(false)

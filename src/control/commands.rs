@@ -150,7 +150,27 @@ impl Helper {
     }
 
     /// Waits for a migration in flight to end.
+    /// Waits for a migration in flight to end, after the parent went away. A postcopy
+    /// migration that is (or becomes) paused cannot be recovered without a parent: the
+    /// helper then stops, and the guest stays whole in the parent's memfds for a new helper
+    /// to adopt.
     pub fn wait_idle(&self) {
+        loop {
+            let st = self.ctx.state.status();
+            if st.is_finished() {
+                break;
+            }
+            if st == MigrationStatus::PostcopyPaused {
+                slog::warn!(self.log, "no control connection while postcopy is paused: stopping (a new helper can adopt the migration)");
+                self.ctx.request_cancel();
+                break;
+            }
+            self.ctx
+                .state
+                .wait_for(std::time::Duration::from_millis(200), |s| {
+                    s.is_finished() || s == MigrationStatus::PostcopyPaused
+                });
+        }
         if let Some(h) = lock(&self.worker).take() {
             let _ = h.join();
         }

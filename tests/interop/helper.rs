@@ -182,3 +182,15 @@ impl HelperVm {
         }
     }
 }
+
+impl HelperVm {
+    /// Closes the control connection as a parent that goes away would (no `quit`).
+    pub fn close_control(&mut self) {
+        self.client.disconnect();
+    }
+
+    /// Whether the helper process has exited (reaping it).
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+}

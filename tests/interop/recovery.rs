@@ -889,3 +889,29 @@ fn qemu10_double_failures_then_recovery() {
     assert!(v["postcopy-pauses"].as_u64().unwrap() >= 3, "{v}");
     assert_same_memory(&expected, &dst.ram_mmap(), test);
 }
+
+/// A parent that goes away (closes the control socket) while postcopy is paused: the helper
+/// does not hang forever waiting for a recovery only the parent could start; it exits, and
+/// the guest stays in the parent's memfds for a new helper to adopt.
+#[test]
+fn paused_helper_exits_when_its_parent_goes_away() {
+    let seed = test_seed("paused_parent_gone");
+    let (mut src, mut dst, mut guest, _expected) = start_postcopy(seed);
+    src.client
+        .execute_oob("migrate-pause", json!({}))
+        .expect("migrate-pause");
+    wait(&mut src, &mut guest, &["postcopy-paused"]);
+    wait(&mut dst, &mut guest, &["postcopy-paused"]);
+    let pid = nix::unistd::Pid::from_raw(src.pid() as i32);
+    // Close the source's control connection without `quit`.
+    src.close_control();
+    let t0 = std::time::Instant::now();
+    while nix::sys::signal::kill(pid, None).is_ok() && !src.exited() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the helper did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    guest.release();
+}
