@@ -125,7 +125,7 @@ fn helper_to_helper_recovery_twice_with_pending_faults() {
 
 use crate::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
 
-/// Real QEMU source -> helper destination; the link is cut twice with QEMU's migrate-pause
+/// Real QEMU source -> helper destination; the link (a forwarder the test owns) is cut twice
 /// and recovered over fresh socketpairs; the parent's reader threads fault pages throughout.
 fn qemu_to_helper_recovery(qemu: Qemu, test: &str) {
     if require_qemu(qemu, test).is_none() {
@@ -147,7 +147,8 @@ fn qemu_to_helper_recovery(qemu: Qemu, test: &str) {
     src.qmp()
         .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
         .expect("qemu params");
-    let (a, b) = socketpair();
+    // A link the test owns, so that it can be cut.
+    let (mut link, a, b) = Link::new();
     src.qmp().getfd("mig", a.as_fd()).expect("qemu getfd");
     dst.client.getfd("mig", b.as_fd()).expect("getfd");
     drop((a, b));
@@ -163,13 +164,12 @@ fn qemu_to_helper_recovery(qemu: Qemu, test: &str) {
     let reader = Readers::start(&guest, expected.clone(), 1, seed);
     for n in 1..=2 {
         std::thread::sleep(Duration::from_millis(200));
-        src.qmp()
-            .execute("migrate-pause", json!({}))
-            .expect("qemu migrate-pause");
+        link.cut();
         src.wait_migration(&["postcopy-paused"], TIMEOUT)
             .expect("qemu paused");
         wait(&mut dst, &mut guest, &["postcopy-paused"]);
-        let (a, b) = socketpair();
+        let (l, a, b) = Link::new();
+        link = l;
         let name = format!("mig{n}");
         dst.client.getfd(&name, b.as_fd()).expect("getfd");
         dst.client
@@ -204,7 +204,7 @@ fn qemu10_to_helper_recovery() {
     qemu_to_helper_recovery(Qemu::V10, "qemu10_to_helper_recovery");
 }
 
-/// Helper source -> real QEMU destination, cut twice with the helper's migrate-pause;
+/// Helper source -> real QEMU destination, the link (a forwarder) cut twice;
 /// QEMU's destination recovers with migrate-recover over a passed fd.
 fn helper_to_qemu_recovery(qemu: Qemu, test: &str) {
     if require_qemu(qemu, test).is_none() {
@@ -230,7 +230,8 @@ fn helper_to_qemu_recovery(qemu: Qemu, test: &str) {
     src.client
         .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
         .expect("params");
-    let (a, b) = socketpair();
+    // A link the test owns, so that it can be cut.
+    let (mut link, a, b) = Link::new();
     dst.qmp().getfd("mig", b.as_fd()).expect("qemu getfd");
     src.client.getfd("mig", a.as_fd()).expect("getfd");
     drop((a, b));
@@ -247,13 +248,12 @@ fn helper_to_qemu_recovery(qemu: Qemu, test: &str) {
         // A page fault on QEMU's side that stays pending across the cut.
         let addr = RAM - 4096 * (n as u64 * 3 + 1);
         let _ = dst.qmp().hmp(&format!("xp /1xg {addr:#x}"));
-        src.client
-            .execute_oob("migrate-pause", json!({}))
-            .expect("migrate-pause");
+        link.cut();
         src.wait(&["postcopy-paused"], TIMEOUT);
         dst.wait_migration(&["postcopy-paused"], TIMEOUT)
             .expect("qemu paused");
-        let (a, b) = socketpair();
+        let (l, a, b) = Link::new();
+        link = l;
         let name = format!("mig{n}");
         dst.qmp().getfd(&name, b.as_fd()).expect("qemu getfd");
         dst.qmp()
