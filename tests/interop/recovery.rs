@@ -377,6 +377,8 @@ fn recovery_errors_and_failures_in_a_row() {
     }
 
     // Dead links during recovery, three times in a row on each side.
+    src.client.take_events();
+    dst.client.take_events();
     for n in 0..3 {
         let (a, b) = socketpair();
         let (c, d) = socketpair();
@@ -399,9 +401,15 @@ fn recovery_errors_and_failures_in_a_row() {
                 json!({"uri": format!("fd:dead{n}"), "resume": true}),
             )
             .expect("migrate resume");
-        std::thread::sleep(Duration::from_millis(100));
-        wait(&mut src, &mut guest, &["postcopy-paused"]);
-        wait(&mut dst, &mut guest, &["postcopy-paused"]);
+        // Each attempt ends in postcopy-paused again (events, since the status was
+        // postcopy-paused before the attempt too).
+        for h in [&mut src, &mut dst] {
+            h.client
+                .wait_event(TIMEOUT, |e| {
+                    e.name == "MIGRATION" && e.data["status"] == "postcopy-paused"
+                })
+                .expect("paused again");
+        }
     }
     let events: Vec<String> = src
         .client
@@ -834,19 +842,24 @@ fn qemu10_double_failures_then_recovery() {
             json!({"uri": format!("unix:{}", nowhere.display()), "resume": true}),
         )
         .expect("resume");
-    src.wait(&["postcopy-paused"], TIMEOUT);
-    std::thread::sleep(Duration::from_millis(100));
-    let seen: Vec<String> = src
+    // Wait for the attempt itself (the status was paused already before it started).
+    src.client
+        .wait_event(TIMEOUT, |e| {
+            e.name == "MIGRATION" && e.data["status"] == "postcopy-paused"
+        })
+        .expect("paused again after the failed reconnect");
+    let mut seen: Vec<String> = src
         .client
         .take_events()
         .iter()
         .filter(|e| e.name == "MIGRATION")
         .map(|e| e.data["status"].as_str().unwrap_or("").to_string())
         .collect();
+    seen.push("postcopy-paused".into());
     assert_eq!(
         seen,
         vec!["postcopy-recover-setup", "postcopy-paused"],
-        "source states"
+        "source states during the failed reconnect"
     );
 
     // 2. Double failure in the handshake: both recovery sockets lead nowhere useful.
@@ -862,7 +875,11 @@ fn qemu10_double_failures_then_recovery() {
     src.client
         .execute("migrate", json!({"uri": "fd:rec1", "resume": true}))
         .expect("resume");
-    src.wait(&["postcopy-paused"], TIMEOUT);
+    src.client
+        .wait_event(TIMEOUT, |e| {
+            e.name == "MIGRATION" && e.data["status"] == "postcopy-paused"
+        })
+        .expect("paused again after the failed handshake");
     dst.wait_migration(&["postcopy-recover", "postcopy-paused"], TIMEOUT)
         .expect("qemu in recovery");
     drop(qa);
