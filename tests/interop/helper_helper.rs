@@ -1413,7 +1413,9 @@ fn source_stops_when_destination_reports_failure() {
         "the source's error-desc should report the destination's failure (SHUT 1): {desc:?}"
     );
     assert!(
-        after_shut < 16 * MIB,
+        // Far less than the 64 MiB block: the source stopped early (the margin is for a
+        // loaded machine, where the return-path thread may run late).
+        after_shut < 32 * MIB,
         "the source sent {after_shut} more bytes (of {total}) after the destination's SHUT(1)"
     );
 }
