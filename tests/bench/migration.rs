@@ -263,9 +263,8 @@ fn main() {
     if warm {
         let t = Instant::now();
         let n = (size * 4) as usize;
-        let mut v: Vec<u8> = Vec::with_capacity(n);
-        // SAFETY: u8 has no invalid values; every byte is written below before use.
-        unsafe { v.set_len(n) };
+        // Zeroed by the allocator without touching the pages (fresh mmap); written below.
+        let mut v: Vec<u8> = vec![0u8; n];
         for p in v.chunks_mut(4096) {
             p[0] = 1;
         }
