@@ -91,6 +91,18 @@ pub struct Readers {
 
 impl Readers {
     pub fn start(guest: &UffdGuest, expected: Arc<Vec<u8>>, threads: usize, seed: u64) -> Readers {
+        Self::start_paced(guest, expected, threads, seed, Duration::ZERO)
+    }
+
+    /// Like `start`, with a pause between touches, so that the readers alone cannot fault
+    /// in the whole guest before a test is done with postcopy (e.g. before its cuts).
+    pub fn start_paced(
+        guest: &UffdGuest,
+        expected: Arc<Vec<u8>>,
+        threads: usize,
+        seed: u64,
+        pace: Duration,
+    ) -> Readers {
         let stop = Arc::new(AtomicBool::new(false));
         let checked = Arc::new(AtomicU64::new(0));
         let pages = (guest.mem.size / 4096) as usize;
@@ -116,6 +128,9 @@ impl Readers {
                             ));
                         }
                         checked.fetch_add(1, Ordering::Relaxed);
+                        if !pace.is_zero() {
+                            std::thread::sleep(pace);
+                        }
                     }
                     Ok(())
                 })

@@ -97,7 +97,7 @@ fn helper_to_helper_recovery_twice_with_pending_faults() {
     wait(&mut dst, &mut guest, &["postcopy-active"]);
 
     // Readers fault pages in throughout, across both cuts.
-    let readers = Readers::start(&guest, expected.clone(), 3, seed);
+    let readers = Readers::start_paced(&guest, expected.clone(), 3, seed, Duration::from_millis(1));
     std::thread::sleep(Duration::from_millis(200));
     cut_and_recover(&mut src, &mut dst, &mut guest, 1, true);
     std::thread::sleep(Duration::from_millis(200));
@@ -161,7 +161,7 @@ fn qemu_to_helper_recovery(qemu: Qemu, test: &str) {
         .execute("migrate-start-postcopy", json!({}))
         .expect("postcopy");
     wait(&mut dst, &mut guest, &["postcopy-active"]);
-    let reader = Readers::start(&guest, expected.clone(), 1, seed);
+    let reader = Readers::start_paced(&guest, expected.clone(), 1, seed, Duration::from_millis(1));
     for n in 1..=2 {
         std::thread::sleep(Duration::from_millis(200));
         link.cut();
@@ -714,7 +714,7 @@ fn fault_injection_random_cuts() {
     std::thread::sleep(Duration::from_millis(100));
     src.client.migrate_start_postcopy().expect("postcopy");
     wait(&mut dst, &mut guest, &["postcopy-active"]);
-    let reader = Readers::start(&guest, expected.clone(), 1, seed);
+    let reader = Readers::start_paced(&guest, expected.clone(), 1, seed, Duration::from_millis(1));
     let mut n = 0;
     let mut during_recovery = 0;
     while n < cuts {
