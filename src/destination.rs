@@ -221,6 +221,7 @@ struct Loader<'a> {
     staged: Staged,
     /// The channel, for the fault thread to shut down when it fails.
     chan_fd: Option<OwnedFd>,
+    last_progress: Instant,
     /// Per block: pages known to read as zero (holes, not written since), so that zero
     /// pages there cost nothing.
     known_zero: Vec<Vec<u64>>,
@@ -869,6 +870,21 @@ impl<'a> Loader<'a> {
         }
     }
 
+    /// A progress line for operators, about once a second during long loads.
+    fn log_progress(&mut self, offset: u64) {
+        if self.last_progress.elapsed() < std::time::Duration::from_secs(1) {
+            return;
+        }
+        self.last_progress = Instant::now();
+        let st = &self.ctx.stats;
+        slog::info!(self.ctx.log, "progress";
+            "received" => offset,
+            "pages" => st.normal.load(Ordering::Relaxed),
+            "zero_pages" => st.duplicate.load(Ordering::Relaxed),
+            "postcopy_requests" => st.postcopy_requests.load(Ordering::Relaxed),
+        );
+    }
+
     fn check_faults<R>(&self, r: &Reader<R>) -> Result<(), LoadError> {
         match self
             .fault_error
@@ -902,6 +918,7 @@ impl<'a> Loader<'a> {
                 return Err(LoadError::Cancelled);
             }
             self.check_faults(r)?;
+            self.log_progress(r.offset);
             // Peek the token without consuming, so a device section can be handed over whole.
             let token = loop {
                 match stream::decode_token(r.data()) {
@@ -1246,6 +1263,7 @@ impl<'a> Loader<'a> {
             fault_error: Arc::new(Mutex::new(None)),
             staged: Staged::default(),
             chan_fd,
+            last_progress: Instant::now(),
         }
     }
 }
