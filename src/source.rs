@@ -292,6 +292,34 @@ enum RpEvent {
 }
 
 impl<'c> Source<'c> {
+    /// Everything to send, the memfds' current holes noted (sent as zero pages unread).
+    fn new(
+        ctx: &'c MigrationCtx,
+        blocks: &[Arc<RamBlock>],
+        chan: Arc<Channel>,
+        rp: Option<mpsc::Receiver<RpEvent>>,
+    ) -> Self {
+        let mut blocks: Vec<BlockTodo> = blocks.iter().cloned().map(BlockTodo::all).collect();
+        for b in &mut blocks {
+            b.holes = b.block.hole_bitmap();
+        }
+        Source {
+            ctx,
+            out: Writer::new(chan),
+            blocks,
+            cursor: (0, 0),
+            throttle: Throttle::new(),
+            rp,
+            shut: None,
+            requests: Default::default(),
+            postcopy_live: false,
+            last_progress: Instant::now(),
+            last_pong: Instant::now(),
+            last_ping_sent: Instant::now(),
+            ping_seq: 100,
+        }
+    }
+
     /// Sends pages from the to-do sets, starting at the cursor, until all are sent or
     /// `deadline` passes. `limit` applies the bandwidth limit.
     fn send_pages(
@@ -473,31 +501,16 @@ pub fn run(
         None
     };
 
-    let mut src = Source {
-        ctx,
-        out: Writer::new(chan.clone()),
-        blocks: blocks.iter().cloned().map(BlockTodo::all).collect(),
-        cursor: (0, 0),
-        throttle: Throttle::new(),
-        rp,
-        shut: None,
-        requests: Default::default(),
-        postcopy_live: false,
-        last_progress: Instant::now(),
-        last_pong: Instant::now(),
-        last_ping_sent: Instant::now(),
-        ping_seq: 100,
-    };
-    // Pages the parent dirtied before now are sent by the first pass anyway. Then, with the
-    // bits clear, note the holes: a page written after this has its bit set again.
-    for b in &mut src.blocks {
-        if let Some(d) = b.block.dirty() {
+    // Pages the parent dirtied before now are sent by the first pass anyway; with the bits
+    // clear, `Source::new` notes the holes: a page written after this has its bit set again.
+    for b in &blocks {
+        if let Some(d) = b.dirty() {
             for i in 0..d.len_words() {
                 d.take_word(i);
             }
         }
-        b.holes = b.block.hole_bitmap();
     }
+    let mut src = Source::new(ctx, &blocks, chan.clone(), rp);
 
     let entries: Vec<BlockEntry> = blocks
         .iter()
@@ -1236,24 +1249,7 @@ pub fn adopt(ctx: &MigrationCtx, blocks: Vec<Arc<RamBlock>>) -> Result<(), Sourc
         })?;
     // Replaced by the recovery channel before anything is written.
     let chan = Arc::new(Channel::from_unix(placeholder, "none".into()));
-    let mut src = Source {
-        ctx,
-        out: Writer::new(chan),
-        blocks: blocks.iter().cloned().map(BlockTodo::all).collect(),
-        cursor: (0, 0),
-        throttle: Throttle::new(),
-        rp: None,
-        shut: None,
-        requests: Default::default(),
-        postcopy_live: false,
-        last_progress: Instant::now(),
-        last_pong: Instant::now(),
-        last_ping_sent: Instant::now(),
-        ping_seq: 100,
-    };
-    for b in &mut src.blocks {
-        b.holes = b.block.hole_bitmap();
-    }
+    let mut src = Source::new(ctx, &blocks, chan, None);
     ctx.stats
         .total
         .store(blocks.iter().map(|b| b.size).sum(), Ordering::Relaxed);

@@ -71,30 +71,7 @@ fn cut_and_recover(
 #[test]
 fn helper_to_helper_recovery_twice_with_pending_faults() {
     let seed = test_seed("helper_to_helper_recovery");
-    let mut src = HelperVm::spawn();
-    src.add_block("ram", RAM, false);
-    fill_mixed(&mut src.blocks[0].mem.map(), seed, 0.2);
-    let expected = Arc::new(src.blocks[0].mem.map().to_vec());
-    let mut guest = UffdGuest::new(RAM);
-    let mut dst = HelperVm::spawn();
-    guest.attach(&mut dst, "ram");
-    for h in [&mut src, &mut dst] {
-        h.client
-            .set_capabilities(&[("postcopy-ram", true)])
-            .expect("caps");
-    }
-    src.client
-        .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
-        .expect("params");
-    let (a, b) = socketpair();
-    src.client.getfd("mig", a.as_fd()).expect("getfd");
-    dst.client.getfd("mig", b.as_fd()).expect("getfd");
-    drop((a, b));
-    dst.client.migrate_incoming("fd:mig").expect("incoming");
-    src.client.migrate("fd:mig").expect("migrate");
-    std::thread::sleep(Duration::from_millis(200));
-    src.client.migrate_start_postcopy().expect("postcopy");
-    wait(&mut dst, &mut guest, &["postcopy-active"]);
+    let (mut src, mut dst, mut guest, expected) = start_postcopy(seed);
 
     // Readers fault pages in throughout, across both cuts.
     let readers = Readers::start_paced(&guest, expected.clone(), 3, seed, Duration::from_millis(1));
