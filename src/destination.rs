@@ -18,6 +18,7 @@ use crate::device_state::DeviceSection;
 use crate::fault::{AtomicBitmap, FaultError, PostcopyDest, RpWriter};
 use crate::guest_memory::RamBlock;
 use crate::migration::{MigrationCtx, Stats};
+use crate::page_writer::{PageWriteError, PageWriter};
 use crate::postcopy;
 use crate::ram::{self, Record};
 use crate::return_path::RpMessage;
@@ -86,9 +87,13 @@ struct Reader<R> {
     /// Stream offset of `buf[start]`.
     offset: u64,
     eof: bool,
+    /// After a read, also take what else has already arrived, up to a full buffer: larger
+    /// batches of pages let the page writer use two threads. Off in postcopy, where the
+    /// first page of a read may be one a vCPU waits for.
+    top_up: bool,
 }
 
-impl<R: Read> Reader<R> {
+impl<R: ReadReady> Reader<R> {
     fn new(src: R, peer: String, cap: usize) -> Self {
         Reader {
             src,
@@ -98,6 +103,7 @@ impl<R: Read> Reader<R> {
             end: 0,
             offset: 0,
             eof: false,
+            top_up: true,
         }
     }
 
@@ -133,6 +139,13 @@ impl<R: Read> Reader<R> {
                 }
                 Ok(n) => {
                     self.end += n;
+                    while self.top_up && self.end < self.buf.len() {
+                        match self.src.read_ready(&mut self.buf[self.end..]) {
+                            Ok(m) if m > 0 => self.end += m,
+                            // Nothing more yet, or an error the next read reports.
+                            _ => break,
+                        }
+                    }
                     return Ok(true);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -225,16 +238,9 @@ struct Loader<'a> {
     /// Per block: pages known to read as zero (holes, not written since), so that zero
     /// pages there cost nothing.
     known_zero: Vec<Vec<u64>>,
-    /// A run of consecutive pages waiting to be written with one `pwritev`. The pointers
-    /// point into the reader's buffer, so the run is flushed before every refill.
-    run: Run,
-}
-
-#[derive(Default)]
-struct Run {
-    block: usize,
-    start: u64,
-    pages: Vec<*const u8>,
+    /// Pages waiting to be written. They point into the reader's buffer, so they are
+    /// flushed before every refill.
+    pages: PageWriter,
 }
 
 /// Consecutive postcopy pages gathered for one UFFDIO_COPY.
@@ -271,6 +277,11 @@ impl<'a> Loader<'a> {
             self.staged.start = offset;
         }
         self.staged.data.extend_from_slice(data);
+        // A page a thread waits for is placed now, not when the run is full: QEMU goes on
+        // sending the pages after a requested one, so the run would otherwise keep growing.
+        if pc.is_requested(bi, offset / page as u64) {
+            self.flush_staged_with(pc)?;
+        }
         Ok(())
     }
 
@@ -297,40 +308,18 @@ impl<'a> Loader<'a> {
                 msg: e.to_string(),
             });
         }
-        if self.run.pages.is_empty() {
-            return Ok(());
-        }
-        let b = &self.blocks[self.run.block];
-        let r = b.write_pages_at(self.run.start, &self.run.pages);
-        self.run.pages.clear();
-        match r {
-            Ok(true) => Ok(()),
+        self.pages.flush().map_err(|e| match e {
             // Offsets were checked when the pages were queued.
-            Ok(false) => Err(LoadError::Invalid {
+            PageWriteError::Outside { .. } => LoadError::Invalid {
                 offset: 0,
-                msg: format!("write outside RAM block {:?}", b.id),
-            }),
-            Err(source) => Err(LoadError::Io {
-                peer: format!("RAM block {:?}", b.id),
+                msg: e.to_string(),
+            },
+            PageWriteError::Io { block, source } => LoadError::Io {
+                peer: format!("RAM block {block:?}"),
                 offset: 0,
                 source,
-            }),
-        }
-    }
-
-    fn queue_page(&mut self, bi: usize, offset: u64, data: &[u8]) -> Result<(), LoadError> {
-        let next = self.run.start + (self.run.pages.len() * wire::TARGET_PAGE_SIZE) as u64;
-        if !self.run.pages.is_empty()
-            && (self.run.block != bi || next != offset || self.run.pages.len() >= 1024)
-        {
-            self.flush()?;
-        }
-        if self.run.pages.is_empty() {
-            self.run.block = bi;
-            self.run.start = offset;
-        }
-        self.run.pages.push(data.as_ptr());
-        Ok(())
+            },
+        })
     }
 
     fn block_index(&self, name: &str) -> Option<usize> {
@@ -422,7 +411,10 @@ impl<'a> Loader<'a> {
                 if let Some(x) = self.known_zero[bi].get_mut(w) {
                     *x &= !bit;
                 }
-                self.queue_page(bi, offset, data)?;
+                // Written at the next flush, before the reader's buffer changes.
+                if let Err(e) = self.pages.queue(&self.blocks[bi], offset, data.as_ptr()) {
+                    return Err(self.invalid(r, e.to_string()));
+                }
             }
             _ => {}
         }
@@ -430,7 +422,7 @@ impl<'a> Loader<'a> {
         Ok(false)
     }
 
-    fn ram_body<R: Read>(&mut self, r: &mut Reader<R>) -> Result<(), LoadError> {
+    fn ram_body<R: ReadReady>(&mut self, r: &mut Reader<R>) -> Result<(), LoadError> {
         let start = r.offset;
         let result = loop {
             match ram::decode_record(r.data()) {
@@ -459,7 +451,7 @@ impl<'a> Loader<'a> {
         result.and(flushed)
     }
 
-    fn ram_start<R: Read>(
+    fn ram_start<R: ReadReady>(
         &mut self,
         r: &mut Reader<R>,
         h: &SectionHeader,
@@ -701,7 +693,7 @@ impl<'a> Loader<'a> {
     }
 
     /// The PACKAGED command: LISTEN, the device sections, PINGs and RUN, in one blob.
-    fn package<R: Read>(&mut self, r: &mut Reader<R>, len: u32) -> Result<(), LoadError> {
+    fn package<R: ReadReady>(&mut self, r: &mut Reader<R>, len: u32) -> Result<(), LoadError> {
         if len > stream::MAX_PACKAGED_LEN {
             return Err(r.wire(WireError::TooLong {
                 what: "postcopy package",
@@ -717,6 +709,7 @@ impl<'a> Loader<'a> {
         r.consume(len);
         let pkg = postcopy::decode_package(&blob).map_err(|e| r.wire(e))?;
         self.listen(r)?;
+        r.top_up = false;
         let parts = postcopy::split_full_sections(pkg.devices).map_err(|e| r.wire(e))?;
         for (i, (_, range)) in parts.into_iter().enumerate() {
             let raw = pkg.devices[range].to_vec();
@@ -814,6 +807,8 @@ impl<'a> Loader<'a> {
         );
         ctx.state.transition(MigrationStatus::PostcopyRecover)?;
         let mut r = Reader::new(&chan, chan.peer.clone(), READ_CHUNK);
+        // Recovery happens only in postcopy: read what comes, do not gather.
+        r.top_up = false;
         // No header on a recovery channel: RECV_BITMAP per block, then POSTCOPY_RESUME.
         loop {
             let (cmd, payload) = with_next!(
@@ -907,7 +902,7 @@ impl<'a> Loader<'a> {
     }
 
     /// Loads sections until EOF (and the VM description after it).
-    fn sections<R: Read>(
+    fn sections<R: ReadReady>(
         &mut self,
         r: &mut Reader<R>,
         chan: Option<&Channel>,
@@ -1012,7 +1007,7 @@ impl<'a> Loader<'a> {
         }
     }
 
-    fn footer<R: Read>(&mut self, r: &mut Reader<R>, id: u32) -> Result<(), LoadError> {
+    fn footer<R: ReadReady>(&mut self, r: &mut Reader<R>, id: u32) -> Result<(), LoadError> {
         with_next!(
             r,
             "at a section footer",
@@ -1023,7 +1018,7 @@ impl<'a> Loader<'a> {
     }
 
     /// A device section whose header (`hlen` bytes) was just consumed.
-    fn device_section<R: Read>(
+    fn device_section<R: ReadReady>(
         &mut self,
         r: &mut Reader<R>,
         h: SectionHeader,
@@ -1092,7 +1087,7 @@ fn owned_token(t: Token<'_>) -> OwnedToken {
 }
 
 /// Reads a stream from `src` into `blocks`. `chan` is the socket (for the return path), if any.
-pub fn load<R: Read>(
+pub fn load<R: ReadReady>(
     ctx: &MigrationCtx,
     blocks: &[Arc<RamBlock>],
     src: R,
@@ -1248,7 +1243,7 @@ impl<'a> Loader<'a> {
             devices: Vec::new(),
             bytes: 0,
             known_zero: blocks.iter().map(|b| b.hole_bitmap()).collect(),
-            run: Run::default(),
+            pages: PageWriter::new(),
             received: Arc::new(
                 blocks
                     .iter()
@@ -1268,7 +1263,7 @@ impl<'a> Loader<'a> {
     }
 }
 
-fn load_inner<R: Read>(
+fn load_inner<R: ReadReady>(
     loader: &mut Loader<'_>,
     r: &mut Reader<R>,
     chan: Option<&Channel>,
@@ -1364,7 +1359,7 @@ fn load_inner<R: Read>(
     }
 }
 
-impl<R: Read> Reader<R> {
+impl<R: ReadReady> Reader<R> {
     fn eof_or_fill(&mut self) -> Result<bool, LoadError> {
         Ok(!self.fill()? && self.data().is_empty())
     }
@@ -1373,6 +1368,22 @@ impl<R: Read> Reader<R> {
 impl Read for &Channel {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         Channel::read(self, buf)
+    }
+}
+
+impl ReadReady for &Channel {
+    fn read_ready(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        Channel::read_ready(self, buf)
+    }
+}
+
+impl ReadReady for &[u8] {}
+
+/// What the loader reads from. `read_ready` returns only bytes that have already arrived
+/// (0 when there are none), so that a refill can gather a large batch without waiting.
+pub trait ReadReady: Read {
+    fn read_ready(&mut self, _buf: &mut [u8]) -> std::io::Result<usize> {
+        Ok(0)
     }
 }
 

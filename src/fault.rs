@@ -164,6 +164,9 @@ pub struct PostcopyDest {
     pub received: Arc<Vec<AtomicBitmap>>,
     /// Requested pages not yet placed, with the time their fault was read.
     pending: Mutex<HashMap<(usize, u64), Instant>>,
+    /// Per block: the pages in `pending`, readable without the lock, so that the loader can
+    /// tell at no cost whether an arriving page has a thread waiting for it.
+    requested: Vec<AtomicBitmap>,
     rp: Arc<RpWriter>,
     pub latency: Arc<Latency>,
     pub requests: AtomicU64,
@@ -188,7 +191,12 @@ impl PostcopyDest {
         }
         // SAFETY: we own the fd; Uffd takes it over.
         let uffd = unsafe { Uffd::from_raw_fd(uffd.into_raw_fd()) };
+        let requested = blocks
+            .iter()
+            .map(|b| AtomicBitmap::new(b.pages()))
+            .collect();
         Ok(PostcopyDest {
+            requested,
             blocks,
             uffd,
             received,
@@ -208,6 +216,10 @@ impl PostcopyDest {
 
     fn placed(&self, bi: usize, page: u64) {
         self.received[bi].set(page);
+        if !self.requested[bi].get(page) {
+            return;
+        }
+        self.requested[bi].clear(page);
         let t = self
             .pending
             .lock()
@@ -351,6 +363,7 @@ impl PostcopyDest {
                 return Ok(());
             }
             p.insert((bi, page), Instant::now());
+            self.requested[bi].set(page);
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self
@@ -436,6 +449,11 @@ impl PostcopyDest {
                 slog::debug!(self.log, "page request not sent again"; "error" => %e);
             }
         }
+    }
+
+    /// Whether a thread of the parent waits for this page (it was requested, not placed).
+    pub fn is_requested(&self, bi: usize, page: u64) -> bool {
+        self.requested.get(bi).is_some_and(|r| r.get(page))
     }
 
     /// Pages requested and not yet placed.

@@ -343,6 +343,32 @@ impl RamBlock {
         bits
     }
 
+    /// Copies whole target pages to consecutive offsets from `off` through the mapping,
+    /// after populating the range with one `madvise(MADV_POPULATE_WRITE)`. Unlike
+    /// [`RamBlock::write_pages_at`] this takes no lock on the file, so two threads can fill
+    /// fresh memory at once. Returns false when the range leaves the block.
+    pub fn copy_pages_at(&self, off: u64, pages: &[*const u8]) -> bool {
+        let len = pages.len() as u64 * TARGET_PAGE_SIZE as u64;
+        if off % TARGET_PAGE_SIZE as u64 != 0 || off.checked_add(len).is_none_or(|e| e > self.size)
+        {
+            return false;
+        }
+        // SAFETY: bounds checked; the range lies inside the mapping, which lives as long as
+        // self. Populating is only a hint: on a kernel without it the copy faults instead.
+        unsafe {
+            let dst = self.region.as_ptr().add(off as usize);
+            libc::madvise(
+                dst as *mut libc::c_void,
+                len as usize,
+                libc::MADV_POPULATE_WRITE,
+            );
+            for (i, &p) in pages.iter().enumerate() {
+                std::ptr::copy_nonoverlapping(p, dst.add(i * TARGET_PAGE_SIZE), TARGET_PAGE_SIZE);
+            }
+        }
+        true
+    }
+
     /// Writes whole target pages at consecutive offsets from `off` with one `pwritev` into
     /// the fd (the page cache the parent maps): no page fault and no page clearing per page,
     /// unlike a copy through the mapping. Returns false when the range leaves the block.

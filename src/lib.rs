@@ -12,6 +12,7 @@ pub mod fault;
 pub mod guest_memory;
 pub mod logging;
 pub mod migration;
+pub mod page_writer;
 pub mod postcopy;
 pub mod ram;
 pub mod return_path;

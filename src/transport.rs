@@ -315,6 +315,27 @@ impl Channel {
         }
     }
 
+    /// Reads only what has already arrived: 0 when nothing has (or the peer closed, which
+    /// the next [`Channel::read`] reports). Regular files always read 0 here.
+    pub fn read_ready(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let fd = self.fd.as_raw_fd();
+        loop {
+            let r = if self.is_socket {
+                nix::sys::socket::recv(fd, buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT)
+            } else if self.is_pipe {
+                nix::unistd::read(fd, buf)
+            } else {
+                return Ok(0);
+            };
+            match r {
+                Ok(n) => return Ok(n),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EAGAIN) => return Ok(0),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// Writes all of `bufs`, in order, with as few syscalls as it can.
     pub fn write_all_vectored(&self, bufs: &mut [io::IoSlice<'_>]) -> io::Result<()> {
         let mut bufs = &mut bufs[..];

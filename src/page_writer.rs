@@ -1,0 +1,339 @@
+//! Writes received precopy pages into the parent's RAM blocks, half of each large batch on a
+//! second thread.
+//!
+//! Copying into guest memory that has never been touched is the destination's most
+//! expensive step (the kernel allocates each page, and on a VM the host may have to back it
+//! first). One thread doing that alone leaves the other CPU idle while the source waits on a
+//! full socket, so a batch of at least [`PARALLEL_MIN`] pages is split in two: a worker
+//! thread writes the first half while the calling thread writes the second, and `flush`
+//! returns when both are done. Batches are written in order, so a later write to the same
+//! page always wins.
+//!
+//! The calling thread writes with `pwritev` (no page fault, no clearing of the new page);
+//! the worker copies through the mapping, because writes to one shmem file serialise on
+//! its inode lock (measured: two `pwritev` threads spent their time spinning on it) while
+//! page faults do not.
+
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crate::compat::wire::TARGET_PAGE_SIZE;
+use crate::guest_memory::RamBlock;
+
+/// Pages in a batch below which splitting costs more than it saves.
+const PARALLEL_MIN: usize = 128;
+/// Pages in one `pwritev` run (the kernel takes at most 1024 iovecs).
+const RUN_MAX: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PageWriteError {
+    #[error("write outside RAM block {block:?}")]
+    Outside { block: String },
+    #[error("writing RAM block {block:?} failed: {source}")]
+    Io {
+        block: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Consecutive pages of one block, as addresses of page-sized buffers.
+struct Run {
+    block: Arc<RamBlock>,
+    start: u64,
+    pages: Vec<usize>,
+}
+
+impl Run {
+    /// Writes with `pwritev`, or through the mapping when `via_map` (see `flush`).
+    fn write(&self, via_map: bool) -> Result<(), PageWriteError> {
+        let ptrs: Vec<*const u8> = self.pages.iter().map(|&p| p as *const u8).collect();
+        let r = if via_map {
+            Ok(self.block.copy_pages_at(self.start, &ptrs))
+        } else {
+            self.block.write_pages_at(self.start, &ptrs)
+        };
+        match r {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(PageWriteError::Outside {
+                block: self.block.id.clone(),
+            }),
+            Err(source) => Err(PageWriteError::Io {
+                block: self.block.id.clone(),
+                source,
+            }),
+        }
+    }
+}
+
+fn write_all(runs: &[Run], via_map: bool) -> Result<(), PageWriteError> {
+    runs.iter().try_for_each(|r| r.write(via_map))
+}
+
+struct Worker {
+    jobs: Option<SyncSender<Vec<Run>>>,
+    done: Receiver<Result<(), PageWriteError>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    fn spawn() -> std::io::Result<Worker> {
+        let (jobs, job_rx) = mpsc::sync_channel::<Vec<Run>>(1);
+        let (done_tx, done) = mpsc::sync_channel(1);
+        let handle = std::thread::Builder::new()
+            .name("qmh-writer".into())
+            .spawn(move || {
+                for runs in job_rx {
+                    if done_tx.send(write_all(&runs, true)).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Worker {
+            jobs: Some(jobs),
+            done,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // Closing the job channel ends the thread.
+        self.jobs.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Pages queued for writing. The queued addresses point into the caller's buffer, which
+/// must stay unchanged until the next [`PageWriter::flush`] returns.
+#[derive(Default)]
+pub struct PageWriter {
+    runs: Vec<Run>,
+    pages: usize,
+    worker: Option<Worker>,
+    /// Spawning the worker failed once: write on one thread from then on.
+    single: bool,
+    /// Per block in the batch: the highest page offset queued.
+    high: Vec<(*const RamBlock, u64)>,
+}
+
+// SAFETY: the raw block pointers in `high` are only compared, never dereferenced.
+unsafe impl Send for PageWriter {}
+
+impl PageWriter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pages == 0
+    }
+
+    /// Queues the page at `data` (TARGET_PAGE_SIZE bytes) for `offset` in `block`. The
+    /// caller checks the offset against the block first and keeps `data` valid and
+    /// unchanged until the next flush.
+    ///
+    /// The two halves of a batch are written at the same time, so a batch must not hold the
+    /// same page twice: a page at or below the highest one queued for its block (a page
+    /// sent again in a later pass) writes the batch out first.
+    pub fn queue(
+        &mut self,
+        block: &Arc<RamBlock>,
+        offset: u64,
+        data: *const u8,
+    ) -> Result<(), PageWriteError> {
+        let key = Arc::as_ptr(block);
+        match self.high.iter().position(|(b, _)| *b == key) {
+            Some(i) if self.high[i].1 >= offset => {
+                self.flush()?;
+                self.high.push((key, offset));
+            }
+            Some(i) => self.high[i].1 = offset,
+            None => self.high.push((key, offset)),
+        }
+        let extends = self.runs.last().is_some_and(|r| {
+            Arc::ptr_eq(&r.block, block)
+                && r.pages.len() < RUN_MAX
+                && r.start + (r.pages.len() * TARGET_PAGE_SIZE) as u64 == offset
+        });
+        if !extends {
+            self.runs.push(Run {
+                block: block.clone(),
+                start: offset,
+                pages: Vec::with_capacity(64),
+            });
+        }
+        if let Some(r) = self.runs.last_mut() {
+            r.pages.push(data as usize);
+        }
+        self.pages += 1;
+        Ok(())
+    }
+
+    /// Writes everything queued; on return the queued buffers may be reused.
+    pub fn flush(&mut self) -> Result<(), PageWriteError> {
+        if self.pages == 0 {
+            return Ok(());
+        }
+        self.high.clear();
+        let mut runs = std::mem::take(&mut self.runs);
+        let total = std::mem::take(&mut self.pages);
+        if total < PARALLEL_MIN || self.single {
+            return write_all(&runs, false);
+        }
+        if self.worker.is_none() {
+            match Worker::spawn() {
+                Ok(w) => self.worker = Some(w),
+                Err(_) => {
+                    self.single = true;
+                    return write_all(&runs, false);
+                }
+            }
+        }
+        let first = split_half(&mut runs, total);
+        let Some(w) = self.worker.as_ref() else {
+            return write_all(&first, false).and(write_all(&runs, false));
+        };
+        let sent = w.jobs.as_ref().map(|j| j.send(first));
+        match sent {
+            Some(Ok(())) => {
+                let mine = write_all(&runs, false);
+                // Wait for the worker even when this half failed: the buffers must not be
+                // reused while it reads them.
+                let theirs = w.done.recv().unwrap_or_else(|_| {
+                    Err(PageWriteError::Io {
+                        block: String::new(),
+                        source: std::io::Error::other("page writer thread ended"),
+                    })
+                });
+                theirs.and(mine)
+            }
+            Some(Err(mpsc::SendError(first))) => {
+                // The worker is gone: do it all here.
+                self.worker = None;
+                self.single = true;
+                write_all(&first, false).and(write_all(&runs, false))
+            }
+            None => write_all(&runs, false),
+        }
+    }
+}
+
+/// Takes the first half (by pages) of `runs` out and returns it, splitting a run when the
+/// middle falls inside it; `runs` keeps the second half.
+fn split_half(runs: &mut Vec<Run>, total: usize) -> Vec<Run> {
+    let half = total / 2;
+    let mut first = Vec::new();
+    let mut count = 0;
+    while count < half && !runs.is_empty() {
+        let need = half - count;
+        if runs[0].pages.len() <= need {
+            let r = runs.remove(0);
+            count += r.pages.len();
+            first.push(r);
+        } else {
+            let r = &mut runs[0];
+            let rest = r.pages.split_off(need);
+            let head = Run {
+                block: r.block.clone(),
+                start: r.start,
+                pages: std::mem::replace(&mut r.pages, rest),
+            };
+            r.start += (need * TARGET_PAGE_SIZE) as u64;
+            count += need;
+            first.push(head);
+        }
+    }
+    first
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest_memory::RamBlockSpec;
+
+    fn block(name: &str, size: u64) -> Arc<RamBlock> {
+        let spec = RamBlockSpec {
+            id: name.into(),
+            fdname: "m".into(),
+            offset: 0,
+            size,
+            page_size: None,
+            host_addr: None,
+            dirty_bitmap: None,
+        };
+        Arc::new(RamBlock::new(spec, crate::guest_memory::tests::memfd(size)).expect("block"))
+    }
+
+    #[test]
+    fn large_batches_are_split_and_written_in_full() {
+        let a = block("a", 4 << 20);
+        let b = block("b", 1 << 20);
+        let pages: Vec<Vec<u8>> = (0..600u32)
+            .map(|i| vec![(i % 251) as u8 + 1; TARGET_PAGE_SIZE])
+            .collect();
+        let mut w = PageWriter::new();
+        // Three runs in two blocks, with a gap, so that the split falls inside a run.
+        for (i, p) in pages.iter().enumerate() {
+            let (blk, off) = match i {
+                0..=299 => (&a, i as u64 * 4096),
+                300..=499 => (&a, (i as u64 + 10) * 4096),
+                _ => (&b, (i as u64 - 500) * 4096),
+            };
+            w.queue(blk, off, p.as_ptr()).expect("queue");
+        }
+        w.flush().expect("flush");
+        assert!(w.is_empty());
+        let check = |blk: &Arc<RamBlock>, off: u64, want: u8| {
+            let got = blk.page(off).expect("in the block")[100];
+            assert_eq!(got, want, "block {} offset {off:#x}", blk.id);
+        };
+        for i in 0..600u32 {
+            let want = (i % 251) as u8 + 1;
+            match i {
+                0..=299 => check(&a, i as u64 * 4096, want),
+                300..=499 => check(&a, (i as u64 + 10) * 4096, want),
+                _ => check(&b, (i as u64 - 500) * 4096, want),
+            }
+        }
+        // The gap stays a hole.
+        check(&a, 305 * 4096, 0);
+    }
+
+    #[test]
+    fn a_page_queued_twice_ends_with_the_later_content() {
+        let a = block("a", 2 << 20);
+        let old = vec![1u8; TARGET_PAGE_SIZE];
+        let new = vec![2u8; TARGET_PAGE_SIZE];
+        let mut w = PageWriter::new();
+        // Page 10 in the first half of the batch, again in the second: without the flush
+        // between them the two halves would race.
+        for i in 0..300u64 {
+            w.queue(&a, i * 4096, old.as_ptr()).expect("queue");
+        }
+        for i in 10..310u64 {
+            w.queue(&a, i * 4096, new.as_ptr()).expect("queue");
+        }
+        w.flush().expect("flush");
+        for i in 0..310u64 {
+            let want = if i < 10 { 1 } else { 2 };
+            assert_eq!(a.page(i * 4096).expect("page")[0], want, "page {i}");
+        }
+    }
+
+    #[test]
+    fn a_write_past_the_block_fails_clearly() {
+        let a = block("a", 1 << 20);
+        let page = vec![1u8; TARGET_PAGE_SIZE];
+        let mut w = PageWriter::new();
+        for i in 0..200u64 {
+            w.queue(&a, (i + 200) * 4096, page.as_ptr()).expect("queue");
+        }
+        let e = w.flush().expect_err("outside");
+        assert!(e.to_string().contains("outside RAM block \"a\""), "{e}");
+    }
+}
