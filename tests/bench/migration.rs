@@ -5,8 +5,14 @@
 //! the median seconds, MB/s and the ratio against QEMU->QEMU measured in the same run (QEMU
 //! on KVM where /dev/kvm exists). Then reports the helpers' peak memory at two guest sizes.
 //!
+//! Both with the destination's RAM fresh (allocated as it is written) and preallocated
+//! before the clock starts: on a VM whose host takes back freed memory (this machine has a
+//! balloon with free-page reporting), a first touch of a page costs the host a fault, and
+//! that cost, the same for every destination, otherwise dominates the run.
+//!
 //! Environment: QMH_BENCH_SIZE (default 2G), QMH_BENCH_REPEAT (default 3),
-//! QMH_BENCH_RSS_SIZES (default "2G,4G").
+//! QMH_BENCH_CASES (default "qq,hh,qh,hq"), QMH_BENCH_DEST (default "fresh,prealloc"),
+//! QMH_BENCH_RSS_SIZES (default "2G,4G"; empty skips).
 
 #[path = "../interop/helper.rs"]
 mod helper;
@@ -48,12 +54,25 @@ impl End {
         }
     }
 
-    fn destination(qemu: bool, size: u64) -> End {
+    /// With `prealloc`, the destination's RAM is allocated and touched before the clock
+    /// starts: QEMU with `prealloc=on`, the helper's parent by writing every page of its
+    /// memfd (what a VMM that preallocates guest memory does).
+    fn destination(qemu: bool, size: u64, prealloc: bool) -> End {
         if qemu {
-            End::Qemu(QemuVm::start(Qemu::V10, size, &VmOpts::incoming()))
+            let opts = VmOpts {
+                prealloc,
+                ..VmOpts::incoming()
+            };
+            End::Qemu(QemuVm::start(Qemu::V10, size, &opts))
         } else {
             let mut h = HelperVm::spawn_quiet();
             h.add_block("ram", size, false);
+            if prealloc {
+                let mut m = h.blocks[0].mem.map();
+                for p in m.chunks_mut(4096) {
+                    p[0] = 0;
+                }
+            }
             End::Helper(h)
         }
     }
@@ -74,9 +93,9 @@ impl End {
 }
 
 /// One migration; returns seconds from `migrate` until both ends report `completed`.
-fn migrate_once(src_qemu: bool, dst_qemu: bool, size: u64, seed: u64) -> f64 {
+fn migrate_once(src_qemu: bool, dst_qemu: bool, size: u64, seed: u64, prealloc: bool) -> f64 {
     let mut src = End::source(src_qemu, size, seed);
-    let mut dst = End::destination(dst_qemu, size);
+    let mut dst = End::destination(dst_qemu, size, prealloc);
     let (a, b) = socketpair();
     src.getfd(a.as_fd());
     dst.getfd(b.as_fd());
@@ -284,37 +303,65 @@ fn main() {
     // QMH_BENCH_CASES=qq,hh,qh,hq picks cases (QEMU->QEMU is the baseline and always runs).
     let pick = std::env::var("QMH_BENCH_CASES").unwrap_or_else(|_| "qq,hh,qh,hq".into());
     let keys = ["qq", "hh", "qh", "hq"];
+    // QMH_BENCH_DEST=fresh,prealloc picks how the destination's RAM starts: untouched
+    // (each page allocated as the migration writes it) or preallocated before the clock.
+    let dests: Vec<bool> = std::env::var("QMH_BENCH_DEST")
+        .unwrap_or_else(|_| "fresh,prealloc".into())
+        .split(',')
+        .map(|d| match d {
+            "fresh" => false,
+            "prealloc" => true,
+            other => panic!("QMH_BENCH_DEST: {other:?} is neither fresh nor prealloc"),
+        })
+        .collect();
     // Interleave the cases so that machine noise spreads over all of them.
-    let mut times: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    let mut times: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); cases.len()]; dests.len()];
     for r in 0..repeat {
-        for (i, (name, sq, dq)) in cases.iter().enumerate() {
-            if i > 0 && !pick.split(',').any(|k| k == keys[i]) {
-                continue;
+        for (di, &prealloc) in dests.iter().enumerate() {
+            for (i, (name, sq, dq)) in cases.iter().enumerate() {
+                if i > 0 && !pick.split(',').any(|k| k == keys[i]) {
+                    continue;
+                }
+                let t = migrate_once(*sq, *dq, size, 1000 + r as u64, prealloc);
+                let mode = if prealloc { "prealloc" } else { "fresh" };
+                println!("  run {r} {mode:<8} {name:<15} {t:7.3} s");
+                times[di][i].push(t);
             }
-            let t = migrate_once(*sq, *dq, size, 1000 + r as u64);
-            println!("  run {r} {name:<15} {t:7.3} s");
-            times[i].push(t);
         }
     }
-    let base = median(times[0].clone());
-    println!(
-        "\n{:<15} {:>9} {:>9} {:>12}",
-        "case", "median s", "MB/s", "vs QEMU->QEMU"
-    );
-    for (i, (name, _, _)) in cases.iter().enumerate() {
-        if times[i].is_empty() {
-            continue;
-        }
-        let m = median(times[i].clone());
+    for (di, &prealloc) in dests.iter().enumerate() {
+        let times = &times[di];
+        let base = median(times[0].clone());
         println!(
-            "{name:<15} {m:9.3} {:9.0} {:>11.2}x",
-            size as f64 / m / 1e6,
-            base / m
+            "\ndestination RAM {}",
+            if prealloc {
+                "preallocated before the clock starts (QEMU prealloc=on; the helper's parent touched its memfd)"
+            } else {
+                "fresh: every page allocated (and, on a VM, backed by the host) as it is written"
+            }
         );
+        println!(
+            "{:<15} {:>9} {:>9} {:>12}",
+            "case", "median s", "MB/s", "vs QEMU->QEMU"
+        );
+        for (i, (name, _, _)) in cases.iter().enumerate() {
+            if times[i].is_empty() {
+                continue;
+            }
+            let m = median(times[i].clone());
+            println!(
+                "{name:<15} {m:9.3} {:9.0} {:>11.2}x",
+                size as f64 / m / 1e6,
+                base / m
+            );
+        }
     }
     println!("targets: helper->helper >= 2.00x; QEMU->helper and helper->QEMU >= 1.00x");
 
     let sizes = std::env::var("QMH_BENCH_RSS_SIZES").unwrap_or_else(|_| "2G,4G".into());
+    if sizes.is_empty() {
+        return;
+    }
     println!("\nhelper memory during helper->helper (peak RssAnon = private; RssShmem = the guest's own shared pages, mapped, not copied)");
     for s in sizes.split(',') {
         let sz = parse_size(s);

@@ -215,6 +215,8 @@ pub struct VmOpts {
     pub accel: Option<Accel>,
     /// Extra command-line arguments appended last.
     pub extra_args: Vec<String>,
+    /// Allocate and touch all guest RAM at start (`prealloc=on`).
+    pub prealloc: bool,
 }
 
 impl VmOpts {
@@ -294,8 +296,9 @@ impl QemuVm {
             .arg(dir.path().file_name().unwrap())
             .arg("-object")
             .arg(format!(
-                "memory-backend-file,id=ram,size={ram_size}B,mem-path={},share=on",
-                ram_path.display()
+                "memory-backend-file,id=ram,size={ram_size}B,mem-path={},share=on{}",
+                ram_path.display(),
+                if opts.prealloc { ",prealloc=on" } else { "" }
             ))
             .args(["-machine", "memory-backend=ram", "-accel", accel.arg()])
             .arg("-qmp")
