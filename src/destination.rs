@@ -30,6 +30,8 @@ use crate::vmstate::{self, VmDescription};
 /// The most a destination holds while waiting for the VM description.
 const MAX_HELD: usize = 1 << 30;
 const READ_CHUNK: usize = 4 << 20;
+/// Postcopy: the most unplaced stream bytes that reading ahead for requested pages holds.
+const ARRIVED_MAX: usize = 512 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -160,6 +162,23 @@ impl<R: ReadReady> Reader<R> {
         }
     }
 
+    /// Appends what has already arrived to the free end of the buffer, without moving or
+    /// waiting; true if anything came. Errors are left to the next `fill`.
+    fn read_arrived(&mut self) -> bool {
+        // Bounded: a backlog that only grows would fill the buffer, and then nothing could
+        // be read until all of it was placed.
+        if self.eof || self.end == self.buf.len() || self.end - self.start >= ARRIVED_MAX {
+            return false;
+        }
+        match self.src.read_ready(&mut self.buf[self.end..]) {
+            Ok(n) if n > 0 => {
+                self.end += n;
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn need_more(&mut self, context: &'static str) -> Result<(), LoadError> {
         if self.fill()? {
             Ok(())
@@ -232,6 +251,10 @@ struct Loader<'a> {
     fault_error: Arc<Mutex<Option<String>>>,
     /// Postcopy pages waiting for one UFFDIO_COPY.
     staged: Staged,
+    /// Stream offset and block context where the next look-ahead for requested pages
+    /// starts (see `place_requested_ahead`).
+    scan_to: u64,
+    scan_block: Option<usize>,
     /// The channel, for the fault thread to shut down when it fails.
     chan_fd: Option<OwnedFd>,
     last_progress: Instant,
@@ -264,6 +287,10 @@ impl<'a> Loader<'a> {
         data: &[u8],
     ) -> Result<(), FaultError> {
         let page = wire::TARGET_PAGE_SIZE;
+        if pc.received[bi].get(offset / page as u64) {
+            // Placed already, ahead of the stream (see place_requested_ahead).
+            return self.flush_staged_with(pc);
+        }
         let next = self.staged.start + self.staged.data.len() as u64;
         if !self.staged.data.is_empty()
             && (self.staged.block != bi
@@ -422,13 +449,111 @@ impl<'a> Loader<'a> {
         Ok(false)
     }
 
+    /// Postcopy: places the pages that threads of the parent wait for among those already
+    /// read, before the rest are placed in stream order. A requested page arrives behind a
+    /// full socket buffer of background pages (QEMU's is about 200 KiB, read in one go);
+    /// this places it as soon as it is read instead of after all of them. The scan only
+    /// follows RAM records and the footers and headers of RAM sections and stops at anything
+    /// else; it reports nothing, as the in-order pass validates every record again (and
+    /// skips the pages placed here).
+    fn place_requested_ahead<R: ReadReady>(&mut self, r: &Reader<R>) {
+        let Some(pc) = self.postcopy.clone() else {
+            return;
+        };
+        if !pc.anyone_waiting() {
+            return;
+        }
+        // A staged run holding a page that was requested after it was staged.
+        let staged_pages = self.staged.data.len() / wire::TARGET_PAGE_SIZE;
+        let first = self.staged.start / wire::TARGET_PAGE_SIZE as u64;
+        if (0..staged_pages as u64).any(|i| pc.is_requested(self.staged.block, first + i))
+            && self.flush_staged_with(&pc).is_err()
+        {
+            return;
+        }
+        let data = r.data();
+        // Go on from where the last scan stopped, unless the in-order pass is past it.
+        let (mut pos, mut block) =
+            if self.scan_to > r.offset && self.scan_to - r.offset <= data.len() as u64 {
+                ((self.scan_to - r.offset) as usize, self.scan_block)
+            } else {
+                (0, self.last_block)
+            };
+        loop {
+            self.scan_to = r.offset + pos as u64;
+            self.scan_block = block;
+            let Ok(Some((rec, n))) = ram::decode_record(&data[pos..]) else {
+                return;
+            };
+            pos += n;
+            let (offset, name) = match rec {
+                Record::Page { offset, block, .. } | Record::Zero { offset, block, .. } => {
+                    (offset, block)
+                }
+                Record::Eos => {
+                    // Optional footer, then this RAM section's next header, or stop.
+                    if data.get(pos) == Some(&wire::section::FOOTER) {
+                        pos += 5;
+                    }
+                    let rest = data.get(pos..).unwrap_or(&[]);
+                    let part = rest.len() >= 5
+                        && rest[0] == wire::section::PART
+                        && Some(u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]))
+                            == self.ram_section;
+                    if !part {
+                        return;
+                    }
+                    pos += 5;
+                    continue;
+                }
+                _ => return,
+            };
+            // The same checks as the in-order pass (`apply`); any doubt stops the scan.
+            let bi = match name {
+                Some(n) => self.block_index(n),
+                None => block,
+            };
+            let Some(bi) = bi else { return };
+            block = Some(bi);
+            if offset % wire::TARGET_PAGE_SIZE as u64 != 0 || offset >= self.blocks[bi].size {
+                return;
+            }
+            if !pc.is_requested(bi, offset / wire::TARGET_PAGE_SIZE as u64) {
+                continue;
+            }
+            let placed = match rec {
+                Record::Page { data, .. } => pc.place_page(bi, offset, data),
+                Record::Zero { fill: 0, .. } => pc.place_zero(bi, offset),
+                Record::Zero { fill, .. } => {
+                    pc.place_page(bi, offset, &[fill; wire::TARGET_PAGE_SIZE])
+                }
+                _ => Ok(()),
+            };
+            if placed.is_err() {
+                // The in-order pass meets the same page and reports the error.
+                return;
+            }
+        }
+    }
+
     fn ram_body<R: ReadReady>(&mut self, r: &mut Reader<R>) -> Result<(), LoadError> {
         let start = r.offset;
+        self.place_requested_ahead(r);
+        let mut records = 0u32;
         let result = loop {
             match ram::decode_record(r.data()) {
                 Ok(Some((rec, n))) => {
                     let eos = self.apply(r, rec);
                     r.consume(n);
+                    // Postcopy: look at the socket every few pages, so that a requested
+                    // page that arrives while these are placed is placed at once.
+                    records = records.wrapping_add(1);
+                    if records % 8 == 0
+                        && self.postcopy.as_ref().is_some_and(|p| p.anyone_waiting())
+                        && r.read_arrived()
+                    {
+                        self.place_requested_ahead(r);
+                    }
                     match eos {
                         Ok(true) => break Ok(()),
                         Ok(false) => continue,
@@ -445,6 +570,7 @@ impl<'a> Loader<'a> {
             if let Err(e) = r.need_more("in a RAM section") {
                 break Err(e);
             }
+            self.place_requested_ahead(r);
         };
         let flushed = self.flush();
         self.bytes += r.offset - start;
@@ -1244,6 +1370,8 @@ impl<'a> Loader<'a> {
             bytes: 0,
             known_zero: blocks.iter().map(|b| b.hole_bitmap()).collect(),
             pages: PageWriter::new(),
+            scan_to: 0,
+            scan_block: None,
             received: Arc::new(
                 blocks
                     .iter()

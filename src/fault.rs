@@ -167,6 +167,8 @@ pub struct PostcopyDest {
     /// Per block: the pages in `pending`, readable without the lock, so that the loader can
     /// tell at no cost whether an arriving page has a thread waiting for it.
     requested: Vec<AtomicBitmap>,
+    /// How many pages `pending` holds, readable without the lock.
+    waiting: AtomicU64,
     rp: Arc<RpWriter>,
     pub latency: Arc<Latency>,
     pub requests: AtomicU64,
@@ -197,6 +199,7 @@ impl PostcopyDest {
             .collect();
         Ok(PostcopyDest {
             requested,
+            waiting: AtomicU64::new(0),
             blocks,
             uffd,
             received,
@@ -226,6 +229,7 @@ impl PostcopyDest {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&(bi, page));
         if let Some(t) = t {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
             self.latency.record(t.elapsed());
         }
     }
@@ -363,6 +367,7 @@ impl PostcopyDest {
                 return Ok(());
             }
             p.insert((bi, page), Instant::now());
+            self.waiting.fetch_add(1, Ordering::AcqRel);
             self.requested[bi].set(page);
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
@@ -454,6 +459,11 @@ impl PostcopyDest {
     /// Whether a thread of the parent waits for this page (it was requested, not placed).
     pub fn is_requested(&self, bi: usize, page: u64) -> bool {
         self.requested.get(bi).is_some_and(|r| r.get(page))
+    }
+
+    /// Whether any thread of the parent waits for a page, without taking a lock.
+    pub fn anyone_waiting(&self) -> bool {
+        self.waiting.load(Ordering::Acquire) > 0
     }
 
     /// Pages requested and not yet placed.
