@@ -49,6 +49,8 @@ impl Run {
     /// Writes with `pwritev`, or through the mapping when `via_map` (see `flush`).
     fn write(&self, via_map: bool) -> Result<(), PageWriteError> {
         let ptrs: Vec<*const u8> = self.pages.iter().map(|&p| p as *const u8).collect();
+        // hugetlbfs files cannot be written with write(2) at all: always copy there.
+        let via_map = via_map || self.block.page_size != TARGET_PAGE_SIZE as u64;
         let r = if via_map {
             Ok(self.block.copy_pages_at(self.start, &ptrs))
         } else {
