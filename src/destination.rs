@@ -20,6 +20,7 @@ use crate::guest_memory::RamBlock;
 use crate::migration::{MigrationCtx, Stats};
 use crate::page_writer::{PageWriteError, PageWriter};
 use crate::postcopy;
+use crate::preempt::PreemptChannel;
 use crate::ram::{self, Record};
 use crate::return_path::RpMessage;
 use crate::state::MigrationStatus;
@@ -251,6 +252,12 @@ struct Loader<'a> {
     fault_error: Arc<Mutex<Option<String>>>,
     /// Postcopy pages waiting for one UFFDIO_COPY.
     staged: Staged,
+    /// postcopy-preempt: the listener the preempt channel will connect to, until LISTEN
+    /// (or a recovery) starts the thread that takes it.
+    preempt_listener: Option<crate::transport::Incoming>,
+    preempt: Option<PreemptChannel>,
+    /// Pages that came on the preempt channels, across recoveries.
+    preempt_pages: Arc<std::sync::atomic::AtomicU64>,
     /// Stream offset and block context where the next look-ahead for requested pages
     /// starts (see `place_requested_ahead`).
     scan_to: u64,
@@ -419,6 +426,10 @@ impl<'a> Loader<'a> {
                 .stats
                 .postcopy_requests
                 .store(pc.requests.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.ctx.stats.postcopy_preempt_pages.store(
+                self.preempt_pages.load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
             return placed
                 .map(|()| false)
                 .map_err(|e| self.invalid(r, e.to_string()));
@@ -812,6 +823,10 @@ impl<'a> Loader<'a> {
             })
             .map_err(|e| self.invalid(r, format!("cannot start the fault thread: {e}")))?;
         self.fault_thread = Some(h);
+        if let Some(incoming) = self.preempt_listener.take() {
+            self.start_preempt(incoming, &pc)
+                .map_err(|e| self.invalid(r, e))?;
+        }
         self.postcopy = Some(pc);
         self.arm_link_timeout();
         slog::info!(self.ctx.log, "postcopy listening");
@@ -865,7 +880,69 @@ impl<'a> Loader<'a> {
     }
 
     /// Postcopy-paused until a recovery succeeds and the rest of the stream has loaded.
+    /// Starts taking the postcopy-preempt channel on `incoming`.
+    fn start_preempt(
+        &mut self,
+        incoming: crate::transport::Incoming,
+        pc: &Arc<PostcopyDest>,
+    ) -> Result<(), String> {
+        if let Some(b) = self
+            .blocks
+            .iter()
+            .find(|b| b.page_size != wire::TARGET_PAGE_SIZE as u64)
+        {
+            return Err(format!(
+                "postcopy-preempt is not supported with huge-page RAM block {:?}",
+                b.id
+            ));
+        }
+        let p = PreemptChannel::spawn(
+            incoming,
+            pc.clone(),
+            self.blocks.to_vec(),
+            self.preempt_pages.clone(),
+            self.chan_fd.as_ref().and_then(|f| f.try_clone().ok()),
+            self.ctx.log.clone(),
+        )
+        .map_err(|e| format!("cannot start the postcopy-preempt thread: {e}"))?;
+        self.preempt = Some(p);
+        Ok(())
+    }
+
+    /// Before SHUT: every requested page must be in place, and some may still be on the
+    /// preempt channel (the source closes it only after SHUT). Then stops reading it.
+    fn finish_preempt(&mut self) -> Result<(), LoadError> {
+        let Some(p) = self.preempt.take() else {
+            return Ok(());
+        };
+        if let Some(pc) = &self.postcopy {
+            let limit = std::time::Duration::from_millis(self.ctx.params().link_timeout.max(1000));
+            let t = Instant::now();
+            while pc.pending() > 0 {
+                if t.elapsed() > limit {
+                    let n = pc.pending();
+                    let _ = p.stop();
+                    return Err(LoadError::Invalid {
+                        offset: 0,
+                        msg: format!("{n} requested pages never arrived on either channel"),
+                    });
+                }
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        }
+        let _ = p.stop();
+        self.ctx.stats.postcopy_preempt_pages.store(
+            self.preempt_pages.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        Ok(())
+    }
+
     fn pause_and_recover(&mut self, why: String) -> Result<(), LoadError> {
+        // The source closes the preempt channel too when it pauses.
+        if let Some(p) = self.preempt.take() {
+            let _ = p.stop();
+        }
         let ctx = self.ctx;
         ctx.pauses.fetch_add(1, Ordering::Relaxed);
         slog::warn!(ctx.log, "postcopy link failed: paused"; "error" => &why);
@@ -906,10 +983,19 @@ impl<'a> Loader<'a> {
     /// again for the pages still pending, and loads the rest of the stream.
     fn recover_on(&mut self, incoming: crate::transport::Incoming) -> Result<(), LoadError> {
         let ctx = self.ctx;
-        let chan = incoming
-            .accept(&ctx.cancel)
+        // With postcopy-preempt the source connects a new preempt channel after the main
+        // one, to the same address.
+        let preempt = ctx.caps().postcopy_preempt && incoming.is_listener();
+        let (chan, incoming) = if preempt {
+            let c = incoming.accept_another(&ctx.cancel);
+            (c, Some(incoming))
+        } else {
+            (incoming.accept(&ctx.cancel), None)
+        };
+        let chan = chan
             .map_err(|e| LoadError::Recovery(e.to_string()))?
             .with_cancel(ctx.cancel.clone());
+
         let t0 = Instant::now();
         if !chan.is_socket {
             return Err(LoadError::Recovery(format!(
@@ -923,6 +1009,13 @@ impl<'a> Loader<'a> {
         };
         ctx.set_channel(Some(dup(&chan)?));
         self.chan_fd = Some(dup(&chan)?);
+        if let (Some(incoming), Some(pc)) = (incoming, self.postcopy.clone()) {
+            if let Some(old) = self.preempt.take() {
+                let _ = old.stop();
+            }
+            self.start_preempt(incoming, &pc)
+                .map_err(LoadError::Recovery)?;
+        }
         self.arm_link_timeout();
         let (Some(rp), Some(pc)) = (self.rp.clone(), self.postcopy.clone()) else {
             return Err(LoadError::Recovery("no postcopy to recover".into()));
@@ -1019,6 +1112,9 @@ impl<'a> Loader<'a> {
     }
 
     fn stop_faults(&mut self) {
+        if let Some(p) = self.preempt.take() {
+            let _ = p.stop();
+        }
         if let Some(pc) = &self.postcopy {
             pc.stop();
         }
@@ -1220,10 +1316,12 @@ pub fn load<R: ReadReady>(
     peer: String,
     chan: Option<&Channel>,
     uffd: Option<OwnedFd>,
+    preempt: Option<crate::transport::Incoming>,
 ) -> Result<Vec<DeviceSection>, LoadError> {
     let t0 = Instant::now();
     let mut r = Reader::new(src, peer, READ_CHUNK);
     let mut loader = Loader::new(ctx, blocks, uffd, chan.and_then(|c| c.try_clone_fd().ok()));
+    loader.preempt_listener = preempt;
     let result = load_inner(&mut loader, &mut r, chan);
     finish(&mut loader, result, t0, r.offset)
 }
@@ -1237,6 +1335,9 @@ fn finish(
     offset: u64,
 ) -> Result<Vec<DeviceSection>, LoadError> {
     let ctx = loader.ctx;
+    if result.is_ok() {
+        result = loader.finish_preempt();
+    }
     // In postcopy a broken link pauses: neither side has the whole guest. That includes
     // the SHUT at the very end: the source must hear it to complete, so a link that dies
     // just then is recovered too (the source then has nothing left but EOF).
@@ -1372,6 +1473,9 @@ impl<'a> Loader<'a> {
             pages: PageWriter::new(),
             scan_to: 0,
             scan_block: None,
+            preempt_listener: None,
+            preempt: None,
+            preempt_pages: Arc::default(),
             received: Arc::new(
                 blocks
                     .iter()
@@ -1521,11 +1625,20 @@ pub fn run(
     blocks: Vec<Arc<RamBlock>>,
     chan: Channel,
     uffd: Option<OwnedFd>,
+    preempt: Option<crate::transport::Incoming>,
 ) -> Result<(), LoadError> {
     ctx.state.transition(MigrationStatus::Active)?;
     chan.tune_buffers();
     let t0 = Instant::now();
-    let devices = load(ctx, &blocks, &chan, chan.peer.clone(), Some(&chan), uffd)?;
+    let devices = load(
+        ctx,
+        &blocks,
+        &chan,
+        chan.peer.clone(),
+        Some(&chan),
+        uffd,
+        preempt,
+    )?;
     ctx.stats
         .total_time_us
         .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);

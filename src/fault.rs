@@ -219,6 +219,9 @@ impl PostcopyDest {
 
     fn placed(&self, bi: usize, page: u64) {
         self.received[bi].set(page);
+        // Pairs with the fence in `fault`: either this sees the request, or the fault
+        // thread sees the page received.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if !self.requested[bi].get(page) {
             return;
         }
@@ -369,6 +372,24 @@ impl PostcopyDest {
             p.insert((bi, page), Instant::now());
             self.waiting.fetch_add(1, Ordering::AcqRel);
             self.requested[bi].set(page);
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.received[bi].get(page) {
+            // Placed between the check above and the request being recorded: `placed` may
+            // have missed the request, so settle it here (a pending entry left behind would
+            // hold up the end of a postcopy-preempt migration).
+            if self
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&(bi, page))
+                .is_some()
+            {
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+            }
+            self.requested[bi].clear(page);
+            let _ = self.uffd.wake(self.host(bi, offset), TARGET_PAGE_SIZE);
+            return Ok(());
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self

@@ -14,6 +14,7 @@ pub mod logging;
 pub mod migration;
 pub mod page_writer;
 pub mod postcopy;
+pub mod preempt;
 pub mod ram;
 pub mod return_path;
 pub mod source;

@@ -18,14 +18,18 @@ pub struct Capabilities {
     pub return_path: bool,
     pub pause_before_switchover: bool,
     pub events: bool,
+    /// Destination only: requested pages come on a second connection (QEMU's
+    /// postcopy-preempt), not behind the background pages.
+    pub postcopy_preempt: bool,
 }
 
 impl Capabilities {
-    pub const NAMES: [&'static str; 4] = [
+    pub const NAMES: [&'static str; 5] = [
         "postcopy-ram",
         "return-path",
         "pause-before-switchover",
         "events",
+        "postcopy-preempt",
     ];
 
     pub fn get(&self, name: &str) -> Option<bool> {
@@ -34,6 +38,7 @@ impl Capabilities {
             "return-path" => self.return_path,
             "pause-before-switchover" => self.pause_before_switchover,
             "events" => self.events,
+            "postcopy-preempt" => self.postcopy_preempt,
             _ => return None,
         })
     }
@@ -44,6 +49,7 @@ impl Capabilities {
             "return-path" => &mut self.return_path,
             "pause-before-switchover" => &mut self.pause_before_switchover,
             "events" => &mut self.events,
+            "postcopy-preempt" => &mut self.postcopy_preempt,
             _ => return false,
         };
         *slot = on;
@@ -90,6 +96,8 @@ pub struct Stats {
     pub normal: AtomicU64,
     pub dirty_sync_count: AtomicU64,
     pub postcopy_requests: AtomicU64,
+    /// Destination: pages that came on the postcopy-preempt channel.
+    pub postcopy_preempt_pages: AtomicU64,
     pub dirty_pages_rate: AtomicU64,
     /// Microseconds from `migrate` to completion (or so far).
     pub total_time_us: AtomicU64,
@@ -109,6 +117,7 @@ impl Stats {
             &self.normal,
             &self.dirty_sync_count,
             &self.postcopy_requests,
+            &self.postcopy_preempt_pages,
             &self.dirty_pages_rate,
             &self.total_time_us,
             &self.downtime_us,
@@ -136,6 +145,7 @@ impl Stats {
             "mbps": g(&self.rate_bps) as f64 / 1e6,
             "dirty-sync-count": g(&self.dirty_sync_count),
             "postcopy-requests": g(&self.postcopy_requests),
+            "postcopy-preempt-pages": g(&self.postcopy_preempt_pages),
             "dirty-pages-rate": g(&self.dirty_pages_rate),
             "page-size": crate::compat::wire::TARGET_PAGE_SIZE,
         })

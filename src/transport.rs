@@ -457,6 +457,49 @@ impl Incoming {
         }
     }
 
+    /// Removes a `unix:` listener's path once no more connections are expected.
+    pub fn done_listening(&self) {
+        if let Incoming::Unix(_, p) = self {
+            remove_socket_path(p);
+        }
+    }
+
+    /// Whether a peer can open more than one connection here (a listening socket), as
+    /// postcopy-preempt needs.
+    pub fn is_listener(&self) -> bool {
+        !matches!(self, Incoming::Ready(_))
+    }
+
+    /// Waits for one connection and keeps listening, for a second channel from the same
+    /// peer (postcopy-preempt). Polls `cancel` as [`Incoming::accept`] does.
+    pub fn accept_another(&self, cancel: &AtomicBool) -> Result<Channel, TransportError> {
+        match self {
+            Incoming::Ready(c) => Err(TransportError::BadFd {
+                name: c.peer.clone(),
+                why: "a single connected channel cannot take a second connection".into(),
+            }),
+            Incoming::Unix(l, p) => {
+                let what = format!("unix:{}", p.display());
+                wait_readable(l.as_fd(), cancel, &what)?;
+                let (s, _) = l.accept().map_err(io_err("accept on", &what))?;
+                Ok(Channel::from_unix(s, what))
+            }
+            Incoming::Tcp(l, a) => {
+                let what = format!("tcp:{a}");
+                wait_readable(l.as_fd(), cancel, &what)?;
+                let (s, peer) = l.accept().map_err(io_err("accept on", &what))?;
+                let _ = s.set_nodelay(true);
+                Ok(Channel {
+                    fd: s.into(),
+                    is_socket: true,
+                    is_pipe: false,
+                    cancel: None,
+                    peer: format!("tcp:{peer}"),
+                })
+            }
+        }
+    }
+
     /// Waits for the connection, polling `cancel` so that a cancel never waits on a peer.
     pub fn accept(self, cancel: &AtomicBool) -> Result<Channel, TransportError> {
         match self {
@@ -465,7 +508,7 @@ impl Incoming {
                 let what = format!("unix:{}", p.display());
                 wait_readable(l.as_fd(), cancel, &what)?;
                 let (s, _) = l.accept().map_err(io_err("accept on", &what))?;
-                let _ = std::fs::remove_file(&p);
+                remove_socket_path(&p);
                 Ok(Channel::from_unix(s, what))
             }
             Incoming::Tcp(l, a) => {
@@ -486,6 +529,13 @@ impl Incoming {
 }
 
 /// Polls `fd` for input in 100 ms steps until it is readable or `cancel` is set.
+/// A listener made by `unix:PATH` owns PATH; one passed as `fd:NAME` has no path.
+fn remove_socket_path(p: &std::path::Path) {
+    if !p.to_string_lossy().starts_with("fd:") {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
 fn wait_readable(
     fd: BorrowedFd<'_>,
     cancel: &AtomicBool,

@@ -758,6 +758,11 @@ impl Helper {
             return Ok(json!({}));
         }
         self.check_can_start()?;
+        if self.ctx.caps().postcopy_preempt {
+            return Err(QmpError::generic(
+                "postcopy-preempt is supported on the destination only",
+            ));
+        }
         let blocks = self.migration_blocks()?;
         // Take a passed fd now, so a second migrate cannot race for it.
         let fd = match &uri {
@@ -794,10 +799,19 @@ impl Helper {
             .parse()
             .map_err(|e: crate::transport::TransportError| QmpError::generic(e.to_string()))?;
         self.check_can_start()?;
+        let caps = self.ctx.caps();
+        if caps.postcopy_preempt && !caps.postcopy_ram {
+            return Err(QmpError::generic("Postcopy preempt requires postcopy-ram"));
+        }
         let blocks = self.migration_blocks()?;
         // Listen now so that a peer may connect as soon as this returns.
         let incoming = Incoming::open(&uri, |n| self.take_fd(n))
             .map_err(|e| QmpError::generic(e.to_string()))?;
+        if caps.postcopy_preempt && !incoming.is_listener() {
+            return Err(QmpError::generic(
+                "Migration requires multi-channel URIs (e.g. tcp): postcopy-preempt needs a listening unix:, tcp: or fd: socket",
+            ));
+        }
         lock(&self.ctx.device_in).clear();
         slog::info!(self.log, "migrate-incoming"; "uri" => %uri);
         let uffd = match lock(&self.uffd).as_ref() {
@@ -807,14 +821,24 @@ impl Helper {
             None => None,
         };
         self.start_worker(Role::Destination, move |ctx| {
-            let chan = incoming
-                .accept(&ctx.cancel)
-                .map_err(|e| e.to_string())?
-                .with_cancel(ctx.cancel.clone());
+            // With postcopy-preempt the first connection is the main channel and the next
+            // one, later, the preempt channel (QEMU tells them apart by order alone).
+            let (chan, preempt) = if caps.postcopy_preempt {
+                let c = incoming
+                    .accept_another(&ctx.cancel)
+                    .map_err(|e| e.to_string())?;
+                (c, Some(incoming))
+            } else {
+                (
+                    incoming.accept(&ctx.cancel).map_err(|e| e.to_string())?,
+                    None,
+                )
+            };
+            let chan = chan.with_cancel(ctx.cancel.clone());
             if let Ok(fd) = chan.try_clone_fd() {
                 ctx.set_channel(Some(fd));
             }
-            crate::destination::run(ctx, blocks, chan, uffd).map_err(|e| e.to_string())
+            crate::destination::run(ctx, blocks, chan, uffd, preempt).map_err(|e| e.to_string())
         })
     }
 

@@ -1,6 +1,7 @@
 //! Postcopy page-fault service latency: `cargo bench --bench postcopy`.
 //!
-//! helper->helper and QEMU 10.0->helper over a Unix socketpair, 4 KiB pages, the background
+//! helper->helper and QEMU 10.0->helper over a Unix socketpair, and QEMU 10.0->helper with
+//! postcopy-preempt over a `unix:` listener (the second channel needs one), 4 KiB pages, the background
 //! push at full speed (max-postcopy-bandwidth 0). The test is the destination's parent VMM:
 //! reader threads touch random pages through its userfaultfd-registered mapping and time
 //! each first touch (the latency a vCPU sees); the helper's own figures (fault read -> page
@@ -84,31 +85,37 @@ fn touch_pages(guest: &UffdGuest, stop: Arc<AtomicBool>, threads: usize) -> Vec<
 }
 
 /// One postcopy run into a helper destination; returns (parent-side touch latencies in us,
-/// the helper's reported postcopy-latency).
-fn into_helper(from_qemu: bool, size: u64) -> (Vec<f64>, serde_json::Value) {
+/// the helper's reported postcopy-latency). With `preempt` (QEMU source only) both sides
+/// use postcopy-preempt over a `unix:` listener instead of a socketpair.
+fn into_helper(from_qemu: bool, preempt: bool, size: u64) -> (Vec<f64>, serde_json::Value) {
     let guest = UffdGuest::new(size);
     let mut dst = HelperVm::spawn_quiet();
     guest.attach(&mut dst, "ram");
-    dst.client
-        .set_capabilities(&[("postcopy-ram", true)])
-        .expect("caps");
+    let caps = [("postcopy-ram", true), ("postcopy-preempt", preempt)];
+    dst.client.set_capabilities(&caps).expect("caps");
+    let dir = util::TempDir::new("qmh-bench");
     let (a, b) = socketpair();
-    dst.client.getfd("mig", b.as_fd()).expect("getfd");
-    dst.client.migrate_incoming("fd:mig").expect("incoming");
+    let uri = if preempt {
+        format!("unix:{}", dir.join("mig.sock").display())
+    } else {
+        dst.client.getfd("mig", b.as_fd()).expect("getfd");
+        "fd:mig".to_string()
+    };
+    dst.client.migrate_incoming(&uri).expect("incoming");
     let mut qsrc = None;
     let mut hsrc = None;
     if from_qemu {
         let mut q = QemuVm::start(Qemu::V10, size, &VmOpts::default());
         fill_mixed(&mut q.ram_mmap(), 5, 0.0);
-        q.qmp()
-            .set_capabilities(&[("postcopy-ram", true)])
-            .expect("caps");
+        q.qmp().set_capabilities(&caps).expect("caps");
         q.qmp()
             .set_parameters(json!({"max-bandwidth": 16 * MIB, "max-postcopy-bandwidth": 0}))
             .expect("params");
-        q.qmp().getfd("mig", a.as_fd()).expect("getfd");
+        if !preempt {
+            q.qmp().getfd("mig", a.as_fd()).expect("getfd");
+        }
         q.qmp()
-            .execute("migrate", json!({"uri": "fd:mig"}))
+            .execute("migrate", json!({"uri": uri}))
             .expect("migrate");
         std::thread::sleep(Duration::from_millis(200));
         q.qmp()
@@ -223,10 +230,11 @@ fn main() {
     );
     let mut hh = Vec::new();
     let mut qh = Vec::new();
+    let mut qp = Vec::new();
     let mut qq = Vec::new();
-    let mut own: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
+    let mut own: [Vec<(f64, f64)>; 3] = [Vec::new(), Vec::new(), Vec::new()];
     for r in 0..repeat {
-        let (l, o) = into_helper(false, size);
+        let (l, o) = into_helper(false, false, size);
         println!(
             "  run {r} helper->helper: {} faults timed by the parent; helper's own: {o}",
             l.len()
@@ -236,7 +244,7 @@ fn main() {
             o["p99-us"].as_f64().unwrap_or(f64::NAN),
         ));
         hh.extend(l);
-        let (l, o) = into_helper(true, size);
+        let (l, o) = into_helper(true, false, size);
         println!(
             "  run {r} QEMU->helper:   {} faults timed by the parent; helper's own: {o}",
             l.len()
@@ -246,33 +254,48 @@ fn main() {
             o["p99-us"].as_f64().unwrap_or(f64::NAN),
         ));
         qh.extend(l);
+        let (l, o) = into_helper(true, true, size);
+        println!(
+            "  run {r} QEMU->helper, postcopy-preempt over unix: {} faults timed by the parent; helper's own: {o}",
+            l.len()
+        );
+        own[2].push((
+            o["p50-us"].as_f64().unwrap_or(f64::NAN),
+            o["p99-us"].as_f64().unwrap_or(f64::NAN),
+        ));
+        qp.extend(l);
         let (l, base) = qemu_to_qemu(size);
         println!("  run {r} QEMU->QEMU:     {} xp reads of missing pages (present-page xp: {base:.0} us)", l.len());
         qq.extend(l);
     }
     println!("\nas the parent's threads see it (all runs pooled):");
     println!(
-        "{:<15} {:>8} {:>10} {:>10}",
+        "{:<21} {:>8} {:>10} {:>10}",
         "case", "faults", "p50 us", "p99 us"
     );
     for (name, v) in [
         ("helper->helper", &mut hh),
         ("QEMU->helper", &mut qh),
+        ("QEMU->helper preempt", &mut qp),
         ("QEMU->QEMU (xp)", &mut qq),
     ] {
         let n = v.len();
         println!(
-            "{name:<15} {n:>8} {:>10.1} {:>10.1}",
+            "{name:<21} {n:>8} {:>10.1} {:>10.1}",
             pct(v, 0.5),
             pct(v, 0.99)
         );
     }
     println!("as the helper reports it (fault read -> page placed; median over runs):");
-    for (name, v) in [("helper->helper", &own[0]), ("QEMU->helper", &own[1])] {
+    for (name, v) in [
+        ("helper->helper", &own[0]),
+        ("QEMU->helper", &own[1]),
+        ("QEMU->helper preempt", &own[2]),
+    ] {
         let mut p50: Vec<f64> = v.iter().map(|x| x.0).collect();
         let mut p99: Vec<f64> = v.iter().map(|x| x.1).collect();
         println!(
-            "{name:<15} {:>8} {:>10.1} {:>10.1}",
+            "{name:<21} {:>8} {:>10.1} {:>10.1}",
             "",
             pct(&mut p50, 0.5),
             pct(&mut p99, 0.5)

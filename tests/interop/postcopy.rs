@@ -13,7 +13,7 @@ use userfaultfd::{Uffd, UffdBuilder};
 
 use crate::helper::{socketpair, HelperVm, Memfd};
 use crate::qemu::{require_qemu, Qemu, QemuVm, RamMap, VmOpts};
-use crate::util::{assert_same_memory, fill_mixed, test_seed, MIB};
+use crate::util::{assert_same_memory, fill_mixed, test_seed, TempDir, MIB};
 
 const RAM: u64 = 64 * MIB;
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -273,6 +273,12 @@ fn helper_to_helper_postcopy_with(pause: bool) {
 /// Real QEMU source in postcopy -> helper destination whose parent (the test) faults pages
 /// in from several threads while QEMU pushes the rest slowly.
 fn qemu_to_helper_postcopy(qemu: Qemu, test: &str) {
+    qemu_to_helper_postcopy_with(qemu, test, false);
+}
+
+/// With `preempt`, both sides have postcopy-preempt and the migration runs over a `unix:`
+/// listener, where QEMU connects its second (preempt) channel.
+fn qemu_to_helper_postcopy_with(qemu: Qemu, test: &str, preempt: bool) {
     if require_qemu(qemu, test).is_none() {
         return;
     }
@@ -283,24 +289,26 @@ fn qemu_to_helper_postcopy(qemu: Qemu, test: &str) {
     let mut guest = UffdGuest::new(RAM);
     let mut dst = HelperVm::spawn();
     guest.attach(&mut dst, "ram");
-    dst.client
-        .set_capabilities(&[("postcopy-ram", true)])
-        .expect("caps");
-    src.qmp()
-        .set_capabilities(&[("postcopy-ram", true)])
-        .expect("qemu caps");
+    let caps = [("postcopy-ram", true), ("postcopy-preempt", preempt)];
+    dst.client.set_capabilities(&caps).expect("caps");
+    src.qmp().set_capabilities(&caps).expect("qemu caps");
     // QEMU 7.2 applies the postcopy bandwidth limit to requested pages too, so a very low
     // limit makes each fault wait for the next 100 ms window there.
     src.qmp()
         .set_parameters(json!({"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 16 * MIB}))
         .expect("qemu params");
-    let (a, b) = socketpair();
-    src.qmp().getfd("mig", a.as_fd()).expect("qemu getfd");
-    dst.client.getfd("mig", b.as_fd()).expect("getfd");
-    drop((a, b));
-    dst.client.migrate_incoming("fd:mig").expect("incoming");
+    let dir = TempDir::new("qmh-pc");
+    let uri = if preempt {
+        format!("unix:{}", dir.join("mig.sock").display())
+    } else {
+        let (a, b) = socketpair();
+        src.qmp().getfd("mig", a.as_fd()).expect("qemu getfd");
+        dst.client.getfd("mig", b.as_fd()).expect("getfd");
+        "fd:mig".to_string()
+    };
+    dst.client.migrate_incoming(&uri).expect("incoming");
     src.qmp()
-        .execute("migrate", json!({"uri": "fd:mig"}))
+        .execute("migrate", json!({"uri": uri}))
         .expect("migrate");
     std::thread::sleep(Duration::from_millis(300));
     src.qmp()
@@ -340,7 +348,66 @@ fn qemu_to_helper_postcopy(qemu: Qemu, test: &str) {
         "no page came by request: {d}"
     );
     assert!(d["postcopy-latency"]["count"].as_u64().unwrap() > 0, "{d}");
+    let on_preempt = d["ram"]["postcopy-preempt-pages"].as_u64().unwrap_or(0);
+    if preempt {
+        assert!(on_preempt > 0, "no page came on the preempt channel: {d}");
+    } else {
+        assert_eq!(on_preempt, 0, "{d}");
+    }
     assert_same_memory(&expected, &guest.map, test);
+}
+
+#[test]
+fn qemu10_to_helper_postcopy_preempt() {
+    qemu_to_helper_postcopy_with(Qemu::V10, "qemu10_to_helper_postcopy_preempt", true);
+}
+
+#[test]
+fn qemu72_to_helper_postcopy_preempt() {
+    qemu_to_helper_postcopy_with(Qemu::V72, "qemu72_to_helper_postcopy_preempt", true);
+}
+
+/// postcopy-preempt is the destination's alone, and needs a listener for its second channel.
+#[test]
+fn postcopy_preempt_refusals() {
+    let mut src = HelperVm::spawn();
+    src.add_block("ram", MIB, false);
+    src.client
+        .set_capabilities(&[("postcopy-ram", true), ("postcopy-preempt", true)])
+        .expect("caps");
+    let e = src
+        .client
+        .migrate("unix:/nonexistent/x")
+        .expect_err("source preempt");
+    assert!(e.to_string().contains("destination only"), "{e}");
+
+    let mut dst = HelperVm::spawn();
+    dst.add_block("ram", MIB, false);
+    dst.client
+        .set_capabilities(&[("postcopy-preempt", true)])
+        .expect("caps");
+    let dir = TempDir::new("qmh-pc");
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let e = dst
+        .client
+        .migrate_incoming(&uri)
+        .expect_err("no postcopy-ram");
+    assert!(e.to_string().contains("requires postcopy-ram"), "{e}");
+    dst.client
+        .set_capabilities(&[("postcopy-ram", true), ("postcopy-preempt", true)])
+        .expect("caps");
+    let (a, _b) = socketpair();
+    dst.client.getfd("mig", a.as_fd()).expect("getfd");
+    let e = dst
+        .client
+        .migrate_incoming("fd:mig")
+        .expect_err("connected fd");
+    assert!(e.to_string().contains("multi-channel"), "{e}");
+    // Still usable: the right set-up is taken.
+    dst.client
+        .migrate_incoming(&uri)
+        .expect("incoming on a listener");
+    assert_eq!(status(&mut dst)["status"], "setup");
 }
 
 #[test]
@@ -646,4 +713,58 @@ fn postcopy_bad_page_requests() {
 fn base64_encode(b: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// A malformed postcopy-preempt channel (a page past the block's end) never writes outside
+/// the block and does not fail the migration: the destination pauses, as for a broken link,
+/// and keeps answering.
+#[test]
+fn postcopy_preempt_bad_page_pauses() {
+    use qemu_migration_helper::compat::wire::ram as flag;
+    use std::io::{Read, Write};
+    let size = MIB;
+    let mut guest = UffdGuest::new(size);
+    let mut dst = HelperVm::spawn();
+    guest.attach(&mut dst, "ram");
+    dst.client
+        .set_capabilities(&[("postcopy-ram", true), ("postcopy-preempt", true)])
+        .expect("caps");
+    let dir = TempDir::new("qmh-pc");
+    let path = dir.join("mig.sock");
+    dst.client
+        .migrate_incoming(&format!("unix:{}", path.display()))
+        .expect("incoming");
+    let mut main = std::os::unix::net::UnixStream::connect(&path).expect("connect main");
+    let mut rp = main.try_clone().expect("clone");
+    let drain = std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = rp.read_to_end(&mut sink);
+    });
+    main.write_all(&postcopy_prologue(size, &[(0, size)]))
+        .expect("prologue");
+    wait_until(&mut guest, "postcopy-active", || {
+        let v = status(&mut dst);
+        assert_ne!(v["status"], "failed", "{v}");
+        (v["status"] == "postcopy-active").then_some(())
+    });
+    let mut preempt = std::os::unix::net::UnixStream::connect(&path).expect("connect preempt");
+    let mut bad = Vec::new();
+    qemu_migration_helper::ram::encode_page_header(&mut bad, size, flag::PAGE, Some("ram"))
+        .expect("header");
+    bad.extend_from_slice(&[0x5a; 4096]);
+    preempt.write_all(&bad).expect("bad page");
+    let v = wait_until(&mut guest, "postcopy-paused", || {
+        let v = status(&mut dst);
+        assert_ne!(v["status"], "failed", "{v}");
+        (v["status"] == "postcopy-paused").then_some(v)
+    });
+    eprintln!("postcopy_preempt_bad_page_pauses: {v}");
+    assert_eq!(
+        dst.client.query_migrate().expect("still answering")["status"],
+        "postcopy-paused"
+    );
+    drop((main, preempt));
+    let _ = dst.client.quit();
+    let _ = drain.join();
+    guest.release();
 }

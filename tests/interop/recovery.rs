@@ -909,3 +909,74 @@ fn paused_helper_exits_when_its_parent_goes_away() {
     }
     guest.release();
 }
+
+/// postcopy-preempt across pauses: QEMU 10.0 -> helper over `unix:` listeners, paused twice
+/// with QEMU's `migrate-pause`; each recovery brings a new main channel and then a new
+/// preempt channel to the address given to `migrate-recover`.
+#[test]
+fn qemu10_to_helper_preempt_recovery() {
+    let test = "qemu10_to_helper_preempt_recovery";
+    if require_qemu(Qemu::V10, test).is_none() {
+        return;
+    }
+    let seed = test_seed(test);
+    let mut src = QemuVm::start(Qemu::V10, RAM, &VmOpts::default());
+    fill_mixed(&mut src.ram_mmap(), seed, 0.2);
+    let expected = Arc::new(src.ram_mmap().to_vec());
+    let mut guest = UffdGuest::new(RAM);
+    let mut dst = HelperVm::spawn();
+    guest.attach(&mut dst, "ram");
+    let caps = [("postcopy-ram", true), ("postcopy-preempt", true)];
+    dst.client.set_capabilities(&caps).expect("caps");
+    src.qmp().set_capabilities(&caps).expect("qemu caps");
+    src.qmp()
+        .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
+        .expect("qemu params");
+    let dir = crate::util::TempDir::new("qmh-rec");
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    dst.client.migrate_incoming(&uri).expect("incoming");
+    src.qmp()
+        .execute("migrate", json!({"uri": uri}))
+        .expect("migrate");
+    std::thread::sleep(Duration::from_millis(200));
+    src.qmp()
+        .execute("migrate-start-postcopy", json!({}))
+        .expect("postcopy");
+    wait(&mut dst, &mut guest, &["postcopy-active"]);
+    let reader = Readers::start_paced(&guest, expected.clone(), 2, seed, Duration::from_millis(1));
+    for n in 1..=2 {
+        std::thread::sleep(Duration::from_millis(200));
+        src.qmp()
+            .execute("migrate-pause", json!({}))
+            .expect("qemu migrate-pause");
+        src.wait_migration(&["postcopy-paused"], TIMEOUT)
+            .expect("qemu paused");
+        wait(&mut dst, &mut guest, &["postcopy-paused"]);
+        let uri = format!("unix:{}", dir.join(&format!("rec{n}.sock")).display());
+        dst.client
+            .execute_oob("migrate-recover", json!({"uri": uri}))
+            .expect("migrate-recover");
+        src.qmp()
+            .execute("migrate", json!({"uri": uri, "resume": true}))
+            .expect("qemu migrate resume");
+        src.wait_migration(&["postcopy-active", "completed"], TIMEOUT)
+            .expect("qemu resumed");
+        wait(&mut dst, &mut guest, &["postcopy-active", "completed"]);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let checked = reader.finish();
+    assert!(checked > 10, "the readers checked only {checked} pages");
+    src.qmp()
+        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
+        .expect("params");
+    src.wait_migration(&["completed"], TIMEOUT)
+        .expect("qemu completes");
+    let d = wait(&mut dst, &mut guest, &["completed"]);
+    eprintln!("{test}: destination {d}");
+    assert_eq!(d["postcopy-pauses"], 2, "{d}");
+    assert!(
+        d["ram"]["postcopy-preempt-pages"].as_u64().unwrap_or(0) > 0,
+        "no page came on a preempt channel: {d}"
+    );
+    assert_same_memory(&expected, &guest.map, test);
+}
