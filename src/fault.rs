@@ -407,6 +407,9 @@ impl PostcopyDest {
 
     /// The fault thread: reads the userfaultfd until `stop`.
     pub fn run(self: &Arc<Self>) -> Result<(), FaultError> {
+        // A vCPU waits while this thread sleeps: ask to be scheduled ahead of the threads
+        // pushing and placing background pages (see `preempt::raise_priority`).
+        crate::preempt::raise_priority(&self.log, "fault");
         let mut buf = userfaultfd::EventBuffer::new(64);
         while !self.stop.load(Ordering::Acquire) {
             let mut pfd = [nix::poll::PollFd::new(

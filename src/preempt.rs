@@ -22,8 +22,19 @@ use crate::transport::{Channel, Incoming};
 
 /// Read buffer: a few pages; the channel carries single requested pages.
 const BUF: usize = 256 << 10;
-/// The nice value the preempt thread asks for (see `PreemptChannel::spawn`).
+/// The nice value the threads a vCPU waits on ask for (see [`raise_priority`]).
 const NICE: libc::c_int = -10;
+
+/// Asks for this thread to be scheduled ahead of the threads that push and place background
+/// pages: on a small host those keep every CPU busy, and a vCPU waits while a fault-path
+/// thread waits for a CPU. Needs CAP_SYS_NICE (or RLIMIT_NICE); without it the thread stays
+/// at the default priority and the tail latency is higher.
+pub fn raise_priority(log: &slog::Logger, thread: &str) {
+    // SAFETY: a plain syscall on this thread's own id.
+    let raised =
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, NICE) } == 0;
+    slog::debug!(log, "thread priority"; "thread" => thread, "nice" => NICE, "raised" => raised);
+}
 
 /// The thread that accepts the preempt channel and places what comes on it.
 pub struct PreemptChannel {
@@ -64,15 +75,8 @@ impl PreemptChannel {
                     return Ok(());
                 }
                 slog::info!(log, "postcopy-preempt channel connected"; "peer" => &c.peer);
-                // A vCPU waits on every page this thread reads, while the main channel's
-                // thread and the source's push keep both CPUs of a small host busy: ask to
-                // be scheduled first. Needs CAP_SYS_NICE (or RLIMIT_NICE); without it the
-                // thread stays at the default priority and tail latency is higher.
-                // SAFETY: a plain syscall on this thread's own id.
-                let raised = unsafe {
-                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, NICE)
-                } == 0;
-                slog::debug!(log, "postcopy-preempt thread priority"; "nice" => NICE, "raised" => raised);
+                // A vCPU waits on every page this thread reads.
+                raise_priority(&log, "postcopy-preempt");
                 let r = read_pages(&c, &pc, &blocks, &n);
                 match &r {
                     Err(_) if st.load(Ordering::Acquire) => return Ok(()),

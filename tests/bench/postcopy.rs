@@ -153,28 +153,33 @@ fn into_helper(from_qemu: bool, preempt: bool, size: u64) -> (Vec<f64>, serde_js
 }
 
 /// QEMU->QEMU: `xp` round trips on missing pages minus those on present pages, in us.
-fn qemu_to_qemu(size: u64) -> (Vec<f64>, f64) {
+fn qemu_to_qemu(size: u64, preempt: bool) -> (Vec<f64>, f64) {
     let src = QemuVm::start(Qemu::V10, size, &VmOpts::default());
     fill_mixed(&mut src.ram_mmap(), 5, 0.0);
     let mut src = src;
     let mut dst = QemuVm::start(Qemu::V10, size, &VmOpts::incoming());
     for q in [&mut src, &mut dst] {
         q.qmp()
-            .set_capabilities(&[("postcopy-ram", true)])
+            .set_capabilities(&[("postcopy-ram", true), ("postcopy-preempt", preempt)])
             .expect("caps");
     }
     src.qmp()
         .set_parameters(json!({"max-bandwidth": 16 * MIB, "max-postcopy-bandwidth": 0}))
         .expect("params");
-    let (a, b) = socketpair();
-    src.qmp().getfd("mig", a.as_fd()).expect("getfd");
-    dst.qmp().getfd("mig", b.as_fd()).expect("getfd");
-    drop((a, b));
+    let dir = util::TempDir::new("qmh-bench");
+    let uri = if preempt {
+        format!("unix:{}", dir.join("mig.sock").display())
+    } else {
+        let (a, b) = socketpair();
+        src.qmp().getfd("mig", a.as_fd()).expect("getfd");
+        dst.qmp().getfd("mig", b.as_fd()).expect("getfd");
+        "fd:mig".to_string()
+    };
     dst.qmp()
-        .execute("migrate-incoming", json!({"uri": "fd:mig"}))
+        .execute("migrate-incoming", json!({"uri": uri}))
         .expect("incoming");
     src.qmp()
-        .execute("migrate", json!({"uri": "fd:mig"}))
+        .execute("migrate", json!({"uri": uri}))
         .expect("migrate");
     std::thread::sleep(Duration::from_millis(200));
     src.qmp()
@@ -232,6 +237,7 @@ fn main() {
     let mut qh = Vec::new();
     let mut qp = Vec::new();
     let mut qq = Vec::new();
+    let mut qqp = Vec::new();
     let mut own: [Vec<(f64, f64)>; 3] = [Vec::new(), Vec::new(), Vec::new()];
     for r in 0..repeat {
         let (l, o) = into_helper(false, false, size);
@@ -264,13 +270,16 @@ fn main() {
             o["p99-us"].as_f64().unwrap_or(f64::NAN),
         ));
         qp.extend(l);
-        let (l, base) = qemu_to_qemu(size);
+        let (l, base) = qemu_to_qemu(size, false);
         println!("  run {r} QEMU->QEMU:     {} xp reads of missing pages (present-page xp: {base:.0} us)", l.len());
         qq.extend(l);
+        let (l, base) = qemu_to_qemu(size, true);
+        println!("  run {r} QEMU->QEMU, postcopy-preempt over unix: {} xp reads of missing pages (present-page xp: {base:.0} us)", l.len());
+        qqp.extend(l);
     }
     println!("\nas the parent's threads see it (all runs pooled):");
     println!(
-        "{:<21} {:>8} {:>10} {:>10}",
+        "{:<24} {:>8} {:>10} {:>10}",
         "case", "faults", "p50 us", "p99 us"
     );
     for (name, v) in [
@@ -278,10 +287,11 @@ fn main() {
         ("QEMU->helper", &mut qh),
         ("QEMU->helper preempt", &mut qp),
         ("QEMU->QEMU (xp)", &mut qq),
+        ("QEMU->QEMU preempt (xp)", &mut qqp),
     ] {
         let n = v.len();
         println!(
-            "{name:<21} {n:>8} {:>10.1} {:>10.1}",
+            "{name:<24} {n:>8} {:>10.1} {:>10.1}",
             pct(v, 0.5),
             pct(v, 0.99)
         );
@@ -295,7 +305,7 @@ fn main() {
         let mut p50: Vec<f64> = v.iter().map(|x| x.0).collect();
         let mut p99: Vec<f64> = v.iter().map(|x| x.1).collect();
         println!(
-            "{name:<21} {:>8} {:>10.1} {:>10.1}",
+            "{name:<24} {:>8} {:>10.1} {:>10.1}",
             "",
             pct(&mut p50, 0.5),
             pct(&mut p99, 0.5)
