@@ -96,7 +96,7 @@ pub struct Stats {
     pub normal: AtomicU64,
     pub dirty_sync_count: AtomicU64,
     pub postcopy_requests: AtomicU64,
-    /// Destination: pages that came on the postcopy-preempt channel.
+    /// Pages that went (source) or came (destination) on the postcopy-preempt channel.
     pub postcopy_preempt_pages: AtomicU64,
     pub dirty_pages_rate: AtomicU64,
     /// Microseconds from `migrate` to completion (or so far).

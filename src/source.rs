@@ -263,6 +263,10 @@ struct Source<'c> {
     last_pong: Instant,
     last_ping_sent: Instant,
     ping_seq: u32,
+    /// postcopy-preempt: where the main channel went (the preempt channel goes there too),
+    /// and the preempt channel once connected.
+    preempt_uri: Option<crate::transport::Uri>,
+    preempt: Option<Writer>,
 }
 
 /// A validated page request: block index, byte offset and length.
@@ -317,6 +321,8 @@ impl<'c> Source<'c> {
             last_pong: Instant::now(),
             last_ping_sent: Instant::now(),
             ping_seq: 100,
+            preempt_uri: None,
+            preempt: None,
         }
     }
 
@@ -468,6 +474,7 @@ pub fn run(
     ctx: &MigrationCtx,
     blocks: Vec<Arc<RamBlock>>,
     chan: Channel,
+    uri: crate::transport::Uri,
 ) -> Result<(), SourceError> {
     let caps = ctx.caps();
     let params = ctx.params();
@@ -511,6 +518,9 @@ pub fn run(
         }
     }
     let mut src = Source::new(ctx, &blocks, chan.clone(), rp);
+    if caps.postcopy_preempt {
+        src.preempt_uri = Some(uri);
+    }
 
     let entries: Vec<BlockEntry> = blocks
         .iter()
@@ -719,6 +729,16 @@ impl Source<'_> {
         downtime_start: Instant,
     ) -> Result<(), SourceError> {
         let ctx = self.ctx;
+        // postcopy-preempt: the second channel exists before the package (a QEMU
+        // destination waits for it before loading the device state). Failing here still
+        // leaves the whole guest on this side.
+        if let Some(uri) = self.preempt_uri.clone() {
+            self.connect_preempt(&uri).map_err(|e| {
+                SourceError::Peer(format!(
+                    "cannot establish the postcopy-preempt channel: {e}"
+                ))
+            })?;
+        }
         // What is still to send (never sent, or dirtied since) is discarded on the
         // destination so that the guest faults on it instead of reading stale data.
         self.harvest();
@@ -821,7 +841,30 @@ impl Source<'_> {
             Ok(())
         })?;
         self.out.flush()?;
-        self.wait_shut()
+        let shut = self.wait_shut();
+        // The destination has every page; the preempt channel closes after its SHUT.
+        self.preempt = None;
+        shut
+    }
+
+    /// Connects the postcopy-preempt channel to `uri` (where the main channel went).
+    fn connect_preempt(&mut self, uri: &crate::transport::Uri) -> Result<(), String> {
+        if matches!(
+            uri,
+            crate::transport::Uri::Fd(_) | crate::transport::Uri::File(_)
+        ) {
+            return Err(format!(
+                "postcopy-preempt needs a unix: or tcp: URI for its second connection, not {uri}"
+            ));
+        }
+        let c = Channel::connect(uri, |_| None, &self.ctx.cancel)
+            .map_err(|e| e.to_string())?
+            .with_cancel(self.ctx.cancel.clone());
+        let t = self.ctx.params().link_timeout;
+        c.set_timeouts((t > 0).then(|| Duration::from_millis(t)));
+        self.preempt = Some(Writer::new(Arc::new(c)));
+        slog::info!(self.ctx.log, "postcopy-preempt channel connected"; "uri" => %uri);
+        Ok(())
     }
 
     /// Postcopy-paused until a recovery succeeds: `migrate resume=true` gives a new channel,
@@ -833,6 +876,9 @@ impl Source<'_> {
         ctx.pauses.fetch_add(1, Ordering::Relaxed);
         slog::warn!(ctx.log, "postcopy link failed: paused"; "error" => %why);
         self.out.chan.shutdown();
+        if let Some(p) = self.preempt.take() {
+            p.chan.shutdown();
+        }
         ctx.state.transition(MigrationStatus::PostcopyPaused)?;
         // The old return path thread ends with its socket; requests pending at the
         // destination are sent again after the recovery.
@@ -954,6 +1000,10 @@ impl Source<'_> {
                 }
             }
         }
+        if ctx.caps().postcopy_preempt {
+            // A new preempt channel to the new address, after the main one (QEMU's order).
+            self.connect_preempt(&uri).map_err(SourceError::Recovery)?;
+        }
         self.out
             .put(|o| stream::encode_command(o, wire::command::POSTCOPY_RESUME, &[]))?;
         self.out.flush()?;
@@ -1034,6 +1084,14 @@ impl Source<'_> {
     /// flushed at once. Pages already sent are in flight and are not sent again.
     fn serve_requests(&mut self) -> Result<(), SourceError> {
         self.check_rp_all()?;
+        if let Some(mut p) = self.preempt.take() {
+            // Requested pages go on the preempt channel: swap it in as the writer.
+            std::mem::swap(&mut self.out, &mut p);
+            let r = self.serve_requests_preempt();
+            std::mem::swap(&mut self.out, &mut p);
+            self.preempt = Some(p);
+            return r;
+        }
         while let Some(r) = self.requests.pop_front() {
             Stats::add(&self.ctx.stats.postcopy_requests, 1);
             let first = r.offset / PAGE as u64;
@@ -1071,6 +1129,46 @@ impl Source<'_> {
                     stream::encode_footer(o, RAM_SECTION_ID);
                     Ok(())
                 })?;
+                self.out.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `serve_requests` with the preempt channel as `self.out`: bare page records, no
+    /// sections (QEMU's layout for that channel), flushed after each request.
+    fn serve_requests_preempt(&mut self) -> Result<(), SourceError> {
+        while let Some(r) = self.requests.pop_front() {
+            Stats::add(&self.ctx.stats.postcopy_requests, 1);
+            let first = r.offset / PAGE as u64;
+            let last = (r.offset + r.len).div_ceil(PAGE as u64);
+            let block = self.blocks[r.block].block.clone();
+            let mut sent = false;
+            let mut p = first;
+            while p < last {
+                let wi = (p / 64) as usize;
+                let lo = p % 64;
+                let hi = (last - wi as u64 * 64).min(64);
+                let mask = if hi - lo == 64 {
+                    u64::MAX
+                } else {
+                    ((1u64 << (hi - lo)) - 1) << lo
+                };
+                let todo = &mut self.blocks[r.block].todo;
+                let word = todo.get(wi).copied().unwrap_or(0) & mask;
+                if word != 0 {
+                    todo[wi] &= !word;
+                    sent = true;
+                    Stats::add(
+                        &self.ctx.stats.postcopy_preempt_pages,
+                        word.count_ones() as u64,
+                    );
+                    // Every record names its block: nothing relies on the channel's past.
+                    self.send_word(&block, r.block, wi, word, &mut None)?;
+                }
+                p = (wi as u64 + 1) * 64;
+            }
+            if sent {
                 self.out.flush()?;
             }
         }

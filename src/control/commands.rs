@@ -758,10 +758,21 @@ impl Helper {
             return Ok(json!({}));
         }
         self.check_can_start()?;
-        if self.ctx.caps().postcopy_preempt {
-            return Err(QmpError::generic(
-                "postcopy-preempt is supported on the destination only",
-            ));
+        let caps = self.ctx.caps();
+        if caps.postcopy_preempt {
+            if !caps.postcopy_ram {
+                return Err(QmpError::generic("Postcopy preempt requires postcopy-ram"));
+            }
+            if !matches!(uri, Uri::Unix(_) | Uri::Tcp(_)) {
+                return Err(QmpError::generic(
+                    "Migration requires multi-channel URIs (e.g. tcp): postcopy-preempt needs unix: or tcp:",
+                ));
+            }
+            if self.ctx.params().compat_version == crate::compat::QemuVersion::V7_2 {
+                return Err(QmpError::generic(
+                    "postcopy-preempt towards QEMU 7.2 is not supported (7.2 takes the second channel at the start)",
+                ));
+            }
         }
         let blocks = self.migration_blocks()?;
         // Take a passed fd now, so a second migrate cannot race for it.
@@ -788,7 +799,7 @@ impl Helper {
             if let Ok(fd) = chan.try_clone_fd() {
                 ctx.set_channel(Some(fd));
             }
-            crate::source::run(ctx, blocks, chan).map_err(|e| e.to_string())
+            crate::source::run(ctx, blocks, chan, uri).map_err(|e| e.to_string())
         })
     }
 

@@ -190,7 +190,17 @@ fn helper_to_helper_postcopy_pre_switchover() {
     helper_to_helper_postcopy_with(true);
 }
 
+/// Both helpers with postcopy-preempt, over a `unix:` listener.
+#[test]
+fn helper_to_helper_postcopy_preempt() {
+    helper_to_helper_postcopy_opts(false, true);
+}
+
 fn helper_to_helper_postcopy_with(pause: bool) {
+    helper_to_helper_postcopy_opts(pause, false);
+}
+
+fn helper_to_helper_postcopy_opts(pause: bool, preempt: bool) {
     let seed = test_seed("helper_to_helper_postcopy");
     let mut src = HelperVm::spawn();
     src.add_block("pc.ram", RAM, false);
@@ -201,7 +211,7 @@ fn helper_to_helper_postcopy_with(pause: bool) {
     guest.attach(&mut dst, "pc.ram");
     for h in [&mut src, &mut dst] {
         h.client
-            .set_capabilities(&[("postcopy-ram", true)])
+            .set_capabilities(&[("postcopy-ram", true), ("postcopy-preempt", preempt)])
             .expect("caps");
     }
     if pause {
@@ -213,12 +223,17 @@ fn helper_to_helper_postcopy_with(pause: bool) {
     src.client
         .set_parameters(json!({"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 8 * MIB}))
         .expect("params");
-    let (a, b) = socketpair();
-    src.client.getfd("mig", a.as_fd()).expect("getfd");
-    dst.client.getfd("mig", b.as_fd()).expect("getfd");
-    drop((a, b));
-    dst.client.migrate_incoming("fd:mig").expect("incoming");
-    src.client.migrate("fd:mig").expect("migrate");
+    let dir = TempDir::new("qmh-pc");
+    let uri = if preempt {
+        format!("unix:{}", dir.join("mig.sock").display())
+    } else {
+        let (a, b) = socketpair();
+        src.client.getfd("mig", a.as_fd()).expect("getfd");
+        dst.client.getfd("mig", b.as_fd()).expect("getfd");
+        "fd:mig".to_string()
+    };
+    dst.client.migrate_incoming(&uri).expect("incoming");
+    src.client.migrate(&uri).expect("migrate");
     std::thread::sleep(Duration::from_millis(300));
     src.client
         .migrate_start_postcopy()
@@ -267,6 +282,8 @@ fn helper_to_helper_postcopy_with(pause: bool) {
         "no page came by request: {v}"
     );
     assert!(d["postcopy-latency"]["count"].as_u64().unwrap() > 0, "{d}");
+    let on_preempt = d["ram"]["postcopy-preempt-pages"].as_u64().unwrap_or(0);
+    assert_eq!(on_preempt > 0, preempt, "pages on the preempt channel: {d}");
     assert_same_memory(&expected, &guest.map, "helper_to_helper_postcopy");
 }
 
@@ -367,7 +384,8 @@ fn qemu72_to_helper_postcopy_preempt() {
     qemu_to_helper_postcopy_with(Qemu::V72, "qemu72_to_helper_postcopy_preempt", true);
 }
 
-/// postcopy-preempt is the destination's alone, and needs a listener for its second channel.
+/// postcopy-preempt needs postcopy-ram, and a second connection: a listener on the
+/// destination, a `unix:` or `tcp:` address on the source.
 #[test]
 fn postcopy_preempt_refusals() {
     let mut src = HelperVm::spawn();
@@ -375,11 +393,21 @@ fn postcopy_preempt_refusals() {
     src.client
         .set_capabilities(&[("postcopy-ram", true), ("postcopy-preempt", true)])
         .expect("caps");
+    let (c, _d) = socketpair();
+    src.client.getfd("mig", c.as_fd()).expect("getfd");
+    let e = src
+        .client
+        .migrate("fd:mig")
+        .expect_err("source preempt on fd:");
+    assert!(e.to_string().contains("multi-channel"), "{e}");
+    src.client
+        .set_capabilities(&[("postcopy-ram", false)])
+        .expect("caps");
     let e = src
         .client
         .migrate("unix:/nonexistent/x")
-        .expect_err("source preempt");
-    assert!(e.to_string().contains("destination only"), "{e}");
+        .expect_err("no postcopy-ram");
+    assert!(e.to_string().contains("requires postcopy-ram"), "{e}");
 
     let mut dst = HelperVm::spawn();
     dst.add_block("ram", MIB, false);
@@ -423,6 +451,16 @@ fn qemu72_to_helper_postcopy() {
 /// Helper source in postcopy -> real QEMU destination; QEMU faults pages in when the test
 /// reads guest memory through its monitor (`xp`), and the helper serves them.
 fn helper_to_qemu_postcopy(qemu: Qemu, test: &str) {
+    helper_to_qemu_postcopy_with(qemu, test, false);
+}
+
+#[test]
+fn helper_to_qemu10_postcopy_preempt() {
+    helper_to_qemu_postcopy_with(Qemu::V10, "helper_to_qemu10_postcopy_preempt", true);
+}
+
+/// With `preempt`, both sides have postcopy-preempt over a `unix:` listener of QEMU's.
+fn helper_to_qemu_postcopy_with(qemu: Qemu, test: &str, preempt: bool) {
     if require_qemu(qemu, test).is_none() {
         return;
     }
@@ -432,12 +470,9 @@ fn helper_to_qemu_postcopy(qemu: Qemu, test: &str) {
     fill_mixed(&mut src.blocks[0].mem.map(), seed, 0.3);
     let expected = src.blocks[0].mem.map().to_vec();
     let mut dst = QemuVm::start(qemu, RAM, &VmOpts::incoming());
-    dst.qmp()
-        .set_capabilities(&[("postcopy-ram", true)])
-        .expect("qemu caps");
-    src.client
-        .set_capabilities(&[("postcopy-ram", true)])
-        .expect("caps");
+    let caps = [("postcopy-ram", true), ("postcopy-preempt", preempt)];
+    dst.qmp().set_capabilities(&caps).expect("qemu caps");
+    src.client.set_capabilities(&caps).expect("caps");
     if qemu == Qemu::V72 {
         src.client
             .set_parameters(json!({"compat-version": "7.2"}))
@@ -446,14 +481,19 @@ fn helper_to_qemu_postcopy(qemu: Qemu, test: &str) {
     src.client
         .set_parameters(json!({"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 32 * MIB}))
         .expect("params");
-    let (a, b) = socketpair();
-    dst.qmp().getfd("mig", b.as_fd()).expect("qemu getfd");
-    src.client.getfd("mig", a.as_fd()).expect("getfd");
-    drop((a, b));
+    let dir = TempDir::new("qmh-pc");
+    let uri = if preempt {
+        format!("unix:{}", dir.join("mig.sock").display())
+    } else {
+        let (a, b) = socketpair();
+        dst.qmp().getfd("mig", b.as_fd()).expect("qemu getfd");
+        src.client.getfd("mig", a.as_fd()).expect("getfd");
+        "fd:mig".to_string()
+    };
     dst.qmp()
-        .execute("migrate-incoming", json!({"uri": "fd:mig"}))
+        .execute("migrate-incoming", json!({"uri": uri}))
         .expect("incoming");
-    src.client.migrate("fd:mig").expect("migrate");
+    src.client.migrate(&uri).expect("migrate");
     std::thread::sleep(Duration::from_millis(300));
     src.client
         .migrate_start_postcopy()
@@ -485,6 +525,12 @@ fn helper_to_qemu_postcopy(qemu: Qemu, test: &str) {
     assert!(
         v["ram"]["postcopy-requests"].as_u64().unwrap() > 0,
         "QEMU requested no page: {v}"
+    );
+    let on_preempt = v["ram"]["postcopy-preempt-pages"].as_u64().unwrap_or(0);
+    assert_eq!(
+        on_preempt > 0,
+        preempt,
+        "pages sent on the preempt channel: {v}"
     );
     assert_same_memory(&expected, &dst.ram_mmap(), test);
 }

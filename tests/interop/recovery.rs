@@ -980,3 +980,68 @@ fn qemu10_to_helper_preempt_recovery() {
     );
     assert_same_memory(&expected, &guest.map, test);
 }
+
+/// postcopy-preempt on both helpers across two `migrate-pause`s: each resume connects a new
+/// main and a new preempt channel to the address of `migrate-recover`.
+#[test]
+fn helper_to_helper_preempt_recovery() {
+    let test = "helper_to_helper_preempt_recovery";
+    let seed = test_seed(test);
+    let mut src = HelperVm::spawn();
+    src.add_block("ram", RAM, false);
+    fill_mixed(&mut src.blocks[0].mem.map(), seed, 0.2);
+    let expected = Arc::new(src.blocks[0].mem.map().to_vec());
+    let mut guest = UffdGuest::new(RAM);
+    let mut dst = HelperVm::spawn();
+    guest.attach(&mut dst, "ram");
+    for h in [&mut src, &mut dst] {
+        h.client
+            .set_capabilities(&[("postcopy-ram", true), ("postcopy-preempt", true)])
+            .expect("caps");
+    }
+    src.client
+        .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
+        .expect("params");
+    let dir = crate::util::TempDir::new("qmh-rec");
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    dst.client.migrate_incoming(&uri).expect("incoming");
+    src.client.migrate(&uri).expect("migrate");
+    std::thread::sleep(Duration::from_millis(200));
+    src.client.migrate_start_postcopy().expect("postcopy");
+    wait(&mut dst, &mut guest, &["postcopy-active"]);
+    let reader = Readers::start_paced(&guest, expected.clone(), 2, seed, Duration::from_millis(1));
+    for n in 1..=2 {
+        std::thread::sleep(Duration::from_millis(200));
+        src.client
+            .execute_oob("migrate-pause", json!({}))
+            .expect("migrate-pause");
+        wait(&mut src, &mut guest, &["postcopy-paused"]);
+        wait(&mut dst, &mut guest, &["postcopy-paused"]);
+        let uri = format!("unix:{}", dir.join(&format!("rec{n}.sock")).display());
+        dst.client
+            .execute_oob("migrate-recover", json!({"uri": uri}))
+            .expect("migrate-recover");
+        src.client
+            .execute("migrate", json!({"uri": uri, "resume": true}))
+            .expect("migrate resume");
+        wait(&mut src, &mut guest, &["postcopy-active", "completed"]);
+        wait(&mut dst, &mut guest, &["postcopy-active", "completed"]);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let checked = reader.finish();
+    assert!(checked > 10, "the readers checked only {checked} pages");
+    src.client
+        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
+        .expect("params");
+    let s = wait(&mut src, &mut guest, &["completed"]);
+    let d = wait(&mut dst, &mut guest, &["completed"]);
+    eprintln!("{test}: source {s}\ndestination {d}");
+    assert_eq!(d["postcopy-pauses"], 2, "{d}");
+    let sent = s["ram"]["postcopy-preempt-pages"].as_u64().unwrap_or(0);
+    let got = d["ram"]["postcopy-preempt-pages"].as_u64().unwrap_or(0);
+    assert!(
+        sent > 0 && got > 0,
+        "preempt pages: sent {sent}, received {got}"
+    );
+    assert_same_memory(&expected, &guest.map, test);
+}
