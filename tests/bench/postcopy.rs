@@ -1,6 +1,6 @@
 //! Postcopy page-fault service latency: `cargo bench --bench postcopy`.
 //!
-//! helper->helper and QEMU 10.0->helper over a Unix socketpair, and QEMU 10.0->helper with
+//! helper->helper and QEMU 10.0->helper over a Unix socketpair, and both with
 //! postcopy-preempt over a `unix:` listener (the second channel needs one), 4 KiB pages, the background
 //! push at full speed (max-postcopy-bandwidth 0). The test is the destination's parent VMM:
 //! reader threads touch random pages through its userfaultfd-registered mapping and time
@@ -85,8 +85,8 @@ fn touch_pages(guest: &UffdGuest, stop: Arc<AtomicBool>, threads: usize) -> Vec<
 }
 
 /// One postcopy run into a helper destination; returns (parent-side touch latencies in us,
-/// the helper's reported postcopy-latency). With `preempt` (QEMU source only) both sides
-/// use postcopy-preempt over a `unix:` listener instead of a socketpair.
+/// the helper's reported postcopy-latency). With `preempt` both sides use postcopy-preempt
+/// over a `unix:` listener instead of a socketpair.
 fn into_helper(from_qemu: bool, preempt: bool, size: u64) -> (Vec<f64>, serde_json::Value) {
     let guest = UffdGuest::new(size);
     let mut dst = HelperVm::spawn_quiet();
@@ -126,14 +126,14 @@ fn into_helper(from_qemu: bool, preempt: bool, size: u64) -> (Vec<f64>, serde_js
         let mut h = HelperVm::spawn_quiet();
         h.add_block("ram", size, false);
         fill_mixed(&mut h.blocks[0].mem.map(), 5, 0.0);
-        h.client
-            .set_capabilities(&[("postcopy-ram", true)])
-            .expect("caps");
+        h.client.set_capabilities(&caps).expect("caps");
         h.client
             .set_parameters(json!({"max-bandwidth": 16 * MIB, "max-postcopy-bandwidth": 0}))
             .expect("params");
-        h.client.getfd("mig", a.as_fd()).expect("getfd");
-        h.client.migrate("fd:mig").expect("migrate");
+        if !preempt {
+            h.client.getfd("mig", a.as_fd()).expect("getfd");
+        }
+        h.client.migrate(&uri).expect("migrate");
         std::thread::sleep(Duration::from_millis(200));
         h.client.migrate_start_postcopy().expect("postcopy");
         hsrc = Some(h);
@@ -234,11 +234,12 @@ fn main() {
         size >> 20
     );
     let mut hh = Vec::new();
+    let mut hp = Vec::new();
     let mut qh = Vec::new();
     let mut qp = Vec::new();
     let mut qq = Vec::new();
     let mut qqp = Vec::new();
-    let mut own: [Vec<(f64, f64)>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+    let mut own: [Vec<(f64, f64)>; 4] = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
     for r in 0..repeat {
         let (l, o) = into_helper(false, false, size);
         println!(
@@ -250,6 +251,16 @@ fn main() {
             o["p99-us"].as_f64().unwrap_or(f64::NAN),
         ));
         hh.extend(l);
+        let (l, o) = into_helper(false, true, size);
+        println!(
+            "  run {r} helper->helper, postcopy-preempt over unix: {} faults timed by the parent; helper's own: {o}",
+            l.len()
+        );
+        own[3].push((
+            o["p50-us"].as_f64().unwrap_or(f64::NAN),
+            o["p99-us"].as_f64().unwrap_or(f64::NAN),
+        ));
+        hp.extend(l);
         let (l, o) = into_helper(true, false, size);
         println!(
             "  run {r} QEMU->helper:   {} faults timed by the parent; helper's own: {o}",
@@ -284,6 +295,7 @@ fn main() {
     );
     for (name, v) in [
         ("helper->helper", &mut hh),
+        ("helper->helper preempt", &mut hp),
         ("QEMU->helper", &mut qh),
         ("QEMU->helper preempt", &mut qp),
         ("QEMU->QEMU (xp)", &mut qq),
@@ -299,6 +311,7 @@ fn main() {
     println!("as the helper reports it (fault read -> page placed; median over runs):");
     for (name, v) in [
         ("helper->helper", &own[0]),
+        ("helper->helper preempt", &own[3]),
         ("QEMU->helper", &own[1]),
         ("QEMU->helper preempt", &own[2]),
     ] {
