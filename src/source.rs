@@ -3,7 +3,7 @@
 //! `MigrationCtx`.
 
 use std::io::IoSlice;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -196,7 +196,9 @@ impl Throttle {
 /// Pages still to send in one block, as a bitmap of target pages.
 struct BlockTodo {
     block: Arc<RamBlock>,
-    todo: Vec<u64>,
+    /// Pages still to send. Shared with the postcopy-preempt sender: each bit is taken out
+    /// by exactly one of them (an atomic swap or and-not) before its page is sent.
+    todo: Arc<Vec<AtomicU64>>,
     /// Pages that are holes in the memfd and not written since: zero without reading them
     /// (reading a hole through a shared mapping would allocate a page for it).
     holes: Vec<u64>,
@@ -213,17 +215,31 @@ impl BlockTodo {
         }
         BlockTodo {
             block,
-            todo,
+            todo: Arc::new(todo.into_iter().map(AtomicU64::new).collect()),
             holes: Vec::new(),
         }
+    }
+
+    /// Takes the pages of word `i` that are in `mask` out of the to-do set.
+    fn take(&self, i: usize, mask: u64) -> u64 {
+        self.todo
+            .get(i)
+            .map_or(0, |w| w.fetch_and(!mask, Ordering::AcqRel) & mask)
+    }
+
+    fn words(&self) -> Vec<u64> {
+        self.todo
+            .iter()
+            .map(|w| w.load(Ordering::Acquire))
+            .collect()
     }
 
     /// Moves the parent's dirty bits into the to-do set; returns how many pages are to do.
     fn harvest(&mut self) -> u64 {
         if let Some(d) = self.block.dirty() {
-            for (i, w) in self.todo.iter_mut().enumerate().take(d.len_words()) {
+            for (i, w) in self.todo.iter().enumerate().take(d.len_words()) {
                 let dirty = d.take_word(i);
-                *w |= dirty;
+                w.fetch_or(dirty, Ordering::AcqRel);
                 // A written page is no longer known to be a hole.
                 if let Some(h) = self.holes.get_mut(i) {
                     *h &= !dirty;
@@ -234,7 +250,10 @@ impl BlockTodo {
     }
 
     fn count(&self) -> u64 {
-        self.todo.iter().map(|w| w.count_ones() as u64).sum()
+        self.todo
+            .iter()
+            .map(|w| w.load(Ordering::Acquire).count_ones() as u64)
+            .sum()
     }
 }
 
@@ -266,7 +285,118 @@ struct Source<'c> {
     /// postcopy-preempt: where the main channel went (the preempt channel goes there too),
     /// and the preempt channel once connected.
     preempt_uri: Option<crate::transport::Uri>,
-    preempt: Option<Writer>,
+    urgent: Option<Urgent>,
+    /// Where the return-path reader sends page requests while a preempt sender runs.
+    route: Route,
+}
+
+/// The preempt sender's request queue, as the return-path reader sees it.
+type Route = Arc<std::sync::Mutex<Option<mpsc::Sender<PageRequest>>>>;
+
+/// What the preempt sender needs of a block: its memory, the shared to-do bits and the
+/// holes (fixed from the start of postcopy on).
+type UrgentBlock = (Arc<RamBlock>, Arc<Vec<AtomicU64>>, Vec<u64>);
+
+/// postcopy-preempt on the source: a thread that takes page requests straight from the
+/// return-path reader and sends the pages on the preempt channel, so that a request never
+/// waits behind the push on the main channel (QEMU sends them from its return-path thread
+/// too). A page whose bit the push took first is on its way there and is skipped.
+struct Urgent {
+    chan: Arc<Channel>,
+    handle: Option<std::thread::JoinHandle<()>>,
+    requests: Arc<AtomicU64>,
+    pages: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+}
+
+impl Urgent {
+    fn spawn(
+        chan: Arc<Channel>,
+        blocks: Vec<UrgentBlock>,
+        log: slog::Logger,
+    ) -> std::io::Result<(Urgent, mpsc::Sender<PageRequest>)> {
+        let (tx, rx) = mpsc::channel::<PageRequest>();
+        let (requests, pages, bytes) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let (c, nr, np, nb) = (chan.clone(), requests.clone(), pages.clone(), bytes.clone());
+        let handle = std::thread::Builder::new()
+            .name("qmh-urgent".into())
+            .spawn(move || {
+                let mut buf = Vec::with_capacity(2 * (PAGE + 300));
+                for r in rx {
+                    nr.fetch_add(1, Ordering::Relaxed);
+                    buf.clear();
+                    let Some((block, todo, holes)) = blocks.get(r.block) else {
+                        continue;
+                    };
+                    let (first, last) = (
+                        r.offset / PAGE as u64,
+                        (r.offset + r.len).div_ceil(PAGE as u64),
+                    );
+                    let mut p = first;
+                    while p < last {
+                        let wi = (p / 64) as usize;
+                        let (lo, hi) = (p % 64, (last - wi as u64 * 64).min(64));
+                        let mask = if hi - lo == 64 {
+                            u64::MAX
+                        } else {
+                            ((1u64 << (hi - lo)) - 1) << lo
+                        };
+                        let mut word = todo
+                            .get(wi)
+                            .map_or(0, |w| w.fetch_and(!mask, Ordering::AcqRel) & mask);
+                        while word != 0 {
+                            let bit = word.trailing_zeros() as u64;
+                            word &= word - 1;
+                            let off = (wi as u64 * 64 + bit) * PAGE as u64;
+                            let Some(page) = block.page(off) else {
+                                continue;
+                            };
+                            let hole = holes.get(wi).is_some_and(|h| h & (1 << bit) != 0);
+                            // Every record names its block: nothing relies on the channel's past.
+                            let ok = if hole || ram::is_zero_page(page) {
+                                ram::encode_zero_page(&mut buf, off, Some(&block.id))
+                            } else {
+                                ram::encode_page_header(
+                                    &mut buf,
+                                    off,
+                                    wire::ram::PAGE,
+                                    Some(&block.id),
+                                )
+                                .map(|()| buf.extend_from_slice(page))
+                            };
+                            if ok.is_ok() {
+                                np.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        p = (wi as u64 + 1) * 64;
+                    }
+                    if buf.is_empty() {
+                        continue;
+                    }
+                    nb.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                    if let Err(e) = c.write_all(&buf) {
+                        // The main channel fails too and the migration pauses; the
+                        // recovery's bitmaps say what to send again.
+                        slog::debug!(log, "postcopy-preempt write failed"; "error" => %e);
+                        return;
+                    }
+                }
+            })?;
+        Ok((
+            Urgent {
+                chan,
+                handle: Some(handle),
+                requests,
+                pages,
+                bytes,
+            },
+            tx,
+        ))
+    }
 }
 
 /// A validated page request: block index, byte offset and length.
@@ -322,7 +452,8 @@ impl<'c> Source<'c> {
             last_ping_sent: Instant::now(),
             ping_seq: 100,
             preempt_uri: None,
-            preempt: None,
+            urgent: None,
+            route: Route::default(),
         }
     }
 
@@ -342,7 +473,7 @@ impl<'c> Source<'c> {
                 self.cursor = (bi + 1, 0);
                 continue;
             }
-            let word = std::mem::take(&mut bt.todo[wi]);
+            let word = bt.take(wi, u64::MAX);
             let block = bt.block.clone();
             let bytes = self.send_word(&block, bi, wi, word, &mut last_block)?;
             self.cursor = (bi, wi + 1);
@@ -492,6 +623,7 @@ pub fn run(
         )));
     }
     let use_rp = (caps.return_path || caps.postcopy_ram) && chan.is_socket;
+    let route = Route::default();
     let rp = if use_rp {
         let fd = chan.try_clone_fd().map_err(|source| SourceError::Io {
             peer: chan.peer.clone(),
@@ -502,6 +634,7 @@ pub fn run(
         Some(spawn_rp_reader(
             Channel::from_fd("return-path", fd).map_err(|e| SourceError::Peer(e.to_string()))?,
             names,
+            route.clone(),
             ctx.log.clone(),
         ))
     } else {
@@ -518,6 +651,7 @@ pub fn run(
         }
     }
     let mut src = Source::new(ctx, &blocks, chan.clone(), rp);
+    src.route = route;
     if caps.postcopy_preempt {
         src.preempt_uri = Some(uri);
     }
@@ -729,26 +863,27 @@ impl Source<'_> {
         downtime_start: Instant,
     ) -> Result<(), SourceError> {
         let ctx = self.ctx;
+        // What is still to send (never sent, or dirtied since) is discarded on the
+        // destination so that the guest faults on it instead of reading stale data.
+        self.harvest();
+        for bt in &self.blocks {
+            let ranges = bit_runs(&bt.words());
+            if !ranges.is_empty() {
+                let name = bt.block.id.clone();
+                self.out
+                    .put(|o| postcopy::encode_discards(o, &name, &ranges))?;
+            }
+        }
         // postcopy-preempt: the second channel exists before the package (a QEMU
-        // destination waits for it before loading the device state). Failing here still
-        // leaves the whole guest on this side.
+        // destination waits for it before loading the device state), and after the last
+        // harvest (its sender reads the holes). Failing here still leaves the whole guest
+        // on this side.
         if let Some(uri) = self.preempt_uri.clone() {
             self.connect_preempt(&uri).map_err(|e| {
                 SourceError::Peer(format!(
                     "cannot establish the postcopy-preempt channel: {e}"
                 ))
             })?;
-        }
-        // What is still to send (never sent, or dirtied since) is discarded on the
-        // destination so that the guest faults on it instead of reading stale data.
-        self.harvest();
-        for bt in &self.blocks {
-            let ranges = bit_runs(&bt.todo);
-            if !ranges.is_empty() {
-                let name = bt.block.id.clone();
-                self.out
-                    .put(|o| postcopy::encode_discards(o, &name, &ranges))?;
-            }
         }
         let mut dev = Vec::new();
         for d in devices {
@@ -843,7 +978,7 @@ impl Source<'_> {
         self.out.flush()?;
         let shut = self.wait_shut();
         // The destination has every page; the preempt channel closes after its SHUT.
-        self.preempt = None;
+        self.stop_urgent(false);
         shut
     }
 
@@ -862,9 +997,43 @@ impl Source<'_> {
             .with_cancel(self.ctx.cancel.clone());
         let t = self.ctx.params().link_timeout;
         c.set_timeouts((t > 0).then(|| Duration::from_millis(t)));
-        self.preempt = Some(Writer::new(Arc::new(c)));
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| (b.block.clone(), b.todo.clone(), b.holes.clone()))
+            .collect();
+        let (u, tx) = Urgent::spawn(Arc::new(c), blocks, self.ctx.log.clone())
+            .map_err(|e| format!("cannot start the preempt sender: {e}"))?;
+        // Requests queued before now go the same way.
+        for r in self.requests.drain(..) {
+            let _ = tx.send(r);
+        }
+        *self.route.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        self.urgent = Some(u);
         slog::info!(self.ctx.log, "postcopy-preempt channel connected"; "uri" => %uri);
         Ok(())
+    }
+
+    /// Stops the preempt sender (at the end, or broken with `shut` at a pause) and adds
+    /// its figures to the migration's.
+    fn stop_urgent(&mut self, shut: bool) {
+        // Dropping the route's sender ends the thread once it has sent what it has.
+        self.route.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(mut u) = self.urgent.take() else {
+            return;
+        };
+        if shut {
+            u.chan.shutdown();
+        }
+        if let Some(h) = u.handle.take() {
+            let _ = h.join();
+        }
+        let st = &self.ctx.stats;
+        let pages = u.pages.load(Ordering::Relaxed);
+        Stats::add(&st.postcopy_requests, u.requests.load(Ordering::Relaxed));
+        Stats::add(&st.postcopy_preempt_pages, pages);
+        Stats::add(&st.normal, pages);
+        Stats::add(&st.transferred, u.bytes.load(Ordering::Relaxed));
     }
 
     /// Postcopy-paused until a recovery succeeds: `migrate resume=true` gives a new channel,
@@ -876,9 +1045,7 @@ impl Source<'_> {
         ctx.pauses.fetch_add(1, Ordering::Relaxed);
         slog::warn!(ctx.log, "postcopy link failed: paused"; "error" => %why);
         self.out.chan.shutdown();
-        if let Some(p) = self.preempt.take() {
-            p.chan.shutdown();
-        }
+        self.stop_urgent(true);
         ctx.state.transition(MigrationStatus::PostcopyPaused)?;
         // The old return path thread ends with its socket; requests pending at the
         // destination are sent again after the recovery.
@@ -956,6 +1123,7 @@ impl Source<'_> {
             Channel::from_fd("return-path", rp_fd)
                 .map_err(|e| SourceError::Recovery(e.to_string()))?,
             names,
+            self.route.clone(),
             ctx.log.clone(),
         );
         self.rp = Some(rx);
@@ -981,14 +1149,14 @@ impl Source<'_> {
                     // What the destination lacks is what is left to send.
                     let bt = &mut self.blocks[bi];
                     let pages = bt.block.pages();
-                    for (i, t) in bt.todo.iter_mut().enumerate() {
+                    for (i, t) in bt.todo.iter().enumerate() {
                         let have = words.get(i).copied().unwrap_or(0);
                         let valid = if (i as u64 + 1) * 64 <= pages {
                             u64::MAX
                         } else {
                             (1u64 << (pages % 64)) - 1
                         };
-                        *t = !have & valid;
+                        t.store(!have & valid, Ordering::Release);
                     }
                     got[bi] = true;
                 }
@@ -1056,8 +1224,8 @@ impl Source<'_> {
     fn next_word(&mut self) -> Option<(usize, usize, u64)> {
         while self.cursor.0 < self.blocks.len() {
             let (bi, wi) = self.cursor;
-            let todo = &mut self.blocks[bi].todo;
-            let Some(&w) = todo.get(wi) else {
+            let bt = &self.blocks[bi];
+            let Some(w) = bt.todo.get(wi).map(|w| w.load(Ordering::Acquire)) else {
                 self.cursor = (bi + 1, 0);
                 continue;
             };
@@ -1074,8 +1242,12 @@ impl Source<'_> {
                 chunk |= rest & rest.wrapping_neg();
                 rest &= rest - 1;
             }
-            todo[wi] = rest;
-            return Some((bi, wi, chunk));
+            // The preempt sender may have taken some of these meanwhile: keep what we got.
+            let got = bt.take(wi, chunk);
+            if got == 0 {
+                continue;
+            }
+            return Some((bi, wi, got));
         }
         None
     }
@@ -1084,13 +1256,15 @@ impl Source<'_> {
     /// flushed at once. Pages already sent are in flight and are not sent again.
     fn serve_requests(&mut self) -> Result<(), SourceError> {
         self.check_rp_all()?;
-        if let Some(mut p) = self.preempt.take() {
-            // Requested pages go on the preempt channel: swap it in as the writer.
-            std::mem::swap(&mut self.out, &mut p);
-            let r = self.serve_requests_preempt();
-            std::mem::swap(&mut self.out, &mut p);
-            self.preempt = Some(p);
-            return r;
+        if self.urgent.is_some() {
+            // Requests that reached this queue anyway go to the preempt sender.
+            let route = self.route.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(tx) = route.as_ref() {
+                for r in self.requests.drain(..) {
+                    let _ = tx.send(r);
+                }
+            }
+            return Ok(());
         }
         while let Some(r) = self.requests.pop_front() {
             Stats::add(&self.ctx.stats.postcopy_requests, 1);
@@ -1108,10 +1282,8 @@ impl Source<'_> {
                 } else {
                     ((1u64 << (hi - lo)) - 1) << lo
                 };
-                let todo = &mut self.blocks[r.block].todo;
-                let word = todo.get(wi).copied().unwrap_or(0) & mask;
+                let word = self.blocks[r.block].take(wi, mask);
                 if word != 0 {
-                    todo[wi] &= !word;
                     if !sent {
                         self.out.put(|o| {
                             stream::encode_section_part(o, SectionKind::Part, RAM_SECTION_ID);
@@ -1129,46 +1301,6 @@ impl Source<'_> {
                     stream::encode_footer(o, RAM_SECTION_ID);
                     Ok(())
                 })?;
-                self.out.flush()?;
-            }
-        }
-        Ok(())
-    }
-
-    /// `serve_requests` with the preempt channel as `self.out`: bare page records, no
-    /// sections (QEMU's layout for that channel), flushed after each request.
-    fn serve_requests_preempt(&mut self) -> Result<(), SourceError> {
-        while let Some(r) = self.requests.pop_front() {
-            Stats::add(&self.ctx.stats.postcopy_requests, 1);
-            let first = r.offset / PAGE as u64;
-            let last = (r.offset + r.len).div_ceil(PAGE as u64);
-            let block = self.blocks[r.block].block.clone();
-            let mut sent = false;
-            let mut p = first;
-            while p < last {
-                let wi = (p / 64) as usize;
-                let lo = p % 64;
-                let hi = (last - wi as u64 * 64).min(64);
-                let mask = if hi - lo == 64 {
-                    u64::MAX
-                } else {
-                    ((1u64 << (hi - lo)) - 1) << lo
-                };
-                let todo = &mut self.blocks[r.block].todo;
-                let word = todo.get(wi).copied().unwrap_or(0) & mask;
-                if word != 0 {
-                    todo[wi] &= !word;
-                    sent = true;
-                    Stats::add(
-                        &self.ctx.stats.postcopy_preempt_pages,
-                        word.count_ones() as u64,
-                    );
-                    // Every record names its block: nothing relies on the channel's past.
-                    self.send_word(&block, r.block, wi, word, &mut None)?;
-                }
-                p = (wi as u64 + 1) * 64;
-            }
-            if sent {
                 self.out.flush()?;
             }
         }
@@ -1379,6 +1511,7 @@ pub fn adopt(ctx: &MigrationCtx, blocks: Vec<Arc<RamBlock>>) -> Result<(), Sourc
 fn spawn_rp_reader(
     chan: Channel,
     blocks: Vec<(String, u64)>,
+    route: Route,
     log: slog::Logger,
 ) -> mpsc::Receiver<RpEvent> {
     let (tx, rx) = mpsc::channel();
@@ -1450,7 +1583,17 @@ fn spawn_rp_reader(
                         other => return fail(format!("unexpected return-path message: {other:?}")),
                     };
                     match ev {
-                        Some(Ok(r)) if tx.send(RpEvent::Request(r)).is_err() => return,
+                        Some(Ok(r)) => {
+                            // To the preempt sender when one runs, else to the main thread.
+                            let routed = route
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .as_ref()
+                                .is_some_and(|u| u.send(r).is_ok());
+                            if !routed && tx.send(RpEvent::Request(r)).is_err() {
+                                return;
+                            }
+                        }
                         Some(Err(e)) => return fail(e),
                         _ => {}
                     }
