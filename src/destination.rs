@@ -918,14 +918,20 @@ impl<'a> Loader<'a> {
         if let Some(pc) = &self.postcopy {
             let limit = std::time::Duration::from_millis(self.ctx.params().link_timeout.max(1000));
             let t = Instant::now();
-            while pc.pending() > 0 {
+            while pc.missing_requested() > 0 {
                 if t.elapsed() > limit {
-                    let n = pc.pending();
+                    // Never fail here: neither side has the whole guest. Treated as a
+                    // broken link, this pauses, and a recovery sends what is missing.
+                    let n = pc.missing_requested();
                     let _ = p.stop();
-                    return Err(LoadError::Invalid {
-                        offset: 0,
-                        msg: format!("{n} requested pages never arrived on either channel"),
-                    });
+                    // Let the source see the pause too (it waits for SHUT).
+                    if let Some(fd) = &self.chan_fd {
+                        crate::transport::shutdown_fd(fd);
+                    }
+                    return Err(LoadError::Link(format!(
+                        "{n} requested pages had not arrived on either channel {} ms after the end of the stream",
+                        limit.as_millis()
+                    )));
                 }
                 std::thread::sleep(std::time::Duration::from_micros(200));
             }

@@ -490,6 +490,17 @@ impl PostcopyDest {
         self.waiting.load(Ordering::Acquire) > 0
     }
 
+    /// Requested pages that are still missing (a pending entry whose page has arrived by
+    /// now does not count).
+    pub fn missing_requested(&self) -> usize {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .filter(|&&(bi, page)| !self.received[bi].get(page))
+            .count()
+    }
+
     /// Pages requested and not yet placed.
     pub fn pending(&self) -> usize {
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()

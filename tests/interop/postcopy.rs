@@ -814,3 +814,75 @@ fn postcopy_preempt_bad_page_pauses() {
     let _ = drain.join();
     guest.release();
 }
+
+/// The stream ends (EOF) while a requested page has come on neither channel: the
+/// destination must not complete (the page would read as zero) nor fail (neither side has
+/// the whole guest). It waits (at least 1 s), then pauses, so that a recovery can send it.
+#[test]
+fn postcopy_preempt_missing_page_pauses_at_the_end() {
+    use qemu_migration_helper::stream;
+    use std::io::{Read, Write};
+    let size = MIB;
+    let mut guest = UffdGuest::new(size);
+    let mut dst = HelperVm::spawn();
+    guest.attach(&mut dst, "ram");
+    dst.client
+        .set_capabilities(&[("postcopy-ram", true), ("postcopy-preempt", true)])
+        .expect("caps");
+    // No silent-link detection: the one thing that may pause here is the missing page
+    // (the destination then waits at most 1 s for it).
+    dst.client
+        .set_parameters(json!({"link-timeout": 0}))
+        .expect("params");
+    let dir = TempDir::new("qmh-pc");
+    let path = dir.join("mig.sock");
+    dst.client
+        .migrate_incoming(&format!("unix:{}", path.display()))
+        .expect("incoming");
+    let mut main = std::os::unix::net::UnixStream::connect(&path).expect("connect main");
+    let mut rp = main.try_clone().expect("clone");
+    let drain = std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = rp.read_to_end(&mut sink);
+    });
+    main.write_all(&postcopy_prologue(size, &[(0, size)]))
+        .expect("prologue");
+    wait_until(&mut guest, "postcopy-active", || {
+        let v = status(&mut dst);
+        assert_ne!(v["status"], "failed", "{v}");
+        (v["status"] == "postcopy-active").then_some(())
+    });
+    let _preempt = std::os::unix::net::UnixStream::connect(&path).expect("connect preempt");
+    // A vCPU touches page 5; nothing ever sends it.
+    let map = guest.map.clone();
+    let toucher = std::thread::spawn(move || {
+        // SAFETY: inside the mapping; volatile so the read happens.
+        unsafe { std::ptr::read_volatile(map.as_ptr().add(5 * 4096)) }
+    });
+    // The fault is read and requested at once; give it time.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut end = Vec::new();
+    stream::encode_section_part(&mut end, stream::SectionKind::End, 1);
+    qemu_migration_helper::ram::encode_eos(&mut end);
+    stream::encode_footer(&mut end, 1);
+    stream::encode_eof(&mut end);
+    main.write_all(&end).expect("end of stream");
+    let v = wait_until(&mut guest, "postcopy-paused", || {
+        let v = status(&mut dst);
+        assert!(
+            v["status"] != "failed" && v["status"] != "completed",
+            "a missing page must pause the migration: {v}"
+        );
+        (v["status"] == "postcopy-paused").then_some(v)
+    });
+    eprintln!("postcopy_preempt_missing_page_pauses_at_the_end: {v}");
+    assert!(
+        !toucher.is_finished(),
+        "the faulting thread got a page nobody sent"
+    );
+    drop(main);
+    let _ = dst.client.quit();
+    let _ = drain.join();
+    guest.release();
+    let _ = toucher.join();
+}
