@@ -422,14 +422,6 @@ impl<'a> Loader<'a> {
                 }
                 _ => Ok(()),
             };
-            self.ctx
-                .stats
-                .postcopy_requests
-                .store(pc.requests.load(Ordering::Relaxed), Ordering::Relaxed);
-            self.ctx.stats.postcopy_preempt_pages.store(
-                self.preempt_pages.load(Ordering::Relaxed),
-                Ordering::Relaxed,
-            );
             return placed
                 .map(|()| false)
                 .map_err(|e| self.invalid(r, e.to_string()));
@@ -801,6 +793,7 @@ impl<'a> Loader<'a> {
                 uffd,
                 rp,
                 self.ctx.latency.clone(),
+                self.ctx.stats.postcopy_requests.clone(),
                 self.received.clone(),
                 self.ctx.log.clone(),
             )
@@ -937,10 +930,6 @@ impl<'a> Loader<'a> {
             }
         }
         let _ = p.stop();
-        self.ctx.stats.postcopy_preempt_pages.store(
-            self.preempt_pages.load(Ordering::Relaxed),
-            Ordering::Relaxed,
-        );
         Ok(())
     }
 
@@ -1481,7 +1470,7 @@ impl<'a> Loader<'a> {
             scan_block: None,
             preempt_listener: None,
             preempt: None,
-            preempt_pages: Arc::default(),
+            preempt_pages: ctx.stats.postcopy_preempt_pages.clone(),
             received: Arc::new(
                 blocks
                     .iter()

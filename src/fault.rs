@@ -171,7 +171,7 @@ pub struct PostcopyDest {
     waiting: AtomicU64,
     rp: Arc<RpWriter>,
     pub latency: Arc<Latency>,
-    pub requests: AtomicU64,
+    pub requests: Arc<AtomicU64>,
     stop: AtomicBool,
     log: slog::Logger,
 }
@@ -183,6 +183,7 @@ impl PostcopyDest {
         uffd: OwnedFd,
         rp: Arc<RpWriter>,
         latency: Arc<Latency>,
+        requests: Arc<AtomicU64>,
         received: Arc<Vec<AtomicBitmap>>,
         log: slog::Logger,
     ) -> Result<Self, FaultError> {
@@ -206,7 +207,7 @@ impl PostcopyDest {
             pending: Mutex::new(HashMap::new()),
             rp,
             latency,
-            requests: AtomicU64::new(0),
+            requests,
             stop: AtomicBool::new(false),
             log,
         })

@@ -95,9 +95,11 @@ pub struct Stats {
     pub duplicate: AtomicU64,
     pub normal: AtomicU64,
     pub dirty_sync_count: AtomicU64,
-    pub postcopy_requests: AtomicU64,
-    /// Pages that went (source) or came (destination) on the postcopy-preempt channel.
-    pub postcopy_preempt_pages: AtomicU64,
+    /// Shared with the destination's fault thread, which counts as it requests.
+    pub postcopy_requests: Arc<AtomicU64>,
+    /// Pages that went (source) or came (destination) on the postcopy-preempt channel;
+    /// shared with the destination's preempt thread.
+    pub postcopy_preempt_pages: Arc<AtomicU64>,
     pub dirty_pages_rate: AtomicU64,
     /// Microseconds from `migrate` to completion (or so far).
     pub total_time_us: AtomicU64,
@@ -116,8 +118,8 @@ impl Stats {
             &self.duplicate,
             &self.normal,
             &self.dirty_sync_count,
-            &self.postcopy_requests,
-            &self.postcopy_preempt_pages,
+            &*self.postcopy_requests,
+            &*self.postcopy_preempt_pages,
             &self.dirty_pages_rate,
             &self.total_time_us,
             &self.downtime_us,

@@ -859,8 +859,11 @@ fn postcopy_preempt_missing_page_pauses_at_the_end() {
         // SAFETY: inside the mapping; volatile so the read happens.
         unsafe { std::ptr::read_volatile(map.as_ptr().add(5 * 4096)) }
     });
-    // The fault is read and requested at once; give it time.
-    std::thread::sleep(Duration::from_millis(300));
+    // query-migrate counts the request as soon as it is sent, before any page comes.
+    wait_until(&mut guest, "the page request", || {
+        let v = status(&mut dst);
+        (v["ram"]["postcopy-requests"].as_u64().unwrap_or(0) > 0).then_some(())
+    });
     let mut end = Vec::new();
     stream::encode_section_part(&mut end, stream::SectionKind::End, 1);
     qemu_migration_helper::ram::encode_eos(&mut end);
