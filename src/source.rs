@@ -332,19 +332,7 @@ impl Urgent {
                     let Some((block, todo, holes)) = blocks.get(r.block) else {
                         continue;
                     };
-                    let (first, last) = (
-                        r.offset / PAGE as u64,
-                        (r.offset + r.len).div_ceil(PAGE as u64),
-                    );
-                    let mut p = first;
-                    while p < last {
-                        let wi = (p / 64) as usize;
-                        let (lo, hi) = (p % 64, (last - wi as u64 * 64).min(64));
-                        let mask = if hi - lo == 64 {
-                            u64::MAX
-                        } else {
-                            ((1u64 << (hi - lo)) - 1) << lo
-                        };
+                    for (wi, mask) in r.words() {
                         let mut word = todo
                             .get(wi)
                             .map_or(0, |w| w.fetch_and(!mask, Ordering::AcqRel) & mask);
@@ -372,7 +360,6 @@ impl Urgent {
                                 np.fetch_add(1, Ordering::Relaxed);
                             }
                         }
-                        p = (wi as u64 + 1) * 64;
                     }
                     if buf.is_empty() {
                         continue;
@@ -405,6 +392,25 @@ struct PageRequest {
     block: usize,
     offset: u64,
     len: u64,
+}
+
+impl PageRequest {
+    /// The to-do bitmap words the request covers, each with the mask of its pages.
+    fn words(&self) -> impl Iterator<Item = (usize, u64)> {
+        let first = self.offset / PAGE as u64;
+        let last = (self.offset + self.len).div_ceil(PAGE as u64);
+        let (fw, lw) = (first / 64, last.div_ceil(64));
+        (fw..lw).map(move |w| {
+            let lo = first.max(w * 64) - w * 64;
+            let hi = last.min(w * 64 + 64) - w * 64;
+            let mask = if hi - lo == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
+            (w as usize, mask)
+        })
+    }
 }
 
 fn shut_error(v: u32) -> SourceError {
@@ -1268,20 +1274,9 @@ impl Source<'_> {
         }
         while let Some(r) = self.requests.pop_front() {
             Stats::add(&self.ctx.stats.postcopy_requests, 1);
-            let first = r.offset / PAGE as u64;
-            let last = (r.offset + r.len).div_ceil(PAGE as u64);
             let block = self.blocks[r.block].block.clone();
             let mut sent = false;
-            let mut p = first;
-            while p < last {
-                let wi = (p / 64) as usize;
-                let lo = p % 64;
-                let hi = (last - wi as u64 * 64).min(64);
-                let mask = if hi - lo == 64 {
-                    u64::MAX
-                } else {
-                    ((1u64 << (hi - lo)) - 1) << lo
-                };
+            for (wi, mask) in r.words() {
                 let word = self.blocks[r.block].take(wi, mask);
                 if word != 0 {
                     if !sent {
@@ -1293,7 +1288,6 @@ impl Source<'_> {
                     }
                     self.send_word(&block, r.block, wi, word, &mut None)?;
                 }
-                p = (wi as u64 + 1) * 64;
             }
             if sent {
                 self.out.put(|o| {
@@ -1630,6 +1624,25 @@ mod tests {
         assert_eq!(bit_runs(&[0b1011]), vec![(0, 8192), (12288, 4096)]);
         assert_eq!(bit_runs(&[u64::MAX, 1]), vec![(0, 65 * 4096)]);
         assert!(bit_runs(&[0, 0]).is_empty());
+    }
+
+    #[test]
+    fn requests_cover_exactly_their_pages() {
+        let r = |offset: u64, pages: u64| PageRequest {
+            block: 0,
+            offset: offset * PAGE as u64,
+            len: pages * PAGE as u64,
+        };
+        let w = |q: PageRequest| q.words().collect::<Vec<_>>();
+        assert_eq!(w(r(3, 1)), vec![(0, 1 << 3)]);
+        assert_eq!(w(r(63, 2)), vec![(0, 1 << 63), (1, 1)]);
+        assert_eq!(w(r(0, 64)), vec![(0, u64::MAX)]);
+        assert_eq!(
+            w(r(129, 130)),
+            vec![(2, u64::MAX << 1), (3, u64::MAX), (4, 0b111)]
+        );
+        let total: u32 = r(129, 130).words().map(|(_, m)| m.count_ones()).sum();
+        assert_eq!(total, 130);
     }
 
     #[test]

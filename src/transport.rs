@@ -500,29 +500,15 @@ impl Incoming {
         }
     }
 
-    /// Waits for the connection, polling `cancel` so that a cancel never waits on a peer.
+    /// Waits for the connection, polling `cancel` so that a cancel never waits on a peer,
+    /// and stops listening.
     pub fn accept(self, cancel: &AtomicBool) -> Result<Channel, TransportError> {
         match self {
             Incoming::Ready(c) => Ok(c),
-            Incoming::Unix(l, p) => {
-                let what = format!("unix:{}", p.display());
-                wait_readable(l.as_fd(), cancel, &what)?;
-                let (s, _) = l.accept().map_err(io_err("accept on", &what))?;
-                remove_socket_path(&p);
-                Ok(Channel::from_unix(s, what))
-            }
-            Incoming::Tcp(l, a) => {
-                let what = format!("tcp:{a}");
-                wait_readable(l.as_fd(), cancel, &what)?;
-                let (s, peer) = l.accept().map_err(io_err("accept on", &what))?;
-                let _ = s.set_nodelay(true);
-                Ok(Channel {
-                    fd: s.into(),
-                    is_socket: true,
-                    is_pipe: false,
-                    cancel: None,
-                    peer: format!("tcp:{peer}"),
-                })
+            listener => {
+                let c = listener.accept_another(cancel)?;
+                listener.done_listening();
+                Ok(c)
             }
         }
     }

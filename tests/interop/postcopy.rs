@@ -761,20 +761,28 @@ fn base64_encode(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(b)
 }
 
-/// A malformed postcopy-preempt channel (a page past the block's end) never writes outside
-/// the block and does not fail the migration: the destination pauses, as for a broken link,
-/// and keeps answering.
-#[test]
-fn postcopy_preempt_bad_page_pauses() {
-    use qemu_migration_helper::compat::wire::ram as flag;
+/// A helper destination with postcopy-preempt on a `unix:` listener, fed by the test: the
+/// main channel has had the postcopy prologue (every page discarded) and the destination is
+/// postcopy-active; the preempt channel is connected.
+struct PreemptDest {
+    guest: UffdGuest,
+    dst: HelperVm,
+    main: std::os::unix::net::UnixStream,
+    preempt: std::os::unix::net::UnixStream,
+    /// Reads (and drops) the return path.
+    drain: std::thread::JoinHandle<()>,
+    _dir: TempDir,
+}
+
+fn preempt_destination(size: u64, params: serde_json::Value) -> PreemptDest {
     use std::io::{Read, Write};
-    let size = MIB;
     let mut guest = UffdGuest::new(size);
     let mut dst = HelperVm::spawn();
     guest.attach(&mut dst, "ram");
     dst.client
         .set_capabilities(&[("postcopy-ram", true), ("postcopy-preempt", true)])
         .expect("caps");
+    dst.client.set_parameters(params).expect("params");
     let dir = TempDir::new("qmh-pc");
     let path = dir.join("mig.sock");
     dst.client
@@ -793,7 +801,33 @@ fn postcopy_preempt_bad_page_pauses() {
         assert_ne!(v["status"], "failed", "{v}");
         (v["status"] == "postcopy-active").then_some(())
     });
-    let mut preempt = std::os::unix::net::UnixStream::connect(&path).expect("connect preempt");
+    let preempt = std::os::unix::net::UnixStream::connect(&path).expect("connect preempt");
+    PreemptDest {
+        guest,
+        dst,
+        main,
+        preempt,
+        drain,
+        _dir: dir,
+    }
+}
+
+/// A malformed postcopy-preempt channel (a page past the block's end) never writes outside
+/// the block and does not fail the migration: the destination pauses, as for a broken link,
+/// and keeps answering.
+#[test]
+fn postcopy_preempt_bad_page_pauses() {
+    use qemu_migration_helper::compat::wire::ram as flag;
+    use std::io::Write;
+    let size = MIB;
+    let PreemptDest {
+        mut guest,
+        mut dst,
+        main,
+        mut preempt,
+        drain,
+        _dir,
+    } = preempt_destination(size, json!({}));
     let mut bad = Vec::new();
     qemu_migration_helper::ram::encode_page_header(&mut bad, size, flag::PAGE, Some("ram"))
         .expect("header");
@@ -821,38 +855,18 @@ fn postcopy_preempt_bad_page_pauses() {
 #[test]
 fn postcopy_preempt_missing_page_pauses_at_the_end() {
     use qemu_migration_helper::stream;
-    use std::io::{Read, Write};
+    use std::io::Write;
     let size = MIB;
-    let mut guest = UffdGuest::new(size);
-    let mut dst = HelperVm::spawn();
-    guest.attach(&mut dst, "ram");
-    dst.client
-        .set_capabilities(&[("postcopy-ram", true), ("postcopy-preempt", true)])
-        .expect("caps");
     // No silent-link detection: the one thing that may pause here is the missing page
     // (the destination then waits at most 1 s for it).
-    dst.client
-        .set_parameters(json!({"link-timeout": 0}))
-        .expect("params");
-    let dir = TempDir::new("qmh-pc");
-    let path = dir.join("mig.sock");
-    dst.client
-        .migrate_incoming(&format!("unix:{}", path.display()))
-        .expect("incoming");
-    let mut main = std::os::unix::net::UnixStream::connect(&path).expect("connect main");
-    let mut rp = main.try_clone().expect("clone");
-    let drain = std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = rp.read_to_end(&mut sink);
-    });
-    main.write_all(&postcopy_prologue(size, &[(0, size)]))
-        .expect("prologue");
-    wait_until(&mut guest, "postcopy-active", || {
-        let v = status(&mut dst);
-        assert_ne!(v["status"], "failed", "{v}");
-        (v["status"] == "postcopy-active").then_some(())
-    });
-    let _preempt = std::os::unix::net::UnixStream::connect(&path).expect("connect preempt");
+    let PreemptDest {
+        mut guest,
+        mut dst,
+        mut main,
+        preempt: _preempt,
+        drain,
+        _dir,
+    } = preempt_destination(size, json!({"link-timeout": 0}));
     // A vCPU touches page 5; nothing ever sends it.
     let map = guest.map.clone();
     let toucher = std::thread::spawn(move || {
