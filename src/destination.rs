@@ -256,8 +256,6 @@ struct Loader<'a> {
     /// (or a recovery) starts the thread that takes it.
     preempt_listener: Option<crate::transport::Incoming>,
     preempt: Option<PreemptChannel>,
-    /// Pages that came on the preempt channels, across recoveries.
-    preempt_pages: Arc<std::sync::atomic::AtomicU64>,
     /// Stream offset and block context where the next look-ahead for requested pages
     /// starts (see `place_requested_ahead`).
     scan_to: u64,
@@ -893,7 +891,7 @@ impl<'a> Loader<'a> {
             incoming,
             pc.clone(),
             self.blocks.to_vec(),
-            self.preempt_pages.clone(),
+            self.ctx.stats.postcopy_preempt_pages.clone(),
             self.chan_fd.as_ref().and_then(|f| f.try_clone().ok()),
             self.ctx.log.clone(),
         )
@@ -1470,7 +1468,6 @@ impl<'a> Loader<'a> {
             scan_block: None,
             preempt_listener: None,
             preempt: None,
-            preempt_pages: ctx.stats.postcopy_preempt_pages.clone(),
             received: Arc::new(
                 blocks
                     .iter()

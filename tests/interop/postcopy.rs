@@ -158,6 +158,22 @@ impl Readers {
 
 /// Polls `f` until it returns Some or the deadline passes; on timeout releases the guest's
 /// userfaultfd (so no thread stays blocked) and panics.
+/// The URI both ends of a test migration use: with `preempt`, a `unix:` listener in `dir`
+/// (the preempt channel needs a second connection); otherwise a socketpair whose ends
+/// `give` passes to the source and the destination as "mig".
+fn migration_uri(
+    dir: &TempDir,
+    preempt: bool,
+    give: impl FnOnce(BorrowedFd<'_>, BorrowedFd<'_>),
+) -> String {
+    if preempt {
+        return format!("unix:{}", dir.join("mig.sock").display());
+    }
+    let (a, b) = socketpair();
+    give(a.as_fd(), b.as_fd());
+    "fd:mig".to_string()
+}
+
 fn wait_until<T>(guest: &mut UffdGuest, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let t0 = Instant::now();
     loop {
@@ -224,14 +240,10 @@ fn helper_to_helper_postcopy_opts(pause: bool, preempt: bool) {
         .set_parameters(json!({"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 8 * MIB}))
         .expect("params");
     let dir = TempDir::new("qmh-pc");
-    let uri = if preempt {
-        format!("unix:{}", dir.join("mig.sock").display())
-    } else {
-        let (a, b) = socketpair();
-        src.client.getfd("mig", a.as_fd()).expect("getfd");
-        dst.client.getfd("mig", b.as_fd()).expect("getfd");
-        "fd:mig".to_string()
-    };
+    let uri = migration_uri(&dir, preempt, |a, b| {
+        src.client.getfd("mig", a).expect("getfd");
+        dst.client.getfd("mig", b).expect("getfd");
+    });
     dst.client.migrate_incoming(&uri).expect("incoming");
     src.client.migrate(&uri).expect("migrate");
     std::thread::sleep(Duration::from_millis(300));
@@ -315,14 +327,10 @@ fn qemu_to_helper_postcopy_with(qemu: Qemu, test: &str, preempt: bool) {
         .set_parameters(json!({"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 16 * MIB}))
         .expect("qemu params");
     let dir = TempDir::new("qmh-pc");
-    let uri = if preempt {
-        format!("unix:{}", dir.join("mig.sock").display())
-    } else {
-        let (a, b) = socketpair();
-        src.qmp().getfd("mig", a.as_fd()).expect("qemu getfd");
-        dst.client.getfd("mig", b.as_fd()).expect("getfd");
-        "fd:mig".to_string()
-    };
+    let uri = migration_uri(&dir, preempt, |a, b| {
+        src.qmp().getfd("mig", a).expect("qemu getfd");
+        dst.client.getfd("mig", b).expect("getfd");
+    });
     dst.client.migrate_incoming(&uri).expect("incoming");
     src.qmp()
         .execute("migrate", json!({"uri": uri}))
@@ -482,14 +490,10 @@ fn helper_to_qemu_postcopy_with(qemu: Qemu, test: &str, preempt: bool) {
         .set_parameters(json!({"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 32 * MIB}))
         .expect("params");
     let dir = TempDir::new("qmh-pc");
-    let uri = if preempt {
-        format!("unix:{}", dir.join("mig.sock").display())
-    } else {
-        let (a, b) = socketpair();
-        dst.qmp().getfd("mig", b.as_fd()).expect("qemu getfd");
-        src.client.getfd("mig", a.as_fd()).expect("getfd");
-        "fd:mig".to_string()
-    };
+    let uri = migration_uri(&dir, preempt, |a, b| {
+        src.client.getfd("mig", a).expect("getfd");
+        dst.qmp().getfd("mig", b).expect("qemu getfd");
+    });
     dst.qmp()
         .execute("migrate-incoming", json!({"uri": uri}))
         .expect("incoming");
