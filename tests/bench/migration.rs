@@ -31,6 +31,7 @@ use serde_json::{json, Value};
 
 use helper::{socketpair, HelperVm};
 use qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+use qemu_migration_helper::demo::process_cpu_secs;
 use util::{fill_mixed, GIB};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
@@ -77,6 +78,13 @@ impl End {
         }
     }
 
+    fn pid(&self) -> u32 {
+        match self {
+            End::Qemu(q) => q.pid(),
+            End::Helper(h) => h.pid(),
+        }
+    }
+
     fn getfd(&mut self, fd: std::os::fd::BorrowedFd<'_>) {
         match self {
             End::Qemu(q) => q.qmp().getfd("mig", fd).expect("qemu getfd"),
@@ -92,8 +100,16 @@ impl End {
     }
 }
 
-/// One migration; returns seconds from `migrate` until both ends report `completed`.
-fn migrate_once(src_qemu: bool, dst_qemu: bool, size: u64, seed: u64, prealloc: bool) -> f64 {
+/// One timed migration: wall seconds from `migrate` until both ends report `completed`,
+/// and the CPU seconds each end's process used meanwhile.
+#[derive(Clone, Copy)]
+struct Timing {
+    secs: f64,
+    src_cpu: f64,
+    dst_cpu: f64,
+}
+
+fn migrate_once(src_qemu: bool, dst_qemu: bool, size: u64, seed: u64, prealloc: bool) -> Timing {
     let mut src = End::source(src_qemu, size, seed);
     let mut dst = End::destination(dst_qemu, size, prealloc);
     let (a, b) = socketpair();
@@ -118,6 +134,7 @@ fn migrate_once(src_qemu: bool, dst_qemu: bool, size: u64, seed: u64, prealloc: 
             .set_parameters(json!({"max-bandwidth": 0}))
             .expect("params"),
     }
+    let cpu0 = (process_cpu_secs(src.pid()), process_cpu_secs(dst.pid()));
     let t0 = Instant::now();
     match &mut src {
         End::Qemu(q) => {
@@ -143,6 +160,11 @@ fn migrate_once(src_qemu: bool, dst_qemu: bool, size: u64, seed: u64, prealloc: 
         std::thread::sleep(Duration::from_millis(2));
     }
     let secs = t0.elapsed().as_secs_f64();
+    let timing = Timing {
+        secs,
+        src_cpu: process_cpu_secs(src.pid()) - cpu0.0,
+        dst_cpu: process_cpu_secs(dst.pid()) - cpu0.1,
+    };
     // Spot-check the content: a benchmark of a broken migration means nothing.
     let (s, d) = match (&src, &dst) {
         (End::Qemu(q), End::Helper(h)) => (
@@ -162,7 +184,7 @@ fn migrate_once(src_qemu: bool, dst_qemu: bool, size: u64, seed: u64, prealloc: 
         }
     };
     assert_eq!(s, d, "destination differs from source");
-    secs
+    timing
 }
 
 trait Sample {
@@ -294,6 +316,7 @@ fn main() {
             t.elapsed().as_secs_f64()
         );
     }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let cases = [
         ("QEMU->QEMU", true, true),
         ("helper->helper", false, false),
@@ -315,7 +338,7 @@ fn main() {
         })
         .collect();
     // Interleave the cases so that machine noise spreads over all of them.
-    let mut times: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); cases.len()]; dests.len()];
+    let mut times: Vec<Vec<Vec<Timing>>> = vec![vec![Vec::new(); cases.len()]; dests.len()];
     for r in 0..repeat {
         for (di, &prealloc) in dests.iter().enumerate() {
             for (i, (name, sq, dq)) in cases.iter().enumerate() {
@@ -324,14 +347,18 @@ fn main() {
                 }
                 let t = migrate_once(*sq, *dq, size, 1000 + r as u64, prealloc);
                 let mode = if prealloc { "prealloc" } else { "fresh" };
-                println!("  run {r} {mode:<8} {name:<15} {t:7.3} s");
+                println!(
+                    "  run {r} {mode:<8} {name:<15} {:7.3} s   CPU s: source {:6.3} destination {:6.3}",
+                    t.secs, t.src_cpu, t.dst_cpu
+                );
                 times[di][i].push(t);
             }
         }
     }
     for (di, &prealloc) in dests.iter().enumerate() {
         let times = &times[di];
-        let base = median(times[0].clone());
+        let col = |i: usize, f: fn(&Timing) -> f64| median(times[i].iter().map(f).collect());
+        let base = col(0, |t| t.secs);
         println!(
             "\ndestination RAM {}",
             if prealloc {
@@ -341,22 +368,38 @@ fn main() {
             }
         );
         println!(
-            "{:<15} {:>9} {:>9} {:>12}",
-            "case", "median s", "MB/s", "vs QEMU->QEMU"
+            "{:<15} {:>9} {:>9} {:>13} {:>9} {:>9} {:>9} {:>10}",
+            "case",
+            "median s",
+            "MB/s",
+            "vs QEMU->QEMU",
+            "src CPU s",
+            "dst CPU s",
+            "floor s",
+            "best ratio"
         );
         for (i, (name, _, _)) in cases.iter().enumerate() {
             if times[i].is_empty() {
                 continue;
             }
-            let m = median(times[i].clone());
+            let m = col(i, |t| t.secs);
+            // The least wall time this much CPU work allows on this machine's CPUs, and
+            // the ratio that would give.
+            let (sc, dc) = (col(i, |t| t.src_cpu), col(i, |t| t.dst_cpu));
+            let floor = (sc + dc) / cpus;
             println!(
-                "{name:<15} {m:9.3} {:9.0} {:>11.2}x",
+                "{name:<15} {m:9.3} {:9.0} {:>12.2}x {sc:9.3} {dc:9.3} {floor:9.3} {:>9.2}x",
                 size as f64 / m / 1e6,
-                base / m
+                base / m,
+                base / floor
             );
         }
     }
     println!("targets: helper->helper >= 2.00x; QEMU->helper and helper->QEMU >= 1.00x");
+    println!(
+        "floor: (source + destination CPU seconds) / {cpus} CPUs, the least wall time that much work \
+         allows here if both CPUs were busy all the time; best ratio: QEMU->QEMU's median over it"
+    );
 
     let sizes = std::env::var("QMH_BENCH_RSS_SIZES").unwrap_or_else(|_| "2G,4G".into());
     if sizes.is_empty() {
