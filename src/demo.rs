@@ -29,6 +29,10 @@ pub struct DemoArgs {
     /// preallocates guest RAM does (otherwise each page is allocated as it arrives).
     #[arg(long)]
     pub prealloc: bool,
+    /// The destination's `load-threads`: threads that write received pages into guest
+    /// memory (default: the helper's default, 2)
+    #[arg(long)]
+    pub load_threads: Option<u64>,
 }
 
 /// CPU seconds (user and system, all threads) that process `pid` has used so far, from
@@ -266,6 +270,9 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
         src.getfd("mig", a.as_fd())?;
         drop((a, b));
         src.set_parameters(json!({"max-bandwidth": 0u64}))?;
+        if let Some(n) = args.load_threads {
+            dst.set_parameters(json!({ "load-threads": n }))?;
+        }
         dst.migrate_incoming("fd:mig")?;
         let pids = [src_child.id(), dst_child.id()];
         let cpu0 = pids.map(process_cpu_secs);

@@ -1463,7 +1463,7 @@ impl<'a> Loader<'a> {
             devices: Vec::new(),
             bytes: 0,
             known_zero: blocks.iter().map(|b| b.hole_bitmap()).collect(),
-            pages: PageWriter::new(),
+            pages: PageWriter::new(ctx.params().load_threads),
             scan_to: 0,
             scan_block: None,
             preempt_listener: None,

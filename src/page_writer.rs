@@ -1,18 +1,18 @@
-//! Writes received precopy pages into the parent's RAM blocks, half of each large batch on a
-//! second thread.
+//! Writes received precopy pages into the parent's RAM blocks, each large batch split over
+//! several threads (the `load-threads` parameter, 2 by default).
 //!
 //! Copying into guest memory that has never been touched is the destination's most
 //! expensive step (the kernel allocates each page, and on a VM the host may have to back it
-//! first). One thread doing that alone leaves the other CPU idle while the source waits on a
-//! full socket, so a batch of at least [`PARALLEL_MIN`] pages is split in two: a worker
-//! thread writes the first half while the calling thread writes the second, and `flush`
-//! returns when both are done. Batches are written in order, so a later write to the same
-//! page always wins.
+//! first). One thread doing that alone leaves the other CPUs idle while the source waits on
+//! a full socket, so a batch of at least [`PER_THREAD_MIN`] pages per thread is split into
+//! equal parts: worker threads write the first parts while the calling thread writes the
+//! last, and `flush` returns when all are done. Batches are written in order, so a later
+//! write to the same page always wins.
 //!
 //! The calling thread writes with `pwritev` (no page fault, no clearing of the new page);
-//! the worker copies through the mapping, because writes to one shmem file serialise on
-//! its inode lock (measured: two `pwritev` threads spent their time spinning on it) while
-//! page faults do not.
+//! the workers copy through the mapping, because writes to one shmem file serialise on its
+//! inode lock (measured: two `pwritev` threads spent their time spinning on it) while page
+//! faults do not.
 
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::Arc;
@@ -21,8 +21,10 @@ use std::thread::JoinHandle;
 use crate::compat::wire::TARGET_PAGE_SIZE;
 use crate::guest_memory::RamBlock;
 
-/// Pages in a batch below which splitting costs more than it saves.
-const PARALLEL_MIN: usize = 128;
+/// Pages per thread below which splitting a batch costs more than it saves.
+const PER_THREAD_MIN: usize = 64;
+/// The most threads `load-threads` may ask for.
+pub const MAX_THREADS: usize = 16;
 /// Pages in one `pwritev` run (the kernel takes at most 1024 iovecs).
 const RUN_MAX: usize = 1024;
 
@@ -112,13 +114,13 @@ impl Drop for Worker {
 
 /// Pages queued for writing. The queued addresses point into the caller's buffer, which
 /// must stay unchanged until the next [`PageWriter::flush`] returns.
-#[derive(Default)]
 pub struct PageWriter {
     runs: Vec<Run>,
     pages: usize,
-    worker: Option<Worker>,
-    /// Spawning the worker failed once: write on one thread from then on.
-    single: bool,
+    /// Threads writing a batch, the caller's included (lowered if a spawn fails).
+    threads: usize,
+    /// Spawned as the first large batch needs them.
+    workers: Vec<Worker>,
     /// Per block in the batch: the highest page offset queued.
     high: Vec<(*const RamBlock, u64)>,
 }
@@ -127,8 +129,16 @@ pub struct PageWriter {
 unsafe impl Send for PageWriter {}
 
 impl PageWriter {
-    pub fn new() -> Self {
-        Self::default()
+    /// A writer that splits large batches over `threads` threads (the caller's included),
+    /// between 1 and [`MAX_THREADS`].
+    pub fn new(threads: usize) -> Self {
+        PageWriter {
+            runs: Vec::new(),
+            pages: 0,
+            threads: threads.clamp(1, MAX_THREADS),
+            workers: Vec::new(),
+            high: Vec::new(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -184,70 +194,80 @@ impl PageWriter {
         self.high.clear();
         let mut runs = std::mem::take(&mut self.runs);
         let total = std::mem::take(&mut self.pages);
-        if total < PARALLEL_MIN || self.single {
+        let parts = self.threads.min(total / PER_THREAD_MIN);
+        if parts < 2 {
             return write_all(&runs, false);
         }
-        if self.worker.is_none() {
+        while self.workers.len() < parts - 1 {
             match Worker::spawn() {
-                Ok(w) => self.worker = Some(w),
+                Ok(w) => self.workers.push(w),
                 Err(_) => {
-                    self.single = true;
-                    return write_all(&runs, false);
+                    // Go on with the threads there are.
+                    self.threads = self.workers.len() + 1;
+                    break;
                 }
             }
         }
-        let first = split_half(&mut runs, total);
-        let Some(w) = self.worker.as_ref() else {
-            return write_all(&first, false).and(write_all(&runs, false));
-        };
-        let sent = w.jobs.as_ref().map(|j| j.send(first));
-        match sent {
-            Some(Ok(())) => {
-                let mine = write_all(&runs, false);
-                // Wait for the worker even when this half failed: the buffers must not be
-                // reused while it reads them.
-                let theirs = w.done.recv().unwrap_or_else(|_| {
-                    Err(PageWriteError::Io {
-                        block: String::new(),
-                        source: std::io::Error::other("page writer thread ended"),
-                    })
-                });
-                theirs.and(mine)
+        let parts = parts.min(self.workers.len() + 1);
+        // The workers take the first parts, in order; the caller writes what is left.
+        let mut handed = 0;
+        let mut first_error = None;
+        for (i, w) in self.workers.iter_mut().take(parts - 1).enumerate() {
+            let part = split_front(&mut runs, total * (i + 1) / parts - total * i / parts);
+            match w.jobs.as_ref().map(|j| j.send(part)) {
+                Some(Ok(())) => handed += 1,
+                // The worker is gone: write its part here.
+                Some(Err(mpsc::SendError(part))) => {
+                    if let Err(e) = write_all(&part, false) {
+                        first_error.get_or_insert(e);
+                    }
+                }
+                None => {}
             }
-            Some(Err(mpsc::SendError(first))) => {
-                // The worker is gone: do it all here.
-                self.worker = None;
-                self.single = true;
-                write_all(&first, false).and(write_all(&runs, false))
+        }
+        let mine = write_all(&runs, false);
+        // Wait for every worker even when a part failed: the buffers must not be reused
+        // while any of them reads them.
+        for w in self.workers.iter().take(handed) {
+            if let Err(e) = w.done.recv().unwrap_or_else(|_| Err(worker_gone())) {
+                first_error.get_or_insert(e);
             }
-            None => write_all(&runs, false),
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => mine,
         }
     }
 }
 
-/// Takes the first half (by pages) of `runs` out and returns it, splitting a run when the
-/// middle falls inside it; `runs` keeps the second half.
-fn split_half(runs: &mut Vec<Run>, total: usize) -> Vec<Run> {
-    let half = total / 2;
-    let mut first = Vec::new();
+fn worker_gone() -> PageWriteError {
+    PageWriteError::Io {
+        block: String::new(),
+        source: std::io::Error::other("page writer thread ended"),
+    }
+}
+
+/// Takes the first `half` pages of `runs` out and returns them, splitting a run when the
+/// cut falls inside it; `runs` keeps the rest.
+fn split_front(runs: &mut Vec<Run>, half: usize) -> Vec<Run> {
+    // Whole runs that fit, then a piece of the next one.
     let mut count = 0;
-    while count < half && !runs.is_empty() {
-        let need = half - count;
-        if runs[0].pages.len() <= need {
-            let r = runs.remove(0);
-            count += r.pages.len();
-            first.push(r);
-        } else {
-            let r = &mut runs[0];
+    let mut whole = 0;
+    while whole < runs.len() && count + runs[whole].pages.len() <= half {
+        count += runs[whole].pages.len();
+        whole += 1;
+    }
+    let mut first: Vec<Run> = runs.drain(..whole).collect();
+    let need = half - count;
+    if need > 0 {
+        if let Some(r) = runs.first_mut() {
             let rest = r.pages.split_off(need);
-            let head = Run {
+            first.push(Run {
                 block: r.block.clone(),
                 start: r.start,
                 pages: std::mem::replace(&mut r.pages, rest),
-            };
+            });
             r.start += (need * TARGET_PAGE_SIZE) as u64;
-            count += need;
-            first.push(head);
         }
     }
     first
@@ -273,13 +293,21 @@ mod tests {
 
     #[test]
     fn large_batches_are_split_and_written_in_full() {
+        // 1 thread (no split), the default 2, parts that do not divide the batch evenly,
+        // and more threads than the batch has pages for.
+        for threads in [1, 2, 3, 4, 7, MAX_THREADS] {
+            write_600_pages(threads);
+        }
+    }
+
+    fn write_600_pages(threads: usize) {
         let a = block("a", 4 << 20);
         let b = block("b", 1 << 20);
         let pages: Vec<Vec<u8>> = (0..600u32)
             .map(|i| vec![(i % 251) as u8 + 1; TARGET_PAGE_SIZE])
             .collect();
-        let mut w = PageWriter::new();
-        // Three runs in two blocks, with a gap, so that the split falls inside a run.
+        let mut w = PageWriter::new(threads);
+        // Three runs in two blocks, with a gap, so that the splits fall inside runs.
         for (i, p) in pages.iter().enumerate() {
             let (blk, off) = match i {
                 0..=299 => (&a, i as u64 * 4096),
@@ -292,7 +320,11 @@ mod tests {
         assert!(w.is_empty());
         let check = |blk: &Arc<RamBlock>, off: u64, want: u8| {
             let got = blk.page(off).expect("in the block")[100];
-            assert_eq!(got, want, "block {} offset {off:#x}", blk.id);
+            assert_eq!(
+                got, want,
+                "{threads} threads: block {} offset {off:#x}",
+                blk.id
+            );
         };
         for i in 0..600u32 {
             let want = (i % 251) as u8 + 1;
@@ -311,7 +343,7 @@ mod tests {
         let a = block("a", 2 << 20);
         let old = vec![1u8; TARGET_PAGE_SIZE];
         let new = vec![2u8; TARGET_PAGE_SIZE];
-        let mut w = PageWriter::new();
+        let mut w = PageWriter::new(2);
         // Page 10 in the first half of the batch, again in the second: without the flush
         // between them the two halves would race.
         for i in 0..300u64 {
@@ -331,7 +363,7 @@ mod tests {
     fn a_write_past_the_block_fails_clearly() {
         let a = block("a", 1 << 20);
         let page = vec![1u8; TARGET_PAGE_SIZE];
-        let mut w = PageWriter::new();
+        let mut w = PageWriter::new(2);
         for i in 0..200u64 {
             w.queue(&a, (i + 200) * 4096, page.as_ptr()).expect("queue");
         }

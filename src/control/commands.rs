@@ -305,6 +305,7 @@ impl Helper {
                     "machine-type": p.machine_type,
                     "compat-version": p.compat_version.to_string(),
                     "link-timeout": p.link_timeout,
+                    "load-threads": p.load_threads,
                 }))
             }
             "migrate" => self.migrate(&a),
@@ -559,6 +560,7 @@ impl Helper {
             "machine-type",
             "compat-version",
             "link-timeout",
+            "load-threads",
         ])?;
         let mut p = self.ctx.params();
         if let Some(v) = a.opt_u64("max-bandwidth")? {
@@ -581,6 +583,16 @@ impl Helper {
                 ));
             }
             p.link_timeout = v;
+        }
+        if let Some(v) = a.opt_u64("load-threads")? {
+            let max = crate::page_writer::MAX_THREADS;
+            if v == 0 || v > max as u64 {
+                return Err(QmpError::generic(format!(
+                    "load-threads must be 1 to {max}"
+                )));
+            }
+            // Read when a migration starts: a running one keeps its threads.
+            p.load_threads = v as usize;
         }
         let running = self.busy();
         if let Some(m) = a.opt_str("machine-type")? {

@@ -12,7 +12,8 @@
 //!
 //! Environment: QMH_BENCH_SIZE (default 2G), QMH_BENCH_REPEAT (default 3),
 //! QMH_BENCH_CASES (default "qq,hh,qh,hq"), QMH_BENCH_DEST (default "fresh,prealloc"),
-//! QMH_BENCH_RSS_SIZES (default "2G,4G"; empty skips).
+//! QMH_BENCH_RSS_SIZES (default "2G,4G"; empty skips), QMH_BENCH_LOAD_THREADS (the helper
+//! destinations' `load-threads`; default: the helper's own default).
 
 #[path = "../interop/helper.rs"]
 mod helper;
@@ -68,6 +69,12 @@ impl End {
         } else {
             let mut h = HelperVm::spawn_quiet();
             h.add_block("ram", size, false);
+            if let Ok(n) = std::env::var("QMH_BENCH_LOAD_THREADS") {
+                let n: u64 = n.parse().expect("QMH_BENCH_LOAD_THREADS: a number");
+                h.client
+                    .set_parameters(json!({ "load-threads": n }))
+                    .expect("load-threads");
+            }
             if prealloc {
                 let mut m = h.blocks[0].mem.map();
                 for p in m.chunks_mut(4096) {

@@ -1293,6 +1293,14 @@ fn control_channel_bad_input() {
             "",
         ),
         (
+            r#"{"execute":"migrate-set-parameters","arguments":{"load-threads":0}}"#,
+            "load-threads must be 1 to 16",
+        ),
+        (
+            r#"{"execute":"migrate-set-parameters","arguments":{"load-threads":17}}"#,
+            "load-threads must be 1 to 16",
+        ),
+        (
             r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":{"events":true}}}"#,
             "capabilities",
         ),

@@ -284,6 +284,31 @@ fn helper_to_helper_fd_64m() {
     eprintln!("{test}: {zeros} zero pages; took {:?}", t0.elapsed());
 }
 
+/// The destination's `load-threads`: one thread (no split), and more threads than this
+/// machine may have CPUs; either way the destination ends equal to the source.
+#[test]
+fn helper_to_helper_load_threads() {
+    let test = "helper_to_helper_load_threads";
+    for threads in [1u64, 4] {
+        let mut src = spawn_with(&[("ram", RAM)]);
+        let mut dst = spawn_with(&[("ram", RAM)]);
+        let zeros = fill_all(&src, test_seed(test) + threads, 0.2);
+        src.client
+            .set_parameters(json!({"max-bandwidth": 0}))
+            .expect("params");
+        dst.client
+            .set_parameters(json!({"load-threads": threads}))
+            .expect("load-threads");
+        assert_eq!(
+            dst.client.query_parameters().expect("params")["load-threads"],
+            threads
+        );
+        let what = format!("{test} ({threads} threads)");
+        let info = migrate_fd_and_check(&mut src, &mut dst, "mig", &what);
+        assert_single_pass_figures(&info, RAM / PAGE_SIZE as u64, zeros, RAM, &what);
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. Odd block sizes and names
 // ---------------------------------------------------------------------------------------
