@@ -262,6 +262,24 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
                 ..Default::default()
             })?;
         }
+        if args.prealloc {
+            // Both helpers map the pages that exist already in the background after
+            // ram-block-add; a VMM's set-up usually leaves them the time, so let them finish
+            // (as QEMU's prealloc finishes before it accepts a migration).
+            let t = Instant::now();
+            for h in [&mut src, &mut dst] {
+                while !h.query_ram_blocks()?[0]["mapped-ahead"]
+                    .as_bool()
+                    .unwrap_or(true)
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            println!(
+                "demo: the helpers mapped the guests' pages ahead in {:.2} s",
+                t.elapsed().as_secs_f64()
+            );
+        }
         let (a, b) = UnixStream::pair().map_err(|source| DemoError::Os {
             what: "socketpair",
             source,

@@ -436,11 +436,18 @@ impl<'a> Loader<'a> {
             }
             Record::Page { data, .. } => {
                 Stats::add(&self.ctx.stats.normal, 1);
+                // A page that is not a hole exists already: the writer copies straight into
+                // it instead of allocating.
+                let mut present = true;
                 if let Some(x) = self.known_zero[bi].get_mut(w) {
+                    present = *x & bit == 0;
                     *x &= !bit;
                 }
                 // Written at the next flush, before the reader's buffer changes.
-                if let Err(e) = self.pages.queue(&self.blocks[bi], offset, data.as_ptr()) {
+                let queued = self
+                    .pages
+                    .queue(&self.blocks[bi], offset, data.as_ptr(), present);
+                if let Err(e) = queued {
                     return Err(self.invalid(r, e.to_string()));
                 }
             }

@@ -9,10 +9,13 @@
 //! last, and `flush` returns when all are done. Batches are written in order, so a later
 //! write to the same page always wins.
 //!
-//! The calling thread writes with `pwritev` (no page fault, no clearing of the new page);
-//! the workers copy through the mapping, because writes to one shmem file serialise on its
-//! inode lock (measured: two `pwritev` threads spent their time spinning on it) while page
-//! faults do not.
+//! Pages that were holes (fresh memory, the usual case): the calling thread writes with
+//! `pwritev` (no page fault, no clearing of the new page); the workers copy through the
+//! mapping, because writes to one shmem file serialise on its inode lock (measured: two
+//! `pwritev` threads spent their time spinning on it) while page faults do not. Pages that
+//! already exist (a preallocated guest, or a page sent again) are copied through the
+//! mapping by every thread: `RamBlock::map_present` has mapped them, so a copy is all it
+//! takes (measured: 0.94 s -> 0.71 s for 2 GiB into preallocated memory).
 
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::Arc;
@@ -45,16 +48,19 @@ struct Run {
     block: Arc<RamBlock>,
     start: u64,
     pages: Vec<usize>,
+    /// The pages already existed in the block (were not holes) when queued.
+    present: bool,
 }
 
 impl Run {
-    /// Writes with `pwritev`, or through the mapping when `via_map` (see `flush`).
+    /// Writes with `pwritev`, or through the mapping when `via_map` (see the module
+    /// comment).
     fn write(&self, via_map: bool) -> Result<(), PageWriteError> {
         let ptrs: Vec<*const u8> = self.pages.iter().map(|&p| p as *const u8).collect();
         // hugetlbfs files cannot be written with write(2) at all: always copy there.
-        let via_map = via_map || self.block.page_size != TARGET_PAGE_SIZE as u64;
+        let via_map = via_map || self.present || self.block.page_size != TARGET_PAGE_SIZE as u64;
         let r = if via_map {
-            Ok(self.block.copy_pages_at(self.start, &ptrs))
+            Ok(self.block.copy_pages_at(self.start, &ptrs, !self.present))
         } else {
             self.block.write_pages_at(self.start, &ptrs)
         };
@@ -145,9 +151,10 @@ impl PageWriter {
         self.pages == 0
     }
 
-    /// Queues the page at `data` (TARGET_PAGE_SIZE bytes) for `offset` in `block`. The
-    /// caller checks the offset against the block first and keeps `data` valid and
-    /// unchanged until the next flush.
+    /// Queues the page at `data` (TARGET_PAGE_SIZE bytes) for `offset` in `block`;
+    /// `present` says the page already exists there (was not a hole). The caller checks the
+    /// offset against the block first and keeps `data` valid and unchanged until the next
+    /// flush.
     ///
     /// The two halves of a batch are written at the same time, so a batch must not hold the
     /// same page twice: a page at or below the highest one queued for its block (a page
@@ -157,6 +164,7 @@ impl PageWriter {
         block: &Arc<RamBlock>,
         offset: u64,
         data: *const u8,
+        present: bool,
     ) -> Result<(), PageWriteError> {
         let key = Arc::as_ptr(block);
         match self.high.iter().position(|(b, _)| *b == key) {
@@ -169,6 +177,7 @@ impl PageWriter {
         }
         let extends = self.runs.last().is_some_and(|r| {
             Arc::ptr_eq(&r.block, block)
+                && r.present == present
                 && r.pages.len() < RUN_MAX
                 && r.start + (r.pages.len() * TARGET_PAGE_SIZE) as u64 == offset
         });
@@ -177,6 +186,7 @@ impl PageWriter {
                 block: block.clone(),
                 start: offset,
                 pages: Vec::with_capacity(64),
+                present,
             });
         }
         if let Some(r) = self.runs.last_mut() {
@@ -263,6 +273,7 @@ fn split_front(runs: &mut Vec<Run>, half: usize) -> Vec<Run> {
         if let Some(r) = runs.first_mut() {
             let rest = r.pages.split_off(need);
             first.push(Run {
+                present: r.present,
                 block: r.block.clone(),
                 start: r.start,
                 pages: std::mem::replace(&mut r.pages, rest),
@@ -296,13 +307,27 @@ mod tests {
         // 1 thread (no split), the default 2, parts that do not divide the batch evenly,
         // and more threads than the batch has pages for.
         for threads in [1, 2, 3, 4, 7, MAX_THREADS] {
-            write_600_pages(threads);
+            write_600_pages(threads, false);
         }
+        // Into pages that exist already (a preallocated guest), mapped ahead or not.
+        write_600_pages(2, true);
+        write_600_pages(3, true);
     }
 
-    fn write_600_pages(threads: usize) {
+    fn write_600_pages(threads: usize, present: bool) {
         let a = block("a", 4 << 20);
         let b = block("b", 1 << 20);
+        if present {
+            // Written through the fd, so that this process has not mapped them.
+            let fill = [0xeeu8; TARGET_PAGE_SIZE];
+            for blk in [&a, &b] {
+                for off in (0..blk.size).step_by(4096) {
+                    assert!(blk.write_pages_at(off, &[fill.as_ptr()]).expect("write"));
+                }
+            }
+            // Map one block ahead, leave the other to fault.
+            assert_eq!(a.map_present(|| false), a.pages());
+        }
         let pages: Vec<Vec<u8>> = (0..600u32)
             .map(|i| vec![(i % 251) as u8 + 1; TARGET_PAGE_SIZE])
             .collect();
@@ -314,7 +339,7 @@ mod tests {
                 300..=499 => (&a, (i as u64 + 10) * 4096),
                 _ => (&b, (i as u64 - 500) * 4096),
             };
-            w.queue(blk, off, p.as_ptr()).expect("queue");
+            w.queue(blk, off, p.as_ptr(), present).expect("queue");
         }
         w.flush().expect("flush");
         assert!(w.is_empty());
@@ -334,8 +359,8 @@ mod tests {
                 _ => check(&b, (i as u64 - 500) * 4096, want),
             }
         }
-        // The gap stays a hole.
-        check(&a, 305 * 4096, 0);
+        // The gap keeps what it had.
+        check(&a, 305 * 4096, if present { 0xee } else { 0 });
     }
 
     #[test]
@@ -347,10 +372,10 @@ mod tests {
         // Page 10 in the first half of the batch, again in the second: without the flush
         // between them the two halves would race.
         for i in 0..300u64 {
-            w.queue(&a, i * 4096, old.as_ptr()).expect("queue");
+            w.queue(&a, i * 4096, old.as_ptr(), false).expect("queue");
         }
         for i in 10..310u64 {
-            w.queue(&a, i * 4096, new.as_ptr()).expect("queue");
+            w.queue(&a, i * 4096, new.as_ptr(), i < 300).expect("queue");
         }
         w.flush().expect("flush");
         for i in 0..310u64 {
@@ -365,7 +390,8 @@ mod tests {
         let page = vec![1u8; TARGET_PAGE_SIZE];
         let mut w = PageWriter::new(2);
         for i in 0..200u64 {
-            w.queue(&a, (i + 200) * 4096, page.as_ptr()).expect("queue");
+            w.queue(&a, (i + 200) * 4096, page.as_ptr(), false)
+                .expect("queue");
         }
         let e = w.flush().expect_err("outside");
         assert!(e.to_string().contains("outside RAM block \"a\""), "{e}");

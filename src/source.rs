@@ -616,6 +616,9 @@ pub fn run(
     let caps = ctx.caps();
     let params = ctx.params();
     let t0 = Instant::now();
+    // Reading faults pages in cheaply (16 at a time); mapping them ahead now would only
+    // compete with sending them.
+    blocks.iter().for_each(|b| b.stop_mapping_ahead());
     let total: u64 = blocks.iter().map(|b| b.size).sum();
     ctx.stats.total.store(total, Ordering::Relaxed);
     ctx.stats.remaining.store(total, Ordering::Relaxed);

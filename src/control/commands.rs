@@ -13,7 +13,7 @@ use super::qmp::QmpError;
 use crate::compat::QemuVersion;
 use crate::device_state::DeviceSection;
 use crate::events::EventSink;
-use crate::guest_memory::{RamBlock, RamBlockSpec};
+use crate::guest_memory::{map_present_in_background, RamBlock, RamBlockSpec};
 use crate::migration::{Capabilities, MigrationCtx};
 use crate::state::MigrationStatus;
 use crate::transport::{Channel, Incoming, Uri};
@@ -271,6 +271,7 @@ impl Helper {
                             let mut v = json!({
                                 "id": b.id, "fdname": b.fdname, "offset": b.offset,
                                 "size": b.size, "page-size": b.page_size,
+                                "mapped-ahead": b.mapped_ahead(),
                             });
                             if let Some(h) = b.host_addr {
                                 v["host-addr"] = json!(h);
@@ -518,7 +519,9 @@ impl Helper {
         };
         let block = RamBlock::new(spec, fd).map_err(|e| QmpError::generic(e.to_string()))?;
         slog::info!(self.log, "RAM block added"; "id" => &block.id, "size" => block.size, "page_size" => block.page_size);
-        lock(&self.blocks).push(Arc::new(block));
+        let block = Arc::new(block);
+        map_present_in_background(&block, &self.log);
+        lock(&self.blocks).push(block);
         Ok(json!({}))
     }
 

@@ -58,7 +58,8 @@ impl End {
 
     /// With `prealloc`, the destination's RAM is allocated and touched before the clock
     /// starts: QEMU with `prealloc=on`, the helper's parent by writing every page of its
-    /// memfd (what a VMM that preallocates guest memory does).
+    /// memfd before adding it (what a VMM that preallocates guest memory does), and the
+    /// helper has mapped those pages (`mapped-ahead`), as QEMU has mapped its own.
     fn destination(qemu: bool, size: u64, prealloc: bool) -> End {
         if qemu {
             let opts = VmOpts {
@@ -68,18 +69,18 @@ impl End {
             End::Qemu(QemuVm::start(Qemu::V10, size, &opts))
         } else {
             let mut h = HelperVm::spawn_quiet();
-            h.add_block("ram", size, false);
+            if prealloc {
+                // As a VMM that preallocates guest RAM does: allocated before the helper
+                // gets it, and (like QEMU's prealloc at start-up) mapped before the clock.
+                h.add_preallocated_block("ram", size, 0);
+            } else {
+                h.add_block("ram", size, false);
+            }
             if let Ok(n) = std::env::var("QMH_BENCH_LOAD_THREADS") {
                 let n: u64 = n.parse().expect("QMH_BENCH_LOAD_THREADS: a number");
                 h.client
                     .set_parameters(json!({ "load-threads": n }))
                     .expect("load-threads");
-            }
-            if prealloc {
-                let mut m = h.blocks[0].mem.map();
-                for p in m.chunks_mut(4096) {
-                    p[0] = 0;
-                }
             }
             End::Helper(h)
         }

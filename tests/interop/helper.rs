@@ -77,7 +77,35 @@ impl HelperVm {
 
     /// Adds a block backed by a new memfd (and a dirty bitmap memfd when asked).
     pub fn add_block(&mut self, id: &str, size: u64, with_bitmap: bool) -> usize {
+        self.add_memfd_block(id, Memfd::new(id, size), with_bitmap)
+    }
+
+    /// A block whose memory the parent allocated before adding it, filled with `fill` (a
+    /// preallocated guest); waits until the helper has mapped it ahead.
+    pub fn add_preallocated_block(&mut self, id: &str, size: u64, fill: u8) -> usize {
         let mem = Memfd::new(id, size);
+        mem.map().fill(fill);
+        let i = self.add_memfd_block(id, mem, false);
+        let t0 = std::time::Instant::now();
+        loop {
+            let v = self.client.query_ram_blocks().expect("query-ram-blocks");
+            let done = v
+                .as_array()
+                .and_then(|a| a.iter().find(|b| b["id"] == id))
+                .is_some_and(|b| b["mapped-ahead"] == true);
+            if done {
+                return i;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "block {id} not mapped ahead: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn add_memfd_block(&mut self, id: &str, mem: Memfd, with_bitmap: bool) -> usize {
+        let size = mem.size;
         let fdname = format!("mem-{}", self.blocks.len());
         self.client
             .getfd(&fdname, mem.fd.as_fd())

@@ -309,6 +309,25 @@ fn helper_to_helper_load_threads() {
     }
 }
 
+/// A destination whose memory the parent preallocated (and filled with junk) before adding
+/// it: the helper maps it ahead (`mapped-ahead`), then normal pages are copied into the
+/// existing pages and zero pages clear them; the result equals the source byte for byte.
+#[test]
+fn helper_to_helper_into_preallocated_memory() {
+    let test = "helper_to_helper_into_preallocated_memory";
+    let mut src = spawn_with(&[("ram", RAM)]);
+    let mut dst = spawn_helper();
+    dst.add_preallocated_block("ram", RAM, 0xa5);
+    let blocks = dst.client.query_ram_blocks().expect("query-ram-blocks");
+    assert_eq!(blocks[0]["mapped-ahead"], true, "{blocks}");
+    let zeros = fill_all(&src, test_seed(test), 0.5);
+    src.client
+        .set_parameters(json!({"max-bandwidth": 0}))
+        .expect("params");
+    let info = migrate_fd_and_check(&mut src, &mut dst, "mig", test);
+    assert_single_pass_figures(&info, RAM / PAGE_SIZE as u64, zeros, RAM, test);
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. Odd block sizes and names
 // ---------------------------------------------------------------------------------------
