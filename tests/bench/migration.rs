@@ -370,7 +370,7 @@ fn main() {
         println!(
             "\ndestination RAM {}",
             if prealloc {
-                "preallocated before the clock starts (QEMU prealloc=on; the helper's parent touched its memfd)"
+                "preallocated before the clock starts (QEMU prealloc=on; the helper's parent filled its memfd before adding it, and the helper mapped it ahead)"
             } else {
                 "fresh: every page allocated (and, on a VM, backed by the host) as it is written"
             }
