@@ -268,9 +268,11 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
             // (as QEMU's prealloc finishes before it accepts a migration).
             let t = Instant::now();
             for h in [&mut src, &mut dst] {
+                // Bounded: it is only an optimisation, never worth hanging the demo for.
                 while !h.query_ram_blocks()?[0]["mapped-ahead"]
                     .as_bool()
                     .unwrap_or(true)
+                    && t.elapsed() < Duration::from_secs(60)
                 {
                     std::thread::sleep(Duration::from_millis(5));
                 }

@@ -75,13 +75,20 @@ fn file_size(id: &str, fd: &OwnedFd) -> Result<u64, MemoryError> {
     Ok(st.st_size as u64)
 }
 
+const HUGETLBFS_MAGIC: i64 = 0x958458f6;
+const TMPFS_MAGIC: i64 = 0x01021994;
+
 /// The page size of the file system behind `fd` (hugetlbfs reports its huge page size).
 fn fd_page_size(fd: &OwnedFd) -> u64 {
-    const HUGETLBFS_MAGIC: i64 = 0x958458f6;
     match nix::sys::statfs::fstatfs(fd) {
         Ok(s) if s.filesystem_type().0 == HUGETLBFS_MAGIC => s.block_size() as u64,
         _ => TARGET_PAGE_SIZE as u64,
     }
+}
+
+/// `fd` is on tmpfs (a memfd, or a file in /dev/shm): its pages are memory, not a disk's.
+fn fd_is_tmpfs(fd: &OwnedFd) -> bool {
+    nix::sys::statfs::fstatfs(fd).is_ok_and(|s| s.filesystem_type().0 == TMPFS_MAGIC)
 }
 
 /// A dirty bitmap shared with the parent: little-endian u64 words, bit i = page i.
@@ -148,10 +155,29 @@ impl DirtyBitmap {
     }
 }
 
+/// Clears bits `[from, to)`, a word at a time where it can.
+fn clear_bits(bits: &mut [u64], from: u64, to: u64) {
+    let mut p = from;
+    while p < to {
+        let (w, b) = ((p / 64) as usize, p % 64);
+        let n = (64 - b).min(to - p);
+        let mask = if n == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << n) - 1) << b
+        };
+        if let Some(x) = bits.get_mut(w) {
+            *x &= !mask;
+        }
+        p += n;
+    }
+}
+
 /// Starts [`RamBlock::map_present`] on a thread of its own, so that `ram-block-add` returns
 /// at once (mapping takes about 0.1 s per GiB present). A migration does not wait for it:
 /// a page not mapped yet is mapped by the copy's own fault. Stops when only this thread
-/// still holds the block, or when the block becomes a source's.
+/// still holds the block (removed: the mapping then lives at most one chunk longer), when
+/// the block becomes a source's, or at the first hole the helper punches.
 pub fn map_present_in_background(block: &Arc<RamBlock>, log: &slog::Logger) {
     let b = Arc::downgrade(block);
     let thread_log = log.clone();
@@ -160,9 +186,7 @@ pub fn map_present_in_background(block: &Arc<RamBlock>, log: &slog::Logger) {
         .spawn(move || {
             let Some(block) = b.upgrade() else { return };
             let t = std::time::Instant::now();
-            let pages = block.map_present(|| {
-                Arc::strong_count(&block) == 1 || block.stop_mapping.load(Ordering::Relaxed)
-            });
+            let pages = block.map_present(|| Arc::strong_count(&block) == 1);
             slog::debug!(thread_log, "RAM block's present pages mapped"; "id" => &block.id,
                 "pages" => pages, "ms" => t.elapsed().as_millis() as u64);
         });
@@ -182,10 +206,14 @@ pub struct RamBlock {
     pub dirty_bitmap_name: Option<String>,
     region: MmapRegion,
     dirty: Option<DirtyBitmap>,
+    /// The fd is on tmpfs: mapping its present pages ahead reads nothing from a disk.
+    tmpfs: bool,
     /// [`RamBlock::map_present`] went through the whole block.
     mapped_ahead: std::sync::atomic::AtomicBool,
-    /// Tells a background [`RamBlock::map_present`] to stop.
+    /// Tells [`RamBlock::map_present`] to stop; set for good.
     stop_mapping: std::sync::atomic::AtomicBool,
+    /// Held while `map_present` populates a chunk, so that stopping can wait for it.
+    mapping: std::sync::Mutex<()>,
 }
 
 /// What `ram-block-add` asks for.
@@ -207,6 +235,7 @@ impl RamBlock {
         }
         let fsize = file_size(id, &fd)?;
         let fd_ps = fd_page_size(&fd);
+        let tmpfs = fd_is_tmpfs(&fd);
         let page_size = spec.page_size.unwrap_or(fd_ps);
         if !page_size.is_power_of_two() || page_size < TARGET_PAGE_SIZE as u64 {
             return Err(MemoryError::invalid(
@@ -276,8 +305,10 @@ impl RamBlock {
             dirty_bitmap_name,
             region,
             dirty,
+            tmpfs,
             mapped_ahead: Default::default(),
             stop_mapping: Default::default(),
+            mapping: Default::default(),
         })
     }
 
@@ -339,12 +370,9 @@ impl RamBlock {
 
     /// The block's data ranges in the fd right now, as block-relative byte ranges widened to
     /// whole target pages, found with SEEK_DATA/SEEK_HOLE: a fresh memfd is one hole and
-    /// costs one call. If the fd cannot tell, the whole block counts as data.
-    fn data_ranges(&self) -> Vec<(u64, u64)> {
-        let Some(f) = self.fd() else {
-            return vec![(0, self.size)];
-        };
-        let fd = f.as_raw_fd();
+    /// costs one call. None if the fd cannot tell.
+    fn data_ranges(&self) -> Option<Vec<(u64, u64)>> {
+        let fd = self.fd()?.as_raw_fd();
         let page = TARGET_PAGE_SIZE as i64;
         let (start, end) = (self.offset as i64, (self.offset + self.size) as i64);
         let mut ranges = Vec::new();
@@ -353,74 +381,82 @@ impl RamBlock {
             // SAFETY: plain syscalls on an fd we own.
             let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
             if data < 0 {
-                if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
-                    // Not a question this fd answers: treat the rest as data.
-                    ranges.push((pos, end));
-                }
-                break;
+                // ENXIO: no data after `pos`. Anything else: not a question this fd answers.
+                let enxio = std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+                return enxio.then_some(ranges);
             }
             if data >= end {
                 break;
             }
             // SAFETY: as above.
             let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            if hole <= data {
+                return None;
+            }
             // A partly written page is data.
             let from = data - (data - start) % page;
-            let to = if hole <= data {
-                end
-            } else {
-                (start + (hole - start + page - 1) / page * page).min(end)
-            };
-            ranges.push((from, to));
+            let to = (start + (hole - start + page - 1) / page * page).min(end);
+            ranges.push(((from - start) as u64, (to - start) as u64));
             pos = to;
         }
-        ranges
-            .into_iter()
-            .map(|(a, b)| ((a - start) as u64, (b - start) as u64))
-            .collect()
+        Some(ranges)
     }
 
     /// A bitmap of the target pages that are holes in the fd (so read as zero) right now.
-    /// Pages whose state cannot be told are reported as data.
+    /// If the fd cannot tell, no page is a hole: a hole is skipped as known zero, so only a
+    /// sure answer may say so.
     pub fn hole_bitmap(&self) -> Vec<u64> {
         let pages = self.pages();
-        let mut bits = vec![u64::MAX; pages.div_ceil(64) as usize];
+        let words = pages.div_ceil(64) as usize;
+        let Some(ranges) = self.data_ranges() else {
+            return vec![0; words];
+        };
+        let mut bits = vec![u64::MAX; words];
         if let Some(last) = bits.last_mut() {
             if pages % 64 != 0 {
                 *last = (1u64 << (pages % 64)) - 1;
             }
         }
-        for (a, b) in self.data_ranges() {
-            for p in a / TARGET_PAGE_SIZE as u64..b / TARGET_PAGE_SIZE as u64 {
-                bits[(p / 64) as usize] &= !(1 << (p % 64));
-            }
+        for (a, b) in ranges {
+            clear_bits(
+                &mut bits,
+                a / TARGET_PAGE_SIZE as u64,
+                b / TARGET_PAGE_SIZE as u64,
+            );
         }
         bits
     }
 
     /// Maps the pages the parent has already allocated (a preallocated or previously used
     /// guest) into this process's page tables, a chunk at a time, so that copies into and
-    /// out of them later do not fault one page at a time; holes stay holes. Stops early when
-    /// `stop` returns true. Returns the pages mapped. Mapping is only a hint: on a kernel
-    /// without MADV_POPULATE_WRITE the copies fault instead.
+    /// out of them later do not fault one page at a time; holes stay holes. Only on tmpfs
+    /// (on a disk-backed file it would read the file). Stops early when `stop` returns true
+    /// or [`RamBlock::stop_mapping_ahead`] was called. Returns the pages mapped. Mapping is
+    /// only a hint: on a kernel without MADV_POPULATE_WRITE the copies fault instead.
+    ///
+    /// The data ranges are taken once, at the start: a hole punched later by the helper
+    /// (a postcopy discard) first stops the mapping, and waits for the chunk in progress,
+    /// so that it cannot be filled again with a page the parent's userfaultfd would then
+    /// never report missing.
     pub fn map_present(&self, stop: impl Fn() -> bool) -> u64 {
-        if self.page_size != TARGET_PAGE_SIZE as u64 {
+        let ranges = match self.data_ranges() {
             // hugetlbfs pages map whole on their first touch anyway.
-            self.mapped_ahead.store(true, Ordering::Release);
-            return 0;
-        }
-        const CHUNK: u64 = 64 << 20;
+            Some(r) if self.tmpfs && self.page_size == TARGET_PAGE_SIZE as u64 => r,
+            _ => Vec::new(),
+        };
+        const CHUNK: u64 = 32 << 20;
         let mut mapped = 0;
-        for (a, b) in self.data_ranges() {
+        for (a, b) in ranges {
             let mut off = a;
             while off < b {
-                if stop() {
+                let _chunk = self.mapping.lock().unwrap_or_else(|e| e.into_inner());
+                if stop() || self.stop_mapping.load(Ordering::Relaxed) {
                     return mapped;
                 }
                 let len = (b - off).min(CHUNK);
-                // SAFETY: [off, off+len) lies inside the mapping, which lives as long as self;
-                // populating writes nothing and the pages exist, so nothing is allocated
-                // (unless the parent punches a hole meanwhile, which only costs memory).
+                // SAFETY: [off, off+len) lies inside the mapping, which lives as long as
+                // self; populating writes nothing, and the pages exist (holes punched by
+                // this helper stop the mapping first, see above), so nothing is allocated.
                 unsafe {
                     libc::madvise(
                         self.region.as_ptr().add(off as usize) as *mut libc::c_void,
@@ -436,10 +472,11 @@ impl RamBlock {
         mapped
     }
 
-    /// Stops a background [`RamBlock::map_present`] (a source reads its pages once, and
-    /// faults them in cheaply as it goes).
+    /// Stops [`RamBlock::map_present`] for good, and returns once a chunk it is mapping is
+    /// done.
     pub fn stop_mapping_ahead(&self) {
         self.stop_mapping.store(true, Ordering::Relaxed);
+        drop(self.mapping.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// The block's present pages have all been mapped ahead (see `map_present`).
@@ -527,6 +564,8 @@ impl RamBlock {
     /// Frees `[off, off+len)` of the block back to a hole (postcopy discard): the parent's
     /// next access to it faults.
     pub fn punch_hole(&self, off: u64, len: u64) -> std::io::Result<()> {
+        // Mapping ahead must not fill the hole again (see `map_present`).
+        self.stop_mapping_ahead();
         let f = self
             .fd()
             .ok_or_else(|| std::io::Error::other("block has no fd"))?;
@@ -643,6 +682,50 @@ pub(crate) mod tests {
         assert!(b.copy_pages_at(3 * 4096, &[new.as_ptr()], false));
         assert_eq!(b.page(3 * 4096).unwrap()[17], 7);
         assert_eq!(b.page(2 * 4096).unwrap()[17], 1);
+    }
+
+    #[test]
+    fn a_punched_hole_stops_mapping_ahead_for_good() {
+        let b = RamBlock::new(spec("ram", 1 << 20), memfd(1 << 20)).unwrap();
+        let page = [5u8; 4096];
+        for p in 0..256u64 {
+            assert!(b.write_pages_at(p * 4096, &[page.as_ptr()]).unwrap());
+        }
+        // A postcopy discard: from now on nothing may fill that hole again.
+        b.punch_hole(7 * 4096, 4096).unwrap();
+        assert_eq!(b.map_present(|| false), 0);
+        assert!(!b.mapped_ahead());
+        assert_eq!(b.hole_bitmap()[0], 1 << 7, "page 7 is still the only hole");
+    }
+
+    #[test]
+    fn only_tmpfs_is_mapped_ahead() {
+        // A file on the disk the tests run from (not tmpfs here; said if it is).
+        let dir = std::env::temp_dir();
+        let path = dir.join(format!("qmh-map-ahead-{}", std::process::id()));
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::FileExt::write_at(&f, &[1u8; 8192], 0).unwrap();
+        f.set_len(1 << 20).unwrap();
+        let fd = OwnedFd::from(f);
+        let on_tmpfs = fd_is_tmpfs(&fd);
+        let b = RamBlock::new(spec("disk", 1 << 20), fd).unwrap();
+        let want = if on_tmpfs {
+            eprintln!("{} is on tmpfs: mapping ahead maps its data", dir.display());
+            2
+        } else {
+            0
+        };
+        assert_eq!(b.map_present(|| false), want);
+        assert!(b.mapped_ahead(), "nothing (more) to map is done too");
+        // The holes are found on any file system that reports them.
+        assert_eq!(b.hole_bitmap()[0] & 0b111, 0b100);
     }
 
     #[test]

@@ -156,7 +156,7 @@ impl PageWriter {
     /// offset against the block first and keeps `data` valid and unchanged until the next
     /// flush.
     ///
-    /// The two halves of a batch are written at the same time, so a batch must not hold the
+    /// The parts of a batch are written at the same time, so a batch must not hold the
     /// same page twice: a page at or below the highest one queued for its block (a page
     /// sent again in a later pass) writes the batch out first.
     pub fn queue(
@@ -220,28 +220,34 @@ impl PageWriter {
         }
         let parts = parts.min(self.workers.len() + 1);
         // The workers take the first parts, in order; the caller writes what is left.
-        let mut handed = 0;
+        let mut handed = Vec::with_capacity(parts - 1);
+        let mut gone = Vec::new();
         let mut first_error = None;
-        for (i, w) in self.workers.iter_mut().take(parts - 1).enumerate() {
+        for (i, w) in self.workers.iter().take(parts - 1).enumerate() {
             let part = split_front(&mut runs, total * (i + 1) / parts - total * i / parts);
             match w.jobs.as_ref().map(|j| j.send(part)) {
-                Some(Ok(())) => handed += 1,
-                // The worker is gone: write its part here.
+                Some(Ok(())) => handed.push(i),
+                // The worker is gone: write its part here, and replace it next time.
                 Some(Err(mpsc::SendError(part))) => {
+                    gone.push(i);
                     if let Err(e) = write_all(&part, false) {
                         first_error.get_or_insert(e);
                     }
                 }
-                None => {}
+                None => gone.push(i),
             }
         }
         let mine = write_all(&runs, false);
-        // Wait for every worker even when a part failed: the buffers must not be reused
-        // while any of them reads them.
-        for w in self.workers.iter().take(handed) {
-            if let Err(e) = w.done.recv().unwrap_or_else(|_| Err(worker_gone())) {
+        // Wait for exactly the workers that took a part, even when a part failed: the
+        // buffers must not be reused while any of them reads them.
+        for &i in &handed {
+            let r = self.workers[i].done.recv();
+            if let Err(e) = r.unwrap_or_else(|_| Err(worker_gone())) {
                 first_error.get_or_insert(e);
             }
+        }
+        for &i in gone.iter().rev() {
+            self.workers.remove(i);
         }
         match first_error {
             Some(e) => Err(e),
@@ -257,18 +263,18 @@ fn worker_gone() -> PageWriteError {
     }
 }
 
-/// Takes the first `half` pages of `runs` out and returns them, splitting a run when the
-/// cut falls inside it; `runs` keeps the rest.
-fn split_front(runs: &mut Vec<Run>, half: usize) -> Vec<Run> {
+/// Takes the first `n` pages of `runs` out and returns them, splitting a run when the cut
+/// falls inside it; `runs` keeps the rest.
+fn split_front(runs: &mut Vec<Run>, n: usize) -> Vec<Run> {
     // Whole runs that fit, then a piece of the next one.
     let mut count = 0;
     let mut whole = 0;
-    while whole < runs.len() && count + runs[whole].pages.len() <= half {
+    while whole < runs.len() && count + runs[whole].pages.len() <= n {
         count += runs[whole].pages.len();
         whole += 1;
     }
     let mut first: Vec<Run> = runs.drain(..whole).collect();
-    let need = half - count;
+    let need = n - count;
     if need > 0 {
         if let Some(r) = runs.first_mut() {
             let rest = r.pages.split_off(need);
@@ -369,8 +375,8 @@ mod tests {
         let old = vec![1u8; TARGET_PAGE_SIZE];
         let new = vec![2u8; TARGET_PAGE_SIZE];
         let mut w = PageWriter::new(2);
-        // Page 10 in the first half of the batch, again in the second: without the flush
-        // between them the two halves would race.
+        // Page 10 in the first part of the batch, again in the second: without the flush
+        // between them the two parts would race.
         for i in 0..300u64 {
             w.queue(&a, i * 4096, old.as_ptr(), false).expect("queue");
         }
@@ -381,6 +387,38 @@ mod tests {
         for i in 0..310u64 {
             let want = if i < 10 { 1 } else { 2 };
             assert_eq!(a.page(i * 4096).expect("page")[0], want, "page {i}");
+        }
+    }
+
+    #[test]
+    fn a_worker_that_is_gone_is_written_for_and_replaced() {
+        let a = block("a", 4 << 20);
+        let fill = |w: &mut PageWriter, pages: &[Vec<u8>]| {
+            for (i, p) in pages.iter().enumerate() {
+                w.queue(&a, i as u64 * 4096, p.as_ptr(), false)
+                    .expect("queue");
+            }
+            w.flush()
+        };
+        let mut w = PageWriter::new(3);
+        let first: Vec<Vec<u8>> = (0..600).map(|_| vec![1u8; TARGET_PAGE_SIZE]).collect();
+        fill(&mut w, &first).expect("flush");
+        assert_eq!(w.workers.len(), 2);
+        // Worker 0's thread ends (its job channel closes); worker 1 still takes a part.
+        let (tx, rx) = mpsc::sync_channel(1);
+        drop(rx);
+        w.workers[0].jobs = Some(tx);
+        let second: Vec<Vec<u8>> = (0..600).map(|_| vec![2u8; TARGET_PAGE_SIZE]).collect();
+        fill(&mut w, &second).expect("flush without worker 0");
+        for i in 0..600u64 {
+            assert_eq!(a.page(i * 4096).expect("page")[9], 2, "page {i}");
+        }
+        assert_eq!(w.workers.len(), 1, "the worker that is gone was dropped");
+        let third: Vec<Vec<u8>> = (0..600).map(|_| vec![3u8; TARGET_PAGE_SIZE]).collect();
+        fill(&mut w, &third).expect("flush");
+        assert_eq!(w.workers.len(), 2, "and replaced");
+        for i in 0..600u64 {
+            assert_eq!(a.page(i * 4096).expect("page")[9], 3, "page {i}");
         }
     }
 

@@ -318,8 +318,18 @@ fn helper_to_helper_into_preallocated_memory() {
     let mut src = spawn_with(&[("ram", RAM)]);
     let mut dst = spawn_helper();
     dst.add_preallocated_block("ram", RAM, 0xa5);
-    let blocks = dst.client.query_ram_blocks().expect("query-ram-blocks");
-    assert_eq!(blocks[0]["mapped-ahead"], true, "{blocks}");
+    // Mapped ahead means in the helper's own page tables: all of it counts in its RssShmem.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", dst.pid())).expect("status");
+    let shmem_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssShmem:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("RssShmem");
+    assert!(
+        shmem_kib >= RAM / 1024,
+        "{shmem_kib} KiB of shared memory mapped, want the whole {} KiB block",
+        RAM / 1024
+    );
     let zeros = fill_all(&src, test_seed(test), 0.5);
     src.client
         .set_parameters(json!({"max-bandwidth": 0}))
