@@ -349,7 +349,12 @@ fn main() {
     let mut times: Vec<Vec<Vec<Timing>>> = vec![vec![Vec::new(); cases.len()]; dests.len()];
     for r in 0..repeat {
         for (di, &prealloc) in dests.iter().enumerate() {
-            for (i, (name, sq, dq)) in cases.iter().enumerate() {
+            // Each run starts with another case: how costly a first touch is depends on
+            // what the machine freed just before (a host takes freed memory back after a
+            // while), so no case should always run in the same place.
+            for k in 0..cases.len() {
+                let i = (k + r) % cases.len();
+                let (name, sq, dq) = &cases[i];
                 if i > 0 && !pick.split(',').any(|k| k == keys[i]) {
                     continue;
                 }
