@@ -209,20 +209,36 @@ fn helper_to_helper_postcopy_pre_switchover() {
 /// Both helpers with postcopy-preempt, over a `unix:` listener.
 #[test]
 fn helper_to_helper_postcopy_preempt() {
-    helper_to_helper_postcopy_opts(false, true);
+    helper_to_helper_postcopy_opts(false, true, false);
 }
 
 fn helper_to_helper_postcopy_with(pause: bool) {
-    helper_to_helper_postcopy_opts(pause, false);
+    helper_to_helper_postcopy_opts(pause, false, false);
 }
 
-fn helper_to_helper_postcopy_opts(pause: bool, preempt: bool) {
+/// Into a guest whose parent preallocated its memory with junk: the pages never sent
+/// before postcopy must be discarded (and not mapped ahead again), so that the parent's
+/// reads fault and get the source's content instead of the junk.
+#[test]
+fn helper_to_helper_postcopy_into_preallocated_memory() {
+    helper_to_helper_postcopy_opts(false, false, true);
+}
+
+fn helper_to_helper_postcopy_opts(pause: bool, preempt: bool, prealloc: bool) {
     let seed = test_seed("helper_to_helper_postcopy");
     let mut src = HelperVm::spawn();
     src.add_block("pc.ram", RAM, false);
     fill_mixed(&mut src.blocks[0].mem.map(), seed, 0.3);
     let expected = Arc::new(src.blocks[0].mem.map().to_vec());
     let mut guest = UffdGuest::new(RAM);
+    if prealloc {
+        // Through the fd: the registered mapping would fault on a missing page.
+        let f = std::fs::File::from(guest.mem.fd.try_clone().expect("dup"));
+        let junk = vec![0x5au8; MIB as usize];
+        for off in (0..RAM).step_by(MIB as usize) {
+            std::os::unix::fs::FileExt::write_all_at(&f, &junk, off).expect("junk");
+        }
+    }
     let mut dst = HelperVm::spawn();
     guest.attach(&mut dst, "pc.ram");
     for h in [&mut src, &mut dst] {
