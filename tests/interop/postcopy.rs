@@ -45,6 +45,16 @@ impl UffdGuest {
         }
     }
 
+    /// Allocates every page with `fill`, as a parent that preallocates guest memory does;
+    /// through the fd, as the registered mapping would fault on a missing page.
+    pub fn preallocate(&self, fill: u8) {
+        let f = std::fs::File::from(self.mem.fd.try_clone().expect("dup"));
+        let chunk = vec![fill; MIB as usize];
+        for off in (0..self.mem.size).step_by(MIB as usize) {
+            std::os::unix::fs::FileExt::write_all_at(&f, &chunk, off).expect("preallocate");
+        }
+    }
+
     pub fn host_addr(&self) -> u64 {
         self.map.as_ptr() as u64
     }
@@ -232,12 +242,7 @@ fn helper_to_helper_postcopy_opts(pause: bool, preempt: bool, prealloc: bool) {
     let expected = Arc::new(src.blocks[0].mem.map().to_vec());
     let mut guest = UffdGuest::new(RAM);
     if prealloc {
-        // Through the fd: the registered mapping would fault on a missing page.
-        let f = std::fs::File::from(guest.mem.fd.try_clone().expect("dup"));
-        let junk = vec![0x5au8; MIB as usize];
-        for off in (0..RAM).step_by(MIB as usize) {
-            std::os::unix::fs::FileExt::write_all_at(&f, &junk, off).expect("junk");
-        }
+        guest.preallocate(0x5a);
     }
     let mut dst = HelperVm::spawn();
     guest.attach(&mut dst, "pc.ram");
@@ -318,12 +323,24 @@ fn helper_to_helper_postcopy_opts(pause: bool, preempt: bool, prealloc: bool) {
 /// Real QEMU source in postcopy -> helper destination whose parent (the test) faults pages
 /// in from several threads while QEMU pushes the rest slowly.
 fn qemu_to_helper_postcopy(qemu: Qemu, test: &str) {
-    qemu_to_helper_postcopy_with(qemu, test, false);
+    qemu_to_helper_postcopy_with(qemu, test, false, false);
+}
+
+/// QEMU's source discards the pages it has not sent when postcopy starts, as the helper's
+/// does: into a guest preallocated with junk, the parent still reads QEMU's content.
+#[test]
+fn qemu10_to_helper_postcopy_into_preallocated_memory() {
+    qemu_to_helper_postcopy_with(
+        Qemu::V10,
+        "qemu10_to_helper_postcopy_into_preallocated_memory",
+        false,
+        true,
+    );
 }
 
 /// With `preempt`, both sides have postcopy-preempt and the migration runs over a `unix:`
 /// listener, where QEMU connects its second (preempt) channel.
-fn qemu_to_helper_postcopy_with(qemu: Qemu, test: &str, preempt: bool) {
+fn qemu_to_helper_postcopy_with(qemu: Qemu, test: &str, preempt: bool, prealloc: bool) {
     if require_qemu(qemu, test).is_none() {
         return;
     }
@@ -332,6 +349,9 @@ fn qemu_to_helper_postcopy_with(qemu: Qemu, test: &str, preempt: bool) {
     fill_mixed(&mut src.ram_mmap(), seed, 0.3);
     let expected = Arc::new(src.ram_mmap().to_vec());
     let mut guest = UffdGuest::new(RAM);
+    if prealloc {
+        guest.preallocate(0x5a);
+    }
     let mut dst = HelperVm::spawn();
     guest.attach(&mut dst, "ram");
     let caps = [("postcopy-ram", true), ("postcopy-preempt", preempt)];
@@ -400,12 +420,12 @@ fn qemu_to_helper_postcopy_with(qemu: Qemu, test: &str, preempt: bool) {
 
 #[test]
 fn qemu10_to_helper_postcopy_preempt() {
-    qemu_to_helper_postcopy_with(Qemu::V10, "qemu10_to_helper_postcopy_preempt", true);
+    qemu_to_helper_postcopy_with(Qemu::V10, "qemu10_to_helper_postcopy_preempt", true, false);
 }
 
 #[test]
 fn qemu72_to_helper_postcopy_preempt() {
-    qemu_to_helper_postcopy_with(Qemu::V72, "qemu72_to_helper_postcopy_preempt", true);
+    qemu_to_helper_postcopy_with(Qemu::V72, "qemu72_to_helper_postcopy_preempt", true, false);
 }
 
 /// postcopy-preempt needs postcopy-ram, and a second connection: a listener on the
