@@ -618,7 +618,7 @@ pub(crate) mod tests {
         fd
     }
 
-    fn spec(id: &str, size: u64) -> RamBlockSpec {
+    pub(crate) fn spec(id: &str, size: u64) -> RamBlockSpec {
         RamBlockSpec {
             id: id.into(),
             fdname: "m".into(),

@@ -293,19 +293,10 @@ fn split_front(runs: &mut Vec<Run>, n: usize) -> Vec<Run> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::guest_memory::RamBlockSpec;
+    use crate::guest_memory::tests::{memfd, spec};
 
     fn block(name: &str, size: u64) -> Arc<RamBlock> {
-        let spec = RamBlockSpec {
-            id: name.into(),
-            fdname: "m".into(),
-            offset: 0,
-            size,
-            page_size: None,
-            host_addr: None,
-            dirty_bitmap: None,
-        };
-        Arc::new(RamBlock::new(spec, crate::guest_memory::tests::memfd(size)).expect("block"))
+        Arc::new(RamBlock::new(spec(name, size), memfd(size)).expect("block"))
     }
 
     #[test]
