@@ -655,15 +655,44 @@ fn helpers_killed_and_respawned() {
 
 /// Fault injection: helper -> helper postcopy through a link that is cut at random moments,
 /// during postcopy and during the recoveries themselves, many times; the seed is printed.
-/// QMH_STRESS_CUTS raises the number of cuts for manual stress runs.
+/// QMH_STRESS_CUTS raises the number of cuts for the recovery soak (README): when one
+/// migration completes before all its cuts, another starts, until the total is reached;
+/// every migration's RAM is checked page by page while in postcopy and byte for byte at the
+/// end.
 #[test]
 fn fault_injection_random_cuts() {
-    use rand::{Rng, SeedableRng};
     let seed = test_seed("fault_injection_random_cuts");
     let cuts: usize = std::env::var("QMH_STRESS_CUTS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(8);
+    let (mut total, mut during_recovery, mut checked, mut round) = (0, 0, 0, 0u64);
+    while total < cuts {
+        let r = cut_round(seed.wrapping_add(round), cuts - total);
+        total += r.cuts;
+        during_recovery += r.during_recovery;
+        checked += r.checked_pages;
+        round += 1;
+    }
+    eprintln!(
+        "fault injection (seed {seed}): {total} cuts in postcopy, {during_recovery} during recovery, \
+         over {round} migrations of {} MiB; {checked} pages checked while in postcopy, \
+         every migration identical byte for byte at the end",
+        RAM / MIB
+    );
+}
+
+/// What one migration of the fault-injection test did.
+struct CutRound {
+    cuts: usize,
+    during_recovery: usize,
+    checked_pages: u64,
+}
+
+/// One helper -> helper postcopy migration with up to `max_cuts` random cuts; panics on a
+/// lost or corrupt page.
+fn cut_round(seed: u64, max_cuts: usize) -> CutRound {
+    use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
     let mut src = HelperVm::spawn();
     src.add_block("ram", RAM, false);
@@ -677,8 +706,8 @@ fn fault_injection_random_cuts() {
             .set_capabilities(&[("postcopy-ram", true)])
             .expect("caps");
     }
-    // Slow enough that the push outlives all the cuts.
-    let push = (RAM / (cuts as u64 + 4)).max(MIB);
+    // Slow enough that the push outlives all the cuts (or as slow as the helper allows).
+    let push = (RAM / (max_cuts as u64 + 4)).max(MIB);
     src.client
         .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": push}))
         .expect("params");
@@ -694,7 +723,7 @@ fn fault_injection_random_cuts() {
     let reader = Readers::start_paced(&guest, expected.clone(), 1, seed, Duration::from_millis(1));
     let mut n = 0;
     let mut during_recovery = 0;
-    while n < cuts {
+    while n < max_cuts {
         std::thread::sleep(Duration::from_millis(rng.gen_range(20..250)));
         let st = src.client.query_migrate().expect("query")["status"].clone();
         if st == "completed" {
@@ -728,16 +757,20 @@ fn fault_injection_random_cuts() {
                 std::thread::sleep(Duration::from_micros(rng.gen_range(0..2000)));
                 link.cut();
                 during_recovery += 1;
-                wait(
-                    &mut src,
-                    &mut guest,
-                    &["postcopy-paused", "postcopy-active"],
-                );
-                wait(
-                    &mut dst,
-                    &mut guest,
-                    &["postcopy-paused", "postcopy-active"],
-                );
+                // The handshake may have finished and the migration with it before the
+                // cut (the source completes only after the destination's SHUT).
+                let mut done = false;
+                for h in [&mut src, &mut dst] {
+                    let st = wait(
+                        h,
+                        &mut guest,
+                        &["postcopy-paused", "postcopy-active", "completed"],
+                    );
+                    done |= st["status"] == "completed";
+                }
+                if done {
+                    break;
+                }
                 // If the handshake had finished, the cut hit postcopy itself: pause first.
                 for h in [&mut src, &mut dst] {
                     wait(h, &mut guest, &["postcopy-paused"]);
@@ -749,19 +782,24 @@ fn fault_injection_random_cuts() {
         wait(&mut src, &mut guest, &["postcopy-active", "completed"]);
         wait(&mut dst, &mut guest, &["postcopy-active", "completed"]);
     }
-    reader.finish();
+    let checked_pages = reader.finish();
     src.client
         .set_parameters(json!({"max-postcopy-bandwidth": 0}))
         .expect("params");
     let s = wait(&mut src, &mut guest, &["completed"]);
     let d = wait(&mut dst, &mut guest, &["completed"]);
     eprintln!(
-        "fault injection (seed {seed}): {n} cuts in postcopy, {during_recovery} during recovery; source pauses {}, destination pauses {}",
+        "fault injection round (seed {seed}): {n} cuts in postcopy, {during_recovery} during recovery; source pauses {}, destination pauses {}",
         s["postcopy-pauses"], d["postcopy-pauses"]
     );
     assert!(n > 0, "no cut happened");
     drop(link);
     assert_same_memory(&expected, &guest.map, "after random cuts");
+    CutRound {
+        cuts: n,
+        during_recovery,
+        checked_pages,
+    }
 }
 
 /// QEMU's own postcopy recovery test cases, with real QEMU 10.0 as the destination peer:
