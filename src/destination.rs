@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::compat::wire::{self, command};
+use crate::device_intake::DeviceIntake;
 use crate::device_state::DeviceSection;
 use crate::fault::{AtomicBitmap, FaultError, PostcopyDest, RpWriter};
 use crate::guest_memory::RamBlock;
@@ -180,6 +181,30 @@ impl<R: ReadReady> Reader<R> {
         }
     }
 
+    /// Makes room for an item of `n` bytes at `start` in one step: growing by doubling
+    /// would touch up to twice the item.
+    fn reserve_exact(&mut self, n: usize) {
+        if self.buf.len() - self.start < n {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            if self.buf.len() < n {
+                self.buf.resize(n, 0);
+            }
+        }
+    }
+
+    /// Gives back what a big item made the buffer grow to, once the item is consumed.
+    fn shrink_to(&mut self, cap: usize) {
+        if self.buf.len() > cap && self.end - self.start <= cap {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            self.buf.truncate(cap);
+            self.buf.shrink_to_fit();
+        }
+    }
+
     fn need_more(&mut self, context: &'static str) -> Result<(), LoadError> {
         if self.fill()? {
             Ok(())
@@ -236,6 +261,7 @@ struct Loader<'a> {
     last_block: Option<usize>,
     rp: Option<Arc<RpWriter>>,
     devices: Vec<DeviceSection>,
+    intake: DeviceIntake,
     bytes: u64,
     /// Per block: pages this destination has (received, or zero and left a hole).
     received: Arc<Vec<AtomicBitmap>>,
@@ -833,31 +859,34 @@ impl<'a> Loader<'a> {
 
     /// The PACKAGED command: LISTEN, the device sections, PINGs and RUN, in one blob.
     fn package<R: ReadReady>(&mut self, r: &mut Reader<R>, len: u32) -> Result<(), LoadError> {
-        if len > stream::MAX_PACKAGED_LEN {
-            return Err(r.wire(WireError::TooLong {
-                what: "postcopy package",
-                len: len as u64,
-                max: stream::MAX_PACKAGED_LEN as u64,
-            }));
-        }
+        // Whether a package may come at all is known before reading it: QEMU only takes
+        // its LISTEN after ADVISE and before any other LISTEN. Checked first, so that a
+        // stream that never advised postcopy cannot make the helper buffer a package.
+        crate::package::check_before_buffering(len, self.advised, self.postcopy.is_some())
+            .map_err(|e| self.invalid(r, e))?;
         let len = len as usize;
+        r.reserve_exact(len);
         while r.data().len() < len {
             r.need_more("in the postcopy package")?;
         }
-        let blob = r.data()[..len].to_vec();
+        let blob = &r.data()[..len];
+        let pkg = postcopy::decode_package(blob).map_err(|e| r.wire(e))?;
+        let sections = crate::package::sections(pkg.devices, &mut self.intake)
+            .map_err(|e| self.invalid(r, e))?;
+        let pings = pkg.pings;
         r.consume(len);
-        let pkg = postcopy::decode_package(&blob).map_err(|e| r.wire(e))?;
+        r.shrink_to(READ_CHUNK);
         self.listen(r)?;
         r.top_up = false;
-        let parts = postcopy::split_full_sections(pkg.devices).map_err(|e| r.wire(e))?;
-        for (i, (_, range)) in parts.into_iter().enumerate() {
-            let raw = pkg.devices[range].to_vec();
-            let s = DeviceSection::from_raw(i, raw).map_err(|e| self.invalid(r, e.to_string()))?;
-            self.devices.push(s);
-        }
-        // The parent needs the device state before it starts its vCPUs.
-        *self.ctx.device_in.lock().unwrap_or_else(|e| e.into_inner()) = self.devices.clone();
-        for v in pkg.pings {
+        self.devices.extend(sections);
+        // The parent needs the device state before it starts its vCPUs. Moved, not copied:
+        // the sections are the largest thing a destination holds.
+        self.ctx
+            .device_in
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .append(&mut self.devices);
+        for v in pings {
             self.send_rp(RpMessage::Pong(v))?;
         }
         // POSTCOPY_RUN: the parent may start its vCPUs.
@@ -1262,6 +1291,9 @@ impl<'a> Loader<'a> {
                     h.idstr, h.instance_id
                 ),
             })?;
+        self.intake
+            .admit(&h)
+            .map_err(|e| self.invalid(r, e.to_string()))?;
         let blen = loop {
             match vmstate::body_len(d, r.data()) {
                 Ok(n) if r.data().len() >= n + 5 => break n,
@@ -1272,10 +1304,8 @@ impl<'a> Loader<'a> {
             r.need_more("in a device section")?;
         };
         let body = &r.data()[..blen];
-        let fields = vmstate::decode_fields(d, body).ok();
         let mut sec = DeviceSection::from_body(h.clone(), body).map_err(|e| r.wire(e))?;
-        sec.description = Some(d.json.clone());
-        sec.fields = fields;
+        self.intake.describe(&mut sec, d);
         r.consume(blen);
         self.footer(r, h.section_id)?;
         // Keep the original framing bytes: `from_body` re-encodes the same header, so the
@@ -1468,6 +1498,7 @@ impl<'a> Loader<'a> {
             last_block: None,
             rp: None,
             devices: Vec::new(),
+            intake: DeviceIntake::default(),
             bytes: 0,
             known_zero: blocks.iter().map(|b| b.hole_bitmap()).collect(),
             pages: PageWriter::new(ctx.params().load_threads),
@@ -1641,7 +1672,12 @@ pub fn run(
     ctx.stats
         .total_time_us
         .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-    *ctx.device_in.lock().unwrap_or_else(|e| e.into_inner()) = devices;
+    // After those a postcopy package already handed over (the list was emptied when the
+    // migration started).
+    ctx.device_in
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .extend(devices);
     ctx.state.transition(MigrationStatus::Completed)?;
     Ok(())
 }

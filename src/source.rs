@@ -847,7 +847,7 @@ impl Source<'_> {
                 Ok(())
             })?;
             match &d.description {
-                Some(j) => desc.push_device(j.clone()),
+                Some(j) => desc.push_device(serde_json::Value::clone(j)),
                 None => desc.push_opaque(
                     &d.header.idstr,
                     d.header.instance_id,

@@ -5,8 +5,11 @@
 //! FULL section ([`body_len`]) and show its contents ([`decode_fields`]);
 //! a helper acting as a source writes one with [`VmDescriptionBuilder`].
 
+mod budget;
 mod desc;
+mod group;
 mod error;
+mod trailer;
 mod walk;
 
 #[cfg(test)]
@@ -16,7 +19,9 @@ use serde_json::{json, Map, Value};
 
 pub use desc::{DeviceDesc, VmDescription};
 pub use error::VmStateError;
-pub use walk::{body_len, decode_fields, find_trailing_vmdesc};
+pub use trailer::find_trailing_vmdesc;
+pub use budget::{DecodeBudget, DECODE_BUDGET};
+pub use walk::{body_len, decode_fields, decode_fields_within};
 
 /// Builds the description a source writes after EOF (`0x06`, be32 length,
 /// then [`Self::to_json_bytes`]).
