@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use crate::compat::wire::{self, command};
+use crate::device_intake::DeviceIntake;
 use crate::postcopy;
 use crate::ram::{self, Record};
 use crate::stream::{self, Token, WireError};
-use crate::device_intake::DeviceIntake;
 use crate::vmstate::{self, VmDescription};
 
 #[derive(Debug, thiserror::Error)]

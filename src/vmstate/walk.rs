@@ -902,7 +902,10 @@ mod tests {
             {"name": "a", "type": "uint8", "size": 1, "array_len": n}]}));
         assert_eq!(body_len(&d, &body).unwrap(), n);
         let e = decode_fields(&d, &body).unwrap_err();
-        assert!(matches!(&e, VmStateError::DecodeLimit { field, .. } if field == "a"), "{e}");
+        assert!(
+            matches!(&e, VmStateError::DecodeLimit { field, .. } if field == "a"),
+            "{e}"
+        );
         assert!(e.to_string().contains("too large to decode"), "{e}");
         // A buffer is one value but a string twice its size.
         let d = dev(json!({"name": "big", "instance_id": 0, "fields": [
