@@ -97,6 +97,22 @@ struct Reader<R> {
     top_up: bool,
 }
 
+impl Reader<&'static [u8]> {
+    /// A reader over bytes already in memory, taken as its buffer.
+    fn over(buf: Vec<u8>, peer: String) -> Self {
+        Reader {
+            src: &[],
+            peer,
+            end: buf.len(),
+            buf,
+            start: 0,
+            offset: 0,
+            eof: true,
+            top_up: false,
+        }
+    }
+}
+
 impl<R: ReadReady> Reader<R> {
     fn new(src: R, peer: String, cap: usize) -> Self {
         Reader {
@@ -1606,12 +1622,10 @@ fn load_inner<R: ReadReady>(
                     section: "VM description".into(),
                     source,
                 })?;
-            // Walk the held bytes, up to and including EOF, with the description.
-            let mut h = Reader::new(
-                &held[..=eof_at],
-                r.peer.clone(),
-                READ_CHUNK.min(eof_at + 1).max(64),
-            );
+            // Walk the held bytes, up to and including EOF, with the description. They
+            // become the reader's buffer: no second copy of the device state.
+            held.truncate(eof_at + 1);
+            let mut h = Reader::over(held, r.peer.clone());
             h.offset = base;
             match loader.sections(&mut h, chan, Some(&desc))? {
                 LoopEnd::Done if h.data().is_empty() && h.eof_or_fill()? => Ok(()),

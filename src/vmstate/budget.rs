@@ -11,6 +11,11 @@
 /// the allocator's and the map's overhead).
 pub(crate) const VALUE_COST: usize = 128;
 
+/// An object (a struct element or subsection) is charged as this many values: its map
+/// allocates a table and an entry array besides the value (measured: a one-member object
+/// in an array takes ~480 bytes, a number ~80).
+pub(crate) const OBJECT_VALUES: usize = 3;
+
 /// What one stream (every section of a destination's load, or of one `analyze` file) may
 /// spend on decoded fields, in estimated bytes.
 pub const DECODE_BUDGET: usize = 32 << 20;

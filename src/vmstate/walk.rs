@@ -13,7 +13,7 @@
 
 use serde_json::{Map, Value};
 
-use super::budget::{DecodeBudget, VALUE_COST};
+use super::budget::{DecodeBudget, OBJECT_VALUES, VALUE_COST};
 use super::group::Out;
 use super::{DeviceDesc, VmStateError};
 use crate::compat::wire::section;
@@ -268,7 +268,7 @@ impl<'a, 'b> Walker<'a, 'b> {
             }
             pos = end;
             if self.decode {
-                self.spend(1, 0, &epath, start)?;
+                self.spend(OBJECT_VALUES, 0, &epath, start)?;
                 elems.push(Value::Object(m.map(|o| o.map).unwrap_or_default()));
             } else if actual == 0 {
                 // An element that took no bytes has no subsections and only
@@ -391,7 +391,7 @@ impl<'a, 'b> Walker<'a, 'b> {
         }
         let (end, m) = self.vmsd(s, ver_end, &spath, depth.saturating_add(1))?;
         if self.decode {
-            self.spend(1, 0, &spath, pos)?;
+            self.spend(OBJECT_VALUES, 0, &spath, pos)?;
         }
         let value = m.map(|o| Value::Object(o.map));
         self.finish(out, name, None, value, end)
