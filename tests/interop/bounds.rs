@@ -364,3 +364,159 @@ fn analyze_big_section_and_many_fields() {
     );
     assert!(peak < BASE_MIB + 96, "peak RSS {peak} MiB");
 }
+
+// ---- Source: a destination that floods the return path with page requests -----------------
+
+const SRC_RAM: u64 = 32 << 20;
+
+/// A source helper migrating a 32 MiB random guest into a fake destination (a socket this
+/// test holds): returns the helper, the guest's bytes before, and our end of the socket.
+fn flooded_source(test: &str) -> (HelperVm, Vec<u8>, std::os::unix::net::UnixStream) {
+    use std::os::fd::AsFd;
+    let mut src = HelperVm::spawn_quiet();
+    src.add_block("ram", SRC_RAM, false);
+    crate::util::fill_mixed(
+        &mut src.blocks[0].mem.map(),
+        crate::util::test_seed(test),
+        0.0,
+    );
+    let before = src.blocks[0].mem.map().to_vec();
+    src.client
+        .set_capabilities(&[("postcopy-ram", true)])
+        .expect("caps");
+    // Slow enough that precopy is still running when the flood starts.
+    src.client
+        .set_parameters(json!({"max-bandwidth": 4 << 20, "max-postcopy-bandwidth": 4 << 20}))
+        .expect("params");
+    let (a, b) = crate::helper::socketpair();
+    src.client.getfd("mig", a.as_fd()).expect("getfd");
+    drop(a);
+    (src, before, std::os::unix::net::UnixStream::from(b))
+}
+
+/// Reads and drops everything the source sends, until it closes.
+fn drain(s: &std::os::unix::net::UnixStream) -> std::thread::JoinHandle<u64> {
+    use std::io::Read;
+    let mut r = s.try_clone().expect("clone");
+    std::thread::spawn(move || {
+        let mut sink = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        while let Ok(k) = r.read(&mut sink) {
+            if k == 0 {
+                break;
+            }
+            n += k as u64;
+        }
+        n
+    })
+}
+
+/// Writes valid page requests (every page of the block, over and over) for `secs`, then
+/// `tail`; returns the bytes of requests written.
+fn flood(s: &std::os::unix::net::UnixStream, secs: f64, tail: Vec<u8>) -> u64 {
+    use qemu_migration_helper::return_path::{encode, RpMessage};
+    use std::io::Write;
+    let mut w = s.try_clone().expect("clone");
+    w.set_write_timeout(Some(std::time::Duration::from_millis(500)))
+        .unwrap();
+    let mut first = Vec::new();
+    encode(
+        &mut first,
+        &RpMessage::ReqPagesId {
+            offset: 0,
+            len: 4096,
+            block: "ram",
+        },
+    )
+    .unwrap();
+    let _ = w.write_all(&first);
+    let mut batch = Vec::new();
+    for p in 0..SRC_RAM / 4096 {
+        encode(
+            &mut batch,
+            &RpMessage::ReqPages {
+                offset: p * 4096,
+                len: 4096,
+            },
+        )
+        .unwrap();
+    }
+    let t0 = Instant::now();
+    let mut sent = first.len() as u64;
+    while t0.elapsed().as_secs_f64() < secs {
+        match w.write(&batch) {
+            Ok(n) => sent += n as u64,
+            // The source stopped reading for a while (its queues are full): go on trying.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => break,
+        }
+    }
+    let _ = w.write_all(&tail);
+    sent
+}
+
+#[test]
+fn source_refuses_page_requests_in_precopy() {
+    let (mut src, before, s) = flooded_source("source_refuses_page_requests_in_precopy");
+    let base = peak_rss_kib(src.pid()) / 1024;
+    let d = drain(&s);
+    src.client.migrate("fd:mig").expect("migrate");
+    let t0 = Instant::now();
+    let sent = flood(&s, 3.0, Vec::new());
+    let v = src.wait(&["failed", "completed"], std::time::Duration::from_secs(30));
+    let secs = t0.elapsed().as_secs_f64();
+    let peak = peak_rss_kib(src.pid()) / 1024;
+    eprintln!(
+        "bounds: REQ_PAGES flood in precopy: {} after {secs:.1} s, {} MiB of requests, source peak {peak} MiB (before {base} MiB)",
+        v["status"],
+        sent >> 20
+    );
+    assert_eq!(v["status"], "failed", "{v}");
+    let desc = v["error-desc"].as_str().unwrap_or_default();
+    assert!(desc.contains("before postcopy"), "{desc}");
+    assert!(src.alive());
+    assert_eq!(
+        src.client.query_migrate().expect("query")["status"],
+        "failed"
+    );
+    assert!(
+        peak <= base + (SRC_RAM >> 20) + 64,
+        "source peak {peak} MiB, {base} MiB before"
+    );
+    drop(s);
+    let _ = d.join();
+    crate::util::assert_same_memory(&before, &src.blocks[0].mem.map(), "source guest");
+}
+
+#[test]
+fn source_queue_is_bounded_in_postcopy() {
+    use qemu_migration_helper::return_path::{encode, RpMessage};
+    let (mut src, before, s) = flooded_source("source_queue_is_bounded_in_postcopy");
+    let base = peak_rss_kib(src.pid()) / 1024;
+    let d = drain(&s);
+    src.client.migrate("fd:mig").expect("migrate");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    src.client.migrate_start_postcopy().expect("postcopy");
+    src.wait(&["postcopy-active"], std::time::Duration::from_secs(30));
+    let mut shut = Vec::new();
+    encode(&mut shut, &RpMessage::Shut(0)).unwrap();
+    // Five seconds of requests (the reported flood: 926 MiB in 10 s), then SHUT 0.
+    let sent = flood(&s, 5.0, shut);
+    let v = src.wait(&["completed", "failed"], std::time::Duration::from_secs(60));
+    let peak = peak_rss_kib(src.pid()) / 1024;
+    eprintln!(
+        "bounds: REQ_PAGES flood in postcopy: {}, {} MiB of requests, source peak {peak} MiB (before {base} MiB)",
+        v["status"],
+        sent >> 20
+    );
+    assert_eq!(v["status"], "completed", "{v}");
+    assert!(src.alive());
+    assert!(
+        peak <= base + (SRC_RAM >> 20) + 64,
+        "source peak {peak} MiB, {base} MiB before the flood (the guest is {} MiB)",
+        SRC_RAM >> 20
+    );
+    drop(s);
+    let _ = d.join();
+    crate::util::assert_same_memory(&before, &src.blocks[0].mem.map(), "source guest");
+}
