@@ -29,8 +29,6 @@ use crate::stream::{self, SectionHeader, Token, WireError};
 use crate::transport::Channel;
 use crate::vmstate::{self, VmDescription};
 
-/// The most a destination holds while waiting for the VM description.
-const MAX_HELD: usize = 1 << 30;
 const READ_CHUNK: usize = 4 << 20;
 /// Postcopy: the most unplaced stream bytes that reading ahead for requested pages holds.
 const ARRIVED_MAX: usize = 512 << 10;
@@ -1578,44 +1576,12 @@ fn load_inner<R: ReadReady>(
         LoopEnd::Done => Ok(()),
         LoopEnd::NeedDescription => {
             // Hold everything that is left until the description has arrived.
-            let mut held: Vec<u8> = r.data().to_vec();
-            let base = r.offset;
-            let (eof_at, json) = loop {
-                if let Some(found) = vmstate::find_trailing_vmdesc(&held) {
-                    break found;
-                }
-                if held.len() > MAX_HELD {
-                    return Err(loader.invalid(
-                        r,
-                        "device state larger than 1 GiB without a VM description".into(),
-                    ));
-                }
-                let len = held.len();
-                held.resize(len + (1 << 20), 0);
-                let n = loop {
-                    match r.src.read(&mut held[len..]) {
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        other => break other,
-                    }
-                };
-                match n {
-                    Ok(0) => {
-                        held.truncate(len);
-                        return Err(LoadError::Truncated {
-                            offset: base + len as u64,
-                            context: "device sections without a VM description after EOF",
-                        });
-                    }
-                    Ok(n) => held.truncate(len + n),
-                    Err(source) => {
-                        return Err(LoadError::Io {
-                            peer: r.peer.clone(),
-                            offset: base + len as u64,
-                            source,
-                        })
-                    }
-                }
-            };
+            let (start, base) = (r.data().to_vec(), r.offset);
+            let crate::held::Held {
+                bytes: mut held,
+                eof_at,
+                json,
+            } = crate::held::hold(&mut r.src, start, base, &r.peer)?;
             let desc =
                 VmDescription::parse(&held[json.clone()]).map_err(|source| LoadError::Device {
                     offset: base + json.start as u64,

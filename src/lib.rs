@@ -11,6 +11,7 @@ pub mod device_state;
 pub mod events;
 pub mod fault;
 pub mod guest_memory;
+mod held;
 pub mod logging;
 pub mod migration;
 mod package;

@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 pub use budget::{DecodeBudget, DECODE_BUDGET};
 pub use desc::{DeviceDesc, VmDescription};
 pub use error::VmStateError;
-pub use trailer::find_trailing_vmdesc;
+pub use trailer::{find_trailing_vmdesc, VmdescFinder};
 pub use walk::{body_len, decode_fields, decode_fields_within};
 
 /// Builds the description a source writes after EOF (`0x06`, be32 length,

@@ -25,6 +25,40 @@ pub fn find_trailing_vmdesc(buf: &[u8]) -> Option<(usize, Range<usize>)> {
         .saturating_sub(VMDESC_SCAN_LIMIT.saturating_add(6));
     let window = buf.get(window_start..)?;
     let last_nul = window_start.checked_add(window.iter().rposition(|&b| b == 0)?)?;
+    at_last_nul(buf, last_nul, window_start)
+}
+
+/// [`find_trailing_vmdesc`] for a buffer that only grows: each call looks for NUL bytes
+/// only in what was appended since the last one, so that holding a large stream costs
+/// time in proportion to its size (rescanning 16 MiB per read was quadratic-ish).
+#[derive(Debug, Default)]
+pub struct VmdescFinder {
+    scanned: usize,
+    last_nul: Option<usize>,
+}
+
+impl VmdescFinder {
+    pub fn find(&mut self, buf: &[u8]) -> Option<(usize, Range<usize>)> {
+        let new = buf.get(self.scanned..).unwrap_or_default();
+        if let Some(i) = new.iter().rposition(|&b| b == 0) {
+            self.last_nul = Some(self.scanned + i);
+        }
+        self.scanned = buf.len();
+        if buf.last() != Some(&b'}') {
+            return None;
+        }
+        let window_start = buf
+            .len()
+            .saturating_sub(VMDESC_SCAN_LIMIT.saturating_add(6));
+        let last_nul = self
+            .last_nul
+            .filter(|&n| n >= window_start && n < buf.len())?;
+        at_last_nul(buf, last_nul, window_start)
+    }
+}
+
+/// The candidates for the EOF byte given the last NUL byte of `buf`.
+fn at_last_nul(buf: &[u8], last_nul: usize, window_start: usize) -> Option<(usize, Range<usize>)> {
     // The last NUL is the EOF byte or one of the length bytes: at most six
     // places for the EOF byte. Try the nearest first.
     for eof in (last_nul.saturating_sub(5).max(window_start)..=last_nul).rev() {
@@ -112,6 +146,20 @@ mod tests {
         assert_eq!(find_trailing_vmdesc(b"}"), None);
         assert_eq!(find_trailing_vmdesc(b""), None);
         assert_eq!(find_trailing_vmdesc(b"\x00\x06\x00\x00\x00\x01}"), None);
+    }
+
+    #[test]
+    fn finder_agrees_on_a_growing_buffer() {
+        let json = br#"{"page_size": 4096, "devices": []}"#;
+        let mut data = vec![0u8; 100];
+        data.extend_from_slice(&[0x00, 0x06, 0, 0, 0, 40, b'{', b'}']);
+        data.extend(std::iter::repeat_n(b'}', 3000));
+        let b = with_vmdesc(&data, json);
+        let mut f = VmdescFinder::default();
+        for k in (0..=b.len()).step_by(7).chain([b.len()]) {
+            assert_eq!(f.find(&b[..k]), find_trailing_vmdesc(&b[..k]), "{k}");
+        }
+        assert_eq!(f.find(&b), Some((data.len(), data.len() + 6..b.len())));
     }
 
     #[test]
