@@ -811,10 +811,11 @@ impl<'a> Loader<'a> {
             }
             b.punch_hole(off, len)
                 .map_err(|e| self.invalid(r, format!("discard in {:?}: {e}", b.id)))?;
-            for p in off / page..(off + len) / page {
-                self.received[bi].clear(p);
-                if let Some(w) = self.known_zero[bi].get_mut((p / 64) as usize) {
-                    *w |= 1 << (p % 64);
+            // A word at a time: ranges come from the stream, up to the whole block each.
+            for (w, mask) in crate::rp_reader::word_masks(off / page, (off + len) / page) {
+                self.received[bi].clear_mask(w, mask);
+                if let Some(z) = self.known_zero[bi].get_mut(w) {
+                    *z |= mask;
                 }
             }
         }
