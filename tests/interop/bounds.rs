@@ -237,7 +237,7 @@ fn many_indexed_fields_group_in_linear_time() {
     s.extend(eof_and_vmdesc(&desc_with(fields)));
     let (_h, l) = load("80k indexed fields", s);
     assert_eq!(l.status["status"], "completed", "{}", l.status);
-    assert_within("80k indexed fields", &l, BASE_MIB + 96, 4.0);
+    assert_within("80k indexed fields", &l, BASE_MIB + 96, 6.0);
 }
 
 #[test]
@@ -359,7 +359,7 @@ fn analyze_big_section_and_many_fields() {
     let (ok, out, secs, peak) = analyze("80k indexed fields", &s);
     assert!(ok, "{out}");
     assert!(
-        secs < 4.0,
+        secs < 6.0,
         "80k fields took {secs:.1} s (9.8 s when quadratic)"
     );
     assert!(peak < BASE_MIB + 96, "peak RSS {peak} MiB");
@@ -516,6 +516,29 @@ fn source_queue_is_bounded_in_postcopy() {
         "source peak {peak} MiB, {base} MiB before the flood (the guest is {} MiB)",
         SRC_RAM >> 20
     );
+    drop(s);
+    let _ = d.join();
+    crate::util::assert_same_memory(&before, &src.blocks[0].mem.map(), "source guest");
+}
+
+#[test]
+fn source_refuses_a_received_bitmap_it_did_not_ask_for() {
+    use qemu_migration_helper::return_path::{encode, RpMessage};
+    use std::io::Write;
+    let (mut src, before, s) = flooded_source("source_refuses_a_received_bitmap");
+    let d = drain(&s);
+    src.client.migrate("fd:mig").expect("migrate");
+    // A bitmap header announcing the block's whole bitmap: refused at the header, before
+    // its tail would be buffered.
+    let mut m = Vec::new();
+    encode(&mut m, &RpMessage::RecvBitmap { block: "ram" }).unwrap();
+    m.extend_from_slice(&((SRC_RAM / 4096 / 8) as u64).to_be_bytes());
+    (&s).write_all(&m).expect("write");
+    let v = src.wait(&["failed", "completed"], std::time::Duration::from_secs(30));
+    assert_eq!(v["status"], "failed", "{v}");
+    let desc = v["error-desc"].as_str().unwrap_or_default();
+    assert!(desc.contains("not asked for"), "{desc}");
+    assert!(src.alive());
     drop(s);
     let _ = d.join();
     crate::util::assert_same_memory(&before, &src.blocks[0].mem.map(), "source guest");
