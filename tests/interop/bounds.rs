@@ -532,7 +532,7 @@ fn source_refuses_a_received_bitmap_it_did_not_ask_for() {
     // its tail would be buffered.
     let mut m = Vec::new();
     encode(&mut m, &RpMessage::RecvBitmap { block: "ram" }).unwrap();
-    m.extend_from_slice(&((SRC_RAM / 4096 / 8) as u64).to_be_bytes());
+    m.extend_from_slice(&(SRC_RAM / 4096 / 8).to_be_bytes());
     (&s).write_all(&m).expect("write");
     let v = src.wait(&["failed", "completed"], std::time::Duration::from_secs(30));
     assert_eq!(v["status"], "failed", "{v}");
