@@ -79,6 +79,8 @@ impl LoadError {
     }
 }
 
+mod reader_ext;
+
 /// A read buffer over any byte source, tracking the absolute stream offset.
 struct Reader<R> {
     src: R,
@@ -93,22 +95,6 @@ struct Reader<R> {
     /// batches of pages let the page writer use two threads. Off in postcopy, where the
     /// first page of a read may be one a vCPU waits for.
     top_up: bool,
-}
-
-impl Reader<&'static [u8]> {
-    /// A reader over bytes already in memory, taken as its buffer.
-    fn over(buf: Vec<u8>, peer: String) -> Self {
-        Reader {
-            src: &[],
-            peer,
-            end: buf.len(),
-            buf,
-            start: 0,
-            offset: 0,
-            eof: true,
-            top_up: false,
-        }
-    }
 }
 
 impl<R: ReadReady> Reader<R> {
@@ -192,30 +178,6 @@ impl<R: ReadReady> Reader<R> {
                 true
             }
             _ => false,
-        }
-    }
-
-    /// Makes room for an item of `n` bytes at `start` in one step: growing by doubling
-    /// would touch up to twice the item.
-    fn reserve_exact(&mut self, n: usize) {
-        if self.buf.len() - self.start < n {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-            if self.buf.len() < n {
-                self.buf.resize(n, 0);
-            }
-        }
-    }
-
-    /// Gives back what a big item made the buffer grow to, once the item is consumed.
-    fn shrink_to(&mut self, cap: usize) {
-        if self.buf.len() > cap && self.end - self.start <= cap {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-            self.buf.truncate(cap);
-            self.buf.shrink_to_fit();
         }
     }
 
