@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use crate::compat::wire::{self, command};
+use crate::device_intake::DeviceIntake;
 use crate::postcopy;
 use crate::ram::{self, Record};
 use crate::stream::{self, Token, WireError};
@@ -70,7 +71,13 @@ pub struct Item {
     pub version_id: Option<u32>,
     pub size: u64,
     pub fields: Option<Value>,
+    /// Why a described device section has no `fields` (e.g. too large to decode).
+    pub fields_error: Option<String>,
 }
+
+/// Most items a report lists: a file of tiny sections must not make the report grow
+/// with the file (a few hundred bytes each). The rest are counted in `items_omitted`.
+pub const MAX_ITEMS: usize = 1 << 17;
 
 #[derive(Debug, Default)]
 pub struct Report {
@@ -81,6 +88,8 @@ pub struct Report {
     pub blocks: Vec<BlockStats>,
     pub vmdesc_size: Option<u64>,
     pub complete: bool,
+    /// Items after the first [`MAX_ITEMS`], not listed.
+    pub items_omitted: u64,
 }
 
 /// Where RAM goes with `--extract-ram`.
@@ -100,6 +109,8 @@ struct Walker<'a> {
     /// Current section, for error messages.
     section: String,
     progress: Progress,
+    /// The decode budget shared by the file's device sections.
+    intake: DeviceIntake,
 }
 
 /// Progress on stderr for big files: a bar on a terminal, a plain line a second otherwise.
@@ -311,11 +322,14 @@ impl<'a> Walker<'a> {
         })?;
         let n = vmstate::body_len(d, &self.buf[self.pos..]).map_err(|e| self.bad(e.to_string()))?;
         let body = &self.buf[self.pos..self.pos + n];
-        let fields = vmstate::decode_fields(d, body).ok();
+        let (fields, fields_error) = match self.intake.decode(d, body) {
+            Ok(f) => (Some(f), None),
+            Err(e) => (None, Some(e)),
+        };
         self.pos += n;
         let id = h.section_id;
         self.next("a section footer", |b| stream::decode_footer(b, id))?;
-        self.report.items.push(Item {
+        self.push_item(Item {
             offset: start as u64,
             kind: kind.into(),
             section_id: Some(h.section_id),
@@ -324,8 +338,17 @@ impl<'a> Walker<'a> {
             version_id: Some(h.version_id),
             size: (self.pos - start) as u64,
             fields,
+            fields_error,
         });
         Ok(())
+    }
+
+    fn push_item(&mut self, it: Item) {
+        if self.report.items.len() < MAX_ITEMS {
+            self.report.items.push(it);
+        } else {
+            self.report.items_omitted += 1;
+        }
     }
 
     fn walk(&mut self) -> Result<(), AnalyzeError> {
@@ -349,10 +372,11 @@ impl<'a> Walker<'a> {
                 version_id: None,
                 size: 0,
                 fields: None,
+                fields_error: None,
             };
             match token {
                 Token::Eof => {
-                    self.report.items.push(item("EOF", None, None));
+                    self.push_item(item("EOF", None, None));
                     break;
                 }
                 Token::Start(h) if h.idstr == wire::ram::IDSTR => {
@@ -365,7 +389,7 @@ impl<'a> Walker<'a> {
                     it.instance_id = Some(h.instance_id);
                     it.version_id = Some(h.version_id);
                     it.size = (self.pos - start) as u64;
-                    self.report.items.push(it);
+                    self.push_item(it);
                 }
                 Token::Part(id) | Token::End(id) if Some(id) == self.ram_section => {
                     let kind = if self.buf[start] == wire::section::PART {
@@ -378,7 +402,7 @@ impl<'a> Walker<'a> {
                     self.next("a section footer", |b| stream::decode_footer(b, id))?;
                     let mut it = item(kind, Some(id), Some("ram".into()));
                     it.size = (self.pos - start) as u64;
-                    self.report.items.push(it);
+                    self.push_item(it);
                 }
                 Token::Part(id) | Token::End(id) => {
                     return Err(self.bad(format!(
@@ -417,7 +441,7 @@ impl<'a> Walker<'a> {
                         }));
                     }
                     it.size = (self.pos - start) as u64;
-                    self.report.items.push(it);
+                    self.push_item(it);
                 }
                 Token::VmDescription(_) => return Err(self.bad("VM description before EOF")),
             }
@@ -514,6 +538,7 @@ pub fn analyze(path: &Path, extract: Option<&Path>) -> Result<Report, AnalyzeErr
         desc,
         ram_section: None,
         last_block: None,
+        intake: DeviceIntake::default(),
         extract,
         section: String::new(),
         progress: Progress::new(len as u64),
@@ -541,8 +566,10 @@ impl Report {
                 if let Some(x) = i.instance_id { v["instance-id"] = json!(x); }
                 if let Some(x) = i.version_id { v["version-id"] = json!(x); }
                 if let Some(x) = &i.fields { v["fields"] = x.clone(); }
+                if let Some(x) = &i.fields_error { v["fields-error"] = json!(x); }
                 v
             }).collect::<Vec<_>>(),
+            "sections-omitted": self.items_omitted,
             "vm-description-size": self.vmdesc_size,
         })
     }
@@ -612,8 +639,18 @@ impl Report {
                     writeln!(out, "      fields: {s}")?;
                 }
             }
+            if let Some(e) = &i.fields_error {
+                writeln!(out, "      fields not decoded: {e}")?;
+            }
         }
         writeln!(out, "  ({parts} RAM PART sections, {part_bytes} bytes)")?;
+        if self.items_omitted > 0 {
+            writeln!(
+                out,
+                "  ({} more sections not listed: the report lists at most {MAX_ITEMS})",
+                self.items_omitted
+            )?;
+        }
         match self.vmdesc_size {
             Some(n) => writeln!(out, "VM description: {n} bytes")?,
             None => writeln!(out, "VM description: none")?,

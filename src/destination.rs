@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::compat::wire::{self, command};
+use crate::device_intake::DeviceIntake;
 use crate::device_state::DeviceSection;
 use crate::fault::{AtomicBitmap, FaultError, PostcopyDest, RpWriter};
 use crate::guest_memory::RamBlock;
@@ -28,8 +29,6 @@ use crate::stream::{self, SectionHeader, Token, WireError};
 use crate::transport::Channel;
 use crate::vmstate::{self, VmDescription};
 
-/// The most a destination holds while waiting for the VM description.
-const MAX_HELD: usize = 1 << 30;
 const READ_CHUNK: usize = 4 << 20;
 /// Postcopy: the most unplaced stream bytes that reading ahead for requested pages holds.
 const ARRIVED_MAX: usize = 512 << 10;
@@ -79,6 +78,8 @@ impl LoadError {
         )
     }
 }
+
+mod reader_ext;
 
 /// A read buffer over any byte source, tracking the absolute stream offset.
 struct Reader<R> {
@@ -236,6 +237,7 @@ struct Loader<'a> {
     last_block: Option<usize>,
     rp: Option<Arc<RpWriter>>,
     devices: Vec<DeviceSection>,
+    intake: DeviceIntake,
     bytes: u64,
     /// Per block: pages this destination has (received, or zero and left a hole).
     received: Arc<Vec<AtomicBitmap>>,
@@ -771,10 +773,11 @@ impl<'a> Loader<'a> {
             }
             b.punch_hole(off, len)
                 .map_err(|e| self.invalid(r, format!("discard in {:?}: {e}", b.id)))?;
-            for p in off / page..(off + len) / page {
-                self.received[bi].clear(p);
-                if let Some(w) = self.known_zero[bi].get_mut((p / 64) as usize) {
-                    *w |= 1 << (p % 64);
+            // A word at a time: ranges come from the stream, up to the whole block each.
+            for (w, mask) in crate::rp_reader::word_masks(off / page, (off + len) / page) {
+                self.received[bi].clear_mask(w, mask);
+                if let Some(z) = self.known_zero[bi].get_mut(w) {
+                    *z |= mask;
                 }
             }
         }
@@ -833,31 +836,34 @@ impl<'a> Loader<'a> {
 
     /// The PACKAGED command: LISTEN, the device sections, PINGs and RUN, in one blob.
     fn package<R: ReadReady>(&mut self, r: &mut Reader<R>, len: u32) -> Result<(), LoadError> {
-        if len > stream::MAX_PACKAGED_LEN {
-            return Err(r.wire(WireError::TooLong {
-                what: "postcopy package",
-                len: len as u64,
-                max: stream::MAX_PACKAGED_LEN as u64,
-            }));
-        }
+        // Whether a package may come at all is known before reading it: QEMU only takes
+        // its LISTEN after ADVISE and before any other LISTEN. Checked first, so that a
+        // stream that never advised postcopy cannot make the helper buffer a package.
+        crate::package::check_before_buffering(len, self.advised, self.postcopy.is_some())
+            .map_err(|e| self.invalid(r, e))?;
         let len = len as usize;
+        r.reserve_exact(len);
         while r.data().len() < len {
             r.need_more("in the postcopy package")?;
         }
-        let blob = r.data()[..len].to_vec();
+        let blob = &r.data()[..len];
+        let pkg = postcopy::decode_package(blob).map_err(|e| r.wire(e))?;
+        let sections = crate::package::sections(pkg.devices, &mut self.intake)
+            .map_err(|e| self.invalid(r, e))?;
+        let pings = pkg.pings;
         r.consume(len);
-        let pkg = postcopy::decode_package(&blob).map_err(|e| r.wire(e))?;
+        r.shrink_to(READ_CHUNK);
         self.listen(r)?;
         r.top_up = false;
-        let parts = postcopy::split_full_sections(pkg.devices).map_err(|e| r.wire(e))?;
-        for (i, (_, range)) in parts.into_iter().enumerate() {
-            let raw = pkg.devices[range].to_vec();
-            let s = DeviceSection::from_raw(i, raw).map_err(|e| self.invalid(r, e.to_string()))?;
-            self.devices.push(s);
-        }
-        // The parent needs the device state before it starts its vCPUs.
-        *self.ctx.device_in.lock().unwrap_or_else(|e| e.into_inner()) = self.devices.clone();
-        for v in pkg.pings {
+        self.devices.extend(sections);
+        // The parent needs the device state before it starts its vCPUs. Moved, not copied:
+        // the sections are the largest thing a destination holds.
+        self.ctx
+            .device_in
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .append(&mut self.devices);
+        for v in pings {
             self.send_rp(RpMessage::Pong(v))?;
         }
         // POSTCOPY_RUN: the parent may start its vCPUs.
@@ -1262,6 +1268,9 @@ impl<'a> Loader<'a> {
                     h.idstr, h.instance_id
                 ),
             })?;
+        self.intake
+            .admit(&h)
+            .map_err(|e| self.invalid(r, e.to_string()))?;
         let blen = loop {
             match vmstate::body_len(d, r.data()) {
                 Ok(n) if r.data().len() >= n + 5 => break n,
@@ -1272,10 +1281,8 @@ impl<'a> Loader<'a> {
             r.need_more("in a device section")?;
         };
         let body = &r.data()[..blen];
-        let fields = vmstate::decode_fields(d, body).ok();
         let mut sec = DeviceSection::from_body(h.clone(), body).map_err(|e| r.wire(e))?;
-        sec.description = Some(d.json.clone());
-        sec.fields = fields;
+        self.intake.describe(&mut sec, d);
         r.consume(blen);
         self.footer(r, h.section_id)?;
         // Keep the original framing bytes: `from_body` re-encodes the same header, so the
@@ -1468,6 +1475,7 @@ impl<'a> Loader<'a> {
             last_block: None,
             rp: None,
             devices: Vec::new(),
+            intake: DeviceIntake::default(),
             bytes: 0,
             known_zero: blocks.iter().map(|b| b.hole_bitmap()).collect(),
             pages: PageWriter::new(ctx.params().load_threads),
@@ -1531,56 +1539,22 @@ fn load_inner<R: ReadReady>(
         LoopEnd::Done => Ok(()),
         LoopEnd::NeedDescription => {
             // Hold everything that is left until the description has arrived.
-            let mut held: Vec<u8> = r.data().to_vec();
-            let base = r.offset;
-            let (eof_at, json) = loop {
-                if let Some(found) = vmstate::find_trailing_vmdesc(&held) {
-                    break found;
-                }
-                if held.len() > MAX_HELD {
-                    return Err(loader.invalid(
-                        r,
-                        "device state larger than 1 GiB without a VM description".into(),
-                    ));
-                }
-                let len = held.len();
-                held.resize(len + (1 << 20), 0);
-                let n = loop {
-                    match r.src.read(&mut held[len..]) {
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        other => break other,
-                    }
-                };
-                match n {
-                    Ok(0) => {
-                        held.truncate(len);
-                        return Err(LoadError::Truncated {
-                            offset: base + len as u64,
-                            context: "device sections without a VM description after EOF",
-                        });
-                    }
-                    Ok(n) => held.truncate(len + n),
-                    Err(source) => {
-                        return Err(LoadError::Io {
-                            peer: r.peer.clone(),
-                            offset: base + len as u64,
-                            source,
-                        })
-                    }
-                }
-            };
+            let (start, base) = (r.data().to_vec(), r.offset);
+            let crate::held::Held {
+                bytes: mut held,
+                eof_at,
+                json,
+            } = crate::held::hold(&mut r.src, start, base, &r.peer)?;
             let desc =
                 VmDescription::parse(&held[json.clone()]).map_err(|source| LoadError::Device {
                     offset: base + json.start as u64,
                     section: "VM description".into(),
                     source,
                 })?;
-            // Walk the held bytes, up to and including EOF, with the description.
-            let mut h = Reader::new(
-                &held[..=eof_at],
-                r.peer.clone(),
-                READ_CHUNK.min(eof_at + 1).max(64),
-            );
+            // Walk the held bytes, up to and including EOF, with the description. They
+            // become the reader's buffer: no second copy of the device state.
+            held.truncate(eof_at + 1);
+            let mut h = Reader::over(held, r.peer.clone());
             h.offset = base;
             match loader.sections(&mut h, chan, Some(&desc))? {
                 LoopEnd::Done if h.data().is_empty() && h.eof_or_fill()? => Ok(()),
@@ -1641,7 +1615,12 @@ pub fn run(
     ctx.stats
         .total_time_us
         .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-    *ctx.device_in.lock().unwrap_or_else(|e| e.into_inner()) = devices;
+    // After those a postcopy package already handed over (the list was emptied when the
+    // migration started).
+    ctx.device_in
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .extend(devices);
     ctx.state.transition(MigrationStatus::Completed)?;
     Ok(())
 }

@@ -5,6 +5,8 @@
 //! them on the wire. A section is either given as its body (`idstr`, `instance-id`,
 //! `version-id`, `data`), which the helper frames as a FULL section, or `raw`.
 
+use std::sync::Arc;
+
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde_json::{json, Value};
@@ -22,10 +24,14 @@ pub struct DeviceSection {
     pub raw: Vec<u8>,
     /// Where the body lies in `raw`.
     pub body: std::ops::Range<usize>,
-    /// The device's entry of the VM description, when one was available.
-    pub description: Option<Value>,
+    /// The device's entry of the VM description, when one was available; shared with the
+    /// description (and other sections), never copied per section.
+    pub description: Option<Arc<Value>>,
     /// Decoded field values, when a description was available.
     pub fields: Option<Value>,
+    /// Why `fields` is absent although a description was available (for example "too
+    /// large to decode").
+    pub fields_error: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -56,6 +62,7 @@ impl DeviceSection {
             body: start..end,
             description: None,
             fields: None,
+            fields_error: None,
         })
     }
 
@@ -95,6 +102,7 @@ impl DeviceSection {
             body: hlen..foot_at,
             description: None,
             fields: None,
+            fields_error: None,
         })
     }
 
@@ -113,10 +121,13 @@ impl DeviceSection {
             "raw": B64.encode(&self.raw),
         });
         if let Some(d) = &self.description {
-            v["description"] = d.clone();
+            v["description"] = Value::clone(d);
         }
         if let Some(f) = &self.fields {
             v["fields"] = f.clone();
+        }
+        if let Some(e) = &self.fields_error {
+            v["fields-error"] = Value::from(e.as_str());
         }
         v
     }
@@ -167,7 +178,7 @@ impl DeviceSection {
                 if !d.is_object() {
                     return Err(bad(i, "'description' must be an object"));
                 }
-                s.description = Some(d.clone());
+                s.description = Some(Arc::new(d.clone()));
             }
             out.push(s);
         }

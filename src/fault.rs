@@ -75,6 +75,12 @@ impl AtomicBitmap {
             w.fetch_and(!(1 << (i % 64)), Ordering::AcqRel);
         }
     }
+    /// Clears the bits of `mask` in word `w`.
+    pub fn clear_mask(&self, w: usize, mask: u64) {
+        if let Some(word) = self.0.get(w) {
+            word.fetch_and(!mask, Ordering::AcqRel);
+        }
+    }
     /// The bits as words (bit i of word w = item 64w + i).
     pub fn words(&self) -> Vec<u64> {
         self.0.iter().map(|w| w.load(Ordering::Acquire)).collect()

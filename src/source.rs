@@ -14,7 +14,7 @@ use crate::guest_memory::RamBlock;
 use crate::migration::{MigrationCtx, Stats};
 use crate::postcopy;
 use crate::ram::{self, BlockEntry};
-use crate::return_path::{self, RpMessage};
+use crate::rp_reader::{spawn_rp_reader, PageRequest, Route, RpEvent, RpGate, MAX_QUEUED_REQUESTS};
 use crate::state::MigrationStatus;
 use crate::stream::{self, SectionHeader, SectionKind, WireError};
 use crate::transport::Channel;
@@ -288,10 +288,9 @@ struct Source<'c> {
     urgent: Option<Urgent>,
     /// Where the return-path reader sends page requests while a preempt sender runs.
     route: Route,
+    /// Tells the return-path reader what it may accept.
+    gate: Arc<RpGate>,
 }
-
-/// The preempt sender's request queue, as the return-path reader sees it.
-type Route = Arc<std::sync::Mutex<Option<mpsc::Sender<PageRequest>>>>;
 
 /// What the preempt sender needs of a block: its memory, the shared to-do bits and the
 /// holes (fixed from the start of postcopy on).
@@ -314,8 +313,8 @@ impl Urgent {
         chan: Arc<Channel>,
         blocks: Vec<UrgentBlock>,
         log: slog::Logger,
-    ) -> std::io::Result<(Urgent, mpsc::Sender<PageRequest>)> {
-        let (tx, rx) = mpsc::channel::<PageRequest>();
+    ) -> std::io::Result<(Urgent, mpsc::SyncSender<PageRequest>)> {
+        let (tx, rx) = mpsc::sync_channel::<PageRequest>(MAX_QUEUED_REQUESTS);
         let (requests, pages, bytes) = (
             Arc::new(AtomicU64::new(0)),
             Arc::new(AtomicU64::new(0)),
@@ -386,49 +385,8 @@ impl Urgent {
     }
 }
 
-/// A validated page request: block index, byte offset and length.
-#[derive(Debug, Clone, Copy)]
-struct PageRequest {
-    block: usize,
-    offset: u64,
-    len: u64,
-}
-
-impl PageRequest {
-    /// The to-do bitmap words the request covers, each with the mask of its pages.
-    fn words(&self) -> impl Iterator<Item = (usize, u64)> {
-        let first = self.offset / PAGE as u64;
-        let last = (self.offset + self.len).div_ceil(PAGE as u64);
-        let (fw, lw) = (first / 64, last.div_ceil(64));
-        (fw..lw).map(move |w| {
-            let lo = first.max(w * 64) - w * 64;
-            let hi = last.min(w * 64 + 64) - w * 64;
-            let mask = if hi - lo == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << (hi - lo)) - 1) << lo
-            };
-            (w as usize, mask)
-        })
-    }
-}
-
 fn shut_error(v: u32) -> SourceError {
     SourceError::Peer(format!("destination failed to load the stream (SHUT {v})"))
-}
-
-#[derive(Debug)]
-enum RpEvent {
-    Shut(u32),
-    /// The destination sent something wrong.
-    Error(String),
-    /// The return path broke (EOF or an I/O error).
-    LinkDown(String),
-    Request(PageRequest),
-    /// A block's received bitmap (recovery).
-    Bitmap(usize, Vec<u64>),
-    ResumeAck(u32),
-    Pong,
 }
 
 impl<'c> Source<'c> {
@@ -460,6 +418,7 @@ impl<'c> Source<'c> {
             preempt_uri: None,
             urgent: None,
             route: Route::default(),
+            gate: Arc::default(),
         }
     }
 
@@ -557,6 +516,16 @@ impl<'c> Source<'c> {
         Ok(bytes)
     }
 
+    /// Queues a page request, up to a bound: a request beyond it is dropped (its page is
+    /// still to send and goes with the push), so a flood cannot grow the queue.
+    fn queue_request(&mut self, r: PageRequest) {
+        if self.requests.len() < MAX_QUEUED_REQUESTS {
+            self.requests.push_back(r);
+        } else {
+            self.gate.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Stops the migration as soon as the destination reports a failure (SHUT with an
     /// error, or a broken return path), instead of sending the rest of RAM for nothing.
     fn check_rp(&mut self) -> Result<(), SourceError> {
@@ -566,7 +535,7 @@ impl<'c> Source<'c> {
                 Ok(RpEvent::Shut(v)) => return Err(shut_error(v)),
                 Ok(RpEvent::Error(e)) => return Err(SourceError::Peer(e)),
                 Ok(RpEvent::LinkDown(e)) => return Err(SourceError::Link(e)),
-                Ok(RpEvent::Request(r)) => self.requests.push_back(r),
+                Ok(RpEvent::Request(r)) => self.queue_request(r),
                 Ok(RpEvent::Pong) => self.last_pong = Instant::now(),
                 Ok(other) => {
                     return Err(SourceError::Peer(format!(
@@ -633,6 +602,7 @@ pub fn run(
     }
     let use_rp = (caps.return_path || caps.postcopy_ram) && chan.is_socket;
     let route = Route::default();
+    let gate = Arc::<RpGate>::default();
     let rp = if use_rp {
         let fd = chan.try_clone_fd().map_err(|source| SourceError::Io {
             peer: chan.peer.clone(),
@@ -644,6 +614,7 @@ pub fn run(
             Channel::from_fd("return-path", fd).map_err(|e| SourceError::Peer(e.to_string()))?,
             names,
             route.clone(),
+            gate.clone(),
             ctx.log.clone(),
         ))
     } else {
@@ -661,6 +632,7 @@ pub fn run(
     }
     let mut src = Source::new(ctx, &blocks, chan.clone(), rp);
     src.route = route;
+    src.gate = gate;
     if caps.postcopy_preempt {
         src.preempt_uri = Some(uri);
     }
@@ -847,7 +819,7 @@ impl Source<'_> {
                 Ok(())
             })?;
             match &d.description {
-                Some(j) => desc.push_device(j.clone()),
+                Some(j) => desc.push_device(serde_json::Value::clone(j)),
                 None => desc.push_opaque(
                     &d.header.idstr,
                     d.header.instance_id,
@@ -899,6 +871,10 @@ impl Source<'_> {
             dev.extend_from_slice(&d.raw);
         }
         let blob = postcopy::encode_package(&dev)?;
+        // From LISTEN on the destination may ask for pages.
+        self.gate
+            .postcopy
+            .store(true, std::sync::atomic::Ordering::Release);
         let len = u32::try_from(blob.len())
             .ok()
             .filter(|&l| l <= stream::MAX_PACKAGED_LEN)
@@ -1015,7 +991,7 @@ impl Source<'_> {
             .map_err(|e| format!("cannot start the preempt sender: {e}"))?;
         // Requests queued before now go the same way.
         for r in self.requests.drain(..) {
-            let _ = tx.send(r);
+            let _ = tx.try_send(r);
         }
         *self.route.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
         self.urgent = Some(u);
@@ -1133,6 +1109,7 @@ impl Source<'_> {
                 .map_err(|e| SourceError::Recovery(e.to_string()))?,
             names,
             self.route.clone(),
+            self.gate.clone(),
             ctx.log.clone(),
         );
         self.rp = Some(rx);
@@ -1140,6 +1117,7 @@ impl Source<'_> {
         chan.set_send_buffer(POSTCOPY_SNDBUF);
         let t = ctx.params().link_timeout;
         chan.set_timeouts((t > 0).then(|| Duration::from_millis(t)));
+        self.gate.expect_bitmaps(self.blocks.len());
         // No header on a recovery channel: straight to the bitmap requests.
         for bt in &self.blocks {
             let name = bt.block.id.clone();
@@ -1169,7 +1147,7 @@ impl Source<'_> {
                     }
                     got[bi] = true;
                 }
-                RpEvent::Request(r) => self.requests.push_back(r),
+                RpEvent::Request(r) => self.queue_request(r),
                 other => {
                     return Err(SourceError::Recovery(format!(
                         "unexpected {other:?} during recovery"
@@ -1190,7 +1168,7 @@ impl Source<'_> {
                 RpEvent::ResumeAck(v) => {
                     return Err(SourceError::Recovery(format!("RESUME_ACK {v}, expected 1")))
                 }
-                RpEvent::Request(r) => self.requests.push_back(r),
+                RpEvent::Request(r) => self.queue_request(r),
                 other => {
                     return Err(SourceError::Recovery(format!(
                         "unexpected {other:?} during recovery"
@@ -1270,7 +1248,8 @@ impl Source<'_> {
             let route = self.route.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(tx) = route.as_ref() {
                 for r in self.requests.drain(..) {
-                    let _ = tx.send(r);
+                    // A full queue drops the request: the push sends the page anyway.
+                    let _ = tx.try_send(r);
                 }
             }
             return Ok(());
@@ -1324,7 +1303,7 @@ impl Source<'_> {
             return Ok(());
         };
         match rx.recv_timeout(d) {
-            Ok(RpEvent::Request(r)) => self.requests.push_back(r),
+            Ok(RpEvent::Request(r)) => self.queue_request(r),
             Ok(RpEvent::Pong) => self.last_pong = Instant::now(),
             Ok(RpEvent::Shut(0)) => self.shut = Some(0),
             Ok(RpEvent::Shut(v)) => return Err(shut_error(v)),
@@ -1435,33 +1414,6 @@ fn bit_runs(bits: &[u64]) -> Vec<(u64, u64)> {
     out
 }
 
-/// Validates a page request against the blocks: a known block, page aligned, inside it.
-fn check_request(
-    blocks: &[(String, u64)],
-    block: Option<usize>,
-    offset: u64,
-    len: u32,
-) -> Result<PageRequest, String> {
-    let bi = block.ok_or("REQ_PAGES before any REQ_PAGES_ID named a block")?;
-    let (name, size) = &blocks[bi];
-    let len = len as u64;
-    let page = PAGE as u64;
-    if len == 0
-        || offset % page != 0
-        || len % page != 0
-        || offset.checked_add(len).is_none_or(|e| e > *size)
-    {
-        return Err(format!(
-            "page request {offset:#x}+{len:#x} is outside RAM block {name:?} of size {size:#x} or not page aligned"
-        ));
-    }
-    Ok(PageRequest {
-        block: bi,
-        offset,
-        len,
-    })
-}
-
 /// A new helper takes over a postcopy migration whose source helper died: the parent
 /// passed the same memfds (its guest is stopped). What is left to send comes entirely from
 /// the destination's received bitmaps in the recovery; until then it is postcopy-paused,
@@ -1477,6 +1429,8 @@ pub fn adopt(ctx: &MigrationCtx, blocks: Vec<Arc<RamBlock>>) -> Result<(), Sourc
     // Replaced by the recovery channel before anything is written.
     let chan = Arc::new(Channel::from_unix(placeholder, "none".into()));
     let mut src = Source::new(ctx, &blocks, chan, None);
+    // An adopted migration is in postcopy from the start.
+    src.gate.postcopy.store(true, Ordering::Release);
     ctx.stats
         .total
         .store(blocks.iter().map(|b| b.size).sum(), Ordering::Relaxed);
@@ -1504,120 +1458,6 @@ pub fn adopt(ctx: &MigrationCtx, blocks: Vec<Arc<RamBlock>>) -> Result<(), Sourc
     Ok(())
 }
 
-/// Reads the return path on its own thread and forwards what matters.
-fn spawn_rp_reader(
-    chan: Channel,
-    blocks: Vec<(String, u64)>,
-    route: Route,
-    log: slog::Logger,
-) -> mpsc::Receiver<RpEvent> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("qmh-rp".into())
-        .spawn(move || {
-            let mut buf = vec![0u8; 4096];
-            let mut have = 0usize;
-            let mut last_block: Option<usize> = None;
-            let fail = |e: String| {
-                let _ = tx.send(RpEvent::Error(e));
-            };
-            loop {
-                // Decode everything buffered.
-                loop {
-                    let (m, n) = match return_path::decode(&buf[..have]) {
-                        Ok(Some(x)) => x,
-                        Ok(None) => break,
-                        Err(e) => return fail(format!("bad return-path message: {e}")),
-                    };
-                    let ev = match m {
-                        RpMessage::Shut(v) => {
-                            let _ = tx.send(RpEvent::Shut(v));
-                            return;
-                        }
-                        RpMessage::Pong(v) => {
-                            slog::debug!(log, "PONG"; "value" => v);
-                            let _ = tx.send(RpEvent::Pong);
-                            None
-                        }
-                        RpMessage::ReqPagesId { offset, len, block } => {
-                            match blocks.iter().position(|(n, _)| n == block) {
-                                Some(i) => last_block = Some(i),
-                                None => {
-                                    return fail(format!(
-                                        "page request for unknown RAM block {block:?}"
-                                    ))
-                                }
-                            }
-                            Some(check_request(&blocks, last_block, offset, len))
-                        }
-                        RpMessage::ReqPages { offset, len } => {
-                            Some(check_request(&blocks, last_block, offset, len))
-                        }
-                        RpMessage::RecvBitmap { block } => {
-                            let Some(bi) = blocks.iter().position(|(n, _)| n == block) else {
-                                return fail(format!(
-                                    "received bitmap for unknown RAM block {block:?}"
-                                ));
-                            };
-                            let max = blocks[bi].1.div_ceil(PAGE as u64 * 64) * 8;
-                            match return_path::decode_bitmap_tail(&buf[n..have], max) {
-                                Ok(None) => break,
-                                Ok(Some((words, m))) => {
-                                    let _ = tx.send(RpEvent::Bitmap(bi, words));
-                                    buf.copy_within(n + m..have, 0);
-                                    have -= n + m;
-                                    continue;
-                                }
-                                Err(e) => {
-                                    return fail(format!("bad received bitmap for {block:?}: {e}"))
-                                }
-                            }
-                        }
-                        RpMessage::ResumeAck(v) => {
-                            let _ = tx.send(RpEvent::ResumeAck(v));
-                            None
-                        }
-                        other => return fail(format!("unexpected return-path message: {other:?}")),
-                    };
-                    match ev {
-                        Some(Ok(r)) => {
-                            // To the preempt sender when one runs, else to the main thread.
-                            let routed = route
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .as_ref()
-                                .is_some_and(|u| u.send(r).is_ok());
-                            if !routed && tx.send(RpEvent::Request(r)).is_err() {
-                                return;
-                            }
-                        }
-                        Some(Err(e)) => return fail(e),
-                        _ => {}
-                    }
-                    buf.copy_within(n..have, 0);
-                    have -= n;
-                }
-                if have == buf.len() {
-                    // A received bitmap is larger than a message: grow.
-                    buf.resize(buf.len() * 2, 0);
-                }
-                match chan.read(&mut buf[have..]) {
-                    Ok(0) => {
-                        let _ = tx.send(RpEvent::LinkDown("return path closed before SHUT".into()));
-                        return;
-                    }
-                    Ok(n) => have += n,
-                    Err(e) => {
-                        let _ = tx.send(RpEvent::LinkDown(format!("return path: {e}")));
-                        return;
-                    }
-                }
-            }
-        })
-        .ok();
-    rx
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1627,35 +1467,5 @@ mod tests {
         assert_eq!(bit_runs(&[0b1011]), vec![(0, 8192), (12288, 4096)]);
         assert_eq!(bit_runs(&[u64::MAX, 1]), vec![(0, 65 * 4096)]);
         assert!(bit_runs(&[0, 0]).is_empty());
-    }
-
-    #[test]
-    fn requests_cover_exactly_their_pages() {
-        let r = |offset: u64, pages: u64| PageRequest {
-            block: 0,
-            offset: offset * PAGE as u64,
-            len: pages * PAGE as u64,
-        };
-        let w = |q: PageRequest| q.words().collect::<Vec<_>>();
-        assert_eq!(w(r(3, 1)), vec![(0, 1 << 3)]);
-        assert_eq!(w(r(63, 2)), vec![(0, 1 << 63), (1, 1)]);
-        assert_eq!(w(r(0, 64)), vec![(0, u64::MAX)]);
-        assert_eq!(
-            w(r(129, 130)),
-            vec![(2, u64::MAX << 1), (3, u64::MAX), (4, 0b111)]
-        );
-        let total: u32 = r(129, 130).words().map(|(_, m)| m.count_ones()).sum();
-        assert_eq!(total, 130);
-    }
-
-    #[test]
-    fn requests_are_checked() {
-        let b = vec![("ram".to_string(), 1 << 20)];
-        assert!(check_request(&b, Some(0), 4096, 4096).is_ok());
-        assert!(check_request(&b, None, 4096, 4096).is_err());
-        assert!(check_request(&b, Some(0), 1 << 20, 4096).is_err());
-        assert!(check_request(&b, Some(0), 100, 4096).is_err());
-        assert!(check_request(&b, Some(0), u64::MAX - 4095, 4096).is_err());
-        assert!(check_request(&b, Some(0), 0, 0).is_err());
     }
 }

@@ -48,8 +48,9 @@ pub enum WireError {
 /// Result of an incremental decode: `None` means "need more bytes".
 pub type Decoded<T> = Result<Option<(T, usize)>, WireError>;
 
-/// Largest VM description the helper accepts (QEMU's for big machines are a few MB).
-pub const MAX_VMDESC_LEN: u32 = 64 << 20;
+/// Largest VM description the helper accepts (QEMU's for big machines are a few MB; the
+/// destination scans back this far for one, see `vmstate::find_trailing_vmdesc`).
+pub const MAX_VMDESC_LEN: u32 = 16 << 20;
 /// Largest PACKAGED blob (QEMU caps it at 1 GiB; device state is far smaller in practice).
 pub const MAX_PACKAGED_LEN: u32 = 1 << 30;
 

@@ -4,9 +4,17 @@
 //! JSON and are interpreted by [`super::walk`], because the original objects
 //! must be re-emitted unchanged and users may build a [`DeviceDesc`] by hand.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use serde_json::Value;
 
 use super::VmStateError;
+
+/// Most JSON values a VM description may hold (QEMU's for a pc machine: ~7k). Parsed, a
+/// value takes ~100 bytes however short its text, so the byte limit on the description
+/// alone would allow over a GiB; this caps the parsed description near 100 MiB.
+pub const MAX_VMDESC_VALUES: usize = 1 << 20;
 
 /// One entry of the description's `devices` list.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,8 +26,9 @@ pub struct DeviceDesc {
     pub vmsd_name: Option<String>,
     /// Absent for old-style handlers.
     pub version: Option<u32>,
-    /// The original object, key order preserved.
-    pub json: Value,
+    /// The original object, key order preserved. Shared: every section of the
+    /// device refers to this one copy.
+    pub json: Arc<Value>,
 }
 
 impl DeviceDesc {
@@ -69,7 +78,7 @@ impl DeviceDesc {
             instance_id,
             vmsd_name,
             version,
-            json,
+            json: Arc::new(json),
         })
     }
 }
@@ -80,11 +89,21 @@ pub struct VmDescription {
     page_size: u64,
     configuration: Option<DeviceDesc>,
     devices: Vec<DeviceDesc>,
+    /// (idstr, instance id) -> first index in `devices`: a lookup per section must
+    /// not scan the list (thousands of sections times thousands of entries).
+    index: HashMap<(String, u32), usize>,
 }
 
 impl VmDescription {
     /// Parse the JSON bytes that follow `0x06 be32 LEN`.
     pub fn parse(json: &[u8]) -> Result<Self, VmStateError> {
+        let values = count_values(json);
+        if values > MAX_VMDESC_VALUES {
+            return Err(bad(
+                "",
+                &format!("VM description has about {values} JSON values, more than the limit of {MAX_VMDESC_VALUES}"),
+            ));
+        }
         let v: Value = serde_json::from_slice(json).map_err(VmStateError::Json)?;
         Self::from_value(v)
     }
@@ -111,7 +130,7 @@ impl VmDescription {
                     .or_insert_with(|| Value::from("configuration"));
                 c.entry("instance_id").or_insert_with(|| Value::from(0u32));
                 let mut dev = DeviceDesc::from_json(Value::Object(c))?;
-                dev.json = original;
+                dev.json = Arc::new(original);
                 Some(dev)
             }
             Some(_) => return Err(bad("configuration", "\"configuration\" is not an object")),
@@ -123,19 +142,24 @@ impl VmDescription {
             .into_iter()
             .map(DeviceDesc::from_json)
             .collect::<Result<Vec<_>, _>>()?;
+        let mut index = HashMap::with_capacity(devices.len());
+        for (i, d) in devices.iter().enumerate() {
+            index.entry((d.name.clone(), d.instance_id)).or_insert(i);
+        }
         Ok(VmDescription {
             page_size,
             configuration,
             devices,
+            index,
         })
     }
 
     /// The entry for section (idstr, instance id), the first one if QEMU
     /// ever listed it twice.
     pub fn device(&self, idstr: &str, instance_id: u32) -> Option<&DeviceDesc> {
-        self.devices
-            .iter()
-            .find(|d| d.instance_id == instance_id && d.name == idstr)
+        // A borrowed (&str, u32) key cannot look up a (String, u32) map.
+        let i = *self.index.get(&(idstr.to_owned(), instance_id))?;
+        self.devices.get(i)
     }
 
     pub fn page_size(&self) -> u64 {
@@ -153,6 +177,29 @@ impl VmDescription {
     pub fn configuration(&self) -> Option<&DeviceDesc> {
         self.configuration.as_ref()
     }
+}
+
+/// An upper bound on the values `json` parses into: every value but the first opens a
+/// container or follows a comma or colon outside a string. One pass, no allocation.
+fn count_values(json: &[u8]) -> usize {
+    let (mut n, mut in_str, mut esc) = (1usize, false, false);
+    for &b in json {
+        if in_str {
+            match (esc, b) {
+                (true, _) => esc = false,
+                (false, b'\\') => esc = true,
+                (false, b'"') => in_str = false,
+                _ => {}
+            }
+        } else {
+            match b {
+                b'"' => in_str = true,
+                b'{' | b'[' | b',' | b':' => n = n.saturating_add(1),
+                _ => {}
+            }
+        }
+    }
+    n
 }
 
 fn bad(device: &str, reason: &str) -> VmStateError {
@@ -185,15 +232,39 @@ mod tests {
         assert_eq!(s.version, None);
         // Original objects are kept verbatim, key order included.
         assert_eq!(
-            serde_json::to_string(&s.json).unwrap(),
+            serde_json::to_string(&*s.json).unwrap(),
             r#"{"name":"slirp","instance_id":0,"size":131,"fields":[{"name":"data","size":131,"type":"buffer"}]}"#
         );
         let c = d.configuration().unwrap();
         assert_eq!(c.name, "configuration");
         assert_eq!(
-            c.json,
+            *c.json,
             json!({"vmsd_name": "configuration", "version": 1, "fields": [{"name": "len", "type": "uint32", "size": 4}, {"name": "name", "type": "buffer", "size": 4}]})
         );
+    }
+
+    #[test]
+    fn value_count_is_capped() {
+        assert_eq!(count_values(br#"{"a": [1, 2, {"b": "x,:{["}]}"#), 8);
+        assert_eq!(count_values(br#""\\" , ""#), 2);
+        // Small text, many values: refused before parsing.
+        let mut j = br#"{"page_size": 4096, "devices": [], "x": ["#.to_vec();
+        for _ in 0..MAX_VMDESC_VALUES {
+            j.extend_from_slice(b"{},");
+        }
+        j.extend_from_slice(b"0]}");
+        let e = VmDescription::parse(&j).unwrap_err();
+        assert!(e.to_string().contains("JSON values"), "{e}");
+    }
+
+    #[test]
+    fn lookups_use_the_first_entry() {
+        let d = VmDescription::parse(
+            br#"{"page_size": 4096, "devices": [{"name": "a", "instance_id": 1, "version": 1}, {"name": "a", "instance_id": 1, "version": 2}]}"#,
+        )
+        .unwrap();
+        assert_eq!(d.device("a", 1).unwrap().version, Some(1));
+        assert!(d.device("a", 0).is_none());
     }
 
     #[test]

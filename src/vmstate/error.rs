@@ -71,13 +71,22 @@ pub enum VmStateError {
         actual: u64,
     },
 
-    /// Sizes that overflow, or a decode that would produce far more values
-    /// than the body has bytes (zero-sized elements with a huge `array_len`).
+    /// Sizes or counts that overflow.
     #[error("device {device:?}: field {field:?} at offset {offset} is too large")]
     TooLarge {
         device: String,
         field: String,
         offset: usize,
+    },
+
+    /// Decoding would take more memory than the decode budget allows: the
+    /// section is fine, but too large to decode (its raw bytes are kept).
+    #[error("device {device:?}: too large to decode (field {field:?} at offset {offset} goes over the {limit}-byte decode budget)")]
+    DecodeLimit {
+        device: String,
+        field: String,
+        offset: usize,
+        limit: usize,
     },
 }
 

@@ -287,10 +287,10 @@ fn builder_reproduces_fixture_descriptions() {
         if let Some(c) = f.desc.configuration() {
             let name_len = u32::from_be_bytes(f.bytes[9..13].try_into().unwrap()) as usize;
             b.configuration(name_len);
-            assert_eq!(c.json, original["configuration"]);
+            assert_eq!(*c.json, original["configuration"]);
         }
         for d in f.desc.devices() {
-            b.push_device(d.json.clone());
+            b.push_device(Value::clone(&d.json));
         }
         let out: Value = serde_json::from_slice(&b.to_json_bytes()).unwrap();
         assert_eq!(out, original, "{name}");
@@ -432,7 +432,7 @@ fn damaged_bodies_and_descriptions_never_panic() {
             for _ in 0..8 {
                 let mut dd = d.clone();
                 for _ in 0..1 + rng.below(3) {
-                    mutate_desc(&mut dd.json, &mut rng);
+                    mutate_desc(std::sync::Arc::make_mut(&mut dd.json), &mut rng);
                 }
                 let _ = body_len(&dd, &f.bytes[s.start..region_end]);
                 let _ = decode_fields(&dd, &f.bytes[s.start..region_end]);

@@ -5,8 +5,11 @@
 //! FULL section ([`body_len`]) and show its contents ([`decode_fields`]);
 //! a helper acting as a source writes one with [`VmDescriptionBuilder`].
 
+mod budget;
 mod desc;
 mod error;
+mod group;
+mod trailer;
 mod walk;
 
 #[cfg(test)]
@@ -14,9 +17,11 @@ mod fixture_tests;
 
 use serde_json::{json, Map, Value};
 
+pub use budget::{DecodeBudget, DECODE_BUDGET};
 pub use desc::{DeviceDesc, VmDescription};
 pub use error::VmStateError;
-pub use walk::{body_len, decode_fields, find_trailing_vmdesc};
+pub use trailer::{find_trailing_vmdesc, VmdescFinder};
+pub use walk::{body_len, decode_fields, decode_fields_within};
 
 /// Builds the description a source writes after EOF (`0x06`, be32 length,
 /// then [`Self::to_json_bytes`]).

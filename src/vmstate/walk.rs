@@ -9,25 +9,18 @@
 //!
 //! Everything here works on untrusted bytes and an untrusted description:
 //! no indexing that can fail, checked arithmetic, bounded recursion, and
-//! output bounded by the body length.
-
-use std::ops::Range;
+//! output bounded by a [`DecodeBudget`].
 
 use serde_json::{Map, Value};
 
+use super::budget::{DecodeBudget, OBJECT_VALUES, VALUE_COST};
+use super::group::Out;
 use super::{DeviceDesc, VmStateError};
 use crate::compat::wire::section;
 
 /// Nesting limit for structs/subsections. serde_json already refuses JSON
 /// nested deeper than 128, but `DeviceDesc::json` may be built by hand.
 const MAX_DEPTH: usize = 64;
-
-/// How far back [`find_trailing_vmdesc`] looks for the description.
-const VMDESC_SCAN_LIMIT: usize = 16 << 20;
-
-/// Values a decode may emit beyond one per body byte: zero-sized fields
-/// produce a value without consuming input, so they get a fixed allowance.
-const ZERO_SIZE_ALLOWANCE: usize = 1 << 16;
 
 /// How many bytes the body of `desc`'s device occupies at the start of
 /// `body` (the bytes right after the FULL/START section header). The footer
@@ -36,7 +29,8 @@ const ZERO_SIZE_ALLOWANCE: usize = 1 << 16;
 /// `Err(Truncated)` means `body` is too short so far; other errors mean the
 /// bytes do not match the description.
 pub fn body_len(desc: &DeviceDesc, body: &[u8]) -> Result<usize, VmStateError> {
-    let mut w = Walker::new(&desc.name, body, false);
+    let mut none = DecodeBudget::new(0);
+    let mut w = Walker::new(&desc.name, body, false, &mut none);
     let (end, _) = w.vmsd(&desc.json, 0, &Path::ROOT, 0)?;
     Ok(end)
 }
@@ -45,52 +39,29 @@ pub fn body_len(desc: &DeviceDesc, body: &[u8]) -> Result<usize, VmStateError> {
 /// integers as numbers, everything else as lowercase hex strings, arrays as
 /// arrays, structs and subsections (keyed by their name) as objects.
 /// Bytes after the body (the footer, further sections) are ignored.
+///
+/// The decode may take at most [`super::DECODE_BUDGET`] estimated bytes;
+/// beyond that it fails with [`VmStateError::DecodeLimit`].
 pub fn decode_fields(desc: &DeviceDesc, body: &[u8]) -> Result<Value, VmStateError> {
-    let mut w = Walker::new(&desc.name, body, true);
-    let (_, out) = w.vmsd(&desc.json, 0, &Path::ROOT, 0)?;
-    Ok(Value::Object(out.map(|o| o.map).unwrap_or_default()))
+    decode_fields_within(desc, body, &mut DecodeBudget::per_stream())
 }
 
-/// If `buf` ends with `0x00 (EOF) 0x06 (VMDESCRIPTION) be32 LEN JSON`, with
-/// JSON being exactly the last LEN bytes, starting with `{` and parsing,
-/// return the offset of the EOF byte and the range of the JSON.
-///
-/// Meant to be called on a growing receive buffer: it returns at once
-/// unless the buffer ends with `}`, and otherwise only looks back to the
-/// last NUL byte (at most 16 MiB), since JSON text cannot contain a raw NUL
-/// while the be32 length right after the EOF byte always holds one.
-pub fn find_trailing_vmdesc(buf: &[u8]) -> Option<(usize, Range<usize>)> {
-    if buf.last() != Some(&b'}') {
-        return None;
-    }
-    let window_start = buf
-        .len()
-        .saturating_sub(VMDESC_SCAN_LIMIT.saturating_add(6));
-    let window = buf.get(window_start..)?;
-    let last_nul = window_start.checked_add(window.iter().rposition(|&b| b == 0)?)?;
-    // The last NUL is the EOF byte or one of the length bytes: at most six
-    // places for the EOF byte. Try the nearest first.
-    for eof in (last_nul.saturating_sub(5).max(window_start)..=last_nul).rev() {
-        let Some(&[b_eof, b_desc, l0, l1, l2, l3]) = buf.get(eof..eof.saturating_add(6)) else {
-            continue;
-        };
-        if b_eof != section::EOF || b_desc != section::VMDESCRIPTION {
-            continue;
-        }
-        let len = u32::from_be_bytes([l0, l1, l2, l3]) as usize;
-        let json_start = eof + 6; // in bounds: the get() above succeeded
-        if json_start.checked_add(len) != Some(buf.len()) {
-            continue;
-        }
-        let json = buf.get(json_start..)?;
-        if json.first() != Some(&b'{') {
-            continue;
-        }
-        if serde_json::from_slice::<serde::de::IgnoredAny>(json).is_ok() {
-            return Some((eof, json_start..buf.len()));
+/// [`decode_fields`], charging what the decode produces to `budget` (shared
+/// by the sections of one stream). A failed decode gives back what it took.
+pub fn decode_fields_within(
+    desc: &DeviceDesc,
+    body: &[u8],
+    budget: &mut DecodeBudget,
+) -> Result<Value, VmStateError> {
+    let saved = *budget;
+    let mut w = Walker::new(&desc.name, body, true, budget);
+    match w.vmsd(&desc.json, 0, &Path::ROOT, 0) {
+        Ok((_, out)) => Ok(Value::Object(out.map(|o| o.map).unwrap_or_default())),
+        Err(e) => {
+            *budget = saved;
+            Err(e)
         }
     }
-    None
 }
 
 /// Where in the description a walk is, rendered only for error messages.
@@ -149,54 +120,21 @@ impl<'a> Path<'a> {
     }
 }
 
-/// Decoded members of one struct/section, remembering which names collect
-/// several fields into an array (QEMU's `index`ed, non-compressible arrays).
-#[derive(Default)]
-struct Out {
-    map: Map<String, Value>,
-    grouped: Vec<String>,
-}
-
-impl Out {
-    fn insert(&mut self, name: &str, index: Option<u64>, value: Value) {
-        let is_grouped = self.grouped.iter().any(|g| g == name);
-        match self.map.get_mut(name) {
-            // QEMU 10.0 writes "index" on all but the last element of such
-            // an array (see fdc "drives"), so a plain field with a grouped
-            // name continues the array too.
-            Some(Value::Array(a)) if is_grouped => a.push(value),
-            // A repeated plain name: keep both rather than lose one.
-            Some(old) => {
-                let prev = old.take();
-                *old = Value::Array(vec![prev, value]);
-                self.grouped.push(name.to_owned());
-            }
-            None if index.is_some() => {
-                self.map.insert(name.to_owned(), Value::Array(vec![value]));
-                self.grouped.push(name.to_owned());
-            }
-            None => {
-                self.map.insert(name.to_owned(), value);
-            }
-        }
-    }
-}
-
-struct Walker<'a> {
+struct Walker<'a, 'b> {
     device: &'a str,
     body: &'a [u8],
     decode: bool,
-    /// Values the decode may still emit.
-    budget: usize,
+    /// What the decode may still produce.
+    budget: &'b mut DecodeBudget,
 }
 
-impl<'a> Walker<'a> {
-    fn new(device: &'a str, body: &'a [u8], decode: bool) -> Self {
+impl<'a, 'b> Walker<'a, 'b> {
+    fn new(device: &'a str, body: &'a [u8], decode: bool, budget: &'b mut DecodeBudget) -> Self {
         Walker {
             device,
             body,
             decode,
-            budget: body.len().saturating_add(ZERO_SIZE_ALLOWANCE),
+            budget,
         }
     }
 
@@ -330,7 +268,7 @@ impl<'a> Walker<'a> {
             }
             pos = end;
             if self.decode {
-                self.spend(1, &epath, start)?;
+                self.spend(OBJECT_VALUES, 0, &epath, start)?;
                 elems.push(Value::Object(m.map(|o| o.map).unwrap_or_default()));
             } else if actual == 0 {
                 // An element that took no bytes has no subsections and only
@@ -372,14 +310,15 @@ impl<'a> Walker<'a> {
         path: &Path<'_>,
         pos: usize,
     ) -> Result<Value, VmStateError> {
+        // Hex strings take two bytes per body byte (integers take less):
+        // charged with the values before anything is allocated.
+        let text = bytes.len().saturating_mul(2);
         let Some(count) = array_len else {
-            self.spend(1, path, pos)?;
+            self.spend(1, text, path, pos)?;
             return Ok(leaf(ty, bytes));
         };
         let n = usize::try_from(count).map_err(|_| self.too_large(path, pos))?;
-        // Checked against the body length (plus a small allowance) before
-        // anything is allocated.
-        self.spend(n, path, pos)?;
+        self.spend(n, text, path, pos)?;
         let vals = match usize::try_from(size) {
             Ok(0) => vec![leaf(ty, &[]); n],
             Ok(sz) => bytes.chunks(sz).map(|c| leaf(ty, c)).collect(),
@@ -452,7 +391,7 @@ impl<'a> Walker<'a> {
         }
         let (end, m) = self.vmsd(s, ver_end, &spath, depth.saturating_add(1))?;
         if self.decode {
-            self.spend(1, &spath, pos)?;
+            self.spend(OBJECT_VALUES, 0, &spath, pos)?;
         }
         let value = m.map(|o| Value::Object(o.map));
         self.finish(out, name, None, value, end)
@@ -493,12 +432,24 @@ impl<'a> Walker<'a> {
         }
     }
 
-    fn spend(&mut self, n: usize, path: &Path<'_>, pos: usize) -> Result<(), VmStateError> {
-        self.budget = self
-            .budget
-            .checked_sub(n)
-            .ok_or_else(|| self.too_large(path, pos))?;
-        Ok(())
+    /// Charges `values` JSON values and `text` bytes of strings to the budget.
+    fn spend(
+        &mut self,
+        values: usize,
+        text: usize,
+        path: &Path<'_>,
+        pos: usize,
+    ) -> Result<(), VmStateError> {
+        let cost = values.saturating_mul(VALUE_COST).saturating_add(text);
+        if self.budget.take(cost) {
+            return Ok(());
+        }
+        Err(VmStateError::DecodeLimit {
+            device: self.device.to_owned(),
+            field: path.render(),
+            offset: pos,
+            limit: self.budget.limit(),
+        })
     }
 
     fn bad(&self, path: &Path<'_>, reason: &str) -> VmStateError {
@@ -872,7 +823,7 @@ mod tests {
                 instance_id: 0,
                 vmsd_name: None,
                 version: None,
-                json: c.clone(),
+                json: std::sync::Arc::new(c.clone()),
             };
             let e = body_len(&d, &body).unwrap_err();
             assert!(matches!(e, VmStateError::BadDescription { .. }), "{c}: {e}");
@@ -889,7 +840,7 @@ mod tests {
             instance_id: 0,
             vmsd_name: None,
             version: None,
-            json: s,
+            json: std::sync::Arc::new(s),
         };
         assert!(matches!(
             body_len(&d, &body).unwrap_err(),
@@ -919,14 +870,14 @@ mod tests {
         assert_eq!(body_len(&d, &body).unwrap(), 0);
         assert!(matches!(
             decode_fields(&d, &body).unwrap_err(),
-            VmStateError::TooLarge { .. }
+            VmStateError::DecodeLimit { .. }
         ));
         let d = dev(json!({"name": "x", "instance_id": 0, "fields": [
             {"name": "a", "type": "struct", "array_len": u64::MAX, "struct": {"fields": []}}]}));
         assert_eq!(body_len(&d, &body).unwrap(), 0);
         assert!(matches!(
             decode_fields(&d, &body).unwrap_err(),
-            VmStateError::TooLarge { .. }
+            VmStateError::DecodeLimit { .. }
         ));
         // Struct elements without size that each take a byte: bounded by the
         // body, then truncated.
@@ -939,6 +890,38 @@ mod tests {
         let d = dev(json!({"name": "x", "instance_id": 0, "fields": [
             {"name": "a", "type": "buffer", "size": 0, "array_len": 3}]}));
         assert_eq!(decode_fields(&d, &[]).unwrap(), json!({"a": ["", "", ""]}));
+    }
+
+    #[test]
+    fn large_bodies_hit_the_decode_budget() {
+        // One value per body byte used to be allowed: 4 Mi uint8 values
+        // (~300 MiB). Now the decode stops before allocating them.
+        let n = 4usize << 20;
+        let body = vec![7u8; n];
+        let d = dev(json!({"name": "big", "instance_id": 0, "fields": [
+            {"name": "a", "type": "uint8", "size": 1, "array_len": n}]}));
+        assert_eq!(body_len(&d, &body).unwrap(), n);
+        let e = decode_fields(&d, &body).unwrap_err();
+        assert!(
+            matches!(&e, VmStateError::DecodeLimit { field, .. } if field == "a"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("too large to decode"), "{e}");
+        // A buffer is one value but a string twice its size.
+        let d = dev(json!({"name": "big", "instance_id": 0, "fields": [
+            {"name": "a", "type": "buffer", "size": n}]}));
+        let mut b = DecodeBudget::new(2 * n - 1);
+        assert!(matches!(
+            decode_fields_within(&d, &body, &mut b).unwrap_err(),
+            VmStateError::DecodeLimit { .. }
+        ));
+        // A failed decode gives its share back; a good one keeps it spent,
+        // so the sections of one stream share the budget.
+        assert_eq!(b.left(), 2 * n - 1);
+        let mut b = DecodeBudget::new(3 * n);
+        assert!(decode_fields_within(&d, &body, &mut b).is_ok());
+        assert!(b.left() < n);
+        assert!(decode_fields_within(&d, &body, &mut b).is_err());
     }
 
     #[test]
@@ -968,80 +951,5 @@ mod tests {
             matches!(&e, VmStateError::BadDescription { field, .. } if field == "s[0].b"),
             "{e}"
         );
-    }
-
-    fn with_vmdesc(prefix: &[u8], json: &[u8]) -> Vec<u8> {
-        let mut b = prefix.to_vec();
-        b.push(0x00);
-        b.push(0x06);
-        b.extend_from_slice(&(json.len() as u32).to_be_bytes());
-        b.extend_from_slice(json);
-        b
-    }
-
-    #[test]
-    fn trailing_vmdesc() {
-        let json = br#"{"page_size": 4096, "devices": []}"#;
-        let prefix = [0x7e, 0, 0, 0, 2, 0xff, 0xff];
-        let b = with_vmdesc(&prefix, json);
-        assert_eq!(
-            find_trailing_vmdesc(&b),
-            Some((prefix.len(), prefix.len() + 6..b.len()))
-        );
-        // Prefix without any NUL, and a length with no NUL byte but the top.
-        let b = with_vmdesc(&[], json);
-        assert_eq!(find_trailing_vmdesc(&b), Some((0, 6..b.len())));
-
-        // Every prefix of a stream that is still arriving: no false hit.
-        for k in 0..b.len() {
-            assert_eq!(find_trailing_vmdesc(&b[..k]), None, "{k}");
-        }
-        // Trailing bytes after the JSON.
-        let mut t = b.clone();
-        t.push(b'}');
-        assert_eq!(find_trailing_vmdesc(&t), None);
-        // Length off by one either way.
-        for delta in [-1i64, 1] {
-            let mut t = b.clone();
-            let l = (json.len() as i64 + delta) as u32;
-            t[2..6].copy_from_slice(&l.to_be_bytes());
-            assert_eq!(find_trailing_vmdesc(&t), None);
-        }
-        // `00 06 len` with a matching length but data that is not JSON.
-        let fake = with_vmdesc(&[1, 2, 3], b"{\x01\x02}");
-        assert_eq!(find_trailing_vmdesc(&fake), None);
-        let fake = with_vmdesc(&[1, 2, 3], b"{\"a\": 1}}");
-        assert_eq!(find_trailing_vmdesc(&fake), None);
-        let fake = with_vmdesc(&[1, 2, 3], b"[{}]");
-        assert_eq!(find_trailing_vmdesc(&fake), None);
-        // A NUL inside the candidate JSON rules it out.
-        let fake = with_vmdesc(&[], b"{\"a\":\x00}");
-        assert_eq!(find_trailing_vmdesc(&fake), None);
-        // A description after device data that itself contains `00 06`.
-        let mut data = vec![0u8; 100];
-        data.extend_from_slice(&[0x00, 0x06, 0, 0, 0, 40, b'{', b'}']);
-        let b = with_vmdesc(&data, json);
-        assert_eq!(
-            find_trailing_vmdesc(&b),
-            Some((data.len(), data.len() + 6..b.len()))
-        );
-        assert_eq!(find_trailing_vmdesc(b"}"), None);
-        assert_eq!(find_trailing_vmdesc(b""), None);
-        assert_eq!(find_trailing_vmdesc(b"\x00\x06\x00\x00\x00\x01}"), None);
-    }
-
-    #[test]
-    fn trailing_vmdesc_near_scan_limit() {
-        // JSON of exactly 16 MiB is found; the scan does not go further.
-        let mut json = Vec::with_capacity(VMDESC_SCAN_LIMIT);
-        json.extend_from_slice(b"{\"a\": \"");
-        json.resize(VMDESC_SCAN_LIMIT - 2, b'x');
-        json.extend_from_slice(b"\"}");
-        let b = with_vmdesc(&[0; 10], &json);
-        assert_eq!(find_trailing_vmdesc(&b), Some((10, 16..b.len())));
-        let mut json2 = json.clone();
-        json2.insert(7, b'y');
-        let b = with_vmdesc(&[0; 10], &json2);
-        assert_eq!(find_trailing_vmdesc(&b), None);
     }
 }

@@ -20,11 +20,10 @@ use std::time::{Duration, Instant};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use qemu_migration_helper::compat::wire::{command, ram as flag, section};
-use qemu_migration_helper::ram::{encode_block_list, encode_eos, encode_page_header, BlockEntry};
+use qemu_migration_helper::ram::{encode_eos, BlockEntry};
 use qemu_migration_helper::stream::{
-    encode_command, encode_configuration, encode_eof, encode_footer, encode_header,
-    encode_section_part, encode_section_start, encode_vmdesc, put_be16, put_be32, put_be64,
-    put_str8, SectionHeader, SectionKind,
+    encode_command, encode_eof, encode_footer, encode_section_start, encode_vmdesc, put_be16,
+    put_be32, put_be64, put_str8, SectionKind,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -34,6 +33,7 @@ use crate::files::{
     check_images, fixture_path, helper_for, load_file, prefill, ItemKind, StreamMap,
 };
 use crate::helper::{helper_bin, socketpair, HelperVm, Memfd};
+use crate::streams::*;
 use crate::util::{assert_same_memory, test_seed, TempDir, MIB, PAGE_SIZE};
 
 /// Every wait for a migration to end has this deadline: a bad stream must never hang.
@@ -391,160 +391,7 @@ fn flipped_q35_128m_qemu10() {
 
 // ---- Hand-built streams -------------------------------------------------------------------
 
-/// The one block of the hand-built streams.
-const BLOCK: u64 = MIB;
-const PAGES: u64 = BLOCK / PAGE_SIZE as u64;
-
-/// Page `i` of the good stream: even pages carry data, odd pages are zero.
-fn page_content(i: u64) -> Vec<u8> {
-    let mut p = vec![0u8; PAGE_SIZE];
-    if i % 2 == 0 {
-        for (j, b) in p.iter_mut().enumerate() {
-            *b = (i as u8) ^ (j as u8) ^ 0x5a;
-        }
-        p[..8].copy_from_slice(&(i + 1).to_le_bytes());
-    }
-    p
-}
-
-fn image() -> Vec<u8> {
-    (0..PAGES).flat_map(page_content).collect()
-}
-
-/// Header and configuration (`none`).
-fn head() -> Vec<u8> {
-    let mut b = Vec::new();
-    encode_header(&mut b);
-    encode_configuration(&mut b, "none").unwrap();
-    b
-}
-
-/// A RAM START section (id 1) announcing `blocks`.
-fn ram_start(blocks: &[(&str, u64)]) -> Vec<u8> {
-    let mut b = Vec::new();
-    encode_section_start(&mut b, SectionKind::Start, &ram_header(1, 4)).unwrap();
-    let entries: Vec<BlockEntry> = blocks
-        .iter()
-        .map(|&(n, l)| BlockEntry {
-            idstr: n.into(),
-            used_length: l,
-            page_size: None,
-        })
-        .collect();
-    encode_block_list(&mut b, &entries).unwrap();
-    encode_footer(&mut b, 1);
-    b
-}
-
-fn ram_header(id: u32, version: u32) -> SectionHeader {
-    SectionHeader {
-        section_id: id,
-        idstr: "ram".into(),
-        instance_id: 0,
-        version_id: version,
-    }
-}
-
-/// The page records of `pages` (the first names block `ram`), without EOS.
-fn records(pages: std::ops::Range<u64>) -> Vec<u8> {
-    let mut b = Vec::new();
-    for i in pages.clone() {
-        let name = (i == pages.start).then_some("ram");
-        let p = page_content(i);
-        let off = i * PAGE_SIZE as u64;
-        if i % 2 == 0 {
-            encode_page_header(&mut b, off, flag::PAGE, name).unwrap();
-            b.extend_from_slice(&p);
-        } else {
-            encode_page_header(&mut b, off, flag::ZERO, name).unwrap();
-            b.push(0);
-        }
-    }
-    b
-}
-
-/// A RAM PART or END section `id` whose body is `body` then EOS.
-fn ram_section(kind: SectionKind, id: u32, body: &[u8]) -> Vec<u8> {
-    let mut b = Vec::new();
-    encode_section_part(&mut b, kind, id);
-    b.extend_from_slice(body);
-    encode_eos(&mut b);
-    encode_footer(&mut b, id);
-    b
-}
-
-/// EOF and an empty VM description, as a QEMU source with no devices would end.
-fn tail() -> Vec<u8> {
-    let mut b = Vec::new();
-    encode_eof(&mut b);
-    encode_vmdesc(&mut b, br#"{"page_size":4096,"devices":[]}"#).unwrap();
-    b
-}
-
-fn good_stream() -> Vec<u8> {
-    [
-        head(),
-        ram_start(&[("ram", BLOCK)]),
-        ram_section(SectionKind::Part, 1, &records(0..PAGES / 2)),
-        ram_section(SectionKind::End, 1, &records(PAGES / 2..PAGES)),
-        tail(),
-    ]
-    .concat()
-}
-
-/// The good stream up to and including the RAM START.
-fn good_prefix() -> Vec<u8> {
-    [head(), ram_start(&[("ram", BLOCK)])].concat()
-}
-
-/// A PART whose body is one raw record word (plus `extra` bytes), after the good prefix.
-fn with_record(word: u64, extra: &[u8]) -> Vec<u8> {
-    let mut body = Vec::new();
-    put_be64(&mut body, word);
-    body.extend_from_slice(extra);
-    [
-        good_prefix(),
-        ram_section(SectionKind::Part, 1, &body),
-        tail(),
-    ]
-    .concat()
-}
-
-fn named(name: &str, data: &[u8]) -> Vec<u8> {
-    let mut b = Vec::new();
-    put_str8(&mut b, name).unwrap();
-    b.extend_from_slice(data);
-    b
-}
-
-/// A FULL device section `dev` (id 5) with an 8-byte body.
-fn device_section() -> Vec<u8> {
-    let mut b = Vec::new();
-    encode_section_start(
-        &mut b,
-        SectionKind::Full,
-        &SectionHeader {
-            section_id: 5,
-            idstr: "dev".into(),
-            instance_id: 0,
-            version_id: 1,
-        },
-    )
-    .unwrap();
-    b.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
-    encode_footer(&mut b, 5);
-    b
-}
-
-fn vmdesc_with_dev(size: usize) -> Vec<u8> {
-    let desc = json!({"page_size": 4096, "devices": [{
-        "name": "dev", "instance_id": 0, "vmsd_name": "dev", "version": 1,
-        "fields": [{"name": "x", "type": "buffer", "size": size}]}]});
-    let mut b = Vec::new();
-    encode_eof(&mut b);
-    encode_vmdesc(&mut b, desc.to_string().as_bytes()).unwrap();
-    b
-}
+// The stream builders are in streams.rs, shared with bounds.rs.
 
 /// The malformed streams: (what, stream, keyword the error-desc must contain).
 fn bad_streams() -> Vec<(&'static str, Vec<u8>, &'static str)> {
@@ -748,31 +595,6 @@ fn bad_streams() -> Vec<(&'static str, Vec<u8>, &'static str)> {
     ));
 
     v
-}
-
-/// Runs an incoming migration on `h` from `stream`, written by a thread into one end of a
-/// socketpair (the helper has the other end as `fd:mig`); the thread then closes its end.
-fn load_over_socket(h: &mut HelperVm, stream: Vec<u8>) -> Result<Value, String> {
-    let (ours, theirs) = socketpair();
-    h.client
-        .getfd("mig", theirs.as_fd())
-        .map_err(|e| format!("getfd: {e}"))?;
-    drop(theirs);
-    h.client
-        .migrate_incoming("fd:mig")
-        .map_err(|e| format!("migrate-incoming: {e}"))?;
-    let feeder = std::thread::spawn(move || {
-        let mut s = UnixStream::from(ours);
-        let _ = s.set_write_timeout(Some(DEADLINE));
-        // The helper may stop reading (and close) at the first bad byte: EPIPE is fine.
-        let _ = s.write_all(&stream);
-    });
-    let r = h
-        .client
-        .wait_for_status(&["completed", "failed"], DEADLINE)
-        .map_err(|e| format!("waiting for completed/failed: {e}"));
-    let _ = feeder.join();
-    r
 }
 
 #[test]

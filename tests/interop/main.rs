@@ -2,6 +2,7 @@
 
 mod analyze;
 mod bad_input;
+mod bounds;
 mod files;
 mod helper;
 mod helper_helper;
@@ -12,4 +13,5 @@ mod qemu;
 mod qemu_helper;
 mod qemu_qemu;
 mod recovery;
+mod streams;
 mod util;

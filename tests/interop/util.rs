@@ -158,6 +158,15 @@ impl Drop for TempDir {
     }
 }
 
+/// Peak resident memory (VmHWM) of a live process, in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
