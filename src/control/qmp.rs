@@ -2,11 +2,9 @@
 //! SCM_RIGHTS ancillary data on the message that carries a command.
 
 use std::collections::VecDeque;
-use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use serde_json::{json, Map, Value};
 
 use super::framing::{Frame, Splitter};
@@ -135,6 +133,56 @@ const MAX_PENDING_FDS: usize = 2 * SCM_MAX_FD;
 /// One read from the socket.
 const CHUNK: usize = 256 * 1024;
 
+/// One recvmsg: bytes read, the fds that came with them (owned at once, so none can leak),
+/// and whether the kernel truncated the ancillary data (MSG_CTRUNC). Plain libc because
+/// nix refuses to walk a truncated control buffer, which would leave the fds that did
+/// arrive open and unowned.
+fn recv_with_fds(
+    stream: &UnixStream,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, Vec<OwnedFd>, bool)> {
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE((SCM_MAX_FD * std::mem::size_of::<RawFd>()) as u32) };
+    // u64 elements: the control buffer must be aligned for cmsghdr.
+    let mut control = vec![0u64; (space as usize).div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the call.
+    let mut mhdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    mhdr.msg_iov = &mut iov;
+    mhdr.msg_iovlen = 1;
+    mhdr.msg_control = control.as_mut_ptr().cast();
+    mhdr.msg_controllen = control.len() * 8;
+    // SAFETY: mhdr points at live buffers of the stated sizes.
+    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut mhdr, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled msg_controllen bytes of `control` with well-formed cmsgs;
+    // CMSG_* walk only within them.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&mhdr);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c);
+                let len = (*c).cmsg_len - libc::CMSG_LEN(0) as usize;
+                for i in 0..len / std::mem::size_of::<RawFd>() {
+                    let fd = std::ptr::read_unaligned(
+                        data.add(i * std::mem::size_of::<RawFd>()).cast::<RawFd>(),
+                    );
+                    // The kernel just installed this fd for us.
+                    fds.push(OwnedFd::from_raw_fd(fd));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&mhdr, c);
+        }
+    }
+    Ok((n as usize, fds, mhdr.msg_flags & libc::MSG_CTRUNC != 0))
+}
+
 /// The fds one recvmsg brought, or why they were closed.
 enum FdBatch {
     Fds(Vec<OwnedFd>),
@@ -235,36 +283,17 @@ impl MessageReader {
                 }
                 None => {}
             }
-            let mut cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
-            let mut iov = [IoSliceMut::new(&mut self.chunk)];
-            let msg = match recvmsg::<()>(
-                self.stream.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
-                Ok(m) => m,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(e.into()),
+            let (n, received, truncated) = match recv_with_fds(&self.stream, &mut self.chunk) {
+                Ok(r) => r,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
             };
-            let n = msg.bytes;
-            let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
-            let mut received = Vec::new();
-            if let Ok(cmsgs) = msg.cmsgs() {
-                for c in cmsgs {
-                    if let ControlMessageOwned::ScmRights(raw) = c {
-                        for fd in raw {
-                            // SAFETY: the kernel just installed this fd for us.
-                            received.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                        }
-                    }
-                }
-            }
             if n == 0 {
                 return Ok(Input::Eof);
             }
             let pos = self.splitter.position();
             if truncated {
+                // The fds that did arrive are closed here: the command gets an error.
                 drop(received);
                 self.fds.push_back((pos, FdBatch::Truncated));
             } else if !received.is_empty() {

@@ -2,6 +2,7 @@
 
 mod analyze;
 mod bad_input;
+mod control;
 mod files;
 mod helper;
 mod helper_helper;
@@ -11,5 +12,6 @@ pub mod postcopy;
 mod qemu;
 mod qemu_helper;
 mod qemu_qemu;
+mod qmp_client;
 mod recovery;
 mod util;
