@@ -41,8 +41,12 @@ pub enum Frame {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Lex {
     Start,
-    Str { quote: u8 },
-    StrEscape { quote: u8 },
+    Str {
+        quote: u8,
+    },
+    StrEscape {
+        quote: u8,
+    },
     Number,
     Keyword,
     /// After an error: skipping to a resynchronisation point.
@@ -379,10 +383,7 @@ mod tests {
         // character after the garbage starts a new value.
         assert_eq!(
             msgs(&[b"{\"execute\": \"abc\x01def\" {\"b\":2}"]),
-            vec![
-                "ERR JSON parse error, stray '\"abc\u{1}'",
-                r#"{"b":2}"#
-            ]
+            vec!["ERR JSON parse error, stray '\"abc\u{1}'", r#"{"b":2}"#]
         );
         // 0xFF forces a reset, as QEMU documents for clients in an unknown state.
         assert_eq!(

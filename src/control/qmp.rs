@@ -357,8 +357,7 @@ mod tests {
             check_oob(&r).unwrap_err().desc,
             "The command query-migrate does not support OOB"
         );
-        let (e, _) =
-            parse_request(br#"{"execute": "a", "exec-oob": "b"}"#, true).unwrap_err();
+        let (e, _) = parse_request(br#"{"execute": "a", "exec-oob": "b"}"#, true).unwrap_err();
         assert!(e.desc.contains("clashes"), "{}", e.desc);
     }
 }

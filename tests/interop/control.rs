@@ -271,7 +271,11 @@ fn control_crafted_messages_bounded() {
     c.s.write_all(msg.as_bytes()).unwrap();
     drop(msg);
     let r = c.read_msg_within(Duration::from_secs(120));
-    assert_eq!(r, json!({"return": {}, "id": "big"}), "40 MiB device-state-set");
+    assert_eq!(
+        r,
+        json!({"return": {}, "id": "big"}),
+        "40 MiB device-state-set"
+    );
     let legit_time = t.elapsed();
     assert_eq!(c.status(), "none");
     let legit_peak = h.peak_rss_kib();
@@ -438,7 +442,9 @@ print("read:", data.decode(errors="replace").strip())
 #[test]
 fn control_socket_only_the_owner_gets_in() {
     if qemu_migration_helper::control::listen::own_uid() != 0 {
-        eprintln!("control_socket_only_the_owner_gets_in: skipped, needs root to run a client as nobody");
+        eprintln!(
+            "control_socket_only_the_owner_gets_in: skipped, needs root to run a client as nobody"
+        );
         return;
     }
     let dir = TempDir::new("qmh-control-log");
@@ -524,7 +530,12 @@ fn control_logs_escape_stream_strings() {
     let sock = dir.join("ctl");
     let log = std::fs::File::create(dir.join("log")).unwrap();
     let child = Command::new(helper_bin())
-        .args(["--control-socket", sock.to_str().unwrap(), "--log-level", "info"])
+        .args([
+            "--control-socket",
+            sock.to_str().unwrap(),
+            "--log-level",
+            "info",
+        ])
         .stderr(Stdio::from(log))
         .spawn()
         .expect("spawn");

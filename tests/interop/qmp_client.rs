@@ -86,7 +86,11 @@ fn qemu_qmp_client_drives_a_migration() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: Value = serde_json::from_str(stdout.trim()).expect("qmp_client.py output");
-    eprintln!("{test}: qemu.qmp migrated {} MiB in {:?}", size >> 20, t0.elapsed());
+    eprintln!(
+        "{test}: qemu.qmp migrated {} MiB in {:?}",
+        size >> 20,
+        t0.elapsed()
+    );
     assert_eq!(v["src"]["status"], "completed", "{v}");
     assert_eq!(v["dst"]["status"], "completed", "{v}");
     assert_eq!(v["version"]["qemu"]["major"], 10, "{v}");
@@ -97,6 +101,9 @@ fn qemu_qmp_client_drives_a_migration() {
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
-    assert!(events.contains(&"completed"), "destination events {events:?}");
+    assert!(
+        events.contains(&"completed"),
+        "destination events {events:?}"
+    );
     assert_same_memory(&src_mem.map(), &dst_mem.map(), test);
 }
