@@ -94,7 +94,7 @@ struct Escaped(Vec<(slog::Key, String)>);
 impl slog::KV for Escaped {
     fn serialize(&self, _: &slog::Record, s: &mut dyn slog::Serializer) -> slog::Result {
         for (k, v) in &self.0 {
-            s.emit_str(*k, v)?;
+            s.emit_str(k, v)?;
         }
         Ok(())
     }

@@ -121,8 +121,7 @@ impl Splitter {
                         .position(|&c| {
                             c == quote
                                 || c == b'\\'
-                                || c < 0x20
-                                || c >= 0xFE
+                                || !(0x20..0xFE).contains(&c)
                                 || (quote == b'\'' && c == b'"')
                         })
                         .unwrap_or(data.len() - i);
