@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Drives a whole helper -> helper migration through QEMU's own Python QMP client,
-qemu.qmp (PyPI), as any QMP tool would: objects sent without newlines, oob negotiated,
-fds passed with send_fd_scm before getfd.
+"""Drives a whole migration from a helper through QEMU's own Python QMP client, qemu.qmp
+(PyPI), as any QMP tool would: objects sent without newlines, oob negotiated, fds passed
+with send_fd_scm before getfd. The destination is another helper or a QEMU started with
+-incoming defer (the same client drives both).
 
-Usage: qmp_client.py SRC_SOCKET DST_SOCKET SRC_MEMFD DST_MEMFD SIZE
-The memfds are inherited fds holding the source's guest RAM and the destination's.
+Usage: qmp_client.py SRC_SOCKET DST_SOCKET SRC_MEMFD DST_MEMFD SIZE [helper|qemu]
+The memfds are inherited fds holding the source's guest RAM and the destination's
+(DST_MEMFD is ignored for a QEMU destination, which has its own RAM).
 Prints one JSON line with what happened; exits non-zero on any failure.
 """
 
@@ -40,6 +42,7 @@ async def wait_status(qmp, wanted, timeout=120):
 async def main():
     src_path, dst_path = sys.argv[1], sys.argv[2]
     src_mem, dst_mem, size = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    dst_is_qemu = len(sys.argv) > 6 and sys.argv[6] == "qemu"
     src, dst = QMPClient("src"), QMPClient("dst")
     await src.connect(src_path)
     await dst.connect(dst_path)
@@ -54,7 +57,8 @@ async def main():
     collector = asyncio.create_task(collect())
 
     await add_ram(src, src_mem, size)
-    await add_ram(dst, dst_mem, size)
+    if not dst_is_qemu:
+        await add_ram(dst, dst_mem, size)
     a, b = socket.socketpair()
     src.send_fd_scm(a.fileno())
     await src.execute("getfd", {"fdname": "mig"})
@@ -79,12 +83,13 @@ async def main():
     src_end = await wait_status(src, ("completed",))
     dst_end = await wait_status(dst, ("completed",))
     await src.execute("quit")
-    await dst.execute("quit")
+    if not dst_is_qemu:
+        await dst.execute("quit")
     await asyncio.sleep(0.1)
     collector.cancel()
     for qmp in (src, dst):
         # After quit the server hangs up; qemu.qmp reports that as EOFError on disconnect,
-        # with QEMU too.
+        # with QEMU too. (A QEMU destination is left running for the test to read its RAM.)
         try:
             await qmp.disconnect()
         except EOFError:

@@ -1,7 +1,7 @@
 //! The helper driven by QEMU's own Python client, `qemu.qmp` (PyPI, installed by
-//! tests/install-deps.sh): a whole helper -> helper migration through
-//! tests/interop/qmp_client.py, fds passed with its `send_fd_scm`, RAM compared byte for
-//! byte. Without qemu.qmp the test is skipped, or fails with `QMH_REQUIRE_QEMU=1`.
+//! tests/install-deps.sh): whole migrations from a helper to a helper and to QEMU 10.0
+//! through tests/interop/qmp_client.py, fds passed with its `send_fd_scm`, RAM compared
+//! byte for byte. Without qemu.qmp the tests are skipped, or fail with `QMH_REQUIRE_QEMU=1`.
 
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -11,7 +11,8 @@ use serde_json::Value;
 
 use crate::control::spawn_socket_helper;
 use crate::helper::Memfd;
-use crate::util::{assert_same_memory, fill_mixed, test_seed, MIB};
+use crate::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+use crate::util::{assert_same_memory, fill_mixed, test_seed, TempDir, MIB};
 
 /// Whether `python3` can import qemu.qmp; skips (or fails when required) if not.
 fn have_qemu_qmp(test: &str) -> bool {
@@ -34,8 +35,21 @@ fn have_qemu_qmp(test: &str) -> bool {
 
 #[test]
 fn qemu_qmp_client_drives_a_migration() {
-    let test = "qemu_qmp_client_drives_a_migration";
+    qmp_client_migration("qemu_qmp_client_drives_a_migration", false);
+}
+
+/// The same client drives a helper source and a QEMU 10.0 destination (through a second
+/// QMP monitor of that QEMU).
+#[test]
+fn qemu_qmp_client_drives_helper_to_qemu10() {
+    qmp_client_migration("qemu_qmp_client_drives_helper_to_qemu10", true);
+}
+
+fn qmp_client_migration(test: &str, to_qemu: bool) {
     if !have_qemu_qmp(test) {
+        return;
+    }
+    if to_qemu && require_qemu(Qemu::V10, test).is_none() {
         return;
     }
     let size = 64 * MIB;
@@ -45,12 +59,33 @@ fn qemu_qmp_client_drives_a_migration() {
     let dst_mem = Memfd::new("qmp-dst", size);
     let quiet = ["--log-level", "warn"];
     let src = spawn_socket_helper(&quiet, Stdio::inherit(), false);
-    let dst = spawn_socket_helper(&quiet, Stdio::inherit(), false);
-    for h in [&src, &dst] {
-        // qemu.qmp does not retry: wait until the helpers listen.
+    let qmp_dir = TempDir::new("qmh-qmp-qemu");
+    let (dst_helper, dst_qemu, dst_path) = if to_qemu {
+        let path = qmp_dir.join("qmp.sock");
+        let opts = VmOpts {
+            extra_args: vec![
+                "-chardev".into(),
+                format!("socket,id=qmp2,path={},server=on,wait=off", path.display()),
+                "-mon".into(),
+                "chardev=qmp2,mode=control".into(),
+            ],
+            ..VmOpts::incoming()
+        };
+        (None, Some(QemuVm::start(Qemu::V10, size, &opts)), path)
+    } else {
+        let h = spawn_socket_helper(&quiet, Stdio::inherit(), false);
+        let path = h.path.clone();
+        (Some(h), None, path)
+    };
+    for path in [&src.path, &dst_path] {
+        // qemu.qmp does not retry: wait until the sockets exist.
         let t0 = std::time::Instant::now();
-        while !h.path.exists() {
-            assert!(t0.elapsed().as_secs() < 10, "helper never listened");
+        while !path.exists() {
+            assert!(
+                t0.elapsed().as_secs() < 10,
+                "{} never appeared",
+                path.display()
+            );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
@@ -59,10 +94,11 @@ fn qemu_qmp_client_drives_a_migration() {
     let mut cmd = Command::new("python3");
     cmd.arg(&script)
         .arg(&src.path)
-        .arg(&dst.path)
+        .arg(&dst_path)
         .arg(sfd.to_string())
         .arg(dfd.to_string())
-        .arg(size.to_string());
+        .arg(size.to_string())
+        .arg(if to_qemu { "qemu" } else { "helper" });
     // The memfds are CLOEXEC; the script inherits them.
     unsafe {
         use std::os::unix::process::CommandExt;
@@ -94,6 +130,7 @@ fn qemu_qmp_client_drives_a_migration() {
     assert_eq!(v["src"]["status"], "completed", "{v}");
     assert_eq!(v["dst"]["status"], "completed", "{v}");
     assert_eq!(v["version"]["qemu"]["major"], 10, "{v}");
+    drop(dst_helper);
     assert_eq!(v["greeting"], serde_json::json!(["oob"]), "{v}");
     let oob = v["oob_error"].as_str().unwrap_or_default();
     assert!(oob.contains("does not support OOB"), "{v}");
@@ -105,5 +142,8 @@ fn qemu_qmp_client_drives_a_migration() {
         events.contains(&"completed"),
         "destination events {events:?}"
     );
-    assert_same_memory(&src_mem.map(), &dst_mem.map(), test);
+    match &dst_qemu {
+        Some(q) => assert_same_memory(&src_mem.map(), &q.ram_mmap(), test),
+        None => assert_same_memory(&src_mem.map(), &dst_mem.map(), test),
+    }
 }
