@@ -160,20 +160,21 @@ mod tests {
         );
     }
 
+    #[derive(Clone)]
+    struct Buf(std::sync::Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
     /// The whole human line: values and messages escaped, order kept, one line per record.
     #[test]
     fn human_lines_are_escaped() {
-        #[derive(Clone)]
-        struct Buf(std::sync::Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buf {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         let buf = Buf(Default::default());
         let dec = slog_term::PlainSyncDecorator::new(buf.clone());
         let drain = Escape(slog_term::FullFormat::new(dec).build().fuse()).fuse();
@@ -190,5 +191,19 @@ mod tests {
         assert!(m < n && n < p, "order changed: {text}");
         assert!(text.contains(r"who: x\ny"), "{text}");
         assert!(text.contains(r"evil\nDEC"), "{text}");
+    }
+
+    /// JSON lines need no help: serde escapes control characters.
+    #[test]
+    fn json_lines_are_escaped_by_serde() {
+        let buf = Buf(Default::default());
+        let drain = slog_json::Json::new(buf.clone()).build().fuse();
+        let log = slog::Logger::root(Mutex::new(drain).map(slog::Fuse), slog::o!());
+        slog::info!(log, "incoming stream"; "machine" => "evil\nforged\x1b[31m");
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(!text.contains('\x1b'), "{text}");
+        let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(v["machine"], "evil\nforged\x1b[31m");
     }
 }
