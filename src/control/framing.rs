@@ -9,8 +9,9 @@
 //! goes on from there. Single-quoted strings and `\'` (QEMU's extensions) are rewritten to
 //! standard JSON so serde_json can parse them.
 //!
-//! Unlike QEMU, a value that breaks a limit gets one error and the rest of it is skipped
-//! (its brackets are still counted) instead of being lexed as a flood of new values.
+//! Unlike QEMU 10.0, a value that breaks a limit gets one error and the rest of it is
+//! skipped (its brackets are still counted): QEMU resets and lexes the rest as new values,
+//! answering 1030 errors to 1030 `[` and as many `]`.
 
 use std::collections::VecDeque;
 

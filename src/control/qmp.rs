@@ -78,7 +78,7 @@ pub fn parse_request(msg: &[u8], allow_oob: bool) -> Result<Request, (QmpError, 
     };
     let (name, oob) = match (exec, exec_oob) {
         (Some(_), Some(_)) => {
-            return err("QMP input member 'exec-oob' clashes with 'execute'".into())
+            return err("QMP input member 'execute' clashes with 'exec-oob'".into())
         }
         (Some(Value::String(s)), None) => (s, false),
         (None, Some(Value::String(s))) => (s, true),
