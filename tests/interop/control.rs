@@ -344,6 +344,17 @@ fn control_fds_never_leak() {
     let r = c.read_msg();
     assert_eq!(r["id"], 3, "{r}");
     wait_fd_count(pid, base, "fds sent ahead of a command");
+    // 759 fds ahead of one command: past the 506 held for an unfinished command, the rest
+    // are closed on arrival and the command is refused.
+    for _ in 0..3 {
+        send_with_fds(&mut c, b" ", &raw253);
+    }
+    c.s.write_all(br#"{"execute":"query-migrate","id":"many"}"#)
+        .unwrap();
+    let r = c.read_msg();
+    assert!(error_desc(&r).contains("too many file descriptors"), "{r}");
+    assert_eq!(r["id"], "many", "{r}");
+    wait_fd_count(pid, base, "759 fds ahead of a command");
 
     // MSG_CTRUNC: with its fd limit lowered, the helper can take only some of 253; those
     // are closed and the command is refused.
