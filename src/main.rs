@@ -27,9 +27,15 @@ struct Cli {
     /// Serve the control protocol on this inherited fd (one end of a socketpair).
     #[arg(long, value_name = "N", conflicts_with = "control_socket")]
     control_fd: Option<RawFd>,
-    /// Listen on this Unix socket path and serve one control client at a time.
+    /// Listen on this Unix socket path (created 0600) and serve one control client at a
+    /// time; only the helper's own uid may connect, unless allowed with --allow-uid.
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
+    /// Also let this uid connect to --control-socket (repeatable). The socket stays 0600:
+    /// the operator must make it reachable (e.g. a bind mount or a shared group directory
+    /// and a chmod).
+    #[arg(long, value_name = "UID", requires = "control_socket")]
+    allow_uid: Vec<u32>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "human", global = true)]
     log_format: LogFormat,
@@ -123,7 +129,8 @@ fn main() -> ExitCode {
             );
             control::serve_fd(&helper, fd).map(|_| ())
         }
-        (None, Some(path)) => control::serve_socket(&helper, &path),
+        (None, Some(path)) => control::serve_socket(&helper, &path, &cli.allow_uid)
+            .map_err(|e| std::io::Error::other(e.to_string())),
         _ => {
             eprintln!(
                 "qemu-migration-helper: give --control-fd N or --control-socket PATH (see --help)"

@@ -2,6 +2,7 @@
 # Installs what the tests need on a fresh Debian 12 machine, as root; idempotent.
 #  - QEMU 10.0 (qemu-system-x86 from bookworm-backports), installed.
 #  - QEMU 7.2 (bookworm), unpacked beside it under $QMH_QEMU72_DIR, not installed.
+#  - qemu.qmp (PyPI, pinned), QEMU's Python QMP client, for python3.
 # The apt mirror is the one the machine already uses (read from its sources), so no host
 # name is written here.
 set -euo pipefail
@@ -81,4 +82,12 @@ if [ ${#need[@]} -gt 0 ]; then
   apt_update
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# QEMU's Python QMP client (PyPI qemu.qmp), pinned: tests/interop/qmp_client.rs drives a
+# migration through it. Installed for the python3 on PATH.
+QEMU_QMP_VERSION=0.0.6
+if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('qemu.qmp') != '$QEMU_QMP_VERSION')" 2>/dev/null; then
+  python3 -m pip install -q --disable-pip-version-check "qemu.qmp==$QEMU_QMP_VERSION"
+fi
+python3 -c "import qemu.qmp" || { log "qemu.qmp did not install"; exit 1; }
+log "qemu.qmp $QEMU_QMP_VERSION"
 log "done"

@@ -94,6 +94,9 @@ impl<'a> Args<'a> {
     }
 }
 
+/// Most fds held under a name at once (`getfd` beyond it is refused).
+pub const MAX_NAMED_FDS: usize = 256;
+
 /// Commands the helper knows, for `query-commands` and the man page.
 pub const COMMANDS: &[&str] = &[
     "qmp_capabilities",
@@ -232,7 +235,14 @@ impl Helper {
                 let fd = fds.pop().ok_or_else(|| {
                     QmpError::generic("No file descriptor supplied via SCM_RIGHTS")
                 })?;
-                lock(&self.fds).insert(fdname.to_string(), fd);
+                let mut named = lock(&self.fds);
+                // A bound on what a client can make the helper hold (the fd table is finite).
+                if named.len() >= MAX_NAMED_FDS && !named.contains_key(fdname) {
+                    return Err(QmpError::generic(format!(
+                        "too many named file descriptors (limit {MAX_NAMED_FDS}); closefd some first"
+                    )));
+                }
+                named.insert(fdname.to_string(), fd);
                 Ok(json!({}))
             }
             "closefd" => {

@@ -3,17 +3,19 @@
 //! own threads, so every command answers at once.
 
 pub mod commands;
+mod framing;
+pub mod listen;
 pub mod qmp;
 
 use std::os::fd::OwnedFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::json;
 
 pub use commands::Helper;
-use qmp::{Input, LineReader, QmpError};
+use qmp::{Input, MessageReader, QmpError};
 
 /// The greeting, with the QEMU version whose protocol the helper speaks.
 pub fn greeting() -> serde_json::Value {
@@ -33,21 +35,56 @@ pub enum ConnEnd {
     Quit,
 }
 
+/// The reply to `qmp_capabilities`, which QEMU handles in the monitor itself. Returns
+/// whether `oob` was enabled.
+fn capabilities(args: &serde_json::Map<String, serde_json::Value>) -> Result<bool, QmpError> {
+    if let Some(k) = args.keys().find(|k| *k != "enable") {
+        return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
+    }
+    match args.get("enable") {
+        None | Some(serde_json::Value::Null) => Ok(false),
+        Some(serde_json::Value::Array(a)) => {
+            for (i, c) in a.iter().enumerate() {
+                match c.as_str() {
+                    Some("oob") => {}
+                    Some(other) => {
+                        return Err(QmpError::generic(format!(
+                            "Parameter 'enable[{i}]' does not accept value '{other}'"
+                        )))
+                    }
+                    None => {
+                        return Err(QmpError::generic(format!(
+                            "Invalid parameter type for 'enable[{i}]', expected: string"
+                        )))
+                    }
+                }
+            }
+            Ok(!a.is_empty())
+        }
+        Some(_) => Err(QmpError::generic(
+            "Invalid parameter type for 'enable', expected: array",
+        )),
+    }
+}
+
 /// Serves one client until it disconnects or sends `quit`.
 pub fn serve_connection(helper: &Arc<Helper>, stream: UnixStream) -> std::io::Result<ConnEnd> {
     let sink = helper.events().clone();
     sink.attach(Some(stream.try_clone()?));
     sink.send_line(&greeting());
-    let mut reader = LineReader::new(stream);
+    let mut reader = MessageReader::new(stream);
     let mut negotiated = false;
+    let mut oob = false;
     let end = loop {
-        let (line, fds) = match reader.read_input() {
-            Ok(Input::Line(l, f)) => (l, f),
-            Ok(Input::TooLong) => {
-                sink.send_line(&qmp::reply_err(
-                    &QmpError::generic("command line too long"),
-                    &None,
-                ));
+        let (msg, fds, fd_error) = match reader.read_input() {
+            Ok(Input::Message {
+                bytes,
+                fds,
+                fd_error,
+            }) => (bytes, fds, fd_error),
+            Ok(Input::Error(e)) => {
+                slog::debug!(helper.log(), "bad control input"; "error" => &e.desc);
+                sink.send_line(&qmp::reply_err(&e, &None));
                 continue;
             }
             Ok(Input::Eof) => break ConnEnd::Eof,
@@ -56,34 +93,37 @@ pub fn serve_connection(helper: &Arc<Helper>, stream: UnixStream) -> std::io::Re
                 break ConnEnd::Eof;
             }
         };
-        let req = match qmp::parse_request(&line) {
+        let req = match qmp::parse_request(&msg, oob) {
             Ok(r) => r,
             Err((e, id)) => {
                 sink.send_line(&qmp::reply_err(&e, &id));
                 continue;
             }
         };
-        let result = if req.name == "qmp_capabilities" {
-            if negotiated {
-                Err(QmpError::not_found(
-                    "Capabilities negotiation is already complete, command ignored",
-                ))
-            } else {
-                match req.args.get("enable") {
-                    None => Ok(json!({})),
-                    Some(serde_json::Value::Array(a)) if a.iter().all(|c| c == "oob") => {
-                        Ok(json!({}))
-                    }
-                    Some(_) => Err(QmpError::generic(
-                        "only the 'oob' capability can be enabled",
-                    )),
-                }
-                .inspect(|_| negotiated = true)
-            }
+        drop(msg);
+        let known = commands::COMMANDS.contains(&req.name.as_str());
+        let result = if let Some(e) = fd_error {
+            Err(e)
         } else if !negotiated {
+            if req.name == "qmp_capabilities" {
+                qmp::check_oob(&req)
+                    .and_then(|()| capabilities(&req.args))
+                    .map(|o| {
+                        negotiated = true;
+                        oob = o;
+                        json!({})
+                    })
+            } else {
+                Err(QmpError::not_found(
+                    "Expecting capabilities negotiation with 'qmp_capabilities'",
+                ))
+            }
+        } else if req.name == "qmp_capabilities" {
             Err(QmpError::not_found(
-                "Expecting capabilities negotiation with 'qmp_capabilities'",
+                "Capabilities negotiation is already complete, command ignored",
             ))
+        } else if known && req.oob {
+            qmp::check_oob(&req).and_then(|()| helper.dispatch(&req.name, &req.args, fds))
         } else {
             helper.dispatch(&req.name, &req.args, fds)
         };
@@ -115,11 +155,18 @@ pub fn serve_fd(helper: &Arc<Helper>, fd: OwnedFd) -> std::io::Result<ConnEnd> {
     Ok(end)
 }
 
-/// `--control-socket`: listens on `path` and serves one client at a time.
-pub fn serve_socket(helper: &Arc<Helper>, path: &Path) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
+/// `--control-socket`: listens on `path` (created 0600, see `listen`) and serves one client
+/// at a time. A client whose uid is neither the helper's nor in `allow_uids` is logged and
+/// closed before the greeting. Named fds, blocks and a migration in flight outlive a
+/// connection, as with QEMU's monitor.
+pub fn serve_socket(
+    helper: &Arc<Helper>,
+    path: &Path,
+    allow_uids: &[u32],
+) -> Result<(), listen::ListenError> {
+    let listener = listen::ControlListener::bind(path)?;
     slog::info!(helper.log(), "listening for control connections"; "path" => %path.display());
+    let own = listen::own_uid();
     for conn in listener.incoming() {
         let stream = match conn {
             Ok(s) => s,
@@ -128,7 +175,21 @@ pub fn serve_socket(helper: &Arc<Helper>, path: &Path) -> std::io::Result<()> {
                 continue;
             }
         };
-        if serve_connection(helper, stream)? == ConnEnd::Quit {
+        match listen::peer(&stream) {
+            Ok((uid, pid)) if uid == own || allow_uids.contains(&uid) => {
+                slog::debug!(helper.log(), "control client connected"; "uid" => uid, "pid" => pid);
+            }
+            Ok((uid, pid)) => {
+                slog::warn!(helper.log(), "refused a control connection from another user";
+                    "uid" => uid, "pid" => pid, "allowed" => format!("{own} {allow_uids:?}"));
+                continue;
+            }
+            Err(e) => {
+                slog::warn!(helper.log(), "refused a control connection: no peer credentials"; "error" => %e);
+                continue;
+            }
+        }
+        if serve_connection(helper, stream).map_err(listen::ListenError::Io)? == ConnEnd::Quit {
             break;
         }
         slog::info!(
@@ -136,6 +197,5 @@ pub fn serve_socket(helper: &Arc<Helper>, path: &Path) -> std::io::Result<()> {
             "control client disconnected; waiting for the next"
         );
     }
-    let _ = std::fs::remove_file(path);
     Ok(())
 }

@@ -1,17 +1,13 @@
-//! QMP framing on the control socket: one JSON object per line, file descriptors as
+//! QMP on the control socket: a JSON stream (see `framing`), file descriptors as
 //! SCM_RIGHTS ancillary data on the message that carries a command.
 
-use std::io::IoSliceMut;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use serde_json::{json, Map, Value};
 
-/// Longest command line accepted; a longer one is dropped with an error reply.
-pub const MAX_LINE: usize = 64 << 20;
-/// The most fds accepted with one message.
-const MAX_FDS: usize = 16;
+use super::framing::{Frame, Splitter};
 
 /// A parsed command.
 #[derive(Debug)]
@@ -19,6 +15,8 @@ pub struct Request {
     pub name: String,
     pub args: Map<String, Value>,
     pub id: Option<Value>,
+    /// Sent with `exec-oob`.
+    pub oob: bool,
 }
 
 /// An error reply.
@@ -59,157 +57,254 @@ pub fn reply_err(e: &QmpError, id: &Option<Value>) -> Value {
     v
 }
 
-/// Parses one line into a request, as QEMU's QMP dispatcher validates it.
-pub fn parse_request(line: &[u8]) -> Result<Request, (QmpError, Option<Value>)> {
-    let v: Value = serde_json::from_slice(line)
+/// Commands QEMU lets run with `exec-oob` (its schema's `allow-oob`).
+const OOB_COMMANDS: &[&str] = &["migrate-recover", "migrate-pause"];
+
+/// Parses one message into a request, as QEMU's QMP dispatcher validates it. `exec-oob`
+/// is a member only once the client enabled the `oob` capability, as in QEMU.
+pub fn parse_request(msg: &[u8], allow_oob: bool) -> Result<Request, (QmpError, Option<Value>)> {
+    let v: Value = serde_json::from_slice(msg)
         .map_err(|e| (QmpError::generic(format!("JSON parse error, {e}")), None))?;
     let Value::Object(mut obj) = v else {
         return Err((QmpError::generic("QMP input must be a JSON object"), None));
     };
     let id = obj.remove("id");
-    let name = match obj.remove("execute").or_else(|| obj.remove("exec-oob")) {
-        Some(Value::String(s)) => s,
-        Some(_) => {
-            return Err((
-                QmpError::generic("QMP input member 'execute' must be a string"),
-                id,
-            ))
+    let err = |desc: String| Err((QmpError::generic(desc), id.clone()));
+    let exec = obj.remove("execute");
+    let exec_oob = if allow_oob {
+        obj.remove("exec-oob")
+    } else {
+        None
+    };
+    let (name, oob) = match (exec, exec_oob) {
+        (Some(_), Some(_)) => {
+            return err("QMP input member 'execute' clashes with 'exec-oob'".into())
         }
-        None => return Err((QmpError::generic("QMP input lacks member 'execute'"), id)),
+        (Some(Value::String(s)), None) => (s, false),
+        (None, Some(Value::String(s))) => (s, true),
+        (Some(_), None) => return err("QMP input member 'execute' must be a string".into()),
+        (None, Some(_)) => return err("QMP input member 'exec-oob' must be a string".into()),
+        (None, None) => {
+            // Before the check for a missing `execute`, as QEMU reports an unexpected
+            // `exec-oob` first.
+            if obj.contains_key("exec-oob") {
+                return err("QMP input member 'exec-oob' is unexpected".into());
+            }
+            return err("QMP input lacks member 'execute'".into());
+        }
     };
     let args = match obj.remove("arguments") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(m)) => m,
-        Some(_) => {
-            return Err((
-                QmpError::generic("QMP input member 'arguments' must be an object"),
-                id,
-            ))
-        }
+        Some(_) => return err("QMP input member 'arguments' must be an object".into()),
     };
     match obj.remove("control") {
         None => {}
         Some(Value::Object(c)) if c.iter().all(|(k, v)| k == "run-oob" && v.is_boolean()) => {}
-        Some(_) => {
-            return Err((
-                QmpError::generic("QMP input member 'control' is invalid"),
-                id,
-            ))
-        }
+        Some(_) => return err("QMP input member 'control' is invalid".into()),
     }
     if let Some(k) = obj.keys().next() {
-        return Err((
-            QmpError::generic(format!("QMP input member '{k}' is unexpected")),
-            id,
-        ));
+        return err(format!("QMP input member '{k}' is unexpected"));
     }
-    Ok(Request { name, args, id })
+    Ok(Request {
+        name,
+        args,
+        id,
+        oob,
+    })
 }
 
-/// Reads lines and their fds from a control connection.
-pub struct LineReader {
-    stream: UnixStream,
-    buf: Vec<u8>,
-    /// fds received, with the buffer position of the first byte of the message they came with.
-    fds: Vec<(usize, OwnedFd)>,
-    /// Set while skipping the rest of an over-long line.
-    discarding: bool,
-    /// How much of `buf` is known to hold no newline.
-    scanned: usize,
+/// QEMU's check after finding the command: `exec-oob` only for commands that allow it.
+pub fn check_oob(req: &Request) -> Result<(), QmpError> {
+    if req.oob && !OOB_COMMANDS.contains(&req.name.as_str()) {
+        return Err(QmpError::generic(format!(
+            "The command {} does not support OOB",
+            req.name
+        )));
+    }
+    Ok(())
+}
+
+/// The most fds the kernel passes with one message (SCM_MAX_FD).
+pub const SCM_MAX_FD: usize = 253;
+/// fds held for messages not yet complete. Past this, new ones are closed at once and the
+/// command they came with is refused, so a client cannot fill the helper's fd table.
+const MAX_PENDING_FDS: usize = 2 * SCM_MAX_FD;
+/// One read from the socket.
+const CHUNK: usize = 256 * 1024;
+
+/// One recvmsg: bytes read, the fds that came with them (owned at once, so none can leak),
+/// and whether the kernel truncated the ancillary data (MSG_CTRUNC). Plain libc because
+/// nix refuses to walk a truncated control buffer, which would leave the fds that did
+/// arrive open and unowned.
+fn recv_with_fds(
+    stream: &UnixStream,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, Vec<OwnedFd>, bool)> {
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE((SCM_MAX_FD * std::mem::size_of::<RawFd>()) as u32) };
+    // u64 elements: the control buffer must be aligned for cmsghdr.
+    let mut control = vec![0u64; (space as usize).div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the call.
+    let mut mhdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    mhdr.msg_iov = &mut iov;
+    mhdr.msg_iovlen = 1;
+    mhdr.msg_control = control.as_mut_ptr().cast();
+    mhdr.msg_controllen = control.len() * 8;
+    // SAFETY: mhdr points at live buffers of the stated sizes.
+    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut mhdr, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled msg_controllen bytes of `control` with well-formed cmsgs;
+    // CMSG_* walk only within them.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&mhdr);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c);
+                let len = (*c).cmsg_len - libc::CMSG_LEN(0) as usize;
+                for i in 0..len / std::mem::size_of::<RawFd>() {
+                    let fd = std::ptr::read_unaligned(
+                        data.add(i * std::mem::size_of::<RawFd>()).cast::<RawFd>(),
+                    );
+                    // The kernel just installed this fd for us.
+                    fds.push(OwnedFd::from_raw_fd(fd));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&mhdr, c);
+        }
+    }
+    Ok((n as usize, fds, mhdr.msg_flags & libc::MSG_CTRUNC != 0))
+}
+
+/// The fds one recvmsg brought, or why they were closed.
+enum FdBatch {
+    Fds(Vec<OwnedFd>),
+    /// MSG_CTRUNC: the kernel dropped some; the ones that arrived were closed.
+    Truncated,
+    /// Over MAX_PENDING_FDS; closed.
+    TooMany(usize),
 }
 
 /// What the reader produced.
 pub enum Input {
-    Line(Vec<u8>, Vec<OwnedFd>),
-    TooLong,
+    /// A complete value with the fds that came with its bytes; `fd_error` says why the
+    /// command must be refused instead (its fds are then already closed).
+    Message {
+        bytes: Vec<u8>,
+        fds: Vec<OwnedFd>,
+        fd_error: Option<QmpError>,
+    },
+    /// Bad framing or a broken limit: an error reply without id, as QEMU sends.
+    Error(QmpError),
     Eof,
 }
 
-impl LineReader {
+/// Reads QMP messages and their fds from a control connection.
+pub struct MessageReader {
+    stream: UnixStream,
+    splitter: Splitter,
+    chunk: Vec<u8>,
+    /// fds received, with the stream position of the first byte of the message they came
+    /// with: they belong to the value whose bytes that message carried (or, if it carried
+    /// only whitespace, to the next value, as `qemu.qmp`'s `send_fd_scm` relies on).
+    fds: VecDeque<(u64, FdBatch)>,
+    pending_fds: usize,
+}
+
+impl MessageReader {
     pub fn new(stream: UnixStream) -> Self {
-        LineReader {
+        MessageReader {
             stream,
-            buf: Vec::new(),
-            fds: Vec::new(),
-            discarding: false,
-            scanned: 0,
+            splitter: Splitter::new(),
+            chunk: vec![0u8; CHUNK],
+            fds: VecDeque::new(),
+            pending_fds: 0,
         }
+    }
+
+    /// Removes the fds that came before stream position `end`.
+    fn take_fds(&mut self, end: u64) -> (Vec<OwnedFd>, Option<QmpError>) {
+        let mut fds = Vec::new();
+        let mut err = None;
+        while self.fds.front().is_some_and(|(pos, _)| *pos < end) {
+            let Some((_, batch)) = self.fds.pop_front() else {
+                break;
+            };
+            match batch {
+                FdBatch::Fds(v) => {
+                    self.pending_fds -= v.len();
+                    fds.extend(v);
+                }
+                FdBatch::Truncated => {
+                    err = Some(QmpError::generic(format!(
+                        "file descriptors lost: more than {SCM_MAX_FD} sent with one message, or \
+                         the helper has no fd slots left; all that arrived were closed"
+                    )))
+                }
+                FdBatch::TooMany(n) => {
+                    err = Some(QmpError::generic(format!(
+                        "too many file descriptors before the end of a command ({n} more \
+                         while {MAX_PENDING_FDS} were pending); they were closed"
+                    )))
+                }
+            }
+        }
+        if err.is_some() {
+            fds.clear();
+        }
+        (fds, err)
     }
 
     pub fn read_input(&mut self) -> std::io::Result<Input> {
         loop {
-            // Only the bytes not yet searched: a long line must not cost quadratic time.
-            if let Some(i) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
-                let nl = self.scanned + i;
-                self.scanned = 0;
-                let rest = self.buf.split_off(nl + 1);
-                let mut line = std::mem::replace(&mut self.buf, rest);
-                line.pop();
-                // The fds that came with this line's bytes belong to it.
-                let (mine, later): (Vec<_>, Vec<_>) =
-                    self.fds.drain(..).partition(|(pos, _)| *pos <= nl);
-                self.fds = later
-                    .into_iter()
-                    .map(|(p, fd)| (p - (nl + 1), fd))
-                    .collect();
-                let fds = mine.into_iter().map(|(_, fd)| fd).collect();
-                if line.iter().all(u8::is_ascii_whitespace) {
+            match self.splitter.next_frame() {
+                Some(Frame::Message { bytes, end }) => {
+                    let (fds, fd_error) = self.take_fds(end);
+                    return Ok(Input::Message {
+                        bytes,
+                        fds,
+                        fd_error,
+                    });
+                }
+                Some(Frame::Error { desc, end }) => {
+                    drop(self.take_fds(end));
+                    return Ok(Input::Error(QmpError::generic(desc)));
+                }
+                Some(Frame::Skipped { end }) => {
+                    drop(self.take_fds(end));
                     continue;
                 }
-                return Ok(Input::Line(line, fds));
+                None => {}
             }
-            self.scanned = self.buf.len();
-            if self.buf.len() > MAX_LINE {
-                // Drop the line; skip what is left of it as it arrives.
-                self.buf = Vec::new();
-                self.fds.clear();
-                self.scanned = 0;
-                self.discarding = true;
-                return Ok(Input::TooLong);
-            }
-            let mut chunk = vec![0u8; 256 * 1024];
-            let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; MAX_FDS]);
-            let mut iov = [IoSliceMut::new(&mut chunk)];
-            let msg = match recvmsg::<()>(
-                self.stream.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
-                Ok(m) => m,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(e.into()),
+            let (n, received, truncated) = match recv_with_fds(&self.stream, &mut self.chunk) {
+                Ok(r) => r,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
             };
-            let n = msg.bytes;
-            let pos = self.buf.len();
-            let mut received = Vec::new();
-            if let Ok(cmsgs) = msg.cmsgs() {
-                for c in cmsgs {
-                    if let ControlMessageOwned::ScmRights(raw) = c {
-                        for fd in raw {
-                            // SAFETY: the kernel just installed this fd for us.
-                            received.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                        }
-                    }
-                }
-            }
             if n == 0 {
                 return Ok(Input::Eof);
             }
-            let data = &chunk[..n];
-            if self.discarding {
-                // Still inside the over-long line: keep only what follows its end.
-                match data.iter().position(|&b| b == b'\n') {
-                    Some(i) => {
-                        self.discarding = false;
-                        self.buf.extend_from_slice(&data[i + 1..]);
-                    }
-                    None => continue,
+            let pos = self.splitter.position();
+            if truncated {
+                // The fds that did arrive are closed here: the command gets an error.
+                drop(received);
+                self.fds.push_back((pos, FdBatch::Truncated));
+            } else if !received.is_empty() {
+                if self.pending_fds + received.len() > MAX_PENDING_FDS {
+                    self.fds.push_back((pos, FdBatch::TooMany(received.len())));
+                } else {
+                    self.pending_fds += received.len();
+                    self.fds.push_back((pos, FdBatch::Fds(received)));
                 }
-                continue;
             }
-            self.fds.extend(received.into_iter().map(|fd| (pos, fd)));
-            self.buf.extend_from_slice(data);
+            self.splitter.feed(&self.chunk[..n]);
         }
     }
 }
@@ -220,11 +315,14 @@ mod tests {
 
     #[test]
     fn requests() {
-        let r = parse_request(br#"{"execute": "query-migrate", "id": 7}"#).unwrap();
+        let r = parse_request(br#"{"execute": "query-migrate", "id": 7}"#, false).unwrap();
         assert_eq!(r.name, "query-migrate");
         assert_eq!(r.id, Some(json!(7)));
-        let r = parse_request(br#"{"execute": "migrate-pause", "control": {"run-oob": true}}"#)
-            .unwrap();
+        let r = parse_request(
+            br#"{"execute": "migrate-pause", "control": {"run-oob": true}}"#,
+            false,
+        )
+        .unwrap();
         assert_eq!(r.name, "migrate-pause");
         for bad in [
             &b"{"[..],
@@ -236,12 +334,30 @@ mod tests {
             br#"{"execute": "x", "control": {"run-oob": 1}}"#,
         ] {
             assert!(
-                parse_request(bad).is_err(),
+                parse_request(bad, true).is_err(),
                 "{}",
                 String::from_utf8_lossy(bad)
             );
         }
-        let (_, id) = parse_request(br#"{"execute": 5, "id": "a"}"#).unwrap_err();
+        let (_, id) = parse_request(br#"{"execute": 5, "id": "a"}"#, false).unwrap_err();
         assert_eq!(id, Some(json!("a")));
+    }
+
+    #[test]
+    fn exec_oob_as_qemu() {
+        let oob = br#"{"exec-oob": "migrate-pause", "id": 1}"#;
+        let (e, id) = parse_request(oob, false).unwrap_err();
+        assert_eq!(e.desc, "QMP input member 'exec-oob' is unexpected");
+        assert_eq!(id, Some(json!(1)));
+        let r = parse_request(oob, true).unwrap();
+        assert!(r.oob && r.name == "migrate-pause");
+        assert_eq!(check_oob(&r), Ok(()));
+        let r = parse_request(br#"{"exec-oob": "query-migrate"}"#, true).unwrap();
+        assert_eq!(
+            check_oob(&r).unwrap_err().desc,
+            "The command query-migrate does not support OOB"
+        );
+        let (e, _) = parse_request(br#"{"execute": "a", "exec-oob": "b"}"#, true).unwrap_err();
+        assert!(e.desc.contains("clashes"), "{}", e.desc);
     }
 }

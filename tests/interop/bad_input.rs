@@ -848,14 +848,14 @@ fn incoming_file_fifo_keeps_control_answering() {
 // ---- The control channel ------------------------------------------------------------------
 
 /// A helper started with `--control-socket PATH`, spoken to with raw bytes.
-struct SocketHelper {
-    child: Child,
-    path: PathBuf,
-    _dir: TempDir,
+pub(crate) struct SocketHelper {
+    pub(crate) child: Child,
+    pub(crate) path: PathBuf,
+    pub(crate) _dir: TempDir,
 }
 
 impl SocketHelper {
-    fn spawn() -> SocketHelper {
+    pub(crate) fn spawn() -> SocketHelper {
         let dir = TempDir::new("qmh-ctl");
         let path = dir.join("control.sock");
         let child = Command::new(helper_bin())
@@ -872,18 +872,18 @@ impl SocketHelper {
         }
     }
 
-    fn alive(&mut self) -> bool {
+    pub(crate) fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Connects (retrying while the helper starts) and reads the greeting.
-    fn connect(&mut self) -> Raw {
+    pub(crate) fn connect(&mut self) -> Raw {
         self.connect_within(Duration::from_secs(5))
     }
 
     /// `connect`, waiting up to `greeting` for the greeting (the helper serves one client
     /// at a time).
-    fn connect_within(&mut self, greeting: Duration) -> Raw {
+    pub(crate) fn connect_within(&mut self, greeting: Duration) -> Raw {
         let deadline = Instant::now() + Duration::from_secs(10);
         let s = loop {
             match UnixStream::connect(&self.path) {
@@ -906,7 +906,7 @@ impl SocketHelper {
     }
 
     /// Peak resident memory (VmHWM) in KiB.
-    fn peak_rss_kib(&self) -> u64 {
+    pub(crate) fn peak_rss_kib(&self) -> u64 {
         let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .expect("/proc/PID/status");
         s.lines()
@@ -938,18 +938,18 @@ impl Drop for SocketHelper {
 }
 
 /// One raw control connection.
-struct Raw {
-    s: UnixStream,
+pub(crate) struct Raw {
+    pub(crate) s: UnixStream,
     buf: Vec<u8>,
 }
 
 impl Raw {
     /// The next message that is not an event (5 s deadline).
-    fn read_msg(&mut self) -> Value {
+    pub(crate) fn read_msg(&mut self) -> Value {
         self.read_msg_within(Duration::from_secs(5))
     }
 
-    fn read_msg_within(&mut self, timeout: Duration) -> Value {
+    pub(crate) fn read_msg_within(&mut self, timeout: Duration) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
@@ -980,14 +980,15 @@ impl Raw {
     }
 
     /// Sends `line` (a newline is added) and returns the reply.
-    fn cmd(&mut self, line: &str) -> Value {
-        self.s.write_all(line.as_bytes()).unwrap();
-        self.s.write_all(b"\n").unwrap();
+    pub(crate) fn cmd(&mut self, line: &str) -> Value {
+        // One write: the object is complete without the newline, and after `quit` the
+        // helper may be gone before a second write.
+        self.s.write_all(format!("{line}\n").as_bytes()).unwrap();
         self.read_msg()
     }
 
     /// Sends `line` with `fds` attached as SCM_RIGHTS and returns the reply.
-    fn cmd_fds(&mut self, line: &str, fds: &[RawFd]) -> Value {
+    pub(crate) fn cmd_fds(&mut self, line: &str, fds: &[RawFd]) -> Value {
         let data = format!("{line}\n");
         let n = sendmsg::<()>(
             self.s.as_raw_fd(),
@@ -1001,13 +1002,13 @@ impl Raw {
         self.read_msg()
     }
 
-    fn ok(&mut self, line: &str) -> Value {
+    pub(crate) fn ok(&mut self, line: &str) -> Value {
         let r = self.cmd(line);
         assert!(r.get("return").is_some(), "{line} -> {r}");
         r["return"].clone()
     }
 
-    fn status(&mut self) -> String {
+    pub(crate) fn status(&mut self) -> String {
         let r = self.ok(r#"{"execute":"query-migrate"}"#);
         r["status"].as_str().expect("status").to_string()
     }
@@ -1066,10 +1067,12 @@ fn control_channel_bad_input() {
     let r = c.cmd(r#"{"execute":"closefd","arguments":{"fdname":"early"}}"#);
     expect_error(&mut c, "closefd of the refused fd", &r, "not found");
 
-    // Malformed requests.
+    // Malformed requests. The input is a JSON stream, as QEMU's: an unterminated object
+    // waits for more (a control character or 0xFF ends it), and garbage is skipped up to
+    // the next newline or structural character.
     for (line, keyword) in [
-        (r#"{"execute": "query-migrate""#, "JSON"),
-        ("not json at all", "JSON"),
+        ("{\"execute\": \"query-migrate\"\u{1}", "JSON"),
+        ("@not json at all", "JSON"),
         (r#"[{"execute":"query-migrate"}]"#, "object"),
         ("42", "object"),
         (r#"{"arguments":{}}"#, "execute"),

@@ -3,6 +3,7 @@
 mod analyze;
 mod bad_input;
 mod bounds;
+mod control;
 mod files;
 mod helper;
 mod helper_helper;
@@ -12,6 +13,7 @@ pub mod postcopy;
 mod qemu;
 mod qemu_helper;
 mod qemu_qemu;
+mod qmp_client;
 mod recovery;
 mod streams;
 mod util;
