@@ -907,12 +907,7 @@ impl SocketHelper {
 
     /// Peak resident memory (VmHWM) in KiB.
     pub(crate) fn peak_rss_kib(&self) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("/proc/PID/status");
-        s.lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM")
+        crate::util::peak_rss_kib(self.child.id())
     }
 }
 
