@@ -232,13 +232,27 @@ impl Gate {
     }
     /// Waits until opened or `cancel` is set; true when opened.
     pub fn wait(&self, cancel: &AtomicBool) -> bool {
+        loop {
+            if let Some(opened) = self.wait_for(cancel, Duration::from_secs(3600)) {
+                return opened;
+            }
+        }
+    }
+
+    /// Waits at most `max`: Some(true) when opened, Some(false) when cancelled, None when
+    /// the time ran out first.
+    pub fn wait_for(&self, cancel: &AtomicBool, max: Duration) -> Option<bool> {
+        let deadline = Instant::now().checked_add(max);
         let mut g = self.open.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if *g {
-                return true;
+                return Some(true);
             }
             if cancel.load(Ordering::Acquire) {
-                return false;
+                return Some(false);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return None;
             }
             g = self
                 .cv
@@ -317,6 +331,12 @@ impl MigrationCtx {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// `link-timeout` as a socket timeout (None when 0, off).
+    pub fn link_timeout(&self) -> Option<Duration> {
+        let t = self.params().link_timeout;
+        (t > 0).then(|| Duration::from_millis(t))
     }
 
     pub fn cancelled(&self) -> bool {

@@ -811,6 +811,9 @@ impl Helper {
                 None => Channel::connect(&uri, |_| None, &ctx.cancel).map_err(|e| e.to_string())?,
             }
             .with_cancel(ctx.cancel.clone());
+            // Precopy: a destination that stops reading fails the migration after
+            // link-timeout; only the sending side is timed (the return path may idle).
+            chan.set_send_timeout(ctx.link_timeout());
             if let Ok(fd) = chan.try_clone_fd() {
                 ctx.set_channel(Some(fd));
             }
@@ -861,6 +864,8 @@ impl Helper {
                 )
             };
             let chan = chan.with_cancel(ctx.cancel.clone());
+            // Precopy: a source silent for link-timeout (once connected) fails the load.
+            chan.set_timeouts(ctx.link_timeout());
             if let Ok(fd) = chan.try_clone_fd() {
                 ctx.set_channel(Some(fd));
             }
