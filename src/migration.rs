@@ -71,6 +71,9 @@ pub struct Parameters {
     /// Postcopy: a link with no traffic for this long (ms) counts as dead, so a silently
     /// dead link pauses instead of hanging. 0 disables. The source pings at a quarter of it.
     pub link_timeout: u64,
+    /// `--control-fd` helpers: how long (ms) a postcopy migration stays paused waiting for
+    /// a new helper to adopt it after the parent went away, before the helper exits.
+    pub orphan_timeout: u64,
     /// Destination: threads that write received precopy pages into guest memory (the
     /// loading thread included), 1 to `page_writer::MAX_THREADS`.
     pub load_threads: usize,
@@ -85,6 +88,7 @@ impl Default for Parameters {
             machine_type: "none".into(),
             compat_version: QemuVersion::V10_0,
             link_timeout: 10_000,
+            orphan_timeout: 60_000,
             load_threads: 2,
         }
     }

@@ -149,30 +149,13 @@ impl Helper {
         &self.ctx
     }
 
-    /// Waits for a migration in flight to end.
-    /// Waits for a migration in flight to end, after the parent went away. A postcopy
-    /// migration that is (or becomes) paused cannot be recovered without a parent: the
-    /// helper then stops, and the guest stays whole in the parent's memfds for a new helper
-    /// to adopt.
-    pub fn wait_idle(&self) {
-        loop {
-            let st = self.ctx.state.status();
-            if st.is_finished() {
-                break;
-            }
-            if st == MigrationStatus::PostcopyPaused {
-                slog::warn!(self.log, "no control connection while postcopy is paused: stopping (a new helper can adopt the migration)");
-                self.ctx.request_cancel();
-                break;
-            }
-            self.ctx
-                .state
-                .wait_for(std::time::Duration::from_millis(200), |s| {
-                    s.is_finished() || s == MigrationStatus::PostcopyPaused
-                });
-        }
+    /// The parent went away (`--control-fd` closed): cancels a precopy migration, pauses
+    /// a postcopy one and waits `orphan-timeout` for an adopter (see `orphan.rs`), then
+    /// stops the migration thread, waiting a bounded time for it.
+    pub fn parent_gone(&self) {
+        super::orphan::parent_gone(&self.ctx, &self.log);
         if let Some(h) = lock(&self.worker).take() {
-            let _ = h.join();
+            super::orphan::join_bounded(h, &self.log);
         }
     }
 
@@ -306,6 +289,7 @@ impl Helper {
                     "machine-type": p.machine_type,
                     "compat-version": p.compat_version.to_string(),
                     "link-timeout": p.link_timeout,
+                    "orphan-timeout": p.orphan_timeout,
                     "load-threads": p.load_threads,
                 }))
             }
@@ -563,6 +547,7 @@ impl Helper {
             "machine-type",
             "compat-version",
             "link-timeout",
+            "orphan-timeout",
             "load-threads",
         ])?;
         let mut p = self.ctx.params();
@@ -586,6 +571,15 @@ impl Helper {
                 ));
             }
             p.link_timeout = v;
+        }
+        if let Some(v) = a.opt_u64("orphan-timeout")? {
+            // At most a day: the helper must exit in bounded time after its parent.
+            if v > 86_400_000 {
+                return Err(QmpError::generic(
+                    "orphan-timeout is 0 to 86400000 ms",
+                ));
+            }
+            p.orphan_timeout = v;
         }
         if let Some(v) = a.opt_u64("load-threads")? {
             let max = crate::page_writer::MAX_THREADS;

@@ -5,6 +5,7 @@ mod bad_input;
 mod files;
 mod helper;
 mod helper_helper;
+mod lifecycle;
 mod logs;
 mod manpage;
 pub mod postcopy;
