@@ -94,6 +94,8 @@ fn fd_is_tmpfs(fd: &OwnedFd) -> bool {
 /// A dirty bitmap shared with the parent: little-endian u64 words, bit i = page i.
 /// The parent sets bits with an atomic OR; the helper takes a word with an atomic swap.
 pub struct DirtyBitmap {
+    /// Declared before the region: stops watching before the unmap.
+    guard: crate::memory_guard::Guard,
     region: MmapRegion,
     words: usize,
 }
@@ -110,6 +112,7 @@ impl DirtyBitmap {
                 need,
             });
         }
+        crate::memory_guard::seal_shrink(&fd);
         let file = File::from(fd);
         let region = MmapRegion::build(
             Some(FileOffset::new(file, 0)),
@@ -121,7 +124,9 @@ impl DirtyBitmap {
             id: id.into(),
             source,
         })?;
+        let guard = watch(&format!("{id} (dirty bitmap)"), &region)?;
         Ok(DirtyBitmap {
+            guard,
             region,
             words: words as usize,
         })
@@ -173,6 +178,19 @@ fn clear_bits(bits: &mut [u64], from: u64, to: u64) {
     }
 }
 
+/// Watches a mapping for SIGBUS (its fd shrinking), or says there are too many.
+fn watch(id: &str, region: &MmapRegion) -> Result<crate::memory_guard::Guard, MemoryError> {
+    crate::memory_guard::watch(id, region.as_ptr(), region.size()).ok_or_else(|| {
+        MemoryError::invalid(
+            id,
+            format!(
+                "too many mappings: at most {} blocks and dirty bitmaps",
+                crate::memory_guard::MAX_MAPPINGS
+            ),
+        )
+    })
+}
+
 /// Starts [`RamBlock::map_present`] on a thread of its own, so that `ram-block-add` returns
 /// at once (mapping takes about 0.1 s per GiB present). A migration does not wait for it:
 /// a page not mapped yet is mapped by the copy's own fault. Stops when only this thread
@@ -204,6 +222,10 @@ pub struct RamBlock {
     pub page_size: u64,
     pub host_addr: Option<u64>,
     pub dirty_bitmap_name: Option<String>,
+    /// The fd has F_SEAL_SHRINK (added at ram-block-add where the fd allows seals).
+    pub shrink_sealed: bool,
+    /// Declared before the region: stops watching before the unmap.
+    guard: crate::memory_guard::Guard,
     region: MmapRegion,
     dirty: Option<DirtyBitmap>,
     /// The fd is on tmpfs: mapping its present pages ahead reads nothing from a disk.
@@ -280,6 +302,8 @@ impl RamBlock {
         }
         let size = usize::try_from(spec.size)
             .map_err(|_| MemoryError::invalid(id, "size does not fit the address space"))?;
+        // A sealed fd cannot shrink under the mapping; others are watched for SIGBUS.
+        let shrink_sealed = crate::memory_guard::seal_shrink(&fd);
         let region = MmapRegion::build(
             Some(FileOffset::new(File::from(fd), spec.offset)),
             size,
@@ -290,6 +314,7 @@ impl RamBlock {
             id: id.into(),
             source,
         })?;
+        let guard = watch(id, &region)?;
         let pages = spec.size / TARGET_PAGE_SIZE as u64;
         let (dirty_bitmap_name, dirty) = match spec.dirty_bitmap {
             Some((name, bfd)) => (Some(name), Some(DirtyBitmap::new(id, bfd, pages)?)),
@@ -303,6 +328,8 @@ impl RamBlock {
             page_size,
             host_addr: spec.host_addr,
             dirty_bitmap_name,
+            shrink_sealed,
+            guard,
             region,
             dirty,
             tmpfs,
@@ -310,6 +337,17 @@ impl RamBlock {
             stop_mapping: Default::default(),
             mapping: Default::default(),
         })
+    }
+
+    /// The fd (or the bitmap's) shrank under the mapping, which now holds nothing of it
+    /// (see `memory_guard`): the block must be removed and added again.
+    pub fn memory_lost(&self) -> bool {
+        self.guard.lost()
+            || self.dirty.as_ref().is_some_and(|d| d.guard.lost())
+            || self
+                .fd()
+                .and_then(|f| f.metadata().ok())
+                .is_some_and(|m| m.len() < self.offset + self.size)
     }
 
     /// Number of target pages (4 KiB) in the block.
@@ -743,6 +781,37 @@ pub(crate) mod tests {
         let mut s = spec("ram", 4096);
         s.offset = u64::MAX - 100;
         assert!(RamBlock::new(s, memfd(8192)).is_err());
+    }
+
+    #[test]
+    fn a_shrunk_unsealed_block_reads_zero_and_is_lost_instead_of_sigbus() {
+        let fd = memfd(1 << 20);
+        let f = File::from(fd.try_clone().unwrap());
+        std::os::unix::fs::FileExt::write_at(&f, &[7u8; 4096], 8192).unwrap();
+        let b = RamBlock::new(spec("shrinks", 1 << 20), fd).unwrap();
+        assert!(!b.shrink_sealed, "a memfd without MFD_ALLOW_SEALING cannot be sealed");
+        assert_eq!(b.page(8192).unwrap()[0], 7);
+        f.set_len(4096).unwrap();
+        // Past the new end: SIGBUS, caught; the block now reads zero and is lost.
+        assert!(crate::ram::is_zero_page(b.page(8192).unwrap()));
+        assert!(b.memory_lost());
+        let lost = crate::memory_guard::take_losses();
+        assert!(lost.iter().any(|n| n == "shrinks"), "{lost:?}");
+        drop(b);
+        // A sealable memfd is sealed: the parent cannot shrink it.
+        let sealable = nix::sys::memfd::memfd_create(
+            c"qmh-sealable",
+            MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+        )
+        .unwrap();
+        nix::unistd::ftruncate(&sealable, 1 << 20).unwrap();
+        let keep = sealable.try_clone().unwrap();
+        let b = RamBlock::new(spec("sealed", 1 << 20), sealable).unwrap();
+        assert!(b.shrink_sealed);
+        assert_eq!(
+            nix::unistd::ftruncate(&keep, 4096),
+            Err(nix::errno::Errno::EPERM)
+        );
     }
 
     #[test]

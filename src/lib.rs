@@ -11,6 +11,7 @@ pub mod events;
 pub mod fault;
 pub mod guest_memory;
 pub mod logging;
+pub mod memory_guard;
 pub mod migration;
 pub mod page_writer;
 pub mod postcopy;

@@ -349,7 +349,11 @@ impl MigrationCtx {
 
     /// Registers the live channel so cancel can shut it down.
     pub fn set_channel(&self, fd: Option<OwnedFd>) {
-        *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = fd;
+        let mut g = self.channel.lock().unwrap_or_else(|e| e.into_inner());
+        // The SIGBUS handler shuts the channel down too (memory_guard); it forgets the
+        // old fd before that is closed.
+        crate::memory_guard::set_channel(fd.as_ref());
+        *g = fd;
     }
 
     /// Hands a recovery to the paused migration thread.

@@ -255,6 +255,7 @@ impl Helper {
                                 "id": b.id, "fdname": b.fdname, "offset": b.offset,
                                 "size": b.size, "page-size": b.page_size,
                                 "mapped-ahead": b.mapped_ahead(),
+                                "shrink-sealed": b.shrink_sealed,
                             });
                             if let Some(h) = b.host_addr {
                                 v["host-addr"] = json!(h);
@@ -654,6 +655,8 @@ impl Helper {
         *lock(&self.role) = Some(role);
         *lock(&self.ctx.started) = Some(std::time::Instant::now());
         let ctx = self.ctx.clone();
+        // To name a block that shrank under the migration in its error.
+        let blocks = lock(&self.blocks).clone();
         let h = std::thread::Builder::new()
             .name(format!("qmh-{role:?}").to_lowercase())
             .spawn(move || {
@@ -674,7 +677,7 @@ impl Helper {
                     {
                         let _ = ctx.state.transition(MigrationStatus::Cancelled);
                     }
-                    Err(e) => ctx.state.fail(e),
+                    Err(e) => ctx.state.fail(crate::memory_guard::explain(&blocks, e)),
                 }
             })
             .map_err(|e| QmpError::generic(format!("cannot start the migration thread: {e}")))?;
@@ -702,6 +705,12 @@ impl Helper {
             return Err(QmpError::generic(
                 "no RAM blocks registered (use ram-block-add)",
             ));
+        }
+        if let Some(b) = blocks.iter().find(|b| b.memory_lost()) {
+            return Err(QmpError::generic(format!(
+                "RAM block '{}' lost its memory: its fd shrank; remove the block and add it again",
+                b.id
+            )));
         }
         Ok(blocks)
     }

@@ -13,5 +13,6 @@ mod qemu;
 mod qemu_helper;
 mod qemu_qemu;
 mod recovery;
+mod shrink;
 mod transport;
 mod util;
