@@ -1113,3 +1113,39 @@ fn helper_to_helper_preempt_recovery() {
     );
     assert_same_memory(&expected, &guest.map, test);
 }
+
+/// `migrate-recover unix:PATH` where PATH is a regular file: refused, the file is left as it
+/// was, the migration stays paused, and a recovery at a free path completes it.
+#[test]
+fn recover_unix_keeps_a_regular_file_at_its_path() {
+    let test = "recover_unix_keeps_a_regular_file_at_its_path";
+    let (mut src, mut dst, mut guest, expected) = start_postcopy(test_seed(test));
+    src.client
+        .execute_oob("migrate-pause", json!({}))
+        .expect("migrate-pause");
+    wait(&mut src, &mut guest, &["postcopy-paused"]);
+    wait(&mut dst, &mut guest, &["postcopy-paused"]);
+    let dir = crate::util::TempDir::new("qmh-rec");
+    let file = dir.join("not-a-socket");
+    std::fs::write(&file, b"precious").unwrap();
+    let e = dst
+        .client
+        .execute_oob("migrate-recover", json!({"uri": format!("unix:{}", file.display())}))
+        .expect_err("refused");
+    assert!(e.to_string().contains("not a socket"), "{test}: {e}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"precious", "{test}");
+    assert_eq!(dst.client.query_migrate().unwrap()["status"], "postcopy-paused");
+    let uri = format!("unix:{}", dir.join("rec.sock").display());
+    dst.client
+        .execute_oob("migrate-recover", json!({"uri": uri}))
+        .expect("migrate-recover");
+    src.client
+        .execute("migrate", json!({"uri": uri, "resume": true}))
+        .expect("resume");
+    src.client
+        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
+        .expect("params");
+    wait(&mut src, &mut guest, &["completed"]);
+    wait(&mut dst, &mut guest, &["completed"]);
+    assert_same_memory(&expected, &guest.map, test);
+}

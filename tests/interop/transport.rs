@@ -95,6 +95,11 @@ fn file_output_is_0600_and_refuses_a_symlink() {
     let desc = v["error-desc"].as_str().unwrap_or_default();
     assert!(desc.contains("symbolic link"), "{test}: {desc}");
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious", "{test}");
+    // A device is no output either (a write could block where no cancel reaches).
+    src.client.migrate("file:/dev/ptmx").expect("migrate starts");
+    let v = src.wait(&["failed", "completed"], DEADLINE);
+    let desc = v["error-desc"].as_str().unwrap_or_default();
+    assert!(desc.contains("character device"), "{test}: {v}");
 
     let out = dir.join("out.mig");
     let uri = format!("file:{}", out.display());
