@@ -789,7 +789,10 @@ pub(crate) mod tests {
         let f = File::from(fd.try_clone().unwrap());
         std::os::unix::fs::FileExt::write_at(&f, &[7u8; 4096], 8192).unwrap();
         let b = RamBlock::new(spec("shrinks", 1 << 20), fd).unwrap();
-        assert!(!b.shrink_sealed, "a memfd without MFD_ALLOW_SEALING cannot be sealed");
+        assert!(
+            !b.shrink_sealed,
+            "a memfd without MFD_ALLOW_SEALING cannot be sealed"
+        );
         assert_eq!(b.page(8192).unwrap()[0], 7);
         f.set_len(4096).unwrap();
         // Past the new end: SIGBUS, caught; the block now reads zero and is lost.

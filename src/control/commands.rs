@@ -576,9 +576,7 @@ impl Helper {
         if let Some(v) = a.opt_u64("orphan-timeout")? {
             // At most a day: the helper must exit in bounded time after its parent.
             if v > 86_400_000 {
-                return Err(QmpError::generic(
-                    "orphan-timeout is 0 to 86400000 ms",
-                ));
+                return Err(QmpError::generic("orphan-timeout is 0 to 86400000 ms"));
             }
             p.orphan_timeout = v;
         }

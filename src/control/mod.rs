@@ -112,7 +112,10 @@ pub fn serve_fd(helper: &Arc<Helper>, fd: OwnedFd) -> std::io::Result<ConnEnd> {
     // A read error is the parent gone too: act on it before reporting it.
     let end = serve_connection(helper, stream).unwrap_or(ConnEnd::Eof);
     if end == ConnEnd::Eof {
-        slog::info!(helper.log(), "control connection closed: the parent is gone");
+        slog::info!(
+            helper.log(),
+            "control connection closed: the parent is gone"
+        );
         helper.parent_gone();
     }
     Ok(end)

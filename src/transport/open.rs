@@ -112,7 +112,10 @@ pub(super) fn create_output(p: &Path, uri: &str) -> Result<File, TransportError>
         })?;
     let m = f.metadata().map_err(io_err("fstat", uri))?;
     if check_type(uri, &m)? != FileKind::Regular {
-        return Err(refused(uri, "changed into a FIFO while being opened".into()));
+        return Err(refused(
+            uri,
+            "changed into a FIFO while being opened".into(),
+        ));
     }
     set_blocking(&f).map_err(io_err("fcntl", uri))?;
     f.set_len(0).map_err(io_err("truncate", uri))?;

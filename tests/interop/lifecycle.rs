@@ -39,7 +39,11 @@ fn running_precopy(test: &str) -> (HelperVm, HelperVm, Vec<u8>) {
 fn wait_exit(h: &mut HelperVm, limit: Duration, what: &str) -> Duration {
     let t0 = Instant::now();
     while !h.exited() {
-        assert!(t0.elapsed() < limit, "{what}: helper {} still running after {limit:?}", h.pid());
+        assert!(
+            t0.elapsed() < limit,
+            "{what}: helper {} still running after {limit:?}",
+            h.pid()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     t0.elapsed()
@@ -52,9 +56,15 @@ fn precopy_source_cancels_and_exits_when_its_parent_goes_away() {
     src.close_control();
     let took = wait_exit(&mut src, Duration::from_secs(10), test);
     let d = dst.wait(&["failed", "completed"], Duration::from_secs(30));
-    eprintln!("{test}: source exited after {took:?}; destination {}: {}", d["status"], d["error-desc"]);
+    eprintln!(
+        "{test}: source exited after {took:?}; destination {}: {}",
+        d["status"], d["error-desc"]
+    );
     assert_eq!(d["status"], "failed", "{test}: {d}");
-    assert!(d["error-desc"].as_str().is_some_and(|e| !e.is_empty()), "{d}");
+    assert!(
+        d["error-desc"].as_str().is_some_and(|e| !e.is_empty()),
+        "{d}"
+    );
     // The source's guest is untouched.
     assert_same_memory(&image, &src.blocks[0].mem.map(), test);
     assert!(dst.alive());
@@ -67,9 +77,15 @@ fn precopy_destination_cancels_and_exits_when_its_parent_goes_away() {
     dst.close_control();
     let took = wait_exit(&mut dst, Duration::from_secs(10), test);
     let s = src.wait(&["failed", "completed"], Duration::from_secs(30));
-    eprintln!("{test}: destination exited after {took:?}; source {}: {}", s["status"], s["error-desc"]);
+    eprintln!(
+        "{test}: destination exited after {took:?}; source {}: {}",
+        s["status"], s["error-desc"]
+    );
     assert_eq!(s["status"], "failed", "{test}: {s}");
-    assert!(s["error-desc"].as_str().is_some_and(|e| !e.is_empty()), "{s}");
+    assert!(
+        s["error-desc"].as_str().is_some_and(|e| !e.is_empty()),
+        "{s}"
+    );
     assert_same_memory(&image, &src.blocks[0].mem.map(), test);
     // The source helper takes a new migration.
     let v = src.client.query_migrate().expect("source answers");

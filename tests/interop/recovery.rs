@@ -904,7 +904,10 @@ fn paused_helper_exits_when_its_parent_goes_away() {
     src.close_control();
     let took = wait_exit(&mut src, Duration::from_secs(15));
     eprintln!("paused_helper_exits_when_its_parent_goes_away: exited after {took:?}");
-    assert!(took >= Duration::from_millis(900), "did not wait orphan-timeout: {took:?}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "did not wait orphan-timeout: {took:?}"
+    );
     guest.release();
 }
 
@@ -940,7 +943,10 @@ fn postcopy_source_pauses_and_exits_when_its_parent_goes_away() {
     std::thread::sleep(Duration::from_millis(1000));
     assert!(!src.exited(), "{test}: exited before orphan-timeout");
     let took = wait_exit(&mut src, Duration::from_secs(20)) + Duration::from_millis(1000);
-    eprintln!("{test}: destination {}, source exited {took:?} after the pause", d["status"]);
+    eprintln!(
+        "{test}: destination {}, source exited {took:?} after the pause",
+        d["status"]
+    );
     assert!(took >= Duration::from_millis(1500), "{test}: {took:?}");
     assert!(t0.elapsed() < Duration::from_secs(20));
     if d["status"] == "completed" {
@@ -950,14 +956,7 @@ fn postcopy_source_pauses_and_exits_when_its_parent_goes_away() {
     }
     // A fresh helper adopts the paused migration with the parent's memfd.
     let mut fresh = HelperVm::spawn();
-    fresh.add_memfd_block(
-        "ram",
-        crate::helper::Memfd {
-            fd: mem,
-            size: RAM,
-        },
-        false,
-    );
+    fresh.add_memfd_block("ram", crate::helper::Memfd { fd: mem, size: RAM }, false);
     fresh
         .client
         .set_capabilities(&[("postcopy-ram", true)])
@@ -1130,11 +1129,17 @@ fn recover_unix_keeps_a_regular_file_at_its_path() {
     std::fs::write(&file, b"precious").unwrap();
     let e = dst
         .client
-        .execute_oob("migrate-recover", json!({"uri": format!("unix:{}", file.display())}))
+        .execute_oob(
+            "migrate-recover",
+            json!({"uri": format!("unix:{}", file.display())}),
+        )
         .expect_err("refused");
     assert!(e.to_string().contains("not a socket"), "{test}: {e}");
     assert_eq!(std::fs::read(&file).unwrap(), b"precious", "{test}");
-    assert_eq!(dst.client.query_migrate().unwrap()["status"], "postcopy-paused");
+    assert_eq!(
+        dst.client.query_migrate().unwrap()["status"],
+        "postcopy-paused"
+    );
     let uri = format!("unix:{}", dir.join("rec.sock").display());
     dst.client
         .execute_oob("migrate-recover", json!({"uri": uri}))

@@ -53,7 +53,11 @@ fn sealable_memfd_cannot_shrink_under_a_source() {
     let mut dst = HelperVm::spawn_with_args(&["--log-level", "warn"]);
     dst.add_block("ram", SIZE, false);
     assert_eq!(sealed_flag(&mut src), true, "{test}");
-    assert_eq!(sealed_flag(&mut dst), false, "{test}: a plain memfd cannot be sealed");
+    assert_eq!(
+        sealed_flag(&mut dst),
+        false,
+        "{test}: a plain memfd cannot be sealed"
+    );
     start(&mut src, &mut dst);
     assert_eq!(
         nix::unistd::ftruncate(&src.blocks[0].mem.fd, MIB as i64),
@@ -88,7 +92,10 @@ fn unsealable_memfd_shrinking_fails_the_migration_not_the_helper() {
     assert_eq!(d["status"], "failed", "{test}: {d}");
     // Alive, answering, and refusing the lost block until it is replaced.
     assert!(src.alive(), "{test}: the helper died");
-    let e = src.client.migrate("fd:none").expect_err("lost block refused");
+    let e = src
+        .client
+        .migrate("fd:none")
+        .expect_err("lost block refused");
     assert!(e.to_string().contains("lost its memory"), "{test}: {e}");
     src.client
         .execute("ram-block-del", json!({"id": "ram"}))

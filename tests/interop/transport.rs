@@ -49,11 +49,7 @@ fn migrate_ok(src: &mut HelperVm, dst: &mut HelperVm, name: &str, test: &str) {
     src.client.migrate(&format!("fd:{name}")).expect("migrate");
     src.wait(&["completed"], DEADLINE);
     dst.wait(&["completed"], DEADLINE);
-    assert_same_memory(
-        &src.blocks[0].mem.map(),
-        &dst.blocks[0].mem.map(),
-        test,
-    );
+    assert_same_memory(&src.blocks[0].mem.map(), &dst.blocks[0].mem.map(), test);
 }
 
 #[test]
@@ -63,7 +59,10 @@ fn unix_listen_keeps_a_regular_file_at_its_path() {
     let path = dir.join("not-a-socket");
     std::fs::write(&path, b"precious").unwrap();
     let (mut src, mut dst) = pair(4 * MIB, test);
-    let e = error_of(dst.client.migrate_incoming(&format!("unix:{}", path.display())));
+    let e = error_of(
+        dst.client
+            .migrate_incoming(&format!("unix:{}", path.display())),
+    );
     assert!(e.contains("not a socket"), "{test}: {e}");
     assert_eq!(std::fs::read(&path).unwrap(), b"precious", "{test}");
     // The helper still migrates, over unix: at a free path.
@@ -73,7 +72,10 @@ fn unix_listen_keeps_a_regular_file_at_its_path() {
     src.client.migrate(&uri).expect("migrate");
     src.wait(&["completed"], DEADLINE);
     dst.wait(&["completed"], DEADLINE);
-    assert!(!sock.exists(), "{test}: the listener's socket was left behind");
+    assert!(
+        !sock.exists(),
+        "{test}: the listener's socket was left behind"
+    );
     assert_same_memory(&src.blocks[0].mem.map(), &dst.blocks[0].mem.map(), test);
 }
 
@@ -96,7 +98,9 @@ fn file_output_is_0600_and_refuses_a_symlink() {
     assert!(desc.contains("symbolic link"), "{test}: {desc}");
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious", "{test}");
     // A device is no output either (a write could block where no cancel reaches).
-    src.client.migrate("file:/dev/ptmx").expect("migrate starts");
+    src.client
+        .migrate("file:/dev/ptmx")
+        .expect("migrate starts");
     let v = src.wait(&["failed", "completed"], DEADLINE);
     let desc = v["error-desc"].as_str().unwrap_or_default();
     assert!(desc.contains("character device"), "{test}: {v}");
@@ -129,7 +133,8 @@ fn file_input_refuses_devices_and_directories() {
         dst.client.migrate_cancel().expect("cancel answers");
         let v = dst.client.query_migrate().expect("query");
         assert!(
-            ["none", "failed", "cancelled", "completed"].contains(&v["status"].as_str().unwrap_or("")),
+            ["none", "failed", "cancelled", "completed"]
+                .contains(&v["status"].as_str().unwrap_or("")),
             "{test}: {bad}: {v}"
         );
     }
@@ -220,14 +225,26 @@ fn precopy_silent_peer_fails_both_ends_after_link_timeout() {
     let dt = t0.elapsed();
     let s = src.wait(&["failed", "completed"], DEADLINE);
     let st = t0.elapsed();
-    eprintln!("{test}: destination {} after {dt:?}: {}", d["status"], d["error-desc"]);
-    eprintln!("{test}: source {} after {st:?}: {}", s["status"], s["error-desc"]);
+    eprintln!(
+        "{test}: destination {} after {dt:?}: {}",
+        d["status"], d["error-desc"]
+    );
+    eprintln!(
+        "{test}: source {} after {st:?}: {}",
+        s["status"], s["error-desc"]
+    );
     for (what, v, t) in [("destination", &d, dt), ("source", &s, st)] {
         assert_eq!(v["status"], "failed", "{test}: {what}: {v}");
         let desc = v["error-desc"].as_str().unwrap_or_default();
-        assert!(desc.contains("link-timeout (1000 ms)"), "{test}: {what}: {desc}");
+        assert!(
+            desc.contains("link-timeout (1000 ms)"),
+            "{test}: {what}: {desc}"
+        );
         assert!(t < Duration::from_secs(15), "{test}: {what} took {t:?}");
-        assert!(t >= Duration::from_millis(1000), "{test}: {what} after {t:?}");
+        assert!(
+            t >= Duration::from_millis(1000),
+            "{test}: {what} after {t:?}"
+        );
     }
     assert!(src.alive() && dst.alive(), "{test}: a helper died");
     drop(relay);
@@ -267,6 +284,9 @@ fn precopy_slow_but_live_does_not_time_out() {
     src.wait(&["completed"], DEADLINE);
     dst.wait(&["completed"], DEADLINE);
     eprintln!("{test}: first pass {pass:?}, total {:?}", t0.elapsed());
-    assert!(pass > Duration::from_millis(1000), "{test}: not throttled ({pass:?})");
+    assert!(
+        pass > Duration::from_millis(1000),
+        "{test}: not throttled ({pass:?})"
+    );
     assert_same_memory(&src.blocks[0].mem.map(), &dst.blocks[0].mem.map(), test);
 }
