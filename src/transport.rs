@@ -666,7 +666,10 @@ mod tests {
         std::fs::write(&p, b"keep me").unwrap();
         let uri = Uri::Unix(p.clone());
         let e = Incoming::open(&uri, |_| None).err().expect("refused");
-        assert!(e.to_string().contains("not a socket"), "{e}");
+        assert!(
+            e.to_string().contains("is a regular file, not a socket"),
+            "{e}"
+        );
         assert_eq!(std::fs::read(&p).unwrap(), b"keep me");
         // A stale socket is replaced, and removed after the connection.
         std::fs::remove_file(&p).unwrap();

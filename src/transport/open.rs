@@ -29,8 +29,12 @@ fn kind_name(ft: std::fs::FileType) -> &'static str {
         "a block device"
     } else if ft.is_socket() {
         "a socket"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_file() {
+        "a regular file"
     } else {
-        "not a regular file"
+        "of an unknown type"
     }
 }
 

@@ -1134,7 +1134,10 @@ fn recover_unix_keeps_a_regular_file_at_its_path() {
             json!({"uri": format!("unix:{}", file.display())}),
         )
         .expect_err("refused");
-    assert!(e.to_string().contains("not a socket"), "{test}: {e}");
+    assert!(
+        e.to_string().contains("is a regular file, not a socket"),
+        "{test}: {e}"
+    );
     assert_eq!(std::fs::read(&file).unwrap(), b"precious", "{test}");
     assert_eq!(
         dst.client.query_migrate().unwrap()["status"],

@@ -63,7 +63,7 @@ fn unix_listen_keeps_a_regular_file_at_its_path() {
         dst.client
             .migrate_incoming(&format!("unix:{}", path.display())),
     );
-    assert!(e.contains("not a socket"), "{test}: {e}");
+    assert!(e.contains("is a regular file, not a socket"), "{test}: {e}");
     assert_eq!(std::fs::read(&path).unwrap(), b"precious", "{test}");
     // The helper still migrates, over unix: at a free path.
     let sock = dir.join("mig.sock");
