@@ -1,6 +1,7 @@
 //! Migration channels: the URIs `fd:NAME`, `unix:PATH`, `tcp:HOST:PORT` and `file:PATH`,
 //! and the byte I/O the engines use (reads into a buffer, gathered writes).
 
+mod connect;
 mod open;
 
 use std::fs::{File, OpenOptions};
@@ -262,12 +263,14 @@ impl Channel {
                 Channel::from_fd(name, fd)
             }
             Uri::Unix(p) => {
-                let s = UnixStream::connect(p).map_err(io_err("connect to", uri))?;
-                Ok(Channel::from_unix(s, uri.to_string()))
+                let label = uri.to_string();
+                let s = UnixStream::from(connect::unix(p, cancel, &label)?);
+                Ok(Channel::from_unix(s, label))
             }
             Uri::Tcp(a) => {
-                let s = TcpStream::connect(a.as_str()).map_err(io_err("connect to", uri))?;
-                Ok(Channel::from_tcp(s, uri.to_string()))
+                let label = uri.to_string();
+                let s = TcpStream::from(connect::tcp(a, cancel, &label)?);
+                Ok(Channel::from_tcp(s, label))
             }
             Uri::File(p) => {
                 let label = uri.to_string();
@@ -781,5 +784,43 @@ mod tests {
         assert!(e.to_string().contains("link-timeout (300 ms)"), "{e}");
         assert!(t.elapsed() >= Duration::from_millis(300));
         drop(w);
+    }
+
+    #[test]
+    fn connect_is_cancellable_and_connects() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let uri = Uri::Tcp(l.local_addr().unwrap().to_string());
+        let c = Channel::connect(&uri, |_| None, &AtomicBool::new(false)).unwrap();
+        assert!(c.is_socket);
+        let (mut s, _) = l.accept().unwrap();
+        c.write_all(b"hi").unwrap();
+        let mut b = [0u8; 2];
+        std::io::Read::read_exact(&mut s, &mut b).unwrap();
+        assert_eq!(&b, b"hi");
+        // A Unix listener whose backlog is full: connect waits, and a cancel ends it.
+        let d = tmp("connect");
+        let p = d.join("s");
+        let l = UnixListener::bind(&p).unwrap();
+        let mut held = Vec::new();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let c2 = cancel.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            c2.store(true, Ordering::Release);
+        });
+        let uri = Uri::Unix(p.clone());
+        let start = std::time::Instant::now();
+        let r = loop {
+            match Channel::connect(&uri, |_| None, &cancel) {
+                Ok(c) => held.push(c),
+                Err(e) => break e,
+            }
+            assert!(held.len() < 10_000, "the backlog never filled");
+        };
+        assert!(matches!(r, TransportError::Cancelled(_)), "{r}");
+        assert!(start.elapsed() < Duration::from_secs(10));
+        t.join().unwrap();
+        drop(l);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

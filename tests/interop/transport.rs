@@ -290,3 +290,46 @@ fn precopy_slow_but_live_does_not_time_out() {
     );
     assert_same_memory(&src.blocks[0].mem.map(), &dst.blocks[0].mem.map(), test);
 }
+
+/// `migrate tcp:` to a host that never answers the handshake (here: a listener whose
+/// accept queue is full, so the kernel drops the SYNs): `migrate_cancel` ends it at once
+/// (a blocking connect(2) kept the helper in `cancelling` for the kernel's SYN retries,
+/// about two minutes), and the helper migrates again.
+#[test]
+fn cancel_ends_a_tcp_connect_that_gets_no_answer() {
+    use nix::sys::socket::{listen, Backlog};
+    let test = "cancel_ends_a_tcp_connect_that_gets_no_answer";
+    let (mut src, mut dst) = pair(4 * MIB, test);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listen(&l, Backlog::new(0).unwrap()).unwrap();
+    let addr = l.local_addr().unwrap();
+    // Fill the accept queue; these connections are never accepted.
+    let fillers: Vec<_> = (0..4)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()
+        })
+        .collect();
+    src.client.migrate(&format!("tcp:{addr}")).expect("migrate");
+    std::thread::sleep(Duration::from_millis(1000));
+    let v = src.client.query_migrate().expect("query");
+    if v["status"] != "setup" {
+        eprintln!("{test}: skipped: the connect was not left unanswered here ({v})");
+        return;
+    }
+    let t = Instant::now();
+    src.client.migrate_cancel().expect("cancel");
+    let v = src.wait(&["cancelled", "failed"], DEADLINE);
+    let took = t.elapsed();
+    eprintln!(
+        "{test}: {} after {took:?} ({} fillers)",
+        v["status"],
+        fillers.len()
+    );
+    assert_eq!(v["status"], "cancelled", "{test}: {v}");
+    assert!(
+        took < Duration::from_secs(5),
+        "{test}: cancel took {took:?}"
+    );
+    drop((fillers, l));
+    migrate_ok(&mut src, &mut dst, "again", test);
+}
