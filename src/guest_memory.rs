@@ -488,7 +488,8 @@ impl RamBlock {
             let mut off = a;
             while off < b {
                 let _chunk = self.mapping.lock().unwrap_or_else(|e| e.into_inner());
-                if stop() || self.stop_mapping.load(Ordering::Relaxed) {
+                // A lost block is anonymous memory now: populating it would only allocate.
+                if stop() || self.stop_mapping.load(Ordering::Relaxed) || self.guard.lost() {
                     return mapped;
                 }
                 let len = (b - off).min(CHUNK);
