@@ -333,3 +333,91 @@ fn cancel_ends_a_tcp_connect_that_gets_no_answer() {
     drop((fillers, l));
     migrate_ok(&mut src, &mut dst, "again", test);
 }
+
+/// A real QEMU 10.0 source connecting with `tcp:` to a helper destination that was given
+/// a listening TCP socket as `fd:NAME`.
+#[test]
+fn qemu10_source_to_fd_tcp_listener() {
+    use crate::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+    let test = "qemu10_source_to_fd_tcp_listener";
+    if require_qemu(Qemu::V10, test).is_none() {
+        return;
+    }
+    let size = 64 * MIB;
+    let mut src = QemuVm::start(Qemu::V10, size, &VmOpts::default());
+    fill_mixed(&mut src.ram_mmap(), test_seed(test), 0.3);
+    let mut dst = helper(size);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    dst.client.getfd("lis", l.as_fd()).expect("getfd");
+    drop(l);
+    dst.client.migrate_incoming("fd:lis").expect("incoming");
+    src.qmp()
+        .set_parameters(json!({"max-bandwidth": 1u64 << 33}))
+        .expect("params");
+    src.qmp()
+        .execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
+        .expect("migrate");
+    src.wait_migration(&["completed"], DEADLINE)
+        .expect("qemu completes");
+    dst.wait(&["completed"], DEADLINE);
+    assert_same_memory(&src.ram_mmap(), &dst.blocks[0].mem.map(), test);
+}
+
+/// What the man page says of QEMU: a QEMU 10.0 source paused in `pre-switchover` sends
+/// nothing, so a helper destination with a shorter link-timeout fails (the documented
+/// remedy: link-timeout 0 or longer than the pause on such a destination), and with
+/// link-timeout 0 the same pause completes.
+#[test]
+fn qemu10_source_silent_in_pre_switchover() {
+    use crate::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+    let test = "qemu10_source_silent_in_pre_switchover";
+    if require_qemu(Qemu::V10, test).is_none() {
+        return;
+    }
+    let size = 32 * MIB;
+    for link_timeout in [1000, 0] {
+        let mut src = QemuVm::start(Qemu::V10, size, &VmOpts::default());
+        fill_mixed(&mut src.ram_mmap(), test_seed(test), 0.3);
+        let mut dst = helper(size);
+        dst.client
+            .set_parameters(json!({"link-timeout": link_timeout}))
+            .expect("params");
+        let (a, b) = socketpair();
+        src.qmp().getfd("mig", a.as_fd()).expect("qemu getfd");
+        dst.client.getfd("mig", b.as_fd()).expect("getfd");
+        drop((a, b));
+        dst.client.migrate_incoming("fd:mig").expect("incoming");
+        src.qmp()
+            .set_capabilities(&[("pause-before-switchover", true)])
+            .expect("caps");
+        src.qmp()
+            .set_parameters(json!({"max-bandwidth": 1u64 << 33}))
+            .expect("params");
+        src.qmp()
+            .execute("migrate", json!({"uri": "fd:mig"}))
+            .expect("migrate");
+        src.wait_migration(&["pre-switchover"], DEADLINE)
+            .expect("qemu pauses");
+        std::thread::sleep(Duration::from_millis(3000));
+        let v = dst.client.query_migrate().expect("query");
+        eprintln!(
+            "{test}: link-timeout {link_timeout}: destination {} {}",
+            v["status"], v["error-desc"]
+        );
+        if link_timeout > 0 {
+            assert_eq!(v["status"], "failed", "{test}: {v}");
+            let desc = v["error-desc"].as_str().unwrap_or_default();
+            assert!(desc.contains("link-timeout (1000 ms)"), "{test}: {desc}");
+            continue;
+        }
+        assert_eq!(v["status"], "active", "{test}: {v}");
+        src.qmp()
+            .execute("migrate-continue", json!({"state": "pre-switchover"}))
+            .expect("continue");
+        src.wait_migration(&["completed"], DEADLINE)
+            .expect("qemu completes");
+        dst.wait(&["completed"], DEADLINE);
+        assert_same_memory(&src.ram_mmap(), &dst.blocks[0].mem.map(), test);
+    }
+}
