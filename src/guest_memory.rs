@@ -4,12 +4,14 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::FileOffset;
 
 use crate::compat::wire::TARGET_PAGE_SIZE;
+use crate::dirty_bitmap::watch;
+pub use crate::dirty_bitmap::DirtyBitmap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -42,7 +44,7 @@ pub enum MemoryError {
 }
 
 impl MemoryError {
-    fn invalid(id: &str, msg: impl Into<String>) -> Self {
+    pub(crate) fn invalid(id: &str, msg: impl Into<String>) -> Self {
         MemoryError::Invalid {
             id: id.to_string(),
             msg: msg.into(),
@@ -51,7 +53,7 @@ impl MemoryError {
 }
 
 /// Checks that `fd` is something the helper may map as guest RAM, and returns its size.
-fn file_size(id: &str, fd: &OwnedFd) -> Result<u64, MemoryError> {
+pub(crate) fn file_size(id: &str, fd: &OwnedFd) -> Result<u64, MemoryError> {
     let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| MemoryError::Os {
         id: id.into(),
         what: "fstat",
@@ -91,75 +93,6 @@ fn fd_is_tmpfs(fd: &OwnedFd) -> bool {
     nix::sys::statfs::fstatfs(fd).is_ok_and(|s| s.filesystem_type().0 == TMPFS_MAGIC)
 }
 
-/// A dirty bitmap shared with the parent: little-endian u64 words, bit i = page i.
-/// The parent sets bits with an atomic OR; the helper takes a word with an atomic swap.
-pub struct DirtyBitmap {
-    /// Declared before the region: stops watching before the unmap.
-    guard: crate::memory_guard::Guard,
-    region: MmapRegion,
-    words: usize,
-}
-
-impl DirtyBitmap {
-    pub fn new(id: &str, fd: OwnedFd, pages: u64) -> Result<Self, MemoryError> {
-        let have = file_size(id, &fd)?;
-        let words = pages.div_ceil(64);
-        let need = words * 8;
-        if have < need {
-            return Err(MemoryError::BitmapTooSmall {
-                id: id.into(),
-                have,
-                need,
-            });
-        }
-        crate::memory_guard::seal_shrink(&fd);
-        let file = File::from(fd);
-        let region = MmapRegion::build(
-            Some(FileOffset::new(file, 0)),
-            need.max(8) as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-        )
-        .map_err(|source| MemoryError::Map {
-            id: id.into(),
-            source,
-        })?;
-        let guard = watch(&format!("{id} (dirty bitmap)"), &region)?;
-        Ok(DirtyBitmap {
-            guard,
-            region,
-            words: words as usize,
-        })
-    }
-
-    fn words(&self) -> &[AtomicU64] {
-        // SAFETY: the region is page aligned, at least words*8 bytes, and lives as long as
-        // self; AtomicU64 is how both processes access it.
-        unsafe { std::slice::from_raw_parts(self.region.as_ptr() as *const AtomicU64, self.words) }
-    }
-
-    pub fn len_words(&self) -> usize {
-        self.words
-    }
-
-    /// Takes word `i` (pages 64i..64i+63), leaving it zero. Words are little-endian on the
-    /// wire of the contract, which is native on the x86 hosts the helper runs on.
-    #[inline]
-    pub fn take_word(&self, i: usize) -> u64 {
-        match self.words().get(i) {
-            Some(w) if w.load(Ordering::Relaxed) != 0 => u64::from_le(w.swap(0, Ordering::AcqRel)),
-            _ => 0,
-        }
-    }
-
-    /// Marks a page dirty (as the parent does); used by tests and the demo.
-    pub fn set(&self, page: u64) {
-        if let Some(w) = self.words().get((page / 64) as usize) {
-            w.fetch_or((1u64 << (page % 64)).to_le(), Ordering::AcqRel);
-        }
-    }
-}
-
 /// Clears bits `[from, to)`, a word at a time where it can.
 fn clear_bits(bits: &mut [u64], from: u64, to: u64) {
     let mut p = from;
@@ -176,19 +109,6 @@ fn clear_bits(bits: &mut [u64], from: u64, to: u64) {
         }
         p += n;
     }
-}
-
-/// Watches a mapping for SIGBUS (its fd shrinking), or says there are too many.
-fn watch(id: &str, region: &MmapRegion) -> Result<crate::memory_guard::Guard, MemoryError> {
-    crate::memory_guard::watch(id, region.as_ptr(), region.size()).ok_or_else(|| {
-        MemoryError::invalid(
-            id,
-            format!(
-                "too many mappings: at most {} blocks and dirty bitmaps",
-                crate::memory_guard::MAX_MAPPINGS
-            ),
-        )
-    })
 }
 
 /// Starts [`RamBlock::map_present`] on a thread of its own, so that `ram-block-add` returns
@@ -343,7 +263,7 @@ impl RamBlock {
     /// (see `memory_guard`): the block must be removed and added again.
     pub fn memory_lost(&self) -> bool {
         self.guard.lost()
-            || self.dirty.as_ref().is_some_and(|d| d.guard.lost())
+            || self.dirty.as_ref().is_some_and(|d| d.lost())
             || self
                 .fd()
                 .and_then(|f| f.metadata().ok())
@@ -643,8 +563,6 @@ impl RamBlock {
 // The mapping is shared memory accessed through raw pointers only.
 unsafe impl Send for RamBlock {}
 unsafe impl Sync for RamBlock {}
-unsafe impl Send for DirtyBitmap {}
-unsafe impl Sync for DirtyBitmap {}
 
 #[cfg(test)]
 pub(crate) mod tests {

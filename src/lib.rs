@@ -7,6 +7,7 @@ pub mod control;
 pub mod demo;
 pub mod destination;
 pub mod device_state;
+mod dirty_bitmap;
 pub mod events;
 pub mod fault;
 pub mod guest_memory;
