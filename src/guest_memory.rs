@@ -4,12 +4,14 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::FileOffset;
 
 use crate::compat::wire::TARGET_PAGE_SIZE;
+use crate::dirty_bitmap::watch;
+pub use crate::dirty_bitmap::DirtyBitmap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -42,7 +44,7 @@ pub enum MemoryError {
 }
 
 impl MemoryError {
-    fn invalid(id: &str, msg: impl Into<String>) -> Self {
+    pub(crate) fn invalid(id: &str, msg: impl Into<String>) -> Self {
         MemoryError::Invalid {
             id: id.to_string(),
             msg: msg.into(),
@@ -51,7 +53,7 @@ impl MemoryError {
 }
 
 /// Checks that `fd` is something the helper may map as guest RAM, and returns its size.
-fn file_size(id: &str, fd: &OwnedFd) -> Result<u64, MemoryError> {
+pub(crate) fn file_size(id: &str, fd: &OwnedFd) -> Result<u64, MemoryError> {
     let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| MemoryError::Os {
         id: id.into(),
         what: "fstat",
@@ -89,70 +91,6 @@ fn fd_page_size(fd: &OwnedFd) -> u64 {
 /// `fd` is on tmpfs (a memfd, or a file in /dev/shm): its pages are memory, not a disk's.
 fn fd_is_tmpfs(fd: &OwnedFd) -> bool {
     nix::sys::statfs::fstatfs(fd).is_ok_and(|s| s.filesystem_type().0 == TMPFS_MAGIC)
-}
-
-/// A dirty bitmap shared with the parent: little-endian u64 words, bit i = page i.
-/// The parent sets bits with an atomic OR; the helper takes a word with an atomic swap.
-pub struct DirtyBitmap {
-    region: MmapRegion,
-    words: usize,
-}
-
-impl DirtyBitmap {
-    pub fn new(id: &str, fd: OwnedFd, pages: u64) -> Result<Self, MemoryError> {
-        let have = file_size(id, &fd)?;
-        let words = pages.div_ceil(64);
-        let need = words * 8;
-        if have < need {
-            return Err(MemoryError::BitmapTooSmall {
-                id: id.into(),
-                have,
-                need,
-            });
-        }
-        let file = File::from(fd);
-        let region = MmapRegion::build(
-            Some(FileOffset::new(file, 0)),
-            need.max(8) as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-        )
-        .map_err(|source| MemoryError::Map {
-            id: id.into(),
-            source,
-        })?;
-        Ok(DirtyBitmap {
-            region,
-            words: words as usize,
-        })
-    }
-
-    fn words(&self) -> &[AtomicU64] {
-        // SAFETY: the region is page aligned, at least words*8 bytes, and lives as long as
-        // self; AtomicU64 is how both processes access it.
-        unsafe { std::slice::from_raw_parts(self.region.as_ptr() as *const AtomicU64, self.words) }
-    }
-
-    pub fn len_words(&self) -> usize {
-        self.words
-    }
-
-    /// Takes word `i` (pages 64i..64i+63), leaving it zero. Words are little-endian on the
-    /// wire of the contract, which is native on the x86 hosts the helper runs on.
-    #[inline]
-    pub fn take_word(&self, i: usize) -> u64 {
-        match self.words().get(i) {
-            Some(w) if w.load(Ordering::Relaxed) != 0 => u64::from_le(w.swap(0, Ordering::AcqRel)),
-            _ => 0,
-        }
-    }
-
-    /// Marks a page dirty (as the parent does); used by tests and the demo.
-    pub fn set(&self, page: u64) {
-        if let Some(w) = self.words().get((page / 64) as usize) {
-            w.fetch_or((1u64 << (page % 64)).to_le(), Ordering::AcqRel);
-        }
-    }
 }
 
 /// Clears bits `[from, to)`, a word at a time where it can.
@@ -204,6 +142,10 @@ pub struct RamBlock {
     pub page_size: u64,
     pub host_addr: Option<u64>,
     pub dirty_bitmap_name: Option<String>,
+    /// The fd has F_SEAL_SHRINK (added at ram-block-add where the fd allows seals).
+    pub shrink_sealed: bool,
+    /// Declared before the region: stops watching before the unmap.
+    guard: crate::memory_guard::Guard,
     region: MmapRegion,
     dirty: Option<DirtyBitmap>,
     /// The fd is on tmpfs: mapping its present pages ahead reads nothing from a disk.
@@ -280,6 +222,8 @@ impl RamBlock {
         }
         let size = usize::try_from(spec.size)
             .map_err(|_| MemoryError::invalid(id, "size does not fit the address space"))?;
+        // A sealed fd cannot shrink under the mapping; others are watched for SIGBUS.
+        let shrink_sealed = crate::memory_guard::seal_shrink(&fd);
         let region = MmapRegion::build(
             Some(FileOffset::new(File::from(fd), spec.offset)),
             size,
@@ -290,6 +234,7 @@ impl RamBlock {
             id: id.into(),
             source,
         })?;
+        let guard = watch(id, &region)?;
         let pages = spec.size / TARGET_PAGE_SIZE as u64;
         let (dirty_bitmap_name, dirty) = match spec.dirty_bitmap {
             Some((name, bfd)) => (Some(name), Some(DirtyBitmap::new(id, bfd, pages)?)),
@@ -303,6 +248,8 @@ impl RamBlock {
             page_size,
             host_addr: spec.host_addr,
             dirty_bitmap_name,
+            shrink_sealed,
+            guard,
             region,
             dirty,
             tmpfs,
@@ -310,6 +257,17 @@ impl RamBlock {
             stop_mapping: Default::default(),
             mapping: Default::default(),
         })
+    }
+
+    /// The fd (or the bitmap's) shrank under the mapping, which now holds nothing of it
+    /// (see `memory_guard`): the block must be removed and added again.
+    pub fn memory_lost(&self) -> bool {
+        self.guard.lost()
+            || self.dirty.as_ref().is_some_and(|d| d.lost())
+            || self
+                .fd()
+                .and_then(|f| f.metadata().ok())
+                .is_some_and(|m| m.len() < self.offset + self.size)
     }
 
     /// Number of target pages (4 KiB) in the block.
@@ -450,7 +408,8 @@ impl RamBlock {
             let mut off = a;
             while off < b {
                 let _chunk = self.mapping.lock().unwrap_or_else(|e| e.into_inner());
-                if stop() || self.stop_mapping.load(Ordering::Relaxed) {
+                // A lost block is anonymous memory now: populating it would only allocate.
+                if stop() || self.stop_mapping.load(Ordering::Relaxed) || self.guard.lost() {
                     return mapped;
                 }
                 let len = (b - off).min(CHUNK);
@@ -604,8 +563,6 @@ impl RamBlock {
 // The mapping is shared memory accessed through raw pointers only.
 unsafe impl Send for RamBlock {}
 unsafe impl Sync for RamBlock {}
-unsafe impl Send for DirtyBitmap {}
-unsafe impl Sync for DirtyBitmap {}
 
 #[cfg(test)]
 pub(crate) mod tests {
@@ -743,6 +700,40 @@ pub(crate) mod tests {
         let mut s = spec("ram", 4096);
         s.offset = u64::MAX - 100;
         assert!(RamBlock::new(s, memfd(8192)).is_err());
+    }
+
+    #[test]
+    fn a_shrunk_unsealed_block_reads_zero_and_is_lost_instead_of_sigbus() {
+        let fd = memfd(1 << 20);
+        let f = File::from(fd.try_clone().unwrap());
+        std::os::unix::fs::FileExt::write_at(&f, &[7u8; 4096], 8192).unwrap();
+        let b = RamBlock::new(spec("shrinks", 1 << 20), fd).unwrap();
+        assert!(
+            !b.shrink_sealed,
+            "a memfd without MFD_ALLOW_SEALING cannot be sealed"
+        );
+        assert_eq!(b.page(8192).unwrap()[0], 7);
+        f.set_len(4096).unwrap();
+        // Past the new end: SIGBUS, caught; the block now reads zero and is lost.
+        assert!(crate::ram::is_zero_page(b.page(8192).unwrap()));
+        assert!(b.memory_lost());
+        let lost = crate::memory_guard::take_losses();
+        assert!(lost.iter().any(|n| n == "shrinks"), "{lost:?}");
+        drop(b);
+        // A sealable memfd is sealed: the parent cannot shrink it.
+        let sealable = nix::sys::memfd::memfd_create(
+            c"qmh-sealable",
+            MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+        )
+        .unwrap();
+        nix::unistd::ftruncate(&sealable, 1 << 20).unwrap();
+        let keep = sealable.try_clone().unwrap();
+        let b = RamBlock::new(spec("sealed", 1 << 20), sealable).unwrap();
+        assert!(b.shrink_sealed);
+        assert_eq!(
+            nix::unistd::ftruncate(&keep, 4096),
+            Err(nix::errno::Errno::EPERM)
+        );
     }
 
     #[test]

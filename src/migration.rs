@@ -71,6 +71,9 @@ pub struct Parameters {
     /// Postcopy: a link with no traffic for this long (ms) counts as dead, so a silently
     /// dead link pauses instead of hanging. 0 disables. The source pings at a quarter of it.
     pub link_timeout: u64,
+    /// `--control-fd` helpers: how long (ms) a postcopy migration stays paused waiting for
+    /// a new helper to adopt it after the parent went away, before the helper exits.
+    pub orphan_timeout: u64,
     /// Destination: threads that write received precopy pages into guest memory (the
     /// loading thread included), 1 to `page_writer::MAX_THREADS`.
     pub load_threads: usize,
@@ -85,6 +88,7 @@ impl Default for Parameters {
             machine_type: "none".into(),
             compat_version: QemuVersion::V10_0,
             link_timeout: 10_000,
+            orphan_timeout: 60_000,
             load_threads: 2,
         }
     }
@@ -232,13 +236,27 @@ impl Gate {
     }
     /// Waits until opened or `cancel` is set; true when opened.
     pub fn wait(&self, cancel: &AtomicBool) -> bool {
+        loop {
+            if let Some(opened) = self.wait_for(cancel, Duration::from_secs(3600)) {
+                return opened;
+            }
+        }
+    }
+
+    /// Waits at most `max`: Some(true) when opened, Some(false) when cancelled, None when
+    /// the time ran out first.
+    pub fn wait_for(&self, cancel: &AtomicBool, max: Duration) -> Option<bool> {
+        let deadline = Instant::now().checked_add(max);
         let mut g = self.open.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if *g {
-                return true;
+                return Some(true);
             }
             if cancel.load(Ordering::Acquire) {
-                return false;
+                return Some(false);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return None;
             }
             g = self
                 .cv
@@ -319,13 +337,23 @@ impl MigrationCtx {
             .clone()
     }
 
+    /// `link-timeout` as a socket timeout (None when 0, off).
+    pub fn link_timeout(&self) -> Option<Duration> {
+        let t = self.params().link_timeout;
+        (t > 0).then(|| Duration::from_millis(t))
+    }
+
     pub fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Acquire)
     }
 
     /// Registers the live channel so cancel can shut it down.
     pub fn set_channel(&self, fd: Option<OwnedFd>) {
-        *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = fd;
+        let mut g = self.channel.lock().unwrap_or_else(|e| e.into_inner());
+        // The SIGBUS handler shuts the channel down too (memory_guard); it forgets the
+        // old fd before that is closed.
+        crate::memory_guard::set_channel(fd.as_ref());
+        *g = fd;
     }
 
     /// Hands a recovery to the paused migration thread.

@@ -723,8 +723,23 @@ pub fn run(
 
     if caps.pause_before_switchover {
         ctx.state.transition(MigrationStatus::PreSwitchover)?;
-        if !ctx.gate.wait(&ctx.cancel) {
-            return Err(SourceError::Cancelled);
+        // Waiting for the parent sends nothing: an empty RAM part at a quarter of
+        // link-timeout keeps the destination's precopy link timeout from firing.
+        let idle = src.ping_interval().unwrap_or(Duration::from_secs(3600));
+        loop {
+            match ctx.gate.wait_for(&ctx.cancel, idle) {
+                Some(true) => break,
+                Some(false) => return Err(SourceError::Cancelled),
+                None => {
+                    src.out.put(|o| {
+                        stream::encode_section_part(o, SectionKind::Part, RAM_SECTION_ID);
+                        ram::encode_eos(o);
+                        stream::encode_footer(o, RAM_SECTION_ID);
+                        Ok(())
+                    })?;
+                    src.out.flush()?;
+                }
+            }
         }
     }
     let downtime_start = Instant::now();

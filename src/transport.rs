@@ -1,15 +1,21 @@
 //! Migration channels: the URIs `fd:NAME`, `unix:PATH`, `tcp:HOST:PORT` and `file:PATH`,
 //! and the byte I/O the engines use (reads into a buffer, gathered writes).
 
+mod connect;
+mod incoming;
+mod open;
+
+pub use incoming::Incoming;
+
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +49,8 @@ pub enum TransportError {
     },
     #[error("cancelled while waiting for a connection on {0}")]
     Cancelled(String),
+    #[error("{uri}: {why}")]
+    Refused { uri: String, why: String },
 }
 
 impl FromStr for Uri {
@@ -88,6 +96,11 @@ pub struct Channel {
     /// Pipes (and FIFOs) are non-blocking and polled, so that a cancel never waits on them.
     is_pipe: bool,
     cancel: Option<Arc<AtomicBool>>,
+    /// Polled fds (pipes): how long I/O may make no progress (ms, 0 = forever), the
+    /// counterpart of a socket's SO_RCVTIMEO/SO_SNDTIMEO. It counts only once data has
+    /// moved, so that a FIFO whose writer has not come yet waits as a listener does.
+    stall_ms: AtomicU64,
+    moved: AtomicBool,
     pub peer: String,
 }
 
@@ -108,8 +121,55 @@ fn fd_kind(fd: BorrowedFd<'_>) -> io::Result<u32> {
     Ok(st.st_mode & libc::S_IFMT)
 }
 
+/// A socket's type (SOCK_STREAM, ...) and address family.
+fn socket_type(fd: &OwnedFd) -> io::Result<(i32, i32)> {
+    let get = |opt: libc::c_int| -> io::Result<i32> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `v`.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                &mut v as *mut libc::c_int as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(v)
+    };
+    Ok((get(libc::SO_TYPE)?, get(libc::SO_DOMAIN)?))
+}
+
+/// Only byte streams carry a migration: a datagram or seqpacket socket would cut it.
+fn check_stream(name: &str, fd: &OwnedFd) -> Result<i32, TransportError> {
+    let (ty, domain) = socket_type(fd).map_err(io_err("getsockopt", name))?;
+    if ty != libc::SOCK_STREAM {
+        return Err(TransportError::BadFd {
+            name: name.into(),
+            why: "it is not a stream socket (SOCK_STREAM)".into(),
+        });
+    }
+    Ok(domain)
+}
+
 impl Channel {
-    /// Wraps a passed fd after checking it is a socket, pipe or regular file.
+    fn new(fd: OwnedFd, is_socket: bool, is_pipe: bool, peer: String) -> Self {
+        Channel {
+            fd,
+            is_socket,
+            is_pipe,
+            cancel: None,
+            stall_ms: AtomicU64::new(0),
+            moved: AtomicBool::new(false),
+            peer,
+        }
+    }
+
+    /// Wraps a passed fd after checking it is a stream socket, pipe or regular file.
     pub fn from_fd(name: &str, fd: OwnedFd) -> Result<Self, TransportError> {
         let kind = fd_kind(fd.as_fd()).map_err(io_err("fstat", name))?;
         let is_socket = match kind {
@@ -123,6 +183,7 @@ impl Channel {
             }
         };
         if is_socket {
+            check_stream(name, &fd)?;
             // A listening socket would fail every read with ENOTCONN; say so now.
             let listening: Result<bool, _> =
                 nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::AcceptConn);
@@ -137,33 +198,20 @@ impl Channel {
         if is_pipe {
             set_nonblocking(&fd).map_err(|e| io_err("fcntl", name)(e.into()))?;
         }
-        Ok(Channel {
-            fd,
-            is_socket,
-            is_pipe,
-            cancel: None,
-            peer: format!("fd:{name}"),
-        })
+        Ok(Channel::new(fd, is_socket, is_pipe, format!("fd:{name}")))
     }
 
     pub fn from_unix(s: UnixStream, peer: String) -> Self {
-        Channel {
-            fd: s.into(),
-            is_socket: true,
-            is_pipe: false,
-            cancel: None,
-            peer,
-        }
+        Channel::new(s.into(), true, false, peer)
+    }
+
+    fn from_tcp(s: TcpStream, peer: String) -> Self {
+        let _ = s.set_nodelay(true);
+        Channel::new(s.into(), true, false, peer)
     }
 
     pub fn from_file(f: File, peer: String) -> Self {
-        Channel {
-            fd: f.into(),
-            is_socket: false,
-            is_pipe: false,
-            cancel: None,
-            peer,
-        }
+        Channel::new(f.into(), false, false, peer)
     }
 
     /// The flag a cancel sets; pipe I/O checks it while it waits.
@@ -172,9 +220,11 @@ impl Channel {
         self
     }
 
-    /// For a pipe: waits until `events` or a cancel. Other channels block in the syscall
-    /// and are unblocked by shutdown(2) instead.
+    /// For a pipe: waits until `events` or a cancel, or fails once no data has moved for
+    /// the stall timeout. Sockets block in the syscall instead (unblocked by shutdown(2),
+    /// bounded by SO_RCVTIMEO/SO_SNDTIMEO).
     fn wait_pipe(&self, events: nix::poll::PollFlags) -> io::Result<()> {
+        let since = std::time::Instant::now();
         loop {
             if self
                 .cancel
@@ -182,6 +232,18 @@ impl Channel {
                 .is_some_and(|c| c.load(Ordering::Acquire))
             {
                 return Err(io::Error::other("cancelled"));
+            }
+            let stall = self.stall_ms.load(Ordering::Relaxed);
+            if stall > 0
+                && self.moved.load(Ordering::Relaxed)
+                && since.elapsed() >= Duration::from_millis(stall)
+            {
+                let what = if events.contains(nix::poll::PollFlags::POLLIN) {
+                    "no data"
+                } else {
+                    "could not send"
+                };
+                return Err(link_timeout_error(what, stall));
             }
             let mut pfd = [nix::poll::PollFd::new(self.fd.as_fd(), events)];
             match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(100u16)) {
@@ -204,47 +266,38 @@ impl Channel {
                 Channel::from_fd(name, fd)
             }
             Uri::Unix(p) => {
-                let s = UnixStream::connect(p).map_err(io_err("connect to", uri))?;
-                Ok(Channel::from_unix(s, uri.to_string()))
+                let label = uri.to_string();
+                let s = UnixStream::from(connect::unix(p, cancel, &label)?);
+                Ok(Channel::from_unix(s, label))
             }
             Uri::Tcp(a) => {
-                let s = TcpStream::connect(a.as_str()).map_err(io_err("connect to", uri))?;
-                let _ = s.set_nodelay(true);
-                Ok(Channel {
-                    fd: s.into(),
-                    is_socket: true,
-                    is_pipe: false,
-                    cancel: None,
-                    peer: uri.to_string(),
-                })
+                let label = uri.to_string();
+                let s = TcpStream::from(connect::tcp(a, cancel, &label)?);
+                Ok(Channel::from_tcp(s, label))
             }
-            Uri::File(p) if is_fifo(p) => {
+            Uri::File(p) => {
+                let label = uri.to_string();
+                if open::output_kind(p, &label)? != Some(open::FileKind::Fifo) {
+                    let f = open::create_output(p, &label)?;
+                    return Ok(Channel::from_file(f, label));
+                }
                 // A FIFO's open for writing blocks until a reader comes: poll for one.
                 loop {
                     match OpenOptions::new()
                         .write(true)
-                        .custom_flags(libc::O_NONBLOCK)
+                        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
                         .open(p)
                     {
-                        Ok(f) => return Channel::from_fd(&uri.to_string(), f.into()),
+                        Ok(f) => return Channel::from_fd(&label, f.into()),
                         Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
                             if cancel.load(Ordering::Acquire) {
-                                return Err(TransportError::Cancelled(uri.to_string()));
+                                return Err(TransportError::Cancelled(label));
                             }
                             std::thread::sleep(std::time::Duration::from_millis(50));
                         }
                         Err(e) => return Err(io_err("open", uri)(e)),
                     }
                 }
-            }
-            Uri::File(p) => {
-                let f = OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(p)
-                    .map_err(io_err("create", uri))?;
-                Ok(Channel::from_file(f, uri.to_string()))
             }
         }
     }
@@ -266,17 +319,30 @@ impl Channel {
         }
     }
 
-    /// Read and write timeouts on a socket (None: block): a silently dead peer then shows
-    /// as an I/O error instead of a hang.
+    /// Read and write timeouts (None: block): a silently dead peer then shows as an I/O
+    /// error instead of a hang. Sockets get SO_RCVTIMEO/SO_SNDTIMEO; pipes a stall timeout.
     pub fn set_timeouts(&self, t: Option<std::time::Duration>) {
+        self.set_stall(t);
         if self.is_socket {
-            // SAFETY: borrowed for the duration of the calls only; ManuallyDrop keeps the fd.
+            set_socket_timeouts(&self.fd, t);
+        }
+    }
+
+    /// Only the write timeout (a precopy source: its return path may be idle for long).
+    pub fn set_send_timeout(&self, t: Option<Duration>) {
+        self.set_stall(t);
+        if self.is_socket {
+            // SAFETY: borrowed for the duration of the call only; ManuallyDrop keeps the fd.
             let s = std::mem::ManuallyDrop::new(unsafe {
                 UnixStream::from_raw_fd(self.fd.as_raw_fd())
             });
-            let _ = s.set_read_timeout(t);
             let _ = s.set_write_timeout(t);
         }
+    }
+
+    fn set_stall(&self, t: Option<Duration>) {
+        let ms = t.map_or(0, |d| d.as_millis().clamp(1, u64::MAX as u128) as u64);
+        self.stall_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Shuts a socket down (both directions) so that blocked I/O on it returns.
@@ -295,6 +361,10 @@ impl Channel {
         self.fd.try_clone()
     }
 
+    fn timed_out(&self, what: &str) -> io::Error {
+        link_timeout_error(what, self.stall_ms.load(Ordering::Relaxed))
+    }
+
     /// Reads into `buf`; 0 means the peer closed. Retries EINTR.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         if self.is_pipe {
@@ -304,12 +374,17 @@ impl Channel {
         }
         loop {
             match nix::unistd::read(self.fd.as_raw_fd(), buf) {
-                Ok(n) => return Ok(n),
+                Ok(n) => {
+                    if n > 0 && self.is_pipe {
+                        self.moved.store(true, Ordering::Relaxed);
+                    }
+                    return Ok(n);
+                }
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(nix::errno::Errno::EAGAIN) if self.is_pipe => {
                     self.wait_pipe(nix::poll::PollFlags::POLLIN)?
                 }
-                Err(nix::errno::Errno::EAGAIN) => return Err(link_timeout_error("no data")),
+                Err(nix::errno::Errno::EAGAIN) => return Err(self.timed_out("no data")),
                 Err(e) => return Err(e.into()),
             }
         }
@@ -348,9 +423,12 @@ impl Channel {
                     self.wait_pipe(nix::poll::PollFlags::POLLOUT)?;
                     continue;
                 }
-                Err(nix::errno::Errno::EAGAIN) => return Err(link_timeout_error("could not send")),
+                Err(nix::errno::Errno::EAGAIN) => return Err(self.timed_out("could not send")),
                 Err(e) => return Err(e.into()),
             };
+            if self.is_pipe {
+                self.moved.store(true, Ordering::Relaxed);
+            }
             io::IoSlice::advance_slices(&mut bufs, n);
         }
         Ok(())
@@ -371,17 +449,17 @@ impl Channel {
     }
 }
 
-/// A socket timeout (SO_RCVTIMEO/SO_SNDTIMEO, set from link-timeout) fired.
-fn link_timeout_error(what: &str) -> io::Error {
+/// A timeout set from `link-timeout` fired (`ms`: its value, 0 when not known here).
+fn link_timeout_error(what: &str, ms: u64) -> io::Error {
+    let limit = if ms > 0 {
+        format!("link-timeout ({ms} ms)")
+    } else {
+        "the link timeout".to_string()
+    };
     io::Error::new(
         io::ErrorKind::TimedOut,
-        format!("{what} for the link timeout: the peer is silent (link dead?)"),
+        format!("{what} for {limit}: the peer is silent (link dead?)"),
     )
-}
-
-fn is_fifo(p: &std::path::Path) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    std::fs::metadata(p).is_ok_and(|m| m.file_type().is_fifo())
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {
@@ -403,146 +481,11 @@ pub fn shutdown_fd(fd: &OwnedFd) {
     let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
 }
 
-/// The destination side before a connection arrives.
-pub enum Incoming {
-    Ready(Channel),
-    Unix(UnixListener, PathBuf),
-    Tcp(TcpListener, String),
-}
-
-impl Incoming {
-    pub fn open(
-        uri: &Uri,
-        take_fd: impl FnOnce(&str) -> Option<OwnedFd>,
-    ) -> Result<Self, TransportError> {
-        match uri {
-            Uri::Fd(name) => {
-                let fd = take_fd(name).ok_or_else(|| TransportError::NoSuchFd(name.clone()))?;
-                let listening: Result<bool, _> =
-                    nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::AcceptConn);
-                if listening.unwrap_or(false) {
-                    // SAFETY: fd is an owned listening socket.
-                    let l = unsafe {
-                        UnixListener::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd))
-                    };
-                    return Ok(Incoming::Unix(l, PathBuf::from(format!("fd:{name}"))));
-                }
-                Ok(Incoming::Ready(Channel::from_fd(name, fd)?))
-            }
-            Uri::Unix(p) => {
-                let _ = std::fs::remove_file(p);
-                let l = UnixListener::bind(p).map_err(io_err("listen on", uri))?;
-                Ok(Incoming::Unix(l, p.clone()))
-            }
-            Uri::Tcp(a) => {
-                let l = TcpListener::bind(a.as_str()).map_err(io_err("listen on", uri))?;
-                Ok(Incoming::Tcp(l, a.clone()))
-            }
-            // Opening a FIFO blocks until a writer comes: open it non-blocking (never waits).
-            Uri::File(p) if is_fifo(p) => {
-                let f = OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_NONBLOCK)
-                    .open(p)
-                    .map_err(io_err("open", uri))?;
-                Ok(Incoming::Ready(Channel::from_fd(
-                    &uri.to_string(),
-                    f.into(),
-                )?))
-            }
-            Uri::File(p) => {
-                let f = File::open(p).map_err(io_err("open", uri))?;
-                Ok(Incoming::Ready(Channel::from_file(f, uri.to_string())))
-            }
-        }
-    }
-
-    /// Removes a `unix:` listener's path once no more connections are expected.
-    pub fn done_listening(&self) {
-        if let Incoming::Unix(_, p) = self {
-            remove_socket_path(p);
-        }
-    }
-
-    /// Whether a peer can open more than one connection here (a listening socket), as
-    /// postcopy-preempt needs.
-    pub fn is_listener(&self) -> bool {
-        !matches!(self, Incoming::Ready(_))
-    }
-
-    /// Waits for one connection and keeps listening, for a second channel from the same
-    /// peer (postcopy-preempt). Polls `cancel` as [`Incoming::accept`] does.
-    pub fn accept_another(&self, cancel: &AtomicBool) -> Result<Channel, TransportError> {
-        match self {
-            Incoming::Ready(c) => Err(TransportError::BadFd {
-                name: c.peer.clone(),
-                why: "a single connected channel cannot take a second connection".into(),
-            }),
-            Incoming::Unix(l, p) => {
-                let what = format!("unix:{}", p.display());
-                wait_readable(l.as_fd(), cancel, &what)?;
-                let (s, _) = l.accept().map_err(io_err("accept on", &what))?;
-                Ok(Channel::from_unix(s, what))
-            }
-            Incoming::Tcp(l, a) => {
-                let what = format!("tcp:{a}");
-                wait_readable(l.as_fd(), cancel, &what)?;
-                let (s, peer) = l.accept().map_err(io_err("accept on", &what))?;
-                let _ = s.set_nodelay(true);
-                Ok(Channel {
-                    fd: s.into(),
-                    is_socket: true,
-                    is_pipe: false,
-                    cancel: None,
-                    peer: format!("tcp:{peer}"),
-                })
-            }
-        }
-    }
-
-    /// Waits for the connection, polling `cancel` so that a cancel never waits on a peer,
-    /// and stops listening.
-    pub fn accept(self, cancel: &AtomicBool) -> Result<Channel, TransportError> {
-        match self {
-            Incoming::Ready(c) => Ok(c),
-            listener => {
-                let c = listener.accept_another(cancel)?;
-                listener.done_listening();
-                Ok(c)
-            }
-        }
-    }
-}
-
-/// Polls `fd` for input in 100 ms steps until it is readable or `cancel` is set.
-/// A listener made by `unix:PATH` owns PATH; one passed as `fd:NAME` has no path.
-fn remove_socket_path(p: &std::path::Path) {
-    if !p.to_string_lossy().starts_with("fd:") {
-        let _ = std::fs::remove_file(p);
-    }
-}
-
-fn wait_readable(
-    fd: BorrowedFd<'_>,
-    cancel: &AtomicBool,
-    what: &str,
-) -> Result<(), TransportError> {
-    loop {
-        if cancel.load(Ordering::Acquire) {
-            return Err(TransportError::Cancelled(what.to_string()));
-        }
-        let mut pfd = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
-        match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(100u16)) {
-            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
-            Ok(_) => return Ok(()),
-            Err(e) => return Err(io_err("poll", what)(e.into())),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::TcpListener;
+    use std::os::unix::net::UnixListener;
 
     #[test]
     fn parse_uris() {
@@ -588,5 +531,174 @@ mod tests {
         ));
         let (a, _b) = UnixStream::pair().unwrap();
         assert!(Channel::from_fd("s", a.into()).unwrap().is_socket);
+    }
+
+    fn tmp(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("qmh-tr-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn unix_listen_never_removes_what_is_not_a_socket() {
+        let d = tmp("unix");
+        let p = d.join("f");
+        std::fs::write(&p, b"keep me").unwrap();
+        let uri = Uri::Unix(p.clone());
+        let e = Incoming::open(&uri, |_| None).err().expect("refused");
+        assert!(
+            e.to_string().contains("is a regular file, not a socket"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&p).unwrap(), b"keep me");
+        // A stale socket is replaced, and removed after the connection.
+        std::fs::remove_file(&p).unwrap();
+        drop(UnixListener::bind(&p).unwrap());
+        let inc = Incoming::open(&uri, |_| None).unwrap();
+        let _c = UnixStream::connect(&p).unwrap();
+        inc.accept(&AtomicBool::new(false)).unwrap();
+        assert!(!p.exists());
+        // A path replaced after the bind is not removed.
+        let inc = Incoming::open(&uri, |_| None).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        std::fs::write(&p, b"new").unwrap();
+        inc.done_listening();
+        assert_eq!(std::fs::read(&p).unwrap(), b"new");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn file_output_is_private_truncated_and_never_through_a_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tmp("fileout");
+        let never = AtomicBool::new(false);
+        let p = d.join("out");
+        let c = Channel::connect(&Uri::File(p.clone()), |_| None, &never).unwrap();
+        c.write_all(b"abc").unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        drop(c);
+        let c = Channel::connect(&Uri::File(p.clone()), |_| None, &never).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 0, "truncated");
+        drop(c);
+        let victim = d.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let link = d.join("link");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let e = Channel::connect(&Uri::File(link), |_| None, &never)
+            .err()
+            .expect("symlink refused");
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        for bad in ["/dev/null", "/dev/ptmx"] {
+            let e = Channel::connect(&Uri::File(bad.into()), |_| None, &never)
+                .err()
+                .expect("device refused");
+            assert!(e.to_string().contains("character device"), "{bad}: {e}");
+        }
+        let e = Channel::connect(&Uri::File(d.clone()), |_| None, &never)
+            .err()
+            .expect("directory refused");
+        assert!(e.to_string().contains("directory"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn file_input_takes_only_files_and_fifos() {
+        for bad in ["/dev/ptmx", "/dev/zero", "/"] {
+            let e = Incoming::open(&Uri::File(bad.into()), |_| None)
+                .err()
+                .expect("refused");
+            assert!(matches!(e, TransportError::Refused { .. }), "{bad}: {e}");
+        }
+        let d = tmp("filein");
+        let p = d.join("in");
+        std::fs::write(&p, b"x").unwrap();
+        assert!(matches!(
+            Incoming::open(&Uri::File(p), |_| None),
+            Ok(Incoming::Ready(_))
+        ));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn fd_tcp_listener_accepts_tcp() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let inc = Incoming::open(&Uri::Fd("l".into()), |_| Some(l.into())).unwrap();
+        assert!(matches!(inc, Incoming::Tcp(..)));
+        let t = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            std::io::Write::write_all(&mut s, b"QEVM").unwrap();
+        });
+        let c = inc.accept(&AtomicBool::new(false)).unwrap();
+        let mut buf = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            got += c.read(&mut buf[got..]).unwrap();
+        }
+        assert_eq!(&buf, b"QEVM");
+        t.join().unwrap();
+        // A datagram socket is no channel.
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert!(matches!(
+            Channel::from_fd("u", u.into()),
+            Err(TransportError::BadFd { .. })
+        ));
+    }
+
+    #[test]
+    fn a_pipe_that_stalls_times_out_after_data_moved() {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let c = Channel::from_fd("p", r).unwrap();
+        c.set_timeouts(Some(Duration::from_millis(300)));
+        nix::unistd::write(&w, b"ab").unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(c.read(&mut buf).unwrap(), 2);
+        let t = std::time::Instant::now();
+        let e = c.read(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(e.to_string().contains("link-timeout (300 ms)"), "{e}");
+        assert!(t.elapsed() >= Duration::from_millis(300));
+        drop(w);
+    }
+
+    #[test]
+    fn connect_is_cancellable_and_connects() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let uri = Uri::Tcp(l.local_addr().unwrap().to_string());
+        let c = Channel::connect(&uri, |_| None, &AtomicBool::new(false)).unwrap();
+        assert!(c.is_socket);
+        let (mut s, _) = l.accept().unwrap();
+        c.write_all(b"hi").unwrap();
+        let mut b = [0u8; 2];
+        std::io::Read::read_exact(&mut s, &mut b).unwrap();
+        assert_eq!(&b, b"hi");
+        // A Unix listener whose backlog is full: connect waits, and a cancel ends it.
+        let d = tmp("connect");
+        let p = d.join("s");
+        let l = UnixListener::bind(&p).unwrap();
+        let mut held = Vec::new();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let c2 = cancel.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            c2.store(true, Ordering::Release);
+        });
+        let uri = Uri::Unix(p.clone());
+        let start = std::time::Instant::now();
+        let r = loop {
+            match Channel::connect(&uri, |_| None, &cancel) {
+                Ok(c) => held.push(c),
+                Err(e) => break e,
+            }
+            assert!(held.len() < 10_000, "the backlog never filled");
+        };
+        assert!(matches!(r, TransportError::Cancelled(_)), "{r}");
+        assert!(start.elapsed() < Duration::from_secs(10));
+        t.join().unwrap();
+        drop(l);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

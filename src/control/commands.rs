@@ -152,30 +152,13 @@ impl Helper {
         &self.ctx
     }
 
-    /// Waits for a migration in flight to end.
-    /// Waits for a migration in flight to end, after the parent went away. A postcopy
-    /// migration that is (or becomes) paused cannot be recovered without a parent: the
-    /// helper then stops, and the guest stays whole in the parent's memfds for a new helper
-    /// to adopt.
-    pub fn wait_idle(&self) {
-        loop {
-            let st = self.ctx.state.status();
-            if st.is_finished() {
-                break;
-            }
-            if st == MigrationStatus::PostcopyPaused {
-                slog::warn!(self.log, "no control connection while postcopy is paused: stopping (a new helper can adopt the migration)");
-                self.ctx.request_cancel();
-                break;
-            }
-            self.ctx
-                .state
-                .wait_for(std::time::Duration::from_millis(200), |s| {
-                    s.is_finished() || s == MigrationStatus::PostcopyPaused
-                });
-        }
+    /// The parent went away (`--control-fd` closed): cancels a precopy migration, pauses
+    /// a postcopy one and waits `orphan-timeout` for an adopter (see `orphan.rs`), then
+    /// stops the migration thread, waiting a bounded time for it.
+    pub fn parent_gone(&self) {
+        super::orphan::parent_gone(&self.ctx, &self.log);
         if let Some(h) = lock(&self.worker).take() {
-            let _ = h.join();
+            super::orphan::join_bounded(h, &self.log);
         }
     }
 
@@ -282,6 +265,7 @@ impl Helper {
                                 "id": b.id, "fdname": b.fdname, "offset": b.offset,
                                 "size": b.size, "page-size": b.page_size,
                                 "mapped-ahead": b.mapped_ahead(),
+                                "shrink-sealed": b.shrink_sealed,
                             });
                             if let Some(h) = b.host_addr {
                                 v["host-addr"] = json!(h);
@@ -316,6 +300,7 @@ impl Helper {
                     "machine-type": p.machine_type,
                     "compat-version": p.compat_version.to_string(),
                     "link-timeout": p.link_timeout,
+                    "orphan-timeout": p.orphan_timeout,
                     "load-threads": p.load_threads,
                 }))
             }
@@ -573,6 +558,7 @@ impl Helper {
             "machine-type",
             "compat-version",
             "link-timeout",
+            "orphan-timeout",
             "load-threads",
         ])?;
         let mut p = self.ctx.params();
@@ -596,6 +582,13 @@ impl Helper {
                 ));
             }
             p.link_timeout = v;
+        }
+        if let Some(v) = a.opt_u64("orphan-timeout")? {
+            // At most a day: the helper must exit in bounded time after its parent.
+            if v > 86_400_000 {
+                return Err(QmpError::generic("orphan-timeout is 0 to 86400000 ms"));
+            }
+            p.orphan_timeout = v;
         }
         if let Some(v) = a.opt_u64("load-threads")? {
             let max = crate::page_writer::MAX_THREADS;
@@ -670,6 +663,8 @@ impl Helper {
         *lock(&self.role) = Some(role);
         *lock(&self.ctx.started) = Some(std::time::Instant::now());
         let ctx = self.ctx.clone();
+        // To name a block that shrank under the migration in its error.
+        let blocks = lock(&self.blocks).clone();
         let h = std::thread::Builder::new()
             .name(format!("qmh-{role:?}").to_lowercase())
             .spawn(move || {
@@ -690,7 +685,7 @@ impl Helper {
                     {
                         let _ = ctx.state.transition(MigrationStatus::Cancelled);
                     }
-                    Err(e) => ctx.state.fail(e),
+                    Err(e) => ctx.state.fail(crate::memory_guard::explain(&blocks, e)),
                 }
             })
             .map_err(|e| QmpError::generic(format!("cannot start the migration thread: {e}")))?;
@@ -718,6 +713,12 @@ impl Helper {
             return Err(QmpError::generic(
                 "no RAM blocks registered (use ram-block-add)",
             ));
+        }
+        if let Some(b) = blocks.iter().find(|b| b.memory_lost()) {
+            return Err(QmpError::generic(format!(
+                "RAM block '{}' lost its memory: its fd shrank; remove the block and add it again",
+                b.id
+            )));
         }
         Ok(blocks)
     }
@@ -821,6 +822,9 @@ impl Helper {
                 None => Channel::connect(&uri, |_| None, &ctx.cancel).map_err(|e| e.to_string())?,
             }
             .with_cancel(ctx.cancel.clone());
+            // Precopy: a destination that stops reading fails the migration after
+            // link-timeout; only the sending side is timed (the return path may idle).
+            chan.set_send_timeout(ctx.link_timeout());
             if let Ok(fd) = chan.try_clone_fd() {
                 ctx.set_channel(Some(fd));
             }
@@ -871,6 +875,8 @@ impl Helper {
                 )
             };
             let chan = chan.with_cancel(ctx.cancel.clone());
+            // Precopy: a source silent for link-timeout (once connected) fails the load.
+            chan.set_timeouts(ctx.link_timeout());
             if let Ok(fd) = chan.try_clone_fd() {
                 ctx.set_channel(Some(fd));
             }

@@ -5,6 +5,7 @@
 pub mod commands;
 mod framing;
 pub mod listen;
+mod orphan;
 pub mod qmp;
 
 use std::os::fd::OwnedFd;
@@ -143,14 +144,19 @@ pub fn serve_connection(helper: &Arc<Helper>, stream: UnixStream) -> std::io::Re
     Ok(end)
 }
 
-/// `--control-fd`: serves the parent's end of a socketpair. When the parent goes away the
-/// helper lets any migration in flight finish, then exits.
+/// `--control-fd`: serves the parent's end of a socketpair. When the parent goes away
+/// (EOF) the helper cancels a precopy migration, or pauses a postcopy one and waits
+/// `orphan-timeout` for an adopter, then exits (see `orphan.rs`).
 pub fn serve_fd(helper: &Arc<Helper>, fd: OwnedFd) -> std::io::Result<ConnEnd> {
     let stream = UnixStream::from(fd);
-    let end = serve_connection(helper, stream)?;
+    // A read error is the parent gone too: act on it before reporting it.
+    let end = serve_connection(helper, stream).unwrap_or(ConnEnd::Eof);
     if end == ConnEnd::Eof {
-        slog::info!(helper.log(), "control connection closed");
-        helper.wait_idle();
+        slog::info!(
+            helper.log(),
+            "control connection closed: the parent is gone"
+        );
+        helper.parent_gone();
     }
     Ok(end)
 }

@@ -923,29 +923,96 @@ fn qemu10_double_failures_then_recovery() {
 }
 
 /// A parent that goes away (closes the control socket) while postcopy is paused: the helper
-/// does not hang forever waiting for a recovery only the parent could start; it exits, and
-/// the guest stays in the parent's memfds for a new helper to adopt.
+/// does not hang forever waiting for a recovery only the parent could start; it waits
+/// `orphan-timeout` for an adopter, then exits, and the guest stays in the parent's memfds
+/// for a new helper to adopt.
 #[test]
 fn paused_helper_exits_when_its_parent_goes_away() {
     let seed = test_seed("paused_parent_gone");
     let (mut src, mut dst, mut guest, _expected) = start_postcopy(seed);
     src.client
+        .set_parameters(json!({"orphan-timeout": 1000}))
+        .expect("orphan-timeout");
+    src.client
         .execute_oob("migrate-pause", json!({}))
         .expect("migrate-pause");
     wait(&mut src, &mut guest, &["postcopy-paused"]);
     wait(&mut dst, &mut guest, &["postcopy-paused"]);
-    let pid = nix::unistd::Pid::from_raw(src.pid() as i32);
     // Close the source's control connection without `quit`.
     src.close_control();
+    let took = wait_exit(&mut src, Duration::from_secs(15));
+    eprintln!("paused_helper_exits_when_its_parent_goes_away: exited after {took:?}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "did not wait orphan-timeout: {took:?}"
+    );
+    guest.release();
+}
+
+/// Waits until the helper process has exited; returns how long that took.
+fn wait_exit(h: &mut HelperVm, limit: Duration) -> Duration {
     let t0 = std::time::Instant::now();
-    while nix::sys::signal::kill(pid, None).is_ok() && !src.exited() {
+    while !h.exited() {
         assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the helper did not exit"
+            t0.elapsed() < limit,
+            "helper {} did not exit within {limit:?}",
+            h.pid()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    guest.release();
+    t0.elapsed()
+}
+
+/// The parent of a source in postcopy-active goes away: the helper pauses the migration
+/// (the destination pauses too, and keeps answering), waits `orphan-timeout` for an
+/// adopter, then exits. A new source helper adopting with the same memfd completes it.
+#[test]
+fn postcopy_source_pauses_and_exits_when_its_parent_goes_away() {
+    let test = "postcopy_source_pauses_and_exits_when_its_parent_goes_away";
+    let seed = test_seed(test);
+    let (mut src, mut dst, mut guest, expected) = start_postcopy(seed);
+    src.client
+        .set_parameters(json!({"orphan-timeout": 2000}))
+        .expect("orphan-timeout");
+    let mem = src.blocks[0].mem.fd.try_clone().expect("dup memfd");
+    src.close_control();
+    let d = wait(&mut dst, &mut guest, &["postcopy-paused", "completed"]);
+    let t0 = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(!src.exited(), "{test}: exited before orphan-timeout");
+    let took = wait_exit(&mut src, Duration::from_secs(20)) + Duration::from_millis(1000);
+    eprintln!(
+        "{test}: destination {}, source exited {took:?} after the pause",
+        d["status"]
+    );
+    assert!(took >= Duration::from_millis(1500), "{test}: {took:?}");
+    assert!(t0.elapsed() < Duration::from_secs(20));
+    if d["status"] == "completed" {
+        eprintln!("{test}: the migration completed before the pause; nothing to adopt");
+        guest.release();
+        return;
+    }
+    // A fresh helper adopts the paused migration with the parent's memfd.
+    let mut fresh = HelperVm::spawn();
+    fresh.add_memfd_block("ram", crate::helper::Memfd { fd: mem, size: RAM }, false);
+    fresh
+        .client
+        .set_capabilities(&[("postcopy-ram", true)])
+        .expect("caps");
+    let (a, b) = socketpair();
+    dst.client.getfd("adopt", b.as_fd()).expect("getfd");
+    dst.client
+        .execute_oob("migrate-recover", json!({"uri": "fd:adopt"}))
+        .expect("migrate-recover");
+    fresh.client.getfd("adopt", a.as_fd()).expect("getfd");
+    drop((a, b));
+    fresh
+        .client
+        .execute("migrate", json!({"uri": "fd:adopt", "resume": true}))
+        .expect("adopt");
+    wait(&mut fresh, &mut guest, &["completed"]);
+    wait(&mut dst, &mut guest, &["completed"]);
+    assert_same_memory(&expected, &guest.map, test);
 }
 
 /// postcopy-preempt across pauses: QEMU 10.0 -> helper over `unix:` listeners, paused twice
@@ -1081,5 +1148,50 @@ fn helper_to_helper_preempt_recovery() {
         sent > 0 && got > 0,
         "preempt pages: sent {sent}, received {got}"
     );
+    assert_same_memory(&expected, &guest.map, test);
+}
+
+/// `migrate-recover unix:PATH` where PATH is a regular file: refused, the file is left as it
+/// was, the migration stays paused, and a recovery at a free path completes it.
+#[test]
+fn recover_unix_keeps_a_regular_file_at_its_path() {
+    let test = "recover_unix_keeps_a_regular_file_at_its_path";
+    let (mut src, mut dst, mut guest, expected) = start_postcopy(test_seed(test));
+    src.client
+        .execute_oob("migrate-pause", json!({}))
+        .expect("migrate-pause");
+    wait(&mut src, &mut guest, &["postcopy-paused"]);
+    wait(&mut dst, &mut guest, &["postcopy-paused"]);
+    let dir = crate::util::TempDir::new("qmh-rec");
+    let file = dir.join("not-a-socket");
+    std::fs::write(&file, b"precious").unwrap();
+    let e = dst
+        .client
+        .execute_oob(
+            "migrate-recover",
+            json!({"uri": format!("unix:{}", file.display())}),
+        )
+        .expect_err("refused");
+    assert!(
+        e.to_string().contains("is a regular file, not a socket"),
+        "{test}: {e}"
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"precious", "{test}");
+    assert_eq!(
+        dst.client.query_migrate().unwrap()["status"],
+        "postcopy-paused"
+    );
+    let uri = format!("unix:{}", dir.join("rec.sock").display());
+    dst.client
+        .execute_oob("migrate-recover", json!({"uri": uri}))
+        .expect("migrate-recover");
+    src.client
+        .execute("migrate", json!({"uri": uri, "resume": true}))
+        .expect("resume");
+    src.client
+        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
+        .expect("params");
+    wait(&mut src, &mut guest, &["completed"]);
+    wait(&mut dst, &mut guest, &["completed"]);
     assert_same_memory(&expected, &guest.map, test);
 }

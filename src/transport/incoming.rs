@@ -1,0 +1,137 @@
+//! The destination side of a channel before the peer connects: a ready channel (`fd:` of
+//! a connected socket, pipe or file; `file:`), or a listener (`unix:`, `tcp:`, `fd:` of a
+//! listening socket) that accepts while polling the cancel flag.
+
+use std::net::TcpListener;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::{check_stream, io_err, open, Channel, TransportError, Uri};
+
+/// The destination side before a connection arrives.
+pub enum Incoming {
+    Ready(Channel),
+    /// A Unix listener: its label (`unix:PATH` or `fd:NAME`), and the path it bound, which
+    /// it removes when done (none for a passed fd).
+    Unix(UnixListener, String, Option<open::BoundPath>),
+    Tcp(TcpListener, String),
+}
+
+impl Incoming {
+    pub fn open(
+        uri: &Uri,
+        take_fd: impl FnOnce(&str) -> Option<OwnedFd>,
+    ) -> Result<Self, TransportError> {
+        match uri {
+            Uri::Fd(name) => {
+                let fd = take_fd(name).ok_or_else(|| TransportError::NoSuchFd(name.clone()))?;
+                let listening: Result<bool, _> =
+                    nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::AcceptConn);
+                if !listening.unwrap_or(false) {
+                    return Ok(Incoming::Ready(Channel::from_fd(name, fd)?));
+                }
+                // A listening socket: accept from it with the listener of its family.
+                let label = format!("fd:{name}");
+                match check_stream(name, &fd)? {
+                    libc::AF_UNIX => Ok(Incoming::Unix(UnixListener::from(fd), label, None)),
+                    libc::AF_INET | libc::AF_INET6 => {
+                        Ok(Incoming::Tcp(TcpListener::from(fd), label))
+                    }
+                    other => Err(TransportError::BadFd {
+                        name: name.clone(),
+                        why: format!(
+                            "a listening socket of address family {other}, not AF_UNIX, AF_INET or AF_INET6"
+                        ),
+                    }),
+                }
+            }
+            Uri::Unix(p) => {
+                let label = uri.to_string();
+                open::clear_socket_path(p, &label)?;
+                let l = UnixListener::bind(p).map_err(io_err("listen on", uri))?;
+                let bound = open::BoundPath::new(p.clone());
+                Ok(Incoming::Unix(l, label, Some(bound)))
+            }
+            Uri::Tcp(a) => {
+                let l = TcpListener::bind(a.as_str()).map_err(io_err("listen on", uri))?;
+                Ok(Incoming::Tcp(l, uri.to_string()))
+            }
+            Uri::File(p) => {
+                let label = uri.to_string();
+                let (f, kind) = open::open_input(p, &label)?;
+                Ok(Incoming::Ready(match kind {
+                    // A FIFO is opened non-blocking (never waits for a writer) and polled.
+                    open::FileKind::Fifo => Channel::from_fd(&label, f.into())?,
+                    open::FileKind::Regular => Channel::from_file(f, label),
+                }))
+            }
+        }
+    }
+
+    /// Removes a `unix:` listener's path once no more connections are expected.
+    pub fn done_listening(&self) {
+        if let Incoming::Unix(_, _, Some(bound)) = self {
+            bound.remove();
+        }
+    }
+
+    /// Whether a peer can open more than one connection here (a listening socket), as
+    /// postcopy-preempt needs.
+    pub fn is_listener(&self) -> bool {
+        !matches!(self, Incoming::Ready(_))
+    }
+
+    /// Waits for one connection and keeps listening, for a second channel from the same
+    /// peer (postcopy-preempt). Polls `cancel` as [`Incoming::accept`] does.
+    pub fn accept_another(&self, cancel: &AtomicBool) -> Result<Channel, TransportError> {
+        match self {
+            Incoming::Ready(c) => Err(TransportError::BadFd {
+                name: c.peer.clone(),
+                why: "a single connected channel cannot take a second connection".into(),
+            }),
+            Incoming::Unix(l, what, _) => {
+                wait_readable(l.as_fd(), cancel, what)?;
+                let (s, _) = l.accept().map_err(io_err("accept on", what))?;
+                Ok(Channel::from_unix(s, what.clone()))
+            }
+            Incoming::Tcp(l, what) => {
+                wait_readable(l.as_fd(), cancel, what)?;
+                let (s, peer) = l.accept().map_err(io_err("accept on", what))?;
+                Ok(Channel::from_tcp(s, format!("tcp:{peer}")))
+            }
+        }
+    }
+
+    /// Waits for the connection, polling `cancel` so that a cancel never waits on a peer,
+    /// and stops listening.
+    pub fn accept(self, cancel: &AtomicBool) -> Result<Channel, TransportError> {
+        match self {
+            Incoming::Ready(c) => Ok(c),
+            listener => {
+                let c = listener.accept_another(cancel)?;
+                listener.done_listening();
+                Ok(c)
+            }
+        }
+    }
+}
+
+/// Polls `fd` for input in 100 ms steps until it is readable or `cancel` is set.
+fn wait_readable(
+    fd: BorrowedFd<'_>,
+    cancel: &AtomicBool,
+    what: &str,
+) -> Result<(), TransportError> {
+    loop {
+        if cancel.load(Ordering::Acquire) {
+            return Err(TransportError::Cancelled(what.to_string()));
+        }
+        let mut pfd = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+        match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(100u16)) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => return Ok(()),
+            Err(e) => return Err(io_err("poll", what)(e.into())),
+        }
+    }
+}
