@@ -17,6 +17,7 @@ pub mod postcopy;
 pub mod preempt;
 pub mod ram;
 pub mod return_path;
+pub mod sandbox;
 pub mod source;
 pub mod state;
 pub mod stream;
