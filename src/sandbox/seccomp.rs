@@ -206,6 +206,11 @@ fn files() -> Vec<Entry> {
         any(libc::SYS_readlink), // /proc/self/fd/N: is it a userfaultfd?
         any(libc::SYS_readlinkat),
         any(libc::SYS_ftruncate),
+        // realpath(3) (explaining a refused path) and existence checks.
+        any(libc::SYS_access),
+        any(libc::SYS_faccessat),
+        any(libc::SYS_faccessat2),
+        any(libc::SYS_getcwd),
         one_of(
             libc::SYS_fcntl,
             1,
