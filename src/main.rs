@@ -125,7 +125,9 @@ fn main() -> ExitCode {
     }
     // Before Helper::new: no thread exists yet, so every thread inherits the sandbox.
     let mut rules = FsRules::helper_defaults();
-    rules.read_write.extend(cli.sandbox_allow_path.iter().cloned());
+    rules
+        .read_write
+        .extend(cli.sandbox_allow_path.iter().cloned());
     if let Some(dir) = cli.control_socket.as_deref().and_then(socket_dir) {
         rules.read_write.push(dir);
     }

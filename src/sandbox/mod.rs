@@ -33,7 +33,9 @@ pub enum SandboxMode {
 pub enum SandboxError {
     #[error(transparent)]
     Filter(#[from] seccomp::FilterError),
-    #[error("installing the seccomp filter: {0} (run with --sandbox off on a kernel without seccomp)")]
+    #[error(
+        "installing the seccomp filter: {0} (run with --sandbox off on a kernel without seccomp)"
+    )]
     Install(String),
     #[error(transparent)]
     Landlock(#[from] self::landlock::LandlockError),

@@ -127,10 +127,7 @@ fn threads() -> Vec<Entry> {
         any(libc::SYS_sigaltstack), // std's guard handler stack, per thread
         any(libc::SYS_getrandom),   // HashMap seeds
         // std reads the stack limit; it may never set one.
-        (
-            libc::SYS_prlimit64,
-            vec![rule(vec![cond(2, Op::Eq, 0)])],
-        ),
+        (libc::SYS_prlimit64, vec![rule(vec![cond(2, Op::Eq, 0)])]),
         any(libc::SYS_getrlimit),
         // Thread names; the parent-death signal (set again by a re-parented helper).
         one_of(
@@ -228,12 +225,7 @@ fn files() -> Vec<Entry> {
         one_of(
             libc::SYS_ioctl,
             1,
-            &[
-                libc::TCGETS,
-                libc::FIONBIO,
-                libc::FIOCLEX,
-                libc::FIONCLEX,
-            ],
+            &[libc::TCGETS, libc::FIONBIO, libc::FIOCLEX, libc::FIONCLEX],
         ),
     ]
 }

@@ -12,4 +12,5 @@ mod qemu;
 mod qemu_helper;
 mod qemu_qemu;
 mod recovery;
+mod sandbox;
 mod util;
