@@ -46,6 +46,8 @@ pub enum SandboxError {
 /// What is in force, for messages about refused paths.
 struct State {
     mode: SandboxMode,
+    /// The page movers' filter, compiled at start (threads only install it).
+    page_mover: Option<seccompiler::BpfProgram>,
     landlock_enforced: bool,
     allowed: Vec<PathBuf>,
     log: slog::Logger,
@@ -64,6 +66,7 @@ pub fn enter(
         slog::info!(log, "sandbox off");
         let _ = STATE.set(State {
             mode,
+            page_mover: None,
             landlock_enforced: false,
             allowed: Vec::new(),
             log: log.clone(),
@@ -93,7 +96,8 @@ pub fn enter(
     } else {
         seccompiler::SeccompAction::Log
     };
-    let main = seccomp::main_filter(profile, mismatch)?;
+    let main = seccomp::main_filter(profile, mismatch.clone())?;
+    let page_mover = seccomp::page_mover_filter(mismatch)?;
     let soft = seccomp::soft_filter()?;
     // The soft one first: installing a filter takes prctl and seccomp, which the main one
     // forbids.
@@ -117,11 +121,31 @@ pub fn enter(
     }
     let _ = STATE.set(State {
         mode,
+        page_mover: Some(page_mover),
         landlock_enforced: fs.enforced,
         allowed: fs.allowed,
         log: log.clone(),
     });
     Ok(())
+}
+
+/// Kinds of threads with a narrower filter than the process's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// Only copies pages into guest memory (precopy page writers).
+    PageMover,
+}
+
+/// Narrows the calling thread's filter to what `kind` needs. Does nothing when the process
+/// has no sandbox (`off`, or a library user that never entered one). Returns whether a
+/// filter was installed.
+pub fn enter_thread(kind: ThreadKind) -> bool {
+    let Some(st) = STATE.get() else { return false };
+    let prog = match kind {
+        ThreadKind::PageMover => st.page_mover.as_ref(),
+    };
+    // A failure leaves the thread under the process filter, which still holds.
+    prog.is_some_and(|p| seccompiler::apply_filter(p).is_ok())
 }
 
 /// glibc reads its resolver configuration on first use: do it now, so that a later

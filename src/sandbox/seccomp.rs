@@ -300,9 +300,9 @@ fn analyze_output() -> Vec<Entry> {
     vec![any(libc::SYS_mkdir), any(libc::SYS_mkdirat)]
 }
 
-/// The allowlist of `profile`, merged by syscall (a call in two groups: either's rules).
+/// The allowlist of `profile`.
 pub fn allowlist(profile: Profile) -> BTreeMap<i64, Vec<SeccompRule>> {
-    let mut groups = vec![memory(), threads(), process(), files()];
+    let mut groups = vec![memory(), threads(), process(), files(), narrowing()];
     match profile {
         Profile::Helper => {
             groups.push(sockets());
@@ -310,6 +310,53 @@ pub fn allowlist(profile: Profile) -> BTreeMap<i64, Vec<SeccompRule>> {
         }
         Profile::Analyze => groups.push(analyze_output()),
     }
+    merge(groups)
+}
+
+/// Threads may stack a narrower filter of their own (see `page_mover`): installing one takes
+/// these two calls, which can only take rights away.
+fn narrowing() -> Vec<Entry> {
+    vec![
+        one_of(libc::SYS_prctl, 0, &[libc::PR_SET_NO_NEW_PRIVS as u64]),
+        (
+            libc::SYS_seccomp,
+            vec![rule(vec![
+                cond(0, Op::Eq, libc::SECCOMP_SET_MODE_FILTER as u64),
+                cond(1, Op::Eq, 0), // no TSYNC, no listener: this thread only
+            ])],
+        ),
+    ]
+}
+
+/// The threads that only copy pages into guest memory (precopy page writers), stacked on
+/// the process filter: memory, their job queue, and ending (a panic's message, abort).
+/// No files, sockets or ioctls.
+pub fn page_mover() -> BTreeMap<i64, Vec<SeccompRule>> {
+    let pid = std::process::id() as u64;
+    let own = vec![
+        any(libc::SYS_futex),
+        any(libc::SYS_sched_yield),
+        any(libc::SYS_rseq),
+        any(libc::SYS_gettid),
+        any(libc::SYS_getpid),
+        any(libc::SYS_getrandom),
+        any(libc::SYS_clock_gettime),
+        any(libc::SYS_clock_nanosleep),
+        any(libc::SYS_close), // the last reference to a block may drop here
+        any(libc::SYS_exit),
+        any(libc::SYS_exit_group),
+        any(libc::SYS_sigaltstack),
+        any(libc::SYS_rt_sigprocmask),
+        any(libc::SYS_rt_sigreturn),
+        any(libc::SYS_restart_syscall),
+        one_of(libc::SYS_tgkill, 0, &[pid]),
+        one_of(libc::SYS_write, 0, &[2]), // stderr only: a panic's message
+    ];
+    merge(vec![memory(), own])
+}
+
+/// Merges groups by syscall (a call in two groups: either's rules).
+fn merge(groups: Vec<Vec<Entry>>) -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut map: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for (nr, rules) in groups.into_iter().flatten() {
         match map.get_mut(&nr) {
@@ -330,6 +377,11 @@ pub fn allowlist(profile: Profile) -> BTreeMap<i64, Vec<SeccompRule>> {
 /// The main filter: the allowlist, anything else gets `mismatch` (trap or log).
 pub fn main_filter(profile: Profile, mismatch: SeccompAction) -> Result<BpfProgram, FilterError> {
     compile(allowlist(profile), mismatch, SeccompAction::Allow)
+}
+
+/// The page movers' own filter, stacked on the main one by each such thread.
+pub fn page_mover_filter(mismatch: SeccompAction) -> Result<BpfProgram, FilterError> {
+    compile(page_mover(), mismatch, SeccompAction::Allow)
 }
 
 /// Stacked on the main one: clone3 fails with ENOSYS so that glibc uses clone(2), whose
@@ -363,6 +415,25 @@ mod tests {
             assert!(prog.len() > 50, "{p:?}: {} instructions", prog.len());
         }
         assert!(!soft_filter().unwrap().is_empty());
+        assert!(!page_mover_filter(SeccompAction::Trap).unwrap().is_empty());
+    }
+
+    #[test]
+    fn page_movers_are_narrower() {
+        let m = page_mover();
+        let h = allowlist(Profile::Helper);
+        assert!(m.len() < h.len() / 2, "{} of {}", m.len(), h.len());
+        for nr in [
+            libc::SYS_openat,
+            libc::SYS_socket,
+            libc::SYS_ioctl,
+            libc::SYS_clone,
+        ] {
+            assert!(!m.contains_key(&nr), "{nr}");
+        }
+        for nr in m.keys() {
+            assert!(h.contains_key(nr), "{nr} is not in the process allowlist");
+        }
     }
 
     #[test]
