@@ -138,7 +138,14 @@ pub fn restrict(rules: &FsRules, enforce: bool) -> Result<FsOutcome, LandlockErr
     let st = created.restrict_self()?;
     let (status, enforced) = match st.ruleset {
         RulesetStatus::FullyEnforced => ("fully enforced".to_string(), true),
-        RulesetStatus::PartiallyEnforced => ("partially enforced (older kernel)".into(), true),
+        RulesetStatus::PartiallyEnforced => (
+            format!(
+                "partially enforced (kernel Landlock ABI {}, this build knows {})",
+                kernel_abi(),
+                ABI_WANTED as i32
+            ),
+            true,
+        ),
         RulesetStatus::NotEnforced => ("not enforced (no Landlock in this kernel)".into(), false),
     };
     Ok(FsOutcome {
@@ -147,6 +154,14 @@ pub fn restrict(rules: &FsRules, enforce: bool) -> Result<FsOutcome, LandlockErr
         allowed,
         missing,
     })
+}
+
+/// The kernel's Landlock ABI version (0: none), for the log.
+fn kernel_abi() -> i64 {
+    // SAFETY: landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION) reads and
+    // writes no memory; it returns the version or -1.
+    let v = unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, 0usize, 0usize, 1u32) };
+    v.max(0)
 }
 
 /// Whether `path` (which may not exist yet) lies under one of `allowed` (canonical).
