@@ -295,6 +295,19 @@ fn guest_memory() -> Vec<Entry> {
     ]
 }
 
+/// Control socket set-up that may happen after the sandbox (a private directory, a umask
+/// for the bind, fixing a mode through the fd). No chmod by path: Landlock does not check
+/// it.
+fn control_socket() -> Vec<Entry> {
+    vec![
+        any(libc::SYS_umask),
+        any(libc::SYS_mkdir),
+        any(libc::SYS_mkdirat),
+        any(libc::SYS_rmdir),
+        any(libc::SYS_fchmod),
+    ]
+}
+
 /// `analyze --extract-ram`: makes its output directory.
 fn analyze_output() -> Vec<Entry> {
     vec![any(libc::SYS_mkdir), any(libc::SYS_mkdirat)]
@@ -307,6 +320,7 @@ pub fn allowlist(profile: Profile) -> BTreeMap<i64, Vec<SeccompRule>> {
         Profile::Helper => {
             groups.push(sockets());
             groups.push(guest_memory());
+            groups.push(control_socket());
         }
         Profile::Analyze => groups.push(analyze_output()),
     }
