@@ -23,6 +23,7 @@ pub mod preempt;
 pub mod ram;
 pub mod return_path;
 mod rp_reader;
+pub mod sandbox;
 pub mod source;
 pub mod state;
 pub mod stream;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use qemu_migration_helper::control::{self, Helper};
 use qemu_migration_helper::logging::{self, LogFormat, LogLevel};
+use qemu_migration_helper::sandbox::{self, FsRules, Profile, SandboxMode};
 
 /// Exit codes (also in the man page).
 const EXIT_USAGE: u8 = 2;
@@ -42,6 +43,13 @@ struct Cli {
     /// Least severe level that is logged.
     #[arg(long, value_enum, default_value = "info", global = true)]
     log_level: LogLevel,
+    /// Seccomp and Landlock after set-up (see SANDBOX in the man page).
+    #[arg(long, value_enum, default_value = "on", global = true)]
+    sandbox: SandboxMode,
+    /// Another directory where `file:` and `unix:` URIs may create, read and remove files
+    /// and sockets under the sandbox (repeatable).
+    #[arg(long, value_name = "DIR")]
+    sandbox_allow_path: Vec<PathBuf>,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -83,6 +91,9 @@ fn main() -> ExitCode {
             json,
             extract_ram,
         }) => {
+            if let Err(code) = sandbox_analyze(cli.sandbox, &file, extract_ram.as_deref(), &log) {
+                return code;
+            }
             return match qemu_migration_helper::analyze::analyze(&file, extract_ram.as_deref()) {
                 Ok(report) => {
                     let mut out = std::io::stdout().lock();
@@ -112,15 +123,30 @@ fn main() -> ExitCode {
     // A dead control client must not kill the helper with SIGPIPE.
     // SAFETY: setting a signal disposition at startup, before any thread exists.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    if let Some(fd) = cli.control_fd {
+        if fd < 0 || nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_err() {
+            eprintln!("qemu-migration-helper: --control-fd {fd} is not an open file descriptor");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    }
+    // Before Helper::new: no thread exists yet, so every thread inherits the sandbox.
+    let mut rules = FsRules::helper_defaults();
+    rules
+        .read_write
+        .extend(cli.sandbox_allow_path.iter().cloned());
+    if let Some(dir) = cli.control_socket.as_deref().and_then(socket_dir) {
+        rules.read_write.push(dir);
+    }
+    if let Err(e) = sandbox::enter(cli.sandbox, Profile::Helper, &rules, &log) {
+        eprintln!("qemu-migration-helper: {e}");
+        return ExitCode::from(EXIT_FAILURE);
+    }
+    if let Some(code) = sandbox::testing_only_selftest() {
+        return ExitCode::from(code);
+    }
     let helper = Helper::new(log.clone());
     let result = match (cli.control_fd, cli.control_socket) {
         (Some(fd), None) => {
-            if fd < 0 || nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_err() {
-                eprintln!(
-                    "qemu-migration-helper: --control-fd {fd} is not an open file descriptor"
-                );
-                return ExitCode::from(EXIT_USAGE);
-            }
             // SAFETY: the parent handed this fd to us; nothing else in the process owns it.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             let _ = nix::fcntl::fcntl(
@@ -148,4 +174,37 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_FAILURE)
         }
     }
+}
+
+/// The directory of the control socket (where it is bound and, at exit, removed).
+fn socket_dir(path: &std::path::Path) -> Option<PathBuf> {
+    let parent = path.parent()?;
+    Some(if parent.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        parent.to_path_buf()
+    })
+}
+
+/// `analyze` reads one file and writes into one directory: its sandbox allows just that.
+fn sandbox_analyze(
+    mode: SandboxMode,
+    file: &std::path::Path,
+    extract: Option<&std::path::Path>,
+    log: &slog::Logger,
+) -> Result<(), ExitCode> {
+    let mut rules = FsRules {
+        read_only: vec![file.to_path_buf()],
+        ..FsRules::default()
+    };
+    if let Some(dir) = extract {
+        // Made now, while the parent directory may still be written; analyze reports
+        // a failure itself.
+        let _ = std::fs::create_dir_all(dir);
+        rules.read_write.push(dir.to_path_buf());
+    }
+    sandbox::enter(mode, Profile::Analyze, &rules, log).map_err(|e| {
+        eprintln!("qemu-migration-helper: {e}");
+        ExitCode::from(EXIT_FAILURE)
+    })
 }

@@ -94,6 +94,7 @@ impl Worker {
         let handle = std::thread::Builder::new()
             .name("qmh-writer".into())
             .spawn(move || {
+                crate::sandbox::enter_thread(crate::sandbox::ThreadKind::PageMover);
                 for runs in job_rx {
                     if done_tx.send(write_all(&runs, true)).is_err() {
                         break;

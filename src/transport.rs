@@ -61,6 +61,9 @@ impl FromStr for Uri {
         if rest.is_empty() {
             return Err(bad());
         }
+        if scheme == "file" || scheme == "unix" {
+            crate::sandbox::note_path(std::path::Path::new(rest));
+        }
         Ok(match scheme {
             "fd" => Uri::Fd(rest.to_string()),
             "unix" => Uri::Unix(PathBuf::from(rest)),
@@ -111,8 +114,8 @@ fn io_err(
     let target = target.to_string();
     move |source| TransportError::Io {
         what,
+        source: crate::sandbox::explain(&target, source),
         target,
-        source,
     }
 }
 

@@ -285,9 +285,13 @@ pub fn pattern_16m() -> Vec<u8> {
 }
 
 /// A helper with one memfd block per entry of `blocks` (same id and size), each filled with
-/// `PREFILL`.
+/// `PREFILL`. The fixtures live outside the scratch directories the sandbox allows by
+/// default: the helper may read them with `--sandbox-allow-path`, as a VMM would name its
+/// own migration-file directory.
 pub fn helper_for(blocks: &[BlockEntry], args: &[&str]) -> HelperVm {
-    let mut h = HelperVm::spawn_with_args(args);
+    let mut all = vec!["--sandbox-allow-path", FIXTURE_DIR];
+    all.extend_from_slice(args);
+    let mut h = HelperVm::spawn_with_args(&all);
     for b in blocks {
         h.add_block(&b.idstr, b.used_length, false);
     }

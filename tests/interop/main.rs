@@ -16,6 +16,7 @@ mod qemu_helper;
 mod qemu_qemu;
 mod qmp_client;
 mod recovery;
+mod sandbox;
 mod shrink;
 mod streams;
 mod transport;

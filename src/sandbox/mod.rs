@@ -1,0 +1,295 @@
+//! The sandbox the helper enters after set-up (`--sandbox on|log|off`, see the man page's
+//! SANDBOX section): Landlock limits the filesystem, then a seccomp-bpf allowlist limits
+//! the system calls, both before any thread exists so that every thread inherits them.
+//!
+//! A forbidden call in `on` mode traps: a SIGSYS handler writes the call's number to
+//! stderr and the process dies of SIGSYS, as a KILL_PROCESS filter would, but with a line
+//! in the parent's log that names the call. In `log` mode the kernel logs the call (audit
+//! or `dmesg`) and lets it run; Landlock is not enforced and `file:`/`unix:` URIs outside
+//! the allowed directories are reported in the helper's log.
+
+mod landlock;
+mod seccomp;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+pub use self::landlock::FsRules;
+pub use self::seccomp::Profile;
+
+/// `--sandbox`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SandboxMode {
+    /// Enforce: Landlock rules, and a forbidden system call kills the helper (SIGSYS).
+    On,
+    /// Report only: the kernel logs forbidden calls; Landlock is not enforced.
+    Log,
+    /// No sandbox.
+    Off,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error(transparent)]
+    Filter(#[from] seccomp::FilterError),
+    #[error(
+        "installing the seccomp filter: {0} (run with --sandbox off on a kernel without seccomp)"
+    )]
+    Install(String),
+    #[error(transparent)]
+    Landlock(#[from] self::landlock::LandlockError),
+    #[error("installing the SIGSYS handler: {0}")]
+    Signal(io::Error),
+}
+
+/// What is in force, for messages about refused paths.
+struct State {
+    mode: SandboxMode,
+    /// The page movers' filter, compiled at start (threads only install it).
+    page_mover: Option<seccompiler::BpfProgram>,
+    landlock_enforced: bool,
+    allowed: Vec<PathBuf>,
+    log: slog::Logger,
+}
+
+static STATE: OnceLock<State> = OnceLock::new();
+
+/// Enters the sandbox. Call it once, before any thread is spawned.
+pub fn enter(
+    mode: SandboxMode,
+    profile: Profile,
+    rules: &FsRules,
+    log: &slog::Logger,
+) -> Result<(), SandboxError> {
+    if mode == SandboxMode::Off {
+        slog::info!(log, "sandbox off");
+        let _ = STATE.set(State {
+            mode,
+            page_mover: None,
+            landlock_enforced: false,
+            allowed: Vec::new(),
+            log: log.clone(),
+        });
+        return Ok(());
+    }
+    if profile == Profile::Helper {
+        warm_up_resolver();
+    }
+    // Landlock first: its own system calls are not in the allowlist.
+    let fs = match self::landlock::restrict(rules, mode == SandboxMode::On) {
+        Ok(fs) => fs,
+        // Best effort: a kernel without Landlock or a ruleset it refuses is logged.
+        Err(e) => {
+            slog::warn!(log, "sandbox: filesystem not restricted"; "error" => %e);
+            self::landlock::FsOutcome {
+                status: format!("not enforced ({e})"),
+                enforced: false,
+                allowed: Vec::new(),
+                missing: Vec::new(),
+            }
+        }
+    };
+    let mismatch = if mode == SandboxMode::On {
+        install_sigsys_handler()?;
+        seccompiler::SeccompAction::Trap
+    } else {
+        seccompiler::SeccompAction::Log
+    };
+    let main = seccomp::main_filter(profile, mismatch.clone())?;
+    let page_mover = seccomp::page_mover_filter(mismatch)?;
+    let soft = seccomp::soft_filter()?;
+    // The soft one first: installing a filter takes prctl and seccomp, which the main one
+    // forbids.
+    for prog in [&soft, &main] {
+        seccompiler::apply_filter_all_threads(prog)
+            .map_err(|e| SandboxError::Install(e.to_string()))?;
+    }
+    let dirs: Vec<String> = fs.allowed.iter().map(|p| p.display().to_string()).collect();
+    let syscalls = seccomp::allowlist(profile).len();
+    let landlock = &fs.status;
+    let read_write = dirs.join(":");
+    match profile {
+        Profile::Helper => slog::info!(log, "sandbox entered"; "mode" => ?mode,
+            "syscalls" => syscalls, "landlock" => landlock, "read_write" => &read_write),
+        // A command's output stays clean.
+        Profile::Analyze => slog::debug!(log, "sandbox entered"; "mode" => ?mode,
+            "syscalls" => syscalls, "landlock" => landlock, "read_write" => &read_write),
+    }
+    for p in &fs.missing {
+        slog::debug!(log, "sandbox: path not found, no rule"; "path" => %p.display());
+    }
+    let _ = STATE.set(State {
+        mode,
+        page_mover: Some(page_mover),
+        landlock_enforced: fs.enforced,
+        allowed: fs.allowed,
+        log: log.clone(),
+    });
+    Ok(())
+}
+
+/// Kinds of threads with a narrower filter than the process's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// Only copies pages into guest memory (precopy page writers).
+    PageMover,
+}
+
+/// Narrows the calling thread's filter to what `kind` needs. Does nothing when the process
+/// has no sandbox (`off`, or a library user that never entered one). Returns whether a
+/// filter was installed.
+pub fn enter_thread(kind: ThreadKind) -> bool {
+    let Some(st) = STATE.get() else { return false };
+    let prog = match kind {
+        ThreadKind::PageMover => st.page_mover.as_ref(),
+    };
+    // A failure leaves the thread under the process filter, which still holds.
+    prog.is_some_and(|p| seccompiler::apply_filter(p).is_ok())
+}
+
+/// glibc reads its resolver configuration on first use: do it now, so that a later
+/// `tcp:HOST:PORT` finds it loaded (the files stay readable, see `landlock::READ_ONLY`).
+fn warm_up_resolver() {
+    let _ = std::net::ToSocketAddrs::to_socket_addrs(&("localhost", 0));
+}
+
+/// Adds the sandbox's reason to a permission error on `target` (a `file:` or `unix:` URI,
+/// or a path), so that the parent reads why and what to do.
+pub fn explain(target: &str, e: io::Error) -> io::Error {
+    let Some(st) = STATE.get() else { return e };
+    if st.mode != SandboxMode::On
+        || !st.landlock_enforced
+        || e.kind() != io::ErrorKind::PermissionDenied
+    {
+        return e;
+    }
+    let path = uri_path(target);
+    if self::landlock::is_under(path, &st.allowed) {
+        return e;
+    }
+    io::Error::new(
+        e.kind(),
+        format!(
+            "{e}: refused by the sandbox (Landlock), which allows paths under {} only; \
+             start the helper with --sandbox-allow-path DIR, or pass an fd (getfd, fd:NAME)",
+            join(&st.allowed)
+        ),
+    )
+}
+
+/// In `log` mode, reports a `file:`/`unix:` path that `on` would refuse.
+pub fn note_path(path: &Path) {
+    let Some(st) = STATE.get() else { return };
+    if st.mode == SandboxMode::Log && !self::landlock::is_under(path, &st.allowed) {
+        slog::warn!(st.log, "sandbox (log mode): --sandbox on would refuse this path";
+            "path" => %path.display(), "allowed" => join(&st.allowed));
+    }
+}
+
+fn uri_path(target: &str) -> &Path {
+    let p = target
+        .strip_prefix("file:")
+        .or_else(|| target.strip_prefix("unix:"))
+        .unwrap_or(target);
+    Path::new(p)
+}
+
+fn join(dirs: &[PathBuf]) -> String {
+    let v: Vec<String> = dirs.iter().map(|p| p.display().to_string()).collect();
+    v.join(", ")
+}
+
+/// Reports a trapped system call on stderr, then lets the pending SIGSYS (now with its
+/// default action, SA_RESETHAND) end the process. Only async-signal-safe calls.
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // siginfo's _sigsys: { void *call_addr; int syscall; unsigned arch; } at offset 16.
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
+    let nr = unsafe { std::ptr::read_unaligned((info as *const u8).add(24) as *const i32) };
+    let mut buf = [0u8; 160];
+    let mut n = 0;
+    for part in [
+        b"qemu-migration-helper: sandbox: forbidden system call " as &[u8],
+        itoa(nr, &mut [0u8; 12]),
+        b" (x86_64; `ausyscall NUMBER` names it; --sandbox log to debug): killed\n",
+    ] {
+        let take = part.len().min(buf.len() - n);
+        buf[n..n + take].copy_from_slice(&part[..take]);
+        n += take;
+    }
+    // SAFETY: write(2) and raise(3) are async-signal-safe; buf outlives the calls.
+    unsafe {
+        libc::write(2, buf.as_ptr().cast(), n);
+        libc::raise(libc::SIGSYS);
+    }
+}
+
+fn itoa(v: i32, out: &mut [u8; 12]) -> &[u8] {
+    let mut x = v.unsigned_abs();
+    let mut i = out.len();
+    loop {
+        i -= 1;
+        out[i] = b'0' + (x % 10) as u8;
+        x /= 10;
+        if x == 0 {
+            break;
+        }
+    }
+    if v < 0 {
+        i -= 1;
+        out[i] = b'-';
+    }
+    &out[i..]
+}
+
+fn install_sigsys_handler() -> Result<(), SandboxError> {
+    // SAFETY: a zeroed sigaction is valid; the handler only makes async-signal-safe calls.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigsys as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESETHAND;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) != 0 {
+            return Err(SandboxError::Signal(io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+/// FOR TESTS ONLY: with `QMH_SANDBOX_SELFTEST=execve` in its environment, the helper tries
+/// execve(2) right after entering the sandbox, prints what happened and exits 0 (a sandbox
+/// in `on` mode kills it with SIGSYS first). Returns the exit code when the self-test ran.
+pub fn testing_only_selftest() -> Option<u8> {
+    if std::env::var_os("QMH_SANDBOX_SELFTEST")? != "execve" {
+        return None;
+    }
+    let path = c"/nonexistent/qmh-sandbox-selftest";
+    let argv = [path.as_ptr(), std::ptr::null()];
+    let envp = [std::ptr::null()];
+    // SAFETY: valid NUL-terminated strings and NULL-terminated arrays; the path does not
+    // exist, so an allowed execve returns ENOENT instead of replacing the process.
+    let rc = unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    let err = io::Error::last_os_error();
+    eprintln!("sandbox self-test: execve was not refused (returned {rc}: {err})");
+    Some(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn itoa_formats() {
+        assert_eq!(itoa(59, &mut [0; 12]), b"59");
+        assert_eq!(itoa(0, &mut [0; 12]), b"0");
+        assert_eq!(itoa(-1, &mut [0; 12]), b"-1");
+        assert_eq!(itoa(i32::MIN, &mut [0; 12]), b"-2147483648");
+    }
+
+    #[test]
+    fn uri_paths() {
+        assert_eq!(uri_path("file:/a/b"), Path::new("/a/b"));
+        assert_eq!(uri_path("unix:/s"), Path::new("/s"));
+        assert_eq!(uri_path("/x"), Path::new("/x"));
+    }
+}
