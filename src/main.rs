@@ -129,6 +129,20 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     }
+    // The control socket is set up before the sandbox closes: its private directory, mode
+    // and rename need calls the allowlist does not keep.
+    let listener = match cli
+        .control_socket
+        .as_deref()
+        .map(control::listen::ControlListener::bind)
+    {
+        Some(Ok(l)) => Some(l),
+        Some(Err(e)) => {
+            eprintln!("qemu-migration-helper: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+        None => None,
+    };
     // Before Helper::new: no thread exists yet, so every thread inherits the sandbox.
     let mut rules = FsRules::helper_defaults();
     rules
@@ -145,7 +159,7 @@ fn main() -> ExitCode {
         return ExitCode::from(code);
     }
     let helper = Helper::new(log.clone());
-    let result = match (cli.control_fd, cli.control_socket) {
+    let result = match (cli.control_fd, listener) {
         (Some(fd), None) => {
             // SAFETY: the parent handed this fd to us; nothing else in the process owns it.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -155,7 +169,7 @@ fn main() -> ExitCode {
             );
             control::serve_fd(&helper, fd).map(|_| ())
         }
-        (None, Some(path)) => control::serve_socket(&helper, &path, &cli.allow_uid)
+        (None, Some(listener)) => control::serve_socket(&helper, listener, &cli.allow_uid)
             .map_err(|e| std::io::Error::other(e.to_string())),
         _ => {
             eprintln!(

@@ -93,6 +93,10 @@ impl ControlListener {
         })
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub fn incoming(&self) -> std::os::unix::net::Incoming<'_> {
         self.listener.incoming()
     }

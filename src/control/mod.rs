@@ -10,7 +10,6 @@ pub mod qmp;
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::json;
@@ -167,11 +166,10 @@ pub fn serve_fd(helper: &Arc<Helper>, fd: OwnedFd) -> std::io::Result<ConnEnd> {
 /// connection, as with QEMU's monitor.
 pub fn serve_socket(
     helper: &Arc<Helper>,
-    path: &Path,
+    listener: listen::ControlListener,
     allow_uids: &[u32],
 ) -> Result<(), listen::ListenError> {
-    let listener = listen::ControlListener::bind(path)?;
-    slog::info!(helper.log(), "listening for control connections"; "path" => %path.display());
+    slog::info!(helper.log(), "listening for control connections"; "path" => %listener.path().display());
     let own = listen::own_uid();
     for conn in listener.incoming() {
         let stream = match conn {
