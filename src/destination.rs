@@ -264,6 +264,8 @@ struct Loader<'a> {
     scan_block: Option<usize>,
     /// The channel, for the fault thread to shut down when it fails.
     chan_fd: Option<OwnedFd>,
+    /// The main channel's timeout record: re-armed with `link-timeout` in postcopy.
+    chan_timer: Option<Arc<crate::transport::IoTimer>>,
     last_progress: Instant,
     /// Per block: pages known to read as zero (holes, not written since), so that zero
     /// pages there cost nothing.
@@ -875,11 +877,12 @@ impl<'a> Loader<'a> {
     /// QEMU source pushes pages without pause): reads and writes time out instead of hanging.
     fn arm_link_timeout(&self) {
         let t = self.ctx.params().link_timeout;
+        let t = (t > 0).then(|| std::time::Duration::from_millis(t));
         if let Some(fd) = &self.chan_fd {
-            crate::transport::set_socket_timeouts(
-                fd,
-                (t > 0).then(|| std::time::Duration::from_millis(t)),
-            );
+            crate::transport::set_socket_timeouts(fd, t);
+        }
+        if let Some(timer) = &self.chan_timer {
+            timer.set(t, crate::transport::TimeoutParam::Link);
         }
     }
 
@@ -1015,6 +1018,7 @@ impl<'a> Loader<'a> {
         };
         ctx.set_channel(Some(dup(&chan)?));
         self.chan_fd = Some(dup(&chan)?);
+        self.chan_timer = Some(chan.timer());
         if let (Some(incoming), Some(pc)) = (incoming, self.postcopy.clone()) {
             if let Some(old) = self.preempt.take() {
                 let _ = old.stop();
@@ -1327,7 +1331,7 @@ pub fn load<R: ReadReady>(
 ) -> Result<Vec<DeviceSection>, LoadError> {
     let t0 = Instant::now();
     let mut r = Reader::new(src, peer, READ_CHUNK);
-    let mut loader = Loader::new(ctx, blocks, uffd, chan.and_then(|c| c.try_clone_fd().ok()));
+    let mut loader = Loader::new(ctx, blocks, uffd, chan);
     loader.preempt_listener = preempt;
     let result = load_inner(&mut loader, &mut r, chan);
     finish(&mut loader, result, t0, r.offset)
@@ -1466,7 +1470,7 @@ impl<'a> Loader<'a> {
         ctx: &'a MigrationCtx,
         blocks: &'a [Arc<RamBlock>],
         uffd: Option<OwnedFd>,
-        chan_fd: Option<OwnedFd>,
+        chan: Option<&Channel>,
     ) -> Self {
         Loader {
             ctx,
@@ -1496,7 +1500,8 @@ impl<'a> Loader<'a> {
             fault_thread: None,
             fault_error: Arc::new(Mutex::new(None)),
             staged: Staged::default(),
-            chan_fd,
+            chan_fd: chan.and_then(|c| c.try_clone_fd().ok()),
+            chan_timer: chan.map(Channel::timer),
             last_progress: Instant::now(),
         }
     }

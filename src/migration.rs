@@ -71,6 +71,11 @@ pub struct Parameters {
     /// Postcopy: a link with no traffic for this long (ms) counts as dead, so a silently
     /// dead link pauses instead of hanging. 0 disables. The source pings at a quarter of it.
     pub link_timeout: u64,
+    /// Precopy: once connected, I/O that makes no progress for this long (ms) fails the
+    /// migration, so that a silent peer cannot keep it `active` forever. 0 disables.
+    /// Longer than `link-timeout` by default, because a QEMU source in `pre-switchover`
+    /// (its parent finishing block jobs, say) sends nothing at all.
+    pub precopy_timeout: u64,
     /// `--control-fd` helpers: how long (ms) a postcopy migration stays paused waiting for
     /// a new helper to adopt it after the parent went away, before the helper exits.
     pub orphan_timeout: u64,
@@ -88,6 +93,7 @@ impl Default for Parameters {
             machine_type: "none".into(),
             compat_version: QemuVersion::V10_0,
             link_timeout: 10_000,
+            precopy_timeout: 60_000,
             orphan_timeout: 60_000,
             load_threads: 2,
         }
@@ -337,10 +343,22 @@ impl MigrationCtx {
             .clone()
     }
 
-    /// `link-timeout` as a socket timeout (None when 0, off).
-    pub fn link_timeout(&self) -> Option<Duration> {
-        let t = self.params().link_timeout;
+    /// `precopy-timeout` as a socket timeout (None when 0, off).
+    pub fn precopy_timeout(&self) -> Option<Duration> {
+        let t = self.params().precopy_timeout;
         (t > 0).then(|| Duration::from_millis(t))
+    }
+
+    /// How often a source waiting in `pre-switchover` sends an empty RAM part: a quarter of
+    /// the shorter of the two timeouts, so that a helper destination configured with either
+    /// does not take the wait for a dead link.
+    pub fn precopy_keepalive(&self) -> Option<Duration> {
+        let p = self.params();
+        [p.precopy_timeout, p.link_timeout]
+            .into_iter()
+            .filter(|&t| t > 0)
+            .min()
+            .map(|t| Duration::from_millis(t / 4))
     }
 
     pub fn cancelled(&self) -> bool {

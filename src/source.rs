@@ -723,9 +723,9 @@ pub fn run(
 
     if caps.pause_before_switchover {
         ctx.state.transition(MigrationStatus::PreSwitchover)?;
-        // Waiting for the parent sends nothing: an empty RAM part at a quarter of
-        // link-timeout keeps the destination's precopy link timeout from firing.
-        let idle = src.ping_interval().unwrap_or(Duration::from_secs(3600));
+        // Waiting for the parent sends nothing: an empty RAM part now and then keeps the
+        // destination's precopy-timeout from firing.
+        let idle = ctx.precopy_keepalive().unwrap_or(Duration::from_secs(3600));
         loop {
             match ctx.gate.wait_for(&ctx.cancel, idle) {
                 Some(true) => break,

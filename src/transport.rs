@@ -99,10 +99,10 @@ pub struct Channel {
     /// Pipes (and FIFOs) are non-blocking and polled, so that a cancel never waits on them.
     is_pipe: bool,
     cancel: Option<Arc<AtomicBool>>,
-    /// Polled fds (pipes): how long I/O may make no progress (ms, 0 = forever), the
-    /// counterpart of a socket's SO_RCVTIMEO/SO_SNDTIMEO. It counts only once data has
-    /// moved, so that a FIFO whose writer has not come yet waits as a listener does.
-    stall_ms: AtomicU64,
+    /// How long I/O may make no progress, and which parameter set it. Polled fds (pipes)
+    /// enforce it here (counting only once data has moved, so that a FIFO whose writer has
+    /// not come yet waits as a listener does); sockets by SO_RCVTIMEO/SO_SNDTIMEO.
+    timer: Arc<IoTimer>,
     moved: AtomicBool,
     pub peer: String,
 }
@@ -166,7 +166,7 @@ impl Channel {
             is_socket,
             is_pipe,
             cancel: None,
-            stall_ms: AtomicU64::new(0),
+            timer: Arc::default(),
             moved: AtomicBool::new(false),
             peer,
         }
@@ -236,7 +236,7 @@ impl Channel {
             {
                 return Err(io::Error::other("cancelled"));
             }
-            let stall = self.stall_ms.load(Ordering::Relaxed);
+            let stall = self.timer.ms.load(Ordering::Relaxed);
             if stall > 0
                 && self.moved.load(Ordering::Relaxed)
                 && since.elapsed() >= Duration::from_millis(stall)
@@ -246,7 +246,7 @@ impl Channel {
                 } else {
                     "could not send"
                 };
-                return Err(link_timeout_error(what, stall));
+                return Err(self.timer.error(what));
             }
             let mut pfd = [nix::poll::PollFd::new(self.fd.as_fd(), events)];
             match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(100u16)) {
@@ -324,16 +324,23 @@ impl Channel {
 
     /// Read and write timeouts (None: block): a silently dead peer then shows as an I/O
     /// error instead of a hang. Sockets get SO_RCVTIMEO/SO_SNDTIMEO; pipes a stall timeout.
+    /// Set from `link-timeout` (postcopy).
     pub fn set_timeouts(&self, t: Option<std::time::Duration>) {
-        self.set_stall(t);
+        self.timer.set(t, TimeoutParam::Link);
         if self.is_socket {
             set_socket_timeouts(&self.fd, t);
         }
     }
 
-    /// Only the write timeout (a precopy source: its return path may be idle for long).
-    pub fn set_send_timeout(&self, t: Option<Duration>) {
-        self.set_stall(t);
+    /// Set from `precopy-timeout`: reads and writes (a destination), or only writes (a
+    /// source: its return path may be idle for long).
+    pub fn set_precopy_timeouts(&self, t: Option<Duration>, reads_too: bool) {
+        if reads_too {
+            self.set_timeouts(t);
+            self.timer.set(t, TimeoutParam::Precopy);
+            return;
+        }
+        self.timer.set(t, TimeoutParam::Precopy);
         if self.is_socket {
             // SAFETY: borrowed for the duration of the call only; ManuallyDrop keeps the fd.
             let s = std::mem::ManuallyDrop::new(unsafe {
@@ -341,11 +348,6 @@ impl Channel {
             });
             let _ = s.set_write_timeout(t);
         }
-    }
-
-    fn set_stall(&self, t: Option<Duration>) {
-        let ms = t.map_or(0, |d| d.as_millis().clamp(1, u64::MAX as u128) as u64);
-        self.stall_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Shuts a socket down (both directions) so that blocked I/O on it returns.
@@ -365,7 +367,13 @@ impl Channel {
     }
 
     fn timed_out(&self, what: &str) -> io::Error {
-        link_timeout_error(what, self.stall_ms.load(Ordering::Relaxed))
+        self.timer.error(what)
+    }
+
+    /// The channel's timeout record, for an engine that re-arms the socket's timeouts
+    /// through a cloned fd (so that its errors name the right parameter).
+    pub(crate) fn timer(&self) -> Arc<IoTimer> {
+        self.timer.clone()
     }
 
     /// Reads into `buf`; 0 means the peer closed. Retries EINTR.
@@ -452,17 +460,47 @@ impl Channel {
     }
 }
 
-/// A timeout set from `link-timeout` fired (`ms`: its value, 0 when not known here).
-fn link_timeout_error(what: &str, ms: u64) -> io::Error {
-    let limit = if ms > 0 {
-        format!("link-timeout ({ms} ms)")
-    } else {
-        "the link timeout".to_string()
-    };
-    io::Error::new(
-        io::ErrorKind::TimedOut,
-        format!("{what} for {limit}: the peer is silent (link dead?)"),
-    )
+/// Which parameter a channel's I/O timeout comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TimeoutParam {
+    Link,
+    Precopy,
+}
+
+/// A channel's I/O timeout: its length and the parameter that set it, so that the error
+/// a silent peer causes names what to change.
+#[derive(Debug, Default)]
+pub(crate) struct IoTimer {
+    /// Milliseconds; 0: none.
+    ms: AtomicU64,
+    precopy: AtomicBool,
+}
+
+impl IoTimer {
+    pub(crate) fn set(&self, t: Option<Duration>, param: TimeoutParam) {
+        let ms = t.map_or(0, |d| d.as_millis().clamp(1, u64::MAX as u128) as u64);
+        self.ms.store(ms, Ordering::Relaxed);
+        self.precopy
+            .store(param == TimeoutParam::Precopy, Ordering::Relaxed);
+    }
+
+    fn error(&self, what: &str) -> io::Error {
+        let ms = self.ms.load(Ordering::Relaxed);
+        let name = if self.precopy.load(Ordering::Relaxed) {
+            "precopy-timeout"
+        } else {
+            "link-timeout"
+        };
+        let limit = if ms > 0 {
+            format!("{name} ({ms} ms)")
+        } else {
+            "the link timeout".to_string()
+        };
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{what} for {limit}: the peer is silent (link dead?)"),
+        )
+    }
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {

@@ -300,6 +300,7 @@ impl Helper {
                     "machine-type": p.machine_type,
                     "compat-version": p.compat_version.to_string(),
                     "link-timeout": p.link_timeout,
+                    "precopy-timeout": p.precopy_timeout,
                     "orphan-timeout": p.orphan_timeout,
                     "load-threads": p.load_threads,
                 }))
@@ -558,6 +559,7 @@ impl Helper {
             "machine-type",
             "compat-version",
             "link-timeout",
+            "precopy-timeout",
             "orphan-timeout",
             "load-threads",
         ])?;
@@ -582,6 +584,14 @@ impl Helper {
                 ));
             }
             p.link_timeout = v;
+        }
+        if let Some(v) = a.opt_u64("precopy-timeout")? {
+            if v != 0 && v < 100 {
+                return Err(QmpError::generic(
+                    "precopy-timeout is 0 (off) or at least 100 ms",
+                ));
+            }
+            p.precopy_timeout = v;
         }
         if let Some(v) = a.opt_u64("orphan-timeout")? {
             // At most a day: the helper must exit in bounded time after its parent.
@@ -823,8 +833,8 @@ impl Helper {
             }
             .with_cancel(ctx.cancel.clone());
             // Precopy: a destination that stops reading fails the migration after
-            // link-timeout; only the sending side is timed (the return path may idle).
-            chan.set_send_timeout(ctx.link_timeout());
+            // precopy-timeout; only the sending side is timed (the return path may idle).
+            chan.set_precopy_timeouts(ctx.precopy_timeout(), false);
             if let Ok(fd) = chan.try_clone_fd() {
                 ctx.set_channel(Some(fd));
             }
@@ -875,8 +885,8 @@ impl Helper {
                 )
             };
             let chan = chan.with_cancel(ctx.cancel.clone());
-            // Precopy: a source silent for link-timeout (once connected) fails the load.
-            chan.set_timeouts(ctx.link_timeout());
+            // Precopy: a source silent for precopy-timeout (once connected) fails the load.
+            chan.set_precopy_timeouts(ctx.precopy_timeout(), true);
             if let Ok(fd) = chan.try_clone_fd() {
                 ctx.set_channel(Some(fd));
             }

@@ -55,13 +55,7 @@ fn refused(uri: &str, why: String) -> TransportError {
     }
 }
 
-fn io_err<'a>(what: &'static str, uri: &'a str) -> impl FnOnce(io::Error) -> TransportError + 'a {
-    move |source| TransportError::Io {
-        what,
-        target: uri.to_string(),
-        source,
-    }
-}
+use super::io_err;
 
 /// Refuses anything but a regular file or a FIFO: a read or write on a character device
 /// (a tty, /dev/ptmx) can block where no cancel reaches it, a directory or a socket path

@@ -1,7 +1,7 @@
 //! Migration channels under hostile or unusual paths and peers (issue 10): `unix:` never
 //! unlinks what is not a socket, `file:` output is private and never follows a symlink,
 //! `file:` input refuses what a cancel could not interrupt, `fd:` of a listening TCP
-//! socket accepts TCP, and `link-timeout` bounds a silent peer in precopy on both ends
+//! socket accepts TCP, and `precopy-timeout` bounds a silent peer in precopy on both ends
 //! while a slow but live precopy runs to the end.
 
 use std::io::{Read, Write};
@@ -197,16 +197,16 @@ fn relay_then_stall(from: OwnedFd, to: OwnedFd, budget: usize) -> std::thread::J
     })
 }
 
-/// A peer that goes silent in the middle of precopy: with `link-timeout` 1 s the
+/// A peer that goes silent in the middle of precopy: with `precopy-timeout` 1 s the
 /// destination (no data) and the source (cannot send) both fail within a few seconds, with
-/// an error-desc naming the link timeout, and both still answer.
+/// an error-desc naming the timeout, and both still answer.
 #[test]
-fn precopy_silent_peer_fails_both_ends_after_link_timeout() {
-    let test = "precopy_silent_peer_fails_both_ends_after_link_timeout";
+fn precopy_silent_peer_fails_both_ends_after_precopy_timeout() {
+    let test = "precopy_silent_peer_fails_both_ends_after_precopy_timeout";
     let (mut src, mut dst) = pair(64 * MIB, test);
     for h in [&mut src, &mut dst] {
         h.client
-            .set_parameters(json!({"link-timeout": 1000}))
+            .set_parameters(json!({"precopy-timeout": 1000}))
             .expect("params");
     }
     src.client
@@ -237,7 +237,7 @@ fn precopy_silent_peer_fails_both_ends_after_link_timeout() {
         assert_eq!(v["status"], "failed", "{test}: {what}: {v}");
         let desc = v["error-desc"].as_str().unwrap_or_default();
         assert!(
-            desc.contains("link-timeout (1000 ms)"),
+            desc.contains("precopy-timeout (1000 ms)"),
             "{test}: {what}: {desc}"
         );
         assert!(t < Duration::from_secs(15), "{test}: {what} took {t:?}");
@@ -251,16 +251,16 @@ fn precopy_silent_peer_fails_both_ends_after_link_timeout() {
 }
 
 /// Slow but live precopy never times out: the destination waits in `migrate-incoming` for
-/// 3x link-timeout before the source connects, the source is throttled so that the
-/// migration takes several link-timeouts, and it waits in `pre-switchover` for 4x
-/// link-timeout (its empty RAM parts keep the destination's timer from firing).
+/// 3x precopy-timeout before the source connects, the source is throttled so that the
+/// migration takes several precopy-timeouts, and it waits in `pre-switchover` for 4x
+/// precopy-timeout (its empty RAM parts keep the destination's timer from firing).
 #[test]
 fn precopy_slow_but_live_does_not_time_out() {
     let test = "precopy_slow_but_live_does_not_time_out";
     let (mut src, mut dst) = pair(8 * MIB, test);
     for h in [&mut src, &mut dst] {
         h.client
-            .set_parameters(json!({"link-timeout": 500}))
+            .set_parameters(json!({"precopy-timeout": 500}))
             .expect("params");
     }
     src.client
@@ -365,9 +365,9 @@ fn qemu10_source_to_fd_tcp_listener() {
 }
 
 /// What the man page says of QEMU: a QEMU 10.0 source paused in `pre-switchover` sends
-/// nothing, so a helper destination with a shorter link-timeout fails (the documented
-/// remedy: link-timeout 0 or longer than the pause on such a destination), and with
-/// link-timeout 0 the same pause completes.
+/// nothing, so a helper destination with a shorter precopy-timeout fails (the documented
+/// remedy: precopy-timeout 0 or longer than the pause on such a destination), while a
+/// short link-timeout (postcopy's) does not touch it and the same pause completes.
 #[test]
 fn qemu10_source_silent_in_pre_switchover() {
     use crate::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
@@ -376,13 +376,14 @@ fn qemu10_source_silent_in_pre_switchover() {
         return;
     }
     let size = 32 * MIB;
-    for link_timeout in [1000, 0] {
+    for (params, fails) in [
+        (json!({"precopy-timeout": 1000}), true),
+        (json!({"link-timeout": 1000}), false),
+    ] {
         let mut src = QemuVm::start(Qemu::V10, size, &VmOpts::default());
         fill_mixed(&mut src.ram_mmap(), test_seed(test), 0.3);
         let mut dst = helper(size);
-        dst.client
-            .set_parameters(json!({"link-timeout": link_timeout}))
-            .expect("params");
+        dst.client.set_parameters(params.clone()).expect("params");
         let (a, b) = socketpair();
         src.qmp().getfd("mig", a.as_fd()).expect("qemu getfd");
         dst.client.getfd("mig", b.as_fd()).expect("getfd");
@@ -402,13 +403,13 @@ fn qemu10_source_silent_in_pre_switchover() {
         std::thread::sleep(Duration::from_millis(3000));
         let v = dst.client.query_migrate().expect("query");
         eprintln!(
-            "{test}: link-timeout {link_timeout}: destination {} {}",
+            "{test}: {params}: destination {} {}",
             v["status"], v["error-desc"]
         );
-        if link_timeout > 0 {
+        if fails {
             assert_eq!(v["status"], "failed", "{test}: {v}");
             let desc = v["error-desc"].as_str().unwrap_or_default();
-            assert!(desc.contains("link-timeout (1000 ms)"), "{test}: {desc}");
+            assert!(desc.contains("precopy-timeout (1000 ms)"), "{test}: {desc}");
             continue;
         }
         assert_eq!(v["status"], "active", "{test}: {v}");
