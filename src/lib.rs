@@ -9,6 +9,11 @@ pub mod destination;
 pub mod device_state;
 pub mod events;
 pub mod fault;
+/// Entry points of the fuzz targets (tests/fuzz); built for unit tests too, so they are
+/// checked and linted with the rest.
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod guest_memory;
 pub mod logging;
 pub mod migration;
