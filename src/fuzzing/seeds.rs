@@ -15,8 +15,9 @@ use crate::vmstate::{self, DeviceDesc, VmDescription, VmDescriptionBuilder};
 const RECORDS_KEPT: usize = 3;
 /// Device sections per cut-down stream or package: small seeds mutate faster.
 const DEVICES_PER_SEED: usize = 4;
-/// Device bodies larger than this are left out of the per-device seeds.
-const MAX_BODY_SEED: usize = 16 << 10;
+/// Largest seed kept: libFuzzer mutates up to the largest seed's length, and small inputs
+/// run (and shrink) faster.
+const MAX_SEED: usize = 32 << 10;
 
 type Seeds = Vec<(&'static str, Vec<u8>)>;
 
@@ -284,7 +285,7 @@ pub fn seeds_from_stream(s: &[u8]) -> Result<Seeds, String> {
     seeds.push(("tokens", tk));
 
     // One description + body per device (and the configuration section's).
-    for d in devs.iter().filter(|d| d.body.len() <= MAX_BODY_SEED) {
+    for d in &devs {
         let mut b = VmDescriptionBuilder::new(l.desc.page_size());
         b.push_device(d.desc.json.clone());
         let mut v = b.to_json_bytes();
@@ -300,6 +301,7 @@ pub fn seeds_from_stream(s: &[u8]) -> Result<Seeds, String> {
         v.extend_from_slice(&s[body.clone()]);
         seeds.push(("vmstate", v));
     }
+    seeds.retain(|(_, s)| s.len() <= MAX_SEED);
     Ok(seeds)
 }
 
