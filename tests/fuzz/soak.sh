@@ -7,7 +7,8 @@
 #   bash tests/fuzz/soak.sh --smoke                            5 s per target, fresh corpus
 # Targets: stream tokens ram return_path vmstate packaged control.
 # Environment: FUZZ_RSS_MB (RSS limit, default 512), FUZZ_TIMEOUT (seconds per input,
-# default 10), FUZZ_WORK (corpus and findings, default target/fuzz/work), FUZZ_FIXTURES.
+# default 10), FUZZ_RUNS (stop a target after this many executions, default: time only),
+# FUZZ_WORK (corpus and findings, default target/fuzz/work), FUZZ_FIXTURES.
 #
 # Seeds are cut from the QEMU fixtures at start (nothing binary is committed); the corpus
 # each target grows is kept in $FUZZ_WORK/corpus/TARGET across runs. A crash, a broken
@@ -63,6 +64,7 @@ for t in "${targets[@]}"; do
     -artifact_prefix="$work/artifacts/$t/")
   # The smoke run is repeatable: fixed seed, fresh corpus.
   [ $smoke = 1 ] && args+=(-seed=1)
+  [ -n "${FUZZ_RUNS:-}" ] && args+=(-runs="$FUZZ_RUNS")
   rc=0
   "$bin/$t" "${args[@]}" "$work/corpus/$t" "$work/seeds/$t" >"$log" 2>&1 || rc=$?
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
