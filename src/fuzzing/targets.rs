@@ -243,7 +243,7 @@ pub fn return_path(data: &[u8]) {
                 return;
             }
         };
-        assert!(n >= 4 && n <= 4 + wire::rp::MAX_PAYLOAD);
+        assert!((4..=4 + wire::rp::MAX_PAYLOAD).contains(&n));
         check_prefixes("return-path message", &rest[..n], return_path::decode);
         let mut out = Vec::new();
         return_path::encode(&mut out, &m).unwrap();
