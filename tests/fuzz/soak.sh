@@ -39,7 +39,10 @@ export RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module \
 -Cllvm-args=-sanitizer-coverage-pc-table \
 -Cllvm-args=-sanitizer-coverage-trace-compares"
 echo "fuzz: building the targets (target/fuzz)" >&2
-cargo build --release --locked --manifest-path "$root/tests/fuzz/Cargo.toml" \
+# The helper's own lock file: the same dependency versions as the product; cargo adds
+# libFuzzer's few crates to it.
+cp "$root/Cargo.lock" "$root/tests/fuzz/Cargo.lock"
+cargo build --release --manifest-path "$root/tests/fuzz/Cargo.toml" \
   --target "$host" --bins
 bin="$CARGO_TARGET_DIR/$host/release"
 
