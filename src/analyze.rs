@@ -513,8 +513,6 @@ pub fn analyze(path: &Path, extract: Option<&Path>) -> Result<Report, AnalyzeErr
         // SAFETY: advice on our own mapping.
         unsafe { libc::madvise(m.as_ptr() as *mut _, len, libc::MADV_SEQUENTIAL) };
     }
-    let desc =
-        vmstate::find_trailing_vmdesc(buf).and_then(|(_, r)| VmDescription::parse(&buf[r]).ok());
     let extract = match extract {
         Some(dir) => {
             std::fs::create_dir_all(dir).map_err(|source| AnalyzeError::Write {
@@ -528,11 +526,23 @@ pub fn analyze(path: &Path, extract: Option<&Path>) -> Result<Report, AnalyzeErr
         }
         None => None,
     };
+    analyze_buf(buf, extract)
+}
+
+/// Analyses a stream held in memory (the fuzz targets' entry; `analyze` maps the file).
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn analyze_bytes(buf: &[u8]) -> Result<Report, AnalyzeError> {
+    analyze_buf(buf, None)
+}
+
+fn analyze_buf(buf: &[u8], extract: Option<Extract>) -> Result<Report, AnalyzeError> {
+    let desc =
+        vmstate::find_trailing_vmdesc(buf).and_then(|(_, r)| VmDescription::parse(&buf[r]).ok());
     let mut w = Walker {
         buf,
         pos: 0,
         report: Report {
-            file_size: len as u64,
+            file_size: buf.len() as u64,
             ..Default::default()
         },
         desc,
@@ -541,7 +551,7 @@ pub fn analyze(path: &Path, extract: Option<&Path>) -> Result<Report, AnalyzeErr
         intake: DeviceIntake::default(),
         extract,
         section: String::new(),
-        progress: Progress::new(len as u64),
+        progress: Progress::new(buf.len() as u64),
     };
     let r = w.walk();
     w.progress.done();

@@ -11,6 +11,11 @@ pub mod device_state;
 mod dirty_bitmap;
 pub mod events;
 pub mod fault;
+/// Entry points of the fuzz targets (tests/fuzz); built for unit tests too, so they are
+/// checked and linted with the rest.
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod guest_memory;
 mod held;
 pub mod logging;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need (as root, idempotent) and runs every test: unit tests,
-# fixture tests and the interop tests against real QEMU 10.0 and 7.2.
+# fixture tests, the interop tests against real QEMU 10.0 and 7.2, and a few seconds of
+# each fuzz target.
 # Usage: bash tests/run-all.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,5 +23,7 @@ cargo clippy --all-targets --profile ci -- -D warnings
 echo "== cargo test"
 cargo test --profile ci --all-targets
 cargo test --profile ci --doc
+echo "== fuzz smoke (5 s per target; the soak is bash tests/fuzz/soak.sh SECONDS)"
+bash tests/fuzz/soak.sh --smoke
 echo "== Debian package"
 bash tests/package-test.sh
