@@ -3,7 +3,7 @@
 //! own threads, so every command answers at once.
 
 pub mod commands;
-mod framing;
+pub(crate) mod framing;
 pub mod listen;
 mod orphan;
 pub mod qmp;

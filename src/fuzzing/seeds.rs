@@ -198,7 +198,7 @@ fn vmdesc_token(desc: &VmDescription, devices: &[&Device], machine_len: Option<u
         b.configuration(n);
     }
     for d in devices {
-        b.push_device(d.desc.json.clone());
+        b.push_device((*d.desc.json).clone());
     }
     let mut out = vec![crate::compat::wire::section::EOF];
     // A description of a few devices is far below the limit.
@@ -287,7 +287,7 @@ pub fn seeds_from_stream(s: &[u8]) -> Result<Seeds, String> {
     // One description + body per device (and the configuration section's).
     for d in &devs {
         let mut b = VmDescriptionBuilder::new(l.desc.page_size());
-        b.push_device(d.desc.json.clone());
+        b.push_device((*d.desc.json).clone());
         let mut v = b.to_json_bytes();
         v.push(0);
         v.extend_from_slice(&s[d.body.start..d.footer.end]);

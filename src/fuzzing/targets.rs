@@ -3,6 +3,7 @@
 use serde_json::{json, Value};
 
 use crate::compat::wire::{self, command, ram as flag, section};
+use crate::control::framing::{self, Frame};
 use crate::control::qmp;
 use crate::postcopy;
 use crate::ram::{self, Record};
@@ -13,11 +14,6 @@ use crate::vmstate::{self, DeviceDesc, VmDescription, VmDescriptionBuilder};
 /// Largest received-bitmap the return-path target accepts (the source's limit is the
 /// block's bitmap size; any fixed cap exercises the same code).
 const MAX_BITMAP: u64 = 1 << 20;
-/// Largest device part of a package handed to `split_full_sections` here. Its backtracking
-/// costs up to 100,000 scans of the whole part (a 5.8 KB part took 5.7 s, the known
-/// quadratic case of issue 10); until the splitter is linear, larger parts would make the
-/// fuzzer spend its time on that one known slow path. Raise it then.
-const SPLIT_LIMIT: usize = 512;
 /// Devices of one description walked per input: enough to reach every code path, few
 /// enough that one input stays fast.
 const MAX_DEVICES: usize = 8;
@@ -284,7 +280,7 @@ pub fn vmstate(data: &[u8]) {
     // Re-emitting the devices gives the same description.
     let mut b = VmDescriptionBuilder::new(desc.page_size());
     for d in desc.devices() {
-        b.push_device(d.json.clone());
+        b.push_device((*d.json).clone());
     }
     let again = VmDescription::parse(&b.to_json_bytes()).expect("re-emitted description");
     assert_eq!(again.page_size(), desc.page_size());
@@ -374,9 +370,6 @@ pub fn packaged(data: &[u8]) {
     }
     stream::encode_command(&mut out, command::POSTCOPY_RUN, &[]).unwrap();
     assert_eq!(out, data, "package round trip");
-    if p.devices.len() > SPLIT_LIMIT {
-        return;
-    }
     let parts = match postcopy::split_full_sections(p.devices) {
         Ok(parts) => parts,
         Err(e) => {
@@ -401,20 +394,54 @@ pub fn packaged(data: &[u8]) {
     assert_eq!(next, p.devices.len(), "parts do not reach the end");
 }
 
-/// The control channel's input: each line a QMP request, as the reader frames them today.
-/// When the reader becomes a JSON-stream parser, this is the one function to change.
+/// The control channel's input as the connection reads it: split into JSON values by the
+/// framing scanner, each value parsed as a QMP request. The frames must not depend on how
+/// the bytes were cut into reads (the first byte picks a read size), positions only move
+/// forward, and no message is longer than the limit.
 pub fn control(data: &[u8]) {
-    for line in data.split(|&b| b == b'\n') {
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
+    let whole = frames(data, data.len().max(1));
+    let chunk = 1 + data.first().map_or(0, |&b| usize::from(b) % 17);
+    assert_eq!(
+        whole,
+        frames(data, chunk),
+        "framing depends on read boundaries"
+    );
+    // Both before and after `qmp_capabilities {"enable": ["oob"]}`.
+    let oob = data.len() % 2 == 1;
+    for f in whole {
+        if let Frame::Message { bytes, .. } = f {
+            assert!(bytes.len() <= framing::MAX_MESSAGE);
+            request(&bytes, oob);
         }
-        request(line);
     }
 }
 
-fn request(line: &[u8]) {
+fn frames(data: &[u8], chunk: usize) -> Vec<Frame> {
+    let mut s = framing::Splitter::new();
+    let mut out = Vec::new();
+    let mut last = 0;
+    for c in data.chunks(chunk) {
+        s.feed(c);
+        while let Some(f) = s.next_frame() {
+            let end = match &f {
+                Frame::Message { end, .. } | Frame::Error { end, .. } | Frame::Skipped { end } => {
+                    *end
+                }
+            };
+            assert!(
+                end >= last && end <= s.position(),
+                "frame end {end} out of order"
+            );
+            last = end;
+            out.push(f);
+        }
+    }
+    out
+}
+
+fn request(line: &[u8], oob: bool) {
     let value: Option<Value> = serde_json::from_slice(line).ok();
-    match qmp::parse_request(line) {
+    match qmp::parse_request(line, oob) {
         Ok(req) => {
             let Some(Value::Object(obj)) = value else {
                 panic!("request accepted from input that is not a JSON object");
@@ -427,7 +454,7 @@ fn request(line: &[u8]) {
             if let Some(id) = &req.id {
                 again["id"] = id.clone();
             }
-            let r2 = qmp::parse_request(again.to_string().as_bytes()).expect("re-parse");
+            let r2 = qmp::parse_request(again.to_string().as_bytes(), oob).expect("re-parse");
             assert_eq!(r2.name, req.name);
             // serde_json's default float parsing may be one ULP off on the way back.
             let args = |m: serde_json::Map<String, Value>| sans_floats(&Value::Object(m));
