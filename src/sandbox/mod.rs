@@ -97,7 +97,12 @@ pub fn enter(
         seccompiler::SeccompAction::Log
     };
     let main = seccomp::main_filter(profile, mismatch.clone())?;
-    let page_mover = seccomp::page_mover_filter(mismatch)?;
+    // The page movers' filter refuses with EACCES rather than trapping: it is stacked on
+    // the process filter, which still kills for anything outside the process allowlist
+    // (the kernel takes the strictest verdict), and glibc does lazy work on whatever
+    // thread gets there first (malloc reads /proc/sys/vm/overcommit_memory the first
+    // time it shrinks a thread's heap), which must fail softly, not kill the helper.
+    let page_mover = seccomp::page_mover_filter(page_mover_mismatch(mode, &mismatch))?;
     let soft = seccomp::soft_filter()?;
     // The soft one first: installing a filter takes prctl and seccomp, which the main one
     // forbids.
@@ -146,6 +151,18 @@ pub fn enter_thread(kind: ThreadKind) -> bool {
     };
     // A failure leaves the thread under the process filter, which still holds.
     prog.is_some_and(|p| seccompiler::apply_filter(p).is_ok())
+}
+
+/// What the page movers' filter does with a call it does not list (see `enter`).
+fn page_mover_mismatch(
+    mode: SandboxMode,
+    process: &seccompiler::SeccompAction,
+) -> seccompiler::SeccompAction {
+    if mode == SandboxMode::On {
+        seccompiler::SeccompAction::Errno(libc::EACCES as u32)
+    } else {
+        process.clone()
+    }
 }
 
 /// glibc reads its resolver configuration on first use: do it now, so that a later
@@ -276,6 +293,25 @@ pub fn testing_only_selftest() -> Option<u8> {
 
 #[cfg(test)]
 mod tests {
+
+    /// glibc's malloc opens /proc/sys/vm/overcommit_memory the first time it shrinks a
+    /// thread's heap, on whatever thread frees: under the page movers' filter that open
+    /// fails with EACCES instead of killing the helper (seen as SIGSYS in a writer thread).
+    #[test]
+    fn page_mover_refuses_an_open_softly() {
+        let action = page_mover_mismatch(SandboxMode::On, &seccompiler::SeccompAction::Trap);
+        let prog = seccomp::page_mover_filter(action).expect("filter");
+        let r = std::thread::spawn(move || {
+            seccompiler::apply_filter(&prog).expect("apply");
+            std::fs::File::open("/proc/sys/vm/overcommit_memory")
+                .map(|_| ())
+                .map_err(|e| e.raw_os_error())
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(r, Err(Some(libc::EACCES)));
+    }
+
     use super::*;
 
     #[test]
