@@ -184,6 +184,17 @@ pub fn socketpair() -> (OwnedFd, OwnedFd) {
     .expect("socketpair")
 }
 
+/// Starts a precopy migration from `src` to `dst` over a socketpair passed to both as
+/// "mig" (`migrate-incoming fd:mig` on `dst`, then `migrate fd:mig` on `src`).
+pub fn start_fd_migration(src: &mut HelperVm, dst: &mut HelperVm) {
+    let (a, b) = socketpair();
+    src.client.getfd("mig", a.as_fd()).expect("getfd");
+    dst.client.getfd("mig", b.as_fd()).expect("getfd");
+    drop((a, b));
+    dst.client.migrate_incoming("fd:mig").expect("incoming");
+    src.client.migrate("fd:mig").expect("migrate");
+}
+
 impl HelperVm {
     /// A helper that logs only warnings (for benchmarks).
     pub fn spawn_quiet() -> HelperVm {

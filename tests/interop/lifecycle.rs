@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::helper::{socketpair, HelperVm};
+use crate::helper::{socketpair, start_fd_migration, HelperVm};
 use crate::util::{assert_same_memory, fill_mixed, test_seed, MIB};
 
 const QUIET: &[&str] = &["--log-level", "info"];
@@ -24,12 +24,7 @@ fn running_precopy(test: &str) -> (HelperVm, HelperVm, Vec<u8>) {
     src.client
         .set_parameters(json!({"max-bandwidth": 8 * MIB}))
         .expect("params");
-    let (a, b) = socketpair();
-    src.client.getfd("mig", a.as_fd()).expect("getfd");
-    dst.client.getfd("mig", b.as_fd()).expect("getfd");
-    drop((a, b));
-    dst.client.migrate_incoming("fd:mig").expect("incoming");
-    src.client.migrate("fd:mig").expect("migrate");
+    start_fd_migration(&mut src, &mut dst);
     src.wait(&["active"], Duration::from_secs(20));
     dst.wait(&["active"], Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(500));

@@ -9,7 +9,7 @@ use std::time::Duration;
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use serde_json::json;
 
-use crate::helper::{socketpair, HelperVm, Memfd};
+use crate::helper::{socketpair, start_fd_migration, HelperVm, Memfd};
 use crate::util::{assert_same_memory, fill_mixed, test_seed, MIB};
 
 const SIZE: u64 = 64 * MIB;
@@ -30,12 +30,7 @@ fn start(src: &mut HelperVm, dst: &mut HelperVm) {
     src.client
         .set_parameters(json!({"max-bandwidth": 8 * MIB}))
         .expect("params");
-    let (a, b) = socketpair();
-    src.client.getfd("mig", a.as_fd()).expect("getfd");
-    dst.client.getfd("mig", b.as_fd()).expect("getfd");
-    drop((a, b));
-    dst.client.migrate_incoming("fd:mig").expect("incoming");
-    src.client.migrate("fd:mig").expect("migrate");
+    start_fd_migration(src, dst);
     src.wait(&["active"], DEADLINE);
     std::thread::sleep(Duration::from_millis(500));
 }
