@@ -365,6 +365,39 @@ fn analyze_big_section_and_many_fields() {
     assert!(peak < BASE_MIB + 96, "peak RSS {peak} MiB");
 }
 
+/// Found by the `vmstate` fuzz target: a zero-size field repeated 65536 times consumes no
+/// body byte but yields 65536 values, so before the stream-wide decode budget a 4 KB file
+/// of such sections took `analyze` to 926 MB. 2000 devices of that shape, each with its
+/// own description entry: the budget stops decoding early, in `analyze` and in a
+/// destination alike.
+#[test]
+fn zero_size_fields_cannot_multiply_values() {
+    let n = 2000;
+    let devices: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({"name": format!("d{i}"), "instance_id": 0, "vmsd_name": "d", "version": 1,
+                "fields": [{"name": "a", "type": "x", "size": 0, "array_len": 65536}]})
+        })
+        .collect();
+    let desc = json!({"page_size": 4096, "devices": devices});
+    let mut s = ram_prefix();
+    for i in 0..n {
+        s.extend(full(10 + i as u32, &format!("d{i}"), 0, &[]));
+    }
+    s.extend(eof_and_vmdesc(&desc));
+    let (ok, out, secs, peak) = analyze("2000 zero-size field arrays", &s);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("too large to decode"),
+        "the decode budget did not stop it"
+    );
+    assert!(peak < BASE_MIB + 64, "analyze: peak RSS {peak} MiB");
+    assert!(secs < 20.0, "analyze took {secs:.1} s");
+    let (_h, l) = load("2000 zero-size field arrays", s);
+    assert_eq!(l.status["status"], "completed", "{}", l.status);
+    assert_within("2000 zero-size field arrays", &l, BASE_MIB + 64, 20.0);
+}
+
 // ---- Source: a destination that floods the return path with page requests -----------------
 
 const SRC_RAM: u64 = 32 << 20;
