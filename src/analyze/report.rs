@@ -1,0 +1,157 @@
+//! What `analyze` found, and its two renderings: one JSON object (`--json`) and the text
+//! report.
+
+use std::io::Write;
+
+use serde_json::{json, Value};
+
+/// Per-block RAM figures.
+#[derive(Debug, Default, Clone)]
+pub struct BlockStats {
+    pub name: String,
+    pub length: u64,
+    pub pages: u64,
+    pub zero_pages: u64,
+}
+
+/// One top-level item of the stream.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub offset: u64,
+    pub kind: String,
+    pub section_id: Option<u32>,
+    pub idstr: Option<String>,
+    pub instance_id: Option<u32>,
+    pub version_id: Option<u32>,
+    pub size: u64,
+    pub fields: Option<Value>,
+    /// Why a described device section has no `fields` (e.g. too large to decode).
+    pub fields_error: Option<String>,
+}
+
+/// Most items a report lists: a file of tiny sections must not make the report grow
+/// with the file (a few hundred bytes each). The rest are counted in `items_omitted`.
+pub const MAX_ITEMS: usize = 1 << 17;
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub file_size: u64,
+    pub machine: Option<String>,
+    pub capabilities: Vec<String>,
+    pub items: Vec<Item>,
+    pub blocks: Vec<BlockStats>,
+    pub vmdesc_size: Option<u64>,
+    pub complete: bool,
+    /// Items after the first [`MAX_ITEMS`], not listed.
+    pub items_omitted: u64,
+}
+
+impl Report {
+    pub fn to_json(&self) -> Value {
+        json!({
+            "file-size": self.file_size,
+            "machine": self.machine,
+            "capabilities": self.capabilities,
+            "ram": self.blocks.iter().map(|b| json!({
+                "block": b.name, "length": b.length, "pages": b.pages,
+                "zero-pages": b.zero_pages, "normal-pages": b.pages - b.zero_pages,
+            })).collect::<Vec<_>>(),
+            "sections": self.items.iter().map(|i| {
+                let mut v = json!({"offset": i.offset, "type": i.kind, "size": i.size});
+                if let Some(x) = i.section_id { v["section-id"] = json!(x); }
+                if let Some(x) = &i.idstr { v["idstr"] = json!(x); }
+                if let Some(x) = i.instance_id { v["instance-id"] = json!(x); }
+                if let Some(x) = i.version_id { v["version-id"] = json!(x); }
+                if let Some(x) = &i.fields { v["fields"] = x.clone(); }
+                if let Some(x) = &i.fields_error { v["fields-error"] = json!(x); }
+                v
+            }).collect::<Vec<_>>(),
+            "sections-omitted": self.items_omitted,
+            "vm-description-size": self.vmdesc_size,
+        })
+    }
+
+    pub fn print(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        writeln!(out, "file size: {} bytes", self.file_size)?;
+        writeln!(out, "header: QEVM version 3")?;
+        match &self.machine {
+            Some(m) => writeln!(
+                out,
+                "configuration: machine {m:?}{}",
+                if self.capabilities.is_empty() {
+                    String::new()
+                } else {
+                    format!(", capabilities {:?}", self.capabilities)
+                }
+            )?,
+            None => writeln!(out, "configuration: none")?,
+        }
+        writeln!(out, "RAM blocks:")?;
+        for b in &self.blocks {
+            writeln!(
+                out,
+                "  {:<32} {:>12} bytes  {:>9} pages sent ({} zero, {} normal)",
+                b.name,
+                b.length,
+                b.pages,
+                b.zero_pages,
+                b.pages - b.zero_pages
+            )?;
+        }
+        // RAM PARTs are many: summarise them; list everything else.
+        let parts = self.items.iter().filter(|i| i.kind == "PART").count();
+        let part_bytes: u64 = self
+            .items
+            .iter()
+            .filter(|i| i.kind == "PART")
+            .map(|i| i.size)
+            .sum();
+        writeln!(out, "sections:")?;
+        for i in self.items.iter().filter(|i| i.kind != "PART") {
+            write!(
+                out,
+                "  {:#012x} {:<24} {:>10} bytes",
+                i.offset, i.kind, i.size
+            )?;
+            if let (Some(id), Some(n)) = (i.section_id, &i.idstr) {
+                write!(out, "  id {id} {n:?}")?;
+                if let (Some(inst), Some(v)) = (i.instance_id, i.version_id) {
+                    write!(out, " instance {inst} version {v}")?;
+                }
+            }
+            writeln!(out)?;
+            if let Some(f) = &i.fields {
+                let s = f.to_string();
+                if s.len() > 200 {
+                    writeln!(
+                        out,
+                        "      fields: {}...",
+                        &s[..s
+                            .char_indices()
+                            .take_while(|(i, _)| *i < 200)
+                            .last()
+                            .map_or(0, |(i, _)| i)]
+                    )?;
+                } else {
+                    writeln!(out, "      fields: {s}")?;
+                }
+            }
+            if let Some(e) = &i.fields_error {
+                writeln!(out, "      fields not decoded: {e}")?;
+            }
+        }
+        writeln!(out, "  ({parts} RAM PART sections, {part_bytes} bytes)")?;
+        if self.items_omitted > 0 {
+            writeln!(
+                out,
+                "  ({} more sections not listed: the report lists at most {MAX_ITEMS})",
+                self.items_omitted
+            )?;
+        }
+        match self.vmdesc_size {
+            Some(n) => writeln!(out, "VM description: {n} bytes")?,
+            None => writeln!(out, "VM description: none")?,
+        }
+        Ok(())
+    }
+}
