@@ -11,12 +11,12 @@ use serde_json::{json, Map, Value};
 
 use super::qmp::QmpError;
 use crate::compat::QemuVersion;
-use crate::device_state::DeviceSection;
-use crate::events::EventSink;
-use crate::guest_memory::{map_present_in_background, RamBlock, RamBlockSpec};
-use crate::migration::{Capabilities, MigrationCtx};
-use crate::state::MigrationStatus;
+use crate::control::events::EventSink;
+use crate::engine::migration::{Capabilities, MigrationCtx};
+use crate::engine::state::MigrationStatus;
+use crate::memory::block::{map_present_in_background, RamBlock, RamBlockSpec};
 use crate::transport::{Channel, Incoming, Uri};
+use crate::wire::device_state::DeviceSection;
 
 type CmdResult = Result<Value, QmpError>;
 
@@ -410,23 +410,24 @@ impl Helper {
                         .map_err(|e| QmpError::generic(e.to_string()))?;
                     slog::info!(self.log, "migrate-recover: adopting a paused postcopy migration"; "uri" => %uri);
                     self.ctx
-                        .offer_recovery(crate::migration::Recovery::Destination(incoming));
+                        .offer_recovery(crate::engine::migration::Recovery::Destination(incoming));
                     return self.start_adopt(Role::Destination, move |ctx| {
-                        crate::destination::adopt(ctx, blocks, uffd).map_err(|e| e.to_string())
+                        crate::engine::destination::adopt(ctx, blocks, uffd)
+                            .map_err(|e| e.to_string())
                     });
                 }
                 let incoming = Incoming::open(&uri, |n| self.take_fd(n))
                     .map_err(|e| QmpError::generic(e.to_string()))?;
                 slog::info!(self.log, "migrate-recover"; "uri" => %uri);
                 self.ctx
-                    .offer_recovery(crate::migration::Recovery::Destination(incoming));
+                    .offer_recovery(crate::engine::migration::Recovery::Destination(incoming));
                 Ok(json!({}))
             }
             "userfaultfd-set" => {
                 a.only(&["fdname"])?;
                 let name = a.str("fdname")?;
                 let fd = self.dup_fd(name)?;
-                crate::fault::check_userfaultfd(name, &fd)
+                crate::engine::destination::fault::check_userfaultfd(name, &fd)
                     .map_err(|e| QmpError::generic(e.to_string()))?;
                 if self.busy() && *lock(&self.role) == Some(Role::Destination) {
                     return Err(QmpError::generic(
@@ -601,7 +602,7 @@ impl Helper {
             p.orphan_timeout = v;
         }
         if let Some(v) = a.opt_u64("load-threads")? {
-            let max = crate::page_writer::MAX_THREADS;
+            let max = crate::memory::page_writer::MAX_THREADS;
             if v == 0 || v > max as u64 {
                 return Err(QmpError::generic(format!(
                     "load-threads must be 1 to {max}"
@@ -695,7 +696,7 @@ impl Helper {
                     {
                         let _ = ctx.state.transition(MigrationStatus::Cancelled);
                     }
-                    Err(e) => ctx.state.fail(crate::memory_guard::explain(&blocks, e)),
+                    Err(e) => ctx.state.fail(crate::memory::guard::explain(&blocks, e)),
                 }
             })
             .map_err(|e| QmpError::generic(format!("cannot start the migration thread: {e}")))?;
@@ -784,13 +785,13 @@ impl Helper {
             if adopt {
                 let blocks = self.migration_blocks()?;
                 self.ctx
-                    .offer_recovery(crate::migration::Recovery::Source(uri, fd));
+                    .offer_recovery(crate::engine::migration::Recovery::Source(uri, fd));
                 return self.start_adopt(Role::Source, move |ctx| {
-                    crate::source::adopt(ctx, blocks).map_err(|e| e.to_string())
+                    crate::engine::source::adopt(ctx, blocks).map_err(|e| e.to_string())
                 });
             }
             self.ctx
-                .offer_recovery(crate::migration::Recovery::Source(uri, fd));
+                .offer_recovery(crate::engine::migration::Recovery::Source(uri, fd));
             return Ok(json!({}));
         }
         self.check_can_start()?;
@@ -838,7 +839,7 @@ impl Helper {
             if let Ok(fd) = chan.try_clone_fd() {
                 ctx.set_channel(Some(fd));
             }
-            crate::source::run(ctx, blocks, chan, uri).map_err(|e| e.to_string())
+            crate::engine::source::run(ctx, blocks, chan, uri).map_err(|e| e.to_string())
         })
     }
 
@@ -890,7 +891,8 @@ impl Helper {
             if let Ok(fd) = chan.try_clone_fd() {
                 ctx.set_channel(Some(fd));
             }
-            crate::destination::run(ctx, blocks, chan, uffd, preempt).map_err(|e| e.to_string())
+            crate::engine::destination::run(ctx, blocks, chan, uffd, preempt)
+                .map_err(|e| e.to_string())
         })
     }
 

@@ -3,6 +3,7 @@
 //! own threads, so every command answers at once.
 
 pub mod commands;
+pub mod events;
 pub(crate) mod framing;
 pub mod listen;
 mod orphan;

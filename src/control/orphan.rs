@@ -9,8 +9,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::migration::MigrationCtx;
-use crate::state::MigrationStatus;
+use crate::engine::migration::MigrationCtx;
+use crate::engine::state::MigrationStatus;
 
 /// How long a cancelled or paused migration may take to get there.
 const SETTLE: Duration = Duration::from_secs(10);

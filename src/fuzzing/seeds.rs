@@ -5,11 +5,11 @@
 use std::ops::Range;
 
 use crate::compat::wire::{command, ram as flag};
-use crate::postcopy;
-use crate::ram::{self, Record};
-use crate::return_path::{self, RpMessage};
-use crate::stream::{self, Token};
 use crate::vmstate::{self, DeviceDesc, VmDescription, VmDescriptionBuilder};
+use crate::wire::postcopy;
+use crate::wire::ram::{self, Record};
+use crate::wire::return_path::{self, RpMessage};
+use crate::wire::stream::{self, Token};
 
 /// RAM records kept per RAM section (the first ones and the last one).
 const RECORDS_KEPT: usize = 3;

@@ -5,11 +5,11 @@ use serde_json::{json, Value};
 use crate::compat::wire::{self, command, ram as flag, section};
 use crate::control::framing::{self, Frame};
 use crate::control::qmp;
-use crate::postcopy;
-use crate::ram::{self, Record};
-use crate::return_path::{self, RpMessage};
-use crate::stream::{self, Decoded, Token};
 use crate::vmstate::{self, DeviceDesc, VmDescription, VmDescriptionBuilder};
+use crate::wire::postcopy;
+use crate::wire::ram::{self, Record};
+use crate::wire::return_path::{self, RpMessage};
+use crate::wire::stream::{self, Decoded, Token};
 
 /// Largest received-bitmap the return-path target accepts (the source's limit is the
 /// block's bitmap size; any fixed cap exercises the same code).

@@ -6,7 +6,7 @@ use std::ops::Range;
 use crate::compat::wire::section;
 
 /// How far back [`find_trailing_vmdesc`] looks for the description.
-const VMDESC_SCAN_LIMIT: usize = crate::stream::MAX_VMDESC_LEN as usize;
+const VMDESC_SCAN_LIMIT: usize = crate::wire::stream::MAX_VMDESC_LEN as usize;
 
 /// If `buf` ends with `0x00 (EOF) 0x06 (VMDESCRIPTION) be32 LEN JSON`, with
 /// JSON being exactly the last LEN bytes, starting with `{` and parsing,

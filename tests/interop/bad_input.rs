@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use qemu_migration_helper::compat::wire::{command, ram as flag, section};
-use qemu_migration_helper::ram::{encode_eos, BlockEntry};
-use qemu_migration_helper::stream::{
+use qemu_migration_helper::wire::ram::{encode_eos, BlockEntry};
+use qemu_migration_helper::wire::stream::{
     encode_command, encode_eof, encode_footer, encode_section_start, encode_vmdesc, put_be16,
     put_be32, put_be64, put_str8, SectionKind,
 };

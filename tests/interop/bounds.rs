@@ -9,8 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use qemu_migration_helper::compat::wire::command;
-use qemu_migration_helper::ram::BlockEntry;
-use qemu_migration_helper::stream::{
+use qemu_migration_helper::wire::ram::BlockEntry;
+use qemu_migration_helper::wire::stream::{
     encode_command, encode_eof, encode_footer, encode_section_start, encode_vmdesc, SectionHeader,
     SectionKind,
 };
@@ -317,7 +317,7 @@ fn analyze_crafted_package_is_linear() {
     }
     let mut body = full(3, "timer", 0, &dev);
     body.extend(full(4, "other", 0, &[1, 2, 3]));
-    let pkg = qemu_migration_helper::postcopy::encode_package(&body).unwrap();
+    let pkg = qemu_migration_helper::wire::postcopy::encode_package(&body).unwrap();
     let mut s = [head(), ram_start(&[("ram", BLOCK)])].concat();
     encode_command(&mut s, command::PACKAGED, &(pkg.len() as u32).to_be_bytes()).unwrap();
     s.extend(pkg);
@@ -447,7 +447,7 @@ fn drain(s: &std::os::unix::net::UnixStream) -> std::thread::JoinHandle<u64> {
 /// Writes valid page requests (every page of the block, over and over) for `secs`, then
 /// `tail`; returns the bytes of requests written.
 fn flood(s: &std::os::unix::net::UnixStream, secs: f64, tail: Vec<u8>) -> u64 {
-    use qemu_migration_helper::return_path::{encode, RpMessage};
+    use qemu_migration_helper::wire::return_path::{encode, RpMessage};
     use std::io::Write;
     let mut w = s.try_clone().expect("clone");
     w.set_write_timeout(Some(std::time::Duration::from_millis(500)))
@@ -523,7 +523,7 @@ fn source_refuses_page_requests_in_precopy() {
 
 #[test]
 fn source_queue_is_bounded_in_postcopy() {
-    use qemu_migration_helper::return_path::{encode, RpMessage};
+    use qemu_migration_helper::wire::return_path::{encode, RpMessage};
     let (mut src, before, s) = flooded_source("source_queue_is_bounded_in_postcopy");
     let base = peak_rss_kib(src.pid()) / 1024;
     let d = drain(&s);
@@ -556,7 +556,7 @@ fn source_queue_is_bounded_in_postcopy() {
 
 #[test]
 fn source_refuses_a_received_bitmap_it_did_not_ask_for() {
-    use qemu_migration_helper::return_path::{encode, RpMessage};
+    use qemu_migration_helper::wire::return_path::{encode, RpMessage};
     use std::io::Write;
     let (mut src, before, s) = flooded_source("source_refuses_a_received_bitmap");
     let d = drain(&s);

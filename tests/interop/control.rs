@@ -568,8 +568,8 @@ fn control_logs_escape_stream_strings() {
     c.migrate_incoming("fd:mig").expect("incoming");
     let evil = "pc\nDec 02 06:00:00.000 INFO forged line, role: admin\x1b[31m";
     let mut stream = Vec::new();
-    qemu_migration_helper::stream::encode_header(&mut stream);
-    qemu_migration_helper::stream::encode_configuration(&mut stream, evil).unwrap();
+    qemu_migration_helper::wire::stream::encode_header(&mut stream);
+    qemu_migration_helper::wire::stream::encode_configuration(&mut stream, evil).unwrap();
     stream.extend_from_slice(&[0xee; 16]); // then garbage: the load fails
     let mut s = UnixStream::from(ours);
     let _ = s.write_all(&stream);

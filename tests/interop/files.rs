@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use qemu_migration_helper::compat::wire;
-use qemu_migration_helper::ram::{self, BlockEntry, Record};
-use qemu_migration_helper::stream::{self, Token};
 use qemu_migration_helper::vmstate::{self, VmDescription};
+use qemu_migration_helper::wire::ram::{self, BlockEntry, Record};
+use qemu_migration_helper::wire::stream::{self, Token};
 use serde_json::{json, Value};
 
 use crate::helper::HelperVm;

@@ -590,7 +590,7 @@ fn helper_to_qemu72_postcopy() {
 /// the discards, then the package.
 fn postcopy_prologue(size: u64, discards: &[(u64, u64)]) -> Vec<u8> {
     use qemu_migration_helper::compat::wire::command;
-    use qemu_migration_helper::{postcopy as pc, ram, stream};
+    use qemu_migration_helper::wire::{postcopy as pc, ram, stream};
     let mut b = Vec::new();
     stream::encode_header(&mut b);
     stream::encode_configuration(&mut b, "none").unwrap();
@@ -632,7 +632,7 @@ fn postcopy_prologue(size: u64, discards: &[(u64, u64)]) -> Vec<u8> {
 /// A PART section with one page at `offset` filled with `byte`.
 fn page_part(offset: u64, byte: u8) -> Vec<u8> {
     use qemu_migration_helper::compat::wire::ram as flag;
-    use qemu_migration_helper::{ram, stream};
+    use qemu_migration_helper::wire::{ram, stream};
     let mut b = Vec::new();
     stream::encode_section_part(&mut b, stream::SectionKind::Part, 1);
     ram::encode_page_header(&mut b, offset, flag::PAGE, Some("ram")).unwrap();
@@ -674,7 +674,7 @@ fn feed_postcopy(guest: &mut UffdGuest, stream: Vec<u8>, want: &[&str]) -> serde
 /// stream completes with the first copy's content.
 #[test]
 fn postcopy_page_arriving_twice() {
-    use qemu_migration_helper::stream;
+    use qemu_migration_helper::wire::stream;
     let size = MIB;
     let mut guest = UffdGuest::new(size);
     let mut s = postcopy_prologue(size, &[(0, size)]);
@@ -682,7 +682,7 @@ fn postcopy_page_arriving_twice() {
     s.extend(page_part(0x3000, 0xbb));
     let mut end = Vec::new();
     stream::encode_section_part(&mut end, stream::SectionKind::End, 1);
-    qemu_migration_helper::ram::encode_eos(&mut end);
+    qemu_migration_helper::wire::ram::encode_eos(&mut end);
     stream::encode_footer(&mut end, 1);
     stream::encode_eof(&mut end);
     s.extend(end);
@@ -740,7 +740,7 @@ fn postcopy_fault_outside_blocks() {
 /// block, then for a page past the block's end: the source stops with a clear error.
 #[test]
 fn postcopy_bad_page_requests() {
-    use qemu_migration_helper::return_path::{encode, RpMessage};
+    use qemu_migration_helper::wire::return_path::{encode, RpMessage};
     use std::io::{Read, Write};
     for (what, msg) in [
         (
@@ -869,7 +869,7 @@ fn postcopy_preempt_bad_page_pauses() {
         _dir,
     } = preempt_destination(size, json!({}));
     let mut bad = Vec::new();
-    qemu_migration_helper::ram::encode_page_header(&mut bad, size, flag::PAGE, Some("ram"))
+    qemu_migration_helper::wire::ram::encode_page_header(&mut bad, size, flag::PAGE, Some("ram"))
         .expect("header");
     bad.extend_from_slice(&[0x5a; 4096]);
     preempt.write_all(&bad).expect("bad page");
@@ -894,7 +894,7 @@ fn postcopy_preempt_bad_page_pauses() {
 /// the whole guest). It waits (at least 1 s), then pauses, so that a recovery can send it.
 #[test]
 fn postcopy_preempt_missing_page_pauses_at_the_end() {
-    use qemu_migration_helper::stream;
+    use qemu_migration_helper::wire::stream;
     use std::io::Write;
     let size = MIB;
     // No silent-link detection: the one thing that may pause here is the missing page
@@ -920,7 +920,7 @@ fn postcopy_preempt_missing_page_pauses_at_the_end() {
     });
     let mut end = Vec::new();
     stream::encode_section_part(&mut end, stream::SectionKind::End, 1);
-    qemu_migration_helper::ram::encode_eos(&mut end);
+    qemu_migration_helper::wire::ram::encode_eos(&mut end);
     stream::encode_footer(&mut end, 1);
     stream::encode_eof(&mut end);
     main.write_all(&end).expect("end of stream");

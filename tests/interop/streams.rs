@@ -6,8 +6,10 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use qemu_migration_helper::compat::wire::ram as flag;
-use qemu_migration_helper::ram::{encode_block_list, encode_eos, encode_page_header, BlockEntry};
-use qemu_migration_helper::stream::{
+use qemu_migration_helper::wire::ram::{
+    encode_block_list, encode_eos, encode_page_header, BlockEntry,
+};
+use qemu_migration_helper::wire::stream::{
     encode_configuration, encode_eof, encode_footer, encode_header, encode_section_part,
     encode_section_start, encode_vmdesc, put_be64, put_str8, SectionHeader, SectionKind,
 };

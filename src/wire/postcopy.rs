@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use crate::compat::wire::{self, command, section};
-use crate::stream::{self, Cursor, SectionHeader, Token, WireError};
+use crate::wire::stream::{self, Cursor, SectionHeader, Token, WireError};
 
 /// QEMU's postcopy_ram_discard_version.
 pub const DISCARD_VERSION: u8 = 0;
@@ -229,7 +229,7 @@ pub fn split_full_sections(
 }
 
 /// Most sections a package may hold (the destination keeps no more in a whole stream).
-const MAX_SECTIONS: usize = crate::device_intake::MAX_DEVICE_SECTIONS;
+const MAX_SECTIONS: usize = crate::wire::device_intake::MAX_DEVICE_SECTIONS;
 /// Most distinct section ids among the footers that could end a section.
 const MAX_FOOTER_IDS: usize = 4 * MAX_SECTIONS;
 
@@ -239,7 +239,7 @@ pub const TARGET_PAGE_SIZE: u64 = wire::TARGET_PAGE_SIZE as u64;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stream::SectionKind;
+    use crate::wire::stream::SectionKind;
 
     #[test]
     fn advise_roundtrip() {

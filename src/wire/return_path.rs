@@ -2,7 +2,7 @@
 //! length, payload. Pure codecs.
 
 use crate::compat::wire::rp;
-use crate::stream::{put_be16, put_be32, put_be64, put_str8, Cursor, Decoded, WireError};
+use crate::wire::stream::{put_be16, put_be32, put_be64, put_str8, Cursor, Decoded, WireError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RpMessage<'a> {

@@ -6,13 +6,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use vm_memory::mmap::MmapRegion;
 use vm_memory::FileOffset;
 
-use crate::guest_memory::{file_size, MemoryError};
+use crate::memory::block::{file_size, MemoryError};
 
 /// A dirty bitmap shared with the parent: little-endian u64 words, bit i = page i.
 /// The parent sets bits with an atomic OR; the helper takes a word with an atomic swap.
 pub struct DirtyBitmap {
     /// Declared before the region: stops watching before the unmap.
-    guard: crate::memory_guard::Guard,
+    guard: crate::memory::guard::Guard,
     region: MmapRegion,
     words: usize,
 }
@@ -29,7 +29,7 @@ impl DirtyBitmap {
                 need,
             });
         }
-        crate::memory_guard::seal_shrink(&fd);
+        crate::memory::guard::seal_shrink(&fd);
         let file = File::from(fd);
         let region = MmapRegion::build(
             Some(FileOffset::new(file, 0)),
@@ -86,13 +86,13 @@ impl DirtyBitmap {
 pub(crate) fn watch(
     id: &str,
     region: &MmapRegion,
-) -> Result<crate::memory_guard::Guard, MemoryError> {
-    crate::memory_guard::watch(id, region.as_ptr(), region.size()).ok_or_else(|| {
+) -> Result<crate::memory::guard::Guard, MemoryError> {
+    crate::memory::guard::watch(id, region.as_ptr(), region.size()).ok_or_else(|| {
         MemoryError::invalid(
             id,
             format!(
                 "too many mappings: at most {} blocks and dirty bitmaps",
-                crate::memory_guard::MAX_MAPPINGS
+                crate::memory::guard::MAX_MAPPINGS
             ),
         )
     })

@@ -14,8 +14,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use crate::compat::wire;
-use crate::return_path::{self, RpMessage};
 use crate::transport::Channel;
+use crate::wire::return_path::{self, RpMessage};
 
 const PAGE: usize = wire::TARGET_PAGE_SIZE;
 

@@ -9,16 +9,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::compat::{self, wire};
-use crate::device_state::DeviceSection;
-use crate::guest_memory::RamBlock;
-use crate::migration::{MigrationCtx, Stats};
-use crate::postcopy;
-use crate::ram::{self, BlockEntry};
-use crate::rp_reader::{spawn_rp_reader, PageRequest, Route, RpEvent, RpGate, MAX_QUEUED_REQUESTS};
-use crate::state::MigrationStatus;
-use crate::stream::{self, SectionHeader, SectionKind, WireError};
+use crate::engine::migration::{MigrationCtx, Stats};
+use crate::engine::source::rp_reader::{
+    spawn_rp_reader, PageRequest, Route, RpEvent, RpGate, MAX_QUEUED_REQUESTS,
+};
+use crate::engine::state::MigrationStatus;
+use crate::memory::block::RamBlock;
 use crate::transport::Channel;
 use crate::vmstate::VmDescriptionBuilder;
+use crate::wire::device_state::DeviceSection;
+use crate::wire::postcopy;
+use crate::wire::ram::{self, BlockEntry};
+use crate::wire::stream::{self, SectionHeader, SectionKind, WireError};
+
+pub(crate) mod rp_reader;
 
 const PAGE: usize = wire::TARGET_PAGE_SIZE;
 /// The RAM section's id on the wire (QEMU 10.0 gives `ram` id 1 too).
@@ -50,7 +54,7 @@ pub enum SourceError {
     #[error("destination: {0}")]
     Peer(String),
     #[error("{0}")]
-    State(#[from] crate::state::BadTransition),
+    State(#[from] crate::engine::state::BadTransition),
     #[error("link: {0}")]
     Link(String),
     #[error("recovery: {0}")]
@@ -810,7 +814,7 @@ impl Source<'_> {
     fn precopy_end(
         &mut self,
         devices: &[DeviceSection],
-        p: &crate::migration::Parameters,
+        p: &crate::engine::migration::Parameters,
     ) -> Result<(), SourceError> {
         // The guest is stopped now: everything still dirty goes in the END section.
         self.harvest();
@@ -1063,7 +1067,7 @@ impl Source<'_> {
             let Some(rec) = ctx.wait_recovery() else {
                 return Err(SourceError::Cancelled);
             };
-            let crate::migration::Recovery::Source(uri, fd) = rec else {
+            let crate::engine::migration::Recovery::Source(uri, fd) = rec else {
                 continue;
             };
             let t0 = Instant::now();

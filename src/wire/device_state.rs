@@ -11,7 +11,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde_json::{json, Value};
 
-use crate::stream::{self, SectionHeader, SectionKind, Token};
+use crate::wire::stream::{self, SectionHeader, SectionKind, Token};
 
 /// Section ids the helper gives to sections it frames itself (QEMU's own ids are small
 /// registration counters; a FULL section's id is only checked against its own footer).

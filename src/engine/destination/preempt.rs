@@ -15,10 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::compat::wire::TARGET_PAGE_SIZE;
-use crate::fault::PostcopyDest;
-use crate::guest_memory::RamBlock;
-use crate::ram::{self, Record};
+use crate::engine::destination::fault::PostcopyDest;
+use crate::memory::block::RamBlock;
 use crate::transport::{Channel, Incoming};
+use crate::wire::ram::{self, Record};
 
 /// Read buffer: a few pages; the channel carries single requested pages.
 const BUF: usize = 256 << 10;

@@ -6,9 +6,9 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use crate::device_state::DeviceSection;
-use crate::stream::SectionHeader;
 use crate::vmstate::{self, DecodeBudget, DeviceDesc};
+use crate::wire::device_state::DeviceSection;
+use crate::wire::stream::SectionHeader;
 
 /// Most device sections one stream may carry (QEMU sends one per device instance: a few
 /// hundred for a large machine). Each costs a few hundred bytes of bookkeeping besides

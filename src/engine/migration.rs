@@ -8,8 +8,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::compat::QemuVersion;
-use crate::device_state::DeviceSection;
-use crate::state::StateMachine;
+use crate::engine::state::StateMachine;
+use crate::wire::device_state::DeviceSection;
 
 /// `migrate-set-capabilities`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -310,7 +310,7 @@ pub enum Recovery {
 }
 
 impl MigrationCtx {
-    pub fn new(log: slog::Logger, events: crate::events::EventSink) -> Arc<Self> {
+    pub fn new(log: slog::Logger, events: crate::control::events::EventSink) -> Arc<Self> {
         Arc::new(MigrationCtx {
             state: StateMachine::new(events, log.clone()),
             log,
@@ -370,7 +370,7 @@ impl MigrationCtx {
         let mut g = self.channel.lock().unwrap_or_else(|e| e.into_inner());
         // The SIGBUS handler shuts the channel down too (memory_guard); it forgets the
         // old fd before that is closed.
-        crate::memory_guard::set_channel(fd.as_ref());
+        crate::memory::guard::set_channel(fd.as_ref());
         *g = fd;
     }
 

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crate::compat::wire::TARGET_PAGE_SIZE;
-use crate::guest_memory::RamBlock;
+use crate::memory::block::RamBlock;
 
 /// Pages per thread below which splitting a batch costs more than it saves.
 const PER_THREAD_MIN: usize = 64;
@@ -294,7 +294,7 @@ fn split_front(runs: &mut Vec<Run>, n: usize) -> Vec<Run> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::guest_memory::tests::{memfd, spec};
+    use crate::memory::block::tests::{memfd, spec};
 
     fn block(name: &str, size: u64) -> Arc<RamBlock> {
         Arc::new(RamBlock::new(spec(name, size), memfd(size)).expect("block"))

@@ -1,10 +1,10 @@
 //! The destination's side of the PACKAGED command, kept out of the loader: when a package
 //! may be read at all, and turning its device bytes into bounded, checked sections.
 
-use crate::device_intake::DeviceIntake;
-use crate::device_state::DeviceSection;
-use crate::postcopy;
-use crate::stream;
+use crate::wire::device_intake::DeviceIntake;
+use crate::wire::device_state::DeviceSection;
+use crate::wire::postcopy;
+use crate::wire::stream;
 
 /// Refuses a package before any of it is buffered: too long, without POSTCOPY_ADVISE
 /// (QEMU: "CMD_POSTCOPY_LISTEN in wrong postcopy state"), or after a LISTEN.

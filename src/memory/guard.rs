@@ -92,7 +92,7 @@ pub fn set_channel(fd: Option<&OwnedFd>) {
 
 /// Prefixes a migration's error with the blocks whose memory shrank under it, if any (a
 /// shrink shows as SIGBUS when the helper reads the page, as EFAULT when the kernel does).
-pub fn explain(blocks: &[std::sync::Arc<crate::guest_memory::RamBlock>], error: String) -> String {
+pub fn explain(blocks: &[std::sync::Arc<crate::memory::block::RamBlock>], error: String) -> String {
     let _ = take_losses();
     let lost: Vec<&str> = blocks
         .iter()

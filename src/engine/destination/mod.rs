@@ -14,20 +14,20 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::compat::wire::{self, command};
-use crate::device_intake::DeviceIntake;
-use crate::device_state::DeviceSection;
-use crate::fault::{AtomicBitmap, FaultError, PostcopyDest, RpWriter};
-use crate::guest_memory::RamBlock;
-use crate::migration::{MigrationCtx, Stats};
-use crate::page_writer::{PageWriteError, PageWriter};
-use crate::postcopy;
-use crate::preempt::PreemptChannel;
-use crate::ram::{self, Record};
-use crate::return_path::RpMessage;
-use crate::state::MigrationStatus;
-use crate::stream::{self, SectionHeader, Token, WireError};
+use crate::engine::destination::fault::{AtomicBitmap, FaultError, PostcopyDest, RpWriter};
+use crate::engine::destination::preempt::PreemptChannel;
+use crate::engine::migration::{MigrationCtx, Stats};
+use crate::engine::state::MigrationStatus;
+use crate::memory::block::RamBlock;
+use crate::memory::page_writer::{PageWriteError, PageWriter};
 use crate::transport::Channel;
 use crate::vmstate::{self, VmDescription};
+use crate::wire::device_intake::DeviceIntake;
+use crate::wire::device_state::DeviceSection;
+use crate::wire::postcopy;
+use crate::wire::ram::{self, Record};
+use crate::wire::return_path::RpMessage;
+use crate::wire::stream::{self, SectionHeader, Token, WireError};
 
 const READ_CHUNK: usize = 4 << 20;
 /// Postcopy: the most unplaced stream bytes that reading ahead for requested pages holds.
@@ -66,7 +66,7 @@ pub enum LoadError {
     #[error("link: {0}")]
     Link(String),
     #[error("{0}")]
-    State(#[from] crate::state::BadTransition),
+    State(#[from] crate::engine::state::BadTransition),
 }
 
 impl LoadError {
@@ -79,6 +79,10 @@ impl LoadError {
     }
 }
 
+pub mod fault;
+mod held;
+mod package;
+pub mod preempt;
 mod reader_ext;
 
 /// A read buffer over any byte source, tracking the absolute stream offset.
@@ -776,7 +780,9 @@ impl<'a> Loader<'a> {
             b.punch_hole(off, len)
                 .map_err(|e| self.invalid(r, format!("discard in {:?}: {e}", b.id)))?;
             // A word at a time: ranges come from the stream, up to the whole block each.
-            for (w, mask) in crate::rp_reader::word_masks(off / page, (off + len) / page) {
+            for (w, mask) in
+                crate::engine::source::rp_reader::word_masks(off / page, (off + len) / page)
+            {
                 self.received[bi].clear_mask(w, mask);
                 if let Some(z) = self.known_zero[bi].get_mut(w) {
                     *z |= mask;
@@ -841,8 +847,12 @@ impl<'a> Loader<'a> {
         // Whether a package may come at all is known before reading it: QEMU only takes
         // its LISTEN after ADVISE and before any other LISTEN. Checked first, so that a
         // stream that never advised postcopy cannot make the helper buffer a package.
-        crate::package::check_before_buffering(len, self.advised, self.postcopy.is_some())
-            .map_err(|e| self.invalid(r, e))?;
+        crate::engine::destination::package::check_before_buffering(
+            len,
+            self.advised,
+            self.postcopy.is_some(),
+        )
+        .map_err(|e| self.invalid(r, e))?;
         let len = len as usize;
         r.reserve_exact(len);
         while r.data().len() < len {
@@ -850,7 +860,7 @@ impl<'a> Loader<'a> {
         }
         let blob = &r.data()[..len];
         let pkg = postcopy::decode_package(blob).map_err(|e| r.wire(e))?;
-        let sections = crate::package::sections(pkg.devices, &mut self.intake)
+        let sections = crate::engine::destination::package::sections(pkg.devices, &mut self.intake)
             .map_err(|e| self.invalid(r, e))?;
         let pings = pkg.pings;
         r.consume(len);
@@ -966,7 +976,7 @@ impl<'a> Loader<'a> {
             let Some(rec) = ctx.wait_recovery() else {
                 return Err(LoadError::Cancelled);
             };
-            let crate::migration::Recovery::Destination(incoming) = rec else {
+            let crate::engine::migration::Recovery::Destination(incoming) = rec else {
                 continue;
             };
             match self.recover_on(incoming) {
@@ -1545,11 +1555,11 @@ fn load_inner<R: ReadReady>(
         LoopEnd::NeedDescription => {
             // Hold everything that is left until the description has arrived.
             let (start, base) = (r.data().to_vec(), r.offset);
-            let crate::held::Held {
+            let crate::engine::destination::held::Held {
                 bytes: mut held,
                 eof_at,
                 json,
-            } = crate::held::hold(&mut r.src, start, base, &r.peer)?;
+            } = crate::engine::destination::held::hold(&mut r.src, start, base, &r.peer)?;
             let desc =
                 VmDescription::parse(&held[json.clone()]).map_err(|source| LoadError::Device {
                     offset: base + json.start as u64,

@@ -2,7 +2,7 @@
 //! writes them. Pure codecs; the sender and loader sit above.
 
 use crate::compat::wire::{ram as flag, TARGET_PAGE_SIZE};
-use crate::stream::{put_be64, put_str8, Cursor, Decoded, WireError};
+use crate::wire::stream::{put_be64, put_str8, Cursor, Decoded, WireError};
 
 /// One entry of the block list in the RAM START section.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,8 +10,8 @@ use vm_memory::mmap::MmapRegion;
 use vm_memory::FileOffset;
 
 use crate::compat::wire::TARGET_PAGE_SIZE;
-use crate::dirty_bitmap::watch;
-pub use crate::dirty_bitmap::DirtyBitmap;
+use crate::memory::dirty_bitmap::watch;
+pub use crate::memory::dirty_bitmap::DirtyBitmap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -145,7 +145,7 @@ pub struct RamBlock {
     /// The fd has F_SEAL_SHRINK (added at ram-block-add where the fd allows seals).
     pub shrink_sealed: bool,
     /// Declared before the region: stops watching before the unmap.
-    guard: crate::memory_guard::Guard,
+    guard: crate::memory::guard::Guard,
     region: MmapRegion,
     dirty: Option<DirtyBitmap>,
     /// The fd is on tmpfs: mapping its present pages ahead reads nothing from a disk.
@@ -223,7 +223,7 @@ impl RamBlock {
         let size = usize::try_from(spec.size)
             .map_err(|_| MemoryError::invalid(id, "size does not fit the address space"))?;
         // A sealed fd cannot shrink under the mapping; others are watched for SIGBUS.
-        let shrink_sealed = crate::memory_guard::seal_shrink(&fd);
+        let shrink_sealed = crate::memory::guard::seal_shrink(&fd);
         let region = MmapRegion::build(
             Some(FileOffset::new(File::from(fd), spec.offset)),
             size,
@@ -545,7 +545,7 @@ impl RamBlock {
         let Some(page) = self.page(off) else {
             return false;
         };
-        if fill == 0 && crate::ram::is_zero_page(page) {
+        if fill == 0 && crate::wire::ram::is_zero_page(page) {
             return true;
         }
         // SAFETY: `page` is inside the mapping (checked by `page`).
@@ -597,7 +597,7 @@ pub(crate) mod tests {
         assert!(!b.write_page(4095, &[7u8; 4096]));
         assert!(b.page(u64::MAX - 4095).is_none());
         assert!(b.fill_page(4096, 0));
-        assert!(crate::ram::is_zero_page(b.page(4096).unwrap()));
+        assert!(crate::wire::ram::is_zero_page(b.page(4096).unwrap()));
     }
 
     #[test]
@@ -715,9 +715,9 @@ pub(crate) mod tests {
         assert_eq!(b.page(8192).unwrap()[0], 7);
         f.set_len(4096).unwrap();
         // Past the new end: SIGBUS, caught; the block now reads zero and is lost.
-        assert!(crate::ram::is_zero_page(b.page(8192).unwrap()));
+        assert!(crate::wire::ram::is_zero_page(b.page(8192).unwrap()));
         assert!(b.memory_lost());
-        let lost = crate::memory_guard::take_losses();
+        let lost = crate::memory::guard::take_losses();
         assert!(lost.iter().any(|n| n == "shrinks"), "{lost:?}");
         drop(b);
         // A sealable memfd is sealed: the parent cannot shrink it.

@@ -5,7 +5,7 @@
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::events::EventSink;
+use crate::control::events::EventSink;
 
 /// QEMU's `MigrationStatus`, with the same strings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -11,11 +11,11 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use crate::compat::wire::{self, command};
-use crate::device_intake::DeviceIntake;
-use crate::postcopy;
-use crate::ram::{self, Record};
-use crate::stream::{self, Token, WireError};
 use crate::vmstate::{self, VmDescription};
+use crate::wire::device_intake::DeviceIntake;
+use crate::wire::postcopy;
+use crate::wire::ram::{self, Record};
+use crate::wire::stream::{self, Token, WireError};
 
 mod report;
 pub use report::{BlockStats, Item, Report, MAX_ITEMS};

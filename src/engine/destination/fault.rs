@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use userfaultfd::{Event, Uffd};
 
 use crate::compat::wire::TARGET_PAGE_SIZE;
-use crate::guest_memory::RamBlock;
-use crate::migration::Latency;
-use crate::return_path::{self, RpMessage};
+use crate::engine::migration::Latency;
+use crate::memory::block::RamBlock;
 use crate::transport::Channel;
+use crate::wire::return_path::{self, RpMessage};
 
 const PAGE: u64 = TARGET_PAGE_SIZE as u64;
 
@@ -416,7 +416,7 @@ impl PostcopyDest {
     pub fn run(self: &Arc<Self>) -> Result<(), FaultError> {
         // A vCPU waits while this thread sleeps: ask to be scheduled ahead of the threads
         // pushing and placing background pages (see `preempt::raise_priority`).
-        crate::preempt::raise_priority(&self.log, "fault");
+        crate::engine::destination::preempt::raise_priority(&self.log, "fault");
         let mut buf = userfaultfd::EventBuffer::new(64);
         while !self.stop.load(Ordering::Acquire) {
             let mut pfd = [nix::poll::PollFd::new(

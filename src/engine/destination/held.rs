@@ -5,7 +5,7 @@
 use std::io::Read;
 use std::ops::Range;
 
-use crate::destination::LoadError;
+use crate::engine::destination::LoadError;
 use crate::vmstate::VmdescFinder;
 
 /// The most a destination holds while waiting for the VM description: the device-state

@@ -1,0 +1,7 @@
+//! The migration engines: the source and destination threads, the state they share with
+//! the control channel, and the state machine.
+
+pub mod destination;
+pub mod migration;
+pub mod source;
+pub mod state;
