@@ -1,5 +1,6 @@
 //! The source's return-path reader: a thread that decodes what the destination sends and
-//! hands it to the migration thread, within bounds whatever the destination sends.
+//! hands it to the migration thread, within bounds whatever the destination sends, and the
+//! migration thread's handle on it with the one place that triages its events.
 //!
 //! Page requests are taken only in postcopy (a destination asks for pages only after
 //! POSTCOPY_LISTEN; QEMU 10.0's source would queue and serve them in precopy too, without
@@ -8,14 +9,22 @@
 //! [`MAX_QUEUED_REQUESTS`] entries: the reader waits for the migration thread (and so the
 //! socket fills up), and a request that finds a full queue is dropped, which only
 //! delays its page to the background push.
+//!
+//! The thread ends with the first error (or SHUT) and returns it; the handle joins it when
+//! its queue runs dry, so a dead reader is an error, never "nothing yet".
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
 
 use crate::compat::wire;
+use crate::engine::source::error::PeerError;
+use crate::engine::source::SourceError;
 use crate::transport::Channel;
 use crate::wire::return_path::{self, RpMessage};
+use crate::wire::stream::WireError;
 
 const PAGE: usize = wire::TARGET_PAGE_SIZE;
 
@@ -34,8 +43,6 @@ pub(crate) struct RpGate {
     pub(crate) postcopy: AtomicBool,
     /// Received bitmaps asked for (RECV_BITMAP commands sent) and not yet come.
     bitmaps: AtomicUsize,
-    /// Page requests dropped because a queue was full.
-    pub(crate) dropped: AtomicU64,
 }
 
 impl RpGate {
@@ -74,18 +81,60 @@ impl PageRequest {
     }
 }
 
+/// What the reader hands to the migration thread.
 #[derive(Debug)]
 pub(crate) enum RpEvent {
     Shut(u32),
-    /// The destination sent something wrong.
-    Error(String),
-    /// The return path broke (EOF or an I/O error).
-    LinkDown(String),
     Request(PageRequest),
     /// A block's received bitmap (recovery).
     Bitmap(usize, Vec<u64>),
     ResumeAck(u32),
     Pong,
+}
+
+/// Why the reader stopped (other than SHUT).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RpError {
+    #[error("bad return-path message: {0}")]
+    Decode(#[source] WireError),
+    #[error("page request (REQ_PAGES) before postcopy: a destination asks for pages only after POSTCOPY_LISTEN")]
+    RequestBeforePostcopy,
+    #[error("page request for unknown RAM block {0:?}")]
+    UnknownBlock(String),
+    #[error("REQ_PAGES before any REQ_PAGES_ID named a block")]
+    NoBlockNamed,
+    #[error("page request {offset:#x}+{len:#x} is outside RAM block {block:?} of size {size:#x} or not page aligned")]
+    OutsideBlock {
+        offset: u64,
+        len: u64,
+        block: String,
+        size: u64,
+    },
+    #[error("received bitmap for {0:?} that was not asked for")]
+    BitmapNotAsked(String),
+    #[error("received bitmap for unknown RAM block {0:?}")]
+    BitmapUnknownBlock(String),
+    #[error("bad received bitmap for {block:?}: {source}")]
+    BadBitmap {
+        block: String,
+        #[source]
+        source: WireError,
+    },
+    #[error("unexpected return-path message: SwitchoverAck")]
+    SwitchoverAck,
+    #[error("return path closed before SHUT")]
+    Closed,
+    #[error("return path: {0}")]
+    Io(#[source] std::io::Error),
+    #[error("the return-path thread died")]
+    Died,
+}
+
+impl RpError {
+    /// The return path broke (EOF, an I/O error), as opposed to carrying something wrong.
+    pub(crate) fn is_link_failure(&self) -> bool {
+        matches!(self, RpError::Closed | RpError::Io(_))
+    }
 }
 
 /// The bitmap words that bits `first..last` fall in, each with the mask of those bits: a
@@ -110,8 +159,8 @@ pub(crate) fn check_request(
     block: Option<usize>,
     offset: u64,
     len: u32,
-) -> Result<PageRequest, String> {
-    let bi = block.ok_or("REQ_PAGES before any REQ_PAGES_ID named a block")?;
+) -> Result<PageRequest, RpError> {
+    let bi = block.ok_or(RpError::NoBlockNamed)?;
     let (name, size) = &blocks[bi];
     let len = len as u64;
     let page = PAGE as u64;
@@ -120,9 +169,12 @@ pub(crate) fn check_request(
         || len % page != 0
         || offset.checked_add(len).is_none_or(|e| e > *size)
     {
-        return Err(format!(
-            "page request {offset:#x}+{len:#x} is outside RAM block {name:?} of size {size:#x} or not page aligned"
-        ));
+        return Err(RpError::OutsideBlock {
+            offset,
+            len,
+            block: name.clone(),
+            size: *size,
+        });
     }
     Ok(PageRequest {
         block: bi,
@@ -131,144 +183,264 @@ pub(crate) fn check_request(
     })
 }
 
-/// Reads the return path on its own thread and forwards what matters.
-pub(crate) fn spawn_rp_reader(
-    chan: Channel,
+/// The reader thread's state.
+struct Reader {
+    chan: Arc<Channel>,
     blocks: Vec<(String, u64)>,
     route: Route,
     gate: Arc<RpGate>,
+    tx: mpsc::SyncSender<RpEvent>,
     log: slog::Logger,
-) -> mpsc::Receiver<RpEvent> {
-    // Bounded: when the main thread is behind, this thread stops reading the socket and
-    // the destination's writes wait (TCP's own flow control), instead of queueing here.
-    let (tx, rx) = mpsc::sync_channel(MAX_QUEUED_EVENTS);
-    std::thread::Builder::new()
-        .name("qmh-rp".into())
-        .spawn(move || {
-            let mut buf = vec![0u8; 4096];
-            let mut have = 0usize;
-            let mut last_block: Option<usize> = None;
-            let fail = |e: String| {
-                let _ = tx.send(RpEvent::Error(e));
-            };
-            loop {
-                // Decode everything buffered.
-                loop {
-                    let (m, n) = match return_path::decode(&buf[..have]) {
-                        Ok(Some(x)) => x,
-                        Ok(None) => break,
-                        Err(e) => return fail(format!("bad return-path message: {e}")),
-                    };
-                    let ev = match m {
-                        RpMessage::Shut(v) => {
-                            let _ = tx.send(RpEvent::Shut(v));
-                            return;
-                        }
-                        RpMessage::Pong(v) => {
-                            slog::debug!(log, "PONG"; "value" => v);
-                            let _ = tx.send(RpEvent::Pong);
-                            None
-                        }
-                        RpMessage::ReqPagesId { .. } | RpMessage::ReqPages { .. }
-                            if !gate.postcopy.load(Ordering::Acquire) =>
-                        {
-                            return fail(
-                                "page request (REQ_PAGES) before postcopy: a destination asks for pages only after POSTCOPY_LISTEN".into(),
-                            );
-                        }
-                        RpMessage::ReqPagesId { offset, len, block } => {
-                            match blocks.iter().position(|(n, _)| n == block) {
-                                Some(i) => last_block = Some(i),
-                                None => {
-                                    return fail(format!(
-                                        "page request for unknown RAM block {block:?}"
-                                    ))
-                                }
-                            }
-                            Some(check_request(&blocks, last_block, offset, len))
-                        }
-                        RpMessage::ReqPages { offset, len } => {
-                            Some(check_request(&blocks, last_block, offset, len))
-                        }
-                        RpMessage::RecvBitmap { block } if !gate.bitmap_expected() => {
-                            return fail(format!(
-                                "received bitmap for {block:?} that was not asked for"
-                            ));
-                        }
-                        RpMessage::RecvBitmap { block } => {
-                            let Some(bi) = blocks.iter().position(|(n, _)| n == block) else {
-                                return fail(format!(
-                                    "received bitmap for unknown RAM block {block:?}"
-                                ));
-                            };
-                            let max = blocks[bi].1.div_ceil(PAGE as u64 * 64) * 8;
-                            match return_path::decode_bitmap_tail(&buf[n..have], max) {
-                                Ok(None) => break,
-                                Ok(Some((words, m))) => {
-                                    gate.take_bitmap();
-                                    let _ = tx.send(RpEvent::Bitmap(bi, words));
-                                    buf.copy_within(n + m..have, 0);
-                                    have -= n + m;
-                                    continue;
-                                }
-                                Err(e) => {
-                                    return fail(format!("bad received bitmap for {block:?}: {e}"))
-                                }
-                            }
-                        }
-                        RpMessage::ResumeAck(v) => {
-                            let _ = tx.send(RpEvent::ResumeAck(v));
-                            None
-                        }
-                        other => return fail(format!("unexpected return-path message: {other:?}")),
-                    };
-                    match ev {
-                        Some(Ok(r)) => {
-                            // To the preempt sender when one runs, else to the main thread.
-                            // A request its full queue cannot take is dropped: the page
-                            // is still on the to-do list and goes with the push.
-                            let routed = match route
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .as_ref()
-                                .map(|u| u.try_send(r))
-                            {
-                                Some(Ok(())) => true,
-                                Some(Err(mpsc::TrySendError::Full(_))) => {
-                                    gate.dropped.fetch_add(1, Ordering::Relaxed);
-                                    true
-                                }
-                                Some(Err(mpsc::TrySendError::Disconnected(_))) | None => false,
-                            };
-                            if !routed && tx.send(RpEvent::Request(r)).is_err() {
-                                return;
-                            }
-                        }
-                        Some(Err(e)) => return fail(e),
-                        _ => {}
-                    }
-                    buf.copy_within(n..have, 0);
-                    have -= n;
-                }
-                if have == buf.len() {
-                    // A received bitmap is larger than a message: grow.
-                    buf.resize(buf.len() * 2, 0);
-                }
-                match chan.read(&mut buf[have..]) {
-                    Ok(0) => {
-                        let _ = tx.send(RpEvent::LinkDown("return path closed before SHUT".into()));
-                        return;
-                    }
-                    Ok(n) => have += n,
-                    Err(e) => {
-                        let _ = tx.send(RpEvent::LinkDown(format!("return path: {e}")));
-                        return;
-                    }
+    buf: Vec<u8>,
+    have: usize,
+    last_block: Option<usize>,
+}
+
+/// Whether the reader goes on after a message.
+enum Next {
+    More,
+    Stop,
+}
+
+impl Reader {
+    fn run(mut self) -> Result<(), RpError> {
+        loop {
+            // Decode everything buffered.
+            while let Some((n, next)) = self.decode_one()? {
+                self.buf.copy_within(n..self.have, 0);
+                self.have -= n;
+                if let Next::Stop = next {
+                    return Ok(());
                 }
             }
+            if self.have == self.buf.len() {
+                // A received bitmap is larger than a message: grow.
+                self.buf.resize(self.buf.len() * 2, 0);
+            }
+            let have = self.have;
+            match self.chan.read(&mut self.buf[have..]) {
+                Ok(0) => return Err(RpError::Closed),
+                Ok(n) => self.have += n,
+                Err(e) => return Err(RpError::Io(e)),
+            }
+        }
+    }
+
+    /// Hands an event over; Stop when the migration thread is gone.
+    fn send(&self, ev: RpEvent) -> Next {
+        match self.tx.send(ev) {
+            Ok(()) => Next::More,
+            Err(_) => Next::Stop,
+        }
+    }
+
+    /// Decodes and handles the first buffered message: how many bytes it took, and whether
+    /// to go on. None when it is not all there yet.
+    fn decode_one(&mut self) -> Result<Option<(usize, Next)>, RpError> {
+        let buf = &self.buf[..self.have];
+        let (m, n) = match return_path::decode(buf).map_err(RpError::Decode)? {
+            Some(x) => x,
+            None => return Ok(None),
+        };
+        let req = match m {
+            RpMessage::Shut(v) => {
+                self.send(RpEvent::Shut(v));
+                return Ok(Some((n, Next::Stop)));
+            }
+            RpMessage::Pong(v) => {
+                slog::debug!(self.log, "PONG"; "value" => v);
+                return Ok(Some((n, self.send(RpEvent::Pong))));
+            }
+            RpMessage::ReqPagesId { .. } | RpMessage::ReqPages { .. }
+                if !self.gate.postcopy.load(Ordering::Acquire) =>
+            {
+                return Err(RpError::RequestBeforePostcopy);
+            }
+            RpMessage::ReqPagesId { offset, len, block } => {
+                match self.blocks.iter().position(|(n, _)| n == block) {
+                    Some(i) => self.last_block = Some(i),
+                    None => return Err(RpError::UnknownBlock(block.to_string())),
+                }
+                check_request(&self.blocks, self.last_block, offset, len)?
+            }
+            RpMessage::ReqPages { offset, len } => {
+                check_request(&self.blocks, self.last_block, offset, len)?
+            }
+            RpMessage::RecvBitmap { block } if !self.gate.bitmap_expected() => {
+                return Err(RpError::BitmapNotAsked(block.to_string()));
+            }
+            RpMessage::RecvBitmap { block } => {
+                let Some(bi) = self.blocks.iter().position(|(n, _)| n == block) else {
+                    return Err(RpError::BitmapUnknownBlock(block.to_string()));
+                };
+                let max = self.blocks[bi].1.div_ceil(PAGE as u64 * 64) * 8;
+                return match return_path::decode_bitmap_tail(&buf[n..], max) {
+                    Ok(None) => Ok(None),
+                    Ok(Some((words, m))) => {
+                        self.gate.take_bitmap();
+                        Ok(Some((n + m, self.send(RpEvent::Bitmap(bi, words)))))
+                    }
+                    Err(source) => Err(RpError::BadBitmap {
+                        block: block.to_string(),
+                        source,
+                    }),
+                };
+            }
+            RpMessage::ResumeAck(v) => return Ok(Some((n, self.send(RpEvent::ResumeAck(v))))),
+            RpMessage::SwitchoverAck => return Err(RpError::SwitchoverAck),
+        };
+        // To the preempt sender when one runs, else to the main thread. A request its full
+        // queue cannot take is dropped: the page is still on the to-do list and goes with
+        // the push.
+        let routed = match self
+            .route
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|u| u.try_send(req))
+        {
+            Some(Ok(())) | Some(Err(mpsc::TrySendError::Full(_))) => true,
+            Some(Err(mpsc::TrySendError::Disconnected(_))) | None => false,
+        };
+        let next = if routed {
+            Next::More
+        } else {
+            self.send(RpEvent::Request(req))
+        };
+        Ok(Some((n, next)))
+    }
+}
+
+/// How long [`ReturnPath::next`] may wait for an event.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Wait {
+    /// Only what is already there.
+    Now,
+    /// Until this deadline at most.
+    Until(Instant),
+}
+
+/// The migration thread's end of the return path: the reader thread, its queue, and what
+/// the events said so far (the last PONG, whether SHUT came).
+pub(crate) struct ReturnPath {
+    rx: mpsc::Receiver<RpEvent>,
+    /// The reader's channel, shut down to end the reader when the handle goes.
+    chan: Arc<Channel>,
+    thread: Option<JoinHandle<Result<(), RpError>>>,
+    last_pong: Instant,
+    shut: bool,
+}
+
+impl ReturnPath {
+    /// Starts a reader on `chan` (a duplicate of the migration channel's socket).
+    pub(crate) fn spawn(
+        chan: Channel,
+        blocks: Vec<(String, u64)>,
+        route: Route,
+        gate: Arc<RpGate>,
+        log: slog::Logger,
+    ) -> Result<Self, SourceError> {
+        let chan = Arc::new(chan);
+        // Bounded: when the main thread is behind, this thread stops reading the socket and
+        // the destination's writes wait (TCP's own flow control), instead of queueing here.
+        let (tx, rx) = mpsc::sync_channel(MAX_QUEUED_EVENTS);
+        let reader = Reader {
+            chan: chan.clone(),
+            blocks,
+            route,
+            gate,
+            tx,
+            log,
+            buf: vec![0u8; 4096],
+            have: 0,
+            last_block: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name("qmh-rp".into())
+            .spawn(move || reader.run())
+            .map_err(|source| SourceError::Spawn {
+                what: "return-path",
+                source,
+            })?;
+        Ok(ReturnPath {
+            rx,
+            chan,
+            thread: Some(thread),
+            last_pong: Instant::now(),
+            shut: false,
         })
-        .ok();
-    rx
+    }
+
+    /// The one triage of return-path events: the next event within `wait`, None when none
+    /// came. PONGs are noted here, a failed SHUT and a reader that stopped on an error are
+    /// returned as errors; after SHUT 0 nothing more comes.
+    pub(crate) fn next(&mut self, wait: Wait) -> Result<Option<RpEvent>, SourceError> {
+        loop {
+            if self.shut {
+                return Ok(None);
+            }
+            let ev = match wait {
+                Wait::Now => self.rx.try_recv().map_err(|e| match e {
+                    mpsc::TryRecvError::Empty => None,
+                    mpsc::TryRecvError::Disconnected => Some(()),
+                }),
+                Wait::Until(d) => self
+                    .rx
+                    .recv_timeout(d.saturating_duration_since(Instant::now()))
+                    .map_err(|e| match e {
+                        mpsc::RecvTimeoutError::Timeout => None,
+                        mpsc::RecvTimeoutError::Disconnected => Some(()),
+                    }),
+            };
+            return match ev {
+                Ok(RpEvent::Pong) => {
+                    self.last_pong = Instant::now();
+                    continue;
+                }
+                Ok(RpEvent::Shut(0)) => {
+                    self.shut = true;
+                    Ok(Some(RpEvent::Shut(0)))
+                }
+                Ok(RpEvent::Shut(v)) => Err(PeerError::Shut(v).into()),
+                Ok(ev) => Ok(Some(ev)),
+                Err(None) => Ok(None),
+                Err(Some(())) => Err(self.join().into()),
+            };
+        }
+    }
+
+    /// When the last PONG came (or the reader started).
+    pub(crate) fn last_pong(&self) -> Instant {
+        self.last_pong
+    }
+
+    /// Whether the destination's SHUT 0 came.
+    pub(crate) fn shut(&self) -> bool {
+        self.shut
+    }
+
+    /// Joins the reader, whose queue is empty and closed: why it stopped.
+    fn join(&mut self) -> RpError {
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(Err(e))) => e,
+            // It stops without an error only after SHUT, which is taken before this.
+            Some(Ok(Ok(()))) | None => RpError::Closed,
+            Some(Err(_)) => RpError::Died,
+        }
+    }
+}
+
+impl Drop for ReturnPath {
+    /// Ends and joins the reader: after SHUT it has ended already; otherwise its socket is
+    /// shut down (the migration is over or paused on it).
+    fn drop(&mut self) {
+        if let Some(h) = self.thread.take() {
+            if !self.shut {
+                self.chan.shutdown();
+            }
+            let _ = h.join();
+        }
+    }
 }
 
 #[cfg(test)]

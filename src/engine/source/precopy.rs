@@ -1,0 +1,366 @@
+//! The precopy pass driver: the stream's setup, dirty passes under the bandwidth limit
+//! until what is left fits in the downtime limit (or postcopy is asked for), the wait in
+//! pre-switchover, and the precopy switchover (END, device state, EOF, VM description).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::compat::wire;
+use crate::engine::migration::{Capabilities, MigrationCtx, Parameters};
+use crate::engine::source::commands::{Commands, Switchover};
+use crate::engine::source::error::PeerError;
+use crate::engine::source::pages::{Names, Pages};
+use crate::engine::source::postcopy::{wait_shut, Link, PostcopyPush, RpShared};
+use crate::engine::source::rp_reader::{ReturnPath, RpEvent, Wait};
+use crate::engine::source::writer::{Throttle, Writer, PAGE, RAM_SECTION_ID};
+use crate::engine::source::SourceError;
+use crate::engine::state::MigrationStatus;
+use crate::memory::block::RamBlock;
+use crate::transport::{Channel, Uri};
+use crate::vmstate::VmDescriptionBuilder;
+use crate::wire::device_state::DeviceSection;
+use crate::wire::postcopy;
+use crate::wire::ram::{self, BlockEntry};
+use crate::wire::stream::{self, SectionHeader, SectionKind};
+
+/// Words sent between two looks at cancel, the return path and migrate-start-postcopy.
+const CHECK_EVERY: u32 = 16;
+
+/// Why a run over the to-do sets stopped.
+#[derive(PartialEq, Eq)]
+enum PassEnd {
+    Done,
+    /// `migrate-start-postcopy` came.
+    Postcopy,
+}
+
+pub(crate) struct Precopy<'m> {
+    ctx: &'m MigrationCtx,
+    commands: Commands<'m>,
+    caps: Capabilities,
+    blocks: &'m [Arc<RamBlock>],
+    pages: Pages<'m>,
+    out: Writer<'m>,
+    /// With the return-path capability (always with postcopy).
+    rp: Option<ReturnPath>,
+    rp_shared: RpShared,
+    throttle: Throttle,
+    pass: u64,
+    last_progress: Instant,
+}
+
+impl<'m> Precopy<'m> {
+    /// Starts the return path and sends the stream's header, configuration, commands and
+    /// the RAM block list; then `active`.
+    pub(crate) fn start(
+        ctx: &'m MigrationCtx,
+        blocks: &'m [Arc<RamBlock>],
+        chan: Channel,
+    ) -> Result<Self, SourceError> {
+        let caps = ctx.caps();
+        let params = ctx.params();
+        let t0 = Instant::now();
+        let chan = Arc::new(chan);
+        chan.tune_buffers();
+        if caps.postcopy_ram && !chan.is_socket {
+            return Err(PeerError::NotASocket(chan.peer.clone()).into());
+        }
+        let use_rp = (caps.return_path || caps.postcopy_ram) && chan.is_socket;
+        let rp_shared = RpShared::default();
+        let rp = if use_rp {
+            let fd = chan.try_clone_fd().map_err(|source| SourceError::Io {
+                peer: chan.peer.clone(),
+                sent: 0,
+                source,
+            })?;
+            let rp_chan =
+                Channel::from_fd("return-path", fd).map_err(PeerError::ReturnPathChannel)?;
+            Some(rp_shared.spawn_reader(rp_chan, blocks, &ctx.log)?)
+        } else {
+            None
+        };
+        // Pages the parent dirtied before now are sent by the first pass anyway; with the
+        // bits clear, `Pages::new` notes the holes: a page written after this has its bit
+        // set again.
+        for b in blocks {
+            if let Some(d) = b.dirty() {
+                for i in 0..d.len_words() {
+                    d.take_word(i);
+                }
+            }
+        }
+        let mut pre = Precopy {
+            ctx,
+            commands: Commands::new(ctx),
+            blocks,
+            pages: Pages::new(blocks),
+            out: Writer::new(chan, 0),
+            rp,
+            rp_shared,
+            throttle: Throttle::new(),
+            pass: 1,
+            last_progress: Instant::now(),
+            caps,
+        };
+        pre.header(&params, use_rp)?;
+        ctx.stats
+            .setup_time_us
+            .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        ctx.state.transition(MigrationStatus::Active)?;
+        Ok(pre)
+    }
+
+    fn header(&mut self, params: &Parameters, use_rp: bool) -> Result<(), SourceError> {
+        let caps = &self.caps;
+        let blocks = self.blocks;
+        let entries: Vec<BlockEntry> = blocks
+            .iter()
+            .map(|b| BlockEntry {
+                idstr: b.id.clone(),
+                used_length: b.size,
+                // Only huge-page blocks carry their page size, and only with postcopy.
+                page_size: (caps.postcopy_ram && b.page_size != PAGE as u64).then_some(b.page_size),
+            })
+            .collect();
+        self.out.put(|o| {
+            stream::encode_header(o);
+            stream::encode_configuration(o, &params.machine_type)?;
+            if use_rp {
+                stream::encode_command(o, wire::command::OPEN_RETURN_PATH, &[])?;
+                stream::encode_command(o, wire::command::PING, &1u32.to_be_bytes())?;
+            }
+            if caps.postcopy_ram {
+                let advise = postcopy::Advise {
+                    page_size_summary: blocks.iter().fold(0, |a, b| a | b.page_size),
+                    target_page_size: PAGE as u64,
+                };
+                stream::encode_command(
+                    o,
+                    wire::command::POSTCOPY_ADVISE,
+                    &postcopy::encode_advise(&advise),
+                )?;
+            }
+            stream::encode_section_start(
+                o,
+                SectionKind::Start,
+                &SectionHeader {
+                    section_id: RAM_SECTION_ID,
+                    idstr: wire::ram::IDSTR.into(),
+                    instance_id: 0,
+                    version_id: wire::ram::VERSION,
+                },
+            )?;
+            ram::encode_block_list(o, &entries)?;
+            stream::encode_footer(o, RAM_SECTION_ID);
+            Ok(())
+        })?;
+        self.out.flush()
+    }
+
+    /// Iterates passes until what is left fits in the downtime limit; true when postcopy
+    /// was asked for instead. Each pass is one PART section, ended early by
+    /// `migrate-start-postcopy`.
+    pub(crate) fn passes(&mut self) -> Result<bool, SourceError> {
+        let ctx = self.ctx;
+        loop {
+            let pass_start = Instant::now();
+            let sent_before = self.out.produced();
+            self.out.open_ram(SectionKind::Part)?;
+            let end = self.send_pages(true, self.caps.postcopy_ram)?;
+            self.out.close_ram()?;
+            self.log_progress();
+            if end == PassEnd::Postcopy {
+                return Ok(true);
+            }
+            self.out.flush()?;
+            let secs = pass_start.elapsed().as_secs_f64().max(1e-6);
+            let bytes = (self.out.sent() - sent_before) as f64;
+            let bps = bytes / secs;
+            ctx.stats
+                .rate_bps
+                .store((bps * 8.0) as u64, Ordering::Relaxed);
+            ctx.state
+                .emit_event("MIGRATION_PASS", serde_json::json!({"pass": self.pass}));
+            let dirty = self.pages.harvest(ctx);
+            let dirty_bytes = dirty * PAGE as u64;
+            let budget = bps * ctx.params().downtime_limit as f64 / 1000.0;
+            slog::debug!(ctx.log, "pass done"; "pass" => self.pass, "bytes" => bytes as u64, "secs" => secs, "dirty_pages" => dirty);
+            self.pass += 1;
+            if (dirty_bytes as f64) <= budget || dirty == 0 {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Sends what is left of the pass. `limit` applies the bandwidth limit; `postcopy`
+    /// stops at `migrate-start-postcopy`.
+    fn send_pages(&mut self, limit: bool, postcopy: bool) -> Result<PassEnd, SourceError> {
+        let ctx = self.ctx;
+        let mut names = Names::Track(None);
+        let mut since_check = 0u32;
+        while let Some((bi, wi, word)) = self.pages.next_pass_word() {
+            let bt = &self.pages.blocks[bi];
+            let sent = bt.send_word(&mut self.out, bi, wi, word, &mut names)?;
+            sent.count(ctx);
+            if limit {
+                let bw = ctx.params().max_bandwidth;
+                if let Some(wait) = self.throttle.account(sent.bytes, bw) {
+                    self.commands.throttle(wait)?;
+                }
+            }
+            since_check += 1;
+            if since_check >= CHECK_EVERY {
+                since_check = 0;
+                self.commands.check_cancel()?;
+                self.check_rp()?;
+                self.log_progress();
+                if postcopy && self.commands.postcopy_requested() {
+                    return Ok(PassEnd::Postcopy);
+                }
+            }
+        }
+        Ok(PassEnd::Done)
+    }
+
+    /// Stops the migration as soon as the destination reports a failure (SHUT with an
+    /// error, or a broken return path), instead of sending the rest of RAM for nothing.
+    fn check_rp(&mut self) -> Result<(), SourceError> {
+        let Some(rp) = &mut self.rp else {
+            return Ok(());
+        };
+        while let Some(ev) = rp.next(Wait::Now)? {
+            match ev {
+                // Noted: the end does not wait for it.
+                RpEvent::Shut(_) => {}
+                // Page requests are refused by the reader before postcopy.
+                other => return Err(PeerError::Unexpected(other).into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// A progress line for operators, about once a second during long migrations.
+    fn log_progress(&mut self) {
+        if self.last_progress.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.last_progress = Instant::now();
+        let st = &self.ctx.stats;
+        slog::info!(self.ctx.log, "progress";
+            "pass" => self.pass,
+            "transferred" => st.transferred.load(Ordering::Relaxed),
+            "remaining" => st.remaining.load(Ordering::Relaxed),
+            "total" => st.total.load(Ordering::Relaxed),
+            "pages" => st.normal.load(Ordering::Relaxed),
+            "zero_pages" => st.duplicate.load(Ordering::Relaxed),
+        );
+    }
+
+    /// `pre-switchover` until `migrate-continue`. Waiting for the parent sends nothing: an
+    /// empty RAM part now and then keeps the destination's precopy-timeout from firing.
+    pub(crate) fn pre_switchover(&mut self) -> Result<(), SourceError> {
+        let ctx = self.ctx;
+        ctx.state.transition(MigrationStatus::PreSwitchover)?;
+        let idle = ctx.precopy_keepalive().unwrap_or(Duration::from_secs(3600));
+        loop {
+            match self.commands.wait_continue(Instant::now() + idle)? {
+                Switchover::Continue => return Ok(()),
+                Switchover::Idle => {
+                    self.out.empty_ram(SectionKind::Part)?;
+                    self.out.flush()?;
+                }
+            }
+        }
+    }
+
+    /// Sends SWITCHOVER_START when the machine type and version call for it.
+    pub(crate) fn switchover_start(&mut self) -> Result<(), SourceError> {
+        let p = self.ctx.params();
+        if p.compat_version.accepts_switchover_start()
+            && crate::compat::machine_sends_switchover_start(&p.machine_type)
+        {
+            self.out
+                .put(|o| stream::encode_command(o, wire::command::SWITCHOVER_START, &[]))?;
+        }
+        Ok(())
+    }
+
+    /// Precopy switchover: END with everything still dirty, the device sections, EOF and
+    /// the VM description; then waits for the destination's SHUT. Returns the bytes sent.
+    pub(crate) fn finish(
+        mut self,
+        devices: &[DeviceSection],
+        downtime_start: Instant,
+    ) -> Result<u64, SourceError> {
+        let ctx = self.ctx;
+        let p = ctx.params();
+        ctx.state.transition(MigrationStatus::Device)?;
+        // The guest is stopped now: everything still dirty goes in the END section.
+        self.pages.harvest(ctx);
+        self.out.open_ram(SectionKind::End)?;
+        self.send_pages(false, false)?;
+        self.out.close_ram()?;
+        let mut desc = VmDescriptionBuilder::new(PAGE as u64);
+        if p.compat_version.vmdesc_has_configuration() {
+            desc.configuration(p.machine_type.len());
+        }
+        for d in devices {
+            self.out.put(|o| {
+                o.extend_from_slice(&d.raw);
+                Ok(())
+            })?;
+            match &d.description {
+                Some(j) => desc.push_device(serde_json::Value::clone(j)),
+                None => desc.push_opaque(
+                    &d.header.idstr,
+                    d.header.instance_id,
+                    d.header.version_id,
+                    d.body.len(),
+                ),
+            };
+        }
+        let json = desc.to_json_bytes();
+        self.out.put(|o| {
+            stream::encode_eof(o);
+            stream::encode_vmdesc(o, &json)
+        })?;
+        self.out.flush()?;
+        ctx.stats.downtime_us.store(
+            downtime_start.elapsed().as_micros() as u64,
+            Ordering::Relaxed,
+        );
+        ctx.stats.remaining.store(0, Ordering::Relaxed);
+        if let Some(rp) = &mut self.rp {
+            wait_shut(ctx, &mut self.out, rp, None)?;
+        }
+        Ok(self.out.sent())
+    }
+
+    /// Hands over to the postcopy push: the precopy's connection becomes its first link.
+    pub(crate) fn into_postcopy(
+        self,
+        uri: Uri,
+    ) -> Result<(PostcopyPush<'m>, Link<'m>), SourceError> {
+        let Some(rp) = self.rp else {
+            // Postcopy needs a socket, and a socket always gets a return path.
+            return Err(PeerError::NotASocket(self.out.chan().peer.clone()).into());
+        };
+        let push = PostcopyPush {
+            ctx: self.ctx,
+            commands: self.commands,
+            blocks: self.blocks,
+            pages: self.pages,
+            rp_shared: self.rp_shared,
+            preempt_uri: self.caps.postcopy_preempt.then_some(uri),
+            requests: Default::default(),
+            ping_seq: super::FIRST_PING_SEQ,
+        };
+        let link = Link {
+            out: self.out,
+            rp,
+            urgent: None,
+        };
+        Ok((push, link))
+    }
+}
