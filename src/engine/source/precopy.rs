@@ -170,7 +170,10 @@ impl<'m> Precopy<'m> {
             let end = self.send_pages(true, self.caps.postcopy_ram)?;
             self.out.close_ram()?;
             self.log_progress();
-            if end == PassEnd::Postcopy {
+            // Asked for during a pass too short to look (fewer words than CHECK_EVERY).
+            if end == PassEnd::Postcopy
+                || (self.caps.postcopy_ram && self.commands.postcopy_requested())
+            {
                 return Ok(true);
             }
             self.out.flush()?;
