@@ -97,7 +97,3 @@ pub(crate) fn watch(
         )
     })
 }
-
-// The mapping is shared memory accessed through atomics only.
-unsafe impl Send for DirtyBitmap {}
-unsafe impl Sync for DirtyBitmap {}

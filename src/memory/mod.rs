@@ -4,4 +4,8 @@
 pub mod block;
 pub mod dirty_bitmap;
 pub mod guard;
+// The guest-memory API the engines move to (issue 11); until both have, parts of it are
+// unused. The lead removes this `allow` at the merge (and what is still unused then).
+#[allow(dead_code)]
+pub mod page;
 pub mod page_writer;
