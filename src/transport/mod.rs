@@ -447,6 +447,33 @@ impl Channel {
         Ok(())
     }
 
+    /// Writes all of `bufs` (the process's bytes and guest pages), in order, with as few
+    /// `writev` calls as it can; as [`Channel::write_all_vectored`].
+    pub(crate) fn write_all_iovecs(
+        &self,
+        bufs: &mut crate::memory::page::IoVecs<'_>,
+    ) -> io::Result<()> {
+        while !bufs.is_empty() {
+            match bufs.writev(self.fd.as_fd()) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && self.is_pipe => {
+                    self.wait_pipe(nix::poll::PollFlags::POLLOUT)?;
+                    continue;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    return Err(self.timed_out("could not send"))
+                }
+                Err(e) => return Err(e),
+            }
+            if self.is_pipe {
+                self.moved.store(true, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
     pub fn write_all(&self, data: &[u8]) -> io::Result<()> {
         self.write_all_vectored(&mut [io::IoSlice::new(data)])
     }

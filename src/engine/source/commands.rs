@@ -1,13 +1,15 @@
 //! The one place where the source looks at, and waits for, the control channel's commands
-//! (cancel, migrate-start-postcopy, migrate-continue, a recovery). Everything else the
-//! source waits for is on its own channels: the return path's queue and the sockets.
+//! (cancel, migrate-start-postcopy, migrate-continue, a recovery), all through the
+//! mailbox. Everything else the source waits for is on its own channels: the return
+//! path's queue and the sockets (which cancel and pause shut down).
 
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-use crate::engine::migration::{MigrationCtx, Recovery};
+use crate::engine::mailbox::{GateWait, Recovery};
+use crate::engine::migration::MigrationCtx;
 use crate::engine::source::SourceError;
-use crate::transport::Uri;
+use crate::transport::{CancelToken, Uri};
 
 /// The control channel's commands as the source thread sees them.
 #[derive(Clone, Copy)]
@@ -28,9 +30,14 @@ impl<'m> Commands<'m> {
         Commands { ctx }
     }
 
+    /// The token that cancel sets: for channels' waits.
+    pub(crate) fn cancel_token(&self) -> &'m CancelToken {
+        self.ctx.mailbox.cancel_token()
+    }
+
     /// Cancelled: the error that ends the migration.
     pub(crate) fn check_cancel(&self) -> Result<(), SourceError> {
-        if self.ctx.cancelled() {
+        if self.ctx.mailbox.cancelled() {
             return Err(SourceError::Cancelled);
         }
         Ok(())
@@ -38,25 +45,29 @@ impl<'m> Commands<'m> {
 
     /// `migrate-start-postcopy` was given.
     pub(crate) fn postcopy_requested(&self) -> bool {
-        self.ctx
-            .postcopy_requested
-            .load(std::sync::atomic::Ordering::Acquire)
+        self.ctx.mailbox.postcopy_requested()
     }
 
-    /// The bandwidth limit's wait: `d` (a real deadline), cut short by cancel.
+    /// The bandwidth limit's wait: `d` (a real deadline), ended at once by cancel.
     pub(crate) fn throttle(&self, d: Duration) -> Result<(), SourceError> {
-        self.check_cancel()?;
-        std::thread::sleep(d);
-        self.check_cancel()
+        match self.cancel_token().wait_timeout(Some(d)) {
+            Ok(false) => Ok(()),
+            Ok(true) => Err(SourceError::Cancelled),
+            // poll(2) on the eventfd failed: wait the time out without it.
+            Err(_) => {
+                std::thread::sleep(d);
+                self.check_cancel()
+            }
+        }
     }
 
     /// In pre-switchover: waits for `migrate-continue` until `deadline`.
     pub(crate) fn wait_continue(&self, deadline: Instant) -> Result<Switchover, SourceError> {
         let max = deadline.saturating_duration_since(Instant::now());
-        match self.ctx.gate.wait_for(&self.ctx.cancel, max) {
-            Some(true) => Ok(Switchover::Continue),
-            Some(false) => Err(SourceError::Cancelled),
-            None => Ok(Switchover::Idle),
+        match self.ctx.mailbox.wait_continue(Some(max)) {
+            GateWait::Opened => Ok(Switchover::Continue),
+            GateWait::Cancelled => Err(SourceError::Cancelled),
+            GateWait::TimedOut => Ok(Switchover::Idle),
         }
     }
 
@@ -64,7 +75,7 @@ impl<'m> Commands<'m> {
     /// or the channel to use.
     pub(crate) fn wait_recovery(&self) -> Result<(Uri, Option<OwnedFd>), SourceError> {
         loop {
-            match self.ctx.wait_recovery() {
+            match self.ctx.mailbox.wait_recovery() {
                 None => return Err(SourceError::Cancelled),
                 Some(Recovery::Source(uri, fd)) => return Ok((uri, fd)),
                 // A destination's recovery is not for us.

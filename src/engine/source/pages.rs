@@ -145,7 +145,7 @@ impl<'m> BlockTodo<'m> {
                 Names::Track(last) if *last == Some(bi) => None,
                 Names::Track(last) => {
                     // Named only once it is sure to be sent.
-                    if self.block.page(off).is_none() {
+                    if self.block.guest_page(off).is_none() {
                         continue;
                     }
                     *last = Some(bi);

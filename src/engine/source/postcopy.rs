@@ -347,9 +347,9 @@ impl<'m> PostcopyPush<'m> {
         if matches!(uri, Uri::Fd(_) | Uri::File(_)) {
             return Err(PreemptError::NotASocketUri(uri.clone()));
         }
-        let c = Channel::connect(uri, |_| None, &self.ctx.cancel)
+        let c = Channel::connect(uri, |_| None, self.commands.cancel_token())
             .map_err(PreemptError::Connect)?
-            .with_cancel(self.ctx.cancel.clone());
+            .with_cancel(self.commands.cancel_token().clone());
         let t = self.ctx.params().link_timeout;
         c.set_timeouts((t > 0).then(|| Duration::from_millis(t)));
         let blocks = self

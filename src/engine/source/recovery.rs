@@ -80,10 +80,10 @@ impl<'m> PostcopyPush<'m> {
         let name = uri.to_string();
         let chan = match fd {
             Some(fd) => Channel::from_fd(name.trim_start_matches("fd:"), fd),
-            None => Channel::connect(&uri, |_| None, &ctx.cancel),
+            None => Channel::connect(&uri, |_| None, self.commands.cancel_token()),
         }
         .map_err(RecoveryError::Channel)?
-        .with_cancel(ctx.cancel.clone());
+        .with_cancel(self.commands.cancel_token().clone());
         if !chan.is_socket {
             return Err(RecoveryError::NotASocket(name).into());
         }

@@ -2,13 +2,13 @@
 //! one page encoder (used by the main channel and the preempt sender alike), the one RAM
 //! section framer, and the bandwidth throttle.
 
-use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::compat::wire;
 use crate::engine::source::SourceError;
 use crate::memory::block::RamBlock;
+use crate::memory::page::IoVecs;
 use crate::transport::Channel;
 use crate::wire::ram;
 use crate::wire::stream::{self, SectionKind, WireError};
@@ -108,11 +108,11 @@ impl<'m> Writer<'m> {
         name: Option<&str>,
         hole: bool,
     ) -> Result<Option<PageSent>, SourceError> {
-        let Some(page) = block.page(off) else {
+        let Some(page) = block.guest_page(off) else {
             return Ok(None);
         };
         let name_len = name.map_or(0, |n| 1 + n.len() as u64);
-        if hole || ram::is_zero_page(page) {
+        if hole || page.is_zero() {
             self.put(|o| ram::encode_zero_page(o, off, name))?;
             return Ok(Some(PageSent::Zero(9 + name_len)));
         }
@@ -158,17 +158,19 @@ impl<'m> Writer<'m> {
         if self.segs.is_empty() {
             return Ok(());
         }
-        let arena = &self.arena;
-        let mut iov: Vec<IoSlice<'_>> = self
-            .segs
-            .iter()
-            .filter_map(|s| match *s {
-                Seg::Arena(a, b) => Some(IoSlice::new(&arena[a..b])),
-                // Checked when queued: the page is inside its block.
-                Seg::Page(block, off) => block.page(off).map(IoSlice::new),
-            })
-            .collect();
-        let r = self.chan.write_all_vectored(&mut iov);
+        let mut iov = IoVecs::with_capacity(self.segs.len());
+        for s in &self.segs {
+            match *s {
+                Seg::Arena(a, b) => iov.push_bytes(&self.arena[a..b]),
+                Seg::Page(block, off) => {
+                    // Checked when queued: the page is inside its block.
+                    if let Some(p) = block.guest_page(off) {
+                        iov.push_page(p);
+                    }
+                }
+            }
+        }
+        let r = self.chan.write_all_iovecs(&mut iov);
         drop(iov);
         r.map_err(|source| SourceError::Io {
             peer: self.chan.peer.clone(),
@@ -229,7 +231,10 @@ mod tests {
             fd,
         )
         .expect("block");
-        assert!(block.write_page(PAGE as u64, &[7u8; PAGE]));
+        block
+            .guest_page(PAGE as u64)
+            .expect("page")
+            .copy_from(&[7u8; PAGE]);
         let (a, mut b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
         let chan = Arc::new(Channel::from_unix(a, "test".into()));
         let mut w = Writer::new(chan, 10);
