@@ -438,6 +438,9 @@ impl Drop for ReturnPath {
             if !self.shut {
                 self.chan.shutdown();
             }
+            // The queue goes first: a reader waiting for room in it stops at once.
+            let (_, closed) = mpsc::sync_channel(0);
+            drop(std::mem::replace(&mut self.rx, closed));
             let _ = h.join();
         }
     }
@@ -446,6 +449,108 @@ impl Drop for ReturnPath {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn reader(postcopy: bool) -> (ReturnPath, std::os::unix::net::UnixStream) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let gate = Arc::new(RpGate::default());
+        gate.postcopy.store(postcopy, Ordering::Release);
+        let log = slog::Logger::root(slog::Discard, slog::o!());
+        let rp = ReturnPath::spawn(
+            Channel::from_unix(a, "rp".into()),
+            vec![("ram".to_string(), 1 << 20)],
+            Route::default(),
+            gate,
+            log,
+        )
+        .expect("spawn");
+        (rp, b)
+    }
+
+    fn send(to: &mut std::os::unix::net::UnixStream, msgs: &[RpMessage<'_>]) {
+        use std::io::Write;
+        let mut out = Vec::new();
+        for m in msgs {
+            return_path::encode(&mut out, m).expect("encode");
+        }
+        to.write_all(&out).expect("write");
+    }
+
+    fn soon() -> Wait {
+        Wait::Until(Instant::now() + std::time::Duration::from_secs(10))
+    }
+
+    /// PONGs are noted, requests and SHUT 0 handed over, nothing after SHUT.
+    #[test]
+    fn triage_hands_over_requests_and_shut() {
+        let (mut rp, mut peer) = reader(true);
+        let before = rp.last_pong();
+        send(
+            &mut peer,
+            &[
+                RpMessage::ReqPagesId {
+                    offset: 4096,
+                    len: 4096,
+                    block: "ram",
+                },
+                RpMessage::Pong(7),
+                RpMessage::Shut(0),
+            ],
+        );
+        match rp.next(soon()) {
+            Ok(Some(RpEvent::Request(r))) => assert_eq!((r.block, r.offset), (0, 4096)),
+            other => panic!("expected a request, got {other:?}"),
+        }
+        assert!(matches!(rp.next(soon()), Ok(Some(RpEvent::Shut(0)))));
+        assert!(rp.shut() && rp.last_pong() > before);
+        assert!(matches!(rp.next(Wait::Now), Ok(None)));
+    }
+
+    /// A reader that stopped is an error: the destination's for what it sent, the link's
+    /// when the socket closed.
+    #[test]
+    fn a_stopped_reader_is_an_error() {
+        let (mut rp, mut peer) = reader(false);
+        send(
+            &mut peer,
+            &[RpMessage::ReqPages {
+                offset: 0,
+                len: 4096,
+            }],
+        );
+        let e = rp.next(soon()).expect_err("refused");
+        assert!(!e.is_link_failure(), "{e}");
+        assert!(e.to_string().contains("before postcopy"), "{e}");
+
+        let (mut rp, mut peer) = reader(true);
+        send(&mut peer, &[RpMessage::Shut(1)]);
+        let e = rp.next(soon()).expect_err("SHUT 1");
+        assert!(
+            e.to_string().contains("SHUT 1") && !e.is_link_failure(),
+            "{e}"
+        );
+
+        let (mut rp, peer) = reader(true);
+        drop(peer);
+        let e = rp.next(soon()).expect_err("closed");
+        assert!(e.is_link_failure(), "{e}");
+        assert_eq!(e.to_string(), "link: return path closed before SHUT");
+    }
+
+    /// Dropping the handle ends and joins the reader, even one waiting for room in a full
+    /// queue.
+    #[test]
+    fn drop_joins_a_blocked_reader() {
+        let (rp, mut peer) = reader(true);
+        let req = RpMessage::ReqPagesId {
+            offset: 0,
+            len: 4096,
+            block: "ram",
+        };
+        send(&mut peer, &vec![req; MAX_QUEUED_EVENTS + 100]);
+        // Likely full by then; the drop must return either way.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        drop(rp);
+    }
 
     #[test]
     fn requests_cover_exactly_their_pages() {
