@@ -53,9 +53,7 @@ pub(crate) fn run(
 
     let mut pre = precopy::Precopy::start(ctx, &blocks, chan)?;
     let go_postcopy = pre.passes()?;
-    if ctx.caps().pause_before_switchover {
-        pre.pre_switchover()?;
-    }
+    pre.pre_switchover()?;
     let downtime_start = Instant::now();
     pre.switchover_start()?;
     let devices: Vec<DeviceSection> = ctx
@@ -66,7 +64,7 @@ pub(crate) fn run(
     let sent = if go_postcopy {
         let (mut push, mut link) = pre.into_postcopy(uri)?;
         push.switchover(&mut link, &devices, downtime_start)?;
-        let sent = push.run(link)?;
+        let sent = push.run(postcopy::Phase::Active(link))?;
         ctx.stats.remaining.store(0, Ordering::Relaxed);
         sent
     } else {
@@ -98,7 +96,7 @@ pub(crate) fn run(
 /// waiting for `migrate resume=true`.
 pub(crate) fn adopt(ctx: &MigrationCtx, blocks: Vec<Arc<RamBlock>>) -> Result<(), SourceError> {
     let t0 = Instant::now();
-    let mut push = postcopy::PostcopyPush {
+    let push = postcopy::PostcopyPush {
         ctx,
         commands: commands::Commands::new(ctx),
         blocks: &blocks,
@@ -115,8 +113,7 @@ pub(crate) fn adopt(ctx: &MigrationCtx, blocks: Vec<Arc<RamBlock>>) -> Result<()
         .store(blocks.iter().map(|b| b.size).sum(), Ordering::Relaxed);
     ctx.state.transition(MigrationStatus::PostcopyPaused)?;
     slog::info!(ctx.log, "adopted a paused postcopy migration"; "blocks" => blocks.len());
-    let link = push.recover_until_done(0)?;
-    let sent = push.run(link)?;
+    let sent = push.run(postcopy::Phase::Paused { sent: 0 })?;
     ctx.stats.remaining.store(0, Ordering::Relaxed);
     ctx.stats
         .total_time_us

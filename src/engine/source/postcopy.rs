@@ -39,6 +39,15 @@ pub(crate) struct Link<'m> {
     pub(crate) urgent: Option<Urgent>,
 }
 
+/// Where the push is: sending over a link, or paused without one (until a recovery).
+pub(crate) enum Phase<'m> {
+    Active(Link<'m>),
+    /// `sent`: the bytes sent on the links so far.
+    Paused {
+        sent: u64,
+    },
+}
+
 /// What the return-path reader and the migration thread share, for the whole migration
 /// (each new return path of a recovery gets them too).
 #[derive(Clone, Default)]
@@ -205,20 +214,22 @@ impl<'m> PostcopyPush<'m> {
         Ok(())
     }
 
-    /// Runs the push on `link` until the destination has everything, pausing and
-    /// recovering whenever the link fails; returns the bytes sent on the main channels.
-    pub(crate) fn run(mut self, mut link: Link<'m>) -> Result<u64, SourceError> {
-        // From here on a broken link pauses the migration instead of failing it: neither
-        // side has the whole guest.
+    /// Runs the push from `phase` until the destination has everything, pausing when the
+    /// link fails and recovering; returns the bytes sent on the main channels.
+    pub(crate) fn run(mut self, mut phase: Phase<'m>) -> Result<u64, SourceError> {
         loop {
-            match self.push(&mut link) {
-                Ok(()) => return Ok(link.out.sent()),
-                Err(e) if e.is_link_failure() => {
-                    let sent = self.pause(link, &e)?;
-                    link = self.recover_until_done(sent)?;
-                }
-                Err(e) => return Err(e),
-            }
+            phase = match phase {
+                Phase::Active(mut link) => match self.push(&mut link) {
+                    Ok(()) => return Ok(link.out.sent()),
+                    // From the switchover on a broken link pauses the migration instead of
+                    // failing it: neither side has the whole guest.
+                    Err(e) if e.is_link_failure() => Phase::Paused {
+                        sent: self.pause(link, &e)?,
+                    },
+                    Err(e) => return Err(e),
+                },
+                Phase::Paused { sent } => Phase::Active(self.recover_until_done(sent)?),
+            };
         }
     }
 

@@ -260,9 +260,13 @@ impl<'m> Precopy<'m> {
         );
     }
 
-    /// `pre-switchover` until `migrate-continue`. Waiting for the parent sends nothing: an
-    /// empty RAM part now and then keeps the destination's precopy-timeout from firing.
+    /// With pause-before-switchover: `pre-switchover` until `migrate-continue`. Waiting
+    /// for the parent sends nothing: an empty RAM part now and then keeps the
+    /// destination's precopy-timeout from firing.
     pub(crate) fn pre_switchover(&mut self) -> Result<(), SourceError> {
+        if !self.caps.pause_before_switchover {
+            return Ok(());
+        }
         let ctx = self.ctx;
         ctx.state.transition(MigrationStatus::PreSwitchover)?;
         let idle = ctx.precopy_keepalive().unwrap_or(Duration::from_secs(3600));
