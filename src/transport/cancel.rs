@@ -25,7 +25,7 @@ struct Inner {
 }
 
 impl CancelToken {
-    pub fn new() -> io::Result<Self> {
+    pub(crate) fn new() -> io::Result<Self> {
         // SAFETY: eventfd(2) takes no pointers; a non-negative return is a new fd that
         // nothing else owns.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -41,20 +41,20 @@ impl CancelToken {
     }
 
     /// Sets the signal and wakes every poll that has the token's fd in its set.
-    pub fn cancel(&self) {
+    pub(crate) fn cancel(&self) {
         self.0.set.store(true, Ordering::Release);
         // The counter only saturates after 2^64-2 writes; EAGAIN there still leaves the
         // fd readable, which is all a waiter needs.
         let _ = nix::unistd::write(&self.0.efd, &1u64.to_ne_bytes());
     }
 
-    pub fn is_cancelled(&self) -> bool {
+    pub(crate) fn is_cancelled(&self) -> bool {
         self.0.set.load(Ordering::Acquire)
     }
 
     /// Clears the signal for the next migration (no thread of the previous one may still
     /// be waiting on it: the caller joined them).
-    pub fn reset(&self) {
+    pub(crate) fn reset(&self) {
         self.0.set.store(false, Ordering::Release);
         let mut b = [0u8; 8];
         // Reading an eventfd resets its counter to 0; EAGAIN means it already was.
@@ -63,7 +63,7 @@ impl CancelToken {
 
     /// Blocks until cancelled or `max` passed (None: no limit); true when cancelled. For
     /// a retry interval that must still end at once on cancel.
-    pub fn wait_timeout(&self, max: Option<Duration>) -> io::Result<bool> {
+    pub(crate) fn wait_timeout(&self, max: Option<Duration>) -> io::Result<bool> {
         let deadline = max.and_then(|m| Instant::now().checked_add(m));
         loop {
             if self.is_cancelled() {
@@ -88,7 +88,7 @@ impl AsFd for CancelToken {
 
 /// What interrupts a wait in [`wait_fd`]: a [`CancelToken`], [`Never`], or (until the
 /// engines move to tokens) a bare flag, which can only be checked between 100 ms polls.
-pub trait Interrupt {
+pub(crate) trait Interrupt {
     fn is_set(&self) -> bool;
     /// The fd that becomes readable when set (None: it has none).
     fn wake_fd(&self) -> Option<BorrowedFd<'_>>;
@@ -100,7 +100,7 @@ pub trait Interrupt {
 
 /// Nothing interrupts the wait (only the fd or the deadline end it).
 #[derive(Debug, Clone, Copy)]
-pub struct Never;
+pub(crate) struct Never;
 
 impl Interrupt for Never {
     fn is_set(&self) -> bool {
@@ -151,7 +151,7 @@ const LEGACY_TICK: Duration = Duration::from_millis(100);
 
 /// How a [`wait_fd`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Woke {
+pub(crate) enum Woke {
     /// `fd` has one of the events asked for (or an error or hang-up, which the next
     /// syscall on it reports).
     Ready,
@@ -161,7 +161,7 @@ pub enum Woke {
 
 /// Waits until `fd` has `events`, `stop` is set, or `deadline` passes (None: no limit).
 /// Sleeps in poll(2) the whole time when `stop` has a wake fd.
-pub fn wait_fd(
+pub(crate) fn wait_fd(
     fd: BorrowedFd<'_>,
     events: PollFlags,
     stop: &(impl Interrupt + ?Sized),
