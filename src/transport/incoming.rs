@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 
 use super::cancel::{wait_fd, Interrupt, Woke};
-use super::{check_stream, io_err, open, Channel, TransportError, Uri};
+use super::{check_stream, io_err, open, BadFd, Channel, TransportError, Uri};
 
 /// The destination side before a connection arrives.
 pub enum Incoming {
@@ -40,9 +40,7 @@ impl Incoming {
                     }
                     other => Err(TransportError::BadFd {
                         name: name.clone(),
-                        why: format!(
-                            "a listening socket of address family {other}, not AF_UNIX, AF_INET or AF_INET6"
-                        ),
+                        why: BadFd::ListenerFamily(other),
                     }),
                 }
             }
@@ -91,7 +89,7 @@ impl Incoming {
         match self {
             Incoming::Ready(c) => Err(TransportError::BadFd {
                 name: c.peer.clone(),
-                why: "a single connected channel cannot take a second connection".into(),
+                why: BadFd::SingleChannel,
             }),
             Incoming::Unix(l, what, _) => {
                 wait_readable(l.as_fd(), cancel, what)?;

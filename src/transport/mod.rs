@@ -46,7 +46,7 @@ pub enum TransportError {
     #[error("no fd named {0:?} (pass one with getfd first)")]
     NoSuchFd(String),
     #[error("fd {name:?} cannot carry a migration: {why}")]
-    BadFd { name: String, why: String },
+    BadFd { name: String, why: BadFd },
     #[error("{what} {target}: {source}")]
     Io {
         what: &'static str,
@@ -57,7 +57,22 @@ pub enum TransportError {
     #[error("cancelled while waiting for a connection on {0}")]
     Cancelled(String),
     #[error("{uri}: {why}")]
-    Refused { uri: String, why: String },
+    Refused { uri: String, why: open::Refusal },
+}
+
+/// Why a passed fd (or a channel) cannot carry a migration.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BadFd {
+    #[error("it is not a stream socket (SOCK_STREAM)")]
+    NotStream,
+    #[error("not a socket, pipe or regular file")]
+    WrongType,
+    #[error("it is a listening socket, not a connected one")]
+    Listening,
+    #[error("a listening socket of address family {0}, not AF_UNIX, AF_INET or AF_INET6")]
+    ListenerFamily(i32),
+    #[error("a single connected channel cannot take a second connection")]
+    SingleChannel,
 }
 
 impl FromStr for Uri {
@@ -161,7 +176,7 @@ fn check_stream(name: &str, fd: &OwnedFd) -> Result<i32, TransportError> {
     if ty != libc::SOCK_STREAM {
         return Err(TransportError::BadFd {
             name: name.into(),
-            why: "it is not a stream socket (SOCK_STREAM)".into(),
+            why: BadFd::NotStream,
         });
     }
     Ok(domain)
@@ -189,7 +204,7 @@ impl Channel {
             _ => {
                 return Err(TransportError::BadFd {
                     name: name.into(),
-                    why: "not a socket, pipe or regular file".into(),
+                    why: BadFd::WrongType,
                 })
             }
         };
@@ -201,7 +216,7 @@ impl Channel {
             if listening.unwrap_or(false) {
                 return Err(TransportError::BadFd {
                     name: name.into(),
-                    why: "it is a listening socket, not a connected one".into(),
+                    why: BadFd::Listening,
                 });
             }
         }
