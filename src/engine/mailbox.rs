@@ -92,9 +92,10 @@ impl Mailbox {
         })))
     }
 
-    /// Empties the mailbox for a new migration (the previous thread was joined).
+    /// Clears the latches for a new migration (the previous thread was joined). A
+    /// recovery stays: an adopting helper offers it before it starts the thread.
     pub(crate) fn reset(&self) {
-        *lock(&self.0.slots) = Slots::default();
+        lock(&self.0.slots).go_on = false;
         self.0.postcopy.store(false, Ordering::Release);
         self.0.cancel.reset();
     }
@@ -273,8 +274,21 @@ mod tests {
             Err(Refused::PostcopyAlreadyStarted)
         );
         m.post(Command::Cancel).unwrap();
+        m.post(Command::Continue).unwrap();
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let chan = crate::transport::Channel::from_unix(a, "t".into());
+        m.post(Command::Recover(Recovery::Destination(
+            crate::transport::Incoming::Ready(chan),
+        )))
+        .unwrap();
         m.reset();
         assert!(!m.postcopy_requested() && !m.cancelled());
+        assert_eq!(
+            m.wait_continue(Some(Duration::from_millis(1))),
+            GateWait::TimedOut
+        );
+        // Offered before an adopting helper's thread starts: kept.
+        assert!(m.wait_recovery().is_some());
     }
 
     #[test]
