@@ -6,7 +6,7 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
@@ -19,9 +19,12 @@ pub struct CancelToken(Arc<Inner>);
 #[derive(Debug)]
 struct Inner {
     set: AtomicBool,
-    /// Non-blocking eventfd: readable (count > 0) exactly while `set` is true, except in
-    /// the moment between the two stores of `cancel` and `reset`.
+    /// Non-blocking eventfd: readable (count > 0) exactly while `set` is true, outside
+    /// `cancel` and `reset`.
     efd: OwnedFd,
+    /// Serialises `cancel` and `reset`, so that the flag and the counter never disagree
+    /// once both return (a readable fd with the flag clear would make pollers spin).
+    change: Mutex<()>,
 }
 
 impl CancelToken {
@@ -37,11 +40,13 @@ impl CancelToken {
         Ok(CancelToken(Arc::new(Inner {
             set: AtomicBool::new(false),
             efd,
+            change: Mutex::new(()),
         })))
     }
 
     /// Sets the signal and wakes every poll that has the token's fd in its set.
     pub(crate) fn cancel(&self) {
+        let _g = self.0.change.lock().unwrap_or_else(|e| e.into_inner());
         self.0.set.store(true, Ordering::Release);
         // The counter only saturates after 2^64-2 writes; EAGAIN there still leaves the
         // fd readable, which is all a waiter needs.
@@ -55,6 +60,7 @@ impl CancelToken {
     /// Clears the signal for the next migration (no thread of the previous one may still
     /// be waiting on it: the caller joined them).
     pub(crate) fn reset(&self) {
+        let _g = self.0.change.lock().unwrap_or_else(|e| e.into_inner());
         self.0.set.store(false, Ordering::Release);
         let mut b = [0u8; 8];
         // Reading an eventfd resets its counter to 0; EAGAIN means it already was.
