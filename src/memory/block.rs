@@ -235,7 +235,8 @@ impl RamBlock {
             id: id.into(),
             source,
         })?;
-        let guard = watch(id, &region)?;
+        // SAFETY: `guard` is declared before `region` in RamBlock: dropped first.
+        let guard = unsafe { watch(id, &region)? };
         let pages = spec.size / TARGET_PAGE_SIZE as u64;
         let (dirty_bitmap_name, dirty) = match spec.dirty_bitmap {
             Some((name, bfd)) => (Some(name), Some(DirtyBitmap::new(id, bfd, pages)?)),
