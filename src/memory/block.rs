@@ -15,7 +15,7 @@ pub(crate) use crate::memory::dirty_bitmap::DirtyBitmap;
 use crate::memory::page::{GuestPage, GuestRange, IoVecs, Page};
 
 #[derive(Debug, thiserror::Error)]
-pub enum MemoryError {
+pub(crate) enum MemoryError {
     #[error("block {id:?}: fd is not a regular file or memfd ({kind})")]
     NotAFile { id: String, kind: &'static str },
     #[error("block {id:?}: {what}: {source}")]
@@ -117,7 +117,7 @@ fn clear_bits(bits: &mut [u64], from: u64, to: u64) {
 /// a page not mapped yet is mapped by the copy's own fault. Stops when only this thread
 /// still holds the block (removed: the mapping then lives at most one chunk longer), when
 /// the block becomes a source's, or at the first hole the helper punches.
-pub fn map_present_in_background(block: &Arc<RamBlock>, log: &slog::Logger) {
+pub(crate) fn map_present_in_background(block: &Arc<RamBlock>, log: &slog::Logger) {
     let b = Arc::downgrade(block);
     let thread_log = log.clone();
     let spawned = std::thread::Builder::new()
@@ -136,15 +136,15 @@ pub fn map_present_in_background(block: &Arc<RamBlock>, log: &slog::Logger) {
 
 /// One RAM block as registered with `ram-block-add`.
 pub struct RamBlock {
-    pub id: String,
-    pub fdname: String,
-    pub offset: u64,
-    pub size: u64,
-    pub page_size: u64,
-    pub host_addr: Option<u64>,
-    pub dirty_bitmap_name: Option<String>,
+    pub(crate) id: String,
+    pub(crate) fdname: String,
+    pub(crate) offset: u64,
+    pub(crate) size: u64,
+    pub(crate) page_size: u64,
+    pub(crate) host_addr: Option<u64>,
+    pub(crate) dirty_bitmap_name: Option<String>,
     /// The fd has F_SEAL_SHRINK (added at ram-block-add where the fd allows seals).
-    pub shrink_sealed: bool,
+    pub(crate) shrink_sealed: bool,
     /// Declared before the region: stops watching before the unmap.
     guard: crate::memory::guard::Guard,
     region: MmapRegion,
@@ -160,18 +160,18 @@ pub struct RamBlock {
 }
 
 /// What `ram-block-add` asks for.
-pub struct RamBlockSpec {
-    pub id: String,
-    pub fdname: String,
-    pub offset: u64,
-    pub size: u64,
-    pub page_size: Option<u64>,
-    pub host_addr: Option<u64>,
-    pub dirty_bitmap: Option<(String, OwnedFd)>,
+pub(crate) struct RamBlockSpec {
+    pub(crate) id: String,
+    pub(crate) fdname: String,
+    pub(crate) offset: u64,
+    pub(crate) size: u64,
+    pub(crate) page_size: Option<u64>,
+    pub(crate) host_addr: Option<u64>,
+    pub(crate) dirty_bitmap: Option<(String, OwnedFd)>,
 }
 
 impl RamBlock {
-    pub fn new(spec: RamBlockSpec, fd: OwnedFd) -> Result<Self, MemoryError> {
+    pub(crate) fn new(spec: RamBlockSpec, fd: OwnedFd) -> Result<Self, MemoryError> {
         let id = spec.id.as_str();
         if id.is_empty() || id.len() > 255 {
             return Err(MemoryError::invalid(id, "id must be 1 to 255 bytes"));
@@ -235,7 +235,8 @@ impl RamBlock {
             id: id.into(),
             source,
         })?;
-        let guard = watch(id, &region)?;
+        // SAFETY: `guard` is declared before `region` in RamBlock: dropped first.
+        let guard = unsafe { watch(id, &region)? };
         let pages = spec.size / TARGET_PAGE_SIZE as u64;
         let (dirty_bitmap_name, dirty) = match spec.dirty_bitmap {
             Some((name, bfd)) => (Some(name), Some(DirtyBitmap::new(id, bfd, pages)?)),
@@ -262,7 +263,7 @@ impl RamBlock {
 
     /// The fd (or the bitmap's) shrank under the mapping, which now holds nothing of it
     /// (see `memory_guard`): the block must be removed and added again.
-    pub fn memory_lost(&self) -> bool {
+    pub(crate) fn memory_lost(&self) -> bool {
         self.guard.lost()
             || self.dirty.as_ref().is_some_and(|d| d.lost())
             || self
@@ -272,11 +273,11 @@ impl RamBlock {
     }
 
     /// Number of target pages (4 KiB) in the block.
-    pub fn pages(&self) -> u64 {
+    pub(crate) fn pages(&self) -> u64 {
         self.size / TARGET_PAGE_SIZE as u64
     }
 
-    pub fn dirty(&self) -> Option<&DirtyBitmap> {
+    pub(crate) fn dirty(&self) -> Option<&DirtyBitmap> {
         self.dirty.as_ref()
     }
 
@@ -312,7 +313,7 @@ impl RamBlock {
     /// the page as a `&[u8]`, which Rust assumes nobody changes while it lives (the
     /// parent's vCPUs do).
     #[inline]
-    pub fn page(&self, off: u64) -> Option<&[u8]> {
+    pub(crate) fn page(&self, off: u64) -> Option<&[u8]> {
         if off % TARGET_PAGE_SIZE as u64 != 0
             || off.checked_add(TARGET_PAGE_SIZE as u64)? > self.size
         {
@@ -365,7 +366,7 @@ impl RamBlock {
     /// A bitmap of the target pages that are holes in the fd (so read as zero) right now.
     /// If the fd cannot tell, no page is a hole: a hole is skipped as known zero, so only a
     /// sure answer may say so.
-    pub fn hole_bitmap(&self) -> Vec<u64> {
+    pub(crate) fn hole_bitmap(&self) -> Vec<u64> {
         let pages = self.pages();
         let words = pages.div_ceil(64) as usize;
         let Some(ranges) = self.data_ranges() else {
@@ -398,7 +399,7 @@ impl RamBlock {
     /// (a postcopy discard) first stops the mapping, and waits for the chunk in progress,
     /// so that it cannot be filled again with a page the parent's userfaultfd would then
     /// never report missing.
-    pub fn map_present(&self, stop: impl Fn() -> bool) -> u64 {
+    pub(crate) fn map_present(&self, stop: impl Fn() -> bool) -> u64 {
         let ranges = match self.data_ranges() {
             // hugetlbfs pages map whole on their first touch anyway.
             Some(r) if self.tmpfs && self.page_size == TARGET_PAGE_SIZE as u64 => r,
@@ -430,13 +431,13 @@ impl RamBlock {
 
     /// Stops [`RamBlock::map_present`] for good, and returns once a chunk it is mapping is
     /// done.
-    pub fn stop_mapping_ahead(&self) {
+    pub(crate) fn stop_mapping_ahead(&self) {
         self.stop_mapping.store(true, Ordering::Relaxed);
         drop(self.mapping.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// The block's present pages have all been mapped ahead (see `map_present`).
-    pub fn mapped_ahead(&self) -> bool {
+    pub(crate) fn mapped_ahead(&self) -> bool {
         self.mapped_ahead.load(Ordering::Acquire)
     }
 
@@ -481,7 +482,7 @@ impl RamBlock {
 
     /// Frees `[off, off+len)` of the block back to a hole (postcopy discard): the parent's
     /// next access to it faults.
-    pub fn punch_hole(&self, off: u64, len: u64) -> std::io::Result<()> {
+    pub(crate) fn punch_hole(&self, off: u64, len: u64) -> std::io::Result<()> {
         // Mapping ahead must not fill the hole again (see `map_present`).
         self.stop_mapping_ahead();
         let f = self
@@ -500,7 +501,7 @@ impl RamBlock {
     /// Makes the page at `off` all `fill`, without dirtying an already zero page (reading a
     /// page is cheaper than writing one, and keeps holes in the memfd where it can).
     #[inline]
-    pub fn fill_page(&self, off: u64, fill: u8) -> bool {
+    pub(crate) fn fill_page(&self, off: u64, fill: u8) -> bool {
         let Some(page) = self.guest_page(off) else {
             return false;
         };

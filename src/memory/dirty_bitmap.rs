@@ -10,7 +10,7 @@ use crate::memory::block::{file_size, MemoryError};
 
 /// A dirty bitmap shared with the parent: little-endian u64 words, bit i = page i.
 /// The parent sets bits with an atomic OR; the helper takes a word with an atomic swap.
-pub struct DirtyBitmap {
+pub(crate) struct DirtyBitmap {
     /// Declared before the region: stops watching before the unmap.
     guard: crate::memory::guard::Guard,
     region: MmapRegion,
@@ -18,7 +18,7 @@ pub struct DirtyBitmap {
 }
 
 impl DirtyBitmap {
-    pub fn new(id: &str, fd: OwnedFd, pages: u64) -> Result<Self, MemoryError> {
+    pub(crate) fn new(id: &str, fd: OwnedFd, pages: u64) -> Result<Self, MemoryError> {
         let have = file_size(id, &fd)?;
         let words = pages.div_ceil(64);
         let need = words * 8;
@@ -41,7 +41,8 @@ impl DirtyBitmap {
             id: id.into(),
             source,
         })?;
-        let guard = watch(&format!("{id} (dirty bitmap)"), &region)?;
+        // SAFETY: `guard` is declared before `region` in DirtyBitmap: dropped first.
+        let guard = unsafe { watch(&format!("{id} (dirty bitmap)"), &region)? };
         Ok(DirtyBitmap {
             guard,
             region,
@@ -60,22 +61,23 @@ impl DirtyBitmap {
         self.guard.lost()
     }
 
-    pub fn len_words(&self) -> usize {
+    pub(crate) fn len_words(&self) -> usize {
         self.words
     }
 
     /// Takes word `i` (pages 64i..64i+63), leaving it zero. Words are little-endian on the
     /// wire of the contract, which is native on the x86 hosts the helper runs on.
     #[inline]
-    pub fn take_word(&self, i: usize) -> u64 {
+    pub(crate) fn take_word(&self, i: usize) -> u64 {
         match self.words().get(i) {
             Some(w) if w.load(Ordering::Relaxed) != 0 => u64::from_le(w.swap(0, Ordering::AcqRel)),
             _ => 0,
         }
     }
 
-    /// Marks a page dirty (as the parent does); used by tests and the demo.
-    pub fn set(&self, page: u64) {
+    /// Marks a page dirty (as the parent does).
+    #[cfg(test)]
+    pub(crate) fn set(&self, page: u64) {
         if let Some(w) = self.words().get((page / 64) as usize) {
             w.fetch_or((1u64 << (page % 64)).to_le(), Ordering::AcqRel);
         }
@@ -83,11 +85,17 @@ impl DirtyBitmap {
 }
 
 /// Watches a mapping for SIGBUS (its fd shrinking), or says there are too many.
-pub(crate) fn watch(
+///
+/// # Safety
+/// The returned guard is dropped before `region` (declare it before the region in the
+/// struct that holds both): see [`crate::memory::guard::watch`].
+pub(crate) unsafe fn watch(
     id: &str,
     region: &MmapRegion,
 ) -> Result<crate::memory::guard::Guard, MemoryError> {
-    crate::memory::guard::watch(id, region.as_ptr(), region.size()).ok_or_else(|| {
+    // SAFETY: the region is a page-aligned mapping of `size()` bytes; the caller drops the
+    // guard before it.
+    unsafe { crate::memory::guard::watch(id, region.as_ptr(), region.size()) }.ok_or_else(|| {
         MemoryError::invalid(
             id,
             format!(

@@ -294,7 +294,7 @@ impl PageWriter {
     /// page at `data` (TARGET_PAGE_SIZE bytes) for `offset` in `block`. The caller keeps
     /// `data` valid and unchanged until the next [`PageWriter::flush`] returns, which the
     /// compiler does not check (hence the new API).
-    pub fn queue(
+    pub(crate) fn queue(
         &mut self,
         block: &Arc<RamBlock>,
         offset: u64,
@@ -309,7 +309,7 @@ impl PageWriter {
     }
 
     /// Old API: writes everything queued with [`PageWriter::queue`].
-    pub fn flush(&mut self) -> Result<(), PageWriteError> {
+    pub(crate) fn flush(&mut self) -> Result<(), PageWriteError> {
         let batch = std::mem::take(&mut self.legacy);
         self.write(batch)
     }
