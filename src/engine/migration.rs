@@ -252,9 +252,11 @@ pub struct MigrationCtx {
     /// call sites (`&ctx.cancel`, `ctx.cancel.clone()`).
     pub(crate) cancel: CancelToken,
     /// Legacy view of the mailbox's `Continue` slot.
+    #[allow(dead_code)] // no user left after SRC's move to the mailbox: the lead removes it
     pub(crate) gate: Gate,
     /// Legacy view of the mailbox's `StartPostcopy` latch: read it with
     /// `mailbox.postcopy_requested()`, set it with `post(Command::StartPostcopy)`.
+    #[allow(dead_code)] // no user left after SRC's move to the mailbox: the lead removes it
     pub(crate) postcopy_requested: Arc<AtomicBool>,
 }
 
