@@ -80,7 +80,8 @@ impl RpShared {
 pub(crate) struct Keepalive {
     /// When the link was armed: PONGs before it do not count.
     armed: Instant,
-    last_ping_sent: Instant,
+    /// None until the first PING on this link, which is due at once.
+    last_ping_sent: Option<Instant>,
     seq: u32,
 }
 
@@ -92,10 +93,9 @@ impl Keepalive {
         link.out
             .chan()
             .set_timeouts((t > 0).then(|| Duration::from_millis(t)));
-        let now = Instant::now();
         Keepalive {
-            armed: now,
-            last_ping_sent: now.checked_sub(Duration::from_secs(3600)).unwrap_or(now),
+            armed: Instant::now(),
+            last_ping_sent: None,
             seq,
         }
     }
@@ -117,15 +117,16 @@ impl Keepalive {
             return Ok(());
         };
         let last_pong = rp.last_pong().max(self.armed);
-        if last_pong.elapsed() > interval * 4 && self.last_ping_sent > last_pong {
+        let pinged_since = self.last_ping_sent.is_some_and(|t| t > last_pong);
+        if last_pong.elapsed() > interval * 4 && pinged_since {
             return Err(LinkError::NoPong(last_pong.elapsed().as_millis()).into());
         }
-        if self.last_ping_sent.elapsed() >= interval {
+        if self.last_ping_sent.is_none_or(|t| t.elapsed() >= interval) {
             self.seq = self.seq.wrapping_add(1);
             let v = self.seq;
             out.put(|o| stream::encode_command(o, wire::command::PING, &v.to_be_bytes()))?;
             out.flush()?;
-            self.last_ping_sent = Instant::now();
+            self.last_ping_sent = Some(Instant::now());
         }
         Ok(())
     }

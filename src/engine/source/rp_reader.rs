@@ -377,6 +377,11 @@ impl ReturnPath {
     pub(crate) fn next(&mut self, wait: Wait) -> Result<Option<RpEvent>, SourceError> {
         loop {
             if self.shut {
+                // Nothing more comes; a caller that waits out a deadline (the throttle's)
+                // still does.
+                if let Wait::Until(d) = wait {
+                    std::thread::sleep(d.saturating_duration_since(Instant::now()));
+                }
                 return Ok(None);
             }
             let ev = match wait {
