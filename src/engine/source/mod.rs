@@ -31,10 +31,6 @@ mod writer;
 
 pub(crate) use error::SourceError;
 
-/// The first PING of a postcopy keepalive is this plus one (the stream's own PINGs are 1,
-/// 2 and 4).
-const FIRST_PING_SEQ: u32 = 100;
-
 /// Runs a migration to `chan` (precopy, switching to postcopy when asked). The caller has
 /// moved the state to `setup`.
 pub(crate) fn run(
@@ -96,18 +92,11 @@ pub(crate) fn run(
 /// waiting for `migrate resume=true`.
 pub(crate) fn adopt(ctx: &MigrationCtx, blocks: Vec<Arc<RamBlock>>) -> Result<(), SourceError> {
     let t0 = Instant::now();
-    let push = postcopy::PostcopyPush {
-        ctx,
-        commands: commands::Commands::new(ctx),
-        blocks: &blocks,
-        pages: pages::Pages::new(&blocks),
-        rp_shared: postcopy::RpShared::default(),
-        preempt_uri: None,
-        requests: Default::default(),
-        ping_seq: FIRST_PING_SEQ,
-    };
+    let rp_shared = postcopy::RpShared::default();
     // An adopted migration is in postcopy from the start.
-    push.rp_shared.gate.postcopy.store(true, Ordering::Release);
+    rp_shared.gate.postcopy.store(true, Ordering::Release);
+    let push =
+        postcopy::PostcopyPush::new(ctx, &blocks, pages::Pages::new(&blocks), rp_shared, None);
     ctx.stats
         .total
         .store(blocks.iter().map(|b| b.size).sum(), Ordering::Relaxed);

@@ -26,6 +26,9 @@ use crate::wire::device_state::DeviceSection;
 use crate::wire::postcopy;
 use crate::wire::stream::{self, SectionKind, WireError};
 
+/// The first PING of a postcopy keepalive is this plus one (the stream's own PINGs are 1,
+/// 2 and 4).
+const FIRST_PING_SEQ: u32 = 100;
 /// Socket send buffer in postcopy: small, so requested pages are not queued behind much.
 pub(crate) const POSTCOPY_SNDBUF: usize = 64 << 10;
 /// How long the source waits for the destination's SHUT at the end.
@@ -141,20 +144,40 @@ impl Keepalive {
 
 /// The postcopy push, between links.
 pub(crate) struct PostcopyPush<'m> {
-    pub(crate) ctx: &'m MigrationCtx,
-    pub(crate) commands: Commands<'m>,
-    pub(crate) blocks: &'m [Arc<RamBlock>],
-    pub(crate) pages: Pages<'m>,
-    pub(crate) rp_shared: RpShared,
+    pub(super) ctx: &'m MigrationCtx,
+    pub(super) commands: Commands<'m>,
+    pub(super) blocks: &'m [Arc<RamBlock>],
+    pub(super) pages: Pages<'m>,
+    pub(super) rp_shared: RpShared,
     /// postcopy-preempt: where the main channel went (the preempt channel goes there too).
-    pub(crate) preempt_uri: Option<Uri>,
+    preempt_uri: Option<Uri>,
     /// Page requests from the destination not yet served.
-    pub(crate) requests: VecDeque<PageRequest>,
+    pub(super) requests: VecDeque<PageRequest>,
     /// The keepalive's PING numbers go on across links.
-    pub(crate) ping_seq: u32,
+    ping_seq: u32,
 }
 
 impl<'m> PostcopyPush<'m> {
+    /// A push of what `pages` says is left; `preempt_uri` with postcopy-preempt.
+    pub(crate) fn new(
+        ctx: &'m MigrationCtx,
+        blocks: &'m [Arc<RamBlock>],
+        pages: Pages<'m>,
+        rp_shared: RpShared,
+        preempt_uri: Option<Uri>,
+    ) -> Self {
+        PostcopyPush {
+            ctx,
+            commands: Commands::new(ctx),
+            blocks,
+            pages,
+            rp_shared,
+            preempt_uri,
+            requests: VecDeque::new(),
+            ping_seq: FIRST_PING_SEQ,
+        }
+    }
+
     /// Postcopy switchover on `link` (the precopy's): discards for what is still to send,
     /// the preempt channel, the device package; then postcopy-active.
     pub(crate) fn switchover(

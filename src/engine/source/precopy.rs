@@ -353,16 +353,13 @@ impl<'m> Precopy<'m> {
             // Postcopy needs a socket, and a socket always gets a return path.
             return Err(PeerError::NotASocket(self.out.chan().peer.clone()).into());
         };
-        let push = PostcopyPush {
-            ctx: self.ctx,
-            commands: self.commands,
-            blocks: self.blocks,
-            pages: self.pages,
-            rp_shared: self.rp_shared,
-            preempt_uri: self.caps.postcopy_preempt.then_some(uri),
-            requests: Default::default(),
-            ping_seq: super::FIRST_PING_SEQ,
-        };
+        let push = PostcopyPush::new(
+            self.ctx,
+            self.blocks,
+            self.pages,
+            self.rp_shared,
+            self.caps.postcopy_preempt.then_some(uri),
+        );
         let link = Link {
             out: self.out,
             rp,
