@@ -1,0 +1,555 @@
+//! The loader: the token loop over a stream reader, with the phase it is in. Before
+//! POSTCOPY_LISTEN pages go to the precopy sink, from it on to the postcopy sink; the
+//! commands that change phase are in `commands`, the recovery driver in `recovery`.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::compat::wire::{self, command};
+use crate::engine::destination::bitmap::AtomicBitmap;
+use crate::engine::destination::error::{LoadError, Violation};
+use crate::engine::destination::place::{BlockCursor, PageData};
+use crate::engine::destination::postcopy::PostcopySink;
+use crate::engine::destination::precopy::PrecopySink;
+use crate::engine::destination::reader::{with_next, ReadReady, Reader};
+use crate::engine::destination::return_path::RpWriter;
+use crate::engine::migration::{MigrationCtx, Stats};
+use crate::memory::block::RamBlock;
+use crate::memory::page_writer::PageWriteError;
+use crate::transport::{Channel, Incoming, IoTimer};
+use crate::vmstate::{self, VmDescription};
+use crate::wire::device_intake::DeviceIntake;
+use crate::wire::device_state::DeviceSection;
+use crate::wire::ram::{self, Record};
+use crate::wire::stream::{self, SectionHeader, Token};
+
+/// The main channel's read buffer.
+pub(super) const READ_CHUNK: usize = 4 << 20;
+
+/// What ended a pass of the section loop.
+pub(super) enum LoopEnd {
+    /// EOF and, where one came, the VM description.
+    Done,
+    /// A device section needs the VM description (not yet known) to be delimited.
+    NeedDescription,
+}
+
+/// Where the pages go.
+pub(super) enum Phase {
+    /// Before POSTCOPY_LISTEN.
+    Precopy(Precopy),
+    /// From POSTCOPY_LISTEN, or an adoption, on.
+    Postcopy(PostcopySink),
+}
+
+pub(super) struct Precopy {
+    pub(super) sink: PrecopySink,
+    /// POSTCOPY_ADVISE came: huge-page blocks carry their page size in the block list.
+    pub(super) advised: bool,
+    /// The parent's userfaultfd, for LISTEN.
+    pub(super) uffd: Option<OwnedFd>,
+    /// postcopy-preempt: the listener the preempt channel will connect to, for LISTEN.
+    pub(super) preempt: Option<Incoming>,
+}
+
+/// The RAM section's id.
+#[derive(Clone, Copy)]
+pub(super) enum RamSection {
+    NotStarted,
+    /// An adopted migration learns it from the first PART after the recovery.
+    FromNextPart,
+    Started(u32),
+}
+
+impl RamSection {
+    pub(super) fn id(self) -> Option<u32> {
+        match self {
+            RamSection::Started(id) => Some(id),
+            _ => None,
+        }
+    }
+}
+
+/// The main channel, for the fault and preempt threads to shut down when they fail, and
+/// for the link timeout.
+#[derive(Default)]
+pub(super) struct Link {
+    pub(super) fd: Option<OwnedFd>,
+    /// The channel's timeout record: re-armed with `link-timeout` in postcopy.
+    pub(super) timer: Option<Arc<IoTimer>>,
+}
+
+impl Link {
+    pub(super) fn of(chan: &Channel) -> Self {
+        Link {
+            fd: chan.try_clone_fd().ok(),
+            timer: Some(chan.timer()),
+        }
+    }
+
+    pub(super) fn dup_fd(&self) -> Option<OwnedFd> {
+        self.fd.as_ref().and_then(|f| f.try_clone().ok())
+    }
+}
+
+pub(super) struct Loader<'a> {
+    pub(super) ctx: &'a MigrationCtx,
+    pub(super) blocks: &'a [Arc<RamBlock>],
+    pub(super) ram: RamSection,
+    /// The main channel's block context.
+    pub(super) cursor: BlockCursor,
+    pub(super) rp: Option<Arc<RpWriter>>,
+    pub(super) devices: Vec<DeviceSection>,
+    pub(super) intake: DeviceIntake,
+    /// Per block: pages this destination has (received, or zero and left a hole).
+    pub(super) received: Arc<Vec<AtomicBitmap>>,
+    pub(super) phase: Phase,
+    pub(super) link: Link,
+    last_progress: Instant,
+}
+
+impl<'a> Loader<'a> {
+    pub(super) fn new(
+        ctx: &'a MigrationCtx,
+        blocks: &'a [Arc<RamBlock>],
+        uffd: Option<OwnedFd>,
+        link: Link,
+        preempt: Option<Incoming>,
+    ) -> Self {
+        Loader {
+            ctx,
+            blocks,
+            ram: RamSection::NotStarted,
+            cursor: BlockCursor::default(),
+            rp: None,
+            devices: Vec::new(),
+            intake: DeviceIntake::default(),
+            received: Arc::new(
+                blocks
+                    .iter()
+                    .map(|b| AtomicBitmap::new(b.pages()))
+                    .collect(),
+            ),
+            phase: Phase::Precopy(Precopy {
+                sink: PrecopySink::new(blocks, ctx.params().load_threads),
+                advised: false,
+                uffd,
+                preempt,
+            }),
+            link,
+            last_progress: Instant::now(),
+        }
+    }
+
+    pub(super) fn postcopy(&mut self) -> Option<&mut PostcopySink> {
+        match &mut self.phase {
+            Phase::Postcopy(s) => Some(s),
+            Phase::Precopy(_) => None,
+        }
+    }
+
+    pub(super) fn in_postcopy(&self) -> bool {
+        matches!(self.phase, Phase::Postcopy(_))
+    }
+
+    pub(super) fn advised(&self) -> bool {
+        match &self.phase {
+            Phase::Precopy(p) => p.advised,
+            Phase::Postcopy(_) => true,
+        }
+    }
+
+    pub(super) fn invalid(offset: u64, source: Violation) -> LoadError {
+        LoadError::Invalid { offset, source }
+    }
+
+    pub(super) fn block_index(&self, name: &str) -> Option<usize> {
+        self.blocks.iter().position(|b| b.id == name)
+    }
+
+    /// Writes what is queued or staged: before the reader's buffer changes.
+    fn flush(&mut self) -> Result<(), LoadError> {
+        match &mut self.phase {
+            Phase::Postcopy(s) => s
+                .flush_staged()
+                .map_err(|source| LoadError::Postcopy { offset: 0, source }),
+            Phase::Precopy(p) => p.sink.flush().map_err(|e| page_write_error(0, e)),
+        }
+    }
+
+    /// Applies one RAM record (at stream offset `offset`); returns true at EOS.
+    fn apply(&mut self, offset: u64, rec: Record<'_>) -> Result<bool, LoadError> {
+        match rec {
+            Record::Eos => return Ok(true),
+            Record::MultifdFlush => return Ok(false),
+            Record::MemSize { .. } => {
+                return Err(Self::invalid(offset, Violation::BlockListOutsideStart))
+            }
+            Record::Zero { .. } | Record::Page { .. } => {}
+        }
+        let Some(page) = self
+            .cursor
+            .page(self.blocks, &rec)
+            .map_err(|source| LoadError::Page { offset, source })?
+        else {
+            return Ok(false);
+        };
+        match page.data {
+            PageData::Fill(_) => Stats::add(&self.ctx.stats.duplicate, 1),
+            PageData::Bytes(_) => Stats::add(&self.ctx.stats.normal, 1),
+        }
+        match &mut self.phase {
+            // Postcopy: placed atomically in the parent's mapping, waking faulting threads.
+            Phase::Postcopy(s) => s
+                .place(&page)
+                .map_err(|source| LoadError::Postcopy { offset, source })?,
+            Phase::Precopy(p) => {
+                p.sink
+                    .place(self.blocks, &page)
+                    .map_err(|e| page_write_error(offset, e))?;
+                self.received[page.bi].set(page.index());
+            }
+        }
+        Ok(false)
+    }
+
+    /// Postcopy: places requested pages among those read ahead (see
+    /// `PostcopySink::place_requested_ahead`).
+    fn look_ahead<R>(&mut self, r: &Reader<R>) {
+        let (cursor, ram) = (self.cursor, self.ram.id());
+        if let Phase::Postcopy(s) = &mut self.phase {
+            s.place_requested_ahead(self.blocks, r.data(), r.offset, cursor, ram);
+        }
+    }
+
+    fn ram_body<R: ReadReady>(&mut self, r: &mut Reader<R>) -> Result<(), LoadError> {
+        self.look_ahead(r);
+        let mut records = 0u32;
+        let result = loop {
+            match ram::decode_record(r.data()) {
+                Ok(Some((rec, n))) => {
+                    let eos = self.apply(r.offset, rec);
+                    r.consume(n);
+                    // Postcopy: look at the socket every few pages, so that a requested
+                    // page that arrives while these are placed is placed at once.
+                    records = records.wrapping_add(1);
+                    if records % 8 == 0
+                        && self.postcopy().is_some_and(|s| s.anyone_waiting())
+                        && r.read_arrived()
+                    {
+                        self.look_ahead(r);
+                    }
+                    match eos {
+                        Ok(true) => break Ok(()),
+                        Ok(false) => continue,
+                        Err(e) => break Err(e),
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => break Err(r.wire(e)),
+            }
+            // The pending run points into the buffer that a refill moves.
+            if let Err(e) = self.flush() {
+                break Err(e);
+            }
+            if let Err(e) = r.need_more("in a RAM section") {
+                break Err(e);
+            }
+            self.look_ahead(r);
+        };
+        let flushed = self.flush();
+        result.and(flushed)
+    }
+
+    fn ram_start<R: ReadReady>(
+        &mut self,
+        r: &mut Reader<R>,
+        h: &SectionHeader,
+    ) -> Result<(), LoadError> {
+        if h.version_id != wire::ram::VERSION || h.instance_id != 0 {
+            return Err(Self::invalid(
+                r.offset,
+                Violation::RamVersion {
+                    version: h.version_id,
+                    instance: h.instance_id,
+                },
+            ));
+        }
+        if !matches!(self.ram, RamSection::NotStarted) {
+            return Err(Self::invalid(r.offset, Violation::SecondRamStart));
+        }
+        self.ram = RamSection::Started(h.section_id);
+        let total = with_next!(
+            r,
+            "in the RAM block list",
+            ram::decode_record,
+            |rec| match rec {
+                Record::MemSize { total } => total,
+                other => return Err(Self::invalid(r.offset, Violation::no_block_list(&other))),
+            }
+        );
+        let mut seen = 0u64;
+        let mut names = Vec::new();
+        let (blocks, advised) = (self.blocks, self.advised());
+        while seen < total {
+            let e = with_next!(
+                r,
+                "in the RAM block list",
+                |b| ram::decode_block_entry(b, &|name: &str| {
+                    advised
+                        && blocks
+                            .iter()
+                            .any(|x| x.id == name && x.page_size != wire::TARGET_PAGE_SIZE as u64)
+                }),
+                |e| e
+            );
+            let Some(b) = blocks.iter().find(|b| b.id == e.idstr) else {
+                return Err(Self::invalid(
+                    r.offset,
+                    Violation::UnknownBlock {
+                        name: e.idstr,
+                        known: blocks.iter().map(|b| b.id.clone()).collect(),
+                    },
+                ));
+            };
+            if b.size != e.used_length {
+                return Err(Self::invalid(
+                    r.offset,
+                    Violation::BlockSize {
+                        name: e.idstr,
+                        source_len: e.used_length,
+                        local: b.size,
+                    },
+                ));
+            }
+            seen = seen
+                .checked_add(e.used_length)
+                .filter(|&s| s <= total)
+                .ok_or_else(|| Self::invalid(r.offset, Violation::BlockTotal))?;
+            names.push(e.idstr);
+        }
+        slog::info!(self.ctx.log, "RAM block list"; "blocks" => format!("{names:?}"), "total" => total);
+        self.ram_body(r)
+    }
+
+    /// A progress line for operators, about once a second during long loads.
+    fn log_progress(&mut self, offset: u64) {
+        if self.last_progress.elapsed() < std::time::Duration::from_secs(1) {
+            return;
+        }
+        self.last_progress = Instant::now();
+        let st = &self.ctx.stats;
+        slog::info!(self.ctx.log, "progress";
+            "received" => offset,
+            "pages" => st.normal.load(Ordering::Relaxed),
+            "zero_pages" => st.duplicate.load(Ordering::Relaxed),
+            "postcopy_requests" => st.postcopy_requests.load(Ordering::Relaxed),
+        );
+    }
+
+    /// The fault thread's failure, as the loader's error at `offset`.
+    pub(super) fn check_faults(&mut self, offset: u64) -> Result<(), LoadError> {
+        match self.postcopy().and_then(|s| s.fault_failure()) {
+            Some(source) => Err(LoadError::Faults { offset, source }),
+            None => Ok(()),
+        }
+    }
+
+    /// Loads sections until EOF (and the VM description after it).
+    pub(super) fn sections<R: ReadReady>(
+        &mut self,
+        r: &mut Reader<R>,
+        chan: Option<&Channel>,
+        desc: Option<&VmDescription>,
+    ) -> Result<LoopEnd, LoadError> {
+        loop {
+            if self.ctx.cancelled() {
+                return Err(LoadError::Cancelled);
+            }
+            self.check_faults(r.offset)?;
+            self.log_progress(r.offset);
+            // Peek the token without consuming, so a device section can be handed over whole.
+            let token = loop {
+                match stream::decode_token(r.data()) {
+                    Ok(Some((t, n))) => break Some((owned_token(t), n)),
+                    Ok(None) => {}
+                    Err(e) => return Err(r.wire(e)),
+                }
+                if !r.fill()? {
+                    break None;
+                }
+            };
+            let Some((token, n)) = token else {
+                return Err(LoadError::Truncated {
+                    offset: r.offset + r.data().len() as u64,
+                    context: "between sections",
+                });
+            };
+            match token {
+                OwnedToken::Start(h) if h.idstr == wire::ram::IDSTR => {
+                    r.consume(n);
+                    self.ram_start(r, &h)?;
+                    self.footer(r, h.section_id)?;
+                }
+                OwnedToken::Part(id) | OwnedToken::End(id) => {
+                    if let RamSection::FromNextPart = self.ram {
+                        self.ram = RamSection::Started(id);
+                    }
+                    if Some(id) != self.ram.id() {
+                        return Err(Self::invalid(r.offset, Violation::SectionNotStarted(id)));
+                    }
+                    r.consume(n);
+                    self.ram_body(r)?;
+                    self.footer(r, id)?;
+                }
+                OwnedToken::Start(h) | OwnedToken::Full(h) => {
+                    let Some(desc) = desc else {
+                        return Ok(LoopEnd::NeedDescription);
+                    };
+                    r.consume(n);
+                    self.device_section(r, h, n, desc)?;
+                }
+                OwnedToken::Command(command::PACKAGED, payload) => {
+                    r.consume(n);
+                    let len = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                    self.package(r, len)?;
+                }
+                OwnedToken::Command(cmd, payload) => {
+                    r.consume(n);
+                    self.command(r, chan, cmd, &payload)?;
+                }
+                OwnedToken::VmDescription => {
+                    return Err(Self::invalid(r.offset, Violation::DescriptionBeforeEof));
+                }
+                OwnedToken::Eof => {
+                    r.consume(n);
+                    // A precopy source sends its VM description after EOF and then waits;
+                    // a postcopy source sends none.
+                    if desc.is_none() && !self.in_postcopy() {
+                        description_after_eof(r)?;
+                    }
+                    return Ok(LoopEnd::Done);
+                }
+            }
+        }
+    }
+
+    fn footer<R: ReadReady>(&mut self, r: &mut Reader<R>, id: u32) -> Result<(), LoadError> {
+        with_next!(
+            r,
+            "at a section footer",
+            |b| stream::decode_footer(b, id),
+            |_x| ()
+        );
+        Ok(())
+    }
+
+    /// A device section whose header (`hlen` bytes) was just consumed.
+    fn device_section<R: ReadReady>(
+        &mut self,
+        r: &mut Reader<R>,
+        h: SectionHeader,
+        hlen: usize,
+        desc: &VmDescription,
+    ) -> Result<(), LoadError> {
+        let offset = r.offset - hlen as u64;
+        let dev_err = |source| LoadError::Device {
+            offset,
+            section: h.idstr.clone(),
+            source,
+        };
+        let d = desc.device(&h.idstr, h.instance_id).ok_or_else(|| {
+            Self::invalid(
+                offset,
+                Violation::NotDescribed {
+                    idstr: h.idstr.clone(),
+                    instance: h.instance_id,
+                },
+            )
+        })?;
+        self.intake.admit(&h).map_err(|source| LoadError::Intake {
+            offset: r.offset,
+            source,
+        })?;
+        let blen = loop {
+            match vmstate::body_len(d, r.data()) {
+                Ok(n) if r.data().len() >= n + 5 => break n,
+                Ok(_) => {}
+                Err(e) if e.is_truncated() => {}
+                Err(e) => return Err(dev_err(e)),
+            }
+            r.need_more("in a device section")?;
+        };
+        let body = &r.data()[..blen];
+        let mut sec = DeviceSection::from_body(h.clone(), body).map_err(|e| r.wire(e))?;
+        self.intake.describe(&mut sec, d);
+        r.consume(blen);
+        self.footer(r, h.section_id)?;
+        // Keep the original framing bytes: `from_body` re-encodes the same header, so the
+        // raw bytes equal what was read.
+        self.devices.push(sec);
+        Ok(())
+    }
+}
+
+/// After EOF of a precopy stream: the VM description, or the end of the stream.
+fn description_after_eof<R: ReadReady>(r: &mut Reader<R>) -> Result<(), LoadError> {
+    loop {
+        match stream::decode_token(r.data()) {
+            Ok(Some((Token::VmDescription(_), m))) => {
+                r.consume(m);
+                return Ok(());
+            }
+            Ok(Some(_)) => return Err(Loader::invalid(r.offset, Violation::DataAfterEof)),
+            Ok(None) => {}
+            Err(e) => return Err(r.wire(e)),
+        }
+        if !r.fill()? {
+            if r.data().is_empty() {
+                return Ok(());
+            }
+            return Err(LoadError::Truncated {
+                offset: r.offset,
+                context: "in the VM description",
+            });
+        }
+    }
+}
+
+/// A page writer error at stream offset `offset`.
+fn page_write_error(offset: u64, e: PageWriteError) -> LoadError {
+    match e {
+        // Offsets were checked when the pages were queued.
+        PageWriteError::Outside { .. } => LoadError::PageWrite { offset, source: e },
+        PageWriteError::Io { block, source } => LoadError::Io {
+            peer: format!("RAM block {block:?}"),
+            offset,
+            source,
+        },
+    }
+}
+
+/// A token detached from the read buffer.
+enum OwnedToken {
+    Eof,
+    Start(SectionHeader),
+    Full(SectionHeader),
+    Part(u32),
+    End(u32),
+    Command(u16, Vec<u8>),
+    VmDescription,
+}
+
+fn owned_token(t: Token<'_>) -> OwnedToken {
+    match t {
+        Token::Eof => OwnedToken::Eof,
+        Token::Start(h) => OwnedToken::Start(h),
+        Token::Full(h) => OwnedToken::Full(h),
+        Token::Part(i) => OwnedToken::Part(i),
+        Token::End(i) => OwnedToken::End(i),
+        Token::Command(c) => OwnedToken::Command(c.cmd, c.payload.to_vec()),
+        Token::VmDescription(_) => OwnedToken::VmDescription,
+    }
+}
