@@ -126,10 +126,10 @@ pub const COMMANDS: &[&str] = &[
 ];
 
 impl Helper {
-    pub fn new(log: slog::Logger) -> Arc<Self> {
+    pub fn new(log: slog::Logger) -> std::io::Result<Arc<Self>> {
         let events = EventSink::default();
-        Arc::new(Helper {
-            ctx: MigrationCtx::new(log.clone(), events.clone()),
+        Ok(Arc::new(Helper {
+            ctx: MigrationCtx::new(log.clone(), events.clone())?,
             log,
             events,
             fds: Mutex::new(HashMap::new()),
@@ -137,7 +137,7 @@ impl Helper {
             worker: Mutex::new(None),
             role: Mutex::new(None),
             uffd: Mutex::new(None),
-        })
+        }))
     }
 
     pub fn log(&self) -> &slog::Logger {
@@ -658,7 +658,7 @@ impl Helper {
         if let Some(h) = lock(&self.worker).take() {
             let _ = h.join();
         }
-        self.ctx.cancel.store(false, Ordering::Release);
+        self.ctx.cancel.reset();
         self.ctx.gate.reset();
         self.ctx.stats.reset();
         self.ctx.latency.reset();

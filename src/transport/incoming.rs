@@ -1,12 +1,12 @@
 //! The destination side of a channel before the peer connects: a ready channel (`fd:` of
 //! a connected socket, pipe or file; `file:`), or a listener (`unix:`, `tcp:`, `fd:` of a
-//! listening socket) that accepts while polling the cancel flag.
+//! listening socket) that accepts while waiting on the cancel token too.
 
 use std::net::TcpListener;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::cancel::{wait_fd, Interrupt, Woke};
 use super::{check_stream, io_err, open, Channel, TransportError, Uri};
 
 /// The destination side before a connection arrives.
@@ -83,8 +83,11 @@ impl Incoming {
     }
 
     /// Waits for one connection and keeps listening, for a second channel from the same
-    /// peer (postcopy-preempt). Polls `cancel` as [`Incoming::accept`] does.
-    pub fn accept_another(&self, cancel: &AtomicBool) -> Result<Channel, TransportError> {
+    /// peer (postcopy-preempt). Ends on `cancel` as [`Incoming::accept`] does.
+    pub fn accept_another(
+        &self,
+        cancel: &(impl Interrupt + ?Sized),
+    ) -> Result<Channel, TransportError> {
         match self {
             Incoming::Ready(c) => Err(TransportError::BadFd {
                 name: c.peer.clone(),
@@ -103,9 +106,9 @@ impl Incoming {
         }
     }
 
-    /// Waits for the connection, polling `cancel` so that a cancel never waits on a peer,
+    /// Waits for the connection, or for `cancel` (so that a cancel never waits on a peer),
     /// and stops listening.
-    pub fn accept(self, cancel: &AtomicBool) -> Result<Channel, TransportError> {
+    pub fn accept(self, cancel: &(impl Interrupt + ?Sized)) -> Result<Channel, TransportError> {
         match self {
             Incoming::Ready(c) => Ok(c),
             listener => {
@@ -117,21 +120,15 @@ impl Incoming {
     }
 }
 
-/// Polls `fd` for input in 100 ms steps until it is readable or `cancel` is set.
+/// Sleeps until `fd` has input or `cancel` is set.
 fn wait_readable(
     fd: BorrowedFd<'_>,
-    cancel: &AtomicBool,
+    cancel: &(impl Interrupt + ?Sized),
     what: &str,
 ) -> Result<(), TransportError> {
-    loop {
-        if cancel.load(Ordering::Acquire) {
-            return Err(TransportError::Cancelled(what.to_string()));
-        }
-        let mut pfd = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
-        match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(100u16)) {
-            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
-            Ok(_) => return Ok(()),
-            Err(e) => return Err(io_err("poll", what)(e.into())),
-        }
+    match wait_fd(fd, nix::poll::PollFlags::POLLIN, cancel, None) {
+        Ok(Woke::Ready) => Ok(()),
+        Ok(Woke::Interrupted | Woke::TimedOut) => Err(TransportError::Cancelled(what.to_string())),
+        Err(e) => Err(io_err("poll", what)(e)),
     }
 }

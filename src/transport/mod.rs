@@ -1,10 +1,12 @@
 //! Migration channels: the URIs `fd:NAME`, `unix:PATH`, `tcp:HOST:PORT` and `file:PATH`,
 //! and the byte I/O the engines use (reads into a buffer, gathered writes).
 
+mod cancel;
 mod connect;
 mod incoming;
 mod open;
 
+pub use cancel::{wait_fd, CancelToken, Interrupt, Never, Woke};
 pub use incoming::Incoming;
 
 use std::fs::{File, OpenOptions};
@@ -21,6 +23,10 @@ use std::time::Duration;
 
 /// Socket buffer size asked for (the kernel caps it at net.core.[rw]mem_max).
 const SOCKET_BUFFER: usize = 4 << 20;
+
+/// How often an output FIFO without a reader, or a full Unix listener backlog, is tried
+/// again: neither has an fd that tells when it would succeed.
+const RETRY: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Uri {
@@ -96,9 +102,10 @@ pub struct Channel {
     fd: OwnedFd,
     /// Sockets carry a return path and can be shut down to unblock I/O; files and pipes not.
     pub is_socket: bool,
-    /// Pipes (and FIFOs) are non-blocking and polled, so that a cancel never waits on them.
+    /// Pipes (and FIFOs) are non-blocking and polled with the cancel token, so that a
+    /// cancel never waits on them.
     is_pipe: bool,
-    cancel: Option<Arc<AtomicBool>>,
+    cancel: Option<CancelToken>,
     /// How long I/O may make no progress, and which parameter set it. Polled fds (pipes)
     /// enforce it here (counting only once data has moved, so that a FIFO whose writer has
     /// not come yet waits as a listener does); sockets by SO_RCVTIMEO/SO_SNDTIMEO.
@@ -217,42 +224,33 @@ impl Channel {
         Channel::new(f.into(), false, false, peer)
     }
 
-    /// The flag a cancel sets; pipe I/O checks it while it waits.
-    pub fn with_cancel(mut self, cancel: Arc<AtomicBool>) -> Self {
+    /// The token a cancel sets; pipe I/O waits on it next to the pipe.
+    pub fn with_cancel(mut self, cancel: CancelToken) -> Self {
         self.cancel = Some(cancel);
         self
     }
 
     /// For a pipe: waits until `events` or a cancel, or fails once no data has moved for
-    /// the stall timeout. Sockets block in the syscall instead (unblocked by shutdown(2),
-    /// bounded by SO_RCVTIMEO/SO_SNDTIMEO).
+    /// the stall timeout (the poll's only deadline). Sockets block in the syscall instead
+    /// (unblocked by shutdown(2), bounded by SO_RCVTIMEO/SO_SNDTIMEO).
     fn wait_pipe(&self, events: nix::poll::PollFlags) -> io::Result<()> {
-        let since = std::time::Instant::now();
-        loop {
-            if self
-                .cancel
-                .as_ref()
-                .is_some_and(|c| c.load(Ordering::Acquire))
-            {
-                return Err(io::Error::other("cancelled"));
-            }
-            let stall = self.timer.ms.load(Ordering::Relaxed);
-            if stall > 0
-                && self.moved.load(Ordering::Relaxed)
-                && since.elapsed() >= Duration::from_millis(stall)
-            {
+        let stall = self.timer.ms.load(Ordering::Relaxed);
+        let deadline = (stall > 0 && self.moved.load(Ordering::Relaxed))
+            .then(|| std::time::Instant::now() + Duration::from_millis(stall));
+        let woke = match &self.cancel {
+            Some(c) => wait_fd(self.fd.as_fd(), events, c, deadline)?,
+            None => wait_fd(self.fd.as_fd(), events, &Never, deadline)?,
+        };
+        match woke {
+            Woke::Ready => Ok(()),
+            Woke::Interrupted => Err(io::Error::other("cancelled")),
+            Woke::TimedOut => {
                 let what = if events.contains(nix::poll::PollFlags::POLLIN) {
                     "no data"
                 } else {
                     "could not send"
                 };
-                return Err(self.timer.error(what));
-            }
-            let mut pfd = [nix::poll::PollFd::new(self.fd.as_fd(), events)];
-            match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(100u16)) {
-                Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
-                Ok(_) => return Ok(()),
-                Err(e) => return Err(e.into()),
+                Err(self.timer.error(what))
             }
         }
     }
@@ -261,7 +259,7 @@ impl Channel {
     pub fn connect(
         uri: &Uri,
         take_fd: impl FnOnce(&str) -> Option<OwnedFd>,
-        cancel: &AtomicBool,
+        cancel: &CancelToken,
     ) -> Result<Self, TransportError> {
         match uri {
             Uri::Fd(name) => {
@@ -284,7 +282,9 @@ impl Channel {
                     let f = open::create_output(p, &label)?;
                     return Ok(Channel::from_file(f, label));
                 }
-                // A FIFO's open for writing blocks until a reader comes: poll for one.
+                // A FIFO's open for writing blocks until a reader comes, and no fd tells
+                // when one does: retry every 50 ms (only while waiting for the reader; a
+                // cancel ends the wait at once).
                 loop {
                     match OpenOptions::new()
                         .write(true)
@@ -293,10 +293,12 @@ impl Channel {
                     {
                         Ok(f) => return Channel::from_fd(&label, f.into()),
                         Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
-                            if cancel.load(Ordering::Acquire) {
+                            let cancelled = cancel
+                                .wait_timeout(Some(RETRY))
+                                .map_err(io_err("poll", &label))?;
+                            if cancelled {
                                 return Err(TransportError::Cancelled(label));
                             }
-                            std::thread::sleep(std::time::Duration::from_millis(50));
                         }
                         Err(e) => return Err(io_err("open", uri)(e)),
                     }
@@ -598,7 +600,7 @@ mod tests {
         drop(UnixListener::bind(&p).unwrap());
         let inc = Incoming::open(&uri, |_| None).unwrap();
         let _c = UnixStream::connect(&p).unwrap();
-        inc.accept(&AtomicBool::new(false)).unwrap();
+        inc.accept(&Never).unwrap();
         assert!(!p.exists());
         // A path replaced after the bind is not removed.
         let inc = Incoming::open(&uri, |_| None).unwrap();
@@ -613,7 +615,7 @@ mod tests {
     fn file_output_is_private_truncated_and_never_through_a_symlink() {
         use std::os::unix::fs::PermissionsExt;
         let d = tmp("fileout");
-        let never = AtomicBool::new(false);
+        let never = CancelToken::new().unwrap();
         let p = d.join("out");
         let c = Channel::connect(&Uri::File(p.clone()), |_| None, &never).unwrap();
         c.write_all(b"abc").unwrap();
@@ -673,7 +675,7 @@ mod tests {
             let mut s = TcpStream::connect(addr).unwrap();
             std::io::Write::write_all(&mut s, b"QEVM").unwrap();
         });
-        let c = inc.accept(&AtomicBool::new(false)).unwrap();
+        let c = inc.accept(&Never).unwrap();
         let mut buf = [0u8; 4];
         let mut got = 0;
         while got < 4 {
@@ -709,7 +711,7 @@ mod tests {
     fn connect_is_cancellable_and_connects() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let uri = Uri::Tcp(l.local_addr().unwrap().to_string());
-        let c = Channel::connect(&uri, |_| None, &AtomicBool::new(false)).unwrap();
+        let c = Channel::connect(&uri, |_| None, &CancelToken::new().unwrap()).unwrap();
         assert!(c.is_socket);
         let (mut s, _) = l.accept().unwrap();
         c.write_all(b"hi").unwrap();
@@ -721,11 +723,11 @@ mod tests {
         let p = d.join("s");
         let l = UnixListener::bind(&p).unwrap();
         let mut held = Vec::new();
-        let cancel = Arc::new(AtomicBool::new(false));
+        let cancel = CancelToken::new().unwrap();
         let c2 = cancel.clone();
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(300));
-            c2.store(true, Ordering::Release);
+            c2.cancel();
         });
         let uri = Uri::Unix(p.clone());
         let start = std::time::Instant::now();
