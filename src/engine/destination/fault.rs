@@ -3,11 +3,13 @@
 //! the return path; arriving pages are placed atomically with UFFDIO_COPY (UFFDIO_ZEROPAGE for
 //! zero pages), which also wakes the faulting threads.
 //!
-//! The fault thread sleeps in poll(2) on the userfaultfd and an eventfd that `stop` writes:
-//! it wakes for a fault or to end, never on a tick.
+//! The fault thread sleeps in poll(2) on the userfaultfd and its stop token's eventfd: it
+//! wakes for a fault or to end, never on a tick.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+
+use nix::poll::PollFlags;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -20,6 +22,7 @@ use crate::engine::destination::place::{Page, PageData};
 use crate::engine::destination::return_path::RpWriter;
 use crate::engine::migration::Latency;
 use crate::memory::block::RamBlock;
+use crate::transport::{wait_fd, CancelToken, Woke};
 
 const PAGE: u64 = TARGET_PAGE_SIZE as u64;
 
@@ -54,7 +57,7 @@ pub(crate) enum FaultError {
         source: userfaultfd::Error,
     },
     #[error("userfaultfd: {0}")]
-    Poll(#[source] nix::Error),
+    Poll(#[source] std::io::Error),
     #[error("userfaultfd: {0}")]
     Read(#[source] userfaultfd::Error),
     #[error("cannot create the fault thread's eventfd: {0}")]
@@ -84,26 +87,6 @@ pub(crate) fn check_userfaultfd(name: &str, fd: &OwnedFd) -> Result<(), FaultErr
     Ok(())
 }
 
-/// An eventfd that wakes the fault thread's poll to stop it.
-struct StopFd(OwnedFd);
-
-impl StopFd {
-    fn new() -> std::io::Result<Self> {
-        // SAFETY: a plain syscall; the new fd is owned right below.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just created and nothing else owns it.
-        Ok(StopFd(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    fn signal(&self) {
-        // Only fails when the counter would overflow: it is signalled already.
-        let _ = nix::unistd::write(&self.0, &1u64.to_ne_bytes());
-    }
-}
-
 /// Requested pages not yet placed, with the time their fault was read.
 #[derive(Default)]
 struct Pending {
@@ -128,7 +111,8 @@ pub(crate) struct PostcopyDest {
     rp: Arc<RpWriter>,
     latency: Arc<Latency>,
     requests: Arc<AtomicU64>,
-    stop: StopFd,
+    /// Ends the fault thread's wait at once.
+    stop: CancelToken,
     log: slog::Logger,
 }
 
@@ -148,7 +132,7 @@ impl PostcopyDest {
                 return Err(FaultError::NoHostAddr(b.id.clone()));
             }
         }
-        let stop = StopFd::new().map_err(FaultError::EventFd)?;
+        let stop = CancelToken::new().map_err(FaultError::EventFd)?;
         // SAFETY: we own the fd; Uffd takes it over.
         let uffd = unsafe { Uffd::from_raw_fd(uffd.into_raw_fd()) };
         let requested = blocks
@@ -376,21 +360,12 @@ impl PostcopyDest {
         crate::engine::destination::priority::raise(&self.log, "fault");
         let mut buf = userfaultfd::EventBuffer::new(64);
         loop {
-            let mut pfd = [
-                nix::poll::PollFd::new(self.uffd.as_fd(), nix::poll::PollFlags::POLLIN),
-                nix::poll::PollFd::new(self.stop.0.as_fd(), nix::poll::PollFlags::POLLIN),
-            ];
-            match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::NONE) {
-                Ok(_) => {}
-                Err(nix::errno::Errno::EINTR) => continue,
+            match wait_fd(self.uffd.as_fd(), PollFlags::POLLIN, &self.stop, None) {
+                Ok(Woke::Ready) => {}
+                Ok(Woke::Interrupted) => return Ok(()),
+                // No deadline: only a spurious wake-up.
+                Ok(Woke::TimedOut) => continue,
                 Err(e) => return Err(FaultError::Poll(e)),
-            }
-            let ready = |i: usize| pfd[i].revents().is_some_and(|r| !r.is_empty());
-            if ready(1) {
-                return Ok(());
-            }
-            if !ready(0) {
-                continue;
             }
             let events = self.uffd.read_events(&mut buf).map_err(FaultError::Read)?;
             for ev in events {
@@ -406,7 +381,7 @@ impl PostcopyDest {
 
     /// Wakes the fault thread to end.
     pub(crate) fn stop(&self) {
-        self.stop.signal();
+        self.stop.cancel();
     }
 
     /// After the last page: unregisters the blocks from the parent's userfaultfd, so pages

@@ -10,7 +10,7 @@
 //! that also comes on the main channel is merely EEXIST.
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -19,7 +19,7 @@ use crate::engine::destination::place::{BlockCursor, PlaceError};
 use crate::engine::destination::reader::Reader;
 use crate::engine::destination::LoadError;
 use crate::memory::block::RamBlock;
-use crate::transport::{Channel, Incoming, TransportError};
+use crate::transport::{CancelToken, Channel, Incoming, TransportError};
 use crate::wire::ram::{self, Record};
 use crate::wire::stream::WireError;
 
@@ -64,7 +64,8 @@ pub(crate) enum PreemptError {
 
 /// The thread that accepts the preempt channel and places what comes on it.
 pub(crate) struct PreemptChannel {
-    stop: Arc<AtomicBool>,
+    /// Ends the wait for the connection at once.
+    stop: CancelToken,
     /// The accepted socket, to shut down so that a blocked read returns.
     chan: Arc<Mutex<Option<OwnedFd>>>,
     handle: Option<JoinHandle<Result<(), PreemptError>>>,
@@ -83,7 +84,7 @@ impl PreemptChannel {
         main: Option<OwnedFd>,
         log: slog::Logger,
     ) -> Result<PreemptChannel, PreemptError> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = CancelToken::new().map_err(PreemptError::Spawn)?;
         let chan: Arc<Mutex<Option<OwnedFd>>> = Arc::default();
         let (st, slot) = (stop.clone(), chan.clone());
         let handle = std::thread::Builder::new()
@@ -91,13 +92,13 @@ impl PreemptChannel {
             .spawn(move || {
                 let c = match incoming.accept_another(&st) {
                     Ok(c) => c,
-                    Err(_) if st.load(Ordering::Acquire) => return Ok(()),
+                    Err(_) if st.is_cancelled() => return Ok(()),
                     Err(e) => return Err(PreemptError::Accept(e)),
                 };
                 incoming.done_listening();
                 drop(incoming);
                 *slot.lock().unwrap_or_else(|e| e.into_inner()) = c.try_clone_fd().ok();
-                if st.load(Ordering::Acquire) {
+                if st.is_cancelled() {
                     return Ok(());
                 }
                 slog::info!(log, "postcopy-preempt channel connected"; "peer" => &c.peer);
@@ -105,7 +106,7 @@ impl PreemptChannel {
                 crate::engine::destination::priority::raise(&log, "postcopy-preempt");
                 let r = read_pages(&c, &pc, &blocks, &pages);
                 match &r {
-                    Err(_) if st.load(Ordering::Acquire) => return Ok(()),
+                    Err(_) if st.is_cancelled() => return Ok(()),
                     Err(e) => {
                         slog::warn!(log, "postcopy-preempt channel failed"; "error" => %e);
                         if let Some(m) = &main {
@@ -134,7 +135,7 @@ impl PreemptChannel {
     }
 
     fn shut(&self) {
-        self.stop.store(true, Ordering::Release);
+        self.stop.cancel();
         if let Some(fd) = self.chan.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             crate::transport::shutdown_fd(fd);
         }
