@@ -163,7 +163,7 @@ impl Drop for Guest {
 }
 
 /// Fills pages with either zeros or pseudo-random bytes (xorshift: fast and incompressible).
-pub fn fill_guest(mem: &mut [u8], zero_fraction: f64, seed: u64) -> u64 {
+pub(crate) fn fill_guest(mem: &mut [u8], zero_fraction: f64, seed: u64) -> u64 {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut next = move || {
         x ^= x << 13;

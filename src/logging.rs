@@ -62,7 +62,7 @@ pub fn logger(format: LogFormat, level: LogLevel) -> slog::Logger {
 /// Escapes what could forge or disguise a text log line: control characters (C0, DEL, C1;
 /// `\n` `\r` `\t` by name, others as `\u{..}`), Unicode bidirectional controls, and the
 /// backslash itself so that the escaping is unambiguous.
-pub fn escape(s: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn escape(s: &str) -> std::borrow::Cow<'_, str> {
     fn bad(c: char) -> bool {
         c.is_control()
             || c == '\\'

@@ -464,9 +464,11 @@ pub fn analyze(path: &Path, extract: Option<&Path>) -> Result<Report, AnalyzeErr
             .map_err(|e| open_err(std::io::Error::other(e.to_string())))?,
         )
     };
-    // SAFETY: a private read-only mapping of `len` bytes that lives until the end of this
-    // function (a file changed under us gives wrong figures, never unsafety beyond SIGBUS).
     let buf: &[u8] = match &map {
+        // SAFETY: a private read-only mapping of `len` bytes that lives until the end of
+        // this function. Like any mapped file read as a slice, it assumes nobody rewrites
+        // the stream file while it is analysed (truncating it gives SIGBUS); a stream file
+        // is written once, before it is analysed.
         Some(m) => unsafe { std::slice::from_raw_parts(m.as_ptr(), len) },
         None => &[],
     };

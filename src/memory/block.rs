@@ -7,14 +7,15 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use vm_memory::mmap::MmapRegion;
-use vm_memory::FileOffset;
+use vm_memory::{FileOffset, VolatileMemory};
 
 use crate::compat::wire::TARGET_PAGE_SIZE;
 use crate::memory::dirty_bitmap::watch;
-pub use crate::memory::dirty_bitmap::DirtyBitmap;
+pub(crate) use crate::memory::dirty_bitmap::DirtyBitmap;
+use crate::memory::page::{GuestPage, GuestRange, IoVecs, Page};
 
 #[derive(Debug, thiserror::Error)]
-pub enum MemoryError {
+pub(crate) enum MemoryError {
     #[error("block {id:?}: fd is not a regular file or memfd ({kind})")]
     NotAFile { id: String, kind: &'static str },
     #[error("block {id:?}: {what}: {source}")]
@@ -116,7 +117,7 @@ fn clear_bits(bits: &mut [u64], from: u64, to: u64) {
 /// a page not mapped yet is mapped by the copy's own fault. Stops when only this thread
 /// still holds the block (removed: the mapping then lives at most one chunk longer), when
 /// the block becomes a source's, or at the first hole the helper punches.
-pub fn map_present_in_background(block: &Arc<RamBlock>, log: &slog::Logger) {
+pub(crate) fn map_present_in_background(block: &Arc<RamBlock>, log: &slog::Logger) {
     let b = Arc::downgrade(block);
     let thread_log = log.clone();
     let spawned = std::thread::Builder::new()
@@ -135,15 +136,15 @@ pub fn map_present_in_background(block: &Arc<RamBlock>, log: &slog::Logger) {
 
 /// One RAM block as registered with `ram-block-add`.
 pub struct RamBlock {
-    pub id: String,
-    pub fdname: String,
-    pub offset: u64,
-    pub size: u64,
-    pub page_size: u64,
-    pub host_addr: Option<u64>,
-    pub dirty_bitmap_name: Option<String>,
+    pub(crate) id: String,
+    pub(crate) fdname: String,
+    pub(crate) offset: u64,
+    pub(crate) size: u64,
+    pub(crate) page_size: u64,
+    pub(crate) host_addr: Option<u64>,
+    pub(crate) dirty_bitmap_name: Option<String>,
     /// The fd has F_SEAL_SHRINK (added at ram-block-add where the fd allows seals).
-    pub shrink_sealed: bool,
+    pub(crate) shrink_sealed: bool,
     /// Declared before the region: stops watching before the unmap.
     guard: crate::memory::guard::Guard,
     region: MmapRegion,
@@ -159,18 +160,18 @@ pub struct RamBlock {
 }
 
 /// What `ram-block-add` asks for.
-pub struct RamBlockSpec {
-    pub id: String,
-    pub fdname: String,
-    pub offset: u64,
-    pub size: u64,
-    pub page_size: Option<u64>,
-    pub host_addr: Option<u64>,
-    pub dirty_bitmap: Option<(String, OwnedFd)>,
+pub(crate) struct RamBlockSpec {
+    pub(crate) id: String,
+    pub(crate) fdname: String,
+    pub(crate) offset: u64,
+    pub(crate) size: u64,
+    pub(crate) page_size: Option<u64>,
+    pub(crate) host_addr: Option<u64>,
+    pub(crate) dirty_bitmap: Option<(String, OwnedFd)>,
 }
 
 impl RamBlock {
-    pub fn new(spec: RamBlockSpec, fd: OwnedFd) -> Result<Self, MemoryError> {
+    pub(crate) fn new(spec: RamBlockSpec, fd: OwnedFd) -> Result<Self, MemoryError> {
         let id = spec.id.as_str();
         if id.is_empty() || id.len() > 255 {
             return Err(MemoryError::invalid(id, "id must be 1 to 255 bytes"));
@@ -261,7 +262,7 @@ impl RamBlock {
 
     /// The fd (or the bitmap's) shrank under the mapping, which now holds nothing of it
     /// (see `memory_guard`): the block must be removed and added again.
-    pub fn memory_lost(&self) -> bool {
+    pub(crate) fn memory_lost(&self) -> bool {
         self.guard.lost()
             || self.dirty.as_ref().is_some_and(|d| d.lost())
             || self
@@ -271,16 +272,12 @@ impl RamBlock {
     }
 
     /// Number of target pages (4 KiB) in the block.
-    pub fn pages(&self) -> u64 {
+    pub(crate) fn pages(&self) -> u64 {
         self.size / TARGET_PAGE_SIZE as u64
     }
 
-    pub fn dirty(&self) -> Option<&DirtyBitmap> {
+    pub(crate) fn dirty(&self) -> Option<&DirtyBitmap> {
         self.dirty.as_ref()
-    }
-
-    pub fn as_ptr(&self) -> *mut u8 {
-        self.region.as_ptr()
     }
 
     /// The target page at byte offset `off`, or None when out of bounds or unaligned.
@@ -288,7 +285,34 @@ impl RamBlock {
     /// The parent's vCPUs may write the page while the helper reads it; a torn page is
     /// re-sent because the parent also sets its dirty bit, exactly as in QEMU.
     #[inline]
-    pub fn page(&self, off: u64) -> Option<&[u8]> {
+    pub(crate) fn guest_page(&self, off: u64) -> Option<GuestPage<'_>> {
+        if off % TARGET_PAGE_SIZE as u64 != 0 {
+            return None;
+        }
+        let off = usize::try_from(off).ok()?;
+        self.region
+            .get_slice(off, TARGET_PAGE_SIZE)
+            .ok()
+            .map(GuestPage::new)
+    }
+
+    /// The `len` bytes (whole target pages) at byte offset `off`, or None when out of
+    /// bounds or unaligned.
+    #[inline]
+    pub(crate) fn range(&self, off: u64, len: u64) -> Option<GuestRange<'_>> {
+        let page = TARGET_PAGE_SIZE as u64;
+        if off % page != 0 || len % page != 0 {
+            return None;
+        }
+        let (off, len) = (usize::try_from(off).ok()?, usize::try_from(len).ok()?);
+        self.region.get_slice(off, len).ok().map(GuestRange::new)
+    }
+
+    /// Old API, to be removed once the source reads pages with [`RamBlock::guest_page`]:
+    /// the page as a `&[u8]`, which Rust assumes nobody changes while it lives (the
+    /// parent's vCPUs do).
+    #[inline]
+    pub(crate) fn page(&self, off: u64) -> Option<&[u8]> {
         if off % TARGET_PAGE_SIZE as u64 != 0
             || off.checked_add(TARGET_PAGE_SIZE as u64)? > self.size
         {
@@ -298,28 +322,6 @@ impl RamBlock {
         Some(unsafe {
             std::slice::from_raw_parts(self.region.as_ptr().add(off as usize), TARGET_PAGE_SIZE)
         })
-    }
-
-    /// Writes one target page at `off`. Returns false when `off` is not a page inside the block.
-    #[inline]
-    pub fn write_page(&self, off: u64, data: &[u8]) -> bool {
-        if data.len() != TARGET_PAGE_SIZE
-            || off % TARGET_PAGE_SIZE as u64 != 0
-            || off
-                .checked_add(TARGET_PAGE_SIZE as u64)
-                .is_none_or(|e| e > self.size)
-        {
-            return false;
-        }
-        // SAFETY: bounds checked; the source is a separate buffer, never the mapping.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                data.as_ptr(),
-                self.region.as_ptr().add(off as usize),
-                TARGET_PAGE_SIZE,
-            )
-        };
-        true
     }
 
     fn fd(&self) -> Option<&File> {
@@ -363,7 +365,7 @@ impl RamBlock {
     /// A bitmap of the target pages that are holes in the fd (so read as zero) right now.
     /// If the fd cannot tell, no page is a hole: a hole is skipped as known zero, so only a
     /// sure answer may say so.
-    pub fn hole_bitmap(&self) -> Vec<u64> {
+    pub(crate) fn hole_bitmap(&self) -> Vec<u64> {
         let pages = self.pages();
         let words = pages.div_ceil(64) as usize;
         let Some(ranges) = self.data_ranges() else {
@@ -396,7 +398,7 @@ impl RamBlock {
     /// (a postcopy discard) first stops the mapping, and waits for the chunk in progress,
     /// so that it cannot be filled again with a page the parent's userfaultfd would then
     /// never report missing.
-    pub fn map_present(&self, stop: impl Fn() -> bool) -> u64 {
+    pub(crate) fn map_present(&self, stop: impl Fn() -> bool) -> u64 {
         let ranges = match self.data_ranges() {
             // hugetlbfs pages map whole on their first touch anyway.
             Some(r) if self.tmpfs && self.page_size == TARGET_PAGE_SIZE as u64 => r,
@@ -413,15 +415,10 @@ impl RamBlock {
                     return mapped;
                 }
                 let len = (b - off).min(CHUNK);
-                // SAFETY: [off, off+len) lies inside the mapping, which lives as long as
-                // self; populating writes nothing, and the pages exist (holes punched by
-                // this helper stop the mapping first, see above), so nothing is allocated.
-                unsafe {
-                    libc::madvise(
-                        self.region.as_ptr().add(off as usize) as *mut libc::c_void,
-                        len as usize,
-                        libc::MADV_POPULATE_WRITE,
-                    );
+                // The pages exist (holes punched by this helper stop the mapping first, see
+                // above), so populating allocates nothing.
+                if let Some(r) = self.range(off, len) {
+                    r.populate_write();
                 }
                 mapped += len / TARGET_PAGE_SIZE as u64;
                 off += len;
@@ -433,13 +430,13 @@ impl RamBlock {
 
     /// Stops [`RamBlock::map_present`] for good, and returns once a chunk it is mapping is
     /// done.
-    pub fn stop_mapping_ahead(&self) {
+    pub(crate) fn stop_mapping_ahead(&self) {
         self.stop_mapping.store(true, Ordering::Relaxed);
         drop(self.mapping.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// The block's present pages have all been mapped ahead (see `map_present`).
-    pub fn mapped_ahead(&self) -> bool {
+    pub(crate) fn mapped_ahead(&self) -> bool {
         self.mapped_ahead.load(Ordering::Acquire)
     }
 
@@ -449,72 +446,34 @@ impl RamBlock {
     /// or on a fault). Unlike [`RamBlock::write_pages_at`] this takes no lock on the file, so
     /// several threads can fill fresh memory at once. Returns false when the range leaves
     /// the block.
-    pub fn copy_pages_at(&self, off: u64, pages: &[*const u8], populate: bool) -> bool {
+    pub(crate) fn copy_pages_at(&self, off: u64, pages: &[&Page], populate: bool) -> bool {
         let len = pages.len() as u64 * TARGET_PAGE_SIZE as u64;
-        if off % TARGET_PAGE_SIZE as u64 != 0 || off.checked_add(len).is_none_or(|e| e > self.size)
-        {
+        let Some(r) = self.range(off, len) else {
             return false;
+        };
+        if populate {
+            r.populate_write();
         }
-        // SAFETY: bounds checked; the range lies inside the mapping, which lives as long as
-        // self. Populating is only a hint: on a kernel without it the copy faults instead.
-        unsafe {
-            let dst = self.region.as_ptr().add(off as usize);
-            if populate {
-                libc::madvise(
-                    dst as *mut libc::c_void,
-                    len as usize,
-                    libc::MADV_POPULATE_WRITE,
-                );
-            }
-            for (i, &p) in pages.iter().enumerate() {
-                std::ptr::copy_nonoverlapping(p, dst.add(i * TARGET_PAGE_SIZE), TARGET_PAGE_SIZE);
-            }
-        }
-        true
+        r.copy_pages_from(pages)
     }
 
     /// Writes whole target pages at consecutive offsets from `off` with one `pwritev` into
     /// the fd (the page cache the parent maps): no page fault and no page clearing per page,
     /// unlike a copy through the mapping. Returns false when the range leaves the block.
-    pub fn write_pages_at(&self, off: u64, pages: &[*const u8]) -> std::io::Result<bool> {
+    pub(crate) fn write_pages_at(&self, off: u64, pages: &[&Page]) -> std::io::Result<bool> {
         let len = pages.len() as u64 * TARGET_PAGE_SIZE as u64;
-        if off % TARGET_PAGE_SIZE as u64 != 0 || off.checked_add(len).is_none_or(|e| e > self.size)
-        {
+        if self.range(off, len).is_none() {
             return Ok(false);
         }
         let Some(f) = self.fd() else { return Ok(false) };
-        let mut iov: Vec<libc::iovec> = pages
-            .iter()
-            .map(|&p| libc::iovec {
-                iov_base: p as *mut libc::c_void,
-                iov_len: TARGET_PAGE_SIZE,
-            })
-            .collect();
+        let mut iov = IoVecs::with_capacity(pages.len());
+        iov.push_pages(pages);
         let mut file_off = (self.offset + off) as i64;
-        let mut idx = 0usize;
-        while idx < iov.len() {
-            let n = iov.len().saturating_sub(idx).min(1024);
-            // SAFETY: the iovecs point at caller-owned page buffers of TARGET_PAGE_SIZE bytes.
-            let w =
-                unsafe { libc::pwritev(f.as_raw_fd(), iov[idx..].as_ptr(), n as i32, file_off) };
-            if w < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            let mut w = w as usize;
-            file_off += w as i64;
-            while w > 0 && idx < iov.len() {
-                let take = w.min(iov[idx].iov_len);
-                iov[idx].iov_len -= take;
-                // SAFETY: advancing within the same page buffer.
-                iov[idx].iov_base = unsafe { (iov[idx].iov_base as *mut u8).add(take) } as *mut _;
-                w -= take;
-                if iov[idx].iov_len == 0 {
-                    idx += 1;
-                }
+        while !iov.is_empty() {
+            match iov.pwritev(std::os::fd::AsFd::as_fd(f), file_off) {
+                Ok(w) => file_off += w as i64,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(true)
@@ -522,7 +481,7 @@ impl RamBlock {
 
     /// Frees `[off, off+len)` of the block back to a hole (postcopy discard): the parent's
     /// next access to it faults.
-    pub fn punch_hole(&self, off: u64, len: u64) -> std::io::Result<()> {
+    pub(crate) fn punch_hole(&self, off: u64, len: u64) -> std::io::Result<()> {
         // Mapping ahead must not fill the hole again (see `map_present`).
         self.stop_mapping_ahead();
         let f = self
@@ -541,28 +500,25 @@ impl RamBlock {
     /// Makes the page at `off` all `fill`, without dirtying an already zero page (reading a
     /// page is cheaper than writing one, and keeps holes in the memfd where it can).
     #[inline]
-    pub fn fill_page(&self, off: u64, fill: u8) -> bool {
-        let Some(page) = self.page(off) else {
+    pub(crate) fn fill_page(&self, off: u64, fill: u8) -> bool {
+        let Some(page) = self.guest_page(off) else {
             return false;
         };
-        if fill == 0 && crate::wire::ram::is_zero_page(page) {
+        if fill == 0 && page.is_zero() {
             return true;
         }
-        // SAFETY: `page` is inside the mapping (checked by `page`).
-        unsafe {
-            std::ptr::write_bytes(
-                self.region.as_ptr().add(off as usize),
-                fill,
-                TARGET_PAGE_SIZE,
-            )
-        };
+        page.fill(fill);
         true
     }
 }
 
-// The mapping is shared memory accessed through raw pointers only.
-unsafe impl Send for RamBlock {}
-unsafe impl Sync for RamBlock {}
+// RamBlock is Send + Sync without an `unsafe impl`: vm-memory's MmapRegion is, and every
+// access to the mapping goes through volatile slices or atomics. Checked here.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<RamBlock>();
+    send_sync::<DirtyBitmap>();
+};
 
 #[cfg(test)]
 pub(crate) mod tests {
@@ -587,17 +543,30 @@ pub(crate) mod tests {
         }
     }
 
+    /// Byte `i` of the page at `off`.
+    pub(crate) fn byte(b: &RamBlock, off: u64, i: usize) -> u8 {
+        let mut page = [0u8; TARGET_PAGE_SIZE];
+        b.guest_page(off)
+            .expect("page in the block")
+            .copy_to(&mut page);
+        page[i]
+    }
+
     #[test]
     fn map_write_read() {
         let b = RamBlock::new(spec("ram", 1 << 20), memfd(1 << 20)).unwrap();
         assert_eq!(b.pages(), 256);
-        assert!(b.write_page(4096, &[7u8; 4096]));
-        assert_eq!(b.page(4096).unwrap()[100], 7);
-        assert!(!b.write_page(1 << 20, &[7u8; 4096]));
-        assert!(!b.write_page(4095, &[7u8; 4096]));
-        assert!(b.page(u64::MAX - 4095).is_none());
+        assert!(b.copy_pages_at(4096, &[&[7u8; 4096]], false));
+        assert_eq!(byte(&b, 4096, 100), 7);
+        assert!(!b.copy_pages_at(1 << 20, &[&[7u8; 4096]], false));
+        assert!(!b.copy_pages_at(4095, &[&[7u8; 4096]], false));
+        assert!(b.guest_page(u64::MAX - 4095).is_none());
+        assert!(b.guest_page(1 << 20).is_none());
+        assert!(b.guest_page(100).is_none());
+        assert!(b.range(4096, 8192).is_some_and(|r| r.pages() == 2));
+        assert!(b.range((1 << 20) - 4096, 8192).is_none());
         assert!(b.fill_page(4096, 0));
-        assert!(crate::wire::ram::is_zero_page(b.page(4096).unwrap()));
+        assert!(b.guest_page(4096).unwrap().is_zero());
     }
 
     #[test]
@@ -605,10 +574,10 @@ pub(crate) mod tests {
         let b = RamBlock::new(spec("ram", 1 << 20), memfd(1 << 20)).unwrap();
         assert!(b.hole_bitmap().iter().all(|&w| w == u64::MAX));
         let pages = [[1u8; 4096], [2u8; 4096], [3u8; 4096]];
-        let ptrs: Vec<*const u8> = pages.iter().map(|p| p.as_ptr()).collect();
+        let ptrs: Vec<&Page> = pages.iter().collect();
         assert!(b.write_pages_at(8192, &ptrs).unwrap());
-        assert_eq!(b.page(8192).unwrap()[0], 1);
-        assert_eq!(b.page(16384).unwrap()[4095], 3);
+        assert_eq!(byte(&b, 8192, 0), 1);
+        assert_eq!(byte(&b, 16384, 4095), 3);
         let h = b.hole_bitmap();
         assert_eq!(h[0] & 0b11111, 0b00011, "pages 2..5 are data");
         assert!(!b.write_pages_at((1 << 20) - 4096, &ptrs).unwrap());
@@ -624,7 +593,7 @@ pub(crate) mod tests {
         s.offset = 1 << 20;
         let b = RamBlock::new(s, fd).unwrap();
         let pages = [[1u8; 4096], [2u8; 4096], [3u8; 4096]];
-        let ptrs: Vec<*const u8> = pages.iter().map(|p| p.as_ptr()).collect();
+        let ptrs: Vec<&Page> = pages.iter().collect();
         assert!(b.write_pages_at(2 * 4096, &ptrs).unwrap());
         assert!(b.write_pages_at(100 * 4096, &ptrs[..1]).unwrap());
         let before = b.hole_bitmap();
@@ -636,9 +605,9 @@ pub(crate) mod tests {
         assert_eq!(b.hole_bitmap(), before);
         // Copies into mapped present pages need no populate.
         let new = [7u8; 4096];
-        assert!(b.copy_pages_at(3 * 4096, &[new.as_ptr()], false));
-        assert_eq!(b.page(3 * 4096).unwrap()[17], 7);
-        assert_eq!(b.page(2 * 4096).unwrap()[17], 1);
+        assert!(b.copy_pages_at(3 * 4096, &[&new], false));
+        assert_eq!(byte(&b, 3 * 4096, 17), 7);
+        assert_eq!(byte(&b, 2 * 4096, 17), 1);
     }
 
     #[test]
@@ -646,7 +615,7 @@ pub(crate) mod tests {
         let b = RamBlock::new(spec("ram", 1 << 20), memfd(1 << 20)).unwrap();
         let page = [5u8; 4096];
         for p in 0..256u64 {
-            assert!(b.write_pages_at(p * 4096, &[page.as_ptr()]).unwrap());
+            assert!(b.write_pages_at(p * 4096, &[&page]).unwrap());
         }
         // A postcopy discard: from now on nothing may fill that hole again.
         b.punch_hole(7 * 4096, 4096).unwrap();
@@ -712,10 +681,10 @@ pub(crate) mod tests {
             !b.shrink_sealed,
             "a memfd without MFD_ALLOW_SEALING cannot be sealed"
         );
-        assert_eq!(b.page(8192).unwrap()[0], 7);
+        assert_eq!(byte(&b, 8192, 0), 7);
         f.set_len(4096).unwrap();
         // Past the new end: SIGBUS, caught; the block now reads zero and is lost.
-        assert!(crate::wire::ram::is_zero_page(b.page(8192).unwrap()));
+        assert!(b.guest_page(8192).unwrap().is_zero());
         assert!(b.memory_lost());
         let lost = crate::memory::guard::take_losses();
         assert!(lost.iter().any(|n| n == "shrinks"), "{lost:?}");

@@ -10,7 +10,7 @@ use crate::memory::block::{file_size, MemoryError};
 
 /// A dirty bitmap shared with the parent: little-endian u64 words, bit i = page i.
 /// The parent sets bits with an atomic OR; the helper takes a word with an atomic swap.
-pub struct DirtyBitmap {
+pub(crate) struct DirtyBitmap {
     /// Declared before the region: stops watching before the unmap.
     guard: crate::memory::guard::Guard,
     region: MmapRegion,
@@ -18,7 +18,7 @@ pub struct DirtyBitmap {
 }
 
 impl DirtyBitmap {
-    pub fn new(id: &str, fd: OwnedFd, pages: u64) -> Result<Self, MemoryError> {
+    pub(crate) fn new(id: &str, fd: OwnedFd, pages: u64) -> Result<Self, MemoryError> {
         let have = file_size(id, &fd)?;
         let words = pages.div_ceil(64);
         let need = words * 8;
@@ -60,22 +60,23 @@ impl DirtyBitmap {
         self.guard.lost()
     }
 
-    pub fn len_words(&self) -> usize {
+    pub(crate) fn len_words(&self) -> usize {
         self.words
     }
 
     /// Takes word `i` (pages 64i..64i+63), leaving it zero. Words are little-endian on the
     /// wire of the contract, which is native on the x86 hosts the helper runs on.
     #[inline]
-    pub fn take_word(&self, i: usize) -> u64 {
+    pub(crate) fn take_word(&self, i: usize) -> u64 {
         match self.words().get(i) {
             Some(w) if w.load(Ordering::Relaxed) != 0 => u64::from_le(w.swap(0, Ordering::AcqRel)),
             _ => 0,
         }
     }
 
-    /// Marks a page dirty (as the parent does); used by tests and the demo.
-    pub fn set(&self, page: u64) {
+    /// Marks a page dirty (as the parent does).
+    #[cfg(test)]
+    pub(crate) fn set(&self, page: u64) {
         if let Some(w) = self.words().get((page / 64) as usize) {
             w.fetch_or((1u64 << (page % 64)).to_le(), Ordering::AcqRel);
         }
@@ -97,7 +98,3 @@ pub(crate) fn watch(
         )
     })
 }
-
-// The mapping is shared memory accessed through atomics only.
-unsafe impl Send for DirtyBitmap {}
-unsafe impl Sync for DirtyBitmap {}

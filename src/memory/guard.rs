@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 /// Mappings watched at once (a block and its dirty bitmap take one each).
-pub const MAX_MAPPINGS: usize = 1024;
+pub(crate) const MAX_MAPPINGS: usize = 1024;
 
 struct Slot {
     used: AtomicBool,
@@ -41,13 +41,13 @@ static CHANNEL_FD: AtomicI32 = AtomicI32::new(-1);
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
 
 /// A watched mapping; dropping it stops watching (drop it before unmapping).
-pub struct Guard {
+pub(crate) struct Guard {
     slot: usize,
 }
 
 impl Guard {
     /// The mapping was replaced after its file shrank: its content is gone.
-    pub fn lost(&self) -> bool {
+    pub(crate) fn lost(&self) -> bool {
         TABLE[self.slot].lost.load(Ordering::Acquire)
     }
 }
@@ -65,7 +65,7 @@ impl Drop for Guard {
 
 /// Watches `[start, start+len)`, a shared mapping of `name`'s fd. None when
 /// [`MAX_MAPPINGS`] are watched already.
-pub fn watch(name: &str, start: *mut u8, len: usize) -> Option<Guard> {
+pub(crate) fn watch(name: &str, start: *mut u8, len: usize) -> Option<Guard> {
     install();
     let slot = TABLE.iter().position(|s| {
         s.used
@@ -86,13 +86,16 @@ pub fn watch(name: &str, start: *mut u8, len: usize) -> Option<Guard> {
 }
 
 /// The channel the handler shuts down on a loss (`None`: no migration runs).
-pub fn set_channel(fd: Option<&OwnedFd>) {
+pub(crate) fn set_channel(fd: Option<&OwnedFd>) {
     CHANNEL_FD.store(fd.map_or(-1, |f| f.as_raw_fd()), Ordering::Release);
 }
 
 /// Prefixes a migration's error with the blocks whose memory shrank under it, if any (a
 /// shrink shows as SIGBUS when the helper reads the page, as EFAULT when the kernel does).
-pub fn explain(blocks: &[std::sync::Arc<crate::memory::block::RamBlock>], error: String) -> String {
+pub(crate) fn explain(
+    blocks: &[std::sync::Arc<crate::memory::block::RamBlock>],
+    error: String,
+) -> String {
     let _ = take_losses();
     let lost: Vec<&str> = blocks
         .iter()
@@ -109,7 +112,7 @@ pub fn explain(blocks: &[std::sync::Arc<crate::memory::block::RamBlock>], error:
 }
 
 /// The mappings lost since the last call, by name.
-pub fn take_losses() -> Vec<String> {
+pub(crate) fn take_losses() -> Vec<String> {
     let names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
     TABLE
         .iter()
@@ -120,7 +123,7 @@ pub fn take_losses() -> Vec<String> {
 }
 
 /// Adds F_SEAL_SHRINK to `fd` where its seals allow; true when the fd cannot shrink now.
-pub fn seal_shrink(fd: &OwnedFd) -> bool {
+pub(crate) fn seal_shrink(fd: &OwnedFd) -> bool {
     // SAFETY: fcntl on an fd we hold; F_GET_SEALS/F_ADD_SEALS take an int or nothing.
     unsafe {
         let seals = libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS);

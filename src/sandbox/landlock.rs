@@ -81,19 +81,19 @@ pub enum LandlockError {
 
 /// What `restrict` did.
 #[derive(Debug)]
-pub struct FsOutcome {
+pub(crate) struct FsOutcome {
     /// "fully enforced", "partially enforced" or "not enforced (...)".
-    pub status: String,
-    pub enforced: bool,
+    pub(crate) status: String,
+    pub(crate) enforced: bool,
     /// The read-write directories that exist, canonical (for messages and path checks).
-    pub allowed: Vec<PathBuf>,
+    pub(crate) allowed: Vec<PathBuf>,
     /// Paths given that do not exist (skipped).
-    pub missing: Vec<PathBuf>,
+    pub(crate) missing: Vec<PathBuf>,
 }
 
 /// Builds the ruleset and, with `enforce`, restricts the calling thread (and the threads
 /// it creates later: call it before any exists).
-pub fn restrict(rules: &FsRules, enforce: bool) -> Result<FsOutcome, LandlockError> {
+pub(crate) fn restrict(rules: &FsRules, enforce: bool) -> Result<FsOutcome, LandlockError> {
     let abi = ABI_WANTED;
     let mut created = Ruleset::default()
         .handle_access(AccessFs::from_all(abi))?
@@ -165,7 +165,7 @@ fn kernel_abi() -> i64 {
 }
 
 /// Whether `path` (which may not exist yet) lies under one of `allowed` (canonical).
-pub fn is_under(path: &Path, allowed: &[PathBuf]) -> bool {
+pub(crate) fn is_under(path: &Path, allowed: &[PathBuf]) -> bool {
     let abs = if path.is_absolute() {
         path.to_path_buf()
     } else {

@@ -136,7 +136,7 @@ pub fn enter(
 
 /// Kinds of threads with a narrower filter than the process's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ThreadKind {
+pub(crate) enum ThreadKind {
     /// Only copies pages into guest memory (precopy page writers).
     PageMover,
 }
@@ -144,7 +144,7 @@ pub enum ThreadKind {
 /// Narrows the calling thread's filter to what `kind` needs. Does nothing when the process
 /// has no sandbox (`off`, or a library user that never entered one). Returns whether a
 /// filter was installed.
-pub fn enter_thread(kind: ThreadKind) -> bool {
+pub(crate) fn enter_thread(kind: ThreadKind) -> bool {
     let Some(st) = STATE.get() else { return false };
     let prog = match kind {
         ThreadKind::PageMover => st.page_mover.as_ref(),
@@ -173,7 +173,7 @@ fn warm_up_resolver() {
 
 /// Adds the sandbox's reason to a permission error on `target` (a `file:` or `unix:` URI,
 /// or a path), so that the parent reads why and what to do.
-pub fn explain(target: &str, e: io::Error) -> io::Error {
+pub(crate) fn explain(target: &str, e: io::Error) -> io::Error {
     let Some(st) = STATE.get() else { return e };
     if st.mode != SandboxMode::On
         || !st.landlock_enforced
@@ -196,7 +196,7 @@ pub fn explain(target: &str, e: io::Error) -> io::Error {
 }
 
 /// In `log` mode, reports a `file:`/`unix:` path that `on` would refuse.
-pub fn note_path(path: &Path) {
+pub(crate) fn note_path(path: &Path) {
     let Some(st) = STATE.get() else { return };
     if st.mode == SandboxMode::Log && !self::landlock::is_under(path, &st.allowed) {
         slog::warn!(st.log, "sandbox (log mode): --sandbox on would refuse this path";

@@ -314,7 +314,7 @@ fn analyze_output() -> Vec<Entry> {
 }
 
 /// The allowlist of `profile`.
-pub fn allowlist(profile: Profile) -> BTreeMap<i64, Vec<SeccompRule>> {
+pub(crate) fn allowlist(profile: Profile) -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut groups = vec![memory(), threads(), process(), files(), narrowing()];
     match profile {
         Profile::Helper => {
@@ -345,7 +345,7 @@ fn narrowing() -> Vec<Entry> {
 /// The threads that only copy pages into guest memory (precopy page writers), stacked on
 /// the process filter: memory, their job queue, and ending (a panic's message, abort).
 /// No files, sockets or ioctls.
-pub fn page_mover() -> BTreeMap<i64, Vec<SeccompRule>> {
+pub(crate) fn page_mover() -> BTreeMap<i64, Vec<SeccompRule>> {
     let pid = std::process::id() as u64;
     let own = vec![
         any(libc::SYS_futex),
@@ -389,18 +389,21 @@ fn merge(groups: Vec<Vec<Entry>>) -> BTreeMap<i64, Vec<SeccompRule>> {
 }
 
 /// The main filter: the allowlist, anything else gets `mismatch` (trap or log).
-pub fn main_filter(profile: Profile, mismatch: SeccompAction) -> Result<BpfProgram, FilterError> {
+pub(crate) fn main_filter(
+    profile: Profile,
+    mismatch: SeccompAction,
+) -> Result<BpfProgram, FilterError> {
     compile(allowlist(profile), mismatch, SeccompAction::Allow)
 }
 
 /// The page movers' own filter, stacked on the main one by each such thread.
-pub fn page_mover_filter(mismatch: SeccompAction) -> Result<BpfProgram, FilterError> {
+pub(crate) fn page_mover_filter(mismatch: SeccompAction) -> Result<BpfProgram, FilterError> {
     compile(page_mover(), mismatch, SeccompAction::Allow)
 }
 
 /// Stacked on the main one: clone3 fails with ENOSYS so that glibc uses clone(2), whose
 /// flags the main filter checks. (The kernel applies the strictest action of all filters.)
-pub fn soft_filter() -> Result<BpfProgram, FilterError> {
+pub(crate) fn soft_filter() -> Result<BpfProgram, FilterError> {
     let rules = BTreeMap::from([(libc::SYS_clone3, vec![])]);
     compile(
         rules,
