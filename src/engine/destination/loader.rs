@@ -10,14 +10,14 @@ use std::time::Instant;
 use crate::compat::wire::{self, command};
 use crate::engine::destination::bitmap::AtomicBitmap;
 use crate::engine::destination::error::{LoadError, Violation};
-use crate::engine::destination::place::{BlockCursor, PageData};
+use crate::engine::destination::place::{BlockCursor, Page, PageData};
 use crate::engine::destination::postcopy::PostcopySink;
 use crate::engine::destination::precopy::PrecopySink;
 use crate::engine::destination::reader::{with_next, ReadReady, Reader};
 use crate::engine::destination::return_path::RpWriter;
 use crate::engine::migration::{MigrationCtx, Stats};
 use crate::memory::block::RamBlock;
-use crate::memory::page_writer::PageWriteError;
+use crate::memory::page_writer::{PageBatch, PageWriteError};
 use crate::transport::{Channel, Incoming, IoTimer};
 use crate::vmstate::{self, VmDescription};
 use crate::wire::device_intake::DeviceIntake;
@@ -169,50 +169,14 @@ impl<'a> Loader<'a> {
         self.blocks.iter().position(|b| b.id == name)
     }
 
-    /// Writes what is queued or staged: before the reader's buffer changes.
-    fn flush(&mut self) -> Result<(), LoadError> {
-        match &mut self.phase {
-            Phase::Postcopy(s) => s
+    /// Postcopy: places the staged run; before the reader's buffer changes.
+    fn flush_staged(&mut self) -> Result<(), LoadError> {
+        match self.postcopy() {
+            Some(s) => s
                 .flush_staged()
                 .map_err(|source| LoadError::Postcopy { offset: 0, source }),
-            Phase::Precopy(p) => p.sink.flush().map_err(|e| page_write_error(0, e)),
+            None => Ok(()),
         }
-    }
-
-    /// Applies one RAM record (at stream offset `offset`); returns true at EOS.
-    fn apply(&mut self, offset: u64, rec: Record<'_>) -> Result<bool, LoadError> {
-        match rec {
-            Record::Eos => return Ok(true),
-            Record::MultifdFlush => return Ok(false),
-            Record::MemSize { .. } => {
-                return Err(Self::invalid(offset, Violation::BlockListOutsideStart))
-            }
-            Record::Zero { .. } | Record::Page { .. } => {}
-        }
-        let Some(page) = self
-            .cursor
-            .page(self.blocks, &rec)
-            .map_err(|source| LoadError::Page { offset, source })?
-        else {
-            return Ok(false);
-        };
-        match page.data {
-            PageData::Fill(_) => Stats::add(&self.ctx.stats.duplicate, 1),
-            PageData::Bytes(_) => Stats::add(&self.ctx.stats.normal, 1),
-        }
-        match &mut self.phase {
-            // Postcopy: placed atomically in the parent's mapping, waking faulting threads.
-            Phase::Postcopy(s) => s
-                .place(&page)
-                .map_err(|source| LoadError::Postcopy { offset, source })?,
-            Phase::Precopy(p) => {
-                p.sink
-                    .place(self.blocks, &page)
-                    .map_err(|e| page_write_error(offset, e))?;
-                self.received[page.bi].set(page.index());
-            }
-        }
-        Ok(false)
     }
 
     /// Postcopy: places requested pages among those read ahead (see
@@ -224,16 +188,70 @@ impl<'a> Loader<'a> {
         }
     }
 
+    /// The records of a RAM section, up to its EOS. The phase does not change inside one.
     fn ram_body<R: ReadReady>(&mut self, r: &mut Reader<R>) -> Result<(), LoadError> {
+        if self.in_postcopy() {
+            return self.postcopy_body(r);
+        }
+        loop {
+            let (used, eos) = self.precopy_records(r.data(), r.offset);
+            r.consume(used);
+            if eos? {
+                return Ok(());
+            }
+            r.need_more("in a RAM section")?;
+        }
+    }
+
+    /// Precopy: the whole records in `data` (at stream offset `at`) up to EOS, their pages
+    /// queued in one batch that borrows `data` and is written before this returns (the
+    /// page writer splits a large batch over its threads). Returns the bytes used and
+    /// whether EOS came.
+    fn precopy_records(&mut self, data: &[u8], at: u64) -> (usize, Result<bool, LoadError>) {
+        let Phase::Precopy(p) = &mut self.phase else {
+            return (0, Ok(false));
+        };
+        let mut batch = PageBatch::new();
+        let mut pos = 0;
+        let result = loop {
+            let offset = at + pos as u64;
+            let (rec, n) = match ram::decode_record(&data[pos..]) {
+                Ok(Some(x)) => x,
+                Ok(None) => break Ok(false),
+                Err(source) => break Err(LoadError::Wire { offset, source }),
+            };
+            pos += n;
+            match resolve(&mut self.cursor, self.blocks, &self.ctx.stats, offset, rec) {
+                Ok(Step::Eos) => break Ok(true),
+                Ok(Step::Skip) => {}
+                Ok(Step::Page(page)) => {
+                    if let Err(e) = p.sink.place(self.blocks, &page, &mut batch) {
+                        break Err(page_write_error(offset, e));
+                    }
+                    self.received[page.bi].set(page.index());
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        let written = p
+            .sink
+            .write(batch)
+            .map_err(|e| page_write_error(at + pos as u64, e));
+        (pos, result.and_then(|eos| written.map(|()| eos)))
+    }
+
+    /// Postcopy: each page is placed (or staged) as it is read, and requested pages
+    /// further on in the buffer are placed first.
+    fn postcopy_body<R: ReadReady>(&mut self, r: &mut Reader<R>) -> Result<(), LoadError> {
         self.look_ahead(r);
         let mut records = 0u32;
         let result = loop {
             match ram::decode_record(r.data()) {
                 Ok(Some((rec, n))) => {
-                    let eos = self.apply(r.offset, rec);
+                    let eos = self.place_postcopy(r.offset, rec);
                     r.consume(n);
-                    // Postcopy: look at the socket every few pages, so that a requested
-                    // page that arrives while these are placed is placed at once.
+                    // Look at the socket every few pages, so that a requested page that
+                    // arrives while these are placed is placed at once.
                     records = records.wrapping_add(1);
                     if records % 8 == 0
                         && self.postcopy().is_some_and(|s| s.anyone_waiting())
@@ -250,8 +268,9 @@ impl<'a> Loader<'a> {
                 Ok(None) => {}
                 Err(e) => break Err(r.wire(e)),
             }
-            // The pending run points into the buffer that a refill moves.
-            if let Err(e) = self.flush() {
+            // The staged run is a copy, but placing it before waiting for more keeps
+            // pages from sitting here while the stream stalls.
+            if let Err(e) = self.flush_staged() {
                 break Err(e);
             }
             if let Err(e) = r.need_more("in a RAM section") {
@@ -259,8 +278,23 @@ impl<'a> Loader<'a> {
             }
             self.look_ahead(r);
         };
-        let flushed = self.flush();
+        let flushed = self.flush_staged();
         result.and(flushed)
+    }
+
+    /// Postcopy: one record at stream offset `offset`; true at EOS.
+    fn place_postcopy(&mut self, offset: u64, rec: Record<'_>) -> Result<bool, LoadError> {
+        let page = match resolve(&mut self.cursor, self.blocks, &self.ctx.stats, offset, rec)? {
+            Step::Eos => return Ok(true),
+            Step::Skip => return Ok(false),
+            Step::Page(page) => page,
+        };
+        if let Phase::Postcopy(s) = &mut self.phase {
+            // Placed atomically in the parent's mapping, waking faulting threads.
+            s.place(&page)
+                .map_err(|source| LoadError::Postcopy { offset, source })?;
+        }
+        Ok(false)
     }
 
     fn ram_start<R: ReadReady>(
@@ -516,6 +550,44 @@ fn description_after_eof<R: ReadReady>(r: &mut Reader<R>) -> Result<(), LoadErro
             });
         }
     }
+}
+
+/// A RAM record of the main channel, checked.
+enum Step<'a> {
+    Eos,
+    /// Nothing to place (MULTIFD_FLUSH).
+    Skip,
+    Page(Page<'a>),
+}
+
+/// Checks a RAM record of the main channel at stream offset `offset` (block context in
+/// `cursor`) and counts its page.
+fn resolve<'a>(
+    cursor: &mut BlockCursor,
+    blocks: &[Arc<RamBlock>],
+    stats: &Stats,
+    offset: u64,
+    rec: Record<'a>,
+) -> Result<Step<'a>, LoadError> {
+    match rec {
+        Record::Eos => return Ok(Step::Eos),
+        Record::MultifdFlush => return Ok(Step::Skip),
+        Record::MemSize { .. } => {
+            return Err(Loader::invalid(offset, Violation::BlockListOutsideStart))
+        }
+        Record::Zero { .. } | Record::Page { .. } => {}
+    }
+    let Some(page) = cursor
+        .page(blocks, &rec)
+        .map_err(|source| LoadError::Page { offset, source })?
+    else {
+        return Ok(Step::Skip);
+    };
+    match page.data {
+        PageData::Fill(_) => Stats::add(&stats.duplicate, 1),
+        PageData::Bytes(_) => Stats::add(&stats.normal, 1),
+    }
+    Ok(Step::Page(page))
 }
 
 /// A page writer error at stream offset `offset`.

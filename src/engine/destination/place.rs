@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::compat::wire::TARGET_PAGE_SIZE;
 use crate::memory::block::RamBlock;
+use crate::memory::page::Page as PageBytes;
 use crate::wire::ram::Record;
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +23,8 @@ pub(crate) enum PlaceError {
         offset: u64,
         size: u64,
     },
+    #[error("a page record of {0} bytes")]
+    PageLength(usize),
 }
 
 /// A received page, resolved to its block.
@@ -37,7 +40,7 @@ pub(crate) enum PageData<'a> {
     /// Every byte is this value (ZERO records; QEMU 10.0 only sends 0).
     Fill(u8),
     /// The page's bytes, in the channel's read buffer.
-    Bytes(&'a [u8]),
+    Bytes(&'a PageBytes),
 }
 
 impl Page<'_> {
@@ -70,7 +73,12 @@ impl BlockCursor {
                 offset,
                 block,
                 data,
-            } => (offset, block, PageData::Bytes(data)),
+            } => {
+                let page = data
+                    .try_into()
+                    .map_err(|_| PlaceError::PageLength(data.len()))?;
+                (offset, block, PageData::Bytes(page))
+            }
             _ => return Ok(None),
         };
         let bi = match block {

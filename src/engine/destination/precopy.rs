@@ -5,12 +5,10 @@ use std::sync::Arc;
 
 use crate::engine::destination::place::{Page, PageData};
 use crate::memory::block::RamBlock;
-use crate::memory::page_writer::{PageWriteError, PageWriter};
+use crate::memory::page_writer::{PageBatch, PageWriteError, PageWriter};
 
 pub(crate) struct PrecopySink {
-    /// Pages waiting to be written. They point into the reader's buffer, so they are
-    /// flushed before every refill.
-    pages: PageWriter,
+    writer: PageWriter,
     /// Per block: pages known to read as zero (holes, not written since).
     known_zero: Vec<Vec<u64>>,
 }
@@ -18,17 +16,19 @@ pub(crate) struct PrecopySink {
 impl PrecopySink {
     pub(crate) fn new(blocks: &[Arc<RamBlock>], threads: usize) -> Self {
         PrecopySink {
-            pages: PageWriter::new(threads),
+            writer: PageWriter::new(threads),
             known_zero: blocks.iter().map(|b| b.hole_bitmap()).collect(),
         }
     }
 
-    /// Places a page: a page of bytes is queued (it borrows the reader's buffer, written at
-    /// the next `flush`), a fill is written at once.
-    pub(crate) fn place(
+    /// Places a page: a page of bytes is queued in `batch` (it borrows the reader's
+    /// buffer, and is written by `write` before the buffer may change), a fill is written
+    /// at once, after the pages queued before it.
+    pub(crate) fn place<'buf>(
         &mut self,
         blocks: &[Arc<RamBlock>],
-        page: &Page<'_>,
+        page: &Page<'buf>,
+        batch: &mut PageBatch<'buf>,
     ) -> Result<(), PageWriteError> {
         let b = &blocks[page.bi];
         let i = page.index();
@@ -39,8 +39,8 @@ impl PrecopySink {
                     .get(w)
                     .is_some_and(|x| x & bit != 0);
                 if !(known && fill == 0) {
-                    // The page may be in the pending run: write that first.
-                    self.flush()?;
+                    // The page may be in the batch: write that first.
+                    self.writer.write(std::mem::take(batch))?;
                     b.fill_page(page.offset, fill);
                 }
             }
@@ -52,15 +52,15 @@ impl PrecopySink {
                     present = *x & bit == 0;
                     *x &= !bit;
                 }
-                self.pages.queue(b, page.offset, data.as_ptr(), present)?;
+                batch.queue(b, page.offset, data, present);
             }
         }
         Ok(())
     }
 
-    /// Writes the queued pages; the reader's buffer may change after this.
-    pub(crate) fn flush(&mut self) -> Result<(), PageWriteError> {
-        self.pages.flush()
+    /// Writes a batch; the buffer it borrowed may change after this.
+    pub(crate) fn write(&mut self, batch: PageBatch<'_>) -> Result<(), PageWriteError> {
+        self.writer.write(batch)
     }
 
     /// Discarded pages (holes punched) read as zero again.
