@@ -45,9 +45,12 @@ mod postcopy;
 mod precopy;
 mod preempt;
 mod priority;
+mod ram;
 mod reader;
 mod recovery;
 mod return_path;
+#[cfg(test)]
+mod tests;
 
 pub(crate) use error::LoadError;
 use error::Violation;
