@@ -7,6 +7,7 @@ use crate::engine::destination::fault::FaultError;
 use crate::engine::destination::package::PackageError;
 use crate::engine::destination::place::PlaceError;
 use crate::engine::destination::preempt::PreemptError;
+use crate::engine::destination::reader::{ReadError, Reader};
 use crate::engine::destination::return_path::RpError;
 use crate::memory::page_writer::PageWriteError;
 use crate::transport::TransportError;
@@ -123,6 +124,33 @@ impl LoadError {
     /// A recovery that failed on its own (its channel, its handshake): paused again.
     pub(crate) fn is_recovery(&self) -> bool {
         matches!(self, LoadError::Recovery(_))
+    }
+}
+
+impl From<ReadError> for LoadError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Io {
+                peer,
+                offset,
+                source,
+            } => LoadError::Io {
+                peer,
+                offset,
+                source,
+            },
+            ReadError::Truncated { offset, context } => LoadError::Truncated { offset, context },
+        }
+    }
+}
+
+impl<R> Reader<R> {
+    /// A codec error at the reader's offset.
+    pub(crate) fn wire(&self, source: WireError) -> LoadError {
+        LoadError::Wire {
+            offset: self.offset,
+            source,
+        }
     }
 }
 

@@ -16,8 +16,7 @@ use std::thread::JoinHandle;
 
 use crate::engine::destination::fault::{FaultError, PostcopyDest};
 use crate::engine::destination::place::{BlockCursor, PlaceError};
-use crate::engine::destination::reader::Reader;
-use crate::engine::destination::LoadError;
+use crate::engine::destination::reader::{ReadError, Reader};
 use crate::memory::block::RamBlock;
 use crate::transport::{CancelToken, Channel, Incoming, TransportError};
 use crate::wire::ram::{self, Record};
@@ -53,7 +52,7 @@ pub(crate) enum PreemptError {
         source: FaultError,
     },
     #[error("{0}")]
-    Read(#[source] Box<LoadError>),
+    Read(#[source] ReadError),
     #[error("postcopy-preempt is not supported with huge-page RAM block {0:?}")]
     HugePages(String),
     #[error("cannot start the postcopy-preempt thread: {0}")]
@@ -182,7 +181,7 @@ fn read_pages(
             pages.fetch_add(1, Ordering::Relaxed);
             r.consume(n);
         }
-        if !r.fill().map_err(|e| PreemptError::Read(Box::new(e)))? {
+        if !r.fill().map_err(PreemptError::Read)? {
             return Ok(());
         }
     }

@@ -122,7 +122,7 @@ impl Loader<'_> {
                 break Err(e);
             }
             if let Err(e) = r.need_more("in a RAM section") {
-                break Err(e);
+                break Err(e.into());
             }
             self.look_ahead(r);
         };

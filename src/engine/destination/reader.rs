@@ -5,9 +5,21 @@
 
 use std::io::Read;
 
-use crate::engine::destination::LoadError;
 use crate::transport::Channel;
-use crate::wire::stream::WireError;
+
+/// How reading failed: both mean a broken link.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadError {
+    #[error("read from {peer} failed at stream offset {offset}: {source}")]
+    Io {
+        peer: String,
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("stream ended early at offset {offset} ({context})")]
+    Truncated { offset: u64, context: &'static str },
+}
 
 /// Postcopy: the most unplaced stream bytes that reading ahead for requested pages holds.
 const ARRIVED_MAX: usize = 512 << 10;
@@ -64,7 +76,7 @@ impl<R: ReadReady> Reader<R> {
     }
 
     /// Reads more; false at the end of the stream.
-    pub(crate) fn fill(&mut self) -> Result<bool, LoadError> {
+    pub(crate) fn fill(&mut self) -> Result<bool, ReadError> {
         if self.eof {
             return Ok(false);
         }
@@ -97,7 +109,7 @@ impl<R: ReadReady> Reader<R> {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(source) => {
-                    return Err(LoadError::Io {
+                    return Err(ReadError::Io {
                         peer: self.peer.clone(),
                         offset: self.offset + (self.end - self.start) as u64,
                         source,
@@ -124,11 +136,11 @@ impl<R: ReadReady> Reader<R> {
         }
     }
 
-    pub(crate) fn need_more(&mut self, context: &'static str) -> Result<(), LoadError> {
+    pub(crate) fn need_more(&mut self, context: &'static str) -> Result<(), ReadError> {
         if self.fill()? {
             Ok(())
         } else {
-            Err(LoadError::Truncated {
+            Err(ReadError::Truncated {
                 offset: self.offset + (self.end - self.start) as u64,
                 context,
             })
@@ -136,7 +148,7 @@ impl<R: ReadReady> Reader<R> {
     }
 
     /// True at the end of the stream with nothing left unread.
-    pub(crate) fn eof_or_fill(&mut self) -> Result<bool, LoadError> {
+    pub(crate) fn eof_or_fill(&mut self) -> Result<bool, ReadError> {
         Ok(!self.fill()? && self.data().is_empty())
     }
 }
@@ -165,13 +177,6 @@ impl<R> Reader<R> {
     pub(crate) fn consume(&mut self, n: usize) {
         self.start += n;
         self.offset += n as u64;
-    }
-
-    pub(crate) fn wire(&self, source: WireError) -> LoadError {
-        LoadError::Wire {
-            offset: self.offset,
-            source,
-        }
     }
 
     /// Makes room for an item of `n` bytes at `start` in one step (a postcopy package):
