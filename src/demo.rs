@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use serde_json::json;
+use vm_memory::mmap::MmapRegion;
+use vm_memory::FileOffset;
 
 use crate::client::{ClientError, HelperClient, RamBlockSpec};
 
@@ -92,46 +94,38 @@ fn os(what: &'static str) -> impl FnOnce(nix::errno::Errno) -> DemoError {
 /// A guest-memory memfd and the parent's own mapping of it.
 struct Guest {
     fd: OwnedFd,
-    map: *mut u8,
-    len: usize,
+    region: MmapRegion,
 }
 
 impl Guest {
     fn new(name: &std::ffi::CStr, len: u64) -> Result<Self, DemoError> {
         let fd = memfd_create(name, MemFdCreateFlag::MFD_CLOEXEC).map_err(os("memfd_create"))?;
         nix::unistd::ftruncate(&fd, len as i64).map_err(os("ftruncate"))?;
-        let len = len as usize;
-        // SAFETY: a fresh shared mapping of our own memfd.
-        let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                0,
-            )
-        };
-        if map == libc::MAP_FAILED {
-            return Err(DemoError::Os {
-                what: "mmap",
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(Guest {
-            fd,
-            map: map as *mut u8,
-            len,
-        })
+        let file = std::fs::File::from(fd.try_clone().map_err(|source| DemoError::Os {
+            what: "dup",
+            source,
+        })?);
+        let region = MmapRegion::build(
+            Some(FileOffset::new(file, 0)),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+        )
+        .map_err(|e| DemoError::Os {
+            what: "mmap",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        Ok(Guest { fd, region })
     }
 
     /// Allocates and maps every page (zeroed), as a VMM that preallocates guest RAM does.
     fn populate(&self) -> Result<(), DemoError> {
-        // SAFETY: the whole of our own mapping.
+        // SAFETY: advice on the whole of our own mapping, which lives as long as self;
+        // populating changes no byte of it.
         let r = unsafe {
             libc::madvise(
-                self.map as *mut libc::c_void,
-                self.len,
+                self.region.as_ptr().cast(),
+                self.region.size(),
                 libc::MADV_POPULATE_WRITE,
             )
         };
@@ -144,21 +138,23 @@ impl Guest {
         Ok(())
     }
 
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: the mapping lives as long as self.
-        unsafe { std::slice::from_raw_parts(self.map, self.len) }
+    /// The guest's memory as bytes.
+    ///
+    /// # Safety
+    /// No other process (no helper) may write the memory while the slice lives.
+    unsafe fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping is `size()` bytes and lives as long as self; nothing else
+        // writes it meanwhile (the caller's promise).
+        unsafe { std::slice::from_raw_parts(self.region.as_ptr(), self.region.size()) }
     }
 
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: the mapping lives as long as self, and &mut self makes this the only view.
-        unsafe { std::slice::from_raw_parts_mut(self.map, self.len) }
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        // SAFETY: unmapping what `new` mapped.
-        unsafe { libc::munmap(self.map as *mut _, self.len) };
+    /// The guest's memory as bytes to fill.
+    ///
+    /// # Safety
+    /// No other process (no helper) may access the memory while the slice lives.
+    unsafe fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`; &mut self makes this the process's only view.
+        unsafe { std::slice::from_raw_parts_mut(self.region.as_ptr(), self.region.size()) }
     }
 }
 
@@ -242,7 +238,12 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
         );
     }
     let t = Instant::now();
-    let zeros = fill_guest(src_mem.bytes_mut(), args.zero_fraction, args.seed);
+    // SAFETY: no helper exists yet; the memfd is close-on-exec and handed over later.
+    let zeros = fill_guest(
+        unsafe { src_mem.bytes_mut() },
+        args.zero_fraction,
+        args.seed,
+    );
     println!(
         "demo: filled the source guest in {:.2} s ({zeros} zero pages of {})",
         t.elapsed().as_secs_f64(),
@@ -353,7 +354,8 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
     let _ = dst_child.wait();
     result?;
     let t = Instant::now();
-    let (a, b) = (src_mem.bytes(), dst_mem.bytes());
+    // SAFETY: both helpers have exited (waited for above): nothing else maps the memfds.
+    let (a, b) = unsafe { (src_mem.bytes(), dst_mem.bytes()) };
     if a != b {
         let page = a
             .chunks(4096)

@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 use super::qmp::QmpError;
 use crate::compat::QemuVersion;
 use crate::control::events::EventSink;
-use crate::engine::migration::{Capabilities, MigrationCtx};
+use crate::engine::migration::{Capabilities, Command, MigrationCtx};
 use crate::engine::state::MigrationStatus;
 use crate::memory::block::{map_present_in_background, RamBlock, RamBlockSpec};
 use crate::transport::{Channel, Incoming, Uri};
@@ -335,7 +335,7 @@ impl Helper {
                         st.as_str()
                     )));
                 }
-                self.ctx.gate.open();
+                let _ = self.ctx.post(Command::Continue);
                 Ok(json!({}))
             }
             "migrate-start-postcopy" => {
@@ -351,9 +351,9 @@ impl Helper {
                         "Enable postcopy with migrate_set_capability before the start of migration",
                     ));
                 }
-                if self.ctx.postcopy_requested.swap(true, Ordering::AcqRel) {
-                    return Err(QmpError::generic("Postcopy already started"));
-                }
+                self.ctx
+                    .post(Command::StartPostcopy)
+                    .map_err(|e| QmpError::generic(e.to_string()))?;
                 Ok(json!({}))
             }
             "migrate-pause" => {
@@ -658,13 +658,7 @@ impl Helper {
         if let Some(h) = lock(&self.worker).take() {
             let _ = h.join();
         }
-        self.ctx.cancel.reset();
-        self.ctx.gate.reset();
-        self.ctx.stats.reset();
-        self.ctx.latency.reset();
-        self.ctx.pauses.store(0, Ordering::Relaxed);
-        lock(&self.ctx.recoveries).clear();
-        self.ctx.postcopy_requested.store(false, Ordering::Release);
+        self.ctx.reset_for_new_migration();
         if setup {
             self.ctx
                 .state

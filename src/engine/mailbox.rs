@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crate::transport::CancelToken;
 
 /// What a paused migration gets to go on with.
-pub enum Recovery {
+pub(crate) enum Recovery {
     /// Source: where to connect.
     Source(crate::transport::Uri, Option<OwnedFd>),
     /// Destination: the listening (or ready) channel.
@@ -25,7 +25,7 @@ pub enum Recovery {
 }
 
 /// A command for the migration thread.
-pub enum Command {
+pub(crate) enum Command {
     /// `migrate-continue`: leave `pre-switchover`.
     Continue,
     /// `migrate-start-postcopy`: the source switches at its next check.
@@ -41,14 +41,14 @@ pub enum Command {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum Refused {
+pub(crate) enum Refused {
     #[error("Postcopy already started")]
     PostcopyAlreadyStarted,
 }
 
 /// How [`Mailbox::wait_continue`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GateWait {
+pub(crate) enum GateWait {
     Opened,
     Cancelled,
     /// The caller's deadline (a keepalive to send) came first.
@@ -57,7 +57,7 @@ pub enum GateWait {
 
 /// The commands' state, shared with the control thread (and, until the engines move to
 /// the mailbox, with `MigrationCtx`'s `gate`, `cancel` and `postcopy_requested`).
-pub struct Mailbox(Arc<Shared>);
+pub(crate) struct Mailbox(Arc<Shared>);
 
 struct Shared {
     slots: Mutex<Slots>,
@@ -92,9 +92,10 @@ impl Mailbox {
         })))
     }
 
-    /// Empties the mailbox for a new migration (the previous thread was joined).
+    /// Clears the latches for a new migration (the previous thread was joined). A
+    /// recovery stays: an adopting helper offers it before it starts the thread.
     pub(crate) fn reset(&self) {
-        *lock(&self.0.slots) = Slots::default();
+        lock(&self.0.slots).go_on = false;
         self.0.postcopy.store(false, Ordering::Release);
         self.0.cancel.reset();
     }
@@ -209,22 +210,13 @@ impl Mailbox {
 
 /// Legacy (`MigrationCtx::gate`): the pre-switchover gate, a view of the mailbox's
 /// `Continue` slot. Remove once the source waits with [`Mailbox::wait_continue`].
-pub struct Gate(Arc<Shared>);
+pub(crate) struct Gate(Arc<Shared>);
 
 impl Gate {
-    pub fn reset(&self) {
-        lock(&self.0.slots).go_on = false;
-    }
-
-    pub fn open(&self) {
-        lock(&self.0.slots).go_on = true;
-        self.0.posted.notify_all();
-    }
-
     /// Waits at most `max`: Some(true) when opened, Some(false) when cancelled, None when
     /// the time ran out first. `cancel` is the mailbox's own token (the parameter stays
     /// for the old callers).
-    pub fn wait_for(&self, _cancel: &CancelToken, max: Duration) -> Option<bool> {
+    pub(crate) fn wait_for(&self, _cancel: &CancelToken, max: Duration) -> Option<bool> {
         match Mailbox(self.0.clone()).wait_continue(Some(max)) {
             GateWait::Opened => Some(true),
             GateWait::Cancelled => Some(false),
@@ -282,8 +274,21 @@ mod tests {
             Err(Refused::PostcopyAlreadyStarted)
         );
         m.post(Command::Cancel).unwrap();
+        m.post(Command::Continue).unwrap();
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let chan = crate::transport::Channel::from_unix(a, "t".into());
+        m.post(Command::Recover(Recovery::Destination(
+            crate::transport::Incoming::Ready(chan),
+        )))
+        .unwrap();
         m.reset();
         assert!(!m.postcopy_requested() && !m.cancelled());
+        assert_eq!(
+            m.wait_continue(Some(Duration::from_millis(1))),
+            GateWait::TimedOut
+        );
+        // Offered before an adopting helper's thread starts: kept.
+        assert!(m.wait_recovery().is_some());
     }
 
     #[test]

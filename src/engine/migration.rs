@@ -14,7 +14,7 @@ use crate::engine::state::StateMachine;
 use crate::transport::CancelToken;
 use crate::wire::device_state::DeviceSection;
 
-pub use crate::engine::mailbox::{Command, Gate, Mailbox, Recovery, Refused};
+pub(crate) use crate::engine::mailbox::{Command, Gate, Mailbox, Recovery, Refused};
 
 /// `migrate-set-capabilities`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -232,34 +232,34 @@ impl Latency {
 
 /// Everything a migration thread needs, shared with the control channel.
 pub struct MigrationCtx {
-    pub log: slog::Logger,
-    pub state: StateMachine,
-    pub stats: Stats,
-    pub caps: Mutex<Capabilities>,
-    pub params: Mutex<Parameters>,
+    pub(crate) log: slog::Logger,
+    pub(crate) state: StateMachine,
+    pub(crate) stats: Stats,
+    pub(crate) caps: Mutex<Capabilities>,
+    pub(crate) params: Mutex<Parameters>,
     /// Source: sections to send at switchover. Destination: sections received.
-    pub device_out: Mutex<Vec<DeviceSection>>,
-    pub device_in: Mutex<Vec<DeviceSection>>,
-    pub started: Mutex<Option<Instant>>,
-    pub latency: Arc<Latency>,
+    pub(crate) device_out: Mutex<Vec<DeviceSection>>,
+    pub(crate) device_in: Mutex<Vec<DeviceSection>>,
+    pub(crate) started: Mutex<Option<Instant>>,
+    pub(crate) latency: Arc<Latency>,
     /// How often postcopy paused, and how long each recovery took (new channel ->
     /// postcopy-active), in milliseconds.
-    pub pauses: AtomicU64,
-    pub recoveries: Mutex<Vec<f64>>,
+    pub(crate) pauses: AtomicU64,
+    pub(crate) recoveries: Mutex<Vec<f64>>,
     /// Commands from the control channel.
-    pub mailbox: Mailbox,
+    pub(crate) mailbox: Mailbox,
     /// Legacy view of `mailbox.cancel_token()` (the same token), for the engines' old
     /// call sites (`&ctx.cancel`, `ctx.cancel.clone()`).
-    pub cancel: CancelToken,
+    pub(crate) cancel: CancelToken,
     /// Legacy view of the mailbox's `Continue` slot.
-    pub gate: Gate,
+    pub(crate) gate: Gate,
     /// Legacy view of the mailbox's `StartPostcopy` latch: read it with
     /// `mailbox.postcopy_requested()`, set it with `post(Command::StartPostcopy)`.
-    pub postcopy_requested: Arc<AtomicBool>,
+    pub(crate) postcopy_requested: Arc<AtomicBool>,
 }
 
 impl MigrationCtx {
-    pub fn new(
+    pub(crate) fn new(
         log: slog::Logger,
         events: crate::control::events::EventSink,
     ) -> std::io::Result<Arc<Self>> {
@@ -283,11 +283,11 @@ impl MigrationCtx {
         }))
     }
 
-    pub fn caps(&self) -> Capabilities {
+    pub(crate) fn caps(&self) -> Capabilities {
         self.caps.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub fn params(&self) -> Parameters {
+    pub(crate) fn params(&self) -> Parameters {
         self.params
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -295,7 +295,7 @@ impl MigrationCtx {
     }
 
     /// `precopy-timeout` as a socket timeout (None when 0, off).
-    pub fn precopy_timeout(&self) -> Option<Duration> {
+    pub(crate) fn precopy_timeout(&self) -> Option<Duration> {
         let t = self.params().precopy_timeout;
         (t > 0).then(|| Duration::from_millis(t))
     }
@@ -303,7 +303,7 @@ impl MigrationCtx {
     /// How often a source waiting in `pre-switchover` sends an empty RAM part: a quarter of
     /// the shorter of the two timeouts, so that a helper destination configured with either
     /// does not take the wait for a dead link.
-    pub fn precopy_keepalive(&self) -> Option<Duration> {
+    pub(crate) fn precopy_keepalive(&self) -> Option<Duration> {
         let p = self.params();
         [p.precopy_timeout, p.link_timeout]
             .into_iter()
@@ -313,7 +313,7 @@ impl MigrationCtx {
     }
 
     /// Clears what the previous migration left: commands, counters, recoveries.
-    pub fn reset_for_new_migration(&self) {
+    pub(crate) fn reset_for_new_migration(&self) {
         self.mailbox.reset();
         self.stats.reset();
         self.latency.reset();
@@ -325,35 +325,35 @@ impl MigrationCtx {
     }
 
     /// Posts a command to the migration thread (see [`Mailbox::post`]).
-    pub fn post(&self, cmd: Command) -> Result<(), Refused> {
+    pub(crate) fn post(&self, cmd: Command) -> Result<(), Refused> {
         self.mailbox.post(cmd)
     }
 
-    pub fn cancelled(&self) -> bool {
+    pub(crate) fn cancelled(&self) -> bool {
         self.mailbox.cancelled()
     }
 
     /// Registers the live channel so cancel can shut it down.
-    pub fn set_channel(&self, fd: Option<OwnedFd>) {
+    pub(crate) fn set_channel(&self, fd: Option<OwnedFd>) {
         self.mailbox.set_channel(fd);
     }
 
     /// Hands a recovery to the paused migration thread.
-    pub fn offer_recovery(&self, r: Recovery) {
+    pub(crate) fn offer_recovery(&self, r: Recovery) {
         let _ = self.mailbox.post(Command::Recover(r));
     }
 
     /// Waits for a recovery; None when the helper is quitting (cancel set).
-    pub fn wait_recovery(&self) -> Option<Recovery> {
+    pub(crate) fn wait_recovery(&self) -> Option<Recovery> {
         self.mailbox.wait_recovery()
     }
 
     /// Shuts the live channel down without cancelling: in postcopy this pauses.
-    pub fn shutdown_channel(&self) {
+    pub(crate) fn shutdown_channel(&self) {
         let _ = self.mailbox.post(Command::Pause);
     }
 
-    pub fn record_recovery(&self, took: Duration) {
+    pub(crate) fn record_recovery(&self, took: Duration) {
         self.recoveries
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -361,7 +361,7 @@ impl MigrationCtx {
     }
 
     /// Sets the cancel signal and shuts the channel down so blocked I/O returns at once.
-    pub fn request_cancel(&self) {
+    pub(crate) fn request_cancel(&self) {
         let _ = self.mailbox.post(Command::Cancel);
     }
 }

@@ -41,7 +41,8 @@ impl DirtyBitmap {
             id: id.into(),
             source,
         })?;
-        let guard = watch(&format!("{id} (dirty bitmap)"), &region)?;
+        // SAFETY: `guard` is declared before `region` in DirtyBitmap: dropped first.
+        let guard = unsafe { watch(&format!("{id} (dirty bitmap)"), &region)? };
         Ok(DirtyBitmap {
             guard,
             region,
@@ -84,11 +85,17 @@ impl DirtyBitmap {
 }
 
 /// Watches a mapping for SIGBUS (its fd shrinking), or says there are too many.
-pub(crate) fn watch(
+///
+/// # Safety
+/// The returned guard is dropped before `region` (declare it before the region in the
+/// struct that holds both): see [`crate::memory::guard::watch`].
+pub(crate) unsafe fn watch(
     id: &str,
     region: &MmapRegion,
 ) -> Result<crate::memory::guard::Guard, MemoryError> {
-    crate::memory::guard::watch(id, region.as_ptr(), region.size()).ok_or_else(|| {
+    // SAFETY: the region is a page-aligned mapping of `size()` bytes; the caller drops the
+    // guard before it.
+    unsafe { crate::memory::guard::watch(id, region.as_ptr(), region.size()) }.ok_or_else(|| {
         MemoryError::invalid(
             id,
             format!(

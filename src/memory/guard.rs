@@ -65,7 +65,12 @@ impl Drop for Guard {
 
 /// Watches `[start, start+len)`, a shared mapping of `name`'s fd. None when
 /// [`MAX_MAPPINGS`] are watched already.
-pub(crate) fn watch(name: &str, start: *mut u8, len: usize) -> Option<Guard> {
+///
+/// # Safety
+/// `[start, start+len)` is a page-aligned mapping of the caller's that stays mapped until
+/// the returned [`Guard`] is dropped: on a SIGBUS inside it, the handler maps anonymous
+/// memory over the whole range (MAP_FIXED), which would clobber whatever else lived there.
+pub(crate) unsafe fn watch(name: &str, start: *mut u8, len: usize) -> Option<Guard> {
     install();
     let slot = TABLE.iter().position(|s| {
         s.used

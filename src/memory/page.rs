@@ -471,6 +471,43 @@ mod tests {
         let _recycled: IoVecs<'static> = v.recycle();
     }
 
+    /// Not a timed test: prints what copying pages in costs through the range handle next
+    /// to a plain `copy_nonoverlapping` loop
+    /// (`cargo test --profile ci --lib page_copy_cost -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn page_copy_cost() {
+        let pages = 16 << 8; // 16 MiB
+        let src: Vec<Page> = (0..pages).map(|i| [i as u8; TARGET_PAGE_SIZE]).collect();
+        let refs: Vec<&Page> = src.iter().collect();
+        let mut mem = vec![1u8; pages * TARGET_PAGE_SIZE];
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            for _ in 0..10 {
+                let dst = mem.as_mut_ptr();
+                for (i, p) in refs.iter().enumerate() {
+                    // SAFETY: page i of `mem`, which is pages * TARGET_PAGE_SIZE long.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            p.as_ptr(),
+                            dst.add(i * TARGET_PAGE_SIZE),
+                            TARGET_PAGE_SIZE,
+                        )
+                    };
+                }
+                std::hint::black_box(&mut mem);
+            }
+            let raw = t.elapsed().as_nanos() as f64 / (10 * pages) as f64;
+            let r = GuestRange::new(owned(&mut mem));
+            let t = std::time::Instant::now();
+            for _ in 0..10 {
+                assert!(r.copy_pages_from(std::hint::black_box(&refs)));
+            }
+            let vol = t.elapsed().as_nanos() as f64 / (10 * pages) as f64;
+            eprintln!("page copy-in: raw {raw:.0} ns/page, GuestRange {vol:.0} ns/page");
+        }
+    }
+
     /// Not a timed test: prints what the zero check costs per page next to a plain
     /// slice check (`cargo test --profile ci --lib zero_check_cost -- --ignored --nocapture`).
     #[test]

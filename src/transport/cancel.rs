@@ -6,7 +6,7 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
@@ -19,13 +19,16 @@ pub struct CancelToken(Arc<Inner>);
 #[derive(Debug)]
 struct Inner {
     set: AtomicBool,
-    /// Non-blocking eventfd: readable (count > 0) exactly while `set` is true, except in
-    /// the moment between the two stores of `cancel` and `reset`.
+    /// Non-blocking eventfd: readable (count > 0) exactly while `set` is true, outside
+    /// `cancel` and `reset`.
     efd: OwnedFd,
+    /// Serialises `cancel` and `reset`, so that the flag and the counter never disagree
+    /// once both return (a readable fd with the flag clear would make pollers spin).
+    change: Mutex<()>,
 }
 
 impl CancelToken {
-    pub fn new() -> io::Result<Self> {
+    pub(crate) fn new() -> io::Result<Self> {
         // SAFETY: eventfd(2) takes no pointers; a non-negative return is a new fd that
         // nothing else owns.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -37,24 +40,27 @@ impl CancelToken {
         Ok(CancelToken(Arc::new(Inner {
             set: AtomicBool::new(false),
             efd,
+            change: Mutex::new(()),
         })))
     }
 
     /// Sets the signal and wakes every poll that has the token's fd in its set.
-    pub fn cancel(&self) {
+    pub(crate) fn cancel(&self) {
+        let _g = self.0.change.lock().unwrap_or_else(|e| e.into_inner());
         self.0.set.store(true, Ordering::Release);
         // The counter only saturates after 2^64-2 writes; EAGAIN there still leaves the
         // fd readable, which is all a waiter needs.
         let _ = nix::unistd::write(&self.0.efd, &1u64.to_ne_bytes());
     }
 
-    pub fn is_cancelled(&self) -> bool {
+    pub(crate) fn is_cancelled(&self) -> bool {
         self.0.set.load(Ordering::Acquire)
     }
 
     /// Clears the signal for the next migration (no thread of the previous one may still
     /// be waiting on it: the caller joined them).
-    pub fn reset(&self) {
+    pub(crate) fn reset(&self) {
+        let _g = self.0.change.lock().unwrap_or_else(|e| e.into_inner());
         self.0.set.store(false, Ordering::Release);
         let mut b = [0u8; 8];
         // Reading an eventfd resets its counter to 0; EAGAIN means it already was.
@@ -63,7 +69,7 @@ impl CancelToken {
 
     /// Blocks until cancelled or `max` passed (None: no limit); true when cancelled. For
     /// a retry interval that must still end at once on cancel.
-    pub fn wait_timeout(&self, max: Option<Duration>) -> io::Result<bool> {
+    pub(crate) fn wait_timeout(&self, max: Option<Duration>) -> io::Result<bool> {
         let deadline = max.and_then(|m| Instant::now().checked_add(m));
         loop {
             if self.is_cancelled() {
@@ -88,7 +94,7 @@ impl AsFd for CancelToken {
 
 /// What interrupts a wait in [`wait_fd`]: a [`CancelToken`], [`Never`], or (until the
 /// engines move to tokens) a bare flag, which can only be checked between 100 ms polls.
-pub trait Interrupt {
+pub(crate) trait Interrupt {
     fn is_set(&self) -> bool;
     /// The fd that becomes readable when set (None: it has none).
     fn wake_fd(&self) -> Option<BorrowedFd<'_>>;
@@ -100,7 +106,7 @@ pub trait Interrupt {
 
 /// Nothing interrupts the wait (only the fd or the deadline end it).
 #[derive(Debug, Clone, Copy)]
-pub struct Never;
+pub(crate) struct Never;
 
 impl Interrupt for Never {
     fn is_set(&self) -> bool {
@@ -151,7 +157,7 @@ const LEGACY_TICK: Duration = Duration::from_millis(100);
 
 /// How a [`wait_fd`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Woke {
+pub(crate) enum Woke {
     /// `fd` has one of the events asked for (or an error or hang-up, which the next
     /// syscall on it reports).
     Ready,
@@ -161,7 +167,7 @@ pub enum Woke {
 
 /// Waits until `fd` has `events`, `stop` is set, or `deadline` passes (None: no limit).
 /// Sleeps in poll(2) the whole time when `stop` has a wake fd.
-pub fn wait_fd(
+pub(crate) fn wait_fd(
     fd: BorrowedFd<'_>,
     events: PollFlags,
     stop: &(impl Interrupt + ?Sized),

@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 
 use super::cancel::{wait_fd, Interrupt, Woke};
-use super::{check_stream, io_err, open, Channel, TransportError, Uri};
+use super::{check_stream, io_err, open, BadFd, Channel, TransportError, Uri};
 
 /// The destination side before a connection arrives.
 pub enum Incoming {
@@ -19,7 +19,7 @@ pub enum Incoming {
 }
 
 impl Incoming {
-    pub fn open(
+    pub(crate) fn open(
         uri: &Uri,
         take_fd: impl FnOnce(&str) -> Option<OwnedFd>,
     ) -> Result<Self, TransportError> {
@@ -40,9 +40,7 @@ impl Incoming {
                     }
                     other => Err(TransportError::BadFd {
                         name: name.clone(),
-                        why: format!(
-                            "a listening socket of address family {other}, not AF_UNIX, AF_INET or AF_INET6"
-                        ),
+                        why: BadFd::ListenerFamily(other),
                     }),
                 }
             }
@@ -70,7 +68,7 @@ impl Incoming {
     }
 
     /// Removes a `unix:` listener's path once no more connections are expected.
-    pub fn done_listening(&self) {
+    pub(crate) fn done_listening(&self) {
         if let Incoming::Unix(_, _, Some(bound)) = self {
             bound.remove();
         }
@@ -78,20 +76,20 @@ impl Incoming {
 
     /// Whether a peer can open more than one connection here (a listening socket), as
     /// postcopy-preempt needs.
-    pub fn is_listener(&self) -> bool {
+    pub(crate) fn is_listener(&self) -> bool {
         !matches!(self, Incoming::Ready(_))
     }
 
     /// Waits for one connection and keeps listening, for a second channel from the same
     /// peer (postcopy-preempt). Ends on `cancel` as [`Incoming::accept`] does.
-    pub fn accept_another(
+    pub(crate) fn accept_another(
         &self,
         cancel: &(impl Interrupt + ?Sized),
     ) -> Result<Channel, TransportError> {
         match self {
             Incoming::Ready(c) => Err(TransportError::BadFd {
                 name: c.peer.clone(),
-                why: "a single connected channel cannot take a second connection".into(),
+                why: BadFd::SingleChannel,
             }),
             Incoming::Unix(l, what, _) => {
                 wait_readable(l.as_fd(), cancel, what)?;
@@ -108,7 +106,10 @@ impl Incoming {
 
     /// Waits for the connection, or for `cancel` (so that a cancel never waits on a peer),
     /// and stops listening.
-    pub fn accept(self, cancel: &(impl Interrupt + ?Sized)) -> Result<Channel, TransportError> {
+    pub(crate) fn accept(
+        self,
+        cancel: &(impl Interrupt + ?Sized),
+    ) -> Result<Channel, TransportError> {
         match self {
             Incoming::Ready(c) => Ok(c),
             listener => {

@@ -6,13 +6,14 @@ mod connect;
 mod incoming;
 mod open;
 
-pub use cancel::{wait_fd, CancelToken, Interrupt, Never, Woke};
+pub use cancel::CancelToken;
+pub(crate) use cancel::{wait_fd, Never, Woke};
 pub use incoming::Incoming;
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::net::TcpStream;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -45,7 +46,7 @@ pub enum TransportError {
     #[error("no fd named {0:?} (pass one with getfd first)")]
     NoSuchFd(String),
     #[error("fd {name:?} cannot carry a migration: {why}")]
-    BadFd { name: String, why: String },
+    BadFd { name: String, why: BadFd },
     #[error("{what} {target}: {source}")]
     Io {
         what: &'static str,
@@ -56,7 +57,22 @@ pub enum TransportError {
     #[error("cancelled while waiting for a connection on {0}")]
     Cancelled(String),
     #[error("{uri}: {why}")]
-    Refused { uri: String, why: String },
+    Refused { uri: String, why: open::Refusal },
+}
+
+/// Why a passed fd (or a channel) cannot carry a migration.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BadFd {
+    #[error("it is not a stream socket (SOCK_STREAM)")]
+    NotStream,
+    #[error("not a socket, pipe or regular file")]
+    WrongType,
+    #[error("it is a listening socket, not a connected one")]
+    Listening,
+    #[error("a listening socket of address family {0}, not AF_UNIX, AF_INET or AF_INET6")]
+    ListenerFamily(i32),
+    #[error("a single connected channel cannot take a second connection")]
+    SingleChannel,
 }
 
 impl FromStr for Uri {
@@ -101,7 +117,7 @@ impl std::fmt::Display for Uri {
 pub struct Channel {
     fd: OwnedFd,
     /// Sockets carry a return path and can be shut down to unblock I/O; files and pipes not.
-    pub is_socket: bool,
+    pub(crate) is_socket: bool,
     /// Pipes (and FIFOs) are non-blocking and polled with the cancel token, so that a
     /// cancel never waits on them.
     is_pipe: bool,
@@ -111,7 +127,7 @@ pub struct Channel {
     /// not come yet waits as a listener does); sockets by SO_RCVTIMEO/SO_SNDTIMEO.
     timer: Arc<IoTimer>,
     moved: AtomicBool,
-    pub peer: String,
+    pub(crate) peer: String,
 }
 
 fn io_err(
@@ -160,7 +176,7 @@ fn check_stream(name: &str, fd: &OwnedFd) -> Result<i32, TransportError> {
     if ty != libc::SOCK_STREAM {
         return Err(TransportError::BadFd {
             name: name.into(),
-            why: "it is not a stream socket (SOCK_STREAM)".into(),
+            why: BadFd::NotStream,
         });
     }
     Ok(domain)
@@ -180,7 +196,7 @@ impl Channel {
     }
 
     /// Wraps a passed fd after checking it is a stream socket, pipe or regular file.
-    pub fn from_fd(name: &str, fd: OwnedFd) -> Result<Self, TransportError> {
+    pub(crate) fn from_fd(name: &str, fd: OwnedFd) -> Result<Self, TransportError> {
         let kind = fd_kind(fd.as_fd()).map_err(io_err("fstat", name))?;
         let is_socket = match kind {
             libc::S_IFSOCK => true,
@@ -188,7 +204,7 @@ impl Channel {
             _ => {
                 return Err(TransportError::BadFd {
                     name: name.into(),
-                    why: "not a socket, pipe or regular file".into(),
+                    why: BadFd::WrongType,
                 })
             }
         };
@@ -200,7 +216,7 @@ impl Channel {
             if listening.unwrap_or(false) {
                 return Err(TransportError::BadFd {
                     name: name.into(),
-                    why: "it is a listening socket, not a connected one".into(),
+                    why: BadFd::Listening,
                 });
             }
         }
@@ -211,7 +227,7 @@ impl Channel {
         Ok(Channel::new(fd, is_socket, is_pipe, format!("fd:{name}")))
     }
 
-    pub fn from_unix(s: UnixStream, peer: String) -> Self {
+    pub(crate) fn from_unix(s: UnixStream, peer: String) -> Self {
         Channel::new(s.into(), true, false, peer)
     }
 
@@ -220,12 +236,12 @@ impl Channel {
         Channel::new(s.into(), true, false, peer)
     }
 
-    pub fn from_file(f: File, peer: String) -> Self {
+    pub(crate) fn from_file(f: File, peer: String) -> Self {
         Channel::new(f.into(), false, false, peer)
     }
 
     /// The token a cancel sets; pipe I/O waits on it next to the pipe.
-    pub fn with_cancel(mut self, cancel: CancelToken) -> Self {
+    pub(crate) fn with_cancel(mut self, cancel: CancelToken) -> Self {
         self.cancel = Some(cancel);
         self
     }
@@ -256,7 +272,7 @@ impl Channel {
     }
 
     /// Connects the source side.
-    pub fn connect(
+    pub(crate) fn connect(
         uri: &Uri,
         take_fd: impl FnOnce(&str) -> Option<OwnedFd>,
         cancel: &CancelToken,
@@ -309,7 +325,7 @@ impl Channel {
 
     /// Larger socket buffers let the source run ahead of the destination instead of
     /// switching back and forth every 200 KiB (the Unix socket default).
-    pub fn tune_buffers(&self) {
+    pub(crate) fn tune_buffers(&self) {
         if self.is_socket {
             use nix::sys::socket::{setsockopt, sockopt};
             let _ = setsockopt(&self.fd, sockopt::SndBuf, &SOCKET_BUFFER);
@@ -317,7 +333,7 @@ impl Channel {
         }
     }
 
-    pub fn set_send_buffer(&self, bytes: usize) {
+    pub(crate) fn set_send_buffer(&self, bytes: usize) {
         if self.is_socket {
             let _ =
                 nix::sys::socket::setsockopt(&self.fd, nix::sys::socket::sockopt::SndBuf, &bytes);
@@ -327,7 +343,7 @@ impl Channel {
     /// Read and write timeouts (None: block): a silently dead peer then shows as an I/O
     /// error instead of a hang. Sockets get SO_RCVTIMEO/SO_SNDTIMEO; pipes a stall timeout.
     /// Set from `link-timeout` (postcopy).
-    pub fn set_timeouts(&self, t: Option<std::time::Duration>) {
+    pub(crate) fn set_timeouts(&self, t: Option<std::time::Duration>) {
         self.timer.set(t, TimeoutParam::Link);
         if self.is_socket {
             set_socket_timeouts(&self.fd, t);
@@ -336,7 +352,7 @@ impl Channel {
 
     /// Set from `precopy-timeout`: reads and writes (a destination), or only writes (a
     /// source: its return path may be idle for long).
-    pub fn set_precopy_timeouts(&self, t: Option<Duration>, reads_too: bool) {
+    pub(crate) fn set_precopy_timeouts(&self, t: Option<Duration>, reads_too: bool) {
         if reads_too {
             self.set_timeouts(t);
             self.timer.set(t, TimeoutParam::Precopy);
@@ -353,18 +369,14 @@ impl Channel {
     }
 
     /// Shuts a socket down (both directions) so that blocked I/O on it returns.
-    pub fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         if self.is_socket {
             shutdown_fd(&self.fd);
         }
     }
 
-    pub fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-
     /// A second handle to the same channel (for a return path or for shutdown).
-    pub fn try_clone_fd(&self) -> io::Result<OwnedFd> {
+    pub(crate) fn try_clone_fd(&self) -> io::Result<OwnedFd> {
         self.fd.try_clone()
     }
 
@@ -379,7 +391,7 @@ impl Channel {
     }
 
     /// Reads into `buf`; 0 means the peer closed. Retries EINTR.
-    pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+    pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         if self.is_pipe {
             // Poll first: a FIFO whose writer has not come yet reads as EOF, but polls as
             // not ready (it reports POLLHUP only once a writer has been and gone).
@@ -405,7 +417,7 @@ impl Channel {
 
     /// Reads only what has already arrived: 0 when nothing has (or the peer closed, which
     /// the next [`Channel::read`] reports). Regular files always read 0 here.
-    pub fn read_ready(&self, buf: &mut [u8]) -> io::Result<usize> {
+    pub(crate) fn read_ready(&self, buf: &mut [u8]) -> io::Result<usize> {
         let fd = self.fd.as_raw_fd();
         loop {
             let r = if self.is_socket {
@@ -425,7 +437,7 @@ impl Channel {
     }
 
     /// Writes all of `bufs`, in order, with as few syscalls as it can.
-    pub fn write_all_vectored(&self, bufs: &mut [io::IoSlice<'_>]) -> io::Result<()> {
+    pub(crate) fn write_all_vectored(&self, bufs: &mut [io::IoSlice<'_>]) -> io::Result<()> {
         let mut bufs = &mut bufs[..];
         while !bufs.is_empty() {
             let n = match nix::sys::uio::writev(self.fd.as_fd(), &bufs[..bufs.len().min(1024)]) {
@@ -447,18 +459,8 @@ impl Channel {
         Ok(())
     }
 
-    pub fn write_all(&self, data: &[u8]) -> io::Result<()> {
+    pub(crate) fn write_all(&self, data: &[u8]) -> io::Result<()> {
         self.write_all_vectored(&mut [io::IoSlice::new(data)])
-    }
-
-    pub fn set_read_timeout(&self, t: Option<Duration>) {
-        if self.is_socket {
-            // SAFETY: borrowed for the duration of the call only; ManuallyDrop keeps the fd open.
-            let s = std::mem::ManuallyDrop::new(unsafe {
-                UnixStream::from_raw_fd(self.fd.as_raw_fd())
-            });
-            let _ = s.set_read_timeout(t);
-        }
     }
 }
 
@@ -512,7 +514,7 @@ fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {
 }
 
 /// Read and write timeouts on the socket behind `fd` (a duplicate shares them).
-pub fn set_socket_timeouts(fd: &OwnedFd, t: Option<std::time::Duration>) {
+pub(crate) fn set_socket_timeouts(fd: &OwnedFd, t: Option<std::time::Duration>) {
     // SAFETY: borrowed for the duration of the calls only; ManuallyDrop keeps the fd open.
     let s = std::mem::ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(fd.as_raw_fd()) });
     let _ = s.set_read_timeout(t);
@@ -520,7 +522,7 @@ pub fn set_socket_timeouts(fd: &OwnedFd, t: Option<std::time::Duration>) {
 }
 
 /// Shuts a socket down in both directions so that blocked reads and writes return.
-pub fn shutdown_fd(fd: &OwnedFd) {
+pub(crate) fn shutdown_fd(fd: &OwnedFd) {
     let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
 }
 

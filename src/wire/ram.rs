@@ -180,6 +180,7 @@ pub fn encode_eos(out: &mut Vec<u8>) {
 /// 256-byte chunk keeps random pages cheap.
 #[inline]
 pub fn is_zero_page(page: &[u8]) -> bool {
+    // SAFETY: any 8 bytes are a valid u64; align_to only views the aligned middle as such.
     let (pre, mid, post) = unsafe { page.align_to::<u64>() };
     if pre.iter().chain(post).any(|&b| b != 0) {
         return false;
