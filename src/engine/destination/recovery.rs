@@ -66,14 +66,14 @@ impl Loader<'_> {
         // one, to the same address.
         let preempt = ctx.caps().postcopy_preempt && incoming.is_listener();
         let (chan, incoming) = if preempt {
-            let c = incoming.accept_another(&ctx.cancel);
+            let c = incoming.accept_another(ctx.mailbox.cancel_token());
             (c, Some(incoming))
         } else {
-            (incoming.accept(&ctx.cancel), None)
+            (incoming.accept(ctx.mailbox.cancel_token()), None)
         };
         let chan = chan
             .map_err(RecoveryError::Accept)?
-            .with_cancel(ctx.cancel.clone());
+            .with_cancel(ctx.mailbox.cancel_token().clone());
 
         let t0 = Instant::now();
         if !chan.is_socket {
