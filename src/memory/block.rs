@@ -116,7 +116,8 @@ fn clear_bits(bits: &mut [u64], from: u64, to: u64) {
 /// at once (mapping takes about 0.1 s per GiB present). A migration does not wait for it:
 /// a page not mapped yet is mapped by the copy's own fault. Stops when only this thread
 /// still holds the block (removed: the mapping then lives at most one chunk longer), when
-/// the block becomes a source's, or at the first hole the helper punches.
+/// the block becomes a source's, or at the first hole the helper punches. The block joins
+/// the thread when it is dropped.
 pub(crate) fn map_present_in_background(block: &Arc<RamBlock>, log: &slog::Logger) {
     let b = Arc::downgrade(block);
     let thread_log = log.clone();
@@ -129,8 +130,19 @@ pub(crate) fn map_present_in_background(block: &Arc<RamBlock>, log: &slog::Logge
             slog::debug!(thread_log, "RAM block's present pages mapped"; "id" => &block.id,
                 "pages" => pages, "ms" => t.elapsed().as_millis() as u64);
         });
-    if let Err(e) = spawned {
-        slog::debug!(log, "not mapping the RAM block's present pages ahead"; "error" => %e);
+    match spawned {
+        Ok(h) => {
+            let mut slot = block.premap.lock().unwrap_or_else(|e| e.into_inner());
+            // Called once per block, at ram-block-add; were it called again, the first
+            // thread is waited for here rather than left unjoined.
+            if let Some(old) = slot.replace(h) {
+                drop(slot);
+                let _ = old.join();
+            }
+        }
+        Err(e) => {
+            slog::debug!(log, "not mapping the RAM block's present pages ahead"; "error" => %e)
+        }
     }
 }
 
@@ -157,6 +169,22 @@ pub struct RamBlock {
     stop_mapping: std::sync::atomic::AtomicBool,
     /// Held while `map_present` populates a chunk, so that stopping can wait for it.
     mapping: std::sync::Mutex<()>,
+    /// The thread of [`map_present_in_background`], joined on drop.
+    premap: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for RamBlock {
+    fn drop(&mut self) {
+        let premap = self.premap.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = premap.take() {
+            // The thread holds the block while it maps, so a drop elsewhere finds it done
+            // (or never started). A drop on the thread itself (it let go of the block
+            // last) is its final act: it ends right after.
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
+    }
 }
 
 /// What `ram-block-add` asks for.
@@ -258,6 +286,7 @@ impl RamBlock {
             mapped_ahead: Default::default(),
             stop_mapping: Default::default(),
             mapping: Default::default(),
+            premap: Default::default(),
         })
     }
 
@@ -610,6 +639,24 @@ pub(crate) mod tests {
         assert!(b.copy_pages_at(3 * 4096, &[&new], false));
         assert_eq!(byte(&b, 3 * 4096, 17), 7);
         assert_eq!(byte(&b, 2 * 4096, 17), 1);
+    }
+
+    #[test]
+    fn the_mapping_thread_is_joined_when_the_block_goes() {
+        let log = slog::Logger::root(slog::Discard, slog::o!());
+        for wait in [true, false] {
+            let b = Arc::new(RamBlock::new(spec("ram", 4 << 20), memfd(4 << 20)).unwrap());
+            assert!(b.write_pages_at(0, &[&[1u8; 4096]; 64]).unwrap());
+            map_present_in_background(&b, &log);
+            assert!(b.premap.lock().unwrap().is_some());
+            if wait {
+                while !b.mapped_ahead() {
+                    std::thread::yield_now();
+                }
+            }
+            // Dropped here or on the thread (when it still holds the block): no hang.
+            drop(b);
+        }
     }
 
     #[test]

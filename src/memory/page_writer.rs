@@ -267,6 +267,7 @@ pub(crate) struct PageWriter {
     workers: Vec<Worker>,
     /// Pages queued with the pointer-based [`PageWriter::queue`] (the old API, kept until
     /// the destination moves to [`PageBatch`]).
+    #[allow(dead_code)] // DEST moved to PageBatch: the lead deletes the old API at merge.
     legacy: PageBatch<'static>,
 }
 
@@ -294,6 +295,7 @@ impl PageWriter {
     /// page at `data` (TARGET_PAGE_SIZE bytes) for `offset` in `block`. The caller keeps
     /// `data` valid and unchanged until the next [`PageWriter::flush`] returns, which the
     /// compiler does not check (hence the new API).
+    #[allow(dead_code)] // DEST moved to PageBatch: the lead deletes the old API at merge.
     pub(crate) fn queue(
         &mut self,
         block: &Arc<RamBlock>,
@@ -309,6 +311,7 @@ impl PageWriter {
     }
 
     /// Old API: writes everything queued with [`PageWriter::queue`].
+    #[allow(dead_code)] // DEST moved to PageBatch: the lead deletes the old API at merge.
     pub(crate) fn flush(&mut self) -> Result<(), PageWriteError> {
         let batch = std::mem::take(&mut self.legacy);
         self.write(batch)

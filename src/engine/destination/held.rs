@@ -5,24 +5,24 @@
 use std::io::Read;
 use std::ops::Range;
 
-use crate::engine::destination::LoadError;
+use crate::engine::destination::error::{LoadError, Violation};
 use crate::vmstate::VmdescFinder;
 
 /// The most a destination holds while waiting for the VM description: the device-state
 /// cap (precopy device sections and the description together).
-pub const MAX_HELD: usize = 1 << 30;
+pub(crate) const MAX_HELD: usize = 1 << 30;
 
 /// The held stream: `bytes[..=eof_at]` are the sections up to and including EOF, `json`
 /// the description after them.
-pub struct Held {
-    pub bytes: Vec<u8>,
-    pub eof_at: usize,
-    pub json: Range<usize>,
+pub(crate) struct Held {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) eof_at: usize,
+    pub(crate) json: Range<usize>,
 }
 
 /// Reads from `src` after `bytes` (already read, at stream offset `base`) until the
 /// stream ends with EOF and a VM description.
-pub fn hold<R: Read>(
+pub(crate) fn hold<R: Read>(
     src: &mut R,
     mut bytes: Vec<u8>,
     base: u64,
@@ -41,10 +41,9 @@ pub fn hold<R: Read>(
         if len > MAX_HELD {
             return Err(LoadError::Invalid {
                 offset: base + len as u64,
-                msg: format!(
-                    "device state larger than {} MiB without a VM description",
-                    MAX_HELD >> 20
-                ),
+                source: Violation::HeldTooLarge {
+                    mib: MAX_HELD >> 20,
+                },
             });
         }
         bytes.resize(len + (1 << 20), 0);

@@ -10,38 +10,64 @@
 //! that also comes on the main channel is merely EEXIST.
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use crate::compat::wire::TARGET_PAGE_SIZE;
-use crate::engine::destination::fault::PostcopyDest;
+use crate::engine::destination::fault::{FaultError, PostcopyDest};
+use crate::engine::destination::place::{BlockCursor, PlaceError};
+use crate::engine::destination::reader::{ReadError, Reader};
 use crate::memory::block::RamBlock;
-use crate::transport::{Channel, Incoming};
+use crate::transport::{CancelToken, Channel, Incoming, TransportError};
 use crate::wire::ram::{self, Record};
+use crate::wire::stream::WireError;
 
 /// Read buffer: a few pages; the channel carries single requested pages.
 const BUF: usize = 256 << 10;
-/// The nice value the threads a vCPU waits on ask for (see [`raise_priority`]).
-const NICE: libc::c_int = -10;
 
-/// Asks for this thread to be scheduled ahead of the threads that push and place background
-/// pages: on a small host those keep every CPU busy, and a vCPU waits while a fault-path
-/// thread waits for a CPU. Needs CAP_SYS_NICE (or RLIMIT_NICE); without it the thread stays
-/// at the default priority and the tail latency is higher.
-pub fn raise_priority(log: &slog::Logger, thread: &str) {
-    // SAFETY: a plain syscall on this thread's own id.
-    let raised =
-        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, NICE) } == 0;
-    slog::debug!(log, "thread priority"; "thread" => thread, "nice" => NICE, "raised" => raised);
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PreemptError {
+    #[error("{0}")]
+    Accept(#[source] TransportError),
+    #[error(
+        "at preempt stream offset {offset}: only pages belong on the postcopy-preempt channel"
+    )]
+    NotAPage { offset: u64 },
+    #[error("at preempt stream offset {offset}: {source}")]
+    Decode {
+        offset: u64,
+        #[source]
+        source: WireError,
+    },
+    #[error("at preempt stream offset {offset}: {source}")]
+    Page {
+        offset: u64,
+        #[source]
+        source: PlaceError,
+    },
+    #[error("at preempt stream offset {offset}: {source}")]
+    Place {
+        offset: u64,
+        #[source]
+        source: FaultError,
+    },
+    #[error("{0}")]
+    Read(#[source] ReadError),
+    #[error("postcopy-preempt is not supported with huge-page RAM block {0:?}")]
+    HugePages(String),
+    #[error("cannot start the postcopy-preempt thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("the postcopy-preempt thread panicked")]
+    Panicked,
 }
 
 /// The thread that accepts the preempt channel and places what comes on it.
-pub struct PreemptChannel {
-    stop: Arc<AtomicBool>,
+pub(crate) struct PreemptChannel {
+    /// Ends the wait for the connection at once.
+    stop: CancelToken,
     /// The accepted socket, to shut down so that a blocked read returns.
     chan: Arc<Mutex<Option<OwnedFd>>>,
-    handle: Option<JoinHandle<Result<(), String>>>,
+    handle: Option<JoinHandle<Result<(), PreemptError>>>,
 }
 
 impl PreemptChannel {
@@ -49,39 +75,39 @@ impl PreemptChannel {
     /// come in `pages` (shared by the channels of successive recoveries). A broken or
     /// malformed preempt channel shuts `main` down, so that the loader pauses as for any
     /// failed link (QEMU does the same): in postcopy, no side may give up the guest.
-    pub fn spawn(
+    pub(crate) fn spawn(
         incoming: Incoming,
         pc: Arc<PostcopyDest>,
         blocks: Vec<Arc<RamBlock>>,
         pages: Arc<AtomicU64>,
         main: Option<OwnedFd>,
         log: slog::Logger,
-    ) -> std::io::Result<PreemptChannel> {
-        let stop = Arc::new(AtomicBool::new(false));
+    ) -> Result<PreemptChannel, PreemptError> {
+        let stop = CancelToken::new().map_err(PreemptError::Spawn)?;
         let chan: Arc<Mutex<Option<OwnedFd>>> = Arc::default();
-        let (st, slot, n) = (stop.clone(), chan.clone(), pages);
+        let (st, slot) = (stop.clone(), chan.clone());
         let handle = std::thread::Builder::new()
             .name("qmh-preempt".into())
             .spawn(move || {
                 let c = match incoming.accept_another(&st) {
                     Ok(c) => c,
-                    Err(_) if st.load(Ordering::Acquire) => return Ok(()),
-                    Err(e) => return Err(e.to_string()),
+                    Err(_) if st.is_cancelled() => return Ok(()),
+                    Err(e) => return Err(PreemptError::Accept(e)),
                 };
                 incoming.done_listening();
                 drop(incoming);
                 *slot.lock().unwrap_or_else(|e| e.into_inner()) = c.try_clone_fd().ok();
-                if st.load(Ordering::Acquire) {
+                if st.is_cancelled() {
                     return Ok(());
                 }
                 slog::info!(log, "postcopy-preempt channel connected"; "peer" => &c.peer);
                 // A vCPU waits on every page this thread reads.
-                raise_priority(&log, "postcopy-preempt");
-                let r = read_pages(&c, &pc, &blocks, &n);
+                crate::engine::destination::priority::raise(&log, "postcopy-preempt");
+                let r = read_pages(&c, &pc, &blocks, &pages);
                 match &r {
-                    Err(_) if st.load(Ordering::Acquire) => return Ok(()),
+                    Err(_) if st.is_cancelled() => return Ok(()),
                     Err(e) => {
-                        slog::warn!(log, "postcopy-preempt channel failed"; "error" => e);
+                        slog::warn!(log, "postcopy-preempt channel failed"; "error" => %e);
                         if let Some(m) = &main {
                             crate::transport::shutdown_fd(m);
                         }
@@ -89,7 +115,8 @@ impl PreemptChannel {
                     Ok(()) => slog::debug!(log, "postcopy-preempt channel ended"),
                 }
                 r
-            })?;
+            })
+            .map_err(PreemptError::Spawn)?;
         Ok(PreemptChannel {
             stop,
             chan,
@@ -99,15 +126,15 @@ impl PreemptChannel {
 
     /// Stops reading (the source sends nothing more once every requested page has arrived)
     /// and returns how the channel ended.
-    pub fn stop(mut self) -> Result<(), String> {
+    pub(crate) fn stop(mut self) -> Result<(), PreemptError> {
         self.shut();
-        self.handle.take().map_or(Ok(()), |h| {
-            h.join().unwrap_or(Err("preempt thread panicked".into()))
-        })
+        self.handle
+            .take()
+            .map_or(Ok(()), |h| h.join().unwrap_or(Err(PreemptError::Panicked)))
     }
 
     fn shut(&self) {
-        self.stop.store(true, Ordering::Release);
+        self.stop.cancel();
         if let Some(fd) = self.chan.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             crate::transport::shutdown_fd(fd);
         }
@@ -129,66 +156,33 @@ fn read_pages(
     pc: &PostcopyDest,
     blocks: &[Arc<RamBlock>],
     pages: &AtomicU64,
-) -> Result<(), String> {
-    let mut buf = vec![0u8; BUF];
-    let (mut start, mut end) = (0usize, 0usize);
-    let mut last: Option<usize> = None;
-    let mut offset = 0u64;
+) -> Result<(), PreemptError> {
+    let mut r = Reader::new(c, c.peer.clone(), BUF);
+    // Requested pages: place each as soon as it is read.
+    r.top_up = false;
+    let mut cursor = BlockCursor::default();
     loop {
         loop {
-            let at = offset;
-            let rec = match ram::decode_record(&buf[start..end]) {
-                Ok(Some((rec, n))) => {
-                    start += n;
-                    offset += n as u64;
-                    rec
-                }
+            let offset = r.offset;
+            let (rec, n) = match ram::decode_record(r.data()) {
+                Ok(Some(x)) => x,
                 Ok(None) => break,
-                Err(e) => return Err(format!("at preempt stream offset {at}: {e}")),
+                Err(source) => return Err(PreemptError::Decode { offset, source }),
             };
-            let (off, name) = match rec {
-                Record::Page { offset, block, .. } | Record::Zero { offset, block, .. } => {
-                    (offset, block)
-                }
-                Record::Eos => return Ok(()),
-                Record::MemSize { .. } | Record::MultifdFlush => {
-                    return Err(format!(
-                        "at preempt stream offset {at}: only pages belong on the postcopy-preempt channel"
-                    ))
-                }
-            };
-            let bi = match name {
-                Some(n) => blocks.iter().position(|b| b.id == n).ok_or_else(|| {
-                    format!("at preempt stream offset {at}: page for unknown RAM block {n:?}")
-                })?,
-                None => last.ok_or_else(|| {
-                    format!("at preempt stream offset {at}: CONTINUE page with no previous block")
-                })?,
-            };
-            last = Some(bi);
-            let b = &blocks[bi];
-            if off % TARGET_PAGE_SIZE as u64 != 0 || off >= b.size {
-                return Err(format!(
-                    "at preempt stream offset {at}: page offset {off:#x} is outside RAM block {:?} of size {:#x}",
-                    b.id, b.size
-                ));
+            if matches!(rec, Record::Eos) {
+                return Ok(());
             }
-            let placed = match rec {
-                Record::Page { data, .. } => pc.place_page(bi, off, data),
-                Record::Zero { fill: 0, .. } => pc.place_zero(bi, off),
-                Record::Zero { fill, .. } => pc.place_page(bi, off, &[fill; TARGET_PAGE_SIZE]),
-                _ => Ok(()),
-            };
-            placed.map_err(|e| e.to_string())?;
+            let page = cursor
+                .page(blocks, &rec)
+                .map_err(|source| PreemptError::Page { offset, source })?
+                .ok_or(PreemptError::NotAPage { offset })?;
+            pc.place(&page)
+                .map_err(|source| PreemptError::Place { offset, source })?;
             pages.fetch_add(1, Ordering::Relaxed);
+            r.consume(n);
         }
-        buf.copy_within(start..end, 0);
-        end -= start;
-        start = 0;
-        match c.read(&mut buf[end..]) {
-            Ok(0) => return Ok(()),
-            Ok(n) => end += n,
-            Err(e) => return Err(format!("reading {}: {e}", c.peer)),
+        if !r.fill().map_err(PreemptError::Read)? {
+            return Ok(());
         }
     }
 }

@@ -1,0 +1,346 @@
+//! The postcopy sink: from POSTCOPY_LISTEN (or an adoption) on, pages are placed through
+//! the parent's userfaultfd. It owns the fault thread, the postcopy-preempt channel, the
+//! staging of runs of background pages and the look-ahead for requested pages. It starts
+//! without a stream: an adopted migration has none until its recovery.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::compat::wire::{self, TARGET_PAGE_SIZE};
+use crate::engine::destination::bitmap::AtomicBitmap;
+use crate::engine::destination::error::LinkError;
+use crate::engine::destination::fault::{FaultError, PostcopyDest};
+use crate::engine::destination::place::{BlockCursor, Page, PageData};
+use crate::engine::destination::preempt::{PreemptChannel, PreemptError};
+use crate::engine::destination::return_path::RpWriter;
+use crate::engine::migration::MigrationCtx;
+use crate::memory::block::RamBlock;
+use crate::transport::Incoming;
+use crate::wire::ram::{self, Record};
+
+/// Pages per UFFDIO_COPY: large enough to amortise the ioctl, small enough that a requested
+/// page behind a run of background pages is placed soon.
+const STAGE_PAGES: usize = 32;
+
+/// Consecutive postcopy pages gathered for one UFFDIO_COPY.
+#[derive(Default)]
+struct Staged {
+    block: usize,
+    start: u64,
+    data: Vec<u8>,
+}
+
+/// The fault thread and how it ended.
+struct FaultThread {
+    handle: Option<JoinHandle<Result<(), FaultError>>>,
+    /// Set before the thread shuts the channel down on failure, so that the loader, woken
+    /// by that, finds the thread's error by joining it.
+    failed: Arc<AtomicBool>,
+    error: Option<Arc<FaultError>>,
+}
+
+impl FaultThread {
+    /// The thread's failure, once it has failed (joined then).
+    fn failure(&mut self) -> Option<Arc<FaultError>> {
+        let done = self
+            .handle
+            .as_ref()
+            .is_some_and(|h| self.failed.load(Ordering::Acquire) || h.is_finished());
+        if done {
+            if let Some(h) = self.handle.take() {
+                match h.join() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => self.error = Some(Arc::new(e)),
+                    Err(_) => self.error = Some(Arc::new(FaultError::Panicked)),
+                }
+            }
+        }
+        self.error.clone()
+    }
+}
+
+pub(crate) struct PostcopySink {
+    pc: Arc<PostcopyDest>,
+    faults: FaultThread,
+    preempt: Option<PreemptChannel>,
+    staged: Staged,
+    /// Stream offset and block context where the next look-ahead for requested pages
+    /// starts (see `place_requested_ahead`).
+    scan_to: u64,
+    scan_cursor: BlockCursor,
+}
+
+impl PostcopySink {
+    /// Takes the parent's userfaultfd and starts the fault thread. On a fault-handling
+    /// error the loader may be blocked reading the stream: the thread shuts `wake` (the
+    /// main channel) down, and the fault error is what gets reported.
+    pub(crate) fn start(
+        ctx: &MigrationCtx,
+        blocks: &[Arc<RamBlock>],
+        uffd: OwnedFd,
+        rp: Arc<RpWriter>,
+        received: Arc<Vec<AtomicBitmap>>,
+        wake: Option<OwnedFd>,
+    ) -> Result<Self, FaultError> {
+        let pc = Arc::new(PostcopyDest::new(
+            blocks.to_vec(),
+            uffd,
+            rp,
+            ctx.latency.clone(),
+            ctx.stats.postcopy_requests.clone(),
+            received,
+            ctx.log.clone(),
+        )?);
+        let failed = Arc::new(AtomicBool::new(false));
+        let (t, f, log) = (pc.clone(), failed.clone(), ctx.log.clone());
+        let handle = std::thread::Builder::new()
+            .name("qmh-faults".into())
+            .spawn(move || {
+                let r = t.run();
+                if let Err(e) = &r {
+                    slog::error!(log, "fault handling stopped"; "error" => %e);
+                    f.store(true, Ordering::Release);
+                    if let Some(fd) = &wake {
+                        crate::transport::shutdown_fd(fd);
+                    }
+                }
+                r
+            })
+            .map_err(FaultError::Spawn)?;
+        Ok(PostcopySink {
+            pc,
+            faults: FaultThread {
+                handle: Some(handle),
+                failed,
+                error: None,
+            },
+            preempt: None,
+            staged: Staged::default(),
+            scan_to: 0,
+            scan_cursor: BlockCursor::default(),
+        })
+    }
+
+    /// The fault thread's failure, if it failed.
+    pub(crate) fn fault_failure(&mut self) -> Option<Arc<FaultError>> {
+        self.faults.failure()
+    }
+
+    /// Starts taking the postcopy-preempt channel on `incoming`, replacing the channel of
+    /// a link that failed.
+    pub(crate) fn start_preempt(
+        &mut self,
+        ctx: &MigrationCtx,
+        blocks: &[Arc<RamBlock>],
+        incoming: Incoming,
+        main: Option<OwnedFd>,
+    ) -> Result<(), PreemptError> {
+        if let Some(old) = self.preempt.take() {
+            let _ = old.stop();
+        }
+        if let Some(b) = blocks
+            .iter()
+            .find(|b| b.page_size != TARGET_PAGE_SIZE as u64)
+        {
+            return Err(PreemptError::HugePages(b.id.clone()));
+        }
+        self.preempt = Some(PreemptChannel::spawn(
+            incoming,
+            self.pc.clone(),
+            blocks.to_vec(),
+            ctx.stats.postcopy_preempt_pages.clone(),
+            main,
+            ctx.log.clone(),
+        )?);
+        Ok(())
+    }
+
+    /// Stops the preempt channel (the source closes it too when it pauses).
+    pub(crate) fn stop_preempt(&mut self) {
+        if let Some(p) = self.preempt.take() {
+            // How it ended does not matter any more: it failed into the pause, or ended.
+            let _ = p.stop();
+        }
+    }
+
+    /// Places a page that came on the main channel: pages of bytes are staged into runs,
+    /// fills are placed at once.
+    pub(crate) fn place(&mut self, page: &Page<'_>) -> Result<(), FaultError> {
+        match page.data {
+            PageData::Bytes(data) => self.stage(page.bi, page.offset, data),
+            PageData::Fill(_) => {
+                self.flush_staged()?;
+                self.pc.place(page)
+            }
+        }
+    }
+
+    fn stage(&mut self, bi: usize, offset: u64, data: &[u8]) -> Result<(), FaultError> {
+        let page = TARGET_PAGE_SIZE;
+        if self.pc.received[bi].get(offset / page as u64) {
+            // Placed already, ahead of the stream (see place_requested_ahead).
+            return self.flush_staged();
+        }
+        let next = self.staged.start + self.staged.data.len() as u64;
+        if !self.staged.data.is_empty()
+            && (self.staged.block != bi
+                || next != offset
+                || self.staged.data.len() >= STAGE_PAGES * page)
+        {
+            self.flush_staged()?;
+        }
+        if self.staged.data.is_empty() {
+            self.staged.block = bi;
+            self.staged.start = offset;
+        }
+        self.staged.data.extend_from_slice(data);
+        // A page a thread waits for is placed now, not when the run is full: QEMU goes on
+        // sending the pages after a requested one, so the run would otherwise keep growing.
+        if self.pc.is_requested(bi, offset / page as u64) {
+            self.flush_staged()?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn flush_staged(&mut self) -> Result<(), FaultError> {
+        if self.staged.data.is_empty() {
+            return Ok(());
+        }
+        let r = self
+            .pc
+            .place_pages(self.staged.block, self.staged.start, &self.staged.data);
+        self.staged.data.clear();
+        r
+    }
+
+    pub(crate) fn anyone_waiting(&self) -> bool {
+        self.pc.anyone_waiting()
+    }
+
+    /// Places the pages that threads of the parent wait for among those already read
+    /// (`data`, at stream offset `at`), before the rest are placed in stream order. A
+    /// requested page arrives behind a full socket buffer of background pages (QEMU's is
+    /// about 200 KiB, read in one go); this places it as soon as it is read instead of
+    /// after all of them. The scan only follows RAM records and the footers and headers of
+    /// RAM section `ram_section` and stops at anything else; it reports nothing, as the
+    /// in-order pass validates every record again (and skips the pages placed here).
+    pub(crate) fn place_requested_ahead(
+        &mut self,
+        blocks: &[Arc<RamBlock>],
+        data: &[u8],
+        at: u64,
+        cursor: BlockCursor,
+        ram_section: Option<u32>,
+    ) {
+        if !self.pc.anyone_waiting() {
+            return;
+        }
+        // A staged run holding a page that was requested after it was staged.
+        let staged_pages = self.staged.data.len() / TARGET_PAGE_SIZE;
+        let first = self.staged.start / TARGET_PAGE_SIZE as u64;
+        if (0..staged_pages as u64).any(|i| self.pc.is_requested(self.staged.block, first + i))
+            && self.flush_staged().is_err()
+        {
+            return;
+        }
+        // Go on from where the last scan stopped, unless the in-order pass is past it.
+        let (mut pos, mut cursor) = if self.scan_to > at && self.scan_to - at <= data.len() as u64 {
+            ((self.scan_to - at) as usize, self.scan_cursor)
+        } else {
+            (0, cursor)
+        };
+        loop {
+            self.scan_to = at + pos as u64;
+            self.scan_cursor = cursor;
+            let Ok(Some((rec, n))) = ram::decode_record(&data[pos..]) else {
+                return;
+            };
+            pos += n;
+            if let Record::Eos = rec {
+                // Optional footer, then this RAM section's next header, or stop.
+                if data.get(pos) == Some(&wire::section::FOOTER) {
+                    pos += 5;
+                }
+                let rest = data.get(pos..).unwrap_or(&[]);
+                let part = rest.len() >= 5
+                    && rest[0] == wire::section::PART
+                    && Some(u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]))
+                        == ram_section;
+                if !part {
+                    return;
+                }
+                pos += 5;
+                continue;
+            }
+            // The same checks as the in-order pass; any doubt stops the scan.
+            let Ok(Some(page)) = cursor.page(blocks, &rec) else {
+                return;
+            };
+            if !self.pc.is_requested(page.bi, page.index()) {
+                continue;
+            }
+            if self.pc.place(&page).is_err() {
+                // The in-order pass meets the same page and reports the error.
+                return;
+            }
+        }
+    }
+
+    /// Before SHUT: every requested page must be in place, and some may still be on the
+    /// preempt channel (the source closes it only after SHUT). Waits for them (woken as
+    /// each is placed) at most `limit`, then stops reading it. `main` is shut down when
+    /// they do not come, so that the source sees the pause too (it waits for SHUT).
+    pub(crate) fn finish_preempt(
+        &mut self,
+        limit: Duration,
+        main: Option<&OwnedFd>,
+    ) -> Result<(), LinkError> {
+        let Some(p) = self.preempt.take() else {
+            return Ok(());
+        };
+        let missing = self.pc.wait_requested(limit);
+        let _ = p.stop();
+        if missing > 0 {
+            // Never fail here: neither side has the whole guest. Treated as a broken link,
+            // this pauses, and a recovery sends what is missing.
+            if let Some(fd) = main {
+                crate::transport::shutdown_fd(fd);
+            }
+            return Err(LinkError::RequestedMissing {
+                missing,
+                ms: limit.as_millis(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Every page has arrived: the fault thread's work is over (see `PostcopyDest::finish`).
+    pub(crate) fn finish(&self) {
+        self.pc.finish();
+    }
+
+    /// Stops and joins the preempt and fault threads.
+    pub(crate) fn stop(&mut self) {
+        self.stop_preempt();
+        self.pc.stop();
+        if let Some(h) = self.faults.handle.take() {
+            if let Ok(Err(e)) = h.join() {
+                self.faults.error = Some(Arc::new(e));
+            }
+        }
+    }
+
+    /// Pages requested before a recovery: asked for again on the new link.
+    pub(crate) fn resend_pending(&self) {
+        self.pc.resend_pending();
+    }
+}
+
+impl Drop for PostcopySink {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

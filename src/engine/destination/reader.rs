@@ -1,0 +1,244 @@
+//! The stream reader: a read buffer over any byte source, tracking the absolute stream
+//! offset. Items are decoded in place from [`Reader::data`]; whatever borrows the buffer
+//! (a device section, pages queued for the page writer) must be done with before the next
+//! [`Reader::fill`] moves it.
+
+use std::io::Read;
+
+use crate::transport::Channel;
+
+/// How reading failed: both mean a broken link.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadError {
+    #[error("read from {peer} failed at stream offset {offset}: {source}")]
+    Io {
+        peer: String,
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("stream ended early at offset {offset} ({context})")]
+    Truncated { offset: u64, context: &'static str },
+}
+
+/// Postcopy: the most unplaced stream bytes that reading ahead for requested pages holds.
+const ARRIVED_MAX: usize = 512 << 10;
+
+/// What the loader reads from. `read_ready` returns only bytes that have already arrived
+/// (0 when there are none), so that a refill can gather a large batch without waiting.
+pub(crate) trait ReadReady: Read {
+    fn read_ready(&mut self, _buf: &mut [u8]) -> std::io::Result<usize> {
+        Ok(0)
+    }
+}
+
+impl Read for &Channel {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        Channel::read(self, buf)
+    }
+}
+
+impl ReadReady for &Channel {
+    fn read_ready(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        Channel::read_ready(self, buf)
+    }
+}
+
+impl ReadReady for &[u8] {}
+
+pub(crate) struct Reader<R> {
+    pub(crate) src: R,
+    pub(crate) peer: String,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Stream offset of `buf[start]`.
+    pub(crate) offset: u64,
+    eof: bool,
+    /// After a read, also take what else has already arrived, up to a full buffer: larger
+    /// batches of pages let the page writer use two threads. Off in postcopy, where the
+    /// first page of a read may be one a vCPU waits for.
+    pub(crate) top_up: bool,
+}
+
+impl<R: ReadReady> Reader<R> {
+    pub(crate) fn new(src: R, peer: String, cap: usize) -> Self {
+        Reader {
+            src,
+            peer,
+            buf: vec![0; cap],
+            start: 0,
+            end: 0,
+            offset: 0,
+            eof: false,
+            top_up: true,
+        }
+    }
+
+    /// Reads more; false at the end of the stream.
+    pub(crate) fn fill(&mut self) -> Result<bool, ReadError> {
+        if self.eof {
+            return Ok(false);
+        }
+        if self.start > 0 && (self.start >= self.buf.len() / 2 || self.end == self.buf.len()) {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.buf.len() {
+            // An item larger than the buffer (a big VM description): grow.
+            let n = self.buf.len() * 2;
+            self.buf.resize(n, 0);
+        }
+        loop {
+            match self.src.read(&mut self.buf[self.end..]) {
+                Ok(0) => {
+                    self.eof = true;
+                    return Ok(false);
+                }
+                Ok(n) => {
+                    self.end += n;
+                    while self.top_up && self.end < self.buf.len() {
+                        match self.src.read_ready(&mut self.buf[self.end..]) {
+                            Ok(m) if m > 0 => self.end += m,
+                            // Nothing more yet, or an error the next read reports.
+                            _ => break,
+                        }
+                    }
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(ReadError::Io {
+                        peer: self.peer.clone(),
+                        offset: self.offset + (self.end - self.start) as u64,
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Appends what has already arrived to the free end of the buffer, without moving or
+    /// waiting; true if anything came. Errors are left to the next `fill`.
+    pub(crate) fn read_arrived(&mut self) -> bool {
+        // Bounded: a backlog that only grows would fill the buffer, and then nothing could
+        // be read until all of it was placed.
+        if self.eof || self.end == self.buf.len() || self.end - self.start >= ARRIVED_MAX {
+            return false;
+        }
+        match self.src.read_ready(&mut self.buf[self.end..]) {
+            Ok(n) if n > 0 => {
+                self.end += n;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(crate) fn need_more(&mut self, context: &'static str) -> Result<(), ReadError> {
+        if self.fill()? {
+            Ok(())
+        } else {
+            Err(ReadError::Truncated {
+                offset: self.offset + (self.end - self.start) as u64,
+                context,
+            })
+        }
+    }
+
+    /// True at the end of the stream with nothing left unread.
+    pub(crate) fn eof_or_fill(&mut self) -> Result<bool, ReadError> {
+        Ok(!self.fill()? && self.data().is_empty())
+    }
+}
+
+impl Reader<&'static [u8]> {
+    /// A reader over bytes already in memory, taken as its buffer.
+    pub(crate) fn over(buf: Vec<u8>, peer: String, offset: u64) -> Self {
+        Reader {
+            src: &[],
+            peer,
+            end: buf.len(),
+            buf,
+            start: 0,
+            offset,
+            eof: true,
+            top_up: false,
+        }
+    }
+}
+
+impl<R> Reader<R> {
+    pub(crate) fn data(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    pub(crate) fn consume(&mut self, n: usize) {
+        self.start += n;
+        self.offset += n as u64;
+    }
+
+    /// Makes room for an item of `n` bytes at `start` in one step (a postcopy package):
+    /// growing by doubling would touch up to twice the item.
+    pub(crate) fn reserve_exact(&mut self, n: usize) {
+        if self.buf.len() - self.start < n {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            if self.buf.len() < n {
+                self.buf.resize(n, 0);
+            }
+        }
+    }
+
+    /// Gives back what a big item made the buffer grow to, once the item is consumed.
+    pub(crate) fn shrink_to(&mut self, cap: usize) {
+        if self.buf.len() > cap && self.end - self.start <= cap {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            self.buf.truncate(cap);
+            self.buf.shrink_to_fit();
+        }
+    }
+}
+
+/// Decodes the next item with `$dec`, reading more as needed; binds it to `$pat` for `$body`
+/// and consumes it afterwards. A macro because the item borrows the reader's buffer.
+macro_rules! with_next {
+    ($r:expr, $ctx:expr, $dec:expr, |$item:pat_param| $body:expr) => {{
+        loop {
+            match $dec($r.data()) {
+                Ok(Some(($item, n))) => {
+                    let out = $body;
+                    $r.consume(n);
+                    break out;
+                }
+                Ok(None) => {}
+                Err(e) => return Err($r.wire(e)),
+            }
+            $r.need_more($ctx)?;
+        }
+    }};
+}
+pub(crate) use with_next;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_grows_for_large_items_and_tracks_the_offset() {
+        let src: &[u8] = &[7u8; 100];
+        let mut r = Reader::new(src, "test".into(), 16);
+        assert!(r.fill().unwrap());
+        assert_eq!(r.data().len(), 16);
+        r.consume(4);
+        assert_eq!(r.offset, 4);
+        // Full with 12 bytes left: moves them to the front and reads more.
+        while r.fill().unwrap() {}
+        assert_eq!(r.data().len(), 96);
+        assert!(r.need_more("test").is_err());
+    }
+}
