@@ -167,7 +167,8 @@ fn main() -> ExitCode {
                 std::os::fd::AsRawFd::as_raw_fd(&fd),
                 nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
             );
-            control::serve_fd(&helper, fd).map(|_| ())
+            control::serve_fd(&helper, fd);
+            Ok(())
         }
         (None, Some(listener)) => control::serve_socket(&helper, listener, &cli.allow_uid)
             .map_err(|e| std::io::Error::other(e.to_string())),

@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::protocol::Event;
+
 /// Lines queued for a client before it counts as not reading.
 const QUEUE: usize = 8192;
 /// How long one write may block before the client counts as gone.
@@ -77,14 +79,16 @@ impl EventSink {
         }
     }
 
-    pub fn emit(&self, event: &str, data: serde_json::Value) {
+    /// Sends event `name` with `data`, stamped now.
+    pub fn emit(&self, name: &str, data: serde_json::Value) {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
-        self.send_line(&serde_json::json!({
-            "event": event,
-            "data": data,
-            "timestamp": {"seconds": now.as_secs(), "microseconds": now.subsec_micros()},
-        }));
+        let event = Event {
+            name: name.to_owned(),
+            data,
+            timestamp: (now.as_secs(), now.subsec_micros()),
+        };
+        self.send_line(&event.to_json());
     }
 }

@@ -93,11 +93,11 @@ impl ControlListener {
         })
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
-    pub fn incoming(&self) -> std::os::unix::net::Incoming<'_> {
+    pub(crate) fn incoming(&self) -> std::os::unix::net::Incoming<'_> {
         self.listener.incoming()
     }
 }
@@ -120,7 +120,7 @@ pub fn own_uid() -> u32 {
 }
 
 /// The connected peer's uid and pid (SO_PEERCRED, taken by the kernel at connect time).
-pub fn peer(stream: &UnixStream) -> std::io::Result<(u32, i32)> {
+pub(crate) fn peer(stream: &UnixStream) -> std::io::Result<(u32, i32)> {
     let c = getsockopt(&stream.as_fd(), PeerCredentials)?;
     Ok((c.uid(), c.pid()))
 }
