@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::helper::{socketpair, HelperVm};
-use crate::postcopy::{Readers, UffdGuest};
 use crate::util::{assert_same_memory, fill_mixed, test_seed, MIB};
+use crate::postcopy::{Readers, UffdGuest};
 
 const RAM: u64 = 64 * MIB;
 const TIMEOUT: Duration = Duration::from_secs(60);
