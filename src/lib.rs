@@ -15,6 +15,10 @@
 //! - `fuzzing`: entry points for the fuzz targets in tests/fuzz (implies `helper`).
 
 pub mod analyze;
+/// The command line; `pub` only for src/main.rs.
+#[cfg(feature = "helper")]
+#[doc(hidden)]
+pub mod cli;
 pub mod client;
 pub mod compat;
 pub mod control;
@@ -30,14 +34,12 @@ pub mod engine;
 #[doc(hidden)]
 pub mod fuzzing;
 #[cfg(feature = "helper")]
-#[doc(hidden)]
-pub mod logging;
+pub(crate) mod logging;
 #[cfg(feature = "helper")]
 #[doc(hidden)]
 pub mod memory;
 #[cfg(feature = "helper")]
-#[doc(hidden)]
-pub mod sandbox;
+pub(crate) mod sandbox;
 #[cfg(feature = "helper")]
 #[doc(hidden)]
 pub mod transport;

@@ -1,8 +1,8 @@
 //! Client side of the helper's control protocol: what a VMM (or a test, or the `demo`) uses
 //! to drive a `qemu-migration-helper` process.
 //!
-//! The protocol is a dialect of QMP carried over one `AF_UNIX` stream socket (see
-//! `docs/control-protocol.md`): one JSON object per line, a greeting from the helper,
+//! The protocol is a dialect of QMP carried over one `AF_UNIX` stream socket (see the man
+//! page, CONTROL PROTOCOL): one JSON object per line, a greeting from the helper,
 //! `qmp_capabilities` before anything else, commands answered by replies carrying the same
 //! `id`, and asynchronous events interleaved with replies. File descriptors (guest RAM, dirty
 //! bitmaps, migration sockets, userfaultfd) are passed with `getfd`, attached as
@@ -75,6 +75,11 @@
 //!     helper.quit()?;
 //!     child.wait()?;
 //!     Ok(())
+//! }
+//! ```
+//!
+//! The messages themselves (command and status names, [`RamBlockSpec`], [`Event`]) are in
+//! [`crate::control::protocol`], which the helper's server uses too.
 
 mod commands;
 mod conn;

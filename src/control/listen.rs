@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
 #[derive(Debug, thiserror::Error)]
-pub enum ListenError {
+pub(crate) enum ListenError {
     #[error("{path}: exists and is not a socket; refusing to replace it")]
     NotASocket { path: PathBuf },
     #[error("{path}: {what}: {source}")]
@@ -26,7 +26,7 @@ pub enum ListenError {
 }
 
 /// A listening control socket; the path is removed on drop if it is still this socket.
-pub struct ControlListener {
+pub(crate) struct ControlListener {
     listener: UnixListener,
     path: PathBuf,
     dev_ino: (u64, u64),
@@ -44,7 +44,7 @@ fn path_err<'a>(
 }
 
 impl ControlListener {
-    pub fn bind(path: &Path) -> Result<ControlListener, ListenError> {
+    pub(crate) fn bind(path: &Path) -> Result<ControlListener, ListenError> {
         match std::fs::symlink_metadata(path) {
             Ok(m) if m.file_type().is_socket() => {
                 std::fs::remove_file(path).map_err(path_err(path, "removing the old socket"))?

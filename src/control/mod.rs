@@ -12,10 +12,10 @@ pub use protocol::greeting;
 #[cfg(feature = "helper")]
 mod commands;
 #[cfg(feature = "helper")]
-#[doc(hidden)]
-pub mod events;
+pub(crate) mod events;
 #[cfg(feature = "helper")]
 pub(crate) mod framing;
+/// `pub` (hidden) for the interop tests' `own_uid`.
 #[cfg(feature = "helper")]
 #[doc(hidden)]
 pub mod listen;
@@ -27,8 +27,6 @@ pub(crate) mod qmp;
 mod server;
 
 #[cfg(feature = "helper")]
-#[doc(hidden)]
-pub use commands::Helper;
+pub(crate) use commands::Helper;
 #[cfg(feature = "helper")]
-#[doc(hidden)]
-pub use server::{serve_fd, serve_socket};
+pub(crate) use server::{serve_fd, serve_socket};

@@ -134,7 +134,7 @@ pub(crate) fn serve_connection(
 /// `--control-fd`: serves the parent's end of a socketpair. When the parent goes away
 /// (EOF) the helper cancels a precopy migration, or pauses a postcopy one and waits
 /// `orphan-timeout` for an adopter, then exits (see `orphan.rs`).
-pub fn serve_fd(helper: &Arc<Helper>, fd: OwnedFd) {
+pub(crate) fn serve_fd(helper: &Arc<Helper>, fd: OwnedFd) {
     let stream = UnixStream::from(fd);
     // A read error is the parent gone too: act on it before reporting it.
     let end = serve_connection(helper, stream).unwrap_or(ConnEnd::Eof);
@@ -151,7 +151,7 @@ pub fn serve_fd(helper: &Arc<Helper>, fd: OwnedFd) {
 /// at a time. A client whose uid is neither the helper's nor in `allow_uids` is logged and
 /// closed before the greeting. Named fds, blocks and a migration in flight outlive a
 /// connection, as with QEMU's monitor.
-pub fn serve_socket(
+pub(crate) fn serve_socket(
     helper: &Arc<Helper>,
     listener: listen::ControlListener,
     allow_uids: &[u32],

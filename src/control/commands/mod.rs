@@ -26,7 +26,7 @@ type CmdResult = Result<Value, QmpError>;
 
 /// The helper's state as the control channel sees it: named fds, RAM blocks, the
 /// migration thread and its shared context. `pub` (hidden) for the binary only.
-pub struct Helper {
+pub(crate) struct Helper {
     log: slog::Logger,
     events: EventSink,
     ctx: Arc<MigrationCtx>,
@@ -52,7 +52,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 const MAX_NAMED_FDS: usize = 256;
 
 impl Helper {
-    pub fn new(log: slog::Logger) -> Arc<Self> {
+    pub(crate) fn new(log: slog::Logger) -> Arc<Self> {
         let events = EventSink::default();
         Arc::new(Helper {
             ctx: MigrationCtx::new(log.clone(), events.clone()),
