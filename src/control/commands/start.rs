@@ -7,9 +7,23 @@ use serde_json::json;
 
 use super::{lock, Args, CmdResult, Helper, Role};
 use crate::control::qmp::QmpError;
+use crate::engine::destination::LoadError;
 use crate::engine::migration::MigrationCtx;
+use crate::engine::source::SourceError;
 use crate::engine::state::MigrationStatus;
-use crate::transport::{Channel, Incoming, Uri};
+use crate::transport::{Channel, Incoming, TransportError, Uri};
+
+/// Why a migration thread ended in failure; its text becomes `error-desc`.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum WorkerError {
+    /// Connecting or accepting the migration channel.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Destination(#[from] LoadError),
+}
 
 impl Helper {
     pub(super) fn check_can_start(&self) -> Result<(), QmpError> {
@@ -27,7 +41,7 @@ impl Helper {
         let uri: Uri = a
             .str("uri")?
             .parse()
-            .map_err(|e: crate::transport::TransportError| QmpError::generic(e.to_string()))?;
+            .map_err(|e: TransportError| QmpError::generic(e.to_string()))?;
         if a.opt_bool("resume")?.unwrap_or(false) {
             let st = self.ctx.state.status();
             // A fresh helper (the previous one died) adopts the paused migration.
@@ -65,7 +79,7 @@ impl Helper {
                 self.ctx
                     .offer_recovery(crate::engine::migration::Recovery::Source(uri, fd));
                 return self.start_adopt(Role::Source, move |ctx| {
-                    crate::engine::source::adopt(ctx, blocks).map_err(|e| e.to_string())
+                    Ok(crate::engine::source::adopt(ctx, blocks)?)
                 });
             }
             self.ctx
@@ -108,7 +122,7 @@ impl Helper {
         self.start_worker(Role::Source, move |ctx| {
             let chan = match chan {
                 Some(c) => c,
-                None => Channel::connect(&uri, |_| None, &ctx.cancel).map_err(|e| e.to_string())?,
+                None => Channel::connect(&uri, |_| None, &ctx.cancel)?,
             }
             .with_cancel(ctx.cancel.clone());
             // Precopy: a destination that stops reading fails the migration after
@@ -117,7 +131,7 @@ impl Helper {
             if let Ok(fd) = chan.try_clone_fd() {
                 ctx.set_channel(Some(fd));
             }
-            crate::engine::source::run(ctx, blocks, chan, uri).map_err(|e| e.to_string())
+            Ok(crate::engine::source::run(ctx, blocks, chan, uri)?)
         })
     }
 
@@ -126,7 +140,7 @@ impl Helper {
         let uri: Uri = a
             .str("uri")?
             .parse()
-            .map_err(|e: crate::transport::TransportError| QmpError::generic(e.to_string()))?;
+            .map_err(|e: TransportError| QmpError::generic(e.to_string()))?;
         self.check_can_start()?;
         let caps = self.ctx.caps();
         if caps.postcopy_preempt && !caps.postcopy_ram {
@@ -153,15 +167,10 @@ impl Helper {
             // With postcopy-preempt the first connection is the main channel and the next
             // one, later, the preempt channel (QEMU tells them apart by order alone).
             let (chan, preempt) = if caps.postcopy_preempt {
-                let c = incoming
-                    .accept_another(&ctx.cancel)
-                    .map_err(|e| e.to_string())?;
+                let c = incoming.accept_another(&ctx.cancel)?;
                 (c, Some(incoming))
             } else {
-                (
-                    incoming.accept(&ctx.cancel).map_err(|e| e.to_string())?,
-                    None,
-                )
+                (incoming.accept(&ctx.cancel)?, None)
             };
             let chan = chan.with_cancel(ctx.cancel.clone());
             // Precopy: a source silent for precopy-timeout (once connected) fails the load.
@@ -169,8 +178,9 @@ impl Helper {
             if let Ok(fd) = chan.try_clone_fd() {
                 ctx.set_channel(Some(fd));
             }
-            crate::engine::destination::run(ctx, blocks, chan, uffd, preempt)
-                .map_err(|e| e.to_string())
+            Ok(crate::engine::destination::run(
+                ctx, blocks, chan, uffd, preempt,
+            )?)
         })
     }
 
@@ -180,7 +190,7 @@ impl Helper {
         let uri: Uri = a
             .str("uri")?
             .parse()
-            .map_err(|e: crate::transport::TransportError| QmpError::generic(e.to_string()))?;
+            .map_err(|e: TransportError| QmpError::generic(e.to_string()))?;
         let role = *lock(&self.role);
         let fresh = self.ctx.state.status().is_finished();
         if role != Some(Role::Destination) && !fresh {
@@ -213,7 +223,7 @@ impl Helper {
             self.ctx
                 .offer_recovery(crate::engine::migration::Recovery::Destination(incoming));
             return self.start_adopt(Role::Destination, move |ctx| {
-                crate::engine::destination::adopt(ctx, blocks, uffd).map_err(|e| e.to_string())
+                Ok(crate::engine::destination::adopt(ctx, blocks, uffd)?)
             });
         }
         let incoming = Incoming::open(&uri, |n| self.take_fd(n))
@@ -228,7 +238,7 @@ impl Helper {
     pub(super) fn start_worker(
         &self,
         role: Role,
-        f: impl FnOnce(&MigrationCtx) -> Result<(), String> + Send + 'static,
+        f: impl FnOnce(&MigrationCtx) -> Result<(), WorkerError> + Send + 'static,
     ) -> CmdResult {
         self.spawn_worker(role, true, f)
     }
@@ -239,7 +249,7 @@ impl Helper {
         &self,
         role: Role,
         setup: bool,
-        f: impl FnOnce(&MigrationCtx) -> Result<(), String> + Send + 'static,
+        f: impl FnOnce(&MigrationCtx) -> Result<(), WorkerError> + Send + 'static,
     ) -> CmdResult {
         // Reap the previous worker (finished, since the status is final).
         if let Some(h) = lock(&self.worker).take() {
@@ -283,7 +293,9 @@ impl Helper {
                     {
                         let _ = ctx.state.transition(MigrationStatus::Cancelled);
                     }
-                    Err(e) => ctx.state.fail(crate::memory::guard::explain(&blocks, e)),
+                    Err(e) => ctx
+                        .state
+                        .fail(crate::memory::guard::explain(&blocks, e.to_string())),
                 }
             })
             .map_err(|e| QmpError::generic(format!("cannot start the migration thread: {e}")))?;
@@ -296,7 +308,7 @@ impl Helper {
     pub(super) fn start_adopt(
         &self,
         role: Role,
-        f: impl FnOnce(&MigrationCtx) -> Result<(), String> + Send + 'static,
+        f: impl FnOnce(&MigrationCtx) -> Result<(), WorkerError> + Send + 'static,
     ) -> CmdResult {
         self.spawn_worker(role, false, f)?;
         self.ctx
