@@ -168,6 +168,30 @@ impl std::fmt::Display for MigrationStatus {
     }
 }
 
+/// The capabilities of `migrate-set-capabilities`, in the order
+/// `query-migrate-capabilities` lists them.
+pub const CAPABILITIES: &[&str] = &[
+    "postcopy-ram",
+    "return-path",
+    "pause-before-switchover",
+    "events",
+    "postcopy-preempt",
+];
+
+/// The arguments of `migrate-set-parameters` (each optional), which are also the members of
+/// `query-migrate-parameters`'s reply.
+pub const PARAMETERS: &[&str] = &[
+    "max-bandwidth",
+    "downtime-limit",
+    "max-postcopy-bandwidth",
+    "machine-type",
+    "compat-version",
+    "link-timeout",
+    "precopy-timeout",
+    "orphan-timeout",
+    "load-threads",
+];
+
 /// Event names.
 pub mod event {
     /// A status change: `{"status": <MigrationStatus>}`.
@@ -385,6 +409,16 @@ mod tests {
         for s in MigrationStatus::ALL {
             assert_eq!(MigrationStatus::from_name(s.as_str()), Some(*s));
         }
+    }
+
+    /// The engine's capability table and the protocol's list must name the same things.
+    #[cfg(feature = "helper")]
+    #[test]
+    fn capabilities_as_the_engine_has_them() {
+        assert_eq!(
+            CAPABILITIES,
+            crate::engine::migration::Capabilities::NAMES.as_slice()
+        );
     }
 
     #[test]

@@ -5,10 +5,12 @@ use serde_json::{json, Value};
 
 use super::{lock, Args, CmdResult, Helper};
 use crate::compat::QemuVersion;
+use crate::control::protocol::PARAMETERS;
 use crate::control::qmp::QmpError;
 use crate::engine::migration::Capabilities;
 
 impl Helper {
+    /// `migrate-set-capabilities`.
     pub(super) fn set_capabilities(&self, a: &Args<'_>) -> CmdResult {
         a.only(&["capabilities"])?;
         if self.busy() {
@@ -51,18 +53,9 @@ impl Helper {
         ))
     }
 
+    /// `migrate-set-parameters`.
     pub(super) fn set_parameters(&self, a: &Args<'_>) -> CmdResult {
-        a.only(&[
-            "max-bandwidth",
-            "downtime-limit",
-            "max-postcopy-bandwidth",
-            "machine-type",
-            "compat-version",
-            "link-timeout",
-            "precopy-timeout",
-            "orphan-timeout",
-            "load-threads",
-        ])?;
+        a.only(PARAMETERS)?;
         let mut p = self.ctx.params();
         if let Some(v) = a.opt_u64("max-bandwidth")? {
             p.max_bandwidth = v;
