@@ -162,7 +162,13 @@ pub fn main() -> ExitCode {
     if let Some(code) = sandbox::testing_only_selftest() {
         return ExitCode::from(code);
     }
-    let helper = Helper::new(log.clone());
+    let helper = match Helper::new(log.clone()) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("qemu-migration-helper: cannot set up the migration context: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
     let result = match (cli.control_fd, listener) {
         (Some(fd), None) => {
             // SAFETY: the parent handed this fd to us; nothing else in the process owns it.

@@ -59,14 +59,28 @@ pub(super) fn parent_gone(ctx: &MigrationCtx, log: &slog::Logger) {
 }
 
 /// Waits up to [`SETTLE`] for the migration thread to end: the helper exits either way.
+/// A joiner thread turns the join into a message, so the wait sleeps on a channel instead
+/// of checking `is_finished` in a loop; when the migration thread does not stop, the
+/// joiner stays blocked with it and ends with the process, which exits next.
 pub(super) fn join_bounded(h: std::thread::JoinHandle<()>, log: &slog::Logger) {
-    let t = Instant::now();
-    while !h.is_finished() && t.elapsed() < SETTLE {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    if h.is_finished() {
-        let _ = h.join();
-    } else {
-        slog::warn!(log, "the migration thread did not stop; exiting anyway");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let joiner = std::thread::Builder::new()
+        .name("qmh-join".into())
+        .spawn(move || {
+            let _ = h.join();
+            let _ = tx.send(());
+        });
+    let joiner = match joiner {
+        Ok(j) => j,
+        Err(e) => {
+            slog::warn!(log, "cannot start a thread to wait for the migration thread; exiting anyway"; "error" => %e);
+            return;
+        }
+    };
+    match rx.recv_timeout(SETTLE) {
+        Ok(()) => {
+            let _ = joiner.join();
+        }
+        Err(_) => slog::warn!(log, "the migration thread did not stop; exiting anyway"),
     }
 }

@@ -1,15 +1,20 @@
-//! What a running migration shares with the control channel: capabilities, parameters,
-//! counters, the cancel flag and the pre-switchover gate. The engines (`source`,
-//! `destination`) run on their own threads and never hold a lock across I/O.
+//! What a running migration shares with the control channel. Two directions: what the
+//! control thread reads or sets between migrations (state, counters, capabilities,
+//! parameters, latency, device state), here; and the commands it sends the migration
+//! thread (continue, start postcopy, recover, pause, cancel), in [`Mailbox`]. The engines
+//! (`source`, `destination`) run on their own threads and never hold a lock across I/O.
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::compat::QemuVersion;
 use crate::engine::state::StateMachine;
+use crate::transport::CancelToken;
 use crate::wire::device_state::DeviceSection;
+
+pub(crate) use crate::engine::mailbox::{Command, Gate, Mailbox, Recovery, Refused};
 
 /// `migrate-set-capabilities`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -225,118 +230,64 @@ impl Latency {
     }
 }
 
-/// A gate the source waits at in `pre-switchover` until `migrate-continue` (or cancel).
-#[derive(Default)]
-pub struct Gate {
-    open: Mutex<bool>,
-    cv: Condvar,
-}
-
-impl Gate {
-    pub fn reset(&self) {
-        *self.open.lock().unwrap_or_else(|e| e.into_inner()) = false;
-    }
-    pub fn open(&self) {
-        *self.open.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        self.cv.notify_all();
-    }
-    /// Waits until opened or `cancel` is set; true when opened.
-    pub fn wait(&self, cancel: &AtomicBool) -> bool {
-        loop {
-            if let Some(opened) = self.wait_for(cancel, Duration::from_secs(3600)) {
-                return opened;
-            }
-        }
-    }
-
-    /// Waits at most `max`: Some(true) when opened, Some(false) when cancelled, None when
-    /// the time ran out first.
-    pub fn wait_for(&self, cancel: &AtomicBool, max: Duration) -> Option<bool> {
-        let deadline = Instant::now().checked_add(max);
-        let mut g = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if *g {
-                return Some(true);
-            }
-            if cancel.load(Ordering::Acquire) {
-                return Some(false);
-            }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                return None;
-            }
-            g = self
-                .cv
-                .wait_timeout(g, Duration::from_millis(50))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
-}
-
 /// Everything a migration thread needs, shared with the control channel.
 pub struct MigrationCtx {
-    pub log: slog::Logger,
-    pub state: StateMachine,
-    pub stats: Stats,
-    pub caps: Mutex<Capabilities>,
-    pub params: Mutex<Parameters>,
-    /// Shared with the live channel, whose pipe I/O polls it.
-    pub cancel: Arc<AtomicBool>,
-    pub gate: Gate,
-    /// A duplicate of the live channel's fd, shut down by cancel to unblock I/O.
-    pub channel: Mutex<Option<OwnedFd>>,
+    pub(crate) log: slog::Logger,
+    pub(crate) state: StateMachine,
+    pub(crate) stats: Stats,
+    pub(crate) caps: Mutex<Capabilities>,
+    pub(crate) params: Mutex<Parameters>,
     /// Source: sections to send at switchover. Destination: sections received.
-    pub device_out: Mutex<Vec<DeviceSection>>,
-    pub device_in: Mutex<Vec<DeviceSection>>,
-    pub started: Mutex<Option<Instant>>,
-    /// Set by `migrate-start-postcopy`; the source switches at its next check.
-    pub postcopy_requested: AtomicBool,
-    pub latency: Arc<Latency>,
-    /// A recovery handed to a paused migration (`migrate resume=true`, `migrate-recover`).
-    recovery: Mutex<Option<Recovery>>,
-    recovery_cv: Condvar,
+    pub(crate) device_out: Mutex<Vec<DeviceSection>>,
+    pub(crate) device_in: Mutex<Vec<DeviceSection>>,
+    pub(crate) started: Mutex<Option<Instant>>,
+    pub(crate) latency: Arc<Latency>,
     /// How often postcopy paused, and how long each recovery took (new channel ->
     /// postcopy-active), in milliseconds.
-    pub pauses: AtomicU64,
-    pub recoveries: Mutex<Vec<f64>>,
-}
-
-/// What a paused migration gets to go on with.
-pub enum Recovery {
-    /// Source: where to connect.
-    Source(crate::transport::Uri, Option<OwnedFd>),
-    /// Destination: the listening (or ready) channel.
-    Destination(crate::transport::Incoming),
+    pub(crate) pauses: AtomicU64,
+    pub(crate) recoveries: Mutex<Vec<f64>>,
+    /// Commands from the control channel.
+    pub(crate) mailbox: Mailbox,
+    /// Legacy view of `mailbox.cancel_token()` (the same token), for the engines' old
+    /// call sites (`&ctx.cancel`, `ctx.cancel.clone()`).
+    pub(crate) cancel: CancelToken,
+    /// Legacy view of the mailbox's `Continue` slot.
+    pub(crate) gate: Gate,
+    /// Legacy view of the mailbox's `StartPostcopy` latch: read it with
+    /// `mailbox.postcopy_requested()`, set it with `post(Command::StartPostcopy)`.
+    pub(crate) postcopy_requested: Arc<AtomicBool>,
 }
 
 impl MigrationCtx {
-    pub fn new(log: slog::Logger, events: crate::control::events::EventSink) -> Arc<Self> {
-        Arc::new(MigrationCtx {
+    pub(crate) fn new(
+        log: slog::Logger,
+        events: crate::control::events::EventSink,
+    ) -> std::io::Result<Arc<Self>> {
+        let mailbox = Mailbox::new()?;
+        Ok(Arc::new(MigrationCtx {
             state: StateMachine::new(events, log.clone()),
             log,
             stats: Stats::default(),
             caps: Mutex::new(Capabilities::default()),
             params: Mutex::new(Parameters::default()),
-            cancel: Arc::new(AtomicBool::new(false)),
-            gate: Gate::default(),
-            channel: Mutex::new(None),
             device_out: Mutex::new(Vec::new()),
             device_in: Mutex::new(Vec::new()),
             started: Mutex::new(None),
-            postcopy_requested: AtomicBool::new(false),
             latency: Arc::new(Latency::default()),
-            recovery: Mutex::new(None),
-            recovery_cv: Condvar::new(),
             pauses: AtomicU64::new(0),
             recoveries: Mutex::new(Vec::new()),
-        })
+            cancel: mailbox.cancel_token().clone(),
+            gate: mailbox.legacy_gate(),
+            postcopy_requested: mailbox.legacy_postcopy_flag(),
+            mailbox,
+        }))
     }
 
-    pub fn caps(&self) -> Capabilities {
+    pub(crate) fn caps(&self) -> Capabilities {
         self.caps.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub fn params(&self) -> Parameters {
+    pub(crate) fn params(&self) -> Parameters {
         self.params
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -344,7 +295,7 @@ impl MigrationCtx {
     }
 
     /// `precopy-timeout` as a socket timeout (None when 0, off).
-    pub fn precopy_timeout(&self) -> Option<Duration> {
+    pub(crate) fn precopy_timeout(&self) -> Option<Duration> {
         let t = self.params().precopy_timeout;
         (t > 0).then(|| Duration::from_millis(t))
     }
@@ -352,7 +303,7 @@ impl MigrationCtx {
     /// How often a source waiting in `pre-switchover` sends an empty RAM part: a quarter of
     /// the shorter of the two timeouts, so that a helper destination configured with either
     /// does not take the wait for a dead link.
-    pub fn precopy_keepalive(&self) -> Option<Duration> {
+    pub(crate) fn precopy_keepalive(&self) -> Option<Duration> {
         let p = self.params();
         [p.precopy_timeout, p.link_timeout]
             .into_iter()
@@ -361,80 +312,56 @@ impl MigrationCtx {
             .map(|t| Duration::from_millis(t / 4))
     }
 
-    pub fn cancelled(&self) -> bool {
-        self.cancel.load(Ordering::Acquire)
+    /// Clears what the previous migration left: commands, counters, recoveries.
+    pub(crate) fn reset_for_new_migration(&self) {
+        self.mailbox.reset();
+        self.stats.reset();
+        self.latency.reset();
+        self.pauses.store(0, Ordering::Relaxed);
+        self.recoveries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// Posts a command to the migration thread (see [`Mailbox::post`]).
+    pub(crate) fn post(&self, cmd: Command) -> Result<(), Refused> {
+        self.mailbox.post(cmd)
+    }
+
+    pub(crate) fn cancelled(&self) -> bool {
+        self.mailbox.cancelled()
     }
 
     /// Registers the live channel so cancel can shut it down.
-    pub fn set_channel(&self, fd: Option<OwnedFd>) {
-        let mut g = self.channel.lock().unwrap_or_else(|e| e.into_inner());
-        // The SIGBUS handler shuts the channel down too (memory_guard); it forgets the
-        // old fd before that is closed.
-        crate::memory::guard::set_channel(fd.as_ref());
-        *g = fd;
+    pub(crate) fn set_channel(&self, fd: Option<OwnedFd>) {
+        self.mailbox.set_channel(fd);
     }
 
     /// Hands a recovery to the paused migration thread.
-    pub fn offer_recovery(&self, r: Recovery) {
-        *self.recovery.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-        self.recovery_cv.notify_all();
+    pub(crate) fn offer_recovery(&self, r: Recovery) {
+        let _ = self.mailbox.post(Command::Recover(r));
     }
 
     /// Waits for a recovery; None when the helper is quitting (cancel set).
-    pub fn wait_recovery(&self) -> Option<Recovery> {
-        let mut g = self.recovery.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if let Some(r) = g.take() {
-                return Some(r);
-            }
-            if self.cancelled() {
-                return None;
-            }
-            g = self
-                .recovery_cv
-                .wait_timeout(g, Duration::from_millis(100))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+    pub(crate) fn wait_recovery(&self) -> Option<Recovery> {
+        self.mailbox.wait_recovery()
     }
 
     /// Shuts the live channel down without cancelling: in postcopy this pauses.
-    pub fn shutdown_channel(&self) {
-        if let Some(fd) = self
-            .channel
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            crate::transport::shutdown_fd(fd);
-        }
+    pub(crate) fn shutdown_channel(&self) {
+        let _ = self.mailbox.post(Command::Pause);
     }
 
-    pub fn record_recovery(&self, took: Duration) {
+    pub(crate) fn record_recovery(&self, took: Duration) {
         self.recoveries
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(took.as_secs_f64() * 1000.0);
     }
 
-    /// Sets the cancel flag and shuts the channel down so blocked I/O returns at once.
-    pub fn request_cancel(&self) {
-        self.cancel.store(true, Ordering::Release);
-        if let Some(fd) = self
-            .channel
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            crate::transport::shutdown_fd(fd);
-        }
-        self.gate.open_for_cancel();
-    }
-}
-
-impl Gate {
-    /// Wakes a waiter so it re-checks the cancel flag.
-    fn open_for_cancel(&self) {
-        self.cv.notify_all();
+    /// Sets the cancel signal and shuts the channel down so blocked I/O returns at once.
+    pub(crate) fn request_cancel(&self) {
+        let _ = self.mailbox.post(Command::Cancel);
     }
 }

@@ -2,6 +2,7 @@
 //! the control channel, and the state machine.
 
 pub mod destination;
+pub mod mailbox;
 pub mod migration;
 pub mod source;
 pub mod state;

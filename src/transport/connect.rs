@@ -1,17 +1,16 @@
 //! Connecting `unix:` and `tcp:` so that a cancel always gets through: connect(2) on a
-//! non-blocking socket, polled in 100 ms steps (a blocking connect to a silent TCP host
-//! waits for the kernel's SYN retries, about two minutes; to a Unix listener whose backlog
-//! is full, until it accepts).
+//! non-blocking socket, polled together with the cancel token (a blocking connect to a
+//! silent TCP host waits for the kernel's SYN retries, about two minutes; to a Unix
+//! listener whose backlog is full, until it accepts).
 
 use std::net::ToSocketAddrs;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrLike, SockaddrStorage};
 
-use super::TransportError;
+use super::cancel::{wait_fd, CancelToken, Woke};
+use super::{TransportError, RETRY};
 
 fn io_err(what: &'static str, label: &str, e: impl Into<std::io::Error>) -> TransportError {
     TransportError::Io {
@@ -25,7 +24,7 @@ fn io_err(what: &'static str, label: &str, e: impl Into<std::io::Error>) -> Tran
 fn connect_one(
     family: AddressFamily,
     addr: &dyn SockaddrLike,
-    cancel: &AtomicBool,
+    cancel: &CancelToken,
     label: &str,
 ) -> Result<OwnedFd, TransportError> {
     let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
@@ -43,32 +42,26 @@ fn connect_one(
                 }
                 return blocking(fd, label);
             }
-            // A Unix listener's backlog is full: try again shortly.
+            // A Unix listener's backlog is full, and nothing tells when it has room: try
+            // again shortly (a cancel ends the wait at once).
             Err(Errno::EAGAIN) if family == AddressFamily::Unix => {
-                if cancel.load(Ordering::Acquire) {
+                let cancelled = cancel
+                    .wait_timeout(Some(RETRY))
+                    .map_err(|e| io_err("poll", label, e))?;
+                if cancelled {
                     return Err(TransportError::Cancelled(label.to_string()));
                 }
-                std::thread::sleep(Duration::from_millis(50));
             }
             Err(e) => return Err(io_err("connect to", label, e)),
         }
     }
 }
 
-fn wait_writable(fd: &OwnedFd, cancel: &AtomicBool, label: &str) -> Result<(), TransportError> {
-    loop {
-        if cancel.load(Ordering::Acquire) {
-            return Err(TransportError::Cancelled(label.to_string()));
-        }
-        let mut pfd = [nix::poll::PollFd::new(
-            fd.as_fd(),
-            nix::poll::PollFlags::POLLOUT,
-        )];
-        match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(100u16)) {
-            Ok(0) | Err(Errno::EINTR) => continue,
-            Ok(_) => return Ok(()),
-            Err(e) => return Err(io_err("poll", label, e)),
-        }
+fn wait_writable(fd: &OwnedFd, cancel: &CancelToken, label: &str) -> Result<(), TransportError> {
+    match wait_fd(fd.as_fd(), nix::poll::PollFlags::POLLOUT, cancel, None) {
+        Ok(Woke::Ready) => Ok(()),
+        Ok(Woke::Interrupted | Woke::TimedOut) => Err(TransportError::Cancelled(label.to_string())),
+        Err(e) => Err(io_err("poll", label, e)),
     }
 }
 
@@ -86,7 +79,7 @@ fn blocking(fd: OwnedFd, label: &str) -> Result<OwnedFd, TransportError> {
 
 pub(super) fn unix(
     path: &std::path::Path,
-    cancel: &AtomicBool,
+    cancel: &CancelToken,
     label: &str,
 ) -> Result<OwnedFd, TransportError> {
     let addr = socket::UnixAddr::new(path).map_err(|e| io_err("connect to", label, e))?;
@@ -96,7 +89,7 @@ pub(super) fn unix(
 /// Tries each address HOST:PORT resolves to, in order, as `TcpStream::connect` does.
 pub(super) fn tcp(
     hostport: &str,
-    cancel: &AtomicBool,
+    cancel: &CancelToken,
     label: &str,
 ) -> Result<OwnedFd, TransportError> {
     let addrs = hostport

@@ -1,13 +1,13 @@
 //! The destination side of a channel before the peer connects: a ready channel (`fd:` of
 //! a connected socket, pipe or file; `file:`), or a listener (`unix:`, `tcp:`, `fd:` of a
-//! listening socket) that accepts while polling the cancel flag.
+//! listening socket) that accepts while waiting on the cancel token too.
 
 use std::net::TcpListener;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{check_stream, io_err, open, Channel, TransportError, Uri};
+use super::cancel::{wait_fd, Interrupt, Woke};
+use super::{check_stream, io_err, open, BadFd, Channel, TransportError, Uri};
 
 /// The destination side before a connection arrives.
 pub enum Incoming {
@@ -19,7 +19,7 @@ pub enum Incoming {
 }
 
 impl Incoming {
-    pub fn open(
+    pub(crate) fn open(
         uri: &Uri,
         take_fd: impl FnOnce(&str) -> Option<OwnedFd>,
     ) -> Result<Self, TransportError> {
@@ -40,9 +40,7 @@ impl Incoming {
                     }
                     other => Err(TransportError::BadFd {
                         name: name.clone(),
-                        why: format!(
-                            "a listening socket of address family {other}, not AF_UNIX, AF_INET or AF_INET6"
-                        ),
+                        why: BadFd::ListenerFamily(other),
                     }),
                 }
             }
@@ -70,7 +68,7 @@ impl Incoming {
     }
 
     /// Removes a `unix:` listener's path once no more connections are expected.
-    pub fn done_listening(&self) {
+    pub(crate) fn done_listening(&self) {
         if let Incoming::Unix(_, _, Some(bound)) = self {
             bound.remove();
         }
@@ -78,17 +76,20 @@ impl Incoming {
 
     /// Whether a peer can open more than one connection here (a listening socket), as
     /// postcopy-preempt needs.
-    pub fn is_listener(&self) -> bool {
+    pub(crate) fn is_listener(&self) -> bool {
         !matches!(self, Incoming::Ready(_))
     }
 
     /// Waits for one connection and keeps listening, for a second channel from the same
-    /// peer (postcopy-preempt). Polls `cancel` as [`Incoming::accept`] does.
-    pub fn accept_another(&self, cancel: &AtomicBool) -> Result<Channel, TransportError> {
+    /// peer (postcopy-preempt). Ends on `cancel` as [`Incoming::accept`] does.
+    pub(crate) fn accept_another(
+        &self,
+        cancel: &(impl Interrupt + ?Sized),
+    ) -> Result<Channel, TransportError> {
         match self {
             Incoming::Ready(c) => Err(TransportError::BadFd {
                 name: c.peer.clone(),
-                why: "a single connected channel cannot take a second connection".into(),
+                why: BadFd::SingleChannel,
             }),
             Incoming::Unix(l, what, _) => {
                 wait_readable(l.as_fd(), cancel, what)?;
@@ -103,9 +104,12 @@ impl Incoming {
         }
     }
 
-    /// Waits for the connection, polling `cancel` so that a cancel never waits on a peer,
+    /// Waits for the connection, or for `cancel` (so that a cancel never waits on a peer),
     /// and stops listening.
-    pub fn accept(self, cancel: &AtomicBool) -> Result<Channel, TransportError> {
+    pub(crate) fn accept(
+        self,
+        cancel: &(impl Interrupt + ?Sized),
+    ) -> Result<Channel, TransportError> {
         match self {
             Incoming::Ready(c) => Ok(c),
             listener => {
@@ -117,21 +121,15 @@ impl Incoming {
     }
 }
 
-/// Polls `fd` for input in 100 ms steps until it is readable or `cancel` is set.
+/// Sleeps until `fd` has input or `cancel` is set.
 fn wait_readable(
     fd: BorrowedFd<'_>,
-    cancel: &AtomicBool,
+    cancel: &(impl Interrupt + ?Sized),
     what: &str,
 ) -> Result<(), TransportError> {
-    loop {
-        if cancel.load(Ordering::Acquire) {
-            return Err(TransportError::Cancelled(what.to_string()));
-        }
-        let mut pfd = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
-        match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(100u16)) {
-            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
-            Ok(_) => return Ok(()),
-            Err(e) => return Err(io_err("poll", what)(e.into())),
-        }
+    match wait_fd(fd, nix::poll::PollFlags::POLLIN, cancel, None) {
+        Ok(Woke::Ready) => Ok(()),
+        Ok(Woke::Interrupted | Woke::TimedOut) => Err(TransportError::Cancelled(what.to_string())),
+        Err(e) => Err(io_err("poll", what)(e)),
     }
 }

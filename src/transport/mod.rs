@@ -1,16 +1,19 @@
 //! Migration channels: the URIs `fd:NAME`, `unix:PATH`, `tcp:HOST:PORT` and `file:PATH`,
 //! and the byte I/O the engines use (reads into a buffer, gathered writes).
 
+mod cancel;
 mod connect;
 mod incoming;
 mod open;
 
+pub use cancel::CancelToken;
+pub(crate) use cancel::{wait_fd, Never, Woke};
 pub use incoming::Incoming;
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::net::TcpStream;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -21,6 +24,10 @@ use std::time::Duration;
 
 /// Socket buffer size asked for (the kernel caps it at net.core.[rw]mem_max).
 const SOCKET_BUFFER: usize = 4 << 20;
+
+/// How often an output FIFO without a reader, or a full Unix listener backlog, is tried
+/// again: neither has an fd that tells when it would succeed.
+const RETRY: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Uri {
@@ -39,7 +46,7 @@ pub enum TransportError {
     #[error("no fd named {0:?} (pass one with getfd first)")]
     NoSuchFd(String),
     #[error("fd {name:?} cannot carry a migration: {why}")]
-    BadFd { name: String, why: String },
+    BadFd { name: String, why: BadFd },
     #[error("{what} {target}: {source}")]
     Io {
         what: &'static str,
@@ -50,7 +57,22 @@ pub enum TransportError {
     #[error("cancelled while waiting for a connection on {0}")]
     Cancelled(String),
     #[error("{uri}: {why}")]
-    Refused { uri: String, why: String },
+    Refused { uri: String, why: open::Refusal },
+}
+
+/// Why a passed fd (or a channel) cannot carry a migration.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BadFd {
+    #[error("it is not a stream socket (SOCK_STREAM)")]
+    NotStream,
+    #[error("not a socket, pipe or regular file")]
+    WrongType,
+    #[error("it is a listening socket, not a connected one")]
+    Listening,
+    #[error("a listening socket of address family {0}, not AF_UNIX, AF_INET or AF_INET6")]
+    ListenerFamily(i32),
+    #[error("a single connected channel cannot take a second connection")]
+    SingleChannel,
 }
 
 impl FromStr for Uri {
@@ -95,16 +117,17 @@ impl std::fmt::Display for Uri {
 pub struct Channel {
     fd: OwnedFd,
     /// Sockets carry a return path and can be shut down to unblock I/O; files and pipes not.
-    pub is_socket: bool,
-    /// Pipes (and FIFOs) are non-blocking and polled, so that a cancel never waits on them.
+    pub(crate) is_socket: bool,
+    /// Pipes (and FIFOs) are non-blocking and polled with the cancel token, so that a
+    /// cancel never waits on them.
     is_pipe: bool,
-    cancel: Option<Arc<AtomicBool>>,
+    cancel: Option<CancelToken>,
     /// How long I/O may make no progress, and which parameter set it. Polled fds (pipes)
     /// enforce it here (counting only once data has moved, so that a FIFO whose writer has
     /// not come yet waits as a listener does); sockets by SO_RCVTIMEO/SO_SNDTIMEO.
     timer: Arc<IoTimer>,
     moved: AtomicBool,
-    pub peer: String,
+    pub(crate) peer: String,
 }
 
 fn io_err(
@@ -153,7 +176,7 @@ fn check_stream(name: &str, fd: &OwnedFd) -> Result<i32, TransportError> {
     if ty != libc::SOCK_STREAM {
         return Err(TransportError::BadFd {
             name: name.into(),
-            why: "it is not a stream socket (SOCK_STREAM)".into(),
+            why: BadFd::NotStream,
         });
     }
     Ok(domain)
@@ -173,7 +196,7 @@ impl Channel {
     }
 
     /// Wraps a passed fd after checking it is a stream socket, pipe or regular file.
-    pub fn from_fd(name: &str, fd: OwnedFd) -> Result<Self, TransportError> {
+    pub(crate) fn from_fd(name: &str, fd: OwnedFd) -> Result<Self, TransportError> {
         let kind = fd_kind(fd.as_fd()).map_err(io_err("fstat", name))?;
         let is_socket = match kind {
             libc::S_IFSOCK => true,
@@ -181,7 +204,7 @@ impl Channel {
             _ => {
                 return Err(TransportError::BadFd {
                     name: name.into(),
-                    why: "not a socket, pipe or regular file".into(),
+                    why: BadFd::WrongType,
                 })
             }
         };
@@ -193,7 +216,7 @@ impl Channel {
             if listening.unwrap_or(false) {
                 return Err(TransportError::BadFd {
                     name: name.into(),
-                    why: "it is a listening socket, not a connected one".into(),
+                    why: BadFd::Listening,
                 });
             }
         }
@@ -204,7 +227,7 @@ impl Channel {
         Ok(Channel::new(fd, is_socket, is_pipe, format!("fd:{name}")))
     }
 
-    pub fn from_unix(s: UnixStream, peer: String) -> Self {
+    pub(crate) fn from_unix(s: UnixStream, peer: String) -> Self {
         Channel::new(s.into(), true, false, peer)
     }
 
@@ -213,55 +236,46 @@ impl Channel {
         Channel::new(s.into(), true, false, peer)
     }
 
-    pub fn from_file(f: File, peer: String) -> Self {
+    pub(crate) fn from_file(f: File, peer: String) -> Self {
         Channel::new(f.into(), false, false, peer)
     }
 
-    /// The flag a cancel sets; pipe I/O checks it while it waits.
-    pub fn with_cancel(mut self, cancel: Arc<AtomicBool>) -> Self {
+    /// The token a cancel sets; pipe I/O waits on it next to the pipe.
+    pub(crate) fn with_cancel(mut self, cancel: CancelToken) -> Self {
         self.cancel = Some(cancel);
         self
     }
 
     /// For a pipe: waits until `events` or a cancel, or fails once no data has moved for
-    /// the stall timeout. Sockets block in the syscall instead (unblocked by shutdown(2),
-    /// bounded by SO_RCVTIMEO/SO_SNDTIMEO).
+    /// the stall timeout (the poll's only deadline). Sockets block in the syscall instead
+    /// (unblocked by shutdown(2), bounded by SO_RCVTIMEO/SO_SNDTIMEO).
     fn wait_pipe(&self, events: nix::poll::PollFlags) -> io::Result<()> {
-        let since = std::time::Instant::now();
-        loop {
-            if self
-                .cancel
-                .as_ref()
-                .is_some_and(|c| c.load(Ordering::Acquire))
-            {
-                return Err(io::Error::other("cancelled"));
-            }
-            let stall = self.timer.ms.load(Ordering::Relaxed);
-            if stall > 0
-                && self.moved.load(Ordering::Relaxed)
-                && since.elapsed() >= Duration::from_millis(stall)
-            {
+        let stall = self.timer.ms.load(Ordering::Relaxed);
+        let deadline = (stall > 0 && self.moved.load(Ordering::Relaxed))
+            .then(|| std::time::Instant::now() + Duration::from_millis(stall));
+        let woke = match &self.cancel {
+            Some(c) => wait_fd(self.fd.as_fd(), events, c, deadline)?,
+            None => wait_fd(self.fd.as_fd(), events, &Never, deadline)?,
+        };
+        match woke {
+            Woke::Ready => Ok(()),
+            Woke::Interrupted => Err(io::Error::other("cancelled")),
+            Woke::TimedOut => {
                 let what = if events.contains(nix::poll::PollFlags::POLLIN) {
                     "no data"
                 } else {
                     "could not send"
                 };
-                return Err(self.timer.error(what));
-            }
-            let mut pfd = [nix::poll::PollFd::new(self.fd.as_fd(), events)];
-            match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(100u16)) {
-                Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
-                Ok(_) => return Ok(()),
-                Err(e) => return Err(e.into()),
+                Err(self.timer.error(what))
             }
         }
     }
 
     /// Connects the source side.
-    pub fn connect(
+    pub(crate) fn connect(
         uri: &Uri,
         take_fd: impl FnOnce(&str) -> Option<OwnedFd>,
-        cancel: &AtomicBool,
+        cancel: &CancelToken,
     ) -> Result<Self, TransportError> {
         match uri {
             Uri::Fd(name) => {
@@ -284,7 +298,9 @@ impl Channel {
                     let f = open::create_output(p, &label)?;
                     return Ok(Channel::from_file(f, label));
                 }
-                // A FIFO's open for writing blocks until a reader comes: poll for one.
+                // A FIFO's open for writing blocks until a reader comes, and no fd tells
+                // when one does: retry every 50 ms (only while waiting for the reader; a
+                // cancel ends the wait at once).
                 loop {
                     match OpenOptions::new()
                         .write(true)
@@ -293,10 +309,12 @@ impl Channel {
                     {
                         Ok(f) => return Channel::from_fd(&label, f.into()),
                         Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
-                            if cancel.load(Ordering::Acquire) {
+                            let cancelled = cancel
+                                .wait_timeout(Some(RETRY))
+                                .map_err(io_err("poll", &label))?;
+                            if cancelled {
                                 return Err(TransportError::Cancelled(label));
                             }
-                            std::thread::sleep(std::time::Duration::from_millis(50));
                         }
                         Err(e) => return Err(io_err("open", uri)(e)),
                     }
@@ -307,7 +325,7 @@ impl Channel {
 
     /// Larger socket buffers let the source run ahead of the destination instead of
     /// switching back and forth every 200 KiB (the Unix socket default).
-    pub fn tune_buffers(&self) {
+    pub(crate) fn tune_buffers(&self) {
         if self.is_socket {
             use nix::sys::socket::{setsockopt, sockopt};
             let _ = setsockopt(&self.fd, sockopt::SndBuf, &SOCKET_BUFFER);
@@ -315,7 +333,7 @@ impl Channel {
         }
     }
 
-    pub fn set_send_buffer(&self, bytes: usize) {
+    pub(crate) fn set_send_buffer(&self, bytes: usize) {
         if self.is_socket {
             let _ =
                 nix::sys::socket::setsockopt(&self.fd, nix::sys::socket::sockopt::SndBuf, &bytes);
@@ -325,7 +343,7 @@ impl Channel {
     /// Read and write timeouts (None: block): a silently dead peer then shows as an I/O
     /// error instead of a hang. Sockets get SO_RCVTIMEO/SO_SNDTIMEO; pipes a stall timeout.
     /// Set from `link-timeout` (postcopy).
-    pub fn set_timeouts(&self, t: Option<std::time::Duration>) {
+    pub(crate) fn set_timeouts(&self, t: Option<std::time::Duration>) {
         self.timer.set(t, TimeoutParam::Link);
         if self.is_socket {
             set_socket_timeouts(&self.fd, t);
@@ -334,7 +352,7 @@ impl Channel {
 
     /// Set from `precopy-timeout`: reads and writes (a destination), or only writes (a
     /// source: its return path may be idle for long).
-    pub fn set_precopy_timeouts(&self, t: Option<Duration>, reads_too: bool) {
+    pub(crate) fn set_precopy_timeouts(&self, t: Option<Duration>, reads_too: bool) {
         if reads_too {
             self.set_timeouts(t);
             self.timer.set(t, TimeoutParam::Precopy);
@@ -351,18 +369,14 @@ impl Channel {
     }
 
     /// Shuts a socket down (both directions) so that blocked I/O on it returns.
-    pub fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         if self.is_socket {
             shutdown_fd(&self.fd);
         }
     }
 
-    pub fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-
     /// A second handle to the same channel (for a return path or for shutdown).
-    pub fn try_clone_fd(&self) -> io::Result<OwnedFd> {
+    pub(crate) fn try_clone_fd(&self) -> io::Result<OwnedFd> {
         self.fd.try_clone()
     }
 
@@ -377,7 +391,7 @@ impl Channel {
     }
 
     /// Reads into `buf`; 0 means the peer closed. Retries EINTR.
-    pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+    pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         if self.is_pipe {
             // Poll first: a FIFO whose writer has not come yet reads as EOF, but polls as
             // not ready (it reports POLLHUP only once a writer has been and gone).
@@ -403,7 +417,7 @@ impl Channel {
 
     /// Reads only what has already arrived: 0 when nothing has (or the peer closed, which
     /// the next [`Channel::read`] reports). Regular files always read 0 here.
-    pub fn read_ready(&self, buf: &mut [u8]) -> io::Result<usize> {
+    pub(crate) fn read_ready(&self, buf: &mut [u8]) -> io::Result<usize> {
         let fd = self.fd.as_raw_fd();
         loop {
             let r = if self.is_socket {
@@ -423,7 +437,7 @@ impl Channel {
     }
 
     /// Writes all of `bufs`, in order, with as few syscalls as it can.
-    pub fn write_all_vectored(&self, bufs: &mut [io::IoSlice<'_>]) -> io::Result<()> {
+    pub(crate) fn write_all_vectored(&self, bufs: &mut [io::IoSlice<'_>]) -> io::Result<()> {
         let mut bufs = &mut bufs[..];
         while !bufs.is_empty() {
             let n = match nix::sys::uio::writev(self.fd.as_fd(), &bufs[..bufs.len().min(1024)]) {
@@ -445,18 +459,8 @@ impl Channel {
         Ok(())
     }
 
-    pub fn write_all(&self, data: &[u8]) -> io::Result<()> {
+    pub(crate) fn write_all(&self, data: &[u8]) -> io::Result<()> {
         self.write_all_vectored(&mut [io::IoSlice::new(data)])
-    }
-
-    pub fn set_read_timeout(&self, t: Option<Duration>) {
-        if self.is_socket {
-            // SAFETY: borrowed for the duration of the call only; ManuallyDrop keeps the fd open.
-            let s = std::mem::ManuallyDrop::new(unsafe {
-                UnixStream::from_raw_fd(self.fd.as_raw_fd())
-            });
-            let _ = s.set_read_timeout(t);
-        }
     }
 }
 
@@ -510,7 +514,7 @@ fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {
 }
 
 /// Read and write timeouts on the socket behind `fd` (a duplicate shares them).
-pub fn set_socket_timeouts(fd: &OwnedFd, t: Option<std::time::Duration>) {
+pub(crate) fn set_socket_timeouts(fd: &OwnedFd, t: Option<std::time::Duration>) {
     // SAFETY: borrowed for the duration of the calls only; ManuallyDrop keeps the fd open.
     let s = std::mem::ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(fd.as_raw_fd()) });
     let _ = s.set_read_timeout(t);
@@ -518,7 +522,7 @@ pub fn set_socket_timeouts(fd: &OwnedFd, t: Option<std::time::Duration>) {
 }
 
 /// Shuts a socket down in both directions so that blocked reads and writes return.
-pub fn shutdown_fd(fd: &OwnedFd) {
+pub(crate) fn shutdown_fd(fd: &OwnedFd) {
     let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
 }
 
@@ -598,7 +602,7 @@ mod tests {
         drop(UnixListener::bind(&p).unwrap());
         let inc = Incoming::open(&uri, |_| None).unwrap();
         let _c = UnixStream::connect(&p).unwrap();
-        inc.accept(&AtomicBool::new(false)).unwrap();
+        inc.accept(&Never).unwrap();
         assert!(!p.exists());
         // A path replaced after the bind is not removed.
         let inc = Incoming::open(&uri, |_| None).unwrap();
@@ -613,7 +617,7 @@ mod tests {
     fn file_output_is_private_truncated_and_never_through_a_symlink() {
         use std::os::unix::fs::PermissionsExt;
         let d = tmp("fileout");
-        let never = AtomicBool::new(false);
+        let never = CancelToken::new().unwrap();
         let p = d.join("out");
         let c = Channel::connect(&Uri::File(p.clone()), |_| None, &never).unwrap();
         c.write_all(b"abc").unwrap();
@@ -673,7 +677,7 @@ mod tests {
             let mut s = TcpStream::connect(addr).unwrap();
             std::io::Write::write_all(&mut s, b"QEVM").unwrap();
         });
-        let c = inc.accept(&AtomicBool::new(false)).unwrap();
+        let c = inc.accept(&Never).unwrap();
         let mut buf = [0u8; 4];
         let mut got = 0;
         while got < 4 {
@@ -709,7 +713,7 @@ mod tests {
     fn connect_is_cancellable_and_connects() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let uri = Uri::Tcp(l.local_addr().unwrap().to_string());
-        let c = Channel::connect(&uri, |_| None, &AtomicBool::new(false)).unwrap();
+        let c = Channel::connect(&uri, |_| None, &CancelToken::new().unwrap()).unwrap();
         assert!(c.is_socket);
         let (mut s, _) = l.accept().unwrap();
         c.write_all(b"hi").unwrap();
@@ -721,11 +725,11 @@ mod tests {
         let p = d.join("s");
         let l = UnixListener::bind(&p).unwrap();
         let mut held = Vec::new();
-        let cancel = Arc::new(AtomicBool::new(false));
+        let cancel = CancelToken::new().unwrap();
         let c2 = cancel.clone();
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(300));
-            c2.store(true, Ordering::Release);
+            c2.cancel();
         });
         let uri = Uri::Unix(p.clone());
         let start = std::time::Instant::now();

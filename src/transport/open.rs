@@ -48,7 +48,20 @@ fn classify(ft: std::fs::FileType) -> Option<FileKind> {
     }
 }
 
-fn refused(uri: &str, why: String) -> TransportError {
+/// Why a `file:` or `unix:` path is refused (the text follows the URI).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Refusal {
+    #[error("is {0}; file: takes a regular file or a FIFO")]
+    WrongType(&'static str),
+    #[error("is a symbolic link (not followed for output)")]
+    OutputSymlink,
+    #[error("changed into a FIFO while being opened")]
+    BecameFifo,
+    #[error("{} is {kind}, not a socket: not removing it", path.display())]
+    NotASocket { path: PathBuf, kind: &'static str },
+}
+
+fn refused(uri: &str, why: Refusal) -> TransportError {
     TransportError::Refused {
         uri: uri.to_string(),
         why,
@@ -61,15 +74,8 @@ use super::io_err;
 /// (a tty, /dev/ptmx) can block where no cancel reaches it, a directory or a socket path
 /// cannot carry a stream at all.
 fn check_type(uri: &str, m: &std::fs::Metadata) -> Result<FileKind, TransportError> {
-    classify(m.file_type()).ok_or_else(|| {
-        refused(
-            uri,
-            format!(
-                "is {}; file: takes a regular file or a FIFO",
-                kind_name(m.file_type())
-            ),
-        )
-    })
+    classify(m.file_type())
+        .ok_or_else(|| refused(uri, Refusal::WrongType(kind_name(m.file_type()))))
 }
 
 /// Clears O_NONBLOCK (opened with it so that opening never waits) on a regular file.
@@ -103,17 +109,14 @@ pub(super) fn create_output(p: &Path, uri: &str) -> Result<File, TransportError>
         .open(p)
         .map_err(|e| {
             if e.raw_os_error() == Some(libc::ELOOP) {
-                refused(uri, "is a symbolic link (not followed for output)".into())
+                refused(uri, Refusal::OutputSymlink)
             } else {
                 io_err("create", uri)(e)
             }
         })?;
     let m = f.metadata().map_err(io_err("fstat", uri))?;
     if check_type(uri, &m)? != FileKind::Regular {
-        return Err(refused(
-            uri,
-            "changed into a FIFO while being opened".into(),
-        ));
+        return Err(refused(uri, Refusal::BecameFifo));
     }
     set_blocking(&f).map_err(io_err("fcntl", uri))?;
     f.set_len(0).map_err(io_err("truncate", uri))?;
@@ -152,11 +155,10 @@ pub(super) fn clear_socket_path(p: &Path, uri: &str) -> Result<(), TransportErro
         },
         Ok(m) => Err(refused(
             uri,
-            format!(
-                "{} is {}, not a socket: not removing it",
-                p.display(),
-                kind_name(m.file_type())
-            ),
+            Refusal::NotASocket {
+                path: p.to_path_buf(),
+                kind: kind_name(m.file_type()),
+            },
         )),
     }
 }

@@ -7,6 +7,7 @@ mod control;
 mod files;
 mod helper;
 mod helper_helper;
+mod idle;
 mod lifecycle;
 mod logs;
 mod manpage;

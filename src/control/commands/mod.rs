@@ -52,10 +52,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 const MAX_NAMED_FDS: usize = 256;
 
 impl Helper {
-    pub(crate) fn new(log: slog::Logger) -> Arc<Self> {
+    pub(crate) fn new(log: slog::Logger) -> std::io::Result<Arc<Self>> {
         let events = EventSink::default();
-        Arc::new(Helper {
-            ctx: MigrationCtx::new(log.clone(), events.clone()),
+        Ok(Arc::new(Helper {
+            ctx: MigrationCtx::new(log.clone(), events.clone())?,
             log,
             events,
             fds: Mutex::new(HashMap::new()),
@@ -63,7 +63,7 @@ impl Helper {
             worker: Mutex::new(None),
             role: Mutex::new(None),
             uffd: Mutex::new(None),
-        })
+        }))
     }
 
     pub(crate) fn log(&self) -> &slog::Logger {

@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 
 use super::{lock, Args, CmdResult, Helper, Role};
 use crate::control::qmp::QmpError;
+use crate::engine::migration::Command as Mail;
 use crate::engine::state::MigrationStatus;
 use crate::wire::device_state::DeviceSection;
 
@@ -42,7 +43,7 @@ impl Helper {
                 st.as_str()
             )));
         }
-        self.ctx.gate.open();
+        let _ = self.ctx.post(Mail::Continue);
         Ok(json!({}))
     }
 
@@ -60,9 +61,9 @@ impl Helper {
                 "Enable postcopy with migrate_set_capability before the start of migration",
             ));
         }
-        if self.ctx.postcopy_requested.swap(true, Ordering::AcqRel) {
-            return Err(QmpError::generic("Postcopy already started"));
-        }
+        self.ctx
+            .post(Mail::StartPostcopy)
+            .map_err(|e| QmpError::generic(e.to_string()))?;
         Ok(json!({}))
     }
 

@@ -122,9 +122,9 @@ impl Helper {
         self.start_worker(Role::Source, move |ctx| {
             let chan = match chan {
                 Some(c) => c,
-                None => Channel::connect(&uri, |_| None, &ctx.cancel)?,
+                None => Channel::connect(&uri, |_| None, ctx.mailbox.cancel_token())?,
             }
-            .with_cancel(ctx.cancel.clone());
+            .with_cancel(ctx.mailbox.cancel_token().clone());
             // Precopy: a destination that stops reading fails the migration after
             // precopy-timeout; only the sending side is timed (the return path may idle).
             chan.set_precopy_timeouts(ctx.precopy_timeout(), false);
@@ -167,12 +167,12 @@ impl Helper {
             // With postcopy-preempt the first connection is the main channel and the next
             // one, later, the preempt channel (QEMU tells them apart by order alone).
             let (chan, preempt) = if caps.postcopy_preempt {
-                let c = incoming.accept_another(&ctx.cancel)?;
+                let c = incoming.accept_another(ctx.mailbox.cancel_token())?;
                 (c, Some(incoming))
             } else {
-                (incoming.accept(&ctx.cancel)?, None)
+                (incoming.accept(ctx.mailbox.cancel_token())?, None)
             };
-            let chan = chan.with_cancel(ctx.cancel.clone());
+            let chan = chan.with_cancel(ctx.mailbox.cancel_token().clone());
             // Precopy: a source silent for precopy-timeout (once connected) fails the load.
             chan.set_precopy_timeouts(ctx.precopy_timeout(), true);
             if let Ok(fd) = chan.try_clone_fd() {
@@ -255,13 +255,7 @@ impl Helper {
         if let Some(h) = lock(&self.worker).take() {
             let _ = h.join();
         }
-        self.ctx.cancel.store(false, Ordering::Release);
-        self.ctx.gate.reset();
-        self.ctx.stats.reset();
-        self.ctx.latency.reset();
-        self.ctx.pauses.store(0, Ordering::Relaxed);
-        lock(&self.ctx.recoveries).clear();
-        self.ctx.postcopy_requested.store(false, Ordering::Release);
+        self.ctx.reset_for_new_migration();
         if setup {
             self.ctx
                 .state
