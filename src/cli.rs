@@ -180,8 +180,9 @@ pub fn main() -> ExitCode {
             control::serve_fd(&helper, fd);
             Ok(())
         }
-        (None, Some(listener)) => control::serve_socket(&helper, listener, &cli.allow_uid)
-            .map_err(|e| std::io::Error::other(e.to_string())),
+        (None, Some(listener)) => {
+            control::serve_socket(&helper, listener, &cli.allow_uid).map_err(std::io::Error::other)
+        }
         _ => {
             eprintln!(
                 "qemu-migration-helper: give --control-fd N or --control-socket PATH (see --help)"
