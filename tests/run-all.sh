@@ -29,6 +29,7 @@ echo "== the client alone (cargo build --no-default-features)"
 cargo build --no-default-features
 cargo clippy --no-default-features --all-targets --profile ci -- -D warnings
 cargo test --profile ci --no-default-features --lib
+cargo test --profile ci --no-default-features --doc
 # None of the helper's heavy dependencies may come back (build dependencies included:
 # bindgen is userfaultfd-sys's).
 forbidden='bindgen|clang-sys|userfaultfd|userfaultfd-sys|clap|clap_builder|clap_derive|slog|slog-term|slog-json|slog-async|seccompiler|landlock'
