@@ -2,13 +2,14 @@
 //! (`--control-socket`).
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
 use super::{ClientError, HelperClient, DEFAULT_CONNECT_TIMEOUT};
@@ -54,17 +55,11 @@ impl HelperClient {
             Err(err) => {
                 // A helper that exited closes its end before it becomes reapable: give it
                 // a moment so that its own exit status, not our SIGKILL, is reported.
-                let grace = Instant::now() + Duration::from_millis(500);
-                let status = loop {
-                    match child.try_wait() {
-                        Ok(Some(status)) => break Some(status),
-                        Ok(None) if Instant::now() < grace => {
-                            std::thread::sleep(Duration::from_millis(5))
-                        }
-                        _ => {
-                            let _ = child.kill();
-                            break child.wait().ok();
-                        }
+                let status = match wait_exit(&mut child, Duration::from_millis(500)) {
+                    Some(status) => Some(status),
+                    None => {
+                        let _ = child.kill();
+                        child.wait().ok()
                     }
                 };
                 Err(match (err, status) {
@@ -110,4 +105,28 @@ impl HelperClient {
             }
         }
     }
+}
+
+/// Waits up to `grace` for `child` to exit, woken by its pidfd (Linux 5.3+); where there is
+/// none, checks once after `grace`.
+fn wait_exit(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
+    }
+    let pid = libc::pid_t::try_from(child.id()).ok()?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is
+    // passed. The child is not reaped yet, so the pid is still ours.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    match RawFd::try_from(raw) {
+        Ok(raw) if raw >= 0 => {
+            // SAFETY: the kernel just returned this fd, and nothing else owns it.
+            let pidfd = unsafe { OwnedFd::from_raw_fd(raw) };
+            let timeout = PollTimeout::try_from(grace).unwrap_or(PollTimeout::MAX);
+            let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+            // Readable once the child exited; EINTR or a timeout just means "not yet".
+            let _ = poll(&mut fds, timeout);
+        }
+        _ => std::thread::sleep(grace),
+    }
+    child.try_wait().ok().flatten()
 }

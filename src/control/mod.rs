@@ -7,8 +7,6 @@
 
 pub mod protocol;
 
-pub use protocol::greeting;
-
 #[cfg(feature = "helper")]
 mod commands;
 #[cfg(feature = "helper")]
