@@ -1,5 +1,12 @@
 //! The helper's commands. Each handler validates its arguments, changes shared state under
-//! short locks, and returns; migrations run on worker threads.
+//! short locks, and returns; migrations run on worker threads, which the control side
+//! drives through the migration context's mailbox (continue, start postcopy, recover,
+//! pause, cancel), never by waiting on them.
+//!
+//! [`Helper::dispatch`] maps a [`Command`] to its handler: `fds` (named fds, userfaultfd),
+//! `blocks` (RAM blocks), `settings` (capabilities, parameters), `start` (migrate,
+//! migrate-incoming, migrate-recover and the migration thread), `running` (commands on a
+//! running migration and `query-migrate`); `args` reads arguments with QEMU's messages.
 
 mod args;
 mod blocks;
