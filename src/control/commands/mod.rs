@@ -168,3 +168,83 @@ impl Helper {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::protocol::{ErrorClass, COMMANDS};
+
+    fn helper() -> Arc<Helper> {
+        Helper::new(slog::Logger::root(slog::Discard, slog::o!())).unwrap()
+    }
+
+    fn run(h: &Helper, name: &str, args: Value) -> CmdResult {
+        let Value::Object(args) = args else {
+            panic!("arguments must be an object")
+        };
+        h.dispatch(name, &args, Vec::new())
+    }
+
+    #[test]
+    fn query_commands_lists_the_protocol_in_order() {
+        let v = run(&helper(), "query-commands", json!({})).unwrap();
+        let names: Vec<&str> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, COMMANDS);
+    }
+
+    #[test]
+    fn unknown_commands_and_a_late_handshake_are_not_found() {
+        let h = helper();
+        for name in ["nope", "qmp_capabilities"] {
+            let e = run(&h, name, json!({})).unwrap_err();
+            assert_eq!(e.class, ErrorClass::CommandNotFound);
+            assert_eq!(e.desc, format!("The command {name} has not been found"));
+        }
+    }
+
+    #[test]
+    fn ram_block_add_reports_in_the_old_order() {
+        let h = helper();
+        let e = run(&h, "ram-block-add", json!({"id": "ram", "bogus": 1})).unwrap_err();
+        assert_eq!(e.desc, "Parameter 'bogus' is unexpected");
+        // The fd is looked up before the numbers are read.
+        let e = run(&h, "ram-block-add", json!({"id": "ram", "fdname": "x"})).unwrap_err();
+        assert_eq!(e.desc, "File descriptor named 'x' not found");
+        let memfd = nix::sys::memfd::memfd_create(
+            c"commands-test",
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+        )
+        .unwrap();
+        nix::unistd::ftruncate(&memfd, 1 << 20).unwrap();
+        let args = json!({"fdname": "ram0"});
+        let Value::Object(args) = args else {
+            unreachable!()
+        };
+        h.dispatch("getfd", &args, vec![memfd]).unwrap();
+        let e = run(
+            &h,
+            "ram-block-add",
+            json!({"id": "ram", "fdname": "ram0", "dirty-bitmap": "bm"}),
+        )
+        .unwrap_err();
+        assert_eq!(e.desc, "File descriptor named 'bm' not found");
+        let e = run(&h, "ram-block-add", json!({"id": "ram", "fdname": "ram0"})).unwrap_err();
+        assert_eq!(e.desc, "Parameter 'offset' is missing");
+        run(
+            &h,
+            "ram-block-add",
+            json!({"id": "ram", "fdname": "ram0", "offset": 0, "size": 1 << 20}),
+        )
+        .unwrap();
+        let blocks = run(&h, "query-ram-blocks", json!({})).unwrap();
+        assert_eq!(blocks[0]["id"], "ram");
+        assert_eq!(blocks[0]["size"], 1 << 20);
+        let e = run(&h, "ram-block-add", json!({"id": "ram", "fdname": "ram0"})).unwrap_err();
+        assert_eq!(e.desc, "RAM block 'ram' already exists");
+    }
+}
