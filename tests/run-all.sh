@@ -23,6 +23,23 @@ cargo clippy --all-targets --profile ci -- -D warnings
 echo "== cargo test"
 cargo test --profile ci --all-targets
 cargo test --profile ci --doc
+echo "== the client alone (cargo build --no-default-features)"
+# What a VMM gets with `default-features = false`: the client, the protocol's types, the
+# codecs and analyze; its unit tests run without the helper too.
+cargo build --no-default-features
+cargo clippy --no-default-features --all-targets --profile ci -- -D warnings
+cargo test --profile ci --no-default-features --lib
+cargo test --profile ci --no-default-features --doc
+# None of the helper's heavy dependencies may come back (build dependencies included:
+# bindgen is userfaultfd-sys's).
+forbidden='bindgen|clang-sys|userfaultfd|userfaultfd-sys|clap|clap_builder|clap_derive|slog|slog-term|slog-json|slog-async|seccompiler|landlock'
+tree=$(cargo tree --no-default-features -e normal,build --prefix none)
+bad=$(awk '{print $1}' <<<"$tree" | grep -Ex "$forbidden" | sort -u | tr '\n' ' ' || true)
+if [ -n "$bad" ]; then
+  echo "run-all: FAIL: cargo build --no-default-features pulls in: $bad" >&2
+  exit 1
+fi
+echo "run-all: the client builds alone (none of: ${forbidden//|/ })"
 echo "== fuzz smoke (5 s per target; the soak is bash tests/fuzz/soak.sh SECONDS)"
 bash tests/fuzz/soak.sh --smoke
 echo "== Debian package"

@@ -493,7 +493,7 @@ pub fn analyze(path: &Path, extract: Option<&Path>) -> Result<Report, AnalyzeErr
 }
 
 /// Analyses a stream held in memory (the fuzz targets' entry; `analyze` maps the file).
-#[cfg(any(test, feature = "fuzzing"))]
+#[cfg(all(feature = "helper", any(test, feature = "fuzzing")))]
 pub(crate) fn analyze_bytes(buf: &[u8]) -> Result<Report, AnalyzeError> {
     analyze_buf(buf, None)
 }

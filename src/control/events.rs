@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::protocol::Event;
+
 /// Lines queued for a client before it counts as not reading.
 const QUEUE: usize = 8192;
 /// How long one write may block before the client counts as gone.
@@ -23,7 +25,8 @@ struct Conn {
     writer: JoinHandle<()>,
 }
 
-/// A shared handle to the current client's write side.
+/// A shared handle to the current client's write side. (`pub` only because the engine's
+/// `pub` constructors name it; crate-private once `engine` is.)
 #[derive(Clone, Default)]
 pub struct EventSink {
     conn: Arc<Mutex<Option<Conn>>>,
@@ -32,7 +35,7 @@ pub struct EventSink {
 impl EventSink {
     /// Points replies and events at `w` (or nowhere). Detaching waits until what was queued
     /// has been written, so a reply to `quit` reaches the client before the process exits.
-    pub fn attach(&self, w: Option<UnixStream>) {
+    pub(crate) fn attach(&self, w: Option<UnixStream>) {
         let new = w.and_then(|stream| {
             let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
             let mut out = stream.try_clone().ok()?;
@@ -61,7 +64,7 @@ impl EventSink {
     }
 
     /// Queues one line for the client.
-    pub fn send_line(&self, v: &serde_json::Value) {
+    pub(crate) fn send_line(&self, v: &serde_json::Value) {
         let mut line = v.to_string();
         line.push('\n');
         let mut g = self.conn.lock().unwrap_or_else(|e| e.into_inner());
@@ -77,14 +80,16 @@ impl EventSink {
         }
     }
 
-    pub fn emit(&self, event: &str, data: serde_json::Value) {
+    /// Sends event `name` with `data`, stamped now.
+    pub(crate) fn emit(&self, name: &str, data: serde_json::Value) {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
-        self.send_line(&serde_json::json!({
-            "event": event,
-            "data": data,
-            "timestamp": {"seconds": now.as_secs(), "microseconds": now.subsec_micros()},
-        }));
+        let event = Event {
+            name: name.to_owned(),
+            data,
+            timestamp: (now.as_secs(), now.subsec_micros()),
+        };
+        self.send_line(&event.to_json());
     }
 }

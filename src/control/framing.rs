@@ -17,20 +17,20 @@ use std::collections::VecDeque;
 
 /// Longest message (QEMU's MAX_TOKEN_SIZE): a `device-state-set` of up to ~48 MiB of
 /// device state (base64) fits.
-pub const MAX_MESSAGE: usize = 64 << 20;
+pub(crate) const MAX_MESSAGE: usize = 64 << 20;
 /// Most tokens in one message (QEMU's MAX_TOKEN_COUNT). With the byte cap this bounds the
 /// parsed value: a 64 MiB array of small numbers is refused before anything is built.
-pub const MAX_TOKENS: usize = 2 << 20;
+pub(crate) const MAX_TOKENS: usize = 2 << 20;
 /// Deepest nesting of objects and arrays. QEMU allows 1024; serde_json refuses more than
 /// 128, and no command needs more than a few levels.
-pub const MAX_NESTING: usize = 128;
+pub(crate) const MAX_NESTING: usize = 128;
 /// How much of a bad token an error reply quotes.
 const STRAY_QUOTE: usize = 32;
 
 /// What the scanner produced, with the stream position (bytes since the connection began)
 /// just past the last byte that belongs to it.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Frame {
+pub(crate) enum Frame {
     /// One complete top-level value, as standard JSON.
     Message { bytes: Vec<u8>, end: u64 },
     /// A lexical error or a broken limit: reply with `desc`.
@@ -55,7 +55,7 @@ enum Lex {
 }
 
 /// The incremental splitter. Feed it bytes; take frames.
-pub struct Splitter {
+pub(crate) struct Splitter {
     lex: Lex,
     /// The current message from its first token, rewritten to standard JSON.
     buf: Vec<u8>,
@@ -83,7 +83,7 @@ fn is_structural(b: u8) -> bool {
 }
 
 impl Splitter {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Splitter {
             lex: Lex::Start,
             buf: Vec::new(),
@@ -99,16 +99,16 @@ impl Splitter {
     }
 
     /// The next complete frame, if any.
-    pub fn next_frame(&mut self) -> Option<Frame> {
+    pub(crate) fn next_frame(&mut self) -> Option<Frame> {
         self.out.pop_front()
     }
 
     /// Stream position of the next byte to be fed.
-    pub fn position(&self) -> u64 {
+    pub(crate) fn position(&self) -> u64 {
         self.pos
     }
 
-    pub fn feed(&mut self, data: &[u8]) {
+    pub(crate) fn feed(&mut self, data: &[u8]) {
         let base = self.pos;
         let mut i = 0;
         while i < data.len() {

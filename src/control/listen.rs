@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
 #[derive(Debug, thiserror::Error)]
-pub enum ListenError {
+pub(crate) enum ListenError {
     #[error("{path}: exists and is not a socket; refusing to replace it")]
     NotASocket { path: PathBuf },
     #[error("{path}: {what}: {source}")]
@@ -26,7 +26,7 @@ pub enum ListenError {
 }
 
 /// A listening control socket; the path is removed on drop if it is still this socket.
-pub struct ControlListener {
+pub(crate) struct ControlListener {
     listener: UnixListener,
     path: PathBuf,
     dev_ino: (u64, u64),
@@ -44,7 +44,7 @@ fn path_err<'a>(
 }
 
 impl ControlListener {
-    pub fn bind(path: &Path) -> Result<ControlListener, ListenError> {
+    pub(crate) fn bind(path: &Path) -> Result<ControlListener, ListenError> {
         match std::fs::symlink_metadata(path) {
             Ok(m) if m.file_type().is_socket() => {
                 std::fs::remove_file(path).map_err(path_err(path, "removing the old socket"))?
@@ -93,11 +93,11 @@ impl ControlListener {
         })
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
-    pub fn incoming(&self) -> std::os::unix::net::Incoming<'_> {
+    pub(crate) fn incoming(&self) -> std::os::unix::net::Incoming<'_> {
         self.listener.incoming()
     }
 }
@@ -120,7 +120,7 @@ pub fn own_uid() -> u32 {
 }
 
 /// The connected peer's uid and pid (SO_PEERCRED, taken by the kernel at connect time).
-pub fn peer(stream: &UnixStream) -> std::io::Result<(u32, i32)> {
+pub(crate) fn peer(stream: &UnixStream) -> std::io::Result<(u32, i32)> {
     let c = getsockopt(&stream.as_fd(), PeerCredentials)?;
     Ok((c.uid(), c.pid()))
 }

@@ -5,64 +5,53 @@ use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use super::framing::{Frame, Splitter};
+use super::protocol::{self, Command, ErrorClass};
 
 /// A parsed command.
 #[derive(Debug)]
-pub struct Request {
-    pub name: String,
-    pub args: Map<String, Value>,
-    pub id: Option<Value>,
+pub(crate) struct Request {
+    pub(crate) name: String,
+    pub(crate) args: Map<String, Value>,
+    pub(crate) id: Option<Value>,
     /// Sent with `exec-oob`.
-    pub oob: bool,
+    pub(crate) oob: bool,
 }
 
 /// An error reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QmpError {
-    pub class: &'static str,
-    pub desc: String,
+pub(crate) struct QmpError {
+    pub(crate) class: ErrorClass,
+    pub(crate) desc: String,
 }
 
 impl QmpError {
-    pub fn generic(desc: impl Into<String>) -> Self {
+    pub(crate) fn generic(desc: impl Into<String>) -> Self {
         QmpError {
-            class: "GenericError",
+            class: ErrorClass::GenericError,
             desc: desc.into(),
         }
     }
-    pub fn not_found(desc: impl Into<String>) -> Self {
+    pub(crate) fn not_found(desc: impl Into<String>) -> Self {
         QmpError {
-            class: "CommandNotFound",
+            class: ErrorClass::CommandNotFound,
             desc: desc.into(),
         }
     }
 }
 
-pub fn reply_ok(ret: Value, id: &Option<Value>) -> Value {
-    let mut v = json!({ "return": ret });
-    if let Some(id) = id {
-        v["id"] = id.clone();
-    }
-    v
+pub(crate) fn reply_err(e: &QmpError, id: &Option<Value>) -> Value {
+    protocol::reply_err(e.class.as_str(), &e.desc, id)
 }
-
-pub fn reply_err(e: &QmpError, id: &Option<Value>) -> Value {
-    let mut v = json!({ "error": { "class": e.class, "desc": e.desc } });
-    if let Some(id) = id {
-        v["id"] = id.clone();
-    }
-    v
-}
-
-/// Commands QEMU lets run with `exec-oob` (its schema's `allow-oob`).
-const OOB_COMMANDS: &[&str] = &["migrate-recover", "migrate-pause"];
 
 /// Parses one message into a request, as QEMU's QMP dispatcher validates it. `exec-oob`
 /// is a member only once the client enabled the `oob` capability, as in QEMU.
-pub fn parse_request(msg: &[u8], allow_oob: bool) -> Result<Request, (QmpError, Option<Value>)> {
+pub(crate) fn parse_request(
+    msg: &[u8],
+    allow_oob: bool,
+) -> Result<Request, (QmpError, Option<Value>)> {
     let v: Value = serde_json::from_slice(msg)
         .map_err(|e| (QmpError::generic(format!("JSON parse error, {e}")), None))?;
     let Value::Object(mut obj) = v else {
@@ -115,8 +104,8 @@ pub fn parse_request(msg: &[u8], allow_oob: bool) -> Result<Request, (QmpError, 
 }
 
 /// QEMU's check after finding the command: `exec-oob` only for commands that allow it.
-pub fn check_oob(req: &Request) -> Result<(), QmpError> {
-    if req.oob && !OOB_COMMANDS.contains(&req.name.as_str()) {
+pub(crate) fn check_oob(req: &Request) -> Result<(), QmpError> {
+    if req.oob && !Command::from_name(&req.name).is_some_and(Command::allows_oob) {
         return Err(QmpError::generic(format!(
             "The command {} does not support OOB",
             req.name
@@ -126,7 +115,7 @@ pub fn check_oob(req: &Request) -> Result<(), QmpError> {
 }
 
 /// The most fds the kernel passes with one message (SCM_MAX_FD).
-pub const SCM_MAX_FD: usize = 253;
+pub(crate) const SCM_MAX_FD: usize = 253;
 /// fds held for messages not yet complete. Past this, new ones are closed at once and the
 /// command they came with is refused, so a client cannot fill the helper's fd table.
 const MAX_PENDING_FDS: usize = 2 * SCM_MAX_FD;
@@ -193,7 +182,7 @@ enum FdBatch {
 }
 
 /// What the reader produced.
-pub enum Input {
+pub(crate) enum Input {
     /// A complete value with the fds that came with its bytes; `fd_error` says why the
     /// command must be refused instead (its fds are then already closed).
     Message {
@@ -207,7 +196,7 @@ pub enum Input {
 }
 
 /// Reads QMP messages and their fds from a control connection.
-pub struct MessageReader {
+pub(crate) struct MessageReader {
     stream: UnixStream,
     splitter: Splitter,
     chunk: Vec<u8>,
@@ -219,7 +208,7 @@ pub struct MessageReader {
 }
 
 impl MessageReader {
-    pub fn new(stream: UnixStream) -> Self {
+    pub(crate) fn new(stream: UnixStream) -> Self {
         MessageReader {
             stream,
             splitter: Splitter::new(),
@@ -262,7 +251,7 @@ impl MessageReader {
         (fds, err)
     }
 
-    pub fn read_input(&mut self) -> std::io::Result<Input> {
+    pub(crate) fn read_input(&mut self) -> std::io::Result<Input> {
         loop {
             match self.splitter.next_frame() {
                 Some(Frame::Message { bytes, end }) => {
@@ -312,6 +301,7 @@ impl MessageReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn requests() {

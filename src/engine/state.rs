@@ -6,58 +6,14 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::control::events::EventSink;
+use crate::control::protocol::event;
 
-/// QEMU's `MigrationStatus`, with the same strings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MigrationStatus {
-    None,
-    Setup,
-    Cancelling,
-    Cancelled,
-    Active,
-    PostcopyActive,
-    PostcopyPaused,
-    PostcopyRecoverSetup,
-    PostcopyRecover,
-    Completed,
-    Failed,
-    PreSwitchover,
-    Device,
-}
+/// QEMU's `MigrationStatus`: its names are the control protocol's.
+pub use crate::control::protocol::MigrationStatus;
 
 impl MigrationStatus {
-    pub fn as_str(self) -> &'static str {
-        use MigrationStatus::*;
-        match self {
-            None => "none",
-            Setup => "setup",
-            Cancelling => "cancelling",
-            Cancelled => "cancelled",
-            Active => "active",
-            PostcopyActive => "postcopy-active",
-            PostcopyPaused => "postcopy-paused",
-            PostcopyRecoverSetup => "postcopy-recover-setup",
-            PostcopyRecover => "postcopy-recover",
-            Completed => "completed",
-            Failed => "failed",
-            PreSwitchover => "pre-switchover",
-            Device => "device",
-        }
-    }
-
-    /// A migration in one of these states is over; a new one may start.
-    pub fn is_finished(self) -> bool {
-        matches!(
-            self,
-            MigrationStatus::None
-                | MigrationStatus::Completed
-                | MigrationStatus::Failed
-                | MigrationStatus::Cancelled
-        )
-    }
-
     /// Whether `self -> next` is a transition QEMU makes.
-    pub fn can_become(self, next: MigrationStatus) -> bool {
+    pub(crate) fn can_become(self, next: MigrationStatus) -> bool {
         use MigrationStatus::*;
         if self == next {
             return false;
@@ -172,7 +128,7 @@ impl StateMachine {
         }
         // Emit while holding the lock so events leave in transition order.
         self.events
-            .emit("MIGRATION", serde_json::json!({"status": to.as_str()}));
+            .emit(event::MIGRATION, serde_json::json!({"status": to.as_str()}));
         drop(g);
         self.changed.notify_all();
         Ok(())

@@ -56,7 +56,7 @@ fn man_page_lists_every_option() {
 #[test]
 fn man_page_lists_every_command() {
     let man = man();
-    for c in qemu_migration_helper::control::commands::COMMANDS {
+    for c in qemu_migration_helper::control::protocol::COMMANDS {
         assert!(
             man.contains(c),
             "control command {c} is not in the man page"

@@ -1,0 +1,148 @@
+//! Capabilities and parameters: `migrate-set-capabilities`, `migrate-set-parameters` and
+//! their queries.
+
+use serde_json::{json, Value};
+
+use super::{lock, Args, CmdResult, Helper};
+use crate::compat::QemuVersion;
+use crate::control::protocol::PARAMETERS;
+use crate::control::qmp::QmpError;
+use crate::engine::migration::Capabilities;
+
+impl Helper {
+    /// `migrate-set-capabilities`.
+    pub(super) fn set_capabilities(&self, a: &Args<'_>) -> CmdResult {
+        a.only(&["capabilities"])?;
+        if self.busy() {
+            return Err(QmpError::generic("There's a migration process in progress"));
+        }
+        let list =
+            a.0.get("capabilities")
+                .and_then(Value::as_array)
+                .ok_or_else(|| QmpError::generic("Parameter 'capabilities' must be an array"))?;
+        let mut caps = self.ctx.caps();
+        for item in list {
+            let o = item
+                .as_object()
+                .ok_or_else(|| QmpError::generic("each capability must be an object"))?;
+            let ia = Args(o);
+            ia.only(&["capability", "state"])?;
+            let name = ia.str("capability")?;
+            let on = ia
+                .opt_bool("state")?
+                .ok_or_else(|| QmpError::generic("Parameter 'state' is missing"))?;
+            if !caps.set(name, on) {
+                return Err(QmpError::generic(format!(
+                    "Parameter 'capability' does not accept value '{name}'"
+                )));
+            }
+        }
+        *lock(&self.ctx.caps) = caps;
+        Ok(json!({}))
+    }
+
+    /// `query-migrate-capabilities`.
+    pub(super) fn query_capabilities(&self, a: &Args<'_>) -> CmdResult {
+        a.only(&[])?;
+        let caps = self.ctx.caps();
+        Ok(Value::Array(
+            Capabilities::NAMES
+                .iter()
+                .map(|n| json!({"capability": n, "state": caps.get(n).unwrap_or(false)}))
+                .collect(),
+        ))
+    }
+
+    /// `migrate-set-parameters`.
+    pub(super) fn set_parameters(&self, a: &Args<'_>) -> CmdResult {
+        a.only(PARAMETERS)?;
+        let mut p = self.ctx.params();
+        if let Some(v) = a.opt_u64("max-bandwidth")? {
+            p.max_bandwidth = v;
+        }
+        if let Some(v) = a.opt_u64("downtime-limit")? {
+            // QEMU's limit: 2000 s.
+            if v > 2_000_000 {
+                return Err(QmpError::generic("Parameter 'downtime_limit' expects an integer in the range of 0 to 2000000 milliseconds"));
+            }
+            p.downtime_limit = v;
+        }
+        if let Some(v) = a.opt_u64("max-postcopy-bandwidth")? {
+            p.max_postcopy_bandwidth = v;
+        }
+        if let Some(v) = a.opt_u64("link-timeout")? {
+            if v != 0 && v < 100 {
+                return Err(QmpError::generic(
+                    "link-timeout is 0 (off) or at least 100 ms",
+                ));
+            }
+            p.link_timeout = v;
+        }
+        if let Some(v) = a.opt_u64("precopy-timeout")? {
+            if v != 0 && v < 100 {
+                return Err(QmpError::generic(
+                    "precopy-timeout is 0 (off) or at least 100 ms",
+                ));
+            }
+            p.precopy_timeout = v;
+        }
+        if let Some(v) = a.opt_u64("orphan-timeout")? {
+            // At most a day: the helper must exit in bounded time after its parent.
+            if v > 86_400_000 {
+                return Err(QmpError::generic("orphan-timeout is 0 to 86400000 ms"));
+            }
+            p.orphan_timeout = v;
+        }
+        if let Some(v) = a.opt_u64("load-threads")? {
+            let max = crate::memory::page_writer::MAX_THREADS;
+            if v == 0 || v > max as u64 {
+                return Err(QmpError::generic(format!(
+                    "load-threads must be 1 to {max}"
+                )));
+            }
+            // Read when a migration starts: a running one keeps its threads.
+            p.load_threads = v as usize;
+        }
+        let running = self.busy();
+        if let Some(m) = a.opt_str("machine-type")? {
+            if running {
+                return Err(QmpError::generic(
+                    "machine-type cannot change while a migration is running",
+                ));
+            }
+            if m.is_empty() || m.len() > 255 {
+                return Err(QmpError::generic("machine-type must be 1 to 255 bytes"));
+            }
+            p.machine_type = m.to_string();
+        }
+        if let Some(v) = a.opt_str("compat-version")? {
+            if running {
+                return Err(QmpError::generic(
+                    "compat-version cannot change while a migration is running",
+                ));
+            }
+            p.compat_version = v
+                .parse::<QemuVersion>()
+                .map_err(|e| QmpError::generic(e.to_string()))?;
+        }
+        *lock(&self.ctx.params) = p;
+        Ok(json!({}))
+    }
+
+    /// `query-migrate-parameters`.
+    pub(super) fn query_parameters(&self, a: &Args<'_>) -> CmdResult {
+        a.only(&[])?;
+        let p = self.ctx.params();
+        Ok(json!({
+            "max-bandwidth": p.max_bandwidth,
+            "downtime-limit": p.downtime_limit,
+            "max-postcopy-bandwidth": p.max_postcopy_bandwidth,
+            "machine-type": p.machine_type,
+            "compat-version": p.compat_version.to_string(),
+            "link-timeout": p.link_timeout,
+            "precopy-timeout": p.precopy_timeout,
+            "orphan-timeout": p.orphan_timeout,
+            "load-threads": p.load_threads,
+        }))
+    }
+}

@@ -1,0 +1,313 @@
+//! Starting a migration: `migrate` (also `resume`), `migrate-incoming`, `migrate-recover`,
+//! and the migration thread they start.
+
+use std::sync::atomic::Ordering;
+
+use serde_json::json;
+
+use super::{lock, Args, CmdResult, Helper, Role};
+use crate::control::qmp::QmpError;
+use crate::engine::destination::LoadError;
+use crate::engine::migration::MigrationCtx;
+use crate::engine::source::SourceError;
+use crate::engine::state::MigrationStatus;
+use crate::transport::{Channel, Incoming, TransportError, Uri};
+
+/// Why a migration thread ended in failure; its text becomes `error-desc`.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum WorkerError {
+    /// Connecting or accepting the migration channel.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Destination(#[from] LoadError),
+}
+
+impl Helper {
+    pub(super) fn check_can_start(&self) -> Result<(), QmpError> {
+        if self.busy() {
+            return Err(QmpError::generic(format!(
+                "There's a migration process in progress (status {})",
+                self.ctx.state.status().as_str()
+            )));
+        }
+        Ok(())
+    }
+
+    pub(super) fn migrate(&self, a: &Args<'_>) -> CmdResult {
+        a.only(&["uri", "resume", "detach", "blk", "inc"])?;
+        let uri: Uri = a
+            .str("uri")?
+            .parse()
+            .map_err(|e: TransportError| QmpError::generic(e.to_string()))?;
+        if a.opt_bool("resume")?.unwrap_or(false) {
+            let st = self.ctx.state.status();
+            // A fresh helper (the previous one died) adopts the paused migration.
+            let adopt = st.is_finished() && self.ctx.caps().postcopy_ram;
+            if !adopt
+                && (*lock(&self.role) != Some(Role::Source)
+                    || st != MigrationStatus::PostcopyPaused)
+            {
+                return Err(QmpError::generic(format!(
+                    "Cannot resume if there is no paused migration (status {})",
+                    st.as_str()
+                )));
+            }
+            // A passed fd is taken now and checked to be a connected socket.
+            let fd = match &uri {
+                Uri::Fd(n) => {
+                    let fd = self.take_fd(n).ok_or_else(|| {
+                        QmpError::generic(format!("File descriptor named '{n}' not found"))
+                    })?;
+                    let chan =
+                        Channel::from_fd(n, fd).map_err(|e| QmpError::generic(e.to_string()))?;
+                    if !chan.is_socket {
+                        return Err(QmpError::generic(format!("fd '{n}' is not a socket")));
+                    }
+                    Some(
+                        chan.try_clone_fd()
+                            .map_err(|e| QmpError::generic(e.to_string()))?,
+                    )
+                }
+                _ => None,
+            };
+            slog::info!(self.log, "migrate resume"; "uri" => %uri, "adopt" => adopt);
+            if adopt {
+                let blocks = self.migration_blocks()?;
+                self.ctx
+                    .offer_recovery(crate::engine::migration::Recovery::Source(uri, fd));
+                return self.start_adopt(Role::Source, move |ctx| {
+                    Ok(crate::engine::source::adopt(ctx, blocks)?)
+                });
+            }
+            self.ctx
+                .offer_recovery(crate::engine::migration::Recovery::Source(uri, fd));
+            return Ok(json!({}));
+        }
+        self.check_can_start()?;
+        let caps = self.ctx.caps();
+        if caps.postcopy_preempt {
+            if !caps.postcopy_ram {
+                return Err(QmpError::generic("Postcopy preempt requires postcopy-ram"));
+            }
+            if !matches!(uri, Uri::Unix(_) | Uri::Tcp(_)) {
+                return Err(QmpError::generic(
+                    "Migration requires multi-channel URIs (e.g. tcp): postcopy-preempt needs unix: or tcp:",
+                ));
+            }
+            if self.ctx.params().compat_version == crate::compat::QemuVersion::V7_2 {
+                return Err(QmpError::generic(
+                    "postcopy-preempt towards QEMU 7.2 is not supported (7.2 takes the second channel at the start)",
+                ));
+            }
+        }
+        let blocks = self.migration_blocks()?;
+        // Take a passed fd now, so a second migrate cannot race for it.
+        let fd = match &uri {
+            Uri::Fd(n) => Some(self.take_fd(n).ok_or_else(|| {
+                QmpError::generic(format!("File descriptor named '{n}' not found"))
+            })?),
+            _ => None,
+        };
+        let chan = match fd {
+            Some(fd) => {
+                let Uri::Fd(n) = &uri else { unreachable!() };
+                Some(Channel::from_fd(n, fd).map_err(|e| QmpError::generic(e.to_string()))?)
+            }
+            None => None,
+        };
+        slog::info!(self.log, "migrate"; "uri" => %uri, "blocks" => blocks.len());
+        self.start_worker(Role::Source, move |ctx| {
+            let chan = match chan {
+                Some(c) => c,
+                None => Channel::connect(&uri, |_| None, ctx.mailbox.cancel_token())?,
+            }
+            .with_cancel(ctx.mailbox.cancel_token().clone());
+            // Precopy: a destination that stops reading fails the migration after
+            // precopy-timeout; only the sending side is timed (the return path may idle).
+            chan.set_precopy_timeouts(ctx.precopy_timeout(), false);
+            if let Ok(fd) = chan.try_clone_fd() {
+                ctx.set_channel(Some(fd));
+            }
+            Ok(crate::engine::source::run(ctx, blocks, chan, uri)?)
+        })
+    }
+
+    pub(super) fn migrate_incoming(&self, a: &Args<'_>) -> CmdResult {
+        a.only(&["uri", "exit-on-error"])?;
+        let uri: Uri = a
+            .str("uri")?
+            .parse()
+            .map_err(|e: TransportError| QmpError::generic(e.to_string()))?;
+        self.check_can_start()?;
+        let caps = self.ctx.caps();
+        if caps.postcopy_preempt && !caps.postcopy_ram {
+            return Err(QmpError::generic("Postcopy preempt requires postcopy-ram"));
+        }
+        let blocks = self.migration_blocks()?;
+        // Listen now so that a peer may connect as soon as this returns.
+        let incoming = Incoming::open(&uri, |n| self.take_fd(n))
+            .map_err(|e| QmpError::generic(e.to_string()))?;
+        if caps.postcopy_preempt && !incoming.is_listener() {
+            return Err(QmpError::generic(
+                "Migration requires multi-channel URIs (e.g. tcp): postcopy-preempt needs a listening unix:, tcp: or fd: socket",
+            ));
+        }
+        lock(&self.ctx.device_in).clear();
+        slog::info!(self.log, "migrate-incoming"; "uri" => %uri);
+        let uffd = match lock(&self.uffd).as_ref() {
+            Some(fd) => Some(fd.try_clone().map_err(|e| {
+                QmpError::generic(format!("cannot duplicate the userfaultfd: {e}"))
+            })?),
+            None => None,
+        };
+        self.start_worker(Role::Destination, move |ctx| {
+            // With postcopy-preempt the first connection is the main channel and the next
+            // one, later, the preempt channel (QEMU tells them apart by order alone).
+            let (chan, preempt) = if caps.postcopy_preempt {
+                let c = incoming.accept_another(ctx.mailbox.cancel_token())?;
+                (c, Some(incoming))
+            } else {
+                (incoming.accept(ctx.mailbox.cancel_token())?, None)
+            };
+            let chan = chan.with_cancel(ctx.mailbox.cancel_token().clone());
+            // Precopy: a source silent for precopy-timeout (once connected) fails the load.
+            chan.set_precopy_timeouts(ctx.precopy_timeout(), true);
+            if let Ok(fd) = chan.try_clone_fd() {
+                ctx.set_channel(Some(fd));
+            }
+            Ok(crate::engine::destination::run(
+                ctx, blocks, chan, uffd, preempt,
+            )?)
+        })
+    }
+
+    /// `migrate-recover`.
+    pub(super) fn migrate_recover(&self, a: &Args<'_>) -> CmdResult {
+        a.only(&["uri"])?;
+        let uri: Uri = a
+            .str("uri")?
+            .parse()
+            .map_err(|e: TransportError| QmpError::generic(e.to_string()))?;
+        let role = *lock(&self.role);
+        let fresh = self.ctx.state.status().is_finished();
+        if role != Some(Role::Destination) && !fresh {
+            return Err(QmpError::generic(
+                "migrate-recover is for the destination; the source resumes with migrate {\"resume\": true}",
+            ));
+        }
+        let st = self.ctx.state.status();
+        // A fresh helper (the previous one died) adopts the paused migration.
+        let adopt = st.is_finished() && self.ctx.caps().postcopy_ram;
+        if st != MigrationStatus::PostcopyPaused && !adopt {
+            return Err(QmpError::generic(format!(
+                "Migrate recover can only be run when postcopy is paused (status {})",
+                st.as_str()
+            )));
+        }
+        if adopt {
+            let blocks = self.migration_blocks()?;
+            let uffd = lock(&self.uffd)
+                .as_ref()
+                .map(|fd| fd.try_clone())
+                .transpose()
+                .map_err(|e| QmpError::generic(e.to_string()))?
+                .ok_or_else(|| {
+                    QmpError::generic("adopting a postcopy migration needs userfaultfd-set")
+                })?;
+            let incoming = Incoming::open(&uri, |n| self.take_fd(n))
+                .map_err(|e| QmpError::generic(e.to_string()))?;
+            slog::info!(self.log, "migrate-recover: adopting a paused postcopy migration"; "uri" => %uri);
+            self.ctx
+                .offer_recovery(crate::engine::migration::Recovery::Destination(incoming));
+            return self.start_adopt(Role::Destination, move |ctx| {
+                Ok(crate::engine::destination::adopt(ctx, blocks, uffd)?)
+            });
+        }
+        let incoming = Incoming::open(&uri, |n| self.take_fd(n))
+            .map_err(|e| QmpError::generic(e.to_string()))?;
+        slog::info!(self.log, "migrate-recover"; "uri" => %uri);
+        self.ctx
+            .offer_recovery(crate::engine::migration::Recovery::Destination(incoming));
+        Ok(json!({}))
+    }
+
+    /// Starts a migration thread after the state moved to `setup`.
+    pub(super) fn start_worker(
+        &self,
+        role: Role,
+        f: impl FnOnce(&MigrationCtx) -> Result<(), WorkerError> + Send + 'static,
+    ) -> CmdResult {
+        self.spawn_worker(role, true, f)
+    }
+
+    /// Resets the shared state and runs `f` on a migration thread; `setup` moves the status
+    /// to `setup` first (a new migration, not an adopted one).
+    pub(super) fn spawn_worker(
+        &self,
+        role: Role,
+        setup: bool,
+        f: impl FnOnce(&MigrationCtx) -> Result<(), WorkerError> + Send + 'static,
+    ) -> CmdResult {
+        // Reap the previous worker (finished, since the status is final).
+        if let Some(h) = lock(&self.worker).take() {
+            let _ = h.join();
+        }
+        self.ctx.reset_for_new_migration();
+        if setup {
+            self.ctx
+                .state
+                .transition(MigrationStatus::Setup)
+                .map_err(|e| QmpError::generic(e.to_string()))?;
+        }
+        *lock(&self.role) = Some(role);
+        *lock(&self.ctx.started) = Some(std::time::Instant::now());
+        let ctx = self.ctx.clone();
+        // To name a block that shrank under the migration in its error.
+        let blocks = lock(&self.blocks).clone();
+        let h = std::thread::Builder::new()
+            .name(format!("qmh-{role:?}").to_lowercase())
+            .spawn(move || {
+                let r = f(&ctx);
+                ctx.set_channel(None);
+                // Failed and cancelled runs report how long they ran too.
+                if ctx.stats.total_time_us.load(Ordering::Relaxed) == 0 {
+                    if let Some(t) = *lock(&ctx.started) {
+                        ctx.stats
+                            .total_time_us
+                            .store(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    }
+                }
+                match r {
+                    Ok(()) => {}
+                    Err(_)
+                        if ctx.cancelled() && ctx.state.status() == MigrationStatus::Cancelling =>
+                    {
+                        let _ = ctx.state.transition(MigrationStatus::Cancelled);
+                    }
+                    Err(e) => ctx
+                        .state
+                        .fail(crate::memory::guard::explain(&blocks, e.to_string())),
+                }
+            })
+            .map_err(|e| QmpError::generic(format!("cannot start the migration thread: {e}")))?;
+        *lock(&self.worker) = Some(h);
+        Ok(json!({}))
+    }
+
+    /// Starts the thread of an adopted postcopy migration: it moves to postcopy-paused
+    /// itself (the recovery is already offered); the reply waits until it has.
+    pub(super) fn start_adopt(
+        &self,
+        role: Role,
+        f: impl FnOnce(&MigrationCtx) -> Result<(), WorkerError> + Send + 'static,
+    ) -> CmdResult {
+        self.spawn_worker(role, false, f)?;
+        self.ctx
+            .state
+            .wait_for(std::time::Duration::from_secs(2), |s| !s.is_finished());
+        Ok(json!({}))
+    }
+}
