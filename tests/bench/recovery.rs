@@ -7,26 +7,17 @@
 //!
 //! Environment: QMH_BENCH_RECOVERY_SIZE (default 4G), QMH_BENCH_REPEAT (default 3).
 
-#[path = "../interop/helper.rs"]
-mod helper;
-#[path = "../interop/postcopy.rs"]
-#[allow(dead_code)]
-mod postcopy;
-#[path = "../interop/qemu.rs"]
-mod qemu;
-#[path = "../interop/util.rs"]
-#[allow(unused_imports)]
-mod util;
-
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
+use qemu_migration_helper::client::HelperClient;
 use serde_json::{json, Value};
 
-use helper::{socketpair, HelperVm};
-use postcopy::UffdGuest;
-use qemu::{require_qemu, Qemu, QemuVm, VmOpts};
-use util::{GIB, MIB};
+use support::helper::{socketpair, HelperVm};
+use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+use support::stats::{bench_requested, env_size, median, repeat};
+use support::uffd::UffdGuest;
+use support::util::MIB;
 
 const TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -37,32 +28,52 @@ enum End {
 }
 
 impl End {
-    fn query(&mut self) -> Value {
+    /// A source, or with `incoming` a destination, with postcopy-ram on. A helper
+    /// destination's guest is a userfaultfd-registered memfd, as its parent VMM would hold it.
+    fn start(qemu: bool, size: u64, incoming: bool) -> End {
+        let mut end = match (qemu, incoming) {
+            (true, false) => End::Qemu(QemuVm::start(Qemu::V10, size, &VmOpts::default())),
+            (true, true) => End::Qemu(QemuVm::start(Qemu::V10, size, &VmOpts::incoming())),
+            (false, false) => {
+                let mut h = HelperVm::spawn_quiet();
+                h.add_block("ram", size, false);
+                End::Helper(h, None)
+            }
+            (false, true) => {
+                let guest = UffdGuest::new(size);
+                let mut h = HelperVm::spawn_quiet();
+                guest.attach(&mut h, "ram");
+                End::Helper(h, Some(guest))
+            }
+        };
+        end.client()
+            .set_capabilities(&[("postcopy-ram", true)])
+            .expect("caps");
+        end
+    }
+
+    /// The QMP client of either end: QEMU's monitor or the helper's control socket.
+    fn client(&mut self) -> &mut HelperClient {
         match self {
-            End::Qemu(q) => q.qmp().query_migrate().expect("query"),
-            End::Helper(h, _) => h.client.query_migrate().expect("query"),
+            End::Qemu(q) => q.qmp(),
+            End::Helper(h, _) => &mut h.client,
         }
     }
+
     fn exec(&mut self, cmd: &str, args: Value) {
-        match self {
-            End::Qemu(q) => {
-                q.qmp().execute(cmd, args).expect(cmd);
-            }
-            End::Helper(h, _) => {
-                h.client.execute(cmd, args).expect(cmd);
-            }
-        }
+        self.client().execute(cmd, args).expect(cmd);
     }
+
     fn getfd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) {
-        match self {
-            End::Qemu(q) => q.qmp().getfd(name, fd).expect("getfd"),
-            End::Helper(h, _) => h.client.getfd(name, fd).expect("getfd"),
-        }
+        self.client().getfd(name, fd).expect("getfd");
     }
+
+    /// Waits for one of `want`, asking every 0.5 ms: the time to the state is what the
+    /// benchmark measures. (QEMU answers `{}` before a migration starts: no status yet.)
     fn wait(&mut self, want: &[&str]) {
         let t0 = Instant::now();
         loop {
-            let v = self.query();
+            let v = self.client().query_migrate().expect("query");
             let st = v["status"].as_str().unwrap_or("");
             if want.contains(&st) {
                 return;
@@ -77,45 +88,10 @@ impl End {
     }
 }
 
-fn source(qemu: bool, size: u64) -> End {
-    if qemu {
-        let mut q = QemuVm::start(Qemu::V10, size, &VmOpts::default());
-        q.qmp()
-            .set_capabilities(&[("postcopy-ram", true)])
-            .expect("caps");
-        End::Qemu(q)
-    } else {
-        let mut h = HelperVm::spawn_quiet();
-        h.add_block("ram", size, false);
-        h.client
-            .set_capabilities(&[("postcopy-ram", true)])
-            .expect("caps");
-        End::Helper(h, None)
-    }
-}
-
-fn destination(qemu: bool, size: u64) -> End {
-    if qemu {
-        let mut q = QemuVm::start(Qemu::V10, size, &VmOpts::incoming());
-        q.qmp()
-            .set_capabilities(&[("postcopy-ram", true)])
-            .expect("caps");
-        End::Qemu(q)
-    } else {
-        let guest = UffdGuest::new(size);
-        let mut h = HelperVm::spawn_quiet();
-        guest.attach(&mut h, "ram");
-        h.client
-            .set_capabilities(&[("postcopy-ram", true)])
-            .expect("caps");
-        End::Helper(h, Some(guest))
-    }
-}
-
 /// Returns the milliseconds from `migrate resume=true` to postcopy-active on both ends.
 fn one(src_qemu: bool, dst_qemu: bool, size: u64) -> f64 {
-    let mut src = source(src_qemu, size);
-    let mut dst = destination(dst_qemu, size);
+    let mut src = End::start(src_qemu, size, false);
+    let mut dst = End::start(dst_qemu, size, true);
     src.exec(
         "migrate-set-parameters",
         json!({"max-bandwidth": MIB, "max-postcopy-bandwidth": 64 * MIB}),
@@ -153,27 +129,12 @@ fn one(src_qemu: bool, dst_qemu: bool, size: u64) -> f64 {
     ms
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("recovery benchmark: run it with `cargo bench --bench recovery` (not part of the tests)");
+    if !bench_requested("recovery") || require_qemu(Qemu::V10, "bench").is_none() {
         return;
     }
-    if require_qemu(Qemu::V10, "bench").is_none() {
-        return;
-    }
-    let size = qemu_migration_helper::demo::parse_size(
-        &std::env::var("QMH_BENCH_RECOVERY_SIZE").unwrap_or_else(|_| "4G".into()),
-    )
-    .unwrap_or(4 * GIB);
-    let repeat: usize = std::env::var("QMH_BENCH_REPEAT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let size = env_size("QMH_BENCH_RECOVERY_SIZE", "4G");
+    let repeat = repeat();
     println!(
         "postcopy recovery time (new socket -> postcopy-active on both ends), {} MiB guest, {repeat} runs each",
         size >> 20
@@ -192,13 +153,13 @@ fn main() {
             times[i].push(ms);
         }
     }
-    let base = median(times[0].clone());
+    let base = median(&times[0]);
     println!(
         "\n{:<15} {:>10} {:>14}",
         "case", "median ms", "vs QEMU->QEMU"
     );
     for (i, (name, _, _)) in cases.iter().enumerate() {
-        let m = median(times[i].clone());
+        let m = median(&times[i]);
         println!("{name:<15} {m:10.2} {:>13.2}x", m / base);
     }
     println!("target: at most QEMU's (ratio <= 1.00)");

@@ -32,9 +32,9 @@ use serde_json::{json, Value};
 use crate::files::{
     check_images, fixture_path, helper_for, load_file, prefill, ItemKind, StreamMap,
 };
-use crate::helper::{helper_bin, socketpair, HelperVm, Memfd};
 use crate::streams::*;
-use crate::util::{assert_same_memory, test_seed, TempDir, MIB, PAGE_SIZE};
+use support::helper::{helper_bin, socketpair, HelperVm, Memfd};
+use support::util::{assert_same_memory, test_seed, TempDir, MIB, PAGE_SIZE};
 
 /// Every wait for a migration to end has this deadline: a bad stream must never hang.
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -763,7 +763,7 @@ fn stalled_pipe_output_cancelled() {
     let test = "stalled_pipe_output_cancelled";
     let mut h = HelperVm::spawn_with_args(QUIET);
     h.add_block("ram", 4 * MIB, false);
-    crate::util::fill_mixed(&mut h.blocks[0].mem.map(), 1, 0.1);
+    support::util::fill_mixed(&mut h.blocks[0].mem.map(), 1, 0.1);
     let (r, w) = nix::unistd::pipe().unwrap();
     h.client.getfd("out", w.as_fd()).expect("getfd");
     drop(w);
@@ -907,7 +907,7 @@ impl SocketHelper {
 
     /// Peak resident memory (VmHWM) in KiB.
     pub(crate) fn peak_rss_kib(&self) -> u64 {
-        crate::util::peak_rss_kib(self.child.id())
+        support::util::peak_rss_kib(self.child.id())
     }
 }
 
@@ -1537,7 +1537,7 @@ fn control_client_that_does_not_read_does_not_stall_migration() {
         fd: memfd(SIZE),
         size: SIZE,
     };
-    crate::util::fill_mixed(&mut mem.map(), 7, 0.2);
+    support::util::fill_mixed(&mut mem.map(), 7, 0.2);
     let r = c.cmd_fds(
         r#"{"execute":"getfd","arguments":{"fdname":"ram"}}"#,
         &[mem.fd.as_raw_fd()],

@@ -16,8 +16,8 @@ use qemu_migration_helper::client::{HelperClient, RamBlockSpec};
 use serde_json::{json, Value};
 
 use crate::bad_input::{Raw, SocketHelper};
-use crate::helper::{helper_bin, socketpair, Memfd};
-use crate::util::{TempDir, MIB};
+use support::helper::{helper_bin, socketpair, Memfd};
+use support::util::{TempDir, MIB};
 
 /// Peak RSS a helper may reach while refusing every crafted message below. The biggest
 /// legitimate buffer is one 64 MiB message; nothing may grow with what the client sends.

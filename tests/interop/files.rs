@@ -20,9 +20,9 @@ use qemu_migration_helper::wire::ram::{self, BlockEntry, Record};
 use qemu_migration_helper::wire::stream::{self, Token};
 use serde_json::{json, Value};
 
-use crate::helper::HelperVm;
-use crate::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
-use crate::util::{assert_same_memory, fill_mixed, test_seed, TempDir, GIB, MIB, PAGE_SIZE};
+use support::helper::HelperVm;
+use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+use support::util::{assert_same_memory, fill_mixed, test_seed, TempDir, GIB, MIB, PAGE_SIZE};
 
 pub const FIXTURE_DIR: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),

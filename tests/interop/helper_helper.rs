@@ -16,9 +16,9 @@ use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 use serde_json::{json, Value};
 
-use crate::helper::{socketpair, Block, HelperVm, Memfd};
-use crate::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
-use crate::util::{assert_same_memory, fill_mixed, test_seed, TempDir, KIB, MIB, PAGE_SIZE};
+use support::helper::{socketpair, Block, HelperVm, Memfd};
+use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+use support::util::{assert_same_memory, fill_mixed, test_seed, TempDir, KIB, MIB, PAGE_SIZE};
 
 const RAM: u64 = 64 * MIB;
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -767,8 +767,8 @@ fn device_state_chain_qemu72() {
 /// Writes random pages (one in eight all zeros) into `mem`, setting each page's dirty bit
 /// in `bitmap` afterwards, until `stop`. Counts writes in `writes`.
 fn dirty_writer(
-    mut mem: crate::qemu::RamMap,
-    bitmap: crate::qemu::RamMap,
+    mut mem: support::map::RamMap,
+    bitmap: support::map::RamMap,
     seed: u64,
     stop: Arc<AtomicBool>,
     writes: Arc<AtomicU64>,
@@ -1190,7 +1190,7 @@ fn bandwidth_raised_mid_migration() {
 /// Like `dirty_writer`, over several blocks (each with its bitmap), picking pages uniformly
 /// over all of them.
 fn dirty_writer_multi(
-    mut blocks: Vec<(crate::qemu::RamMap, crate::qemu::RamMap)>,
+    mut blocks: Vec<(support::map::RamMap, support::map::RamMap)>,
     seed: u64,
     stop: Arc<AtomicBool>,
     writes: Arc<AtomicU64>,
@@ -1552,7 +1552,7 @@ fn sparse_guest_stays_sparse() {
             m[p * 4096] = (p % 251) as u8 + 1;
         }
     }
-    let allocated = |mem: &crate::helper::Memfd| -> u64 {
+    let allocated = |mem: &support::helper::Memfd| -> u64 {
         std::fs::metadata(mem.path()).expect("fstat").blocks() * 512
     };
     let before = allocated(&src.blocks[0].mem);

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::helper::{socketpair, start_fd_migration, HelperVm};
-use crate::util::{assert_same_memory, fill_mixed, test_seed, MIB};
+use support::helper::{socketpair, start_fd_migration, HelperVm};
+use support::util::{assert_same_memory, fill_mixed, test_seed, MIB};
 
 const QUIET: &[&str] = &["--log-level", "info"];
 const SIZE: u64 = 64 * MIB;

@@ -8,8 +8,8 @@ use std::time::Duration;
 use qemu_migration_helper::client::{HelperClient, RamBlockSpec};
 use serde_json::{json, Value};
 
-use crate::helper::{helper_bin, socketpair, Memfd};
-use crate::util::{fill_mixed, TempDir, MIB};
+use support::helper::{helper_bin, socketpair, Memfd};
+use support::util::{fill_mixed, TempDir, MIB};
 
 #[test]
 fn json_logs_with_state_changes_and_a_summary() {

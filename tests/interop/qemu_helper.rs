@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helper::{socketpair, HelperVm};
-use crate::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
-use crate::util::{assert_same_memory, fill_mixed, test_seed, GIB, MIB};
+use support::helper::{socketpair, HelperVm};
+use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+use support::util::{assert_same_memory, fill_mixed, test_seed, GIB, MIB};
 
 const RAM: u64 = 64 * MIB;
 const TIMEOUT: Duration = Duration::from_secs(120);

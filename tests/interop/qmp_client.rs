@@ -10,9 +10,9 @@ use std::process::{Command, Stdio};
 use serde_json::Value;
 
 use crate::control::spawn_socket_helper;
-use crate::helper::Memfd;
-use crate::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
-use crate::util::{assert_same_memory, fill_mixed, test_seed, TempDir, MIB};
+use support::helper::Memfd;
+use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+use support::util::{assert_same_memory, fill_mixed, test_seed, TempDir, MIB};
 
 /// Whether `python3` can import qemu.qmp; skips (or fails when required) if not.
 fn have_qemu_qmp(test: &str) -> bool {
@@ -100,9 +100,9 @@ fn qmp_client_migration(test: &str, to_qemu: bool) {
         .arg(size.to_string())
         .arg(if to_qemu { "qemu" } else { "helper" });
     // The memfds are CLOEXEC; the script inherits them.
+    use std::os::unix::process::CommandExt;
+    // SAFETY: fcntl is async-signal-safe; runs in the child only.
     unsafe {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: fcntl is async-signal-safe; runs in the child only.
         cmd.pre_exec(move || {
             for fd in [sfd, dfd] {
                 if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helper::{socketpair, HelperVm};
-use crate::util::{assert_same_memory, fill_mixed, test_seed, MIB};
-use crate::postcopy::{Readers, UffdGuest};
+use support::helper::{socketpair, HelperVm};
+use support::uffd::{Readers, UffdGuest};
+use support::util::{assert_same_memory, fill_mixed, test_seed, MIB};
 
 const RAM: u64 = 64 * MIB;
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -100,7 +100,7 @@ fn helper_to_helper_recovery_twice_with_pending_faults() {
     assert_same_memory(&expected, &guest.map, "recovered twice");
 }
 
-use crate::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
 
 /// Real QEMU source -> helper destination; the link (a forwarder the test owns) is cut twice
 /// and recovered over fresh socketpairs; the parent's reader threads fault pages throughout.
@@ -224,7 +224,7 @@ fn helper_to_qemu_recovery(qemu: Qemu, test: &str) {
     for n in 1..=2 {
         // A page fault on QEMU's side that stays pending across the cut.
         let addr = RAM - 4096 * (n as u64 * 3 + 1);
-        let _ = dst.qmp().hmp(&format!("xp /1xg {addr:#x}"));
+        let _ = dst.hmp(&format!("xp /1xg {addr:#x}"));
         link.cut();
         src.wait(&["postcopy-paused"], TIMEOUT);
         dst.wait_migration(&["postcopy-paused"], TIMEOUT)
@@ -338,7 +338,7 @@ fn recovery_errors_and_failures_in_a_row() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("not found"), "{e}");
-    let file = crate::helper::Memfd::new("not-a-socket", 4096);
+    let file = support::helper::Memfd::new("not-a-socket", 4096);
     src.client.getfd("file", file.fd.as_fd()).expect("getfd");
     let e = src
         .client
@@ -994,7 +994,7 @@ fn postcopy_source_pauses_and_exits_when_its_parent_goes_away() {
     }
     // A fresh helper adopts the paused migration with the parent's memfd.
     let mut fresh = HelperVm::spawn();
-    fresh.add_memfd_block("ram", crate::helper::Memfd { fd: mem, size: RAM }, false);
+    fresh.add_memfd_block("ram", support::helper::Memfd { fd: mem, size: RAM }, false);
     fresh
         .client
         .set_capabilities(&[("postcopy-ram", true)])
@@ -1037,7 +1037,7 @@ fn qemu10_to_helper_preempt_recovery() {
     src.qmp()
         .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
         .expect("qemu params");
-    let dir = crate::util::TempDir::new("qmh-rec");
+    let dir = support::util::TempDir::new("qmh-rec");
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     dst.client.migrate_incoming(&uri).expect("incoming");
     src.qmp()
@@ -1107,7 +1107,7 @@ fn helper_to_helper_preempt_recovery() {
     src.client
         .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
         .expect("params");
-    let dir = crate::util::TempDir::new("qmh-rec");
+    let dir = support::util::TempDir::new("qmh-rec");
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     dst.client.migrate_incoming(&uri).expect("incoming");
     src.client.migrate(&uri).expect("migrate");
@@ -1162,7 +1162,7 @@ fn recover_unix_keeps_a_regular_file_at_its_path() {
         .expect("migrate-pause");
     wait(&mut src, &mut guest, &["postcopy-paused"]);
     wait(&mut dst, &mut guest, &["postcopy-paused"]);
-    let dir = crate::util::TempDir::new("qmh-rec");
+    let dir = support::util::TempDir::new("qmh-rec");
     let file = dir.join("not-a-socket");
     std::fs::write(&file, b"precious").unwrap();
     let e = dst

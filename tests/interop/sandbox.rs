@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use qemu_migration_helper::client::{HelperClient, RamBlockSpec};
 
-use crate::helper::{helper_bin, HelperVm, Memfd};
-use crate::util::{TempDir, MIB};
+use support::helper::{helper_bin, HelperVm, Memfd};
+use support::util::{TempDir, MIB};
 
 /// Runs the hidden self-test (`QMH_SANDBOX_SELFTEST=execve`: the helper tries execve(2)
 /// right after entering the sandbox) and returns the exit status and stderr.

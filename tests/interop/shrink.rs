@@ -9,8 +9,8 @@ use std::time::Duration;
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use serde_json::json;
 
-use crate::helper::{socketpair, start_fd_migration, HelperVm, Memfd};
-use crate::util::{assert_same_memory, fill_mixed, test_seed, MIB};
+use support::helper::{socketpair, start_fd_migration, HelperVm, Memfd};
+use support::util::{assert_same_memory, fill_mixed, test_seed, MIB};
 
 const SIZE: u64 = 64 * MIB;
 const DEADLINE: Duration = Duration::from_secs(60);

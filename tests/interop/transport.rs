@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::helper::{socketpair, HelperVm};
-use crate::util::{assert_same_memory, fill_mixed, test_seed, TempDir, MIB};
+use support::helper::{socketpair, HelperVm};
+use support::util::{assert_same_memory, fill_mixed, test_seed, TempDir, MIB};
 
 const QUIET: &[&str] = &["--log-level", "warn"];
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -338,7 +338,7 @@ fn cancel_ends_a_tcp_connect_that_gets_no_answer() {
 /// a listening TCP socket as `fd:NAME`.
 #[test]
 fn qemu10_source_to_fd_tcp_listener() {
-    use crate::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+    use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
     let test = "qemu10_source_to_fd_tcp_listener";
     if require_qemu(Qemu::V10, test).is_none() {
         return;
@@ -370,7 +370,7 @@ fn qemu10_source_to_fd_tcp_listener() {
 /// short link-timeout (postcopy's) does not touch it and the same pause completes.
 #[test]
 fn qemu10_source_silent_in_pre_switchover() {
-    use crate::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+    use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
     let test = "qemu10_source_silent_in_pre_switchover";
     if require_qemu(Qemu::V10, test).is_none() {
         return;

@@ -1,5 +1,6 @@
-//! Running real QEMU processes for the interop tests: finding the binaries, starting a VM
-//! whose RAM the test can map, and talking QMP to it.
+//! Running real QEMU processes for the interop tests and benchmarks: finding the binaries,
+//! starting a VM whose RAM the test can map, and talking QMP to it with the library's own
+//! client (`HelperClient` speaks QMP; QEMU's monitor is QMP too).
 //!
 //! Environment:
 //! - `QMH_QEMU10`: QEMU 10 binary (default `qemu-system-x86_64` on PATH).
@@ -9,32 +10,27 @@
 //! - `QMH_ACCEL=kvm|tcg`: force the accelerator (default: KVM when /dev/kvm opens
 //!   read-write, else TCG).
 
-#![allow(dead_code)]
-
-use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
-use std::io::{IoSlice, Read, Write};
-use std::num::NonZeroUsize;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::ptr::NonNull;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
-use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use qemu_migration_helper::client::HelperClient;
 use serde_json::{json, Value};
 
+use crate::map::RamMap;
 use crate::util::{unique_name, TempDir};
 
-/// How long a QMP command may take before the client gives up.
-pub const QMP_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long QEMU may take from spawn to QMP greeting.
+/// How long QEMU may take from spawn to QMP greeting. (A command's reply may take the
+/// client's default timeout, `qemu_migration_helper::client::DEFAULT_TIMEOUT`, 30 s.)
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often `QemuVm::wait_migration` asks `query-migrate`.
+const STATUS_POLL: Duration = Duration::from_millis(20);
 
 const DEFAULT_QEMU72_DIR: &str = "/var/cache/qemu-migration-helper/qemu-7.2";
 
@@ -238,7 +234,8 @@ impl VmOpts {
 pub struct QemuVm {
     binary: QemuBinary,
     child: Child,
-    qmp: Qmp,
+    /// `None` only until the handshake in `try_start` is done.
+    qmp: Option<HelperClient>,
     ram_path: PathBuf,
     ram_size: u64,
     stderr_path: PathBuf,
@@ -342,10 +339,10 @@ impl QemuVm {
         let mut vm = QemuVm {
             binary,
             child,
-            qmp: Qmp::disconnected(),
+            qmp: None,
             ram_path,
             ram_size,
-            stderr_path: stderr_path.clone(),
+            stderr_path,
             accel,
             dir,
         };
@@ -369,8 +366,10 @@ impl QemuVm {
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
         };
-        vm.qmp = Qmp::connect(stream, Some(stderr_path))
+        // The handshake's own timeout is the client's default, as START_TIMEOUT.
+        let qmp = HelperClient::from_stream(stream)
             .map_err(|e| format!("QMP handshake: {e}; stderr:\n{}", vm.stderr_tail(40)))?;
+        vm.qmp = Some(qmp);
         // The greeting comes from the main loop, so the memory backend exists by now.
         let len = std::fs::metadata(&vm.ram_path)
             .map_err(|e| format!("RAM file {}: {e}", vm.ram_path.display()))?
@@ -400,8 +399,11 @@ impl QemuVm {
         self.child.id()
     }
 
-    pub fn qmp(&mut self) -> &mut Qmp {
-        &mut self.qmp
+    /// The QMP connection to QEMU's monitor: the library's client, as for a helper.
+    pub fn qmp(&mut self) -> &mut HelperClient {
+        self.qmp
+            .as_mut()
+            .expect("QMP is connected once try_start returns")
     }
 
     /// The /dev/shm file backing the VM's RAM block `ram`.
@@ -464,21 +466,63 @@ impl QemuVm {
         }
     }
 
-    /// `Qmp::wait_migration` on this VM; when it fails because QEMU exited (as a
-    /// destination does by default when an incoming migration fails), says so.
+    /// Polls `query-migrate` every 20 ms until its status is one of `statuses`, returning
+    /// the whole reply. Fails on status `failed` (unless listed), when QEMU goes away, or
+    /// after `timeout`, quoting QEMU's error-desc and output tail; when QEMU has exited (as
+    /// a destination does by default when an incoming migration fails), says so.
+    ///
+    /// Not `HelperClient::wait_for_status`: QEMU answers `{}` (no status) before a
+    /// migration starts, which that treats as a protocol error.
     pub fn wait_migration(
         &mut self,
         statuses: &[&str],
         timeout: Duration,
     ) -> Result<Value, String> {
-        self.qmp
-            .wait_migration(statuses, timeout)
-            .map_err(|e| self.exited_note(e))
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self
+                .qmp()
+                .query_migrate()
+                .map_err(|e| format!("{e}{}", self.stderr_note()))
+                .map_err(|e| self.exited_note(e))?;
+            let status = v.get("status").and_then(Value::as_str).unwrap_or("");
+            if statuses.contains(&status) {
+                return Ok(v);
+            }
+            if status == "failed" {
+                return Err(format!(
+                    "migration failed: {}{}",
+                    v.get("error-desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("(no error-desc)"),
+                    self.stderr_note()
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "migration not in {statuses:?} after {timeout:?}; last query-migrate: \
+                     {v}{}",
+                    self.stderr_note()
+                ));
+            }
+            std::thread::sleep(STATUS_POLL);
+        }
     }
 
-    /// `Qmp::execute` on this VM, noting in an error when QEMU has exited.
+    /// `HelperClient::execute` on this VM, noting in an error when QEMU has exited.
     pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, String> {
-        self.qmp.execute(cmd, args).map_err(|e| self.exited_note(e))
+        let r = self.qmp().execute(cmd, args);
+        r.map_err(|e| self.exited_note(e.to_string()))
+    }
+
+    /// `human-monitor-command`; returns HMP's output text.
+    pub fn hmp(&mut self, cmd: &str) -> Result<String, String> {
+        let v = self.execute("human-monitor-command", json!({ "command-line": cmd }))?;
+        Ok(v.as_str().unwrap_or_default().to_string())
+    }
+
+    fn stderr_note(&self) -> String {
+        format!("\nQEMU output (tail):\n{}", self.stderr_tail(20))
     }
 
     fn exited_note(&mut self, e: String) -> String {
@@ -555,340 +599,4 @@ fn file_tail(path: &Path, lines: usize) -> String {
         out.push('\n');
     }
     out
-}
-
-/// A MAP_SHARED read-write mapping of a whole file; derefs to `[u8]`.
-pub struct RamMap {
-    ptr: NonNull<libc::c_void>,
-    len: usize,
-}
-
-// SAFETY: plain shared memory; no thread affinity.
-unsafe impl Send for RamMap {}
-unsafe impl Sync for RamMap {}
-
-impl RamMap {
-    pub fn open(path: &Path, len: usize) -> Result<RamMap, String> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| e.to_string())?;
-        let nz = NonZeroUsize::new(len).ok_or("empty mapping")?;
-        // SAFETY: fresh mapping of a file we opened; unmapped in Drop.
-        let ptr = unsafe {
-            mmap(
-                None,
-                nz,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-                file.as_fd(),
-                0,
-            )
-        }
-        .map_err(|e| format!("mmap: {e}"))?;
-        Ok(RamMap { ptr, len })
-    }
-}
-
-impl std::ops::Deref for RamMap {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        // SAFETY: valid mapping of `len` bytes for our lifetime. (QEMU may write to it
-        // concurrently; tests only read it once QEMU is done.)
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr() as *const u8, self.len) }
-    }
-}
-
-impl std::ops::DerefMut for RamMap {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr() as *mut u8, self.len) }
-    }
-}
-
-impl Drop for RamMap {
-    fn drop(&mut self) {
-        // SAFETY: we mapped exactly this range.
-        let _ = unsafe { munmap(self.ptr, self.len) };
-    }
-}
-
-/// A QMP client over a unix stream. Every read has a deadline; events seen while waiting
-/// for replies are queued (`take_events`, `wait_event`).
-pub struct Qmp {
-    stream: Option<UnixStream>,
-    buf: Vec<u8>,
-    events: VecDeque<Value>,
-    next_id: u64,
-    timeout: Duration,
-    stderr_path: Option<PathBuf>,
-}
-
-impl Qmp {
-    fn disconnected() -> Qmp {
-        Qmp {
-            stream: None,
-            buf: Vec::new(),
-            events: VecDeque::new(),
-            next_id: 1,
-            timeout: QMP_TIMEOUT,
-            stderr_path: None,
-        }
-    }
-
-    /// Reads the greeting and negotiates capabilities. `stderr_path`, when given, is
-    /// quoted (tail) in migration failure messages.
-    pub fn connect(stream: UnixStream, stderr_path: Option<PathBuf>) -> Result<Qmp, String> {
-        stream
-            .set_write_timeout(Some(QMP_TIMEOUT))
-            .map_err(|e| e.to_string())?;
-        let mut q = Qmp {
-            stream: Some(stream),
-            stderr_path,
-            ..Qmp::disconnected()
-        };
-        let deadline = Instant::now() + START_TIMEOUT;
-        let greeting = q.read_message(deadline)?;
-        if greeting.get("QMP").is_none() {
-            return Err(format!("unexpected QMP greeting {greeting}"));
-        }
-        q.execute("qmp_capabilities", Value::Null)?;
-        Ok(q)
-    }
-
-    /// Per-command timeout (default `QMP_TIMEOUT`).
-    pub fn set_timeout(&mut self, t: Duration) {
-        self.timeout = t;
-    }
-
-    fn stream(&mut self) -> Result<&mut UnixStream, String> {
-        self.stream
-            .as_mut()
-            .ok_or_else(|| "QMP not connected".to_string())
-    }
-
-    fn request(&mut self, cmd: &str, args: Value) -> (u64, Vec<u8>) {
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut req = json!({ "execute": cmd, "id": id });
-        let has_args = match &args {
-            Value::Null => false,
-            Value::Object(m) => !m.is_empty(),
-            _ => true,
-        };
-        if has_args {
-            req["arguments"] = args;
-        }
-        let mut line = serde_json::to_vec(&req).unwrap();
-        line.push(b'\n');
-        (id, line)
-    }
-
-    /// Runs `cmd` and returns its `return` value, or the error's `desc`.
-    pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, String> {
-        let (id, line) = self.request(cmd, args);
-        self.stream()?
-            .write_all(&line)
-            .map_err(|e| format!("QMP {cmd}: write: {e}"))?;
-        self.reply(cmd, id)
-    }
-
-    /// Runs `cmd`, sending `fd` as SCM_RIGHTS in the same sendmsg as the JSON line.
-    pub fn execute_with_fd(
-        &mut self,
-        cmd: &str,
-        args: Value,
-        fd: BorrowedFd<'_>,
-    ) -> Result<Value, String> {
-        let (id, line) = self.request(cmd, args);
-        let sock = self.stream()?.as_raw_fd();
-        let fds = [fd.as_raw_fd()];
-        let sent = loop {
-            match sendmsg::<()>(
-                sock,
-                &[IoSlice::new(&line)],
-                &[ControlMessage::ScmRights(&fds)],
-                MsgFlags::MSG_NOSIGNAL,
-                None,
-            ) {
-                Ok(n) => break n,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(format!("QMP {cmd}: sendmsg: {e}")),
-            }
-        };
-        if sent < line.len() {
-            self.stream()?
-                .write_all(&line[sent..])
-                .map_err(|e| format!("QMP {cmd}: write: {e}"))?;
-        }
-        self.reply(cmd, id)
-    }
-
-    /// `getfd`: hands `fd` to QEMU under `name` (for `fd:NAME` URIs).
-    pub fn getfd(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<(), String> {
-        self.execute_with_fd("getfd", json!({ "fdname": name }), fd)
-            .map(drop)
-    }
-
-    pub fn query_migrate(&mut self) -> Result<Value, String> {
-        self.execute("query-migrate", Value::Null)
-    }
-
-    /// `human-monitor-command`; returns HMP's output text.
-    pub fn hmp(&mut self, cmd: &str) -> Result<String, String> {
-        let v = self.execute("human-monitor-command", json!({ "command-line": cmd }))?;
-        Ok(v.as_str().unwrap_or_default().to_string())
-    }
-
-    /// Sets migration capabilities, e.g. `&[("postcopy-ram", true)]`.
-    pub fn set_capabilities(&mut self, caps: &[(&str, bool)]) -> Result<(), String> {
-        let caps: Vec<Value> = caps
-            .iter()
-            .map(|(c, s)| json!({ "capability": c, "state": s }))
-            .collect();
-        self.execute("migrate-set-capabilities", json!({ "capabilities": caps }))
-            .map(drop)
-    }
-
-    /// `migrate-set-parameters` with `params` (a JSON object).
-    pub fn set_parameters(&mut self, params: Value) -> Result<(), String> {
-        self.execute("migrate-set-parameters", params).map(drop)
-    }
-
-    /// Polls `query-migrate` every 20 ms until its status is one of `statuses`, returning
-    /// the whole reply. Fails on status `failed` (unless listed), when QEMU goes away, or
-    /// after `timeout`, quoting QEMU's error-desc and output tail.
-    pub fn wait_migration(
-        &mut self,
-        statuses: &[&str],
-        timeout: Duration,
-    ) -> Result<Value, String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let v = self
-                .query_migrate()
-                .map_err(|e| format!("{e}{}", self.stderr_note()))?;
-            let status = v.get("status").and_then(Value::as_str).unwrap_or("");
-            if statuses.contains(&status) {
-                return Ok(v);
-            }
-            if status == "failed" {
-                return Err(format!(
-                    "migration failed: {}{}",
-                    v.get("error-desc")
-                        .and_then(Value::as_str)
-                        .unwrap_or("(no error-desc)"),
-                    self.stderr_note()
-                ));
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "migration not in {statuses:?} after {timeout:?}; last query-migrate: \
-                     {v}{}",
-                    self.stderr_note()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Events received so far (and removes them from the queue).
-    pub fn take_events(&mut self) -> Vec<Value> {
-        self.events.drain(..).collect()
-    }
-
-    /// Waits up to `timeout` for an event named `name` (queued ones first), returning it.
-    /// Other events stay queued.
-    pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Value, String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(i) = self
-                .events
-                .iter()
-                .position(|e| e.get("event").and_then(Value::as_str) == Some(name))
-            {
-                return Ok(self.events.remove(i).unwrap());
-            }
-            let msg = self
-                .read_message(deadline)
-                .map_err(|e| format!("waiting for event {name}: {e}"))?;
-            if msg.get("event").is_some() {
-                self.events.push_back(msg);
-            }
-        }
-    }
-
-    fn stderr_note(&self) -> String {
-        match &self.stderr_path {
-            Some(p) => format!("\nQEMU output (tail):\n{}", file_tail(p, 20)),
-            None => String::new(),
-        }
-    }
-
-    fn reply(&mut self, cmd: &str, id: u64) -> Result<Value, String> {
-        let deadline = Instant::now() + self.timeout;
-        loop {
-            let msg = self
-                .read_message(deadline)
-                .map_err(|e| format!("QMP {cmd}: {e}"))?;
-            if msg.get("event").is_some() {
-                self.events.push_back(msg);
-                continue;
-            }
-            if msg.get("id").and_then(Value::as_u64) != Some(id) {
-                // A reply to a command abandoned after a timeout; skip it.
-                continue;
-            }
-            if let Some(r) = msg.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = msg.get("error") {
-                return Err(e
-                    .get("desc")
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-                    .unwrap_or_else(|| e.to_string()));
-            }
-            return Err(format!("QMP {cmd}: unexpected message {msg}"));
-        }
-    }
-
-    /// Reads one JSON message (one line) before `deadline`.
-    fn read_message(&mut self, deadline: Instant) -> Result<Value, String> {
-        loop {
-            if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=nl).collect();
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                return serde_json::from_slice(&line).map_err(|e| {
-                    format!("bad QMP JSON {:?}: {e}", String::from_utf8_lossy(&line))
-                });
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err("timed out waiting for QMP".to_string());
-            }
-            let stream = self.stream()?;
-            stream
-                .set_read_timeout(Some(deadline - now))
-                .map_err(|e| e.to_string())?;
-            let mut chunk = [0u8; 8192];
-            match stream.read(&mut chunk) {
-                Ok(0) => return Err("QMP connection closed (QEMU exited?)".to_string()),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Err("timed out waiting for QMP".to_string())
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(format!("QMP read: {e}")),
-            }
-        }
-    }
 }

@@ -1,7 +1,5 @@
 //! A helper process driven through the library's client API, with guest RAM in memfds
 //! that the test (as the parent VMM) maps and fills.
-// Shared by the interop tests and the benchmark; not every item is used by both.
-#![allow(dead_code)]
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -11,14 +9,32 @@ use std::time::Duration;
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use qemu_migration_helper::client::{HelperClient, RamBlockSpec};
 
-use crate::qemu::RamMap;
+use crate::map::RamMap;
 
-/// The helper under test: the one cargo built, or `QMH_HELPER_BIN` (e.g. the installed one).
+/// The helper under test: `QMH_HELPER_BIN` (e.g. the installed one), else the one cargo
+/// built for this test or bench. Cargo builds the package's binary beside the `deps/`
+/// directory that holds the test and bench executables (what `CARGO_BIN_EXE_...` names,
+/// which only the package's own targets see at compile time).
 pub fn helper_bin() -> &'static Path {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| match std::env::var_os("QMH_HELPER_BIN") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_BIN_EXE_qemu-migration-helper")),
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("QMH_HELPER_BIN") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().expect("the test's own path");
+        let bin = exe
+            .parent()
+            .and_then(Path::parent)
+            .map(|profile_dir| profile_dir.join("qemu-migration-helper"))
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no qemu-migration-helper beside {} (run through cargo test/bench, \
+                     or set QMH_HELPER_BIN)",
+                    exe.display()
+                )
+            });
+        bin
     })
 }
 
@@ -66,8 +82,19 @@ pub struct HelperVm {
 
 impl HelperVm {
     pub fn spawn() -> HelperVm {
-        let (client, child) =
-            HelperClient::spawn(helper_bin(), &["--log-level", "debug"]).expect("spawn helper");
+        HelperVm::spawn_with_args(&["--log-level", "debug"])
+    }
+
+    /// A helper that logs only warnings (for benchmarks).
+    pub fn spawn_quiet() -> HelperVm {
+        // QMH_HELPER_LOG=info shows the helpers' own summaries.
+        let level = std::env::var("QMH_HELPER_LOG").unwrap_or_else(|_| "warn".into());
+        HelperVm::spawn_with_args(&["--log-level", &level])
+    }
+
+    /// A helper started with `args` after `--control-fd N` (e.g. another log level).
+    pub fn spawn_with_args(args: &[&str]) -> HelperVm {
+        let (client, child) = HelperClient::spawn(helper_bin(), args).expect("spawn helper");
         HelperVm {
             client,
             child,
@@ -193,33 +220,6 @@ pub fn start_fd_migration(src: &mut HelperVm, dst: &mut HelperVm) {
     drop((a, b));
     dst.client.migrate_incoming("fd:mig").expect("incoming");
     src.client.migrate("fd:mig").expect("migrate");
-}
-
-impl HelperVm {
-    /// A helper that logs only warnings (for benchmarks).
-    pub fn spawn_quiet() -> HelperVm {
-        // QMH_HELPER_LOG=info shows the helpers' own summaries.
-        let level = std::env::var("QMH_HELPER_LOG").unwrap_or_else(|_| "warn".into());
-        let (client, child) =
-            HelperClient::spawn(helper_bin(), &["--log-level", &level]).expect("spawn helper");
-        HelperVm {
-            client,
-            child,
-            blocks: Vec::new(),
-        }
-    }
-}
-
-impl HelperVm {
-    /// A helper started with `args` after `--control-fd N` (e.g. another log level).
-    pub fn spawn_with_args(args: &[&str]) -> HelperVm {
-        let (client, child) = HelperClient::spawn(helper_bin(), args).expect("spawn helper");
-        HelperVm {
-            client,
-            child,
-            blocks: Vec::new(),
-        }
-    }
 }
 
 impl HelperVm {
