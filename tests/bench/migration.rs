@@ -15,7 +15,6 @@
 //! QMH_BENCH_RSS_SIZES (default "2G,4G"; empty skips), QMH_BENCH_LOAD_THREADS (the helper
 //! destinations' `load-threads`; default: the helper's own default).
 
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +23,7 @@ use qemu_migration_helper::client::HelperClient;
 use qemu_migration_helper::demo::process_cpu_secs;
 use serde_json::{json, Value};
 
-use support::helper::{socketpair, start_fd_migration, HelperVm};
+use support::helper::{pass_socketpair, start_fd_migration, HelperVm};
 use support::map::RamMap;
 use support::qemu::{require_qemu, Accel, Qemu, QemuVm, VmOpts};
 use support::stats::{bench_requested, env_size, median, repeat};
@@ -109,10 +108,7 @@ struct Timing {
 fn migrate_once(src_qemu: bool, dst_qemu: bool, size: u64, seed: u64, prealloc: bool) -> Timing {
     let mut src = End::source(src_qemu, size, seed);
     let mut dst = End::destination(dst_qemu, size, prealloc);
-    let (a, b) = socketpair();
-    src.client().getfd("mig", a.as_fd()).expect("getfd");
-    dst.client().getfd("mig", b.as_fd()).expect("getfd");
-    drop((a, b));
+    pass_socketpair(src.client(), dst.client(), "mig");
     dst.client().migrate_incoming("fd:mig").expect("incoming");
     let params = match src {
         End::Qemu(_) => json!({"max-bandwidth": 100 * GIB, "downtime-limit": 300}),
@@ -234,7 +230,7 @@ fn rss_run(size: u64) -> [(u64, u64); 2] {
         .set_parameters(json!({"max-bandwidth": 0}))
         .expect("params");
     let samplers = [RssSampler::start(src.pid()), RssSampler::start(dst.pid())];
-    start_fd_migration(&mut src, &mut dst);
+    start_fd_migration(&mut src.client, &mut dst.client);
     src.wait(&["completed"], TIMEOUT);
     dst.wait(&["completed"], TIMEOUT);
     let [s, d] = samplers;

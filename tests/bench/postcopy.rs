@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use support::helper::{socketpair, HelperVm};
+use support::helper::{pass_socketpair, socketpair, HelperVm};
 use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
 use support::stats::{bench_requested, env_size, median, percentile, repeat};
 use support::uffd::UffdGuest;
@@ -135,21 +135,13 @@ fn qemu_to_qemu(size: u64, preempt: bool) -> (Vec<f64>, f64) {
     let uri = if preempt {
         format!("unix:{}", dir.join("mig.sock").display())
     } else {
-        let (a, b) = socketpair();
-        src.qmp().getfd("mig", a.as_fd()).expect("getfd");
-        dst.qmp().getfd("mig", b.as_fd()).expect("getfd");
+        pass_socketpair(src.qmp(), dst.qmp(), "mig");
         "fd:mig".to_string()
     };
-    dst.qmp()
-        .execute("migrate-incoming", json!({"uri": uri}))
-        .expect("incoming");
-    src.qmp()
-        .execute("migrate", json!({"uri": uri}))
-        .expect("migrate");
+    dst.qmp().migrate_incoming(&uri).expect("incoming");
+    src.qmp().migrate(&uri).expect("migrate");
     std::thread::sleep(Duration::from_millis(200));
-    src.qmp()
-        .execute("migrate-start-postcopy", json!({}))
-        .expect("postcopy");
+    src.qmp().migrate_start_postcopy().expect("postcopy");
     dst.wait_migration(&["postcopy-active", "completed"], TIMEOUT)
         .expect("active");
     let pages = size / 4096;

@@ -7,13 +7,12 @@
 //!
 //! Environment: QMH_BENCH_RECOVERY_SIZE (default 4G), QMH_BENCH_REPEAT (default 3).
 
-use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use qemu_migration_helper::client::HelperClient;
 use serde_json::{json, Value};
 
-use support::helper::{socketpair, HelperVm};
+use support::helper::{pass_socketpair, start_fd_migration, HelperVm};
 use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
 use support::stats::{bench_requested, env_size, median, repeat};
 use support::uffd::UffdGuest;
@@ -64,10 +63,6 @@ impl End {
         self.client().execute(cmd, args).expect(cmd);
     }
 
-    fn getfd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) {
-        self.client().getfd(name, fd).expect("getfd");
-    }
-
     /// Waits for one of `want`, asking every 0.5 ms: the time to the state is what the
     /// benchmark measures. (QEMU answers `{}` before a migration starts: no status yet.)
     fn wait(&mut self, want: &[&str]) {
@@ -96,12 +91,7 @@ fn one(src_qemu: bool, dst_qemu: bool, size: u64) -> f64 {
         "migrate-set-parameters",
         json!({"max-bandwidth": MIB, "max-postcopy-bandwidth": 64 * MIB}),
     );
-    let (a, b) = socketpair();
-    src.getfd("mig", a.as_fd());
-    dst.getfd("mig", b.as_fd());
-    drop((a, b));
-    dst.exec("migrate-incoming", json!({"uri": "fd:mig"}));
-    src.exec("migrate", json!({"uri": "fd:mig"}));
+    start_fd_migration(src.client(), dst.client());
     std::thread::sleep(Duration::from_millis(100));
     src.exec("migrate-start-postcopy", json!({}));
     src.wait(&["postcopy-active"]);
@@ -110,11 +100,8 @@ fn one(src_qemu: bool, dst_qemu: bool, size: u64) -> f64 {
     src.exec("migrate-pause", json!({}));
     src.wait(&["postcopy-paused"]);
     dst.wait(&["postcopy-paused"]);
-    let (a, b) = socketpair();
-    dst.getfd("rec", b.as_fd());
+    pass_socketpair(src.client(), dst.client(), "rec");
     dst.exec("migrate-recover", json!({"uri": "fd:rec"}));
-    src.getfd("rec", a.as_fd());
-    drop((a, b));
     let t0 = Instant::now();
     src.exec("migrate", json!({"uri": "fd:rec", "resume": true}));
     src.wait(&["postcopy-active", "completed"]);

@@ -16,7 +16,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 use serde_json::{json, Value};
 
-use support::helper::{socketpair, Block, HelperVm, Memfd};
+use support::helper::{pass_socketpair, socketpair, Block, HelperVm, Memfd};
 use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
 use support::util::{assert_same_memory, fill_mixed, test_seed, TempDir, KIB, MIB, PAGE_SIZE};
 
@@ -1558,10 +1558,7 @@ fn sparse_guest_stays_sparse() {
     let before = allocated(&src.blocks[0].mem);
     let mut dst = HelperVm::spawn();
     dst.add_block("ram", size, false);
-    let (a, b) = socketpair();
-    src.client.getfd("mig", a.as_fd()).expect("getfd");
-    dst.client.getfd("mig", b.as_fd()).expect("getfd");
-    drop((a, b));
+    pass_socketpair(&mut src.client, &mut dst.client, "mig");
     dst.client.migrate_incoming("fd:mig").expect("incoming");
     src.client
         .set_parameters(json!({"max-bandwidth": 0}))

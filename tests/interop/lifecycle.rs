@@ -24,7 +24,7 @@ fn running_precopy(test: &str) -> (HelperVm, HelperVm, Vec<u8>) {
     src.client
         .set_parameters(json!({"max-bandwidth": 8 * MIB}))
         .expect("params");
-    start_fd_migration(&mut src, &mut dst);
+    start_fd_migration(&mut src.client, &mut dst.client);
     src.wait(&["active"], Duration::from_secs(20));
     dst.wait(&["active"], Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(500));

@@ -8,7 +8,7 @@ use std::time::Duration;
 use qemu_migration_helper::client::{HelperClient, RamBlockSpec};
 use serde_json::{json, Value};
 
-use support::helper::{helper_bin, socketpair, Memfd};
+use support::helper::{helper_bin, start_fd_migration, Memfd};
 use support::util::{fill_mixed, TempDir, MIB};
 
 #[test]
@@ -46,15 +46,13 @@ fn json_logs_with_state_changes_and_a_summary() {
         .expect("block");
         clients.push(c);
     }
-    let (a, b) = socketpair();
-    clients[0].getfd("mig", a.as_fd()).expect("getfd");
-    clients[1].getfd("mig", b.as_fd()).expect("getfd");
-    drop((a, b));
-    clients[1].migrate_incoming("fd:mig").expect("incoming");
     clients[0]
         .set_parameters(json!({"max-bandwidth": 0}))
         .expect("params");
-    clients[0].migrate("fd:mig").expect("migrate");
+    let [src, dst] = &mut clients[..] else {
+        unreachable!("two helpers")
+    };
+    start_fd_migration(src, dst);
     for c in clients.iter_mut() {
         c.wait_for_status(&["completed"], Duration::from_secs(60))
             .expect("completed");

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use support::helper::{socketpair, HelperVm};
+use support::helper::{
+    recover_over, recover_over_socketpair, socketpair, start_fd_migration, HelperVm,
+};
 use support::uffd::{Readers, UffdGuest};
 use support::util::{assert_same_memory, fill_mixed, test_seed, MIB};
 
@@ -50,20 +52,7 @@ fn cut_and_recover(
         src.client.query_migrate().expect("query")["status"],
         "postcopy-paused"
     );
-    let (a, b) = socketpair();
-    let name = format!("mig{n}");
-    dst.client.getfd(&name, b.as_fd()).expect("getfd");
-    dst.client
-        .execute_oob("migrate-recover", json!({"uri": format!("fd:{name}")}))
-        .expect("migrate-recover");
-    src.client.getfd(&name, a.as_fd()).expect("getfd");
-    drop((a, b));
-    src.client
-        .execute(
-            "migrate",
-            json!({"uri": format!("fd:{name}"), "resume": true}),
-        )
-        .expect("migrate resume");
+    recover_over_socketpair(&mut src.client, &mut dst.client, &format!("mig{n}"), true);
     wait(src, guest, &["postcopy-active", "completed"]);
     wait(dst, guest, &["postcopy-active", "completed"]);
 }
@@ -147,19 +136,7 @@ fn qemu_to_helper_recovery(qemu: Qemu, test: &str) {
         wait(&mut dst, &mut guest, &["postcopy-paused"]);
         let (l, a, b) = Link::new();
         link = l;
-        let name = format!("mig{n}");
-        dst.client.getfd(&name, b.as_fd()).expect("getfd");
-        dst.client
-            .execute_oob("migrate-recover", json!({"uri": format!("fd:{name}")}))
-            .expect("migrate-recover");
-        src.qmp().getfd(&name, a.as_fd()).expect("qemu getfd");
-        drop((a, b));
-        src.qmp()
-            .execute(
-                "migrate",
-                json!({"uri": format!("fd:{name}"), "resume": true}),
-            )
-            .expect("qemu migrate resume");
+        recover_over(src.qmp(), &mut dst.client, &format!("mig{n}"), true, (a, b));
         src.wait_migration(&["postcopy-active", "completed"], TIMEOUT)
             .expect("qemu resumed");
         wait(&mut dst, &mut guest, &["postcopy-active", "completed"]);
@@ -231,19 +208,13 @@ fn helper_to_qemu_recovery(qemu: Qemu, test: &str) {
             .expect("qemu paused");
         let (l, a, b) = Link::new();
         link = l;
-        let name = format!("mig{n}");
-        dst.qmp().getfd(&name, b.as_fd()).expect("qemu getfd");
-        dst.qmp()
-            .execute("migrate-recover", json!({"uri": format!("fd:{name}")}))
-            .expect("qemu migrate-recover");
-        src.client.getfd(&name, a.as_fd()).expect("getfd");
-        drop((a, b));
-        src.client
-            .execute(
-                "migrate",
-                json!({"uri": format!("fd:{name}"), "resume": true}),
-            )
-            .expect("migrate resume");
+        recover_over(
+            &mut src.client,
+            dst.qmp(),
+            &format!("mig{n}"),
+            false,
+            (a, b),
+        );
         src.wait(&["postcopy-active", "completed"], TIMEOUT);
         dst.wait_migration(&["postcopy-active", "completed"], TIMEOUT)
             .expect("qemu resumed");
@@ -291,12 +262,7 @@ fn start_postcopy(seed: u64) -> (HelperVm, HelperVm, UffdGuest, Arc<Vec<u8>>) {
     src.client
         .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
         .expect("params");
-    let (a, b) = socketpair();
-    src.client.getfd("mig", a.as_fd()).expect("getfd");
-    dst.client.getfd("mig", b.as_fd()).expect("getfd");
-    drop((a, b));
-    dst.client.migrate_incoming("fd:mig").expect("incoming");
-    src.client.migrate("fd:mig").expect("migrate");
+    start_fd_migration(&mut src.client, &mut dst.client);
     std::thread::sleep(Duration::from_millis(200));
     src.client.migrate_start_postcopy().expect("postcopy");
     wait(&mut dst, &mut guest, &["postcopy-active"]);
@@ -403,16 +369,7 @@ fn recovery_errors_and_failures_in_a_row() {
     );
 
     // A good recovery still completes.
-    let (a, b) = socketpair();
-    dst.client.getfd("good", b.as_fd()).expect("getfd");
-    dst.client
-        .execute_oob("migrate-recover", json!({"uri": "fd:good"}))
-        .expect("recover");
-    src.client.getfd("good", a.as_fd()).expect("getfd");
-    drop((a, b));
-    src.client
-        .execute("migrate", json!({"uri": "fd:good", "resume": true}))
-        .expect("resume");
+    recover_over_socketpair(&mut src.client, &mut dst.client, "good", true);
     src.client
         .set_parameters(json!({"max-postcopy-bandwidth": 0}))
         .expect("params");
@@ -545,16 +502,7 @@ fn silent_link_death_pauses_then_recovers() {
         took < Duration::from_secs(3),
         "took {took:?} with a 600 ms link timeout"
     );
-    let (a, b) = socketpair();
-    dst.client.getfd("mig2", b.as_fd()).expect("getfd");
-    dst.client
-        .execute_oob("migrate-recover", json!({"uri": "fd:mig2"}))
-        .expect("recover");
-    src.client.getfd("mig2", a.as_fd()).expect("getfd");
-    drop((a, b));
-    src.client
-        .execute("migrate", json!({"uri": "fd:mig2", "resume": true}))
-        .expect("resume");
+    recover_over_socketpair(&mut src.client, &mut dst.client, "mig2", true);
     src.client
         .set_parameters(json!({"max-postcopy-bandwidth": 0}))
         .expect("params");
@@ -611,16 +559,7 @@ fn helpers_killed_and_respawned() {
     src.client
         .set_parameters(json!({"max-postcopy-bandwidth": 4 * MIB}))
         .expect("params");
-    let (a, b) = socketpair();
-    dst.client.getfd("mig1", b.as_fd()).expect("getfd");
-    dst.client
-        .execute_oob("migrate-recover", json!({"uri": "fd:mig1"}))
-        .expect("recover");
-    src.client.getfd("mig1", a.as_fd()).expect("getfd");
-    drop((a, b));
-    src.client
-        .execute("migrate", json!({"uri": "fd:mig1", "resume": true}))
-        .expect("resume on a new source helper");
+    recover_over_socketpair(&mut src.client, &mut dst.client, "mig1", true);
     wait(&mut src, &mut guest, &["postcopy-active"]);
     wait(&mut dst, &mut guest, &["postcopy-active"]);
     std::thread::sleep(Duration::from_millis(300));
@@ -634,16 +573,7 @@ fn helpers_killed_and_respawned() {
     dst.client
         .set_capabilities(&[("postcopy-ram", true)])
         .expect("caps");
-    let (a, b) = socketpair();
-    dst.client.getfd("mig2", b.as_fd()).expect("getfd");
-    dst.client
-        .execute_oob("migrate-recover", json!({"uri": "fd:mig2"}))
-        .expect("recover on a new destination helper");
-    src.client.getfd("mig2", a.as_fd()).expect("getfd");
-    drop((a, b));
-    src.client
-        .execute("migrate", json!({"uri": "fd:mig2", "resume": true}))
-        .expect("resume");
+    recover_over_socketpair(&mut src.client, &mut dst.client, "mig2", true);
     src.client
         .set_parameters(json!({"max-postcopy-bandwidth": 0}))
         .expect("params");
@@ -741,18 +671,7 @@ fn cut_round(seed: u64, max_cuts: usize) -> CutRound {
             let (l, a, b) = Link::new();
             link = l;
             let name = format!("m{n}-{during_recovery}");
-            dst.client.getfd(&name, b.as_fd()).expect("getfd");
-            dst.client
-                .execute_oob("migrate-recover", json!({"uri": format!("fd:{name}")}))
-                .expect("recover");
-            src.client.getfd(&name, a.as_fd()).expect("getfd");
-            drop((a, b));
-            src.client
-                .execute(
-                    "migrate",
-                    json!({"uri": format!("fd:{name}"), "resume": true}),
-                )
-                .expect("resume");
+            recover_over(&mut src.client, &mut dst.client, &name, true, (a, b));
             if rng.gen_bool(0.3) {
                 std::thread::sleep(Duration::from_micros(rng.gen_range(0..2000)));
                 link.cut();
@@ -827,14 +746,7 @@ fn qemu10_double_failures_then_recovery() {
     src.client
         .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
         .expect("params");
-    let (a, b) = socketpair();
-    dst.qmp().getfd("mig", b.as_fd()).expect("qemu getfd");
-    src.client.getfd("mig", a.as_fd()).expect("getfd");
-    drop((a, b));
-    dst.qmp()
-        .execute("migrate-incoming", json!({"uri": "fd:mig"}))
-        .expect("incoming");
-    src.client.migrate("fd:mig").expect("migrate");
+    start_fd_migration(&mut src.client, dst.qmp());
     std::thread::sleep(Duration::from_millis(200));
     src.client.migrate_start_postcopy().expect("postcopy");
     src.wait(&["postcopy-active"], TIMEOUT);
@@ -902,16 +814,7 @@ fn qemu10_double_failures_then_recovery() {
         .expect("qemu paused again");
 
     // 3. A good recovery completes.
-    let (a, b) = socketpair();
-    dst.qmp().getfd("rec2", b.as_fd()).expect("qemu getfd");
-    dst.qmp()
-        .execute("migrate-recover", json!({"uri": "fd:rec2"}))
-        .expect("qemu recover");
-    src.client.getfd("rec2", a.as_fd()).expect("getfd");
-    drop((a, b));
-    src.client
-        .execute("migrate", json!({"uri": "fd:rec2", "resume": true}))
-        .expect("resume");
+    recover_over_socketpair(&mut src.client, dst.qmp(), "rec2", false);
     src.client
         .set_parameters(json!({"max-postcopy-bandwidth": 0}))
         .expect("params");
@@ -999,17 +902,7 @@ fn postcopy_source_pauses_and_exits_when_its_parent_goes_away() {
         .client
         .set_capabilities(&[("postcopy-ram", true)])
         .expect("caps");
-    let (a, b) = socketpair();
-    dst.client.getfd("adopt", b.as_fd()).expect("getfd");
-    dst.client
-        .execute_oob("migrate-recover", json!({"uri": "fd:adopt"}))
-        .expect("migrate-recover");
-    fresh.client.getfd("adopt", a.as_fd()).expect("getfd");
-    drop((a, b));
-    fresh
-        .client
-        .execute("migrate", json!({"uri": "fd:adopt", "resume": true}))
-        .expect("adopt");
+    recover_over_socketpair(&mut fresh.client, &mut dst.client, "adopt", true);
     wait(&mut fresh, &mut guest, &["completed"]);
     wait(&mut dst, &mut guest, &["completed"]);
     assert_same_memory(&expected, &guest.map, test);

@@ -30,7 +30,7 @@ fn start(src: &mut HelperVm, dst: &mut HelperVm) {
     src.client
         .set_parameters(json!({"max-bandwidth": 8 * MIB}))
         .expect("params");
-    start_fd_migration(src, dst);
+    start_fd_migration(&mut src.client, &mut dst.client);
     src.wait(&["active"], DEADLINE);
     std::thread::sleep(Duration::from_millis(500));
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use support::helper::{socketpair, HelperVm};
+use support::helper::{pass_socketpair, socketpair, HelperVm};
 use support::util::{assert_same_memory, fill_mixed, test_seed, TempDir, MIB};
 
 const QUIET: &[&str] = &["--log-level", "warn"];
@@ -384,10 +384,7 @@ fn qemu10_source_silent_in_pre_switchover() {
         fill_mixed(&mut src.ram_mmap(), test_seed(test), 0.3);
         let mut dst = helper(size);
         dst.client.set_parameters(params.clone()).expect("params");
-        let (a, b) = socketpair();
-        src.qmp().getfd("mig", a.as_fd()).expect("qemu getfd");
-        dst.client.getfd("mig", b.as_fd()).expect("getfd");
-        drop((a, b));
+        pass_socketpair(src.qmp(), &mut dst.client, "mig");
         dst.client.migrate_incoming("fd:mig").expect("incoming");
         src.qmp()
             .set_capabilities(&[("pause-before-switchover", true)])
