@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-use qemu_migration_helper::client::{HelperClient, RamBlockSpec};
+use qemu_migration_helper::client::HelperClient;
 use serde_json::{json, Value};
 
 use crate::bad_input::{Raw, SocketHelper};
-use support::helper::{helper_bin, socketpair, Memfd};
+use support::helper::{helper_bin, socketpair, HelperVm};
 use support::util::{TempDir, MIB};
 
 /// Peak RSS a helper may reach while refusing every crafted message below. The biggest
@@ -54,18 +54,6 @@ pub(crate) fn spawn_socket_helper(args: &[&str], stderr: Stdio, umask0: bool) ->
         child,
         path,
         _dir: dir,
-    }
-}
-
-/// A helper child killed if the test fails before it quits.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
     }
 }
 
@@ -538,30 +526,10 @@ fn control_socket_only_the_owner_gets_in() {
 #[test]
 fn control_logs_escape_stream_strings() {
     let dir = TempDir::new("qmh-log-escape");
-    let sock = dir.join("ctl");
     let log = std::fs::File::create(dir.join("log")).unwrap();
-    let child = Command::new(helper_bin())
-        .args([
-            "--control-socket",
-            sock.to_str().unwrap(),
-            "--log-level",
-            "info",
-        ])
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("spawn");
-    let mut child = KillOnDrop(child);
-    let mut c = HelperClient::connect(&sock).expect("connect");
-    let mem = Memfd::new("log-escape", MIB);
-    c.getfd("m", mem.fd.as_fd()).expect("getfd");
-    c.ram_block_add(&RamBlockSpec {
-        id: "ram".into(),
-        fdname: "m".into(),
-        offset: 0,
-        size: MIB,
-        ..Default::default()
-    })
-    .expect("ram-block-add");
+    let mut h = HelperVm::spawn_on_socket(&["--log-level", "info"], Stdio::from(log));
+    h.add_block("ram", MIB, false);
+    let c = &mut h.client;
     let (ours, theirs) = socketpair();
     c.getfd("mig", theirs.as_fd()).expect("getfd");
     drop(theirs);
@@ -578,8 +546,7 @@ fn control_logs_escape_stream_strings() {
         .wait_for_status(&["failed", "completed"], Duration::from_secs(60))
         .expect("status");
     assert_eq!(end["status"], "failed", "{end}");
-    c.quit().expect("quit");
-    let _ = child.0.wait();
+    h.quit_and_wait(Duration::from_secs(60));
     let mut text = String::new();
     std::fs::File::open(dir.join("log"))
         .unwrap()

@@ -130,6 +130,53 @@ fn status_of(vm: &mut HelperVm) -> Value {
         .unwrap_or_else(|e| panic!("helper pid {} does not answer query-migrate: {e}", vm.pid()))
 }
 
+/// Waits (50 steps of `step` at most) until the counter at `path` in `vm`'s query-migrate
+/// stops moving, at `min` or more: its migration is stuck on a stalled peer.
+fn wait_until_still(vm: &mut HelperVm, path: &[&str], step: Duration, min: u64) {
+    let mut last = 0;
+    for _ in 0..50 {
+        std::thread::sleep(step);
+        let n = u64_at(&status_of(vm), path);
+        if n == last && n >= min {
+            break;
+        }
+        last = n;
+    }
+}
+
+/// `query-migrate` on a helper whose migration is stuck: it answers within 1 s (the
+/// command timeout is 2 s until `cancel_at_once` puts it back).
+fn query_at_once(vm: &mut HelperVm) -> Value {
+    vm.client
+        .set_timeout(Duration::from_secs(2))
+        .expect("timeout");
+    let t = Instant::now();
+    let v = status_of(vm);
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "query-migrate took {:?}",
+        t.elapsed()
+    );
+    v
+}
+
+/// `migrate_cancel` on a stuck migration reaches one of `wanted` within 2 s; returns that
+/// query-migrate. Puts the command timeout back to 30 s.
+fn cancel_at_once(vm: &mut HelperVm, wanted: &[&str]) -> Value {
+    let t = Instant::now();
+    vm.client.migrate_cancel().expect("migrate_cancel");
+    let v = vm.wait(wanted, Duration::from_secs(10));
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "cancel took {:?}",
+        t.elapsed()
+    );
+    vm.client
+        .set_timeout(Duration::from_secs(30))
+        .expect("timeout");
+    v
+}
+
 /// The statuses of the `MIGRATION` events in `events`, in order.
 fn statuses(events: &[Event]) -> Vec<String> {
     events
@@ -1298,42 +1345,20 @@ fn cancel_source_blocked_on_stalled_peer() {
     src.client.migrate("fd:mig").expect("migrate");
     src.wait(&["active"], TIMEOUT);
     // Let it fill the socket buffers and block.
-    let mut last = 0;
-    for _ in 0..50 {
-        std::thread::sleep(Duration::from_millis(100));
-        let t = u64_at(&status_of(&mut src), &["ram", "transferred"]);
-        if t == last {
-            break;
-        }
-        last = t;
-    }
-    src.client
-        .set_timeout(Duration::from_secs(2))
-        .expect("timeout");
-    let t = Instant::now();
-    let s = status_of(&mut src);
-    assert!(
-        t.elapsed() < Duration::from_secs(1),
-        "query-migrate took {:?}",
-        t.elapsed()
+    wait_until_still(
+        &mut src,
+        &["ram", "transferred"],
+        Duration::from_millis(100),
+        0,
     );
+    let s = query_at_once(&mut src);
     assert_eq!(s["status"], "active", "{s}");
     assert!(
         u64_at(&s, &["ram", "transferred"]) < RAM / 2,
         "the stalled peer took {s}"
     );
-    let t = Instant::now();
-    src.client.migrate_cancel().expect("migrate_cancel");
-    src.wait(&["cancelled"], Duration::from_secs(10));
-    assert!(
-        t.elapsed() < Duration::from_secs(2),
-        "cancel took {:?}",
-        t.elapsed()
-    );
+    cancel_at_once(&mut src, &["cancelled"]);
     drop(stalled);
-    src.client
-        .set_timeout(Duration::from_secs(30))
-        .expect("timeout");
     migrate_fd_and_check(&mut src, &mut dst, "mig2", test);
 }
 
@@ -1364,39 +1389,12 @@ fn cancel_destination_on_stalled_source() {
         .expect("migrate-incoming");
     let mut feeder = std::os::unix::net::UnixStream::from(feeder);
     std::io::Write::write_all(&mut feeder, &stream[..1 << 20]).expect("feed");
-    let mut last = 0;
-    for _ in 0..50 {
-        std::thread::sleep(Duration::from_millis(50));
-        let n = u64_at(&status_of(&mut dst), &["ram", "normal"]);
-        if n == last && n > 0 {
-            break;
-        }
-        last = n;
-    }
-    dst.client
-        .set_timeout(Duration::from_secs(2))
-        .expect("timeout");
-    let t = Instant::now();
-    let d = status_of(&mut dst);
-    assert!(
-        t.elapsed() < Duration::from_secs(1),
-        "query-migrate took {:?}",
-        t.elapsed()
-    );
+    wait_until_still(&mut dst, &["ram", "normal"], Duration::from_millis(50), 1);
+    let d = query_at_once(&mut dst);
     assert_eq!(d["status"], "active", "{d}");
-    let t = Instant::now();
-    dst.client.migrate_cancel().expect("migrate_cancel");
-    let d = dst.wait(&["cancelled", "failed"], Duration::from_secs(10));
-    assert!(
-        t.elapsed() < Duration::from_secs(2),
-        "cancel took {:?}",
-        t.elapsed()
-    );
+    let d = cancel_at_once(&mut dst, &["cancelled", "failed"]);
     assert_eq!(d["status"], "cancelled", "{d}");
     drop(feeder);
-    dst.client
-        .set_timeout(Duration::from_secs(30))
-        .expect("timeout");
     migrate_fd_and_check(&mut src, &mut dst, "mig2", test);
 }
 

@@ -9,7 +9,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use support::helper::{
-    recover_over, recover_over_socketpair, socketpair, start_fd_migration, HelperVm,
+    recover_over, recover_over_socketpair, socketpair, start_fd_migration, start_fd_migration_over,
+    HelperVm,
 };
 use support::uffd::{Readers, UffdGuest};
 use support::util::{assert_same_memory, fill_mixed, test_seed, MIB};
@@ -115,13 +116,7 @@ fn qemu_to_helper_recovery(qemu: Qemu, test: &str) {
         .expect("qemu params");
     // A link the test owns, so that it can be cut.
     let (mut link, a, b) = Link::new();
-    src.qmp().getfd("mig", a.as_fd()).expect("qemu getfd");
-    dst.client.getfd("mig", b.as_fd()).expect("getfd");
-    drop((a, b));
-    dst.client.migrate_incoming("fd:mig").expect("incoming");
-    src.qmp()
-        .execute("migrate", json!({"uri": "fd:mig"}))
-        .expect("migrate");
+    start_fd_migration_over(src.qmp(), &mut dst.client, (a, b));
     std::thread::sleep(Duration::from_millis(200));
     src.qmp()
         .execute("migrate-start-postcopy", json!({}))
@@ -186,13 +181,7 @@ fn helper_to_qemu_recovery(qemu: Qemu, test: &str) {
         .expect("params");
     // A link the test owns, so that it can be cut.
     let (mut link, a, b) = Link::new();
-    dst.qmp().getfd("mig", b.as_fd()).expect("qemu getfd");
-    src.client.getfd("mig", a.as_fd()).expect("getfd");
-    drop((a, b));
-    dst.qmp()
-        .execute("migrate-incoming", json!({"uri": "fd:mig"}))
-        .expect("incoming");
-    src.client.migrate("fd:mig").expect("migrate");
+    start_fd_migration_over(&mut src.client, dst.qmp(), (a, b));
     std::thread::sleep(Duration::from_millis(200));
     src.client.migrate_start_postcopy().expect("postcopy");
     src.wait(&["postcopy-active"], TIMEOUT);
@@ -244,21 +233,27 @@ fn helper_to_qemu72_recovery() {
     helper_to_qemu_recovery(Qemu::V72, "helper_to_qemu72_recovery");
 }
 
-/// Starts a helper -> helper postcopy migration of RAM with a slow push; returns the two
-/// helpers, the destination's guest and the source content.
-fn start_postcopy(seed: u64) -> (HelperVm, HelperVm, UffdGuest, Arc<Vec<u8>>) {
+/// A helper source with RAM filled from `seed`, a helper destination on a guest with a
+/// userfaultfd (as its parent holds it), both with the capabilities `caps`; and the
+/// source's content.
+fn helper_pair(seed: u64, caps: &[(&str, bool)]) -> (HelperVm, HelperVm, UffdGuest, Arc<Vec<u8>>) {
     let mut src = HelperVm::spawn();
     src.add_block("ram", RAM, false);
     fill_mixed(&mut src.blocks[0].mem.map(), seed, 0.2);
     let expected = Arc::new(src.blocks[0].mem.map().to_vec());
-    let mut guest = UffdGuest::new(RAM);
+    let guest = UffdGuest::new(RAM);
     let mut dst = HelperVm::spawn();
     guest.attach(&mut dst, "ram");
     for h in [&mut src, &mut dst] {
-        h.client
-            .set_capabilities(&[("postcopy-ram", true)])
-            .expect("caps");
+        h.client.set_capabilities(caps).expect("caps");
     }
+    (src, dst, guest, expected)
+}
+
+/// Starts a helper -> helper postcopy migration of RAM with a slow push; returns the two
+/// helpers, the destination's guest and the source content.
+fn start_postcopy(seed: u64) -> (HelperVm, HelperVm, UffdGuest, Arc<Vec<u8>>) {
+    let (mut src, mut dst, mut guest, expected) = helper_pair(seed, &[("postcopy-ram", true)]);
     src.client
         .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
         .expect("params");
@@ -464,17 +459,8 @@ impl Drop for Link {
 #[test]
 fn silent_link_death_pauses_then_recovers() {
     let seed = test_seed("silent_link_death");
-    let mut src = HelperVm::spawn();
-    src.add_block("ram", RAM, false);
-    fill_mixed(&mut src.blocks[0].mem.map(), seed, 0.2);
-    let expected = Arc::new(src.blocks[0].mem.map().to_vec());
-    let mut guest = UffdGuest::new(RAM);
-    let mut dst = HelperVm::spawn();
-    guest.attach(&mut dst, "ram");
+    let (mut src, mut dst, mut guest, expected) = helper_pair(seed, &[("postcopy-ram", true)]);
     for h in [&mut src, &mut dst] {
-        h.client
-            .set_capabilities(&[("postcopy-ram", true)])
-            .expect("caps");
         h.client
             .set_parameters(json!({"link-timeout": 600}))
             .expect("link-timeout");
@@ -483,11 +469,7 @@ fn silent_link_death_pauses_then_recovers() {
         .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
         .expect("params");
     let (link, a, b) = Link::new();
-    src.client.getfd("mig", a.as_fd()).expect("getfd");
-    dst.client.getfd("mig", b.as_fd()).expect("getfd");
-    drop((a, b));
-    dst.client.migrate_incoming("fd:mig").expect("incoming");
-    src.client.migrate("fd:mig").expect("migrate");
+    start_fd_migration_over(&mut src.client, &mut dst.client, (a, b));
     std::thread::sleep(Duration::from_millis(200));
     src.client.migrate_start_postcopy().expect("postcopy");
     wait(&mut dst, &mut guest, &["postcopy-active"]);
@@ -624,29 +606,14 @@ struct CutRound {
 fn cut_round(seed: u64, max_cuts: usize) -> CutRound {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
-    let mut src = HelperVm::spawn();
-    src.add_block("ram", RAM, false);
-    fill_mixed(&mut src.blocks[0].mem.map(), seed, 0.2);
-    let expected = Arc::new(src.blocks[0].mem.map().to_vec());
-    let mut guest = UffdGuest::new(RAM);
-    let mut dst = HelperVm::spawn();
-    guest.attach(&mut dst, "ram");
-    for h in [&mut src, &mut dst] {
-        h.client
-            .set_capabilities(&[("postcopy-ram", true)])
-            .expect("caps");
-    }
+    let (mut src, mut dst, mut guest, expected) = helper_pair(seed, &[("postcopy-ram", true)]);
     // Slow enough that the push outlives all the cuts (or as slow as the helper allows).
     let push = (RAM / (max_cuts as u64 + 4)).max(MIB);
     src.client
         .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": push}))
         .expect("params");
     let (mut link, a, b) = Link::new();
-    src.client.getfd("mig", a.as_fd()).expect("getfd");
-    dst.client.getfd("mig", b.as_fd()).expect("getfd");
-    drop((a, b));
-    dst.client.migrate_incoming("fd:mig").expect("incoming");
-    src.client.migrate("fd:mig").expect("migrate");
+    start_fd_migration_over(&mut src.client, &mut dst.client, (a, b));
     std::thread::sleep(Duration::from_millis(100));
     src.client.migrate_start_postcopy().expect("postcopy");
     wait(&mut dst, &mut guest, &["postcopy-active"]);
@@ -985,18 +952,8 @@ fn qemu10_to_helper_preempt_recovery() {
 fn helper_to_helper_preempt_recovery() {
     let test = "helper_to_helper_preempt_recovery";
     let seed = test_seed(test);
-    let mut src = HelperVm::spawn();
-    src.add_block("ram", RAM, false);
-    fill_mixed(&mut src.blocks[0].mem.map(), seed, 0.2);
-    let expected = Arc::new(src.blocks[0].mem.map().to_vec());
-    let mut guest = UffdGuest::new(RAM);
-    let mut dst = HelperVm::spawn();
-    guest.attach(&mut dst, "ram");
-    for h in [&mut src, &mut dst] {
-        h.client
-            .set_capabilities(&[("postcopy-ram", true), ("postcopy-preempt", true)])
-            .expect("caps");
-    }
+    let (mut src, mut dst, mut guest, expected) =
+        helper_pair(seed, &[("postcopy-ram", true), ("postcopy-preempt", true)]);
     src.client
         .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
         .expect("params");

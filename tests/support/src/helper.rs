@@ -3,13 +3,14 @@
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::Child;
-use std::time::Duration;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use qemu_migration_helper::client::{HelperClient, RamBlockSpec};
 
 use crate::map::RamMap;
+use crate::util::TempDir;
 
 /// The helper under test: `QMH_HELPER_BIN` (e.g. the installed one), else the one cargo
 /// built for this test or bench. Cargo builds the package's binary beside the `deps/`
@@ -78,6 +79,8 @@ pub struct HelperVm {
     pub client: HelperClient,
     child: Child,
     pub blocks: Vec<Block>,
+    /// With `spawn_on_socket`: the control socket, in a directory removed on drop.
+    socket: Option<(PathBuf, TempDir)>,
 }
 
 impl HelperVm {
@@ -99,7 +102,57 @@ impl HelperVm {
             client,
             child,
             blocks: Vec::new(),
+            socket: None,
         }
+    }
+
+    /// A helper listening on `--control-socket PATH` (in a fresh directory) with `args`,
+    /// its stderr to `stderr` (e.g. a log file), and connected to there.
+    pub fn spawn_on_socket(args: &[&str], stderr: Stdio) -> HelperVm {
+        let dir = TempDir::new("qmh-ctl");
+        let path = dir.join("control.sock");
+        let mut child = Command::new(helper_bin())
+            .arg("--control-socket")
+            .arg(&path)
+            .args(args)
+            .stdin(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn helper");
+        let client = match HelperClient::connect_timeout(&path, Duration::from_secs(10)) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("connecting to {}: {e}", path.display());
+            }
+        };
+        HelperVm {
+            client,
+            child,
+            blocks: Vec::new(),
+            socket: Some((path, dir)),
+        }
+    }
+
+    /// The control socket of a helper from `spawn_on_socket`.
+    pub fn control_socket(&self) -> Option<&Path> {
+        self.socket.as_ref().map(|(p, _)| p.as_path())
+    }
+
+    /// `quit`, then waits up to `timeout` for the process to exit (killing it after that);
+    /// its exit status.
+    pub fn quit_and_wait(&mut self, timeout: Duration) -> ExitStatus {
+        self.client.quit().expect("quit");
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        self.child.wait().expect("wait for the helper")
     }
 
     /// Adds a block backed by a new memfd (and a dirty bitmap memfd when asked).
@@ -234,7 +287,16 @@ pub fn pass_socketpair(src: &mut HelperClient, dst: &mut HelperClient, name: &st
 /// client) over a socketpair passed to both as "mig": `migrate-incoming fd:mig` on `dst`,
 /// then `migrate fd:mig` on `src`.
 pub fn start_fd_migration(src: &mut HelperClient, dst: &mut HelperClient) {
-    pass_socketpair(src, dst, "mig");
+    start_fd_migration_over(src, dst, socketpair());
+}
+
+/// `start_fd_migration` over the given connection (e.g. a link the test can cut).
+pub fn start_fd_migration_over(
+    src: &mut HelperClient,
+    dst: &mut HelperClient,
+    ends: (OwnedFd, OwnedFd),
+) {
+    pass_ends(src, dst, "mig", ends);
     dst.migrate_incoming("fd:mig").expect("migrate-incoming");
     src.migrate("fd:mig").expect("migrate");
 }
