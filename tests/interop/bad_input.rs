@@ -70,6 +70,18 @@ impl Runner {
         }
     }
 
+    /// After the damaged variants, the same helper (unless it had to be replaced) loads the
+    /// intact stream `name` into a prefilled guest, which must then match it.
+    fn load_intact(&mut self, dir: &TempDir, bytes: &[u8], map: &StreamMap, name: &str) {
+        prefill(&self.helper);
+        match self.load(dir, bytes, &format!("{name} intact")) {
+            Outcome::Completed => check_images(&self.helper, map, self.test),
+            Outcome::Failed(d) => self.problem(format!("{name} intact: failed: {d}")),
+            Outcome::Cancelled => self.problem(format!("{name} intact: cancelled")),
+            Outcome::Broken => {}
+        }
+    }
+
     /// Loads `bytes` through a file in `dir` and checks the helper survived and answers.
     fn load(&mut self, dir: &TempDir, bytes: &[u8], what: &str) -> Outcome {
         let path = dir.join("input.bin");
@@ -277,14 +289,7 @@ fn truncations(name: &str, test: &'static str) {
             Outcome::Broken => {}
         }
     }
-    // The same helper (unless it had to be replaced) loads the intact stream.
-    prefill(&run.helper);
-    match run.load(&dir, &bytes, &format!("{name} intact")) {
-        Outcome::Completed => check_images(&run.helper, &map, test),
-        Outcome::Failed(d) => run.problem(format!("{name} intact: failed: {d}")),
-        Outcome::Cancelled => run.problem(format!("{name} intact: cancelled")),
-        Outcome::Broken => {}
-    }
+    run.load_intact(&dir, &bytes, &map, name);
     eprintln!("{test}: took {:?}", t0.elapsed());
     run.finish();
 }
@@ -359,13 +364,7 @@ fn flips(name: &str, test: &'static str, variants: usize) {
         }
     }
     eprintln!("{test}: {completed} completed, {failed} failed of {variants}");
-    prefill(&run.helper);
-    match run.load(&dir, &bytes, &format!("{name} intact")) {
-        Outcome::Completed => check_images(&run.helper, &map, test),
-        Outcome::Failed(d) => run.problem(format!("{name} intact: failed: {d}")),
-        Outcome::Cancelled => run.problem(format!("{name} intact: cancelled")),
-        Outcome::Broken => {}
-    }
+    run.load_intact(&dir, &bytes, &map, name);
     eprintln!("{test}: took {:?}", t0.elapsed());
     run.finish();
 }

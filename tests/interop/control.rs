@@ -57,6 +57,14 @@ pub(crate) fn spawn_socket_helper(args: &[&str], stderr: Stdio, umask0: bool) ->
     }
 }
 
+/// Writes `mib` MiB of `byte` to the control socket, a MiB at a time.
+fn write_mib(s: &mut UnixStream, byte: u8, mib: usize) {
+    let chunk = vec![byte; MIB as usize];
+    for _ in 0..mib {
+        s.write_all(&chunk).unwrap();
+    }
+}
+
 fn pid_of(h: &SocketHelper) -> u32 {
     h.child.id()
 }
@@ -205,10 +213,7 @@ fn control_crafted_messages_bounded() {
 
     // 10 M opening brackets; the client then resynchronises with 0xFF, as QEMU documents.
     let t = Instant::now();
-    let chunk = vec![b'['; MIB as usize];
-    for _ in 0..10 {
-        c.s.write_all(&chunk).unwrap();
-    }
+    write_mib(&mut c.s, b'[', 10);
     c.s.write_all(b"\xff\n").unwrap();
     check(&mut c, "deep nesting", "nesting depth limit", t);
 
@@ -216,10 +221,7 @@ fn control_crafted_messages_bounded() {
     let t = Instant::now();
     c.s.write_all(br#"{"execute":"device-state-set","arguments":{"sections":[{"raw":""#)
         .unwrap();
-    let chunk = vec![b'A'; MIB as usize];
-    for _ in 0..80 {
-        c.s.write_all(&chunk).unwrap();
-    }
+    write_mib(&mut c.s, b'A', 80);
     c.s.write_all(br#""}]}}"#).unwrap();
     check(&mut c, "80 MiB message", "too long", t);
 
@@ -228,10 +230,7 @@ fn control_crafted_messages_bounded() {
     let t = Instant::now();
     c.s.write_all(br#"{"execute":"query-migrate","arguments":{"a":""#)
         .unwrap();
-    let chunk = vec![b'b'; MIB as usize];
-    for _ in 0..70 {
-        c.s.write_all(&chunk).unwrap();
-    }
+    write_mib(&mut c.s, b'b', 70);
     c.s.write_all(b"\n").unwrap();
     check(&mut c, "70 MiB unterminated string", "too long", t);
 
