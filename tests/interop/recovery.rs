@@ -73,11 +73,7 @@ fn helper_to_helper_recovery_twice_with_pending_faults() {
     let checked = readers.finish();
     assert!(checked > 0);
     // Let the push finish quickly now.
-    src.client
-        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
-        .expect("params");
-    let s = wait(&mut src, &mut guest, &["completed"]);
-    let d = wait(&mut dst, &mut guest, &["completed"]);
+    let (s, d) = finish(&mut src, &mut dst, &mut guest);
     eprintln!("source {s}\ndestination {d}");
     for v in [&s, &d] {
         assert_eq!(v["postcopy-pauses"], 2, "{v}");
@@ -233,6 +229,21 @@ fn helper_to_qemu72_recovery() {
     helper_to_qemu_recovery(Qemu::V72, "helper_to_qemu72_recovery");
 }
 
+/// Lets the postcopy push run at full speed and waits until both helpers completed; their
+/// final query-migrate.
+fn finish(
+    src: &mut HelperVm,
+    dst: &mut HelperVm,
+    guest: &mut UffdGuest,
+) -> (serde_json::Value, serde_json::Value) {
+    src.client
+        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
+        .expect("params");
+    let s = wait(src, guest, &["completed"]);
+    let d = wait(dst, guest, &["completed"]);
+    (s, d)
+}
+
 /// A helper source with RAM filled from `seed`, a helper destination on a guest with a
 /// userfaultfd (as its parent holds it), both with the capabilities `caps`; and the
 /// source's content.
@@ -365,11 +376,7 @@ fn recovery_errors_and_failures_in_a_row() {
 
     // A good recovery still completes.
     recover_over_socketpair(&mut src.client, &mut dst.client, "good", true);
-    src.client
-        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
-        .expect("params");
-    wait(&mut src, &mut guest, &["completed"]);
-    let d = wait(&mut dst, &mut guest, &["completed"]);
+    let (_, d) = finish(&mut src, &mut dst, &mut guest);
     assert!(d["postcopy-pauses"].as_u64().unwrap() >= 4, "{d}");
     assert_same_memory(&expected, &guest.map, "after failed recoveries");
 }
@@ -485,11 +492,7 @@ fn silent_link_death_pauses_then_recovers() {
         "took {took:?} with a 600 ms link timeout"
     );
     recover_over_socketpair(&mut src.client, &mut dst.client, "mig2", true);
-    src.client
-        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
-        .expect("params");
-    wait(&mut src, &mut guest, &["completed"]);
-    wait(&mut dst, &mut guest, &["completed"]);
+    finish(&mut src, &mut dst, &mut guest);
     drop(link);
     assert_same_memory(&expected, &guest.map, "after a silent link death");
 }
@@ -556,11 +559,7 @@ fn helpers_killed_and_respawned() {
         .set_capabilities(&[("postcopy-ram", true)])
         .expect("caps");
     recover_over_socketpair(&mut src.client, &mut dst.client, "mig2", true);
-    src.client
-        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
-        .expect("params");
-    wait(&mut src, &mut guest, &["completed"]);
-    wait(&mut dst, &mut guest, &["completed"]);
+    finish(&mut src, &mut dst, &mut guest);
     assert_same_memory(&expected, &guest.map, "after both helpers were killed");
     drop(src_mem);
 }
@@ -669,11 +668,7 @@ fn cut_round(seed: u64, max_cuts: usize) -> CutRound {
         wait(&mut dst, &mut guest, &["postcopy-active", "completed"]);
     }
     let checked_pages = reader.finish();
-    src.client
-        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
-        .expect("params");
-    let s = wait(&mut src, &mut guest, &["completed"]);
-    let d = wait(&mut dst, &mut guest, &["completed"]);
+    let (s, d) = finish(&mut src, &mut dst, &mut guest);
     eprintln!(
         "fault injection round (seed {seed}): {n} cuts in postcopy, {during_recovery} during recovery; source pauses {}, destination pauses {}",
         s["postcopy-pauses"], d["postcopy-pauses"]
@@ -985,11 +980,7 @@ fn helper_to_helper_preempt_recovery() {
     std::thread::sleep(Duration::from_millis(200));
     let checked = reader.finish();
     assert!(checked > 10, "the readers checked only {checked} pages");
-    src.client
-        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
-        .expect("params");
-    let s = wait(&mut src, &mut guest, &["completed"]);
-    let d = wait(&mut dst, &mut guest, &["completed"]);
+    let (s, d) = finish(&mut src, &mut dst, &mut guest);
     eprintln!("{test}: source {s}\ndestination {d}");
     assert_eq!(d["postcopy-pauses"], 2, "{d}");
     let sent = s["ram"]["postcopy-preempt-pages"].as_u64().unwrap_or(0);
@@ -1038,10 +1029,6 @@ fn recover_unix_keeps_a_regular_file_at_its_path() {
     src.client
         .execute("migrate", json!({"uri": uri, "resume": true}))
         .expect("resume");
-    src.client
-        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
-        .expect("params");
-    wait(&mut src, &mut guest, &["completed"]);
-    wait(&mut dst, &mut guest, &["completed"]);
+    finish(&mut src, &mut dst, &mut guest);
     assert_same_memory(&expected, &guest.map, test);
 }
