@@ -10,6 +10,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use qemu_migration_helper::demo::parse_size;
 use serde_json::json;
 
 use support::helper::{helper_bin, HelperVm};
@@ -31,7 +32,7 @@ fn main() {
     if !bench_requested("analyze") {
         return;
     }
-    let size = env_size("QMH_BENCH_ANALYZE_SIZE", "4G");
+    let size = env_size("QMH_BENCH_ANALYZE_SIZE", "4G", parse_size);
     let repeat = repeat();
     let base = std::env::var_os("QMH_BENCH_DIR")
         .map(Into::into)

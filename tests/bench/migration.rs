@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use qemu_migration_helper::client::HelperClient;
+use qemu_migration_helper::demo::parse_size;
 use qemu_migration_helper::demo::process_cpu_secs;
 use serde_json::{json, Value};
 
@@ -241,7 +242,7 @@ fn main() {
     if !bench_requested("migration") || require_qemu(Qemu::V10, "bench").is_none() {
         return;
     }
-    let size = env_size("QMH_BENCH_SIZE", "2G");
+    let size = env_size("QMH_BENCH_SIZE", "2G", parse_size);
     let repeat = repeat();
     println!(
         "precopy benchmark: {} MiB of incompressible RAM, Unix socketpair, {repeat} runs each, QEMU accel {:?}",
@@ -366,8 +367,7 @@ fn main() {
     }
     println!("\nhelper memory during helper->helper (peak RssAnon = private; RssShmem = the guest's own shared pages, mapped, not copied)");
     for s in sizes.split(',') {
-        let sz = qemu_migration_helper::demo::parse_size(s)
-            .unwrap_or_else(|e| panic!("QMH_BENCH_RSS_SIZES: {e}"));
+        let sz = parse_size(s).unwrap_or_else(|e| panic!("QMH_BENCH_RSS_SIZES: {e}"));
         let [src, dst] = rss_run(sz);
         println!(
             "  guest {:>5} MiB: source RssAnon {:>7} KiB RssShmem {:>8} KiB | destination RssAnon {:>7} KiB RssShmem {:>8} KiB",

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use qemu_migration_helper::demo::parse_size;
 use serde_json::json;
 
 use support::helper::{pass_socketpair, socketpair, HelperVm};
@@ -171,7 +172,7 @@ fn main() {
     if !bench_requested("postcopy") || require_qemu(Qemu::V10, "bench").is_none() {
         return;
     }
-    let size = env_size("QMH_BENCH_PC_SIZE", "1G");
+    let size = env_size("QMH_BENCH_PC_SIZE", "1G", parse_size);
     let repeat = repeat();
     println!(
         "postcopy fault latency: {} MiB guest, 4 KiB pages, Unix socketpair, background push unlimited, {repeat} runs each",

@@ -10,6 +10,7 @@
 use std::time::{Duration, Instant};
 
 use qemu_migration_helper::client::HelperClient;
+use qemu_migration_helper::demo::parse_size;
 use serde_json::{json, Value};
 
 use support::helper::{pass_socketpair, start_fd_migration, HelperVm};
@@ -120,7 +121,7 @@ fn main() {
     if !bench_requested("recovery") || require_qemu(Qemu::V10, "bench").is_none() {
         return;
     }
-    let size = env_size("QMH_BENCH_RECOVERY_SIZE", "4G");
+    let size = env_size("QMH_BENCH_RECOVERY_SIZE", "4G", parse_size);
     let repeat = repeat();
     println!(
         "postcopy recovery time (new socket -> postcopy-active on both ends), {} MiB guest, {repeat} runs each",

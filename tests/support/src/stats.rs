@@ -12,10 +12,15 @@ pub fn bench_requested(name: &str) -> bool {
     false
 }
 
-/// A size from the environment variable `var` (`2G`, `512M`, ...), else `default`.
-pub fn env_size(var: &str, default: &str) -> u64 {
+/// A size from the environment variable `var` (`2G`, `512M`, ...), else `default`, read
+/// with `parse` (the helper's own `demo::parse_size`, which the client-only build lacks).
+pub fn env_size<E: std::fmt::Display>(
+    var: &str,
+    default: &str,
+    parse: impl Fn(&str) -> Result<u64, E>,
+) -> u64 {
     let s = std::env::var(var).unwrap_or_else(|_| default.into());
-    qemu_migration_helper::demo::parse_size(&s).unwrap_or_else(|e| panic!("{var}={s:?}: {e}"))
+    parse(&s).unwrap_or_else(|e| panic!("{var}={s:?}: {e}"))
 }
 
 /// How many times each case runs: `QMH_BENCH_REPEAT`, default 3.
