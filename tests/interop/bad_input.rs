@@ -12,7 +12,9 @@
 use std::collections::BTreeMap;
 use std::io::{IoSlice, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -855,15 +857,31 @@ pub(crate) struct SocketHelper {
 
 impl SocketHelper {
     pub(crate) fn spawn() -> SocketHelper {
-        let dir = TempDir::new("qmh-ctl");
+        SocketHelper::spawn_with(QUIET, Stdio::inherit(), false)
+    }
+
+    /// A helper on `--control-socket` with `args` in a fresh directory others may traverse
+    /// (the access tests connect as nobody); with `umask0`, started with umask 0.
+    pub(crate) fn spawn_with(args: &[&str], stderr: Stdio, umask0: bool) -> SocketHelper {
+        let dir = TempDir::new("qmh-control");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let path = dir.join("control.sock");
-        let child = Command::new(helper_bin())
-            .arg("--control-socket")
+        let mut cmd = Command::new(helper_bin());
+        cmd.arg("--control-socket")
             .arg(&path)
-            .args(QUIET)
+            .args(args)
             .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn helper");
+            .stderr(stderr);
+        if umask0 {
+            // SAFETY: umask is async-signal-safe; runs in the child only.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::umask(0);
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().expect("spawn helper");
         SocketHelper {
             child,
             path,

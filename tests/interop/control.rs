@@ -28,35 +28,6 @@ const LARGE_LEGIT_PEAK_MIB: u64 = 400;
 /// The nobody user the access tests connect as.
 const NOBODY: u32 = 65534;
 
-/// A helper on `--control-socket` in a fresh directory others may traverse.
-pub(crate) fn spawn_socket_helper(args: &[&str], stderr: Stdio, umask0: bool) -> SocketHelper {
-    let dir = TempDir::new("qmh-control");
-    // Reachable by others (the access tests connect as nobody).
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let path = dir.join("control.sock");
-    let mut cmd = Command::new(helper_bin());
-    cmd.arg("--control-socket")
-        .arg(&path)
-        .args(args)
-        .stdin(Stdio::null())
-        .stderr(stderr);
-    if umask0 {
-        // SAFETY: umask is async-signal-safe; runs in the child only.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::umask(0);
-                Ok(())
-            });
-        }
-    }
-    let child = cmd.spawn().expect("spawn helper");
-    SocketHelper {
-        child,
-        path,
-        _dir: dir,
-    }
-}
-
 /// Writes `mib` MiB of `byte` to the control socket, a MiB at a time.
 fn write_mib(s: &mut UnixStream, byte: u8, mib: usize) {
     let chunk = vec![byte; MIB as usize];
@@ -447,7 +418,7 @@ fn control_socket_only_the_owner_gets_in() {
     }
     let dir = TempDir::new("qmh-control-log");
     let log = std::fs::File::create(dir.join("log")).unwrap();
-    let mut h = spawn_socket_helper(&["--log-level", "info"], Stdio::from(log), true);
+    let mut h = SocketHelper::spawn_with(&["--log-level", "info"], Stdio::from(log), true);
     let mut c = h.connect();
     let mode = std::fs::symlink_metadata(&h.path)
         .unwrap()
@@ -495,7 +466,7 @@ fn control_socket_only_the_owner_gets_in() {
     assert!(!h.path.exists(), "socket removed on quit");
 
     // --allow-uid lets nobody in.
-    let h = spawn_socket_helper(
+    let h = SocketHelper::spawn_with(
         &["--log-level", "warn", "--allow-uid", &NOBODY.to_string()],
         Stdio::inherit(),
         false,

@@ -235,6 +235,16 @@ impl HelperVm {
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// Whether the helper process has exited (reaping it).
+    pub fn exited(&mut self) -> bool {
+        !self.alive()
+    }
+
+    /// Closes the control connection as a parent that goes away would (no `quit`).
+    pub fn close_control(&mut self) {
+        self.client.disconnect();
+    }
 }
 
 impl Drop for HelperVm {
@@ -331,16 +341,4 @@ pub fn recover_over(
     }
     .expect("migrate-recover");
     src.migrate_resume(&uri).expect("migrate resume");
-}
-
-impl HelperVm {
-    /// Closes the control connection as a parent that goes away would (no `quit`).
-    pub fn close_control(&mut self) {
-        self.client.disconnect();
-    }
-
-    /// Whether the helper process has exited (reaping it).
-    pub fn exited(&mut self) -> bool {
-        !matches!(self.child.try_wait(), Ok(None))
-    }
 }
