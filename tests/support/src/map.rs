@@ -47,15 +47,17 @@ impl RamMap {
 impl std::ops::Deref for RamMap {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: valid mapping of `len` bytes for our lifetime. (QEMU may write to it
-        // concurrently; tests only read it once QEMU is done.)
+        // SAFETY: a valid mapping of `len` bytes for our lifetime. Another process (QEMU,
+        // a helper) may write these pages meanwhile: a test reads a page only after it was
+        // placed (a postcopy fault returned) or the migration ended, or it fills pages
+        // before handing the memory over, so it never reads a page while it is written.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr() as *const u8, self.len) }
     }
 }
 
 impl std::ops::DerefMut for RamMap {
     fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above.
+        // SAFETY: as in `deref`; `&mut self` makes this the only view in this process.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr() as *mut u8, self.len) }
     }
 }
