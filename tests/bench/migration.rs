@@ -19,11 +19,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use qemu_migration_helper::client::HelperClient;
 use qemu_migration_helper::demo::parse_size;
 use qemu_migration_helper::demo::process_cpu_secs;
 use serde_json::{json, Value};
 
+use support::end::End;
 use support::helper::{pass_socketpair, start_fd_migration, HelperVm};
 use support::map::RamMap;
 use support::qemu::{require_qemu, Accel, Qemu, QemuVm, VmOpts};
@@ -32,68 +32,46 @@ use support::util::{fill_mixed, GIB};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 
-enum End {
-    Qemu(QemuVm),
-    Helper(HelperVm),
+fn source(qemu: bool, size: u64, seed: u64) -> End {
+    if qemu {
+        let vm = QemuVm::start(Qemu::V10, size, &VmOpts::default());
+        fill_mixed(&mut vm.ram_mmap(), seed, 0.0);
+        End::Qemu(vm)
+    } else {
+        let mut h = HelperVm::spawn_quiet();
+        h.add_block("ram", size, false);
+        fill_mixed(&mut h.blocks[0].mem.map(), seed, 0.0);
+        End::Helper(h)
+    }
 }
 
-impl End {
-    fn source(qemu: bool, size: u64, seed: u64) -> End {
-        if qemu {
-            let vm = QemuVm::start(Qemu::V10, size, &VmOpts::default());
-            fill_mixed(&mut vm.ram_mmap(), seed, 0.0);
-            End::Qemu(vm)
+/// With `prealloc`, the destination's RAM is allocated and touched before the clock
+/// starts: QEMU with `prealloc=on`, the helper's parent by writing every page of its
+/// memfd before adding it (what a VMM that preallocates guest memory does), and the
+/// helper has mapped those pages (`mapped-ahead`), as QEMU has mapped its own.
+fn destination(qemu: bool, size: u64, prealloc: bool) -> End {
+    if qemu {
+        let opts = VmOpts {
+            prealloc,
+            ..VmOpts::incoming()
+        };
+        End::Qemu(QemuVm::start(Qemu::V10, size, &opts))
+    } else {
+        let mut h = HelperVm::spawn_quiet();
+        if prealloc {
+            // As a VMM that preallocates guest RAM does: allocated before the helper
+            // gets it, and (like QEMU's prealloc at start-up) mapped before the clock.
+            h.add_preallocated_block("ram", size, 0);
         } else {
-            let mut h = HelperVm::spawn_quiet();
             h.add_block("ram", size, false);
-            fill_mixed(&mut h.blocks[0].mem.map(), seed, 0.0);
-            End::Helper(h)
         }
-    }
-
-    /// With `prealloc`, the destination's RAM is allocated and touched before the clock
-    /// starts: QEMU with `prealloc=on`, the helper's parent by writing every page of its
-    /// memfd before adding it (what a VMM that preallocates guest memory does), and the
-    /// helper has mapped those pages (`mapped-ahead`), as QEMU has mapped its own.
-    fn destination(qemu: bool, size: u64, prealloc: bool) -> End {
-        if qemu {
-            let opts = VmOpts {
-                prealloc,
-                ..VmOpts::incoming()
-            };
-            End::Qemu(QemuVm::start(Qemu::V10, size, &opts))
-        } else {
-            let mut h = HelperVm::spawn_quiet();
-            if prealloc {
-                // As a VMM that preallocates guest RAM does: allocated before the helper
-                // gets it, and (like QEMU's prealloc at start-up) mapped before the clock.
-                h.add_preallocated_block("ram", size, 0);
-            } else {
-                h.add_block("ram", size, false);
-            }
-            if let Ok(n) = std::env::var("QMH_BENCH_LOAD_THREADS") {
-                let n: u64 = n.parse().expect("QMH_BENCH_LOAD_THREADS: a number");
-                h.client
-                    .set_parameters(json!({ "load-threads": n }))
-                    .expect("load-threads");
-            }
-            End::Helper(h)
+        if let Ok(n) = std::env::var("QMH_BENCH_LOAD_THREADS") {
+            let n: u64 = n.parse().expect("QMH_BENCH_LOAD_THREADS: a number");
+            h.client
+                .set_parameters(json!({ "load-threads": n }))
+                .expect("load-threads");
         }
-    }
-
-    fn pid(&self) -> u32 {
-        match self {
-            End::Qemu(q) => q.pid(),
-            End::Helper(h) => h.pid(),
-        }
-    }
-
-    /// The QMP client of either end: QEMU's monitor or the helper's control socket.
-    fn client(&mut self) -> &mut HelperClient {
-        match self {
-            End::Qemu(q) => q.qmp(),
-            End::Helper(h) => &mut h.client,
-        }
+        End::Helper(h)
     }
 }
 
@@ -107,8 +85,8 @@ struct Timing {
 }
 
 fn migrate_once(src_qemu: bool, dst_qemu: bool, size: u64, seed: u64, prealloc: bool) -> Timing {
-    let mut src = End::source(src_qemu, size, seed);
-    let mut dst = End::destination(dst_qemu, size, prealloc);
+    let mut src = source(src_qemu, size, seed);
+    let mut dst = destination(dst_qemu, size, prealloc);
     pass_socketpair(src.client(), dst.client(), "mig");
     dst.client().migrate_incoming("fd:mig").expect("incoming");
     let params = match src {
@@ -141,42 +119,20 @@ fn migrate_once(src_qemu: bool, dst_qemu: bool, size: u64, seed: u64, prealloc: 
         dst_cpu: process_cpu_secs(dst.pid()) - cpu0.1,
     };
     // Spot-check the content: a benchmark of a broken migration means nothing.
-    let (s, d) = match (&src, &dst) {
-        (End::Qemu(q), End::Helper(h)) => (
-            q.ram_mmap().to_vec_sample(),
-            h.blocks[0].mem.map().to_vec_sample(),
-        ),
-        (End::Helper(h), End::Qemu(q)) => (
-            h.blocks[0].mem.map().to_vec_sample(),
-            q.ram_mmap().to_vec_sample(),
-        ),
-        (End::Helper(a), End::Helper(b)) => (
-            a.blocks[0].mem.map().to_vec_sample(),
-            b.blocks[0].mem.map().to_vec_sample(),
-        ),
-        (End::Qemu(a), End::Qemu(b)) => {
-            (a.ram_mmap().to_vec_sample(), b.ram_mmap().to_vec_sample())
-        }
-    };
+    let (s, d) = (sample(&src.ram()), sample(&dst.ram()));
     assert_eq!(s, d, "destination differs from source");
     timing
 }
 
-trait Sample {
-    fn to_vec_sample(&self) -> Vec<u8>;
-}
-
-impl Sample for RamMap {
-    /// Every 97th page's first and last 64 bytes.
-    fn to_vec_sample(&self) -> Vec<u8> {
-        let mut v = Vec::new();
-        for p in (0..self.len() / 4096).step_by(97) {
-            let o = p * 4096;
-            v.extend_from_slice(&self[o..o + 64]);
-            v.extend_from_slice(&self[o + 4032..o + 4096]);
-        }
-        v
+/// Every 97th page's first and last 64 bytes of `ram`.
+fn sample(ram: &RamMap) -> Vec<u8> {
+    let mut v = Vec::new();
+    for p in (0..ram.len() / 4096).step_by(97) {
+        let o = p * 4096;
+        v.extend_from_slice(&ram[o..o + 64]);
+        v.extend_from_slice(&ram[o + 4032..o + 4096]);
     }
+    v
 }
 
 /// Peak private (anonymous) and shared resident memory of a process, sampled.

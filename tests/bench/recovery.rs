@@ -9,10 +9,10 @@
 
 use std::time::{Duration, Instant};
 
-use qemu_migration_helper::client::HelperClient;
 use qemu_migration_helper::demo::parse_size;
 use serde_json::{json, Value};
 
+use support::end::End;
 use support::helper::{pass_socketpair, start_fd_migration, HelperVm};
 use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
 use support::stats::{bench_requested, env_size, median, repeat};
@@ -21,99 +21,99 @@ use support::util::MIB;
 
 const TIMEOUT: Duration = Duration::from_secs(300);
 
-enum End {
-    Qemu(QemuVm),
-    // The destination's guest is only held: it must live as long as its helper.
-    Helper(HelperVm, #[allow(dead_code)] Option<UffdGuest>),
+/// A source, or with `incoming` a destination, with postcopy-ram on. A helper
+/// destination's guest is a userfaultfd-registered memfd, as its parent VMM would hold it;
+/// it is returned to be held as long as the helper runs.
+fn start(qemu: bool, size: u64, incoming: bool) -> (End, Option<UffdGuest>) {
+    let (mut end, guest) = match (qemu, incoming) {
+        (true, false) => {
+            let q = QemuVm::start(Qemu::V10, size, &VmOpts::default());
+            (End::Qemu(q), None)
+        }
+        (true, true) => {
+            let q = QemuVm::start(Qemu::V10, size, &VmOpts::incoming());
+            (End::Qemu(q), None)
+        }
+        (false, false) => {
+            let mut h = HelperVm::spawn_quiet();
+            h.add_block("ram", size, false);
+            (End::Helper(h), None)
+        }
+        (false, true) => {
+            let guest = UffdGuest::new(size);
+            let mut h = HelperVm::spawn_quiet();
+            guest.attach(&mut h, "ram");
+            (End::Helper(h), Some(guest))
+        }
+    };
+    end.client()
+        .set_capabilities(&[("postcopy-ram", true)])
+        .expect("caps");
+    (end, guest)
 }
 
-impl End {
-    /// A source, or with `incoming` a destination, with postcopy-ram on. A helper
-    /// destination's guest is a userfaultfd-registered memfd, as its parent VMM would hold it.
-    fn start(qemu: bool, size: u64, incoming: bool) -> End {
-        let mut end = match (qemu, incoming) {
-            (true, false) => End::Qemu(QemuVm::start(Qemu::V10, size, &VmOpts::default())),
-            (true, true) => End::Qemu(QemuVm::start(Qemu::V10, size, &VmOpts::incoming())),
-            (false, false) => {
-                let mut h = HelperVm::spawn_quiet();
-                h.add_block("ram", size, false);
-                End::Helper(h, None)
-            }
-            (false, true) => {
-                let guest = UffdGuest::new(size);
-                let mut h = HelperVm::spawn_quiet();
-                guest.attach(&mut h, "ram");
-                End::Helper(h, Some(guest))
-            }
-        };
-        end.client()
-            .set_capabilities(&[("postcopy-ram", true)])
-            .expect("caps");
-        end
-    }
+fn exec(end: &mut End, cmd: &str, args: Value) {
+    end.client().execute(cmd, args).expect(cmd);
+}
 
-    /// The QMP client of either end: QEMU's monitor or the helper's control socket.
-    fn client(&mut self) -> &mut HelperClient {
-        match self {
-            End::Qemu(q) => q.qmp(),
-            End::Helper(h, _) => &mut h.client,
+/// Waits for one of `want`, asking every 0.5 ms: the time to the state is what the
+/// benchmark measures. (QEMU answers `{}` before a migration starts: no status yet.)
+fn wait(end: &mut End, want: &[&str]) {
+    let t0 = Instant::now();
+    loop {
+        let v = end.client().query_migrate().expect("query");
+        let st = v["status"].as_str().unwrap_or("");
+        if want.contains(&st) {
+            return;
         }
-    }
-
-    fn exec(&mut self, cmd: &str, args: Value) {
-        self.client().execute(cmd, args).expect(cmd);
-    }
-
-    /// Waits for one of `want`, asking every 0.5 ms: the time to the state is what the
-    /// benchmark measures. (QEMU answers `{}` before a migration starts: no status yet.)
-    fn wait(&mut self, want: &[&str]) {
-        let t0 = Instant::now();
-        loop {
-            let v = self.client().query_migrate().expect("query");
-            let st = v["status"].as_str().unwrap_or("");
-            if want.contains(&st) {
-                return;
-            }
-            assert!(st != "failed", "{v}");
-            assert!(
-                t0.elapsed() < TIMEOUT,
-                "timed out waiting for {want:?}: {v}"
-            );
-            std::thread::sleep(Duration::from_micros(500));
-        }
+        assert!(st != "failed", "{v}");
+        assert!(
+            t0.elapsed() < TIMEOUT,
+            "timed out waiting for {want:?}: {v}"
+        );
+        std::thread::sleep(Duration::from_micros(500));
     }
 }
 
 /// Returns the milliseconds from `migrate resume=true` to postcopy-active on both ends.
 fn one(src_qemu: bool, dst_qemu: bool, size: u64) -> f64 {
-    let mut src = End::start(src_qemu, size, false);
-    let mut dst = End::start(dst_qemu, size, true);
-    src.exec(
+    let (mut src, _) = start(src_qemu, size, false);
+    let (mut dst, dst_guest) = start(dst_qemu, size, true);
+    exec(
+        &mut src,
         "migrate-set-parameters",
         json!({"max-bandwidth": MIB, "max-postcopy-bandwidth": 64 * MIB}),
     );
     start_fd_migration(src.client(), dst.client());
     std::thread::sleep(Duration::from_millis(100));
-    src.exec("migrate-start-postcopy", json!({}));
-    src.wait(&["postcopy-active"]);
-    dst.wait(&["postcopy-active"]);
+    exec(&mut src, "migrate-start-postcopy", json!({}));
+    wait(&mut src, &["postcopy-active"]);
+    wait(&mut dst, &["postcopy-active"]);
     std::thread::sleep(Duration::from_millis(200));
-    src.exec("migrate-pause", json!({}));
-    src.wait(&["postcopy-paused"]);
-    dst.wait(&["postcopy-paused"]);
+    exec(&mut src, "migrate-pause", json!({}));
+    wait(&mut src, &["postcopy-paused"]);
+    wait(&mut dst, &["postcopy-paused"]);
     pass_socketpair(src.client(), dst.client(), "rec");
-    dst.exec("migrate-recover", json!({"uri": "fd:rec"}));
+    exec(&mut dst, "migrate-recover", json!({"uri": "fd:rec"}));
     let t0 = Instant::now();
-    src.exec("migrate", json!({"uri": "fd:rec", "resume": true}));
-    src.wait(&["postcopy-active", "completed"]);
-    dst.wait(&["postcopy-active", "completed"]);
+    exec(
+        &mut src,
+        "migrate",
+        json!({"uri": "fd:rec", "resume": true}),
+    );
+    wait(&mut src, &["postcopy-active", "completed"]);
+    wait(&mut dst, &["postcopy-active", "completed"]);
     let ms = t0.elapsed().as_secs_f64() * 1000.0;
-    src.exec(
+    exec(
+        &mut src,
         "migrate-set-parameters",
         json!({"max-postcopy-bandwidth": 0}),
     );
-    src.wait(&["completed"]);
-    dst.wait(&["completed"]);
+    wait(&mut src, &["completed"]);
+    wait(&mut dst, &["completed"]);
+    // The helpers quit first: the destination's guest must outlive its helper.
+    drop((src, dst));
+    drop(dst_guest);
     ms
 }
 
