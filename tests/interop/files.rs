@@ -539,9 +539,7 @@ fn qemu_file_to_helper(qemu: Qemu, test: &str) {
         Qemu::V10 => format!("file:{}", file.display()),
         Qemu::V72 => format!("exec:cat > {}", file.display()),
     };
-    src.qmp()
-        .execute("migrate", json!({ "uri": uri }))
-        .expect("migrate");
+    src.qmp().migrate(&uri).expect("migrate");
     src.wait_migration(&["completed"], TIMEOUT)
         .unwrap_or_else(|e| panic!("{test}: QEMU source: {e}"));
     let bytes = wait_whole_stream(&file, Duration::from_secs(20));

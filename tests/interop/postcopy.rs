@@ -218,12 +218,10 @@ fn qemu_to_helper_postcopy_with(qemu: Qemu, test: &str, preempt: bool, prealloc:
         dst.client.getfd("mig", b).expect("getfd");
     });
     dst.client.migrate_incoming(&uri).expect("incoming");
-    src.qmp()
-        .execute("migrate", json!({"uri": uri}))
-        .expect("migrate");
+    src.qmp().migrate(&uri).expect("migrate");
     std::thread::sleep(Duration::from_millis(300));
     src.qmp()
-        .execute("migrate-start-postcopy", json!({}))
+        .migrate_start_postcopy()
         .expect("migrate-start-postcopy");
     wait_until(&mut guest, "destination postcopy-active", || {
         let v = status(&mut dst);
@@ -380,9 +378,7 @@ fn helper_to_qemu_postcopy_with(qemu: Qemu, test: &str, preempt: bool) {
         src.client.getfd("mig", a).expect("getfd");
         dst.qmp().getfd("mig", b).expect("qemu getfd");
     });
-    dst.qmp()
-        .execute("migrate-incoming", json!({"uri": uri}))
-        .expect("incoming");
+    dst.qmp().migrate_incoming(&uri).expect("incoming");
     src.client.migrate(&uri).expect("migrate");
     std::thread::sleep(Duration::from_millis(300));
     src.client

@@ -34,9 +34,7 @@ fn qemu_to_helper(qemu: Qemu, test: &str, return_path: bool) {
             .set_capabilities(&[("return-path", true)])
             .expect("caps");
     }
-    src.qmp()
-        .execute("migrate", json!({"uri": "fd:mig"}))
-        .expect("migrate");
+    src.qmp().migrate("fd:mig").expect("migrate");
     src.wait_migration(&["completed"], TIMEOUT)
         .expect("qemu source completes");
     let v = dst.wait(&["completed"], TIMEOUT);

@@ -49,15 +49,13 @@ fn qemu_to_qemu_fd(qemu: Qemu, test: &str) {
     drop((a, b));
 
     dst.qmp()
-        .execute("migrate-incoming", json!({ "uri": "fd:mig" }))
+        .migrate_incoming("fd:mig")
         .expect("migrate-incoming");
     src.qmp()
         .set_parameters(json!({ "max-bandwidth": 10 * GIB }))
         .expect("migrate-set-parameters");
     let t1 = Instant::now();
-    src.qmp()
-        .execute("migrate", json!({ "uri": "fd:mig" }))
-        .expect("migrate");
+    src.qmp().migrate("fd:mig").expect("migrate");
     let info = src
         .wait_migration(&["completed"], MIGRATION_TIMEOUT)
         .unwrap_or_else(|e| panic!("{test}: source: {e}"));

@@ -114,9 +114,7 @@ fn qemu_to_helper_recovery(qemu: Qemu, test: &str) {
     let (mut link, a, b) = Link::new();
     start_fd_migration_over(src.qmp(), &mut dst.client, (a, b));
     std::thread::sleep(Duration::from_millis(200));
-    src.qmp()
-        .execute("migrate-start-postcopy", json!({}))
-        .expect("postcopy");
+    src.qmp().migrate_start_postcopy().expect("postcopy");
     wait(&mut dst, &mut guest, &["postcopy-active"]);
     let reader = Readers::start_paced(&guest, expected.clone(), 1, seed, Duration::from_millis(1));
     for n in 1..=2 {
@@ -895,20 +893,14 @@ fn qemu10_to_helper_preempt_recovery() {
     let dir = support::util::TempDir::new("qmh-rec");
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     dst.client.migrate_incoming(&uri).expect("incoming");
-    src.qmp()
-        .execute("migrate", json!({"uri": uri}))
-        .expect("migrate");
+    src.qmp().migrate(&uri).expect("migrate");
     std::thread::sleep(Duration::from_millis(200));
-    src.qmp()
-        .execute("migrate-start-postcopy", json!({}))
-        .expect("postcopy");
+    src.qmp().migrate_start_postcopy().expect("postcopy");
     wait(&mut dst, &mut guest, &["postcopy-active"]);
     let reader = Readers::start_paced(&guest, expected.clone(), 2, seed, Duration::from_millis(1));
     for n in 1..=2 {
         std::thread::sleep(Duration::from_millis(200));
-        src.qmp()
-            .execute("migrate-pause", json!({}))
-            .expect("qemu migrate-pause");
+        src.qmp().migrate_pause().expect("qemu migrate-pause");
         src.wait_migration(&["postcopy-paused"], TIMEOUT)
             .expect("qemu paused");
         wait(&mut dst, &mut guest, &["postcopy-paused"]);
@@ -916,9 +908,7 @@ fn qemu10_to_helper_preempt_recovery() {
         dst.client
             .execute_oob("migrate-recover", json!({"uri": uri}))
             .expect("migrate-recover");
-        src.qmp()
-            .execute("migrate", json!({"uri": uri, "resume": true}))
-            .expect("qemu migrate resume");
+        src.qmp().migrate_resume(&uri).expect("qemu migrate resume");
         src.wait_migration(&["postcopy-active", "completed"], TIMEOUT)
             .expect("qemu resumed");
         wait(&mut dst, &mut guest, &["postcopy-active", "completed"]);

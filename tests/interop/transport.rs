@@ -356,7 +356,7 @@ fn qemu10_source_to_fd_tcp_listener() {
         .set_parameters(json!({"max-bandwidth": 1u64 << 33}))
         .expect("params");
     src.qmp()
-        .execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
+        .migrate(&format!("tcp:127.0.0.1:{port}"))
         .expect("migrate");
     src.wait_migration(&["completed"], DEADLINE)
         .expect("qemu completes");
@@ -392,9 +392,7 @@ fn qemu10_source_silent_in_pre_switchover() {
         src.qmp()
             .set_parameters(json!({"max-bandwidth": 1u64 << 33}))
             .expect("params");
-        src.qmp()
-            .execute("migrate", json!({"uri": "fd:mig"}))
-            .expect("migrate");
+        src.qmp().migrate("fd:mig").expect("migrate");
         src.wait_migration(&["pre-switchover"], DEADLINE)
             .expect("qemu pauses");
         std::thread::sleep(Duration::from_millis(3000));
@@ -410,9 +408,7 @@ fn qemu10_source_silent_in_pre_switchover() {
             continue;
         }
         assert_eq!(v["status"], "active", "{test}: {v}");
-        src.qmp()
-            .execute("migrate-continue", json!({"state": "pre-switchover"}))
-            .expect("continue");
+        src.qmp().migrate_continue().expect("continue");
         src.wait_migration(&["completed"], DEADLINE)
             .expect("qemu completes");
         dst.wait(&["completed"], DEADLINE);
