@@ -11,7 +11,6 @@
 //!
 //! Environment: QMH_BENCH_PC_SIZE (default 1G), QMH_BENCH_REPEAT (default 3).
 
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,7 +18,8 @@ use std::time::{Duration, Instant};
 use qemu_migration_helper::demo::parse_size;
 use serde_json::json;
 
-use support::helper::{pass_socketpair, socketpair, HelperVm};
+use support::end::End;
+use support::helper::{start_migration, HelperVm};
 use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
 use support::stats::{bench_requested, env_size, median, percentile, repeat};
 use support::uffd::UffdGuest;
@@ -73,48 +73,28 @@ fn into_helper(from_qemu: bool, preempt: bool, size: u64) -> (Vec<f64>, serde_js
     guest.attach(&mut dst, "ram");
     let caps = [("postcopy-ram", true), ("postcopy-preempt", preempt)];
     dst.client.set_capabilities(&caps).expect("caps");
-    let dir = TempDir::new("qmh-bench");
-    let (a, b) = socketpair();
-    let uri = if preempt {
-        format!("unix:{}", dir.join("mig.sock").display())
-    } else {
-        dst.client.getfd("mig", b.as_fd()).expect("getfd");
-        "fd:mig".to_string()
-    };
-    dst.client.migrate_incoming(&uri).expect("incoming");
-    let (mut qsrc, mut hsrc) = (None, None);
-    // The source's QMP client: QEMU's monitor or the helper's control socket.
-    let client = if from_qemu {
-        let q = qsrc.insert(QemuVm::start(Qemu::V10, size, &VmOpts::default()));
+    let mut src = if from_qemu {
+        let q = QemuVm::start(Qemu::V10, size, &VmOpts::default());
         fill_mixed(&mut q.ram_mmap(), 5, 0.0);
-        q.qmp()
+        End::Qemu(q)
     } else {
-        let h = hsrc.insert(HelperVm::spawn_quiet());
+        let mut h = HelperVm::spawn_quiet();
         h.add_block("ram", size, false);
         fill_mixed(&mut h.blocks[0].mem.map(), 5, 0.0);
-        &mut h.client
+        End::Helper(h)
     };
-    client.set_capabilities(&caps).expect("caps");
-    client
+    src.client().set_capabilities(&caps).expect("caps");
+    src.client()
         .set_parameters(json!({"max-bandwidth": 16 * MIB, "max-postcopy-bandwidth": 0}))
         .expect("params");
-    if !preempt {
-        client.getfd("mig", a.as_fd()).expect("getfd");
-    }
-    client.migrate(&uri).expect("migrate");
+    let dir = TempDir::new("qmh-bench");
+    start_migration(src.client(), &mut dst.client, &dir, preempt);
     std::thread::sleep(Duration::from_millis(200));
-    client.migrate_start_postcopy().expect("postcopy");
-    drop((a, b));
+    src.client().migrate_start_postcopy().expect("postcopy");
     dst.wait(&["postcopy-active", "completed"], TIMEOUT);
     let lat = touch_pages(&guest, Arc::new(AtomicBool::new(false)), 2);
     let v = dst.wait(&["completed"], TIMEOUT);
-    if let Some(q) = &mut qsrc {
-        q.wait_migration(&["completed"], TIMEOUT)
-            .expect("qemu completes");
-    }
-    if let Some(h) = &mut hsrc {
-        h.wait(&["completed"], TIMEOUT);
-    }
+    src.wait(&["completed"], TIMEOUT);
     (lat, v["postcopy-latency"].clone())
 }
 
@@ -133,14 +113,7 @@ fn qemu_to_qemu(size: u64, preempt: bool) -> (Vec<f64>, f64) {
         .set_parameters(json!({"max-bandwidth": 16 * MIB, "max-postcopy-bandwidth": 0}))
         .expect("params");
     let dir = TempDir::new("qmh-bench");
-    let uri = if preempt {
-        format!("unix:{}", dir.join("mig.sock").display())
-    } else {
-        pass_socketpair(src.qmp(), dst.qmp(), "mig");
-        "fd:mig".to_string()
-    };
-    dst.qmp().migrate_incoming(&uri).expect("incoming");
-    src.qmp().migrate(&uri).expect("migrate");
+    start_migration(src.qmp(), dst.qmp(), &dir, preempt);
     std::thread::sleep(Duration::from_millis(200));
     src.qmp().migrate_start_postcopy().expect("postcopy");
     dst.wait_migration(&["postcopy-active", "completed"], TIMEOUT)

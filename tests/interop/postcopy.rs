@@ -2,35 +2,19 @@
 //! on its own mapping of the guest memfd; reader threads fault pages in through it while the
 //! background push goes on.
 
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use support::helper::{socketpair, HelperVm, Memfd};
+use support::helper::{socketpair, start_migration, HelperVm, Memfd};
 use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
 use support::uffd::{Readers, UffdGuest};
 use support::util::{assert_same_memory, fill_mixed, test_seed, TempDir, MIB};
 
 const RAM: u64 = 64 * MIB;
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-/// The URI both ends of a test migration use: with `preempt`, a `unix:` listener in `dir`
-/// (the preempt channel needs a second connection); otherwise a socketpair whose ends
-/// `give` passes to the source and the destination as "mig".
-fn migration_uri(
-    dir: &TempDir,
-    preempt: bool,
-    give: impl FnOnce(BorrowedFd<'_>, BorrowedFd<'_>),
-) -> String {
-    if preempt {
-        return format!("unix:{}", dir.join("mig.sock").display());
-    }
-    let (a, b) = socketpair();
-    give(a.as_fd(), b.as_fd());
-    "fd:mig".to_string()
-}
 
 /// Polls `f` until it returns Some or the deadline passes; on timeout releases the guest's
 /// userfaultfd (so no thread stays blocked) and panics.
@@ -111,12 +95,7 @@ fn helper_to_helper_postcopy_opts(pause: bool, preempt: bool, prealloc: bool) {
         .set_parameters(json!({"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 8 * MIB}))
         .expect("params");
     let dir = TempDir::new("qmh-pc");
-    let uri = migration_uri(&dir, preempt, |a, b| {
-        src.client.getfd("mig", a).expect("getfd");
-        dst.client.getfd("mig", b).expect("getfd");
-    });
-    dst.client.migrate_incoming(&uri).expect("incoming");
-    src.client.migrate(&uri).expect("migrate");
+    start_migration(&mut src.client, &mut dst.client, &dir, preempt);
     std::thread::sleep(Duration::from_millis(300));
     src.client
         .migrate_start_postcopy()
@@ -213,12 +192,7 @@ fn qemu_to_helper_postcopy_with(qemu: Qemu, test: &str, preempt: bool, prealloc:
         .set_parameters(json!({"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 16 * MIB}))
         .expect("qemu params");
     let dir = TempDir::new("qmh-pc");
-    let uri = migration_uri(&dir, preempt, |a, b| {
-        src.qmp().getfd("mig", a).expect("qemu getfd");
-        dst.client.getfd("mig", b).expect("getfd");
-    });
-    dst.client.migrate_incoming(&uri).expect("incoming");
-    src.qmp().migrate(&uri).expect("migrate");
+    start_migration(src.qmp(), &mut dst.client, &dir, preempt);
     std::thread::sleep(Duration::from_millis(300));
     src.qmp()
         .migrate_start_postcopy()
@@ -374,12 +348,7 @@ fn helper_to_qemu_postcopy_with(qemu: Qemu, test: &str, preempt: bool) {
         .set_parameters(json!({"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 32 * MIB}))
         .expect("params");
     let dir = TempDir::new("qmh-pc");
-    let uri = migration_uri(&dir, preempt, |a, b| {
-        src.client.getfd("mig", a).expect("getfd");
-        dst.qmp().getfd("mig", b).expect("qemu getfd");
-    });
-    dst.qmp().migrate_incoming(&uri).expect("incoming");
-    src.client.migrate(&uri).expect("migrate");
+    start_migration(&mut src.client, dst.qmp(), &dir, preempt);
     std::thread::sleep(Duration::from_millis(300));
     src.client
         .migrate_start_postcopy()

@@ -1,7 +1,10 @@
 //! One end of a migration, a real QEMU or a helper: both are driven through the same QMP
 //! client, so a test or benchmark can run every pairing with one code path.
 
+use std::time::Duration;
+
 use qemu_migration_helper::client::HelperClient;
+use serde_json::Value;
 
 use crate::helper::HelperVm;
 use crate::map::RamMap;
@@ -25,6 +28,17 @@ impl End {
         match self {
             End::Qemu(q) => q.pid(),
             End::Helper(h) => h.pid(),
+        }
+    }
+
+    /// Waits until the migration's status is one of `wanted` (`HelperVm::wait`,
+    /// `QemuVm::wait_migration`); panics otherwise.
+    pub fn wait(&mut self, wanted: &[&str], timeout: Duration) -> Value {
+        match self {
+            End::Qemu(q) => q
+                .wait_migration(wanted, timeout)
+                .unwrap_or_else(|e| panic!("QEMU did not reach {wanted:?}: {e}")),
+            End::Helper(h) => h.wait(wanted, timeout),
         }
     }
 

@@ -300,6 +300,26 @@ pub fn start_fd_migration(src: &mut HelperClient, dst: &mut HelperClient) {
     start_fd_migration_over(src, dst, socketpair());
 }
 
+/// Starts a migration from `src` to `dst`: with `listener`, over a `unix:` listener of the
+/// destination's in `dir` (postcopy-preempt needs a second connection); otherwise over a
+/// socketpair, as `start_fd_migration`. Returns the URI both ends were given.
+pub fn start_migration(
+    src: &mut HelperClient,
+    dst: &mut HelperClient,
+    dir: &TempDir,
+    listener: bool,
+) -> String {
+    let uri = if listener {
+        format!("unix:{}", dir.join("mig.sock").display())
+    } else {
+        pass_socketpair(src, dst, "mig");
+        "fd:mig".to_string()
+    };
+    dst.migrate_incoming(&uri).expect("migrate-incoming");
+    src.migrate(&uri).expect("migrate");
+    uri
+}
+
 /// `start_fd_migration` over the given connection (e.g. a link the test can cut).
 pub fn start_fd_migration_over(
     src: &mut HelperClient,
