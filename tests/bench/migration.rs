@@ -24,8 +24,9 @@ use qemu_migration_helper::demo::process_cpu_secs;
 use serde_json::{json, Value};
 
 use support::end::End;
-use support::helper::{pass_socketpair, start_fd_migration, HelperVm};
+use support::helper::HelperVm;
 use support::map::RamMap;
+use support::migrate::{pass_socketpair, start_fd_migration};
 use support::qemu::{require_qemu, Accel, Qemu, QemuVm, VmOpts};
 use support::stats::{bench_requested, env_size, median, repeat};
 use support::util::{fill_mixed, GIB};

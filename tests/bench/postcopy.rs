@@ -19,7 +19,8 @@ use qemu_migration_helper::demo::parse_size;
 use serde_json::json;
 
 use support::end::End;
-use support::helper::{start_migration, HelperVm};
+use support::helper::HelperVm;
+use support::migrate::start_migration;
 use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
 use support::stats::{bench_requested, env_size, median, percentile, repeat};
 use support::uffd::UffdGuest;

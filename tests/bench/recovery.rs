@@ -13,7 +13,8 @@ use qemu_migration_helper::demo::parse_size;
 use serde_json::{json, Value};
 
 use support::end::End;
-use support::helper::{pass_socketpair, start_fd_migration, HelperVm};
+use support::helper::HelperVm;
+use support::migrate::{pass_socketpair, start_fd_migration};
 use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
 use support::stats::{bench_requested, env_size, median, repeat};
 use support::uffd::UffdGuest;

@@ -35,7 +35,8 @@ use crate::files::{
     check_images, fixture_path, helper_for, load_file, prefill, ItemKind, StreamMap,
 };
 use crate::streams::*;
-use support::helper::{helper_bin, socketpair, HelperVm, Memfd};
+use support::helper::{helper_bin, HelperVm, Memfd};
+use support::migrate::socketpair;
 use support::util::{assert_same_memory, test_seed, TempDir, MIB, PAGE_SIZE};
 
 /// Every wait for a migration to end has this deadline: a bad stream must never hang.

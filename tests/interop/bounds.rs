@@ -421,7 +421,7 @@ fn flooded_source(test: &str) -> (HelperVm, Vec<u8>, std::os::unix::net::UnixStr
     src.client
         .set_parameters(json!({"max-bandwidth": 4 << 20, "max-postcopy-bandwidth": 4 << 20}))
         .expect("params");
-    let (a, b) = support::helper::socketpair();
+    let (a, b) = support::migrate::socketpair();
     src.client.getfd("mig", a.as_fd()).expect("getfd");
     drop(a);
     (src, before, std::os::unix::net::UnixStream::from(b))

@@ -16,7 +16,8 @@ use qemu_migration_helper::client::HelperClient;
 use serde_json::{json, Value};
 
 use crate::bad_input::{Raw, SocketHelper};
-use support::helper::{helper_bin, socketpair, HelperVm};
+use support::helper::{helper_bin, HelperVm};
+use support::migrate::socketpair;
 use support::util::{TempDir, MIB};
 
 /// Peak RSS a helper may reach while refusing every crafted message below. The biggest

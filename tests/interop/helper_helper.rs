@@ -16,7 +16,8 @@ use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 use serde_json::{json, Value};
 
-use support::helper::{pass_socketpair, socketpair, Block, HelperVm, Memfd};
+use support::helper::{Block, HelperVm, Memfd};
+use support::migrate::{pass_socketpair, socketpair};
 use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
 use support::util::{assert_same_memory, fill_mixed, test_seed, TempDir, KIB, MIB, PAGE_SIZE};
 

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use support::helper::{socketpair, start_fd_migration, HelperVm};
+use support::helper::HelperVm;
+use support::migrate::{socketpair, start_fd_migration};
 use support::util::{assert_same_memory, fill_mixed, test_seed, MIB};
 
 const QUIET: &[&str] = &["--log-level", "info"];

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use support::helper::{start_fd_migration, HelperVm};
+use support::helper::HelperVm;
+use support::migrate::start_fd_migration;
 use support::util::{fill_mixed, TempDir, MIB};
 
 #[test]

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use support::helper::{socketpair, start_migration, HelperVm, Memfd};
+use support::helper::{HelperVm, Memfd};
+use support::migrate::{socketpair, start_migration};
 use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
 use support::uffd::{Readers, UffdGuest};
 use support::util::{assert_same_memory, fill_mixed, test_seed, TempDir, MIB};

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use support::helper::{pass_socketpair, start_fd_migration, HelperVm};
+use support::helper::HelperVm;
+use support::migrate::{pass_socketpair, start_fd_migration};
 use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
 use support::util::{assert_same_memory, fill_mixed, test_seed, GIB, MIB};
 

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use support::helper::{
+use support::helper::HelperVm;
+use support::migrate::{
     recover_over, recover_over_socketpair, socketpair, start_fd_migration, start_fd_migration_over,
-    HelperVm,
 };
 use support::uffd::{Readers, UffdGuest};
 use support::util::{assert_same_memory, fill_mixed, test_seed, MIB};

@@ -9,7 +9,8 @@ use std::time::Duration;
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use serde_json::json;
 
-use support::helper::{socketpair, start_fd_migration, HelperVm, Memfd};
+use support::helper::{HelperVm, Memfd};
+use support::migrate::{socketpair, start_fd_migration};
 use support::util::{assert_same_memory, fill_mixed, test_seed, MIB};
 
 const SIZE: u64 = 64 * MIB;

@@ -15,7 +15,8 @@ use qemu_migration_helper::wire::stream::{
 };
 use serde_json::{json, Value};
 
-use support::helper::{socketpair, HelperVm};
+use support::helper::HelperVm;
+use support::migrate::socketpair;
 use support::util::{MIB, PAGE_SIZE};
 
 /// How long a hand-built load may take before it counts as a hang.

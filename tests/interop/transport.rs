@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use support::helper::{pass_socketpair, socketpair, HelperVm};
+use support::helper::HelperVm;
+use support::migrate::{pass_socketpair, socketpair};
 use support::util::{assert_same_memory, fill_mixed, test_seed, TempDir, MIB};
 
 const QUIET: &[&str] = &["--log-level", "warn"];
