@@ -7,26 +7,15 @@
 //! Environment: QMH_BENCH_ANALYZE_SIZE (default 4G), QMH_BENCH_REPEAT (default 3),
 //! QMH_BENCH_DIR (default the system temp dir; needs about 3x the size free).
 
-#[path = "../interop/helper.rs"]
-mod helper;
-#[path = "../interop/qemu.rs"]
-mod qemu;
-#[path = "../interop/util.rs"]
-#[allow(unused_imports)]
-mod util;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use qemu_migration_helper::demo::parse_size;
 use serde_json::json;
 
-use helper::{helper_bin, HelperVm};
-use util::fill_mixed;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
+use support::helper::{helper_bin, HelperVm};
+use support::stats::{bench_requested, env_size, median, repeat};
+use support::util::fill_mixed;
 
 fn time(cmd: &mut Command) -> f64 {
     let t0 = Instant::now();
@@ -40,20 +29,11 @@ fn time(cmd: &mut Command) -> f64 {
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        println!(
-            "analyze benchmark: run it with `cargo bench --bench analyze` (not part of the tests)"
-        );
+    if !bench_requested("analyze") {
         return;
     }
-    let size = qemu_migration_helper::demo::parse_size(
-        &std::env::var("QMH_BENCH_ANALYZE_SIZE").unwrap_or_else(|_| "4G".into()),
-    )
-    .expect("size");
-    let repeat: usize = std::env::var("QMH_BENCH_REPEAT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let size = env_size("QMH_BENCH_ANALYZE_SIZE", "4G", parse_size);
+    let repeat = repeat();
     let base = std::env::var_os("QMH_BENCH_DIR")
         .map(Into::into)
         .unwrap_or_else(std::env::temp_dir);
@@ -112,7 +92,7 @@ fn main() {
             cp[r], an[r], ex[r]
         );
     }
-    let (c, a, e) = (median(cp), median(an), median(ex));
+    let (c, a, e) = (median(&cp), median(&an), median(&ex));
     println!("\ncp FILE OUT              {c:8.3} s");
     println!(
         "analyze --extract-ram    {e:8.3} s   {:.2}x the copy (target <= 1.5x)",

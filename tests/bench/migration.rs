@@ -15,96 +15,64 @@
 //! QMH_BENCH_RSS_SIZES (default "2G,4G"; empty skips), QMH_BENCH_LOAD_THREADS (the helper
 //! destinations' `load-threads`; default: the helper's own default).
 
-#[path = "../interop/helper.rs"]
-mod helper;
-#[path = "../interop/qemu.rs"]
-mod qemu;
-#[path = "../interop/util.rs"]
-#[allow(unused_imports)]
-mod util;
-
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use qemu_migration_helper::demo::parse_size;
+use qemu_migration_helper::demo::process_cpu_secs;
 use serde_json::{json, Value};
 
-use helper::{socketpair, HelperVm};
-use qemu::{require_qemu, Qemu, QemuVm, VmOpts};
-use qemu_migration_helper::demo::process_cpu_secs;
-use util::{fill_mixed, GIB};
+use support::end::End;
+use support::helper::HelperVm;
+use support::map::RamMap;
+use support::migrate::{pass_socketpair, start_fd_migration};
+use support::qemu::{require_qemu, Accel, Qemu, QemuVm, VmOpts};
+use support::stats::{bench_requested, env_size, median, repeat};
+use support::util::{fill_mixed, GIB};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 
-enum End {
-    Qemu(QemuVm),
-    Helper(HelperVm),
+fn source(qemu: bool, size: u64, seed: u64) -> End {
+    if qemu {
+        let vm = QemuVm::start(Qemu::V10, size, &VmOpts::default());
+        fill_mixed(&mut vm.ram_mmap(), seed, 0.0);
+        End::Qemu(vm)
+    } else {
+        let mut h = HelperVm::spawn_quiet();
+        h.add_block("ram", size, false);
+        fill_mixed(&mut h.blocks[0].mem.map(), seed, 0.0);
+        End::Helper(h)
+    }
 }
 
-impl End {
-    fn source(qemu: bool, size: u64, seed: u64) -> End {
-        if qemu {
-            let vm = QemuVm::start(Qemu::V10, size, &VmOpts::default());
-            fill_mixed(&mut vm.ram_mmap(), seed, 0.0);
-            End::Qemu(vm)
+/// With `prealloc`, the destination's RAM is allocated and touched before the clock
+/// starts: QEMU with `prealloc=on`, the helper's parent by writing every page of its
+/// memfd before adding it (what a VMM that preallocates guest memory does), and the
+/// helper has mapped those pages (`mapped-ahead`), as QEMU has mapped its own.
+fn destination(qemu: bool, size: u64, prealloc: bool) -> End {
+    if qemu {
+        let opts = VmOpts {
+            prealloc,
+            ..VmOpts::incoming()
+        };
+        End::Qemu(QemuVm::start(Qemu::V10, size, &opts))
+    } else {
+        let mut h = HelperVm::spawn_quiet();
+        if prealloc {
+            // As a VMM that preallocates guest RAM does: allocated before the helper
+            // gets it, and (like QEMU's prealloc at start-up) mapped before the clock.
+            h.add_preallocated_block("ram", size, 0);
         } else {
-            let mut h = HelperVm::spawn_quiet();
             h.add_block("ram", size, false);
-            fill_mixed(&mut h.blocks[0].mem.map(), seed, 0.0);
-            End::Helper(h)
         }
-    }
-
-    /// With `prealloc`, the destination's RAM is allocated and touched before the clock
-    /// starts: QEMU with `prealloc=on`, the helper's parent by writing every page of its
-    /// memfd before adding it (what a VMM that preallocates guest memory does), and the
-    /// helper has mapped those pages (`mapped-ahead`), as QEMU has mapped its own.
-    fn destination(qemu: bool, size: u64, prealloc: bool) -> End {
-        if qemu {
-            let opts = VmOpts {
-                prealloc,
-                ..VmOpts::incoming()
-            };
-            End::Qemu(QemuVm::start(Qemu::V10, size, &opts))
-        } else {
-            let mut h = HelperVm::spawn_quiet();
-            if prealloc {
-                // As a VMM that preallocates guest RAM does: allocated before the helper
-                // gets it, and (like QEMU's prealloc at start-up) mapped before the clock.
-                h.add_preallocated_block("ram", size, 0);
-            } else {
-                h.add_block("ram", size, false);
-            }
-            if let Ok(n) = std::env::var("QMH_BENCH_LOAD_THREADS") {
-                let n: u64 = n.parse().expect("QMH_BENCH_LOAD_THREADS: a number");
-                h.client
-                    .set_parameters(json!({ "load-threads": n }))
-                    .expect("load-threads");
-            }
-            End::Helper(h)
+        if let Ok(n) = std::env::var("QMH_BENCH_LOAD_THREADS") {
+            let n: u64 = n.parse().expect("QMH_BENCH_LOAD_THREADS: a number");
+            h.client
+                .set_parameters(json!({ "load-threads": n }))
+                .expect("load-threads");
         }
-    }
-
-    fn pid(&self) -> u32 {
-        match self {
-            End::Qemu(q) => q.pid(),
-            End::Helper(h) => h.pid(),
-        }
-    }
-
-    fn getfd(&mut self, fd: std::os::fd::BorrowedFd<'_>) {
-        match self {
-            End::Qemu(q) => q.qmp().getfd("mig", fd).expect("qemu getfd"),
-            End::Helper(h) => h.client.getfd("mig", fd).expect("helper getfd"),
-        }
-    }
-
-    fn status(&mut self) -> Value {
-        match self {
-            End::Qemu(q) => q.qmp().query_migrate().expect("query-migrate"),
-            End::Helper(h) => h.client.query_migrate().expect("query-migrate"),
-        }
+        End::Helper(h)
     }
 }
 
@@ -118,45 +86,23 @@ struct Timing {
 }
 
 fn migrate_once(src_qemu: bool, dst_qemu: bool, size: u64, seed: u64, prealloc: bool) -> Timing {
-    let mut src = End::source(src_qemu, size, seed);
-    let mut dst = End::destination(dst_qemu, size, prealloc);
-    let (a, b) = socketpair();
-    src.getfd(a.as_fd());
-    dst.getfd(b.as_fd());
-    drop((a, b));
-    match &mut dst {
-        End::Qemu(q) => {
-            q.qmp()
-                .execute("migrate-incoming", json!({"uri": "fd:mig"}))
-                .expect("incoming");
-        }
-        End::Helper(h) => h.client.migrate_incoming("fd:mig").expect("incoming"),
-    }
-    match &mut src {
-        End::Qemu(q) => q
-            .qmp()
-            .set_parameters(json!({"max-bandwidth": 100 * GIB, "downtime-limit": 300}))
-            .expect("params"),
-        End::Helper(h) => h
-            .client
-            .set_parameters(json!({"max-bandwidth": 0}))
-            .expect("params"),
-    }
+    let mut src = source(src_qemu, size, seed);
+    let mut dst = destination(dst_qemu, size, prealloc);
+    pass_socketpair(src.client(), dst.client(), "mig");
+    dst.client().migrate_incoming("fd:mig").expect("incoming");
+    let params = match src {
+        End::Qemu(_) => json!({"max-bandwidth": 100 * GIB, "downtime-limit": 300}),
+        End::Helper(_) => json!({"max-bandwidth": 0}),
+    };
+    src.client().set_parameters(params).expect("params");
     let cpu0 = (process_cpu_secs(src.pid()), process_cpu_secs(dst.pid()));
     let t0 = Instant::now();
-    match &mut src {
-        End::Qemu(q) => {
-            q.qmp()
-                .execute("migrate", json!({"uri": "fd:mig"}))
-                .expect("migrate");
-        }
-        End::Helper(h) => h.client.migrate("fd:mig").expect("migrate"),
-    }
+    src.client().migrate("fd:mig").expect("migrate");
     let (mut src_done, mut dst_done) = (false, false);
     while !(src_done && dst_done) {
         for (done, end) in [(&mut src_done, &mut src), (&mut dst_done, &mut dst)] {
             if !*done {
-                let v = end.status();
+                let v: Value = end.client().query_migrate().expect("query-migrate");
                 match v["status"].as_str() {
                     Some("completed") => *done = true,
                     Some("failed") | Some("cancelled") => panic!("migration failed: {v}"),
@@ -174,51 +120,20 @@ fn migrate_once(src_qemu: bool, dst_qemu: bool, size: u64, seed: u64, prealloc: 
         dst_cpu: process_cpu_secs(dst.pid()) - cpu0.1,
     };
     // Spot-check the content: a benchmark of a broken migration means nothing.
-    let (s, d) = match (&src, &dst) {
-        (End::Qemu(q), End::Helper(h)) => (
-            q.ram_mmap().to_vec_sample(),
-            h.blocks[0].mem.map().to_vec_sample(),
-        ),
-        (End::Helper(h), End::Qemu(q)) => (
-            h.blocks[0].mem.map().to_vec_sample(),
-            q.ram_mmap().to_vec_sample(),
-        ),
-        (End::Helper(a), End::Helper(b)) => (
-            a.blocks[0].mem.map().to_vec_sample(),
-            b.blocks[0].mem.map().to_vec_sample(),
-        ),
-        (End::Qemu(a), End::Qemu(b)) => {
-            (a.ram_mmap().to_vec_sample(), b.ram_mmap().to_vec_sample())
-        }
-    };
+    let (s, d) = (sample(&src.ram()), sample(&dst.ram()));
     assert_eq!(s, d, "destination differs from source");
     timing
 }
 
-trait Sample {
-    fn to_vec_sample(&self) -> Vec<u8>;
-}
-
-impl Sample for qemu::RamMap {
-    /// Every 97th page's first and last 64 bytes.
-    fn to_vec_sample(&self) -> Vec<u8> {
-        let mut v = Vec::new();
-        for p in (0..self.len() / 4096).step_by(97) {
-            let o = p * 4096;
-            v.extend_from_slice(&self[o..o + 64]);
-            v.extend_from_slice(&self[o + 4032..o + 4096]);
-        }
-        v
+/// Every 97th page's first and last 64 bytes of `ram`.
+fn sample(ram: &RamMap) -> Vec<u8> {
+    let mut v = Vec::new();
+    for p in (0..ram.len() / 4096).step_by(97) {
+        let o = p * 4096;
+        v.extend_from_slice(&ram[o..o + 64]);
+        v.extend_from_slice(&ram[o + 4032..o + 4096]);
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn parse_size(s: &str) -> u64 {
-    qemu_migration_helper::demo::parse_size(s).unwrap_or_else(|e| panic!("{e}"))
+    v
 }
 
 /// Peak private (anonymous) and shared resident memory of a process, sampled.
@@ -269,16 +184,11 @@ fn rss_run(size: u64) -> [(u64, u64); 2] {
     fill_mixed(&mut src.blocks[0].mem.map(), 7, 0.0);
     let mut dst = HelperVm::spawn_quiet();
     dst.add_block("ram", size, false);
-    let (a, b) = socketpair();
-    src.client.getfd("mig", a.as_fd()).expect("getfd");
-    dst.client.getfd("mig", b.as_fd()).expect("getfd");
-    drop((a, b));
-    let samplers = [RssSampler::start(src.pid()), RssSampler::start(dst.pid())];
-    dst.client.migrate_incoming("fd:mig").expect("incoming");
     src.client
         .set_parameters(json!({"max-bandwidth": 0}))
         .expect("params");
-    src.client.migrate("fd:mig").expect("migrate");
+    let samplers = [RssSampler::start(src.pid()), RssSampler::start(dst.pid())];
+    start_fd_migration(&mut src.client, &mut dst.client);
     src.wait(&["completed"], TIMEOUT);
     dst.wait(&["completed"], TIMEOUT);
     let [s, d] = samplers;
@@ -286,22 +196,15 @@ fn rss_run(size: u64) -> [(u64, u64); 2] {
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("migration benchmark: run it with `cargo bench --bench migration` (not part of the tests)");
+    if !bench_requested("migration") || require_qemu(Qemu::V10, "bench").is_none() {
         return;
     }
-    if require_qemu(Qemu::V10, "bench").is_none() {
-        return;
-    }
-    let size = parse_size(&std::env::var("QMH_BENCH_SIZE").unwrap_or_else(|_| "2G".into()));
-    let repeat: usize = std::env::var("QMH_BENCH_REPEAT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let size = env_size("QMH_BENCH_SIZE", "2G", parse_size);
+    let repeat = repeat();
     println!(
         "precopy benchmark: {} MiB of incompressible RAM, Unix socketpair, {repeat} runs each, QEMU accel {:?}",
         size >> 20,
-        qemu::Accel::detect()
+        Accel::detect()
     );
     // Warm the machine's memory first: on a VM whose host backs guest memory lazily, the
     // first touch of a page costs far more than later ones, and whichever case ran first
@@ -370,7 +273,8 @@ fn main() {
     }
     for (di, &prealloc) in dests.iter().enumerate() {
         let times = &times[di];
-        let col = |i: usize, f: fn(&Timing) -> f64| median(times[i].iter().map(f).collect());
+        let col =
+            |i: usize, f: fn(&Timing) -> f64| median(&times[i].iter().map(f).collect::<Vec<_>>());
         let base = col(0, |t| t.secs);
         println!(
             "\ndestination RAM {}",
@@ -420,7 +324,7 @@ fn main() {
     }
     println!("\nhelper memory during helper->helper (peak RssAnon = private; RssShmem = the guest's own shared pages, mapped, not copied)");
     for s in sizes.split(',') {
-        let sz = parse_size(s);
+        let sz = parse_size(s).unwrap_or_else(|e| panic!("QMH_BENCH_RSS_SIZES: {e}"));
         let [src, dst] = rss_run(sz);
         println!(
             "  guest {:>5} MiB: source RssAnon {:>7} KiB RssShmem {:>8} KiB | destination RssAnon {:>7} KiB RssShmem {:>8} KiB",

@@ -11,38 +11,22 @@
 //!
 //! Environment: QMH_BENCH_PC_SIZE (default 1G), QMH_BENCH_REPEAT (default 3).
 
-#[path = "../interop/helper.rs"]
-mod helper;
-#[path = "../interop/postcopy.rs"]
-#[allow(dead_code)]
-mod postcopy;
-#[path = "../interop/qemu.rs"]
-mod qemu;
-#[path = "../interop/util.rs"]
-#[allow(unused_imports)]
-mod util;
-
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use qemu_migration_helper::demo::parse_size;
 use serde_json::json;
 
-use helper::{socketpair, HelperVm};
-use postcopy::UffdGuest;
-use qemu::{require_qemu, Qemu, QemuVm, VmOpts};
-use util::{fill_mixed, GIB, MIB};
+use support::end::End;
+use support::helper::HelperVm;
+use support::migrate::start_migration;
+use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+use support::stats::{bench_requested, env_size, median, percentile, repeat};
+use support::uffd::UffdGuest;
+use support::util::{fill_mixed, xorshift, TempDir, MIB};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[(((v.len() - 1) as f64) * p).round() as usize]
-}
 
 /// Reader threads timing first touches of random pages; returns microseconds per touch of
 /// pages that were still missing. A touch under 5 us hit a page already there (at most a
@@ -57,10 +41,7 @@ fn touch_pages(guest: &UffdGuest, stop: Arc<AtomicBool>, threads: usize) -> Vec<
                 let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (t as u64 + 7);
                 let mut mine = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let p = (x % pages) as usize;
+                    let p = (xorshift(&mut x) % pages) as usize;
                     let t0 = Instant::now();
                     // SAFETY: inside the mapping; volatile so the read happens.
                     let _v = unsafe {
@@ -93,62 +74,28 @@ fn into_helper(from_qemu: bool, preempt: bool, size: u64) -> (Vec<f64>, serde_js
     guest.attach(&mut dst, "ram");
     let caps = [("postcopy-ram", true), ("postcopy-preempt", preempt)];
     dst.client.set_capabilities(&caps).expect("caps");
-    let dir = util::TempDir::new("qmh-bench");
-    let (a, b) = socketpair();
-    let uri = if preempt {
-        format!("unix:{}", dir.join("mig.sock").display())
-    } else {
-        dst.client.getfd("mig", b.as_fd()).expect("getfd");
-        "fd:mig".to_string()
-    };
-    dst.client.migrate_incoming(&uri).expect("incoming");
-    let mut qsrc = None;
-    let mut hsrc = None;
-    if from_qemu {
-        let mut q = QemuVm::start(Qemu::V10, size, &VmOpts::default());
+    let mut src = if from_qemu {
+        let q = QemuVm::start(Qemu::V10, size, &VmOpts::default());
         fill_mixed(&mut q.ram_mmap(), 5, 0.0);
-        q.qmp().set_capabilities(&caps).expect("caps");
-        q.qmp()
-            .set_parameters(json!({"max-bandwidth": 16 * MIB, "max-postcopy-bandwidth": 0}))
-            .expect("params");
-        if !preempt {
-            q.qmp().getfd("mig", a.as_fd()).expect("getfd");
-        }
-        q.qmp()
-            .execute("migrate", json!({"uri": uri}))
-            .expect("migrate");
-        std::thread::sleep(Duration::from_millis(200));
-        q.qmp()
-            .execute("migrate-start-postcopy", json!({}))
-            .expect("postcopy");
-        qsrc = Some(q);
+        End::Qemu(q)
     } else {
         let mut h = HelperVm::spawn_quiet();
         h.add_block("ram", size, false);
         fill_mixed(&mut h.blocks[0].mem.map(), 5, 0.0);
-        h.client.set_capabilities(&caps).expect("caps");
-        h.client
-            .set_parameters(json!({"max-bandwidth": 16 * MIB, "max-postcopy-bandwidth": 0}))
-            .expect("params");
-        if !preempt {
-            h.client.getfd("mig", a.as_fd()).expect("getfd");
-        }
-        h.client.migrate(&uri).expect("migrate");
-        std::thread::sleep(Duration::from_millis(200));
-        h.client.migrate_start_postcopy().expect("postcopy");
-        hsrc = Some(h);
-    }
-    drop((a, b));
+        End::Helper(h)
+    };
+    src.client().set_capabilities(&caps).expect("caps");
+    src.client()
+        .set_parameters(json!({"max-bandwidth": 16 * MIB, "max-postcopy-bandwidth": 0}))
+        .expect("params");
+    let dir = TempDir::new("qmh-bench");
+    start_migration(src.client(), &mut dst.client, &dir, preempt);
+    std::thread::sleep(Duration::from_millis(200));
+    src.client().migrate_start_postcopy().expect("postcopy");
     dst.wait(&["postcopy-active", "completed"], TIMEOUT);
     let lat = touch_pages(&guest, Arc::new(AtomicBool::new(false)), 2);
     let v = dst.wait(&["completed"], TIMEOUT);
-    if let Some(mut q) = qsrc {
-        q.wait_migration(&["completed"], TIMEOUT)
-            .expect("qemu completes");
-    }
-    if let Some(mut h) = hsrc {
-        h.wait(&["completed"], TIMEOUT);
-    }
+    src.wait(&["completed"], TIMEOUT);
     (lat, v["postcopy-latency"].clone())
 }
 
@@ -166,25 +113,10 @@ fn qemu_to_qemu(size: u64, preempt: bool) -> (Vec<f64>, f64) {
     src.qmp()
         .set_parameters(json!({"max-bandwidth": 16 * MIB, "max-postcopy-bandwidth": 0}))
         .expect("params");
-    let dir = util::TempDir::new("qmh-bench");
-    let uri = if preempt {
-        format!("unix:{}", dir.join("mig.sock").display())
-    } else {
-        let (a, b) = socketpair();
-        src.qmp().getfd("mig", a.as_fd()).expect("getfd");
-        dst.qmp().getfd("mig", b.as_fd()).expect("getfd");
-        "fd:mig".to_string()
-    };
-    dst.qmp()
-        .execute("migrate-incoming", json!({"uri": uri}))
-        .expect("incoming");
-    src.qmp()
-        .execute("migrate", json!({"uri": uri}))
-        .expect("migrate");
+    let dir = TempDir::new("qmh-bench");
+    start_migration(src.qmp(), dst.qmp(), &dir, preempt);
     std::thread::sleep(Duration::from_millis(200));
-    src.qmp()
-        .execute("migrate-start-postcopy", json!({}))
-        .expect("postcopy");
+    src.qmp().migrate_start_postcopy().expect("postcopy");
     dst.wait_migration(&["postcopy-active", "completed"], TIMEOUT)
         .expect("active");
     let pages = size / 4096;
@@ -193,19 +125,16 @@ fn qemu_to_qemu(size: u64, preempt: bool) -> (Vec<f64>, f64) {
     let mut x = 12345u64;
     let t_end = Instant::now() + Duration::from_millis(800);
     while Instant::now() < t_end {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let addr = (x % pages) * 4096;
+        let addr = (xorshift(&mut x) % pages) * 4096;
         let t0 = Instant::now();
-        dst.qmp().hmp(&format!("xp /1xg {addr:#x}")).expect("xp");
+        dst.hmp(&format!("xp /1xg {addr:#x}")).expect("xp");
         missing.push(t0.elapsed().as_secs_f64() * 1e6);
         // The same page again: now present.
         let t1 = Instant::now();
-        dst.qmp().hmp(&format!("xp /1xg {addr:#x}")).expect("xp");
+        dst.hmp(&format!("xp /1xg {addr:#x}")).expect("xp");
         present.push(t1.elapsed().as_secs_f64() * 1e6);
     }
-    let base = pct(&mut present, 0.5);
+    let base = median(&present);
     src.wait_migration(&["completed"], TIMEOUT)
         .expect("completes");
     dst.wait_migration(&["completed"], TIMEOUT)
@@ -214,73 +143,39 @@ fn qemu_to_qemu(size: u64, preempt: bool) -> (Vec<f64>, f64) {
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("postcopy latency benchmark: run it with `cargo bench --bench postcopy` (not part of the tests)");
+    if !bench_requested("postcopy") || require_qemu(Qemu::V10, "bench").is_none() {
         return;
     }
-    if require_qemu(Qemu::V10, "bench").is_none() {
-        return;
-    }
-    let size = qemu_migration_helper::demo::parse_size(
-        &std::env::var("QMH_BENCH_PC_SIZE").unwrap_or_else(|_| "1G".into()),
-    )
-    .unwrap_or(GIB);
-    let repeat: usize = std::env::var("QMH_BENCH_REPEAT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let size = env_size("QMH_BENCH_PC_SIZE", "1G", parse_size);
+    let repeat = repeat();
     println!(
         "postcopy fault latency: {} MiB guest, 4 KiB pages, Unix socketpair, background push unlimited, {repeat} runs each",
         size >> 20
     );
-    let mut hh = Vec::new();
-    let mut hp = Vec::new();
-    let mut qh = Vec::new();
-    let mut qp = Vec::new();
-    let mut qq = Vec::new();
-    let mut qqp = Vec::new();
-    let mut own: [Vec<(f64, f64)>; 4] = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    // Helper destinations: (label, QEMU source, postcopy-preempt).
+    let into = [
+        ("helper->helper", false, false),
+        ("helper->helper preempt", false, true),
+        ("QEMU->helper", true, false),
+        ("QEMU->helper preempt", true, true),
+    ];
+    // Per case: the parent's timed faults (all runs pooled) and the helper's own p50/p99.
+    let mut parent: Vec<Vec<f64>> = vec![Vec::new(); into.len()];
+    let mut own: Vec<Vec<(f64, f64)>> = vec![Vec::new(); into.len()];
+    let (mut qq, mut qqp) = (Vec::new(), Vec::new());
     for r in 0..repeat {
-        let (l, o) = into_helper(false, false, size);
-        println!(
-            "  run {r} helper->helper: {} faults timed by the parent; helper's own: {o}",
-            l.len()
-        );
-        own[0].push((
-            o["p50-us"].as_f64().unwrap_or(f64::NAN),
-            o["p99-us"].as_f64().unwrap_or(f64::NAN),
-        ));
-        hh.extend(l);
-        let (l, o) = into_helper(false, true, size);
-        println!(
-            "  run {r} helper->helper, postcopy-preempt over unix: {} faults timed by the parent; helper's own: {o}",
-            l.len()
-        );
-        own[3].push((
-            o["p50-us"].as_f64().unwrap_or(f64::NAN),
-            o["p99-us"].as_f64().unwrap_or(f64::NAN),
-        ));
-        hp.extend(l);
-        let (l, o) = into_helper(true, false, size);
-        println!(
-            "  run {r} QEMU->helper:   {} faults timed by the parent; helper's own: {o}",
-            l.len()
-        );
-        own[1].push((
-            o["p50-us"].as_f64().unwrap_or(f64::NAN),
-            o["p99-us"].as_f64().unwrap_or(f64::NAN),
-        ));
-        qh.extend(l);
-        let (l, o) = into_helper(true, true, size);
-        println!(
-            "  run {r} QEMU->helper, postcopy-preempt over unix: {} faults timed by the parent; helper's own: {o}",
-            l.len()
-        );
-        own[2].push((
-            o["p50-us"].as_f64().unwrap_or(f64::NAN),
-            o["p99-us"].as_f64().unwrap_or(f64::NAN),
-        ));
-        qp.extend(l);
+        for (i, (name, from_qemu, preempt)) in into.iter().enumerate() {
+            let (l, o) = into_helper(*from_qemu, *preempt, size);
+            println!(
+                "  run {r} {name}: {} faults timed by the parent; helper's own: {o}",
+                l.len()
+            );
+            own[i].push((
+                o["p50-us"].as_f64().unwrap_or(f64::NAN),
+                o["p99-us"].as_f64().unwrap_or(f64::NAN),
+            ));
+            parent[i].extend(l);
+        }
         let (l, base) = qemu_to_qemu(size, false);
         println!("  run {r} QEMU->QEMU:     {} xp reads of missing pages (present-page xp: {base:.0} us)", l.len());
         qq.extend(l);
@@ -293,35 +188,27 @@ fn main() {
         "{:<24} {:>8} {:>10} {:>10}",
         "case", "faults", "p50 us", "p99 us"
     );
-    for (name, v) in [
-        ("helper->helper", &mut hh),
-        ("helper->helper preempt", &mut hp),
-        ("QEMU->helper", &mut qh),
-        ("QEMU->helper preempt", &mut qp),
-        ("QEMU->QEMU (xp)", &mut qq),
-        ("QEMU->QEMU preempt (xp)", &mut qqp),
-    ] {
-        let n = v.len();
+    let names = into.iter().map(|c| c.0);
+    for (name, v) in names
+        .zip(&parent)
+        .chain([("QEMU->QEMU (xp)", &qq), ("QEMU->QEMU preempt (xp)", &qqp)])
+    {
         println!(
-            "{name:<24} {n:>8} {:>10.1} {:>10.1}",
-            pct(v, 0.5),
-            pct(v, 0.99)
+            "{name:<24} {:>8} {:>10.1} {:>10.1}",
+            v.len(),
+            percentile(v, 0.5),
+            percentile(v, 0.99)
         );
     }
     println!("as the helper reports it (fault read -> page placed; median over runs):");
-    for (name, v) in [
-        ("helper->helper", &own[0]),
-        ("helper->helper preempt", &own[3]),
-        ("QEMU->helper", &own[1]),
-        ("QEMU->helper preempt", &own[2]),
-    ] {
-        let mut p50: Vec<f64> = v.iter().map(|x| x.0).collect();
-        let mut p99: Vec<f64> = v.iter().map(|x| x.1).collect();
+    for ((name, _, _), v) in into.iter().zip(&own) {
+        let p50: Vec<f64> = v.iter().map(|x| x.0).collect();
+        let p99: Vec<f64> = v.iter().map(|x| x.1).collect();
         println!(
             "{name:<24} {:>8} {:>10.1} {:>10.1}",
             "",
-            pct(&mut p50, 0.5),
-            pct(&mut p99, 0.5)
+            median(&p50),
+            median(&p99)
         );
     }
     println!("targets: p50 <= 100 us, p99 <= 1000 us (helper destinations)");

@@ -7,173 +7,123 @@
 //!
 //! Environment: QMH_BENCH_RECOVERY_SIZE (default 4G), QMH_BENCH_REPEAT (default 3).
 
-#[path = "../interop/helper.rs"]
-mod helper;
-#[path = "../interop/postcopy.rs"]
-#[allow(dead_code)]
-mod postcopy;
-#[path = "../interop/qemu.rs"]
-mod qemu;
-#[path = "../interop/util.rs"]
-#[allow(unused_imports)]
-mod util;
-
-use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
+use qemu_migration_helper::demo::parse_size;
 use serde_json::{json, Value};
 
-use helper::{socketpair, HelperVm};
-use postcopy::UffdGuest;
-use qemu::{require_qemu, Qemu, QemuVm, VmOpts};
-use util::{GIB, MIB};
+use support::end::End;
+use support::helper::HelperVm;
+use support::migrate::{pass_socketpair, start_fd_migration};
+use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+use support::stats::{bench_requested, env_size, median, repeat};
+use support::uffd::UffdGuest;
+use support::util::MIB;
 
 const TIMEOUT: Duration = Duration::from_secs(300);
 
-enum End {
-    Qemu(QemuVm),
-    // The destination's guest is only held: it must live as long as its helper.
-    Helper(HelperVm, #[allow(dead_code)] Option<UffdGuest>),
+/// A source, or with `incoming` a destination, with postcopy-ram on. A helper
+/// destination's guest is a userfaultfd-registered memfd, as its parent VMM would hold it;
+/// it is returned to be held as long as the helper runs.
+fn start(qemu: bool, size: u64, incoming: bool) -> (End, Option<UffdGuest>) {
+    let (mut end, guest) = match (qemu, incoming) {
+        (true, false) => {
+            let q = QemuVm::start(Qemu::V10, size, &VmOpts::default());
+            (End::Qemu(q), None)
+        }
+        (true, true) => {
+            let q = QemuVm::start(Qemu::V10, size, &VmOpts::incoming());
+            (End::Qemu(q), None)
+        }
+        (false, false) => {
+            let mut h = HelperVm::spawn_quiet();
+            h.add_block("ram", size, false);
+            (End::Helper(h), None)
+        }
+        (false, true) => {
+            let guest = UffdGuest::new(size);
+            let mut h = HelperVm::spawn_quiet();
+            guest.attach(&mut h, "ram");
+            (End::Helper(h), Some(guest))
+        }
+    };
+    end.client()
+        .set_capabilities(&[("postcopy-ram", true)])
+        .expect("caps");
+    (end, guest)
 }
 
-impl End {
-    fn query(&mut self) -> Value {
-        match self {
-            End::Qemu(q) => q.qmp().query_migrate().expect("query"),
-            End::Helper(h, _) => h.client.query_migrate().expect("query"),
-        }
-    }
-    fn exec(&mut self, cmd: &str, args: Value) {
-        match self {
-            End::Qemu(q) => {
-                q.qmp().execute(cmd, args).expect(cmd);
-            }
-            End::Helper(h, _) => {
-                h.client.execute(cmd, args).expect(cmd);
-            }
-        }
-    }
-    fn getfd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) {
-        match self {
-            End::Qemu(q) => q.qmp().getfd(name, fd).expect("getfd"),
-            End::Helper(h, _) => h.client.getfd(name, fd).expect("getfd"),
-        }
-    }
-    fn wait(&mut self, want: &[&str]) {
-        let t0 = Instant::now();
-        loop {
-            let v = self.query();
-            let st = v["status"].as_str().unwrap_or("");
-            if want.contains(&st) {
-                return;
-            }
-            assert!(st != "failed", "{v}");
-            assert!(
-                t0.elapsed() < TIMEOUT,
-                "timed out waiting for {want:?}: {v}"
-            );
-            std::thread::sleep(Duration::from_micros(500));
-        }
-    }
+fn exec(end: &mut End, cmd: &str, args: Value) {
+    end.client().execute(cmd, args).expect(cmd);
 }
 
-fn source(qemu: bool, size: u64) -> End {
-    if qemu {
-        let mut q = QemuVm::start(Qemu::V10, size, &VmOpts::default());
-        q.qmp()
-            .set_capabilities(&[("postcopy-ram", true)])
-            .expect("caps");
-        End::Qemu(q)
-    } else {
-        let mut h = HelperVm::spawn_quiet();
-        h.add_block("ram", size, false);
-        h.client
-            .set_capabilities(&[("postcopy-ram", true)])
-            .expect("caps");
-        End::Helper(h, None)
-    }
-}
-
-fn destination(qemu: bool, size: u64) -> End {
-    if qemu {
-        let mut q = QemuVm::start(Qemu::V10, size, &VmOpts::incoming());
-        q.qmp()
-            .set_capabilities(&[("postcopy-ram", true)])
-            .expect("caps");
-        End::Qemu(q)
-    } else {
-        let guest = UffdGuest::new(size);
-        let mut h = HelperVm::spawn_quiet();
-        guest.attach(&mut h, "ram");
-        h.client
-            .set_capabilities(&[("postcopy-ram", true)])
-            .expect("caps");
-        End::Helper(h, Some(guest))
+/// Waits for one of `want`, asking every 0.5 ms: the time to the state is what the
+/// benchmark measures. (QEMU answers `{}` before a migration starts: no status yet.)
+fn wait(end: &mut End, want: &[&str]) {
+    let t0 = Instant::now();
+    loop {
+        let v = end.client().query_migrate().expect("query");
+        let st = v["status"].as_str().unwrap_or("");
+        if want.contains(&st) {
+            return;
+        }
+        assert!(st != "failed", "{v}");
+        assert!(
+            t0.elapsed() < TIMEOUT,
+            "timed out waiting for {want:?}: {v}"
+        );
+        std::thread::sleep(Duration::from_micros(500));
     }
 }
 
 /// Returns the milliseconds from `migrate resume=true` to postcopy-active on both ends.
 fn one(src_qemu: bool, dst_qemu: bool, size: u64) -> f64 {
-    let mut src = source(src_qemu, size);
-    let mut dst = destination(dst_qemu, size);
-    src.exec(
+    let (mut src, _) = start(src_qemu, size, false);
+    let (mut dst, dst_guest) = start(dst_qemu, size, true);
+    exec(
+        &mut src,
         "migrate-set-parameters",
         json!({"max-bandwidth": MIB, "max-postcopy-bandwidth": 64 * MIB}),
     );
-    let (a, b) = socketpair();
-    src.getfd("mig", a.as_fd());
-    dst.getfd("mig", b.as_fd());
-    drop((a, b));
-    dst.exec("migrate-incoming", json!({"uri": "fd:mig"}));
-    src.exec("migrate", json!({"uri": "fd:mig"}));
+    start_fd_migration(src.client(), dst.client());
     std::thread::sleep(Duration::from_millis(100));
-    src.exec("migrate-start-postcopy", json!({}));
-    src.wait(&["postcopy-active"]);
-    dst.wait(&["postcopy-active"]);
+    exec(&mut src, "migrate-start-postcopy", json!({}));
+    wait(&mut src, &["postcopy-active"]);
+    wait(&mut dst, &["postcopy-active"]);
     std::thread::sleep(Duration::from_millis(200));
-    src.exec("migrate-pause", json!({}));
-    src.wait(&["postcopy-paused"]);
-    dst.wait(&["postcopy-paused"]);
-    let (a, b) = socketpair();
-    dst.getfd("rec", b.as_fd());
-    dst.exec("migrate-recover", json!({"uri": "fd:rec"}));
-    src.getfd("rec", a.as_fd());
-    drop((a, b));
+    exec(&mut src, "migrate-pause", json!({}));
+    wait(&mut src, &["postcopy-paused"]);
+    wait(&mut dst, &["postcopy-paused"]);
+    pass_socketpair(src.client(), dst.client(), "rec");
+    exec(&mut dst, "migrate-recover", json!({"uri": "fd:rec"}));
     let t0 = Instant::now();
-    src.exec("migrate", json!({"uri": "fd:rec", "resume": true}));
-    src.wait(&["postcopy-active", "completed"]);
-    dst.wait(&["postcopy-active", "completed"]);
+    exec(
+        &mut src,
+        "migrate",
+        json!({"uri": "fd:rec", "resume": true}),
+    );
+    wait(&mut src, &["postcopy-active", "completed"]);
+    wait(&mut dst, &["postcopy-active", "completed"]);
     let ms = t0.elapsed().as_secs_f64() * 1000.0;
-    src.exec(
+    exec(
+        &mut src,
         "migrate-set-parameters",
         json!({"max-postcopy-bandwidth": 0}),
     );
-    src.wait(&["completed"]);
-    dst.wait(&["completed"]);
+    wait(&mut src, &["completed"]);
+    wait(&mut dst, &["completed"]);
+    // The helpers quit first: the destination's guest must outlive its helper.
+    drop((src, dst));
+    drop(dst_guest);
     ms
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("recovery benchmark: run it with `cargo bench --bench recovery` (not part of the tests)");
+    if !bench_requested("recovery") || require_qemu(Qemu::V10, "bench").is_none() {
         return;
     }
-    if require_qemu(Qemu::V10, "bench").is_none() {
-        return;
-    }
-    let size = qemu_migration_helper::demo::parse_size(
-        &std::env::var("QMH_BENCH_RECOVERY_SIZE").unwrap_or_else(|_| "4G".into()),
-    )
-    .unwrap_or(4 * GIB);
-    let repeat: usize = std::env::var("QMH_BENCH_REPEAT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let size = env_size("QMH_BENCH_RECOVERY_SIZE", "4G", parse_size);
+    let repeat = repeat();
     println!(
         "postcopy recovery time (new socket -> postcopy-active on both ends), {} MiB guest, {repeat} runs each",
         size >> 20
@@ -192,13 +142,13 @@ fn main() {
             times[i].push(ms);
         }
     }
-    let base = median(times[0].clone());
+    let base = median(&times[0]);
     println!(
         "\n{:<15} {:>10} {:>14}",
         "case", "median ms", "vs QEMU->QEMU"
     );
     for (i, (name, _, _)) in cases.iter().enumerate() {
-        let m = median(times[i].clone());
+        let m = median(&times[i]);
         println!("{name:<15} {m:10.2} {:>13.2}x", m / base);
     }
     println!("target: at most QEMU's (ratio <= 1.00)");

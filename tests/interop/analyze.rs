@@ -5,8 +5,8 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::helper::helper_bin;
-use crate::util::TempDir;
+use support::helper::helper_bin;
+use support::util::TempDir;
 
 fn fixture(name: &str) -> Option<PathBuf> {
     let p = PathBuf::from(concat!(

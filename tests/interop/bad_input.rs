@@ -12,7 +12,9 @@
 use std::collections::BTreeMap;
 use std::io::{IoSlice, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -32,9 +34,10 @@ use serde_json::{json, Value};
 use crate::files::{
     check_images, fixture_path, helper_for, load_file, prefill, ItemKind, StreamMap,
 };
-use crate::helper::{helper_bin, socketpair, HelperVm, Memfd};
 use crate::streams::*;
-use crate::util::{assert_same_memory, test_seed, TempDir, MIB, PAGE_SIZE};
+use support::helper::{helper_bin, HelperVm, Memfd};
+use support::migrate::socketpair;
+use support::util::{assert_same_memory, test_seed, TempDir, MIB, PAGE_SIZE};
 
 /// Every wait for a migration to end has this deadline: a bad stream must never hang.
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -67,6 +70,18 @@ impl Runner {
             helper: helper_for(blocks, QUIET),
             problems: Vec::new(),
             loads: 0,
+        }
+    }
+
+    /// After the damaged variants, the same helper (unless it had to be replaced) loads the
+    /// intact stream `name` into a prefilled guest, which must then match it.
+    fn load_intact(&mut self, dir: &TempDir, bytes: &[u8], map: &StreamMap, name: &str) {
+        prefill(&self.helper);
+        match self.load(dir, bytes, &format!("{name} intact")) {
+            Outcome::Completed => check_images(&self.helper, map, self.test),
+            Outcome::Failed(d) => self.problem(format!("{name} intact: failed: {d}")),
+            Outcome::Cancelled => self.problem(format!("{name} intact: cancelled")),
+            Outcome::Broken => {}
         }
     }
 
@@ -277,14 +292,7 @@ fn truncations(name: &str, test: &'static str) {
             Outcome::Broken => {}
         }
     }
-    // The same helper (unless it had to be replaced) loads the intact stream.
-    prefill(&run.helper);
-    match run.load(&dir, &bytes, &format!("{name} intact")) {
-        Outcome::Completed => check_images(&run.helper, &map, test),
-        Outcome::Failed(d) => run.problem(format!("{name} intact: failed: {d}")),
-        Outcome::Cancelled => run.problem(format!("{name} intact: cancelled")),
-        Outcome::Broken => {}
-    }
+    run.load_intact(&dir, &bytes, &map, name);
     eprintln!("{test}: took {:?}", t0.elapsed());
     run.finish();
 }
@@ -359,13 +367,7 @@ fn flips(name: &str, test: &'static str, variants: usize) {
         }
     }
     eprintln!("{test}: {completed} completed, {failed} failed of {variants}");
-    prefill(&run.helper);
-    match run.load(&dir, &bytes, &format!("{name} intact")) {
-        Outcome::Completed => check_images(&run.helper, &map, test),
-        Outcome::Failed(d) => run.problem(format!("{name} intact: failed: {d}")),
-        Outcome::Cancelled => run.problem(format!("{name} intact: cancelled")),
-        Outcome::Broken => {}
-    }
+    run.load_intact(&dir, &bytes, &map, name);
     eprintln!("{test}: took {:?}", t0.elapsed());
     run.finish();
 }
@@ -763,7 +765,7 @@ fn stalled_pipe_output_cancelled() {
     let test = "stalled_pipe_output_cancelled";
     let mut h = HelperVm::spawn_with_args(QUIET);
     h.add_block("ram", 4 * MIB, false);
-    crate::util::fill_mixed(&mut h.blocks[0].mem.map(), 1, 0.1);
+    support::util::fill_mixed(&mut h.blocks[0].mem.map(), 1, 0.1);
     let (r, w) = nix::unistd::pipe().unwrap();
     h.client.getfd("out", w.as_fd()).expect("getfd");
     drop(w);
@@ -856,15 +858,31 @@ pub(crate) struct SocketHelper {
 
 impl SocketHelper {
     pub(crate) fn spawn() -> SocketHelper {
-        let dir = TempDir::new("qmh-ctl");
+        SocketHelper::spawn_with(QUIET, Stdio::inherit(), false)
+    }
+
+    /// A helper on `--control-socket` with `args` in a fresh directory others may traverse
+    /// (the access tests connect as nobody); with `umask0`, started with umask 0.
+    pub(crate) fn spawn_with(args: &[&str], stderr: Stdio, umask0: bool) -> SocketHelper {
+        let dir = TempDir::new("qmh-control");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let path = dir.join("control.sock");
-        let child = Command::new(helper_bin())
-            .arg("--control-socket")
+        let mut cmd = Command::new(helper_bin());
+        cmd.arg("--control-socket")
             .arg(&path)
-            .args(QUIET)
+            .args(args)
             .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn helper");
+            .stderr(stderr);
+        if umask0 {
+            // SAFETY: umask is async-signal-safe; runs in the child only.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::umask(0);
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().expect("spawn helper");
         SocketHelper {
             child,
             path,
@@ -907,7 +925,7 @@ impl SocketHelper {
 
     /// Peak resident memory (VmHWM) in KiB.
     pub(crate) fn peak_rss_kib(&self) -> u64 {
-        crate::util::peak_rss_kib(self.child.id())
+        support::util::peak_rss_kib(self.child.id())
     }
 }
 
@@ -1537,7 +1555,7 @@ fn control_client_that_does_not_read_does_not_stall_migration() {
         fd: memfd(SIZE),
         size: SIZE,
     };
-    crate::util::fill_mixed(&mut mem.map(), 7, 0.2);
+    support::util::fill_mixed(&mut mem.map(), 7, 0.2);
     let r = c.cmd_fds(
         r#"{"execute":"getfd","arguments":{"fdname":"ram"}}"#,
         &[mem.fd.as_raw_fd()],

@@ -17,9 +17,9 @@ use qemu_migration_helper::wire::stream::{
 use serde_json::{json, Value};
 
 use crate::files::helper_for;
-use crate::helper::{helper_bin, HelperVm};
 use crate::streams::*;
-use crate::util::{peak_rss_kib, TempDir};
+use support::helper::{helper_bin, HelperVm};
+use support::util::{peak_rss_kib, TempDir};
 
 /// The helper's own footprint before any stream (binary, threads, a 1 MiB guest block)
 /// is well under this; each case adds what its input may legitimately cost.
@@ -408,9 +408,9 @@ fn flooded_source(test: &str) -> (HelperVm, Vec<u8>, std::os::unix::net::UnixStr
     use std::os::fd::AsFd;
     let mut src = HelperVm::spawn_quiet();
     src.add_block("ram", SRC_RAM, false);
-    crate::util::fill_mixed(
+    support::util::fill_mixed(
         &mut src.blocks[0].mem.map(),
-        crate::util::test_seed(test),
+        support::util::test_seed(test),
         0.0,
     );
     let before = src.blocks[0].mem.map().to_vec();
@@ -421,7 +421,7 @@ fn flooded_source(test: &str) -> (HelperVm, Vec<u8>, std::os::unix::net::UnixStr
     src.client
         .set_parameters(json!({"max-bandwidth": 4 << 20, "max-postcopy-bandwidth": 4 << 20}))
         .expect("params");
-    let (a, b) = crate::helper::socketpair();
+    let (a, b) = support::migrate::socketpair();
     src.client.getfd("mig", a.as_fd()).expect("getfd");
     drop(a);
     (src, before, std::os::unix::net::UnixStream::from(b))
@@ -518,7 +518,7 @@ fn source_refuses_page_requests_in_precopy() {
     );
     drop(s);
     let _ = d.join();
-    crate::util::assert_same_memory(&before, &src.blocks[0].mem.map(), "source guest");
+    support::util::assert_same_memory(&before, &src.blocks[0].mem.map(), "source guest");
 }
 
 #[test]
@@ -551,7 +551,7 @@ fn source_queue_is_bounded_in_postcopy() {
     );
     drop(s);
     let _ = d.join();
-    crate::util::assert_same_memory(&before, &src.blocks[0].mem.map(), "source guest");
+    support::util::assert_same_memory(&before, &src.blocks[0].mem.map(), "source guest");
 }
 
 #[test]
@@ -574,5 +574,5 @@ fn source_refuses_a_received_bitmap_it_did_not_ask_for() {
     assert!(src.alive());
     drop(s);
     let _ = d.join();
-    crate::util::assert_same_memory(&before, &src.blocks[0].mem.map(), "source guest");
+    support::util::assert_same_memory(&before, &src.blocks[0].mem.map(), "source guest");
 }

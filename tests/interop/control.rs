@@ -12,12 +12,13 @@ use std::time::{Duration, Instant};
 
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-use qemu_migration_helper::client::{HelperClient, RamBlockSpec};
+use qemu_migration_helper::client::HelperClient;
 use serde_json::{json, Value};
 
 use crate::bad_input::{Raw, SocketHelper};
-use crate::helper::{helper_bin, socketpair, Memfd};
-use crate::util::{TempDir, MIB};
+use support::helper::{helper_bin, HelperVm};
+use support::migrate::socketpair;
+use support::util::{TempDir, MIB};
 
 /// Peak RSS a helper may reach while refusing every crafted message below. The biggest
 /// legitimate buffer is one 64 MiB message; nothing may grow with what the client sends.
@@ -28,44 +29,11 @@ const LARGE_LEGIT_PEAK_MIB: u64 = 400;
 /// The nobody user the access tests connect as.
 const NOBODY: u32 = 65534;
 
-/// A helper on `--control-socket` in a fresh directory others may traverse.
-pub(crate) fn spawn_socket_helper(args: &[&str], stderr: Stdio, umask0: bool) -> SocketHelper {
-    let dir = TempDir::new("qmh-control");
-    // Reachable by others (the access tests connect as nobody).
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let path = dir.join("control.sock");
-    let mut cmd = Command::new(helper_bin());
-    cmd.arg("--control-socket")
-        .arg(&path)
-        .args(args)
-        .stdin(Stdio::null())
-        .stderr(stderr);
-    if umask0 {
-        // SAFETY: umask is async-signal-safe; runs in the child only.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::umask(0);
-                Ok(())
-            });
-        }
-    }
-    let child = cmd.spawn().expect("spawn helper");
-    SocketHelper {
-        child,
-        path,
-        _dir: dir,
-    }
-}
-
-/// A helper child killed if the test fails before it quits.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
+/// Writes `mib` MiB of `byte` to the control socket, a MiB at a time.
+fn write_mib(s: &mut UnixStream, byte: u8, mib: usize) {
+    let chunk = vec![byte; MIB as usize];
+    for _ in 0..mib {
+        s.write_all(&chunk).unwrap();
     }
 }
 
@@ -217,10 +185,7 @@ fn control_crafted_messages_bounded() {
 
     // 10 M opening brackets; the client then resynchronises with 0xFF, as QEMU documents.
     let t = Instant::now();
-    let chunk = vec![b'['; MIB as usize];
-    for _ in 0..10 {
-        c.s.write_all(&chunk).unwrap();
-    }
+    write_mib(&mut c.s, b'[', 10);
     c.s.write_all(b"\xff\n").unwrap();
     check(&mut c, "deep nesting", "nesting depth limit", t);
 
@@ -228,10 +193,7 @@ fn control_crafted_messages_bounded() {
     let t = Instant::now();
     c.s.write_all(br#"{"execute":"device-state-set","arguments":{"sections":[{"raw":""#)
         .unwrap();
-    let chunk = vec![b'A'; MIB as usize];
-    for _ in 0..80 {
-        c.s.write_all(&chunk).unwrap();
-    }
+    write_mib(&mut c.s, b'A', 80);
     c.s.write_all(br#""}]}}"#).unwrap();
     check(&mut c, "80 MiB message", "too long", t);
 
@@ -240,10 +202,7 @@ fn control_crafted_messages_bounded() {
     let t = Instant::now();
     c.s.write_all(br#"{"execute":"query-migrate","arguments":{"a":""#)
         .unwrap();
-    let chunk = vec![b'b'; MIB as usize];
-    for _ in 0..70 {
-        c.s.write_all(&chunk).unwrap();
-    }
+    write_mib(&mut c.s, b'b', 70);
     c.s.write_all(b"\n").unwrap();
     check(&mut c, "70 MiB unterminated string", "too long", t);
 
@@ -460,7 +419,7 @@ fn control_socket_only_the_owner_gets_in() {
     }
     let dir = TempDir::new("qmh-control-log");
     let log = std::fs::File::create(dir.join("log")).unwrap();
-    let mut h = spawn_socket_helper(&["--log-level", "info"], Stdio::from(log), true);
+    let mut h = SocketHelper::spawn_with(&["--log-level", "info"], Stdio::from(log), true);
     let mut c = h.connect();
     let mode = std::fs::symlink_metadata(&h.path)
         .unwrap()
@@ -508,7 +467,7 @@ fn control_socket_only_the_owner_gets_in() {
     assert!(!h.path.exists(), "socket removed on quit");
 
     // --allow-uid lets nobody in.
-    let h = spawn_socket_helper(
+    let h = SocketHelper::spawn_with(
         &["--log-level", "warn", "--allow-uid", &NOBODY.to_string()],
         Stdio::inherit(),
         false,
@@ -538,30 +497,10 @@ fn control_socket_only_the_owner_gets_in() {
 #[test]
 fn control_logs_escape_stream_strings() {
     let dir = TempDir::new("qmh-log-escape");
-    let sock = dir.join("ctl");
     let log = std::fs::File::create(dir.join("log")).unwrap();
-    let child = Command::new(helper_bin())
-        .args([
-            "--control-socket",
-            sock.to_str().unwrap(),
-            "--log-level",
-            "info",
-        ])
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("spawn");
-    let mut child = KillOnDrop(child);
-    let mut c = HelperClient::connect(&sock).expect("connect");
-    let mem = Memfd::new("log-escape", MIB);
-    c.getfd("m", mem.fd.as_fd()).expect("getfd");
-    c.ram_block_add(&RamBlockSpec {
-        id: "ram".into(),
-        fdname: "m".into(),
-        offset: 0,
-        size: MIB,
-        ..Default::default()
-    })
-    .expect("ram-block-add");
+    let mut h = HelperVm::spawn_on_socket(&["--log-level", "info"], Stdio::from(log));
+    h.add_block("ram", MIB, false);
+    let c = &mut h.client;
     let (ours, theirs) = socketpair();
     c.getfd("mig", theirs.as_fd()).expect("getfd");
     drop(theirs);
@@ -578,8 +517,7 @@ fn control_logs_escape_stream_strings() {
         .wait_for_status(&["failed", "completed"], Duration::from_secs(60))
         .expect("status");
     assert_eq!(end["status"], "failed", "{end}");
-    c.quit().expect("quit");
-    let _ = child.0.wait();
+    h.quit_and_wait(Duration::from_secs(60));
     let mut text = String::new();
     std::fs::File::open(dir.join("log"))
         .unwrap()

@@ -20,9 +20,9 @@ use qemu_migration_helper::wire::ram::{self, BlockEntry, Record};
 use qemu_migration_helper::wire::stream::{self, Token};
 use serde_json::{json, Value};
 
-use crate::helper::HelperVm;
-use crate::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
-use crate::util::{assert_same_memory, fill_mixed, test_seed, TempDir, GIB, MIB, PAGE_SIZE};
+use support::helper::HelperVm;
+use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+use support::util::{assert_same_memory, fill_mixed, test_seed, TempDir, GIB, MIB, PAGE_SIZE};
 
 pub const FIXTURE_DIR: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -539,9 +539,7 @@ fn qemu_file_to_helper(qemu: Qemu, test: &str) {
         Qemu::V10 => format!("file:{}", file.display()),
         Qemu::V72 => format!("exec:cat > {}", file.display()),
     };
-    src.qmp()
-        .execute("migrate", json!({ "uri": uri }))
-        .expect("migrate");
+    src.qmp().migrate(&uri).expect("migrate");
     src.wait_migration(&["completed"], TIMEOUT)
         .unwrap_or_else(|e| panic!("{test}: QEMU source: {e}"));
     let bytes = wait_whole_stream(&file, Duration::from_secs(20));

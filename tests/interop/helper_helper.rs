@@ -16,9 +16,10 @@ use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 use serde_json::{json, Value};
 
-use crate::helper::{socketpair, Block, HelperVm, Memfd};
-use crate::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
-use crate::util::{assert_same_memory, fill_mixed, test_seed, TempDir, KIB, MIB, PAGE_SIZE};
+use support::helper::{Block, HelperVm, Memfd};
+use support::migrate::{pass_socketpair, socketpair};
+use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+use support::util::{assert_same_memory, fill_mixed, test_seed, TempDir, KIB, MIB, PAGE_SIZE};
 
 const RAM: u64 = 64 * MIB;
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -128,6 +129,53 @@ fn status_of(vm: &mut HelperVm) -> Value {
     vm.client
         .query_migrate()
         .unwrap_or_else(|e| panic!("helper pid {} does not answer query-migrate: {e}", vm.pid()))
+}
+
+/// Waits (50 steps of `step` at most) until the counter at `path` in `vm`'s query-migrate
+/// stops moving, at `min` or more: its migration is stuck on a stalled peer.
+fn wait_until_still(vm: &mut HelperVm, path: &[&str], step: Duration, min: u64) {
+    let mut last = 0;
+    for _ in 0..50 {
+        std::thread::sleep(step);
+        let n = u64_at(&status_of(vm), path);
+        if n == last && n >= min {
+            break;
+        }
+        last = n;
+    }
+}
+
+/// `query-migrate` on a helper whose migration is stuck: it answers within 1 s (the
+/// command timeout is 2 s until `cancel_at_once` puts it back).
+fn query_at_once(vm: &mut HelperVm) -> Value {
+    vm.client
+        .set_timeout(Duration::from_secs(2))
+        .expect("timeout");
+    let t = Instant::now();
+    let v = status_of(vm);
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "query-migrate took {:?}",
+        t.elapsed()
+    );
+    v
+}
+
+/// `migrate_cancel` on a stuck migration reaches one of `wanted` within 2 s; returns that
+/// query-migrate. Puts the command timeout back to 30 s.
+fn cancel_at_once(vm: &mut HelperVm, wanted: &[&str]) -> Value {
+    let t = Instant::now();
+    vm.client.migrate_cancel().expect("migrate_cancel");
+    let v = vm.wait(wanted, Duration::from_secs(10));
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "cancel took {:?}",
+        t.elapsed()
+    );
+    vm.client
+        .set_timeout(Duration::from_secs(30))
+        .expect("timeout");
+    v
 }
 
 /// The statuses of the `MIGRATION` events in `events`, in order.
@@ -767,8 +815,8 @@ fn device_state_chain_qemu72() {
 /// Writes random pages (one in eight all zeros) into `mem`, setting each page's dirty bit
 /// in `bitmap` afterwards, until `stop`. Counts writes in `writes`.
 fn dirty_writer(
-    mut mem: crate::qemu::RamMap,
-    bitmap: crate::qemu::RamMap,
+    mut mem: support::map::RamMap,
+    bitmap: support::map::RamMap,
     seed: u64,
     stop: Arc<AtomicBool>,
     writes: Arc<AtomicU64>,
@@ -1190,7 +1238,7 @@ fn bandwidth_raised_mid_migration() {
 /// Like `dirty_writer`, over several blocks (each with its bitmap), picking pages uniformly
 /// over all of them.
 fn dirty_writer_multi(
-    mut blocks: Vec<(crate::qemu::RamMap, crate::qemu::RamMap)>,
+    mut blocks: Vec<(support::map::RamMap, support::map::RamMap)>,
     seed: u64,
     stop: Arc<AtomicBool>,
     writes: Arc<AtomicU64>,
@@ -1298,42 +1346,20 @@ fn cancel_source_blocked_on_stalled_peer() {
     src.client.migrate("fd:mig").expect("migrate");
     src.wait(&["active"], TIMEOUT);
     // Let it fill the socket buffers and block.
-    let mut last = 0;
-    for _ in 0..50 {
-        std::thread::sleep(Duration::from_millis(100));
-        let t = u64_at(&status_of(&mut src), &["ram", "transferred"]);
-        if t == last {
-            break;
-        }
-        last = t;
-    }
-    src.client
-        .set_timeout(Duration::from_secs(2))
-        .expect("timeout");
-    let t = Instant::now();
-    let s = status_of(&mut src);
-    assert!(
-        t.elapsed() < Duration::from_secs(1),
-        "query-migrate took {:?}",
-        t.elapsed()
+    wait_until_still(
+        &mut src,
+        &["ram", "transferred"],
+        Duration::from_millis(100),
+        0,
     );
+    let s = query_at_once(&mut src);
     assert_eq!(s["status"], "active", "{s}");
     assert!(
         u64_at(&s, &["ram", "transferred"]) < RAM / 2,
         "the stalled peer took {s}"
     );
-    let t = Instant::now();
-    src.client.migrate_cancel().expect("migrate_cancel");
-    src.wait(&["cancelled"], Duration::from_secs(10));
-    assert!(
-        t.elapsed() < Duration::from_secs(2),
-        "cancel took {:?}",
-        t.elapsed()
-    );
+    cancel_at_once(&mut src, &["cancelled"]);
     drop(stalled);
-    src.client
-        .set_timeout(Duration::from_secs(30))
-        .expect("timeout");
     migrate_fd_and_check(&mut src, &mut dst, "mig2", test);
 }
 
@@ -1364,39 +1390,12 @@ fn cancel_destination_on_stalled_source() {
         .expect("migrate-incoming");
     let mut feeder = std::os::unix::net::UnixStream::from(feeder);
     std::io::Write::write_all(&mut feeder, &stream[..1 << 20]).expect("feed");
-    let mut last = 0;
-    for _ in 0..50 {
-        std::thread::sleep(Duration::from_millis(50));
-        let n = u64_at(&status_of(&mut dst), &["ram", "normal"]);
-        if n == last && n > 0 {
-            break;
-        }
-        last = n;
-    }
-    dst.client
-        .set_timeout(Duration::from_secs(2))
-        .expect("timeout");
-    let t = Instant::now();
-    let d = status_of(&mut dst);
-    assert!(
-        t.elapsed() < Duration::from_secs(1),
-        "query-migrate took {:?}",
-        t.elapsed()
-    );
+    wait_until_still(&mut dst, &["ram", "normal"], Duration::from_millis(50), 1);
+    let d = query_at_once(&mut dst);
     assert_eq!(d["status"], "active", "{d}");
-    let t = Instant::now();
-    dst.client.migrate_cancel().expect("migrate_cancel");
-    let d = dst.wait(&["cancelled", "failed"], Duration::from_secs(10));
-    assert!(
-        t.elapsed() < Duration::from_secs(2),
-        "cancel took {:?}",
-        t.elapsed()
-    );
+    let d = cancel_at_once(&mut dst, &["cancelled", "failed"]);
     assert_eq!(d["status"], "cancelled", "{d}");
     drop(feeder);
-    dst.client
-        .set_timeout(Duration::from_secs(30))
-        .expect("timeout");
     migrate_fd_and_check(&mut src, &mut dst, "mig2", test);
 }
 
@@ -1552,16 +1551,13 @@ fn sparse_guest_stays_sparse() {
             m[p * 4096] = (p % 251) as u8 + 1;
         }
     }
-    let allocated = |mem: &crate::helper::Memfd| -> u64 {
+    let allocated = |mem: &support::helper::Memfd| -> u64 {
         std::fs::metadata(mem.path()).expect("fstat").blocks() * 512
     };
     let before = allocated(&src.blocks[0].mem);
     let mut dst = HelperVm::spawn();
     dst.add_block("ram", size, false);
-    let (a, b) = socketpair();
-    src.client.getfd("mig", a.as_fd()).expect("getfd");
-    dst.client.getfd("mig", b.as_fd()).expect("getfd");
-    drop((a, b));
+    pass_socketpair(&mut src.client, &mut dst.client, "mig");
     dst.client.migrate_incoming("fd:mig").expect("incoming");
     src.client
         .set_parameters(json!({"max-bandwidth": 0}))

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::helper::{socketpair, start_fd_migration, HelperVm};
-use crate::util::{assert_same_memory, fill_mixed, test_seed, MIB};
+use support::helper::HelperVm;
+use support::migrate::{socketpair, start_fd_migration};
+use support::util::{assert_same_memory, fill_mixed, test_seed, MIB};
 
 const QUIET: &[&str] = &["--log-level", "info"];
 const SIZE: u64 = 64 * MIB;
@@ -24,7 +25,7 @@ fn running_precopy(test: &str) -> (HelperVm, HelperVm, Vec<u8>) {
     src.client
         .set_parameters(json!({"max-bandwidth": 8 * MIB}))
         .expect("params");
-    start_fd_migration(&mut src, &mut dst);
+    start_fd_migration(&mut src.client, &mut dst.client);
     src.wait(&["active"], Duration::from_secs(20));
     dst.wait(&["active"], Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(500));

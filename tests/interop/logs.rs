@@ -1,67 +1,40 @@
 //! Operators' logs: with `--log-format json` every stderr line is one JSON object; state
 //! changes are logged, and each migration ends with a summary line carrying its figures.
 
-use std::os::fd::AsFd;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use qemu_migration_helper::client::{HelperClient, RamBlockSpec};
 use serde_json::{json, Value};
 
-use crate::helper::{helper_bin, socketpair, Memfd};
-use crate::util::{fill_mixed, TempDir, MIB};
+use support::helper::HelperVm;
+use support::migrate::start_fd_migration;
+use support::util::{fill_mixed, TempDir, MIB};
 
 #[test]
 fn json_logs_with_state_changes_and_a_summary() {
     let dir = TempDir::new("qmh-logs");
-    let mut children = Vec::new();
-    let mut clients = Vec::new();
-    let mems: Vec<Memfd> = (0..2).map(|_| Memfd::new("logs", 8 * MIB)).collect();
-    fill_mixed(&mut mems[0].map(), 5, 0.5);
-    for (i, mem) in mems.iter().enumerate() {
-        let sock = dir.join(&format!("ctl{i}"));
-        let log = std::fs::File::create(dir.join(&format!("log{i}"))).expect("log file");
-        let child = Command::new(helper_bin())
-            .args([
-                "--control-socket",
-                sock.to_str().unwrap(),
-                "--log-format",
-                "json",
-                "--log-level",
-                "info",
-            ])
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn");
-        children.push(child);
-        let mut c = HelperClient::connect(&sock).expect("connect");
-        c.getfd("m", mem.fd.as_fd()).expect("getfd");
-        c.ram_block_add(&RamBlockSpec {
-            id: "ram".into(),
-            fdname: "m".into(),
-            offset: 0,
-            size: 8 * MIB,
-            ..Default::default()
+    let mut helpers: Vec<HelperVm> = (0..2)
+        .map(|i| {
+            let log = std::fs::File::create(dir.join(&format!("log{i}"))).expect("log file");
+            let args = ["--log-format", "json", "--log-level", "info"];
+            let mut h = HelperVm::spawn_on_socket(&args, Stdio::from(log));
+            h.add_block("ram", 8 * MIB, false);
+            h
         })
-        .expect("block");
-        clients.push(c);
-    }
-    let (a, b) = socketpair();
-    clients[0].getfd("mig", a.as_fd()).expect("getfd");
-    clients[1].getfd("mig", b.as_fd()).expect("getfd");
-    drop((a, b));
-    clients[1].migrate_incoming("fd:mig").expect("incoming");
-    clients[0]
+        .collect();
+    fill_mixed(&mut helpers[0].blocks[0].mem.map(), 5, 0.5);
+    let [src, dst] = &mut helpers[..] else {
+        unreachable!("two helpers")
+    };
+    src.client
         .set_parameters(json!({"max-bandwidth": 0}))
         .expect("params");
-    clients[0].migrate("fd:mig").expect("migrate");
-    for c in clients.iter_mut() {
-        c.wait_for_status(&["completed"], Duration::from_secs(60))
+    start_fd_migration(&mut src.client, &mut dst.client);
+    for h in helpers.iter_mut() {
+        h.client
+            .wait_for_status(&["completed"], Duration::from_secs(60))
             .expect("completed");
-        c.quit().expect("quit");
-    }
-    for mut ch in children {
-        let _ = ch.wait();
+        h.quit_and_wait(Duration::from_secs(60));
     }
     for (i, role) in [(0, "source"), (1, "destination")] {
         let text = std::fs::read_to_string(dir.join(&format!("log{i}"))).expect("log");

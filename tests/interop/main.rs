@@ -1,18 +1,18 @@
-//! Interop tests against real QEMU (see tests/install-deps.sh).
+//! Interop tests against real QEMU (see tests/install-deps.sh). What they share with the
+//! benchmarks (helpers, QEMUs, the QMP client, guest memory) is the `support` crate,
+//! tests/support.
 
 mod analyze;
 mod bad_input;
 mod bounds;
 mod control;
 mod files;
-mod helper;
 mod helper_helper;
 mod idle;
 mod lifecycle;
 mod logs;
 mod manpage;
-pub mod postcopy;
-mod qemu;
+mod postcopy;
 mod qemu_helper;
 mod qemu_qemu;
 mod qmp_client;

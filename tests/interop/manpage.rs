@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use crate::helper::helper_bin;
+use support::helper::helper_bin;
 
 fn man() -> String {
     std::fs::read_to_string(concat!(

@@ -2,188 +2,23 @@
 //! on its own mapping of the guest memfd; reader threads fault pages in through it while the
 //! background push goes on.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use qemu_migration_helper::client::RamBlockSpec;
 use serde_json::json;
-use userfaultfd::{Uffd, UffdBuilder};
 
-use crate::helper::{socketpair, HelperVm, Memfd};
-use crate::qemu::{require_qemu, Qemu, QemuVm, RamMap, VmOpts};
-use crate::util::{assert_same_memory, fill_mixed, test_seed, TempDir, MIB};
+use support::helper::{HelperVm, Memfd};
+use support::migrate::{socketpair, start_migration};
+use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+use support::uffd::{Readers, UffdGuest};
+use support::util::{assert_same_memory, fill_mixed, test_seed, TempDir, MIB};
 
 const RAM: u64 = 64 * MIB;
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-/// A destination's guest as its parent VMM holds it: memfd, the parent's mapping, and a
-/// userfaultfd registered for missing faults on that mapping.
-pub struct UffdGuest {
-    pub mem: Memfd,
-    pub map: Arc<RamMap>,
-    pub uffd: Option<Uffd>,
-}
-
-impl UffdGuest {
-    pub fn new(size: u64) -> UffdGuest {
-        let mem = Memfd::new("uffd-guest", size);
-        let map = Arc::new(mem.map());
-        let uffd = UffdBuilder::new()
-            .close_on_exec(true)
-            .non_blocking(true)
-            .user_mode_only(false)
-            .create()
-            .expect("userfaultfd (run as root, or set vm.unprivileged_userfaultfd=1)");
-        uffd.register(map.as_ptr() as *mut _, size as usize)
-            .expect("UFFDIO_REGISTER on the memfd mapping");
-        UffdGuest {
-            mem,
-            map,
-            uffd: Some(uffd),
-        }
-    }
-
-    /// Allocates every page with `fill`, as a parent that preallocates guest memory does;
-    /// through the fd, as the registered mapping would fault on a missing page.
-    pub fn preallocate(&self, fill: u8) {
-        let f = std::fs::File::from(self.mem.fd.try_clone().expect("dup"));
-        let chunk = vec![fill; MIB as usize];
-        for off in (0..self.mem.size).step_by(MIB as usize) {
-            std::os::unix::fs::FileExt::write_all_at(&f, &chunk, off).expect("preallocate");
-        }
-    }
-
-    pub fn host_addr(&self) -> u64 {
-        self.map.as_ptr() as u64
-    }
-
-    pub fn uffd_fd(&self) -> BorrowedFd<'_> {
-        // SAFETY: the Uffd lives as long as self.
-        unsafe { BorrowedFd::borrow_raw(self.uffd.as_ref().expect("uffd").as_raw_fd()) }
-    }
-
-    /// Registers this guest as block `id` of a helper destination, with its userfaultfd.
-    pub fn attach(&self, h: &mut HelperVm, id: &str) {
-        h.client
-            .getfd("guest", self.mem.fd.as_fd())
-            .expect("getfd guest");
-        h.client.getfd("uffd", self.uffd_fd()).expect("getfd uffd");
-        h.client
-            .execute("userfaultfd-set", json!({"fdname": "uffd"}))
-            .expect("userfaultfd-set");
-        h.client
-            .ram_block_add(&RamBlockSpec {
-                id: id.into(),
-                fdname: "guest".into(),
-                offset: 0,
-                size: self.mem.size,
-                host_addr: Some(self.host_addr()),
-                ..Default::default()
-            })
-            .expect("ram-block-add");
-    }
-
-    /// Drops the userfaultfd, so threads blocked on faults wake up (used when a test fails).
-    pub fn release(&mut self) {
-        self.uffd = None;
-    }
-}
-
-/// Reader threads that fault random pages in through the parent's mapping and compare each
-/// page with the source's content.
-pub struct Readers {
-    stop: Arc<AtomicBool>,
-    checked: Arc<AtomicU64>,
-    handles: Vec<std::thread::JoinHandle<Result<(), String>>>,
-}
-
-impl Readers {
-    pub fn start(guest: &UffdGuest, expected: Arc<Vec<u8>>, threads: usize, seed: u64) -> Readers {
-        Self::start_paced(guest, expected, threads, seed, Duration::ZERO)
-    }
-
-    /// Like `start`, with a pause between touches, so that the readers alone cannot fault
-    /// in the whole guest before a test is done with postcopy (e.g. before its cuts).
-    pub fn start_paced(
-        guest: &UffdGuest,
-        expected: Arc<Vec<u8>>,
-        threads: usize,
-        seed: u64,
-        pace: Duration,
-    ) -> Readers {
-        let stop = Arc::new(AtomicBool::new(false));
-        let checked = Arc::new(AtomicU64::new(0));
-        let pages = (guest.mem.size / 4096) as usize;
-        let handles = (0..threads)
-            .map(|t| {
-                let (map, expected, stop, checked) = (
-                    guest.map.clone(),
-                    expected.clone(),
-                    stop.clone(),
-                    checked.clone(),
-                );
-                std::thread::spawn(move || {
-                    let mut x = seed ^ (t as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                    while !stop.load(Ordering::Relaxed) {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        let p = (x % pages as u64) as usize;
-                        let got = &map[p * 4096..(p + 1) * 4096];
-                        if got != &expected[p * 4096..(p + 1) * 4096] {
-                            return Err(format!(
-                                "page {p} differs from the source while in postcopy"
-                            ));
-                        }
-                        checked.fetch_add(1, Ordering::Relaxed);
-                        if !pace.is_zero() {
-                            std::thread::sleep(pace);
-                        }
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        Readers {
-            stop,
-            checked,
-            handles,
-        }
-    }
-
-    pub fn finish(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        for h in self.handles {
-            match h.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => panic!("{e}"),
-                Err(_) => panic!("reader thread panicked"),
-            }
-        }
-        self.checked.load(Ordering::Relaxed)
-    }
-}
-
 /// Polls `f` until it returns Some or the deadline passes; on timeout releases the guest's
 /// userfaultfd (so no thread stays blocked) and panics.
-/// The URI both ends of a test migration use: with `preempt`, a `unix:` listener in `dir`
-/// (the preempt channel needs a second connection); otherwise a socketpair whose ends
-/// `give` passes to the source and the destination as "mig".
-fn migration_uri(
-    dir: &TempDir,
-    preempt: bool,
-    give: impl FnOnce(BorrowedFd<'_>, BorrowedFd<'_>),
-) -> String {
-    if preempt {
-        return format!("unix:{}", dir.join("mig.sock").display());
-    }
-    let (a, b) = socketpair();
-    give(a.as_fd(), b.as_fd());
-    "fd:mig".to_string()
-}
-
 fn wait_until<T>(guest: &mut UffdGuest, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let t0 = Instant::now();
     loop {
@@ -261,12 +96,7 @@ fn helper_to_helper_postcopy_opts(pause: bool, preempt: bool, prealloc: bool) {
         .set_parameters(json!({"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 8 * MIB}))
         .expect("params");
     let dir = TempDir::new("qmh-pc");
-    let uri = migration_uri(&dir, preempt, |a, b| {
-        src.client.getfd("mig", a).expect("getfd");
-        dst.client.getfd("mig", b).expect("getfd");
-    });
-    dst.client.migrate_incoming(&uri).expect("incoming");
-    src.client.migrate(&uri).expect("migrate");
+    start_migration(&mut src.client, &mut dst.client, &dir, preempt);
     std::thread::sleep(Duration::from_millis(300));
     src.client
         .migrate_start_postcopy()
@@ -363,17 +193,10 @@ fn qemu_to_helper_postcopy_with(qemu: Qemu, test: &str, preempt: bool, prealloc:
         .set_parameters(json!({"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 16 * MIB}))
         .expect("qemu params");
     let dir = TempDir::new("qmh-pc");
-    let uri = migration_uri(&dir, preempt, |a, b| {
-        src.qmp().getfd("mig", a).expect("qemu getfd");
-        dst.client.getfd("mig", b).expect("getfd");
-    });
-    dst.client.migrate_incoming(&uri).expect("incoming");
-    src.qmp()
-        .execute("migrate", json!({"uri": uri}))
-        .expect("migrate");
+    start_migration(src.qmp(), &mut dst.client, &dir, preempt);
     std::thread::sleep(Duration::from_millis(300));
     src.qmp()
-        .execute("migrate-start-postcopy", json!({}))
+        .migrate_start_postcopy()
         .expect("migrate-start-postcopy");
     wait_until(&mut guest, "destination postcopy-active", || {
         let v = status(&mut dst);
@@ -526,14 +349,7 @@ fn helper_to_qemu_postcopy_with(qemu: Qemu, test: &str, preempt: bool) {
         .set_parameters(json!({"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 32 * MIB}))
         .expect("params");
     let dir = TempDir::new("qmh-pc");
-    let uri = migration_uri(&dir, preempt, |a, b| {
-        src.client.getfd("mig", a).expect("getfd");
-        dst.qmp().getfd("mig", b).expect("qemu getfd");
-    });
-    dst.qmp()
-        .execute("migrate-incoming", json!({"uri": uri}))
-        .expect("incoming");
-    src.client.migrate(&uri).expect("migrate");
+    start_migration(&mut src.client, dst.qmp(), &dir, preempt);
     std::thread::sleep(Duration::from_millis(300));
     src.client
         .migrate_start_postcopy()
@@ -546,7 +362,7 @@ fn helper_to_qemu_postcopy_with(qemu: Qemu, test: &str, preempt: bool) {
     for i in 0..40u64 {
         let page = RAM / 4096 - 1 - i * 7;
         let addr = page * 4096;
-        let out = dst.qmp().hmp(&format!("xp /1xg {addr:#x}")).expect("xp");
+        let out = dst.hmp(&format!("xp /1xg {addr:#x}")).expect("xp");
         let want = u64::from_le_bytes(
             expected[addr as usize..addr as usize + 8]
                 .try_into()

@@ -1,14 +1,14 @@
 //! Real QEMU (10.0 and 7.2) on one end, the helper on the other, over a socketpair passed
 //! with `getfd`; guest RAM compared byte for byte.
 
-use std::os::fd::AsFd;
 use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helper::{socketpair, HelperVm};
-use crate::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
-use crate::util::{assert_same_memory, fill_mixed, test_seed, GIB, MIB};
+use support::helper::HelperVm;
+use support::migrate::{pass_socketpair, start_fd_migration};
+use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+use support::util::{assert_same_memory, fill_mixed, test_seed, GIB, MIB};
 
 const RAM: u64 = 64 * MIB;
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -23,10 +23,7 @@ fn qemu_to_helper(qemu: Qemu, test: &str, return_path: bool) {
     let zeros = fill_mixed(&mut src.ram_mmap(), test_seed(test), 0.5);
     eprintln!("{test}: {zeros} zero pages of {}", RAM / 4096);
 
-    let (a, b) = socketpair();
-    src.qmp().getfd("mig", a.as_fd()).expect("qemu getfd");
-    dst.client.getfd("mig", b.as_fd()).expect("helper getfd");
-    drop((a, b));
+    pass_socketpair(src.qmp(), &mut dst.client, "mig");
     dst.client
         .migrate_incoming("fd:mig")
         .expect("migrate-incoming");
@@ -38,9 +35,7 @@ fn qemu_to_helper(qemu: Qemu, test: &str, return_path: bool) {
             .set_capabilities(&[("return-path", true)])
             .expect("caps");
     }
-    src.qmp()
-        .execute("migrate", json!({"uri": "fd:mig"}))
-        .expect("migrate");
+    src.qmp().migrate("fd:mig").expect("migrate");
     src.wait_migration(&["completed"], TIMEOUT)
         .expect("qemu source completes");
     let v = dst.wait(&["completed"], TIMEOUT);
@@ -93,14 +88,7 @@ fn helper_to_qemu(qemu: Qemu, test: &str, return_path: bool) {
             .expect("caps");
     }
 
-    let (a, b) = socketpair();
-    dst.qmp().getfd("mig", b.as_fd()).expect("qemu getfd");
-    src.client.getfd("mig", a.as_fd()).expect("helper getfd");
-    drop((a, b));
-    dst.qmp()
-        .execute("migrate-incoming", json!({"uri": "fd:mig"}))
-        .expect("migrate-incoming");
-    src.client.migrate("fd:mig").expect("migrate");
+    start_fd_migration(&mut src.client, dst.qmp());
     src.wait(&["completed"], TIMEOUT);
     dst.wait_migration(&["completed"], TIMEOUT)
         .expect("qemu destination completes");

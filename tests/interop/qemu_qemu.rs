@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use serde_json::json;
 
-use crate::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
-use crate::util::{assert_same_memory, fill_mixed, test_seed, GIB, MIB};
+use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+use support::util::{assert_same_memory, fill_mixed, test_seed, GIB, MIB};
 
 const RAM: u64 = 64 * MIB;
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
@@ -31,7 +31,7 @@ fn qemu_to_qemu_fd(qemu: Qemu, test: &str) {
     };
     eprintln!(
         "{test}: {zero_pages} of {} pages zero",
-        RAM as usize / crate::util::PAGE_SIZE
+        RAM as usize / support::util::PAGE_SIZE
     );
 
     let (a, b) = socketpair(
@@ -49,15 +49,13 @@ fn qemu_to_qemu_fd(qemu: Qemu, test: &str) {
     drop((a, b));
 
     dst.qmp()
-        .execute("migrate-incoming", json!({ "uri": "fd:mig" }))
+        .migrate_incoming("fd:mig")
         .expect("migrate-incoming");
     src.qmp()
         .set_parameters(json!({ "max-bandwidth": 10 * GIB }))
         .expect("migrate-set-parameters");
     let t1 = Instant::now();
-    src.qmp()
-        .execute("migrate", json!({ "uri": "fd:mig" }))
-        .expect("migrate");
+    src.qmp().migrate("fd:mig").expect("migrate");
     let info = src
         .wait_migration(&["completed"], MIGRATION_TIMEOUT)
         .unwrap_or_else(|e| panic!("{test}: source: {e}"));

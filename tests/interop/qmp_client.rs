@@ -9,10 +9,10 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
-use crate::control::spawn_socket_helper;
-use crate::helper::Memfd;
-use crate::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
-use crate::util::{assert_same_memory, fill_mixed, test_seed, TempDir, MIB};
+use crate::bad_input::SocketHelper;
+use support::helper::Memfd;
+use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+use support::util::{assert_same_memory, fill_mixed, test_seed, TempDir, MIB};
 
 /// Whether `python3` can import qemu.qmp; skips (or fails when required) if not.
 fn have_qemu_qmp(test: &str) -> bool {
@@ -58,7 +58,7 @@ fn qmp_client_migration(test: &str, to_qemu: bool) {
     fill_mixed(&mut src_mem.map(), seed, 0.3);
     let dst_mem = Memfd::new("qmp-dst", size);
     let quiet = ["--log-level", "warn"];
-    let src = spawn_socket_helper(&quiet, Stdio::inherit(), false);
+    let src = SocketHelper::spawn_with(&quiet, Stdio::inherit(), false);
     let qmp_dir = TempDir::new("qmh-qmp-qemu");
     let (dst_helper, dst_qemu, dst_path) = if to_qemu {
         let path = qmp_dir.join("qmp.sock");
@@ -73,7 +73,7 @@ fn qmp_client_migration(test: &str, to_qemu: bool) {
         };
         (None, Some(QemuVm::start(Qemu::V10, size, &opts)), path)
     } else {
-        let h = spawn_socket_helper(&quiet, Stdio::inherit(), false);
+        let h = SocketHelper::spawn_with(&quiet, Stdio::inherit(), false);
         let path = h.path.clone();
         (Some(h), None, path)
     };
@@ -100,9 +100,9 @@ fn qmp_client_migration(test: &str, to_qemu: bool) {
         .arg(size.to_string())
         .arg(if to_qemu { "qemu" } else { "helper" });
     // The memfds are CLOEXEC; the script inherits them.
+    use std::os::unix::process::CommandExt;
+    // SAFETY: fcntl is async-signal-safe; runs in the child only.
     unsafe {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: fcntl is async-signal-safe; runs in the child only.
         cmd.pre_exec(move || {
             for fd in [sfd, dfd] {
                 if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {

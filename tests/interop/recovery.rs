@@ -8,9 +8,12 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helper::{socketpair, HelperVm};
-use crate::postcopy::{Readers, UffdGuest};
-use crate::util::{assert_same_memory, fill_mixed, test_seed, MIB};
+use support::helper::HelperVm;
+use support::migrate::{
+    recover_over, recover_over_socketpair, socketpair, start_fd_migration, start_fd_migration_over,
+};
+use support::uffd::{Readers, UffdGuest};
+use support::util::{assert_same_memory, fill_mixed, test_seed, MIB};
 
 const RAM: u64 = 64 * MIB;
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -50,20 +53,7 @@ fn cut_and_recover(
         src.client.query_migrate().expect("query")["status"],
         "postcopy-paused"
     );
-    let (a, b) = socketpair();
-    let name = format!("mig{n}");
-    dst.client.getfd(&name, b.as_fd()).expect("getfd");
-    dst.client
-        .execute_oob("migrate-recover", json!({"uri": format!("fd:{name}")}))
-        .expect("migrate-recover");
-    src.client.getfd(&name, a.as_fd()).expect("getfd");
-    drop((a, b));
-    src.client
-        .execute(
-            "migrate",
-            json!({"uri": format!("fd:{name}"), "resume": true}),
-        )
-        .expect("migrate resume");
+    recover_over_socketpair(&mut src.client, &mut dst.client, &format!("mig{n}"), true);
     wait(src, guest, &["postcopy-active", "completed"]);
     wait(dst, guest, &["postcopy-active", "completed"]);
 }
@@ -83,11 +73,7 @@ fn helper_to_helper_recovery_twice_with_pending_faults() {
     let checked = readers.finish();
     assert!(checked > 0);
     // Let the push finish quickly now.
-    src.client
-        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
-        .expect("params");
-    let s = wait(&mut src, &mut guest, &["completed"]);
-    let d = wait(&mut dst, &mut guest, &["completed"]);
+    let (s, d) = finish(&mut src, &mut dst, &mut guest);
     eprintln!("source {s}\ndestination {d}");
     for v in [&s, &d] {
         assert_eq!(v["postcopy-pauses"], 2, "{v}");
@@ -100,7 +86,7 @@ fn helper_to_helper_recovery_twice_with_pending_faults() {
     assert_same_memory(&expected, &guest.map, "recovered twice");
 }
 
-use crate::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
 
 /// Real QEMU source -> helper destination; the link (a forwarder the test owns) is cut twice
 /// and recovered over fresh socketpairs; the parent's reader threads fault pages throughout.
@@ -126,17 +112,9 @@ fn qemu_to_helper_recovery(qemu: Qemu, test: &str) {
         .expect("qemu params");
     // A link the test owns, so that it can be cut.
     let (mut link, a, b) = Link::new();
-    src.qmp().getfd("mig", a.as_fd()).expect("qemu getfd");
-    dst.client.getfd("mig", b.as_fd()).expect("getfd");
-    drop((a, b));
-    dst.client.migrate_incoming("fd:mig").expect("incoming");
-    src.qmp()
-        .execute("migrate", json!({"uri": "fd:mig"}))
-        .expect("migrate");
+    start_fd_migration_over(src.qmp(), &mut dst.client, (a, b));
     std::thread::sleep(Duration::from_millis(200));
-    src.qmp()
-        .execute("migrate-start-postcopy", json!({}))
-        .expect("postcopy");
+    src.qmp().migrate_start_postcopy().expect("postcopy");
     wait(&mut dst, &mut guest, &["postcopy-active"]);
     let reader = Readers::start_paced(&guest, expected.clone(), 1, seed, Duration::from_millis(1));
     for n in 1..=2 {
@@ -147,19 +125,7 @@ fn qemu_to_helper_recovery(qemu: Qemu, test: &str) {
         wait(&mut dst, &mut guest, &["postcopy-paused"]);
         let (l, a, b) = Link::new();
         link = l;
-        let name = format!("mig{n}");
-        dst.client.getfd(&name, b.as_fd()).expect("getfd");
-        dst.client
-            .execute_oob("migrate-recover", json!({"uri": format!("fd:{name}")}))
-            .expect("migrate-recover");
-        src.qmp().getfd(&name, a.as_fd()).expect("qemu getfd");
-        drop((a, b));
-        src.qmp()
-            .execute(
-                "migrate",
-                json!({"uri": format!("fd:{name}"), "resume": true}),
-            )
-            .expect("qemu migrate resume");
+        recover_over(src.qmp(), &mut dst.client, &format!("mig{n}"), true, (a, b));
         src.wait_migration(&["postcopy-active", "completed"], TIMEOUT)
             .expect("qemu resumed");
         wait(&mut dst, &mut guest, &["postcopy-active", "completed"]);
@@ -209,13 +175,7 @@ fn helper_to_qemu_recovery(qemu: Qemu, test: &str) {
         .expect("params");
     // A link the test owns, so that it can be cut.
     let (mut link, a, b) = Link::new();
-    dst.qmp().getfd("mig", b.as_fd()).expect("qemu getfd");
-    src.client.getfd("mig", a.as_fd()).expect("getfd");
-    drop((a, b));
-    dst.qmp()
-        .execute("migrate-incoming", json!({"uri": "fd:mig"}))
-        .expect("incoming");
-    src.client.migrate("fd:mig").expect("migrate");
+    start_fd_migration_over(&mut src.client, dst.qmp(), (a, b));
     std::thread::sleep(Duration::from_millis(200));
     src.client.migrate_start_postcopy().expect("postcopy");
     src.wait(&["postcopy-active"], TIMEOUT);
@@ -224,26 +184,20 @@ fn helper_to_qemu_recovery(qemu: Qemu, test: &str) {
     for n in 1..=2 {
         // A page fault on QEMU's side that stays pending across the cut.
         let addr = RAM - 4096 * (n as u64 * 3 + 1);
-        let _ = dst.qmp().hmp(&format!("xp /1xg {addr:#x}"));
+        let _ = dst.hmp(&format!("xp /1xg {addr:#x}"));
         link.cut();
         src.wait(&["postcopy-paused"], TIMEOUT);
         dst.wait_migration(&["postcopy-paused"], TIMEOUT)
             .expect("qemu paused");
         let (l, a, b) = Link::new();
         link = l;
-        let name = format!("mig{n}");
-        dst.qmp().getfd(&name, b.as_fd()).expect("qemu getfd");
-        dst.qmp()
-            .execute("migrate-recover", json!({"uri": format!("fd:{name}")}))
-            .expect("qemu migrate-recover");
-        src.client.getfd(&name, a.as_fd()).expect("getfd");
-        drop((a, b));
-        src.client
-            .execute(
-                "migrate",
-                json!({"uri": format!("fd:{name}"), "resume": true}),
-            )
-            .expect("migrate resume");
+        recover_over(
+            &mut src.client,
+            dst.qmp(),
+            &format!("mig{n}"),
+            false,
+            (a, b),
+        );
         src.wait(&["postcopy-active", "completed"], TIMEOUT);
         dst.wait_migration(&["postcopy-active", "completed"], TIMEOUT)
             .expect("qemu resumed");
@@ -273,30 +227,46 @@ fn helper_to_qemu72_recovery() {
     helper_to_qemu_recovery(Qemu::V72, "helper_to_qemu72_recovery");
 }
 
-/// Starts a helper -> helper postcopy migration of RAM with a slow push; returns the two
-/// helpers, the destination's guest and the source content.
-fn start_postcopy(seed: u64) -> (HelperVm, HelperVm, UffdGuest, Arc<Vec<u8>>) {
+/// Lets the postcopy push run at full speed and waits until both helpers completed; their
+/// final query-migrate.
+fn finish(
+    src: &mut HelperVm,
+    dst: &mut HelperVm,
+    guest: &mut UffdGuest,
+) -> (serde_json::Value, serde_json::Value) {
+    src.client
+        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
+        .expect("params");
+    let s = wait(src, guest, &["completed"]);
+    let d = wait(dst, guest, &["completed"]);
+    (s, d)
+}
+
+/// A helper source with RAM filled from `seed`, a helper destination on a guest with a
+/// userfaultfd (as its parent holds it), both with the capabilities `caps`; and the
+/// source's content.
+fn helper_pair(seed: u64, caps: &[(&str, bool)]) -> (HelperVm, HelperVm, UffdGuest, Arc<Vec<u8>>) {
     let mut src = HelperVm::spawn();
     src.add_block("ram", RAM, false);
     fill_mixed(&mut src.blocks[0].mem.map(), seed, 0.2);
     let expected = Arc::new(src.blocks[0].mem.map().to_vec());
-    let mut guest = UffdGuest::new(RAM);
+    let guest = UffdGuest::new(RAM);
     let mut dst = HelperVm::spawn();
     guest.attach(&mut dst, "ram");
     for h in [&mut src, &mut dst] {
-        h.client
-            .set_capabilities(&[("postcopy-ram", true)])
-            .expect("caps");
+        h.client.set_capabilities(caps).expect("caps");
     }
+    (src, dst, guest, expected)
+}
+
+/// Starts a helper -> helper postcopy migration of RAM with a slow push; returns the two
+/// helpers, the destination's guest and the source content.
+fn start_postcopy(seed: u64) -> (HelperVm, HelperVm, UffdGuest, Arc<Vec<u8>>) {
+    let (mut src, mut dst, mut guest, expected) = helper_pair(seed, &[("postcopy-ram", true)]);
     src.client
         .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
         .expect("params");
-    let (a, b) = socketpair();
-    src.client.getfd("mig", a.as_fd()).expect("getfd");
-    dst.client.getfd("mig", b.as_fd()).expect("getfd");
-    drop((a, b));
-    dst.client.migrate_incoming("fd:mig").expect("incoming");
-    src.client.migrate("fd:mig").expect("migrate");
+    start_fd_migration(&mut src.client, &mut dst.client);
     std::thread::sleep(Duration::from_millis(200));
     src.client.migrate_start_postcopy().expect("postcopy");
     wait(&mut dst, &mut guest, &["postcopy-active"]);
@@ -338,7 +308,7 @@ fn recovery_errors_and_failures_in_a_row() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("not found"), "{e}");
-    let file = crate::helper::Memfd::new("not-a-socket", 4096);
+    let file = support::helper::Memfd::new("not-a-socket", 4096);
     src.client.getfd("file", file.fd.as_fd()).expect("getfd");
     let e = src
         .client
@@ -403,21 +373,8 @@ fn recovery_errors_and_failures_in_a_row() {
     );
 
     // A good recovery still completes.
-    let (a, b) = socketpair();
-    dst.client.getfd("good", b.as_fd()).expect("getfd");
-    dst.client
-        .execute_oob("migrate-recover", json!({"uri": "fd:good"}))
-        .expect("recover");
-    src.client.getfd("good", a.as_fd()).expect("getfd");
-    drop((a, b));
-    src.client
-        .execute("migrate", json!({"uri": "fd:good", "resume": true}))
-        .expect("resume");
-    src.client
-        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
-        .expect("params");
-    wait(&mut src, &mut guest, &["completed"]);
-    let d = wait(&mut dst, &mut guest, &["completed"]);
+    recover_over_socketpair(&mut src.client, &mut dst.client, "good", true);
+    let (_, d) = finish(&mut src, &mut dst, &mut guest);
     assert!(d["postcopy-pauses"].as_u64().unwrap() >= 4, "{d}");
     assert_same_memory(&expected, &guest.map, "after failed recoveries");
 }
@@ -507,17 +464,8 @@ impl Drop for Link {
 #[test]
 fn silent_link_death_pauses_then_recovers() {
     let seed = test_seed("silent_link_death");
-    let mut src = HelperVm::spawn();
-    src.add_block("ram", RAM, false);
-    fill_mixed(&mut src.blocks[0].mem.map(), seed, 0.2);
-    let expected = Arc::new(src.blocks[0].mem.map().to_vec());
-    let mut guest = UffdGuest::new(RAM);
-    let mut dst = HelperVm::spawn();
-    guest.attach(&mut dst, "ram");
+    let (mut src, mut dst, mut guest, expected) = helper_pair(seed, &[("postcopy-ram", true)]);
     for h in [&mut src, &mut dst] {
-        h.client
-            .set_capabilities(&[("postcopy-ram", true)])
-            .expect("caps");
         h.client
             .set_parameters(json!({"link-timeout": 600}))
             .expect("link-timeout");
@@ -526,11 +474,7 @@ fn silent_link_death_pauses_then_recovers() {
         .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
         .expect("params");
     let (link, a, b) = Link::new();
-    src.client.getfd("mig", a.as_fd()).expect("getfd");
-    dst.client.getfd("mig", b.as_fd()).expect("getfd");
-    drop((a, b));
-    dst.client.migrate_incoming("fd:mig").expect("incoming");
-    src.client.migrate("fd:mig").expect("migrate");
+    start_fd_migration_over(&mut src.client, &mut dst.client, (a, b));
     std::thread::sleep(Duration::from_millis(200));
     src.client.migrate_start_postcopy().expect("postcopy");
     wait(&mut dst, &mut guest, &["postcopy-active"]);
@@ -545,21 +489,8 @@ fn silent_link_death_pauses_then_recovers() {
         took < Duration::from_secs(3),
         "took {took:?} with a 600 ms link timeout"
     );
-    let (a, b) = socketpair();
-    dst.client.getfd("mig2", b.as_fd()).expect("getfd");
-    dst.client
-        .execute_oob("migrate-recover", json!({"uri": "fd:mig2"}))
-        .expect("recover");
-    src.client.getfd("mig2", a.as_fd()).expect("getfd");
-    drop((a, b));
-    src.client
-        .execute("migrate", json!({"uri": "fd:mig2", "resume": true}))
-        .expect("resume");
-    src.client
-        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
-        .expect("params");
-    wait(&mut src, &mut guest, &["completed"]);
-    wait(&mut dst, &mut guest, &["completed"]);
+    recover_over_socketpair(&mut src.client, &mut dst.client, "mig2", true);
+    finish(&mut src, &mut dst, &mut guest);
     drop(link);
     assert_same_memory(&expected, &guest.map, "after a silent link death");
 }
@@ -611,16 +542,7 @@ fn helpers_killed_and_respawned() {
     src.client
         .set_parameters(json!({"max-postcopy-bandwidth": 4 * MIB}))
         .expect("params");
-    let (a, b) = socketpair();
-    dst.client.getfd("mig1", b.as_fd()).expect("getfd");
-    dst.client
-        .execute_oob("migrate-recover", json!({"uri": "fd:mig1"}))
-        .expect("recover");
-    src.client.getfd("mig1", a.as_fd()).expect("getfd");
-    drop((a, b));
-    src.client
-        .execute("migrate", json!({"uri": "fd:mig1", "resume": true}))
-        .expect("resume on a new source helper");
+    recover_over_socketpair(&mut src.client, &mut dst.client, "mig1", true);
     wait(&mut src, &mut guest, &["postcopy-active"]);
     wait(&mut dst, &mut guest, &["postcopy-active"]);
     std::thread::sleep(Duration::from_millis(300));
@@ -634,21 +556,8 @@ fn helpers_killed_and_respawned() {
     dst.client
         .set_capabilities(&[("postcopy-ram", true)])
         .expect("caps");
-    let (a, b) = socketpair();
-    dst.client.getfd("mig2", b.as_fd()).expect("getfd");
-    dst.client
-        .execute_oob("migrate-recover", json!({"uri": "fd:mig2"}))
-        .expect("recover on a new destination helper");
-    src.client.getfd("mig2", a.as_fd()).expect("getfd");
-    drop((a, b));
-    src.client
-        .execute("migrate", json!({"uri": "fd:mig2", "resume": true}))
-        .expect("resume");
-    src.client
-        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
-        .expect("params");
-    wait(&mut src, &mut guest, &["completed"]);
-    wait(&mut dst, &mut guest, &["completed"]);
+    recover_over_socketpair(&mut src.client, &mut dst.client, "mig2", true);
+    finish(&mut src, &mut dst, &mut guest);
     assert_same_memory(&expected, &guest.map, "after both helpers were killed");
     drop(src_mem);
 }
@@ -694,29 +603,14 @@ struct CutRound {
 fn cut_round(seed: u64, max_cuts: usize) -> CutRound {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
-    let mut src = HelperVm::spawn();
-    src.add_block("ram", RAM, false);
-    fill_mixed(&mut src.blocks[0].mem.map(), seed, 0.2);
-    let expected = Arc::new(src.blocks[0].mem.map().to_vec());
-    let mut guest = UffdGuest::new(RAM);
-    let mut dst = HelperVm::spawn();
-    guest.attach(&mut dst, "ram");
-    for h in [&mut src, &mut dst] {
-        h.client
-            .set_capabilities(&[("postcopy-ram", true)])
-            .expect("caps");
-    }
+    let (mut src, mut dst, mut guest, expected) = helper_pair(seed, &[("postcopy-ram", true)]);
     // Slow enough that the push outlives all the cuts (or as slow as the helper allows).
     let push = (RAM / (max_cuts as u64 + 4)).max(MIB);
     src.client
         .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": push}))
         .expect("params");
     let (mut link, a, b) = Link::new();
-    src.client.getfd("mig", a.as_fd()).expect("getfd");
-    dst.client.getfd("mig", b.as_fd()).expect("getfd");
-    drop((a, b));
-    dst.client.migrate_incoming("fd:mig").expect("incoming");
-    src.client.migrate("fd:mig").expect("migrate");
+    start_fd_migration_over(&mut src.client, &mut dst.client, (a, b));
     std::thread::sleep(Duration::from_millis(100));
     src.client.migrate_start_postcopy().expect("postcopy");
     wait(&mut dst, &mut guest, &["postcopy-active"]);
@@ -741,18 +635,7 @@ fn cut_round(seed: u64, max_cuts: usize) -> CutRound {
             let (l, a, b) = Link::new();
             link = l;
             let name = format!("m{n}-{during_recovery}");
-            dst.client.getfd(&name, b.as_fd()).expect("getfd");
-            dst.client
-                .execute_oob("migrate-recover", json!({"uri": format!("fd:{name}")}))
-                .expect("recover");
-            src.client.getfd(&name, a.as_fd()).expect("getfd");
-            drop((a, b));
-            src.client
-                .execute(
-                    "migrate",
-                    json!({"uri": format!("fd:{name}"), "resume": true}),
-                )
-                .expect("resume");
+            recover_over(&mut src.client, &mut dst.client, &name, true, (a, b));
             if rng.gen_bool(0.3) {
                 std::thread::sleep(Duration::from_micros(rng.gen_range(0..2000)));
                 link.cut();
@@ -783,11 +666,7 @@ fn cut_round(seed: u64, max_cuts: usize) -> CutRound {
         wait(&mut dst, &mut guest, &["postcopy-active", "completed"]);
     }
     let checked_pages = reader.finish();
-    src.client
-        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
-        .expect("params");
-    let s = wait(&mut src, &mut guest, &["completed"]);
-    let d = wait(&mut dst, &mut guest, &["completed"]);
+    let (s, d) = finish(&mut src, &mut dst, &mut guest);
     eprintln!(
         "fault injection round (seed {seed}): {n} cuts in postcopy, {during_recovery} during recovery; source pauses {}, destination pauses {}",
         s["postcopy-pauses"], d["postcopy-pauses"]
@@ -827,14 +706,7 @@ fn qemu10_double_failures_then_recovery() {
     src.client
         .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
         .expect("params");
-    let (a, b) = socketpair();
-    dst.qmp().getfd("mig", b.as_fd()).expect("qemu getfd");
-    src.client.getfd("mig", a.as_fd()).expect("getfd");
-    drop((a, b));
-    dst.qmp()
-        .execute("migrate-incoming", json!({"uri": "fd:mig"}))
-        .expect("incoming");
-    src.client.migrate("fd:mig").expect("migrate");
+    start_fd_migration(&mut src.client, dst.qmp());
     std::thread::sleep(Duration::from_millis(200));
     src.client.migrate_start_postcopy().expect("postcopy");
     src.wait(&["postcopy-active"], TIMEOUT);
@@ -902,16 +774,7 @@ fn qemu10_double_failures_then_recovery() {
         .expect("qemu paused again");
 
     // 3. A good recovery completes.
-    let (a, b) = socketpair();
-    dst.qmp().getfd("rec2", b.as_fd()).expect("qemu getfd");
-    dst.qmp()
-        .execute("migrate-recover", json!({"uri": "fd:rec2"}))
-        .expect("qemu recover");
-    src.client.getfd("rec2", a.as_fd()).expect("getfd");
-    drop((a, b));
-    src.client
-        .execute("migrate", json!({"uri": "fd:rec2", "resume": true}))
-        .expect("resume");
+    recover_over_socketpair(&mut src.client, dst.qmp(), "rec2", false);
     src.client
         .set_parameters(json!({"max-postcopy-bandwidth": 0}))
         .expect("params");
@@ -994,22 +857,12 @@ fn postcopy_source_pauses_and_exits_when_its_parent_goes_away() {
     }
     // A fresh helper adopts the paused migration with the parent's memfd.
     let mut fresh = HelperVm::spawn();
-    fresh.add_memfd_block("ram", crate::helper::Memfd { fd: mem, size: RAM }, false);
+    fresh.add_memfd_block("ram", support::helper::Memfd { fd: mem, size: RAM }, false);
     fresh
         .client
         .set_capabilities(&[("postcopy-ram", true)])
         .expect("caps");
-    let (a, b) = socketpair();
-    dst.client.getfd("adopt", b.as_fd()).expect("getfd");
-    dst.client
-        .execute_oob("migrate-recover", json!({"uri": "fd:adopt"}))
-        .expect("migrate-recover");
-    fresh.client.getfd("adopt", a.as_fd()).expect("getfd");
-    drop((a, b));
-    fresh
-        .client
-        .execute("migrate", json!({"uri": "fd:adopt", "resume": true}))
-        .expect("adopt");
+    recover_over_socketpair(&mut fresh.client, &mut dst.client, "adopt", true);
     wait(&mut fresh, &mut guest, &["completed"]);
     wait(&mut dst, &mut guest, &["completed"]);
     assert_same_memory(&expected, &guest.map, test);
@@ -1037,23 +890,17 @@ fn qemu10_to_helper_preempt_recovery() {
     src.qmp()
         .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
         .expect("qemu params");
-    let dir = crate::util::TempDir::new("qmh-rec");
+    let dir = support::util::TempDir::new("qmh-rec");
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     dst.client.migrate_incoming(&uri).expect("incoming");
-    src.qmp()
-        .execute("migrate", json!({"uri": uri}))
-        .expect("migrate");
+    src.qmp().migrate(&uri).expect("migrate");
     std::thread::sleep(Duration::from_millis(200));
-    src.qmp()
-        .execute("migrate-start-postcopy", json!({}))
-        .expect("postcopy");
+    src.qmp().migrate_start_postcopy().expect("postcopy");
     wait(&mut dst, &mut guest, &["postcopy-active"]);
     let reader = Readers::start_paced(&guest, expected.clone(), 2, seed, Duration::from_millis(1));
     for n in 1..=2 {
         std::thread::sleep(Duration::from_millis(200));
-        src.qmp()
-            .execute("migrate-pause", json!({}))
-            .expect("qemu migrate-pause");
+        src.qmp().migrate_pause().expect("qemu migrate-pause");
         src.wait_migration(&["postcopy-paused"], TIMEOUT)
             .expect("qemu paused");
         wait(&mut dst, &mut guest, &["postcopy-paused"]);
@@ -1061,9 +908,7 @@ fn qemu10_to_helper_preempt_recovery() {
         dst.client
             .execute_oob("migrate-recover", json!({"uri": uri}))
             .expect("migrate-recover");
-        src.qmp()
-            .execute("migrate", json!({"uri": uri, "resume": true}))
-            .expect("qemu migrate resume");
+        src.qmp().migrate_resume(&uri).expect("qemu migrate resume");
         src.wait_migration(&["postcopy-active", "completed"], TIMEOUT)
             .expect("qemu resumed");
         wait(&mut dst, &mut guest, &["postcopy-active", "completed"]);
@@ -1092,22 +937,12 @@ fn qemu10_to_helper_preempt_recovery() {
 fn helper_to_helper_preempt_recovery() {
     let test = "helper_to_helper_preempt_recovery";
     let seed = test_seed(test);
-    let mut src = HelperVm::spawn();
-    src.add_block("ram", RAM, false);
-    fill_mixed(&mut src.blocks[0].mem.map(), seed, 0.2);
-    let expected = Arc::new(src.blocks[0].mem.map().to_vec());
-    let mut guest = UffdGuest::new(RAM);
-    let mut dst = HelperVm::spawn();
-    guest.attach(&mut dst, "ram");
-    for h in [&mut src, &mut dst] {
-        h.client
-            .set_capabilities(&[("postcopy-ram", true), ("postcopy-preempt", true)])
-            .expect("caps");
-    }
+    let (mut src, mut dst, mut guest, expected) =
+        helper_pair(seed, &[("postcopy-ram", true), ("postcopy-preempt", true)]);
     src.client
         .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
         .expect("params");
-    let dir = crate::util::TempDir::new("qmh-rec");
+    let dir = support::util::TempDir::new("qmh-rec");
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     dst.client.migrate_incoming(&uri).expect("incoming");
     src.client.migrate(&uri).expect("migrate");
@@ -1135,11 +970,7 @@ fn helper_to_helper_preempt_recovery() {
     std::thread::sleep(Duration::from_millis(200));
     let checked = reader.finish();
     assert!(checked > 10, "the readers checked only {checked} pages");
-    src.client
-        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
-        .expect("params");
-    let s = wait(&mut src, &mut guest, &["completed"]);
-    let d = wait(&mut dst, &mut guest, &["completed"]);
+    let (s, d) = finish(&mut src, &mut dst, &mut guest);
     eprintln!("{test}: source {s}\ndestination {d}");
     assert_eq!(d["postcopy-pauses"], 2, "{d}");
     let sent = s["ram"]["postcopy-preempt-pages"].as_u64().unwrap_or(0);
@@ -1162,7 +993,7 @@ fn recover_unix_keeps_a_regular_file_at_its_path() {
         .expect("migrate-pause");
     wait(&mut src, &mut guest, &["postcopy-paused"]);
     wait(&mut dst, &mut guest, &["postcopy-paused"]);
-    let dir = crate::util::TempDir::new("qmh-rec");
+    let dir = support::util::TempDir::new("qmh-rec");
     let file = dir.join("not-a-socket");
     std::fs::write(&file, b"precious").unwrap();
     let e = dst
@@ -1188,10 +1019,6 @@ fn recover_unix_keeps_a_regular_file_at_its_path() {
     src.client
         .execute("migrate", json!({"uri": uri, "resume": true}))
         .expect("resume");
-    src.client
-        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
-        .expect("params");
-    wait(&mut src, &mut guest, &["completed"]);
-    wait(&mut dst, &mut guest, &["completed"]);
+    finish(&mut src, &mut dst, &mut guest);
     assert_same_memory(&expected, &guest.map, test);
 }

@@ -3,15 +3,14 @@
 //! outside the allowed directories (symlinks included) with an error that says so, while
 //! the helper keeps answering. The rest of the suite runs with the sandbox on (the default).
 
-use std::os::fd::AsFd;
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use qemu_migration_helper::client::{HelperClient, RamBlockSpec};
+use qemu_migration_helper::client::HelperClient;
 
-use crate::helper::{helper_bin, HelperVm, Memfd};
-use crate::util::{TempDir, MIB};
+use support::helper::{helper_bin, HelperVm};
+use support::util::{TempDir, MIB};
 
 /// Runs the hidden self-test (`QMH_SANDBOX_SELFTEST=execve`: the helper tries execve(2)
 /// right after entering the sandbox) and returns the exit status and stderr.
@@ -120,51 +119,22 @@ fn landlock_refuses_files_outside_the_allowed_directories() {
 }
 
 /// Waits for `child` to exit, killing it after `timeout`.
-fn reap(mut child: Child, timeout: Duration) {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
 /// `--sandbox log` refuses nothing but says in the helper's log what `on` would refuse.
 #[test]
 fn log_mode_reports_what_on_would_refuse() {
     let dir = TempDir::new("qmh-sandbox-log");
-    let sock = dir.join("ctl");
     let log_path = dir.join("log");
     let log = std::fs::File::create(&log_path).expect("log file");
-    let child = Command::new(helper_bin())
-        .args([
-            "--control-socket",
-            sock.to_str().unwrap(),
-            "--sandbox",
-            "log",
-        ])
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("spawn");
-    let mut c = HelperClient::connect_timeout(&sock, Duration::from_secs(10)).expect("connect");
-    let mem = Memfd::new("ram", MIB);
-    c.getfd("m", mem.fd.as_fd()).expect("getfd");
-    c.ram_block_add(&RamBlockSpec {
-        id: "ram".into(),
-        fdname: "m".into(),
-        offset: 0,
-        size: MIB,
-        ..Default::default()
-    })
-    .expect("ram-block-add");
-    assert_eq!(migrate_incoming_error(&mut c, "file:/etc/passwd"), None);
-    c.wait_for_status(&["failed"], Duration::from_secs(30))
+    let mut h = HelperVm::spawn_on_socket(&["--sandbox", "log"], Stdio::from(log));
+    h.add_block("ram", MIB, false);
+    assert_eq!(
+        migrate_incoming_error(&mut h.client, "file:/etc/passwd"),
+        None
+    );
+    h.client
+        .wait_for_status(&["failed"], Duration::from_secs(30))
         .expect("failed: /etc/passwd is no stream");
-    c.quit().expect("quit");
-    reap(child, Duration::from_secs(10));
+    h.quit_and_wait(Duration::from_secs(10));
     let text = std::fs::read_to_string(&log_path).expect("log");
     assert!(
         text.contains("sandbox entered") && text.contains("mode: Log"),

@@ -9,8 +9,9 @@ use std::time::Duration;
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use serde_json::json;
 
-use crate::helper::{socketpair, start_fd_migration, HelperVm, Memfd};
-use crate::util::{assert_same_memory, fill_mixed, test_seed, MIB};
+use support::helper::{HelperVm, Memfd};
+use support::migrate::{socketpair, start_fd_migration};
+use support::util::{assert_same_memory, fill_mixed, test_seed, MIB};
 
 const SIZE: u64 = 64 * MIB;
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -30,7 +31,7 @@ fn start(src: &mut HelperVm, dst: &mut HelperVm) {
     src.client
         .set_parameters(json!({"max-bandwidth": 8 * MIB}))
         .expect("params");
-    start_fd_migration(src, dst);
+    start_fd_migration(&mut src.client, &mut dst.client);
     src.wait(&["active"], DEADLINE);
     std::thread::sleep(Duration::from_millis(500));
 }

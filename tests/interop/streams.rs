@@ -15,8 +15,9 @@ use qemu_migration_helper::wire::stream::{
 };
 use serde_json::{json, Value};
 
-use crate::helper::{socketpair, HelperVm};
-use crate::util::{MIB, PAGE_SIZE};
+use support::helper::HelperVm;
+use support::migrate::socketpair;
+use support::util::{MIB, PAGE_SIZE};
 
 /// How long a hand-built load may take before it counts as a hang.
 pub(crate) const LOAD_DEADLINE: Duration = Duration::from_secs(20);

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::helper::{socketpair, HelperVm};
-use crate::util::{assert_same_memory, fill_mixed, test_seed, TempDir, MIB};
+use support::helper::HelperVm;
+use support::migrate::{pass_socketpair, socketpair};
+use support::util::{assert_same_memory, fill_mixed, test_seed, TempDir, MIB};
 
 const QUIET: &[&str] = &["--log-level", "warn"];
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -338,7 +339,7 @@ fn cancel_ends_a_tcp_connect_that_gets_no_answer() {
 /// a listening TCP socket as `fd:NAME`.
 #[test]
 fn qemu10_source_to_fd_tcp_listener() {
-    use crate::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+    use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
     let test = "qemu10_source_to_fd_tcp_listener";
     if require_qemu(Qemu::V10, test).is_none() {
         return;
@@ -356,7 +357,7 @@ fn qemu10_source_to_fd_tcp_listener() {
         .set_parameters(json!({"max-bandwidth": 1u64 << 33}))
         .expect("params");
     src.qmp()
-        .execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
+        .migrate(&format!("tcp:127.0.0.1:{port}"))
         .expect("migrate");
     src.wait_migration(&["completed"], DEADLINE)
         .expect("qemu completes");
@@ -370,7 +371,7 @@ fn qemu10_source_to_fd_tcp_listener() {
 /// short link-timeout (postcopy's) does not touch it and the same pause completes.
 #[test]
 fn qemu10_source_silent_in_pre_switchover() {
-    use crate::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+    use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
     let test = "qemu10_source_silent_in_pre_switchover";
     if require_qemu(Qemu::V10, test).is_none() {
         return;
@@ -384,10 +385,7 @@ fn qemu10_source_silent_in_pre_switchover() {
         fill_mixed(&mut src.ram_mmap(), test_seed(test), 0.3);
         let mut dst = helper(size);
         dst.client.set_parameters(params.clone()).expect("params");
-        let (a, b) = socketpair();
-        src.qmp().getfd("mig", a.as_fd()).expect("qemu getfd");
-        dst.client.getfd("mig", b.as_fd()).expect("getfd");
-        drop((a, b));
+        pass_socketpair(src.qmp(), &mut dst.client, "mig");
         dst.client.migrate_incoming("fd:mig").expect("incoming");
         src.qmp()
             .set_capabilities(&[("pause-before-switchover", true)])
@@ -395,9 +393,7 @@ fn qemu10_source_silent_in_pre_switchover() {
         src.qmp()
             .set_parameters(json!({"max-bandwidth": 1u64 << 33}))
             .expect("params");
-        src.qmp()
-            .execute("migrate", json!({"uri": "fd:mig"}))
-            .expect("migrate");
+        src.qmp().migrate("fd:mig").expect("migrate");
         src.wait_migration(&["pre-switchover"], DEADLINE)
             .expect("qemu pauses");
         std::thread::sleep(Duration::from_millis(3000));
@@ -413,9 +409,7 @@ fn qemu10_source_silent_in_pre_switchover() {
             continue;
         }
         assert_eq!(v["status"], "active", "{test}: {v}");
-        src.qmp()
-            .execute("migrate-continue", json!({"state": "pre-switchover"}))
-            .expect("continue");
+        src.qmp().migrate_continue().expect("continue");
         src.wait_migration(&["completed"], DEADLINE)
             .expect("qemu completes");
         dst.wait(&["completed"], DEADLINE);

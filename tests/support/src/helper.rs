@@ -1,24 +1,41 @@
 //! A helper process driven through the library's client API, with guest RAM in memfds
 //! that the test (as the parent VMM) maps and fills.
-// Shared by the interop tests and the benchmark; not every item is used by both.
-#![allow(dead_code)]
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::Child;
-use std::time::Duration;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use qemu_migration_helper::client::{HelperClient, RamBlockSpec};
 
-use crate::qemu::RamMap;
+use crate::map::RamMap;
+use crate::util::TempDir;
 
-/// The helper under test: the one cargo built, or `QMH_HELPER_BIN` (e.g. the installed one).
+/// The helper under test: `QMH_HELPER_BIN` (e.g. the installed one), else the one cargo
+/// built for this test or bench. Cargo builds the package's binary beside the `deps/`
+/// directory that holds the test and bench executables (what `CARGO_BIN_EXE_...` names,
+/// which only the package's own targets see at compile time).
 pub fn helper_bin() -> &'static Path {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| match std::env::var_os("QMH_HELPER_BIN") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_BIN_EXE_qemu-migration-helper")),
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("QMH_HELPER_BIN") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().expect("the test's own path");
+        let bin = exe
+            .parent()
+            .and_then(Path::parent)
+            .map(|profile_dir| profile_dir.join("qemu-migration-helper"))
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no qemu-migration-helper beside {} (run through cargo test/bench, \
+                     or set QMH_HELPER_BIN)",
+                    exe.display()
+                )
+            });
+        bin
     })
 }
 
@@ -62,17 +79,80 @@ pub struct HelperVm {
     pub client: HelperClient,
     child: Child,
     pub blocks: Vec<Block>,
+    /// With `spawn_on_socket`: the control socket, in a directory removed on drop.
+    socket: Option<(PathBuf, TempDir)>,
 }
 
 impl HelperVm {
     pub fn spawn() -> HelperVm {
-        let (client, child) =
-            HelperClient::spawn(helper_bin(), &["--log-level", "debug"]).expect("spawn helper");
+        HelperVm::spawn_with_args(&["--log-level", "debug"])
+    }
+
+    /// A helper that logs only warnings (for benchmarks).
+    pub fn spawn_quiet() -> HelperVm {
+        // QMH_HELPER_LOG=info shows the helpers' own summaries.
+        let level = std::env::var("QMH_HELPER_LOG").unwrap_or_else(|_| "warn".into());
+        HelperVm::spawn_with_args(&["--log-level", &level])
+    }
+
+    /// A helper started with `args` after `--control-fd N` (e.g. another log level).
+    pub fn spawn_with_args(args: &[&str]) -> HelperVm {
+        let (client, child) = HelperClient::spawn(helper_bin(), args).expect("spawn helper");
         HelperVm {
             client,
             child,
             blocks: Vec::new(),
+            socket: None,
         }
+    }
+
+    /// A helper listening on `--control-socket PATH` (in a fresh directory) with `args`,
+    /// its stderr to `stderr` (e.g. a log file), and connected to there.
+    pub fn spawn_on_socket(args: &[&str], stderr: Stdio) -> HelperVm {
+        let dir = TempDir::new("qmh-ctl");
+        let path = dir.join("control.sock");
+        let mut child = Command::new(helper_bin())
+            .arg("--control-socket")
+            .arg(&path)
+            .args(args)
+            .stdin(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn helper");
+        let client = match HelperClient::connect_timeout(&path, Duration::from_secs(10)) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("connecting to {}: {e}", path.display());
+            }
+        };
+        HelperVm {
+            client,
+            child,
+            blocks: Vec::new(),
+            socket: Some((path, dir)),
+        }
+    }
+
+    /// The control socket of a helper from `spawn_on_socket`.
+    pub fn control_socket(&self) -> Option<&Path> {
+        self.socket.as_ref().map(|(p, _)| p.as_path())
+    }
+
+    /// `quit`, then waits up to `timeout` for the process to exit (killing it after that);
+    /// its exit status.
+    pub fn quit_and_wait(&mut self, timeout: Duration) -> ExitStatus {
+        self.client.quit().expect("quit");
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        self.child.wait().expect("wait for the helper")
     }
 
     /// Adds a block backed by a new memfd (and a dirty bitmap memfd when asked).
@@ -155,6 +235,16 @@ impl HelperVm {
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// Whether the helper process has exited (reaping it).
+    pub fn exited(&mut self) -> bool {
+        !self.alive()
+    }
+
+    /// Closes the control connection as a parent that goes away would (no `quit`).
+    pub fn close_control(&mut self) {
+        self.client.disconnect();
+    }
 }
 
 impl Drop for HelperVm {
@@ -169,67 +259,5 @@ impl Drop for HelperVm {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// A connected socketpair for a migration channel.
-pub fn socketpair() -> (OwnedFd, OwnedFd) {
-    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-    socketpair(
-        AddressFamily::Unix,
-        SockType::Stream,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .expect("socketpair")
-}
-
-/// Starts a precopy migration from `src` to `dst` over a socketpair passed to both as
-/// "mig" (`migrate-incoming fd:mig` on `dst`, then `migrate fd:mig` on `src`).
-pub fn start_fd_migration(src: &mut HelperVm, dst: &mut HelperVm) {
-    let (a, b) = socketpair();
-    src.client.getfd("mig", a.as_fd()).expect("getfd");
-    dst.client.getfd("mig", b.as_fd()).expect("getfd");
-    drop((a, b));
-    dst.client.migrate_incoming("fd:mig").expect("incoming");
-    src.client.migrate("fd:mig").expect("migrate");
-}
-
-impl HelperVm {
-    /// A helper that logs only warnings (for benchmarks).
-    pub fn spawn_quiet() -> HelperVm {
-        // QMH_HELPER_LOG=info shows the helpers' own summaries.
-        let level = std::env::var("QMH_HELPER_LOG").unwrap_or_else(|_| "warn".into());
-        let (client, child) =
-            HelperClient::spawn(helper_bin(), &["--log-level", &level]).expect("spawn helper");
-        HelperVm {
-            client,
-            child,
-            blocks: Vec::new(),
-        }
-    }
-}
-
-impl HelperVm {
-    /// A helper started with `args` after `--control-fd N` (e.g. another log level).
-    pub fn spawn_with_args(args: &[&str]) -> HelperVm {
-        let (client, child) = HelperClient::spawn(helper_bin(), args).expect("spawn helper");
-        HelperVm {
-            client,
-            child,
-            blocks: Vec::new(),
-        }
-    }
-}
-
-impl HelperVm {
-    /// Closes the control connection as a parent that goes away would (no `quit`).
-    pub fn close_control(&mut self) {
-        self.client.disconnect();
-    }
-
-    /// Whether the helper process has exited (reaping it).
-    pub fn exited(&mut self) -> bool {
-        !matches!(self.child.try_wait(), Ok(None))
     }
 }

@@ -1,0 +1,49 @@
+//! What the benchmarks share: whether cargo asked for a benchmark run, their environment
+//! knobs, and the statistics they print.
+
+/// Whether the binary runs as a benchmark (`cargo bench` passes `--bench`). `cargo test
+/// --all-targets` also runs the bench binaries, without it: then this says how to run
+/// bench `name` and the benchmark returns at once.
+pub fn bench_requested(name: &str) -> bool {
+    if std::env::args().any(|a| a == "--bench") {
+        return true;
+    }
+    println!("{name} benchmark: run it with `cargo bench --bench {name}` (not part of the tests)");
+    false
+}
+
+/// A size from the environment variable `var` (`2G`, `512M`, ...), else `default`, read
+/// with `parse` (the helper's own `demo::parse_size`, which the client-only build lacks).
+pub fn env_size<E: std::fmt::Display>(
+    var: &str,
+    default: &str,
+    parse: impl Fn(&str) -> Result<u64, E>,
+) -> u64 {
+    let s = std::env::var(var).unwrap_or_else(|_| default.into());
+    parse(&s).unwrap_or_else(|e| panic!("{var}={s:?}: {e}"))
+}
+
+/// How many times each case runs: `QMH_BENCH_REPEAT`, default 3.
+pub fn repeat() -> usize {
+    match std::env::var("QMH_BENCH_REPEAT") {
+        Ok(s) => s
+            .parse()
+            .unwrap_or_else(|_| panic!("QMH_BENCH_REPEAT={s:?}: want a number")),
+        Err(_) => 3,
+    }
+}
+
+/// The `p` quantile (0.0 to 1.0) of `v`, nearest rank; NaN when `v` is empty.
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[(((v.len() - 1) as f64) * p).round() as usize]
+}
+
+/// The median of `v` (the upper one of an even count); NaN when `v` is empty.
+pub fn median(v: &[f64]) -> f64 {
+    percentile(v, 0.5)
+}
