@@ -11,7 +11,7 @@
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::transport::CancelToken;
@@ -55,16 +55,13 @@ pub(crate) enum GateWait {
     TimedOut,
 }
 
-/// The commands' state, shared with the control thread (and, until the engines move to
-/// the mailbox, with `MigrationCtx`'s `gate`, `cancel` and `postcopy_requested`).
-pub(crate) struct Mailbox(Arc<Shared>);
-
-struct Shared {
+/// The commands' state, shared by the control thread and the migration thread.
+pub(crate) struct Mailbox {
     slots: Mutex<Slots>,
     /// Notified on every post; waiters re-check their slot under the lock.
     posted: Condvar,
     cancel: CancelToken,
-    postcopy: Arc<AtomicBool>,
+    postcopy: AtomicBool,
     /// A duplicate of the live channel's fd, shut down by cancel and pause.
     channel: Mutex<Option<OwnedFd>>,
 }
@@ -83,67 +80,65 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Mailbox {
     pub(crate) fn new() -> std::io::Result<Self> {
-        Ok(Mailbox(Arc::new(Shared {
+        Ok(Mailbox {
             slots: Mutex::default(),
             posted: Condvar::new(),
             cancel: CancelToken::new()?,
-            postcopy: Arc::default(),
+            postcopy: AtomicBool::new(false),
             channel: Mutex::new(None),
-        })))
+        })
     }
 
     /// Clears the latches for a new migration (the previous thread was joined). A
     /// recovery stays: an adopting helper offers it before it starts the thread.
     pub(crate) fn reset(&self) {
-        lock(&self.0.slots).go_on = false;
-        self.0.postcopy.store(false, Ordering::Release);
-        self.0.cancel.reset();
+        lock(&self.slots).go_on = false;
+        self.postcopy.store(false, Ordering::Release);
+        self.cancel.reset();
     }
 
     /// Posts `cmd`; only a second `StartPostcopy` is refused.
     pub(crate) fn post(&self, cmd: Command) -> Result<(), Refused> {
         match cmd {
-            Command::Continue => lock(&self.0.slots).go_on = true,
+            Command::Continue => lock(&self.slots).go_on = true,
             Command::StartPostcopy => {
-                if self.0.postcopy.swap(true, Ordering::AcqRel) {
+                if self.postcopy.swap(true, Ordering::AcqRel) {
                     return Err(Refused::PostcopyAlreadyStarted);
                 }
             }
-            Command::Recover(r) => lock(&self.0.slots).recovery = Some(r),
+            Command::Recover(r) => lock(&self.slots).recovery = Some(r),
             Command::Pause => self.shutdown_channel(),
             Command::Cancel => {
-                self.0.cancel.cancel();
+                self.cancel.cancel();
                 self.shutdown_channel();
                 // Under the lock, so that a waiter between its check and its wait cannot
                 // miss the notification.
-                drop(lock(&self.0.slots));
+                drop(lock(&self.slots));
             }
         }
-        self.0.posted.notify_all();
+        self.posted.notify_all();
         Ok(())
     }
 
     /// The cancel signal, for poll sets, `Channel::with_cancel` and accepts.
     pub(crate) fn cancel_token(&self) -> &CancelToken {
-        &self.0.cancel
+        &self.cancel
     }
 
     pub(crate) fn cancelled(&self) -> bool {
-        self.0.cancel.is_cancelled()
+        self.cancel.is_cancelled()
     }
 
     /// Whether `migrate-start-postcopy` came (the source checks between parts).
-    // The source engine's call (it reads the legacy flag until it moves here).
-    #[allow(dead_code)]
     pub(crate) fn postcopy_requested(&self) -> bool {
-        self.0.postcopy.load(Ordering::Acquire)
+        self.postcopy.load(Ordering::Acquire)
     }
 
     /// Waits in `pre-switchover` for `migrate-continue` or cancel, at most `max` (None:
     /// no limit).
     pub(crate) fn wait_continue(&self, max: Option<Duration>) -> GateWait {
         let deadline = max.and_then(|m| Instant::now().checked_add(m));
-        let mut g = lock(&self.0.slots);
+        let mut g = lock(&self.slots);
         loop {
             if g.go_on {
                 return GateWait::Opened;
@@ -152,14 +147,13 @@ impl Mailbox {
                 return GateWait::Cancelled;
             }
             g = match deadline {
-                None => self.0.posted.wait(g).unwrap_or_else(|e| e.into_inner()),
+                None => self.posted.wait(g).unwrap_or_else(|e| e.into_inner()),
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         return GateWait::TimedOut;
                     }
-                    self.0
-                        .posted
+                    self.posted
                         .wait_timeout(g, left)
                         .unwrap_or_else(|e| e.into_inner())
                         .0
@@ -171,7 +165,7 @@ impl Mailbox {
     /// Waits in `postcopy-paused` for a recovery; None when cancelled (the helper is
     /// quitting).
     pub(crate) fn wait_recovery(&self) -> Option<Recovery> {
-        let mut g = lock(&self.0.slots);
+        let mut g = lock(&self.slots);
         loop {
             if let Some(r) = g.recovery.take() {
                 return Some(r);
@@ -179,13 +173,13 @@ impl Mailbox {
             if self.cancelled() {
                 return None;
             }
-            g = self.0.posted.wait(g).unwrap_or_else(|e| e.into_inner());
+            g = self.posted.wait(g).unwrap_or_else(|e| e.into_inner());
         }
     }
 
     /// Registers the live channel so that cancel and pause can shut it down.
     pub(crate) fn set_channel(&self, fd: Option<OwnedFd>) {
-        let mut g = lock(&self.0.channel);
+        let mut g = lock(&self.channel);
         // The SIGBUS handler shuts the channel down too (memory_guard); it forgets the
         // old fd before that is closed.
         crate::memory::guard::set_channel(fd.as_ref());
@@ -193,37 +187,8 @@ impl Mailbox {
     }
 
     fn shutdown_channel(&self) {
-        if let Some(fd) = lock(&self.0.channel).as_ref() {
+        if let Some(fd) = lock(&self.channel).as_ref() {
             crate::transport::shutdown_fd(fd);
-        }
-    }
-
-    /// Legacy handles on the same state, for `MigrationCtx`'s old fields.
-    pub(crate) fn legacy_gate(&self) -> Gate {
-        Gate(self.0.clone())
-    }
-
-    pub(crate) fn legacy_postcopy_flag(&self) -> Arc<AtomicBool> {
-        self.0.postcopy.clone()
-    }
-}
-
-/// Legacy (`MigrationCtx::gate`): the pre-switchover gate, a view of the mailbox's
-/// `Continue` slot. Remove once the source waits with [`Mailbox::wait_continue`].
-// No user left once the source waits on the mailbox (SRC): the lead removes it.
-#[allow(dead_code)]
-pub(crate) struct Gate(Arc<Shared>);
-
-#[allow(dead_code)]
-impl Gate {
-    /// Waits at most `max`: Some(true) when opened, Some(false) when cancelled, None when
-    /// the time ran out first. `cancel` is the mailbox's own token (the parameter stays
-    /// for the old callers).
-    pub(crate) fn wait_for(&self, _cancel: &CancelToken, max: Duration) -> Option<bool> {
-        match Mailbox(self.0.clone()).wait_continue(Some(max)) {
-            GateWait::Opened => Some(true),
-            GateWait::Cancelled => Some(false),
-            GateWait::TimedOut => None,
         }
     }
 }
@@ -231,6 +196,7 @@ impl Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn continue_and_cancel_wake_at_once() {
@@ -259,19 +225,17 @@ mod tests {
         assert!(m.cancel_token().is_cancelled());
         t.join().unwrap();
         assert_eq!(
-            m.legacy_gate()
-                .wait_for(m.cancel_token(), Duration::from_secs(60)),
-            Some(false)
+            m.wait_continue(Some(Duration::from_secs(60))),
+            GateWait::Cancelled
         );
     }
 
     #[test]
     fn postcopy_is_asked_once_and_reset_clears() {
         let m = Mailbox::new().unwrap();
-        let legacy = m.legacy_postcopy_flag();
         assert!(!m.postcopy_requested());
         m.post(Command::StartPostcopy).unwrap();
-        assert!(m.postcopy_requested() && legacy.load(Ordering::Acquire));
+        assert!(m.postcopy_requested());
         assert_eq!(
             m.post(Command::StartPostcopy),
             Err(Refused::PostcopyAlreadyStarted)

@@ -5,16 +5,15 @@
 //! (`source`, `destination`) run on their own threads and never hold a lock across I/O.
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::compat::QemuVersion;
 use crate::engine::state::StateMachine;
-use crate::transport::CancelToken;
 use crate::wire::device_state::DeviceSection;
 
-pub(crate) use crate::engine::mailbox::{Command, Gate, Mailbox, Recovery, Refused};
+pub(crate) use crate::engine::mailbox::{Command, Mailbox, Recovery, Refused};
 
 /// `migrate-set-capabilities`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -248,16 +247,6 @@ pub struct MigrationCtx {
     pub(crate) recoveries: Mutex<Vec<f64>>,
     /// Commands from the control channel.
     pub(crate) mailbox: Mailbox,
-    /// Legacy view of `mailbox.cancel_token()` (the same token), for the engines' old
-    /// call sites (`&ctx.cancel`, `ctx.cancel.clone()`).
-    pub(crate) cancel: CancelToken,
-    /// Legacy view of the mailbox's `Continue` slot.
-    #[allow(dead_code)] // no user left after SRC's move to the mailbox: the lead removes it
-    pub(crate) gate: Gate,
-    /// Legacy view of the mailbox's `StartPostcopy` latch: read it with
-    /// `mailbox.postcopy_requested()`, set it with `post(Command::StartPostcopy)`.
-    #[allow(dead_code)] // no user left after SRC's move to the mailbox: the lead removes it
-    pub(crate) postcopy_requested: Arc<AtomicBool>,
 }
 
 impl MigrationCtx {
@@ -278,9 +267,6 @@ impl MigrationCtx {
             latency: Arc::new(Latency::default()),
             pauses: AtomicU64::new(0),
             recoveries: Mutex::new(Vec::new()),
-            cancel: mailbox.cancel_token().clone(),
-            gate: mailbox.legacy_gate(),
-            postcopy_requested: mailbox.legacy_postcopy_flag(),
             mailbox,
         }))
     }

@@ -92,16 +92,11 @@ impl AsFd for CancelToken {
     }
 }
 
-/// What interrupts a wait in [`wait_fd`]: a [`CancelToken`], [`Never`], or (until the
-/// engines move to tokens) a bare flag, which can only be checked between 100 ms polls.
+/// What interrupts a wait in [`wait_fd`]: a [`CancelToken`], or [`Never`].
 pub(crate) trait Interrupt {
     fn is_set(&self) -> bool;
     /// The fd that becomes readable when set (None: it has none).
     fn wake_fd(&self) -> Option<BorrowedFd<'_>>;
-    /// Legacy flags without a wake fd: poll in ticks and check `is_set` between them.
-    fn needs_tick(&self) -> bool {
-        false
-    }
 }
 
 /// Nothing interrupts the wait (only the fd or the deadline end it).
@@ -126,35 +121,6 @@ impl Interrupt for CancelToken {
     }
 }
 
-/// Legacy: a flag polled every [`LEGACY_TICK`]. Remove once no caller passes one.
-impl Interrupt for AtomicBool {
-    fn is_set(&self) -> bool {
-        self.load(Ordering::Acquire)
-    }
-    fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
-        None
-    }
-    fn needs_tick(&self) -> bool {
-        true
-    }
-}
-
-/// Legacy, as for `AtomicBool`.
-impl Interrupt for Arc<AtomicBool> {
-    fn is_set(&self) -> bool {
-        self.load(Ordering::Acquire)
-    }
-    fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
-        None
-    }
-    fn needs_tick(&self) -> bool {
-        true
-    }
-}
-
-/// How often a bare-flag [`Interrupt`] is checked.
-const LEGACY_TICK: Duration = Duration::from_millis(100);
-
 /// How a [`wait_fd`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Woke {
@@ -178,12 +144,7 @@ pub(crate) fn wait_fd(
             return Ok(Woke::Interrupted);
         }
         let wake = stop.wake_fd();
-        let timeout = if stop.needs_tick() {
-            let tick = Instant::now() + LEGACY_TICK;
-            poll_timeout(Some(deadline.map_or(tick, |d| d.min(tick))))
-        } else {
-            poll_timeout(deadline)
-        };
+        let timeout = poll_timeout(deadline);
         let mut pfds = vec![PollFd::new(fd, events)];
         if let Some(w) = wake {
             pfds.push(PollFd::new(w, PollFlags::POLLIN));
@@ -253,21 +214,5 @@ mod tests {
         assert!(!t.wait_timeout(Some(Duration::from_millis(10))).unwrap());
         t.cancel();
         assert!(t.wait_timeout(None).unwrap());
-    }
-
-    #[test]
-    fn ready_fd_and_legacy_flag() {
-        let (r, w) = std::os::unix::net::UnixStream::pair().unwrap();
-        std::io::Write::write_all(&mut &w, b"x").unwrap();
-        let flag = AtomicBool::new(false);
-        assert_eq!(
-            wait_fd(r.as_fd(), PollFlags::POLLIN, &flag, None).unwrap(),
-            Woke::Ready
-        );
-        flag.store(true, Ordering::Release);
-        assert_eq!(
-            wait_fd(r.as_fd(), PollFlags::POLLIN, &flag, None).unwrap(),
-            Woke::Interrupted
-        );
     }
 }

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::helper::{socketpair, HelperVm};
-use crate::postcopy::UffdGuest;
-use crate::util::{fill_mixed, test_seed, MIB};
+use support::helper::HelperVm;
+use support::migrate::socketpair;
+use support::uffd::UffdGuest;
+use support::util::{fill_mixed, test_seed, MIB};
 
 const RAM: u64 = 64 * MIB;
 const TIMEOUT: Duration = Duration::from_secs(60);
