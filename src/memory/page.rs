@@ -272,10 +272,6 @@ pub(crate) struct IoVecs<'a> {
     _borrow: PhantomData<&'a [u8]>,
 }
 
-// SAFETY: the iovecs only point at memory borrowed for 'a: `&'a [u8]` (Send + Sync) and
-// guest pages, which any thread may read (they are shared with the parent's vCPUs anyway).
-unsafe impl Send for IoVecs<'_> {}
-
 impl<'a> IoVecs<'a> {
     /// The kernel takes at most this many iovecs per call (IOV_MAX on Linux).
     pub(crate) const MAX_PER_CALL: usize = 1024;
