@@ -14,6 +14,9 @@
 //!   landlock.
 //! - `fuzzing`: entry points for the fuzz targets in tests/fuzz (implies `helper`).
 
+// Every unsafe block says why it is sound (guest memory is shared with a running guest).
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod analyze;
 /// The command line; `pub` only for src/main.rs.
 #[cfg(feature = "helper")]
@@ -26,8 +29,7 @@ pub mod control;
 #[doc(hidden)]
 pub mod demo;
 #[cfg(feature = "helper")]
-#[doc(hidden)]
-pub mod engine;
+pub(crate) mod engine;
 /// Entry points of the fuzz targets (tests/fuzz); built for unit tests too, so they are
 /// checked and linted with the rest.
 #[cfg(all(feature = "helper", any(test, feature = "fuzzing")))]
@@ -36,12 +38,10 @@ pub mod fuzzing;
 #[cfg(feature = "helper")]
 pub(crate) mod logging;
 #[cfg(feature = "helper")]
-#[doc(hidden)]
-pub mod memory;
+pub(crate) mod memory;
 #[cfg(feature = "helper")]
 pub(crate) mod sandbox;
 #[cfg(feature = "helper")]
-#[doc(hidden)]
-pub mod transport;
+pub(crate) mod transport;
 pub mod vmstate;
 pub mod wire;

@@ -147,7 +147,7 @@ pub(crate) fn map_present_in_background(block: &Arc<RamBlock>, log: &slog::Logge
 }
 
 /// One RAM block as registered with `ram-block-add`.
-pub struct RamBlock {
+pub(crate) struct RamBlock {
     pub(crate) id: String,
     pub(crate) fdname: String,
     pub(crate) offset: u64,
@@ -336,23 +336,6 @@ impl RamBlock {
         }
         let (off, len) = (usize::try_from(off).ok()?, usize::try_from(len).ok()?);
         self.region.get_slice(off, len).ok().map(GuestRange::new)
-    }
-
-    /// Old API, to be removed once the source reads pages with [`RamBlock::guest_page`]:
-    /// the page as a `&[u8]`, which Rust assumes nobody changes while it lives (the
-    /// parent's vCPUs do).
-    #[inline]
-    #[allow(dead_code)] // no user left after SRC's move to guest_page: the lead removes it
-    pub(crate) fn page(&self, off: u64) -> Option<&[u8]> {
-        if off % TARGET_PAGE_SIZE as u64 != 0
-            || off.checked_add(TARGET_PAGE_SIZE as u64)? > self.size
-        {
-            return None;
-        }
-        // SAFETY: bounds checked above; the mapping lives as long as self.
-        Some(unsafe {
-            std::slice::from_raw_parts(self.region.as_ptr().add(off as usize), TARGET_PAGE_SIZE)
-        })
     }
 
     fn fd(&self) -> Option<&File> {

@@ -10,7 +10,7 @@ use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{VolatileSlice, WriteVolatile};
+use vm_memory::VolatileSlice;
 
 use crate::compat::wire::TARGET_PAGE_SIZE;
 
@@ -30,20 +30,10 @@ impl<'a> GuestPage<'a> {
         GuestPage { slice }
     }
 
-    /// The page as vm-memory's volatile slice (for `Bytes`, `ReadVolatile`, ...).
-    pub(crate) fn as_volatile_slice(&self) -> VolatileSlice<'a> {
-        self.slice
-    }
-
     /// Copies the page into `buf` (as much as fits); returns the bytes copied.
+    #[cfg(test)]
     pub(crate) fn copy_to(&self, buf: &mut [u8]) -> usize {
         self.slice.copy_to(buf)
-    }
-
-    /// Appends the page to `out` (one copy, no clearing of `out`'s new bytes first).
-    pub(crate) fn append_to(&self, out: &mut Vec<u8>) {
-        // Writing to a Vec cannot fail (it grows, or aborts on allocation failure).
-        let _ = out.write_volatile(&self.slice);
     }
 
     /// Copies `data` into the page (as much as fits).
@@ -83,10 +73,6 @@ impl<'a> GuestRange<'a> {
         GuestRange { slice }
     }
 
-    pub(crate) fn as_volatile_slice(&self) -> VolatileSlice<'a> {
-        self.slice
-    }
-
     /// The number of target pages in the range.
     pub(crate) fn pages(&self) -> usize {
         self.slice.len() / TARGET_PAGE_SIZE
@@ -115,16 +101,6 @@ impl<'a> GuestRange<'a> {
         true
     }
 
-    /// Copies `data` into the range (as much as fits).
-    pub(crate) fn copy_from(&self, data: &[u8]) {
-        self.slice.copy_from(data)
-    }
-
-    /// Sets every byte of the range to `byte`.
-    pub(crate) fn fill(&self, byte: u8) {
-        fill(&self.slice, byte)
-    }
-
     /// Maps the range's pages into this process's page tables for writing, allocating those
     /// that are holes, with one `madvise(MADV_POPULATE_WRITE)`: cheaper than a page fault
     /// per page in the copy that follows. Only a hint: a kernel without it leaves the
@@ -141,11 +117,6 @@ impl<'a> GuestRange<'a> {
                 libc::MADV_POPULATE_WRITE,
             );
         }
-    }
-
-    /// The range as an iovec (see [`IoVecs`]).
-    pub(crate) fn iovec(&self) -> libc::iovec {
-        iovec(&self.slice)
     }
 }
 
@@ -307,36 +278,9 @@ impl<'a> IoVecs<'a> {
         self.iov.push(p.iovec());
     }
 
-    /// Appends a range of guest memory.
-    pub(crate) fn push_range(&mut self, r: GuestRange<'a>) {
-        if r.pages() > 0 {
-            self.iov.push(r.iovec());
-        }
-    }
-
     /// Nothing (more) to write.
     pub(crate) fn is_empty(&self) -> bool {
         self.done == self.iov.len()
-    }
-
-    /// Bytes not written yet.
-    pub(crate) fn remaining(&self) -> usize {
-        self.iov[self.done..].iter().map(|v| v.iov_len).sum()
-    }
-
-    pub(crate) fn clear(&mut self) {
-        self.iov.clear();
-        self.done = 0;
-    }
-
-    /// Empties the list and gives its allocation a new lifetime, for the next batch.
-    pub(crate) fn recycle<'b>(mut self) -> IoVecs<'b> {
-        self.iov.clear();
-        IoVecs {
-            iov: std::mem::take(&mut self.iov),
-            done: 0,
-            _borrow: PhantomData,
-        }
     }
 
     /// One `writev(2)` of the next (up to [`IoVecs::MAX_PER_CALL`]) buffers to `fd`; what
@@ -427,10 +371,9 @@ mod tests {
         assert!(p.is_zero());
         p.copy_from(&[5u8; TARGET_PAGE_SIZE]);
         assert!(!p.is_zero());
-        let mut out = vec![1u8, 2];
-        p.append_to(&mut out);
-        assert_eq!(out.len(), 2 + TARGET_PAGE_SIZE);
-        assert!(out[2..].iter().all(|&b| b == 5));
+        let mut out = [0u8; TARGET_PAGE_SIZE];
+        assert_eq!(p.copy_to(&mut out), TARGET_PAGE_SIZE);
+        assert!(out.iter().all(|&b| b == 5));
         p.fill(0);
         assert!(p.is_zero());
         assert!(r.page(2).is_none());
@@ -452,9 +395,7 @@ mod tests {
         v.push_bytes(&head);
         v.push_page(page);
         v.push_bytes(&[]);
-        assert_eq!(v.remaining(), 3 + TARGET_PAGE_SIZE);
         v.advance(2);
-        assert_eq!(v.remaining(), 1 + TARGET_PAGE_SIZE);
         let mut n = 0;
         while !v.is_empty() {
             n += v.writev(std::os::fd::AsFd::as_fd(&a)).expect("writev");
@@ -464,7 +405,6 @@ mod tests {
         std::io::Read::read_exact(&mut &b, &mut got).expect("read");
         assert_eq!(got[0], 3);
         assert!(got[1..].iter().all(|&x| x == 7));
-        let _recycled: IoVecs<'static> = v.recycle();
     }
 
     /// Not a timed test: prints what copying pages in costs through the range handle next

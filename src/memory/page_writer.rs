@@ -102,7 +102,6 @@ pub(crate) struct PageBatch<'buf> {
     parts: Vec<Part<'buf>>,
     /// Per block in the last part (by address, only compared): the highest page offset.
     high: Vec<(usize, u64)>,
-    pages: usize,
 }
 
 impl Default for PageBatch<'_> {
@@ -116,19 +115,7 @@ impl<'buf> PageBatch<'buf> {
         PageBatch {
             parts: Vec::new(),
             high: Vec::new(),
-            pages: 0,
         }
-    }
-
-    /// Pages queued.
-    #[allow(dead_code)] // For the destination (issue 11); the lead drops the allow at merge.
-    pub(crate) fn len(&self) -> usize {
-        self.pages
-    }
-
-    #[allow(dead_code)] // For the destination (issue 11); the lead drops the allow at merge.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.pages == 0
     }
 
     /// Queues `data` (one target page) for `offset` in `block`; `present` says the page
@@ -184,7 +171,6 @@ impl<'buf> PageBatch<'buf> {
             r.pages.push(data);
         }
         part.pages += 1;
-        self.pages += 1;
     }
 }
 
@@ -265,10 +251,6 @@ pub(crate) struct PageWriter {
     threads: usize,
     /// Spawned as the first large batch needs them.
     workers: Vec<Worker>,
-    /// Pages queued with the pointer-based [`PageWriter::queue`] (the old API, kept until
-    /// the destination moves to [`PageBatch`]).
-    #[allow(dead_code)] // DEST moved to PageBatch: the lead deletes the old API at merge.
-    legacy: PageBatch<'static>,
 }
 
 impl PageWriter {
@@ -278,7 +260,6 @@ impl PageWriter {
         PageWriter {
             threads: threads.clamp(1, MAX_THREADS),
             workers: Vec::new(),
-            legacy: PageBatch::new(),
         }
     }
 
@@ -289,32 +270,6 @@ impl PageWriter {
             self.write_part(part)?;
         }
         Ok(())
-    }
-
-    /// Old API, to be removed once the destination queues into a [`PageBatch`]: queues the
-    /// page at `data` (TARGET_PAGE_SIZE bytes) for `offset` in `block`. The caller keeps
-    /// `data` valid and unchanged until the next [`PageWriter::flush`] returns, which the
-    /// compiler does not check (hence the new API).
-    #[allow(dead_code)] // DEST moved to PageBatch: the lead deletes the old API at merge.
-    pub(crate) fn queue(
-        &mut self,
-        block: &Arc<RamBlock>,
-        offset: u64,
-        data: *const u8,
-        present: bool,
-    ) -> Result<(), PageWriteError> {
-        // SAFETY: none the compiler can check: the caller's promise above (the old API's
-        // contract, kept unchanged until its last user moves to `PageBatch`).
-        let page: &'static Page = unsafe { &*data.cast::<Page>() };
-        self.legacy.queue(block, offset, page, present);
-        Ok(())
-    }
-
-    /// Old API: writes everything queued with [`PageWriter::queue`].
-    #[allow(dead_code)] // DEST moved to PageBatch: the lead deletes the old API at merge.
-    pub(crate) fn flush(&mut self) -> Result<(), PageWriteError> {
-        let batch = std::mem::take(&mut self.legacy);
-        self.write(batch)
     }
 
     fn write_part(&mut self, part: Part<'_>) -> Result<(), PageWriteError> {
@@ -461,7 +416,7 @@ mod tests {
             };
             batch.queue(blk, off, p, present);
         }
-        assert_eq!(batch.len(), 600);
+        assert_eq!(batch.parts.iter().map(|p| p.pages).sum::<usize>(), 600);
         w.write(batch).expect("write");
         let check = |blk: &Arc<RamBlock>, off: u64, want: u8| {
             let got = byte(blk, off, 100);
@@ -549,27 +504,5 @@ mod tests {
         }
         let e = w.write(batch).expect_err("outside");
         assert!(e.to_string().contains("outside RAM block \"a\""), "{e}");
-    }
-
-    /// The old pointer-based API (until the destination has moved to `PageBatch`).
-    #[test]
-    fn the_old_queue_and_flush_still_write() {
-        let a = block("a", 2 << 20);
-        let old = [1u8; TARGET_PAGE_SIZE];
-        let new = [2u8; TARGET_PAGE_SIZE];
-        let mut w = PageWriter::new(2);
-        for i in 0..300u64 {
-            w.queue(&a, i * 4096, old.as_ptr(), false).expect("queue");
-        }
-        for i in 10..310u64 {
-            w.queue(&a, i * 4096, new.as_ptr(), i < 300).expect("queue");
-        }
-        assert!(!w.legacy.is_empty());
-        w.flush().expect("flush");
-        assert!(w.legacy.is_empty());
-        for i in 0..310u64 {
-            let want = if i < 10 { 1 } else { 2 };
-            assert_eq!(byte(&a, i * 4096, 0), want, "page {i}");
-        }
     }
 }
