@@ -10,13 +10,13 @@ use slog::Drain;
 use std::sync::Mutex;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     Human,
     Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogLevel {
+pub(crate) enum LogLevel {
     Error,
     Warn,
     Info,
@@ -37,7 +37,7 @@ impl LogLevel {
 }
 
 /// A synchronous logger (so nothing is lost when the process exits right after).
-pub fn logger(format: LogFormat, level: LogLevel) -> slog::Logger {
+pub(crate) fn logger(format: LogFormat, level: LogLevel) -> slog::Logger {
     let pid = std::process::id();
     match format {
         LogFormat::Human => {

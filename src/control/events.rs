@@ -25,10 +25,9 @@ struct Conn {
     writer: JoinHandle<()>,
 }
 
-/// A shared handle to the current client's write side. (`pub` only because the engine's
-/// `pub` constructors name it; crate-private once `engine` is.)
+/// A shared handle to the current client's write side.
 #[derive(Clone, Default)]
-pub struct EventSink {
+pub(crate) struct EventSink {
     conn: Arc<Mutex<Option<Conn>>>,
 }
 

@@ -17,7 +17,7 @@ pub(crate) use crate::engine::mailbox::{Command, Mailbox, Recovery, Refused};
 
 /// `migrate-set-capabilities`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Capabilities {
+pub(crate) struct Capabilities {
     pub postcopy_ram: bool,
     pub return_path: bool,
     pub pause_before_switchover: bool,
@@ -28,7 +28,7 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
-    pub const NAMES: [&'static str; 5] = [
+    pub(crate) const NAMES: [&'static str; 5] = [
         "postcopy-ram",
         "return-path",
         "pause-before-switchover",
@@ -36,7 +36,7 @@ impl Capabilities {
         "postcopy-preempt",
     ];
 
-    pub fn get(&self, name: &str) -> Option<bool> {
+    pub(crate) fn get(&self, name: &str) -> Option<bool> {
         Some(match name {
             "postcopy-ram" => self.postcopy_ram,
             "return-path" => self.return_path,
@@ -47,7 +47,7 @@ impl Capabilities {
         })
     }
 
-    pub fn set(&mut self, name: &str, on: bool) -> bool {
+    pub(crate) fn set(&mut self, name: &str, on: bool) -> bool {
         let slot = match name {
             "postcopy-ram" => &mut self.postcopy_ram,
             "return-path" => &mut self.return_path,
@@ -63,7 +63,7 @@ impl Capabilities {
 
 /// `migrate-set-parameters`. Defaults are QEMU's.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Parameters {
+pub(crate) struct Parameters {
     /// Bytes per second; 0 means unlimited.
     pub max_bandwidth: u64,
     /// Milliseconds.
@@ -106,7 +106,7 @@ impl Default for Parameters {
 
 /// Counters reported by `query-migrate` (`ram` object).
 #[derive(Debug, Default)]
-pub struct Stats {
+pub(crate) struct Stats {
     pub transferred: AtomicU64,
     pub remaining: AtomicU64,
     pub total: AtomicU64,
@@ -128,7 +128,7 @@ pub struct Stats {
 }
 
 impl Stats {
-    pub fn reset(&self) {
+    pub(crate) fn reset(&self) {
         for c in [
             &self.transferred,
             &self.remaining,
@@ -148,11 +148,11 @@ impl Stats {
         }
     }
 
-    pub fn add(c: &AtomicU64, v: u64) {
+    pub(crate) fn add(c: &AtomicU64, v: u64) {
         c.fetch_add(v, Ordering::Relaxed);
     }
 
-    pub fn to_json(&self) -> serde_json::Value {
+    pub(crate) fn to_json(&self) -> serde_json::Value {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let normal = g(&self.normal);
         serde_json::json!({
@@ -174,7 +174,7 @@ impl Stats {
 
 /// Page-fault service latency on a postcopy destination (fault read -> page placed).
 #[derive(Default)]
-pub struct Latency {
+pub(crate) struct Latency {
     inner: Mutex<LatencyInner>,
 }
 
@@ -190,7 +190,7 @@ struct LatencyInner {
 impl Latency {
     const MAX_SAMPLES: usize = 1 << 20;
 
-    pub fn record(&self, d: Duration) {
+    pub(crate) fn record(&self, d: Duration) {
         let ns = d.as_nanos().min(u32::MAX as u128) as u64;
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         g.count += 1;
@@ -201,12 +201,12 @@ impl Latency {
         }
     }
 
-    pub fn reset(&self) {
+    pub(crate) fn reset(&self) {
         *self.inner.lock().unwrap_or_else(|e| e.into_inner()) = LatencyInner::default();
     }
 
     /// `{count, mean-us, p50-us, p99-us, max-us}`.
-    pub fn to_json(&self) -> serde_json::Value {
+    pub(crate) fn to_json(&self) -> serde_json::Value {
         let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let mut s = g.samples.clone();
         drop(g);
@@ -230,7 +230,7 @@ impl Latency {
 }
 
 /// Everything a migration thread needs, shared with the control channel.
-pub struct MigrationCtx {
+pub(crate) struct MigrationCtx {
     pub(crate) log: slog::Logger,
     pub(crate) state: StateMachine,
     pub(crate) stats: Stats,

@@ -9,7 +9,7 @@ use crate::control::events::EventSink;
 use crate::control::protocol::event;
 
 /// QEMU's `MigrationStatus`: its names are the control protocol's.
-pub use crate::control::protocol::MigrationStatus;
+pub(crate) use crate::control::protocol::MigrationStatus;
 
 impl MigrationStatus {
     /// Whether `self -> next` is a transition QEMU makes.
@@ -46,7 +46,7 @@ impl MigrationStatus {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("migration is {from}, cannot become {to}", from = .from.as_str(), to = .to.as_str())]
-pub struct BadTransition {
+pub(crate) struct BadTransition {
     pub from: MigrationStatus,
     pub to: MigrationStatus,
 }
@@ -58,7 +58,7 @@ struct Inner {
 }
 
 /// The status of the helper's (one) migration.
-pub struct StateMachine {
+pub(crate) struct StateMachine {
     inner: Mutex<Inner>,
     changed: Condvar,
     events: EventSink,
@@ -66,7 +66,7 @@ pub struct StateMachine {
 }
 
 impl StateMachine {
-    pub fn new(events: EventSink, log: slog::Logger) -> Self {
+    pub(crate) fn new(events: EventSink, log: slog::Logger) -> Self {
         StateMachine {
             inner: Mutex::new(Inner {
                 status: MigrationStatus::None,
@@ -83,21 +83,21 @@ impl StateMachine {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn status(&self) -> MigrationStatus {
+    pub(crate) fn status(&self) -> MigrationStatus {
         self.lock().status
     }
 
-    pub fn error_desc(&self) -> Option<String> {
+    pub(crate) fn error_desc(&self) -> Option<String> {
         self.lock().error_desc.clone()
     }
 
     /// The single place where the status changes.
-    pub fn transition(&self, to: MigrationStatus) -> Result<(), BadTransition> {
+    pub(crate) fn transition(&self, to: MigrationStatus) -> Result<(), BadTransition> {
         self.transition_with(to, None)
     }
 
     /// Moves to `failed` with a description, unless the migration already finished.
-    pub fn fail(&self, desc: String) {
+    pub(crate) fn fail(&self, desc: String) {
         if self
             .transition_with(MigrationStatus::Failed, Some(desc.clone()))
             .is_err()
@@ -135,12 +135,12 @@ impl StateMachine {
     }
 
     /// Emits an event other than `MIGRATION` (e.g. `MIGRATION_PASS`).
-    pub fn emit_event(&self, name: &str, data: serde_json::Value) {
+    pub(crate) fn emit_event(&self, name: &str, data: serde_json::Value) {
         self.events.emit(name, data);
     }
 
     /// Waits until the status satisfies `pred` or `timeout` passes; returns the status.
-    pub fn wait_for(
+    pub(crate) fn wait_for(
         &self,
         timeout: Duration,
         pred: impl Fn(MigrationStatus) -> bool,

@@ -32,7 +32,7 @@ const READ_ONLY: &[&str] = &[
 
 /// What Landlock may allow, by path.
 #[derive(Debug, Default, Clone)]
-pub struct FsRules {
+pub(crate) struct FsRules {
     /// Directories where files and sockets may be created, read, written and removed.
     pub read_write: Vec<PathBuf>,
     /// Files or directories that may only be read.
@@ -42,7 +42,7 @@ pub struct FsRules {
 impl FsRules {
     /// The defaults of a control-socket helper: the scratch directories, the library
     /// files above, and `/dev/null`.
-    pub fn helper_defaults() -> FsRules {
+    pub(crate) fn helper_defaults() -> FsRules {
         let mut read_write = vec![std::env::temp_dir(), PathBuf::from("/dev/shm")];
         if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
             read_write.push(PathBuf::from(d));
@@ -74,7 +74,7 @@ fn read_write_access(abi: ABI) -> BitFlags<AccessFs> {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum LandlockError {
+pub(crate) enum LandlockError {
     #[error("Landlock: {0}")]
     Ruleset(#[from] landlock::RulesetError),
 }

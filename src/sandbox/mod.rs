@@ -15,12 +15,12 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-pub use self::landlock::FsRules;
-pub use self::seccomp::Profile;
+pub(crate) use self::landlock::FsRules;
+pub(crate) use self::seccomp::Profile;
 
 /// `--sandbox`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum SandboxMode {
+pub(crate) enum SandboxMode {
     /// Enforce: Landlock rules, and a forbidden system call kills the helper (SIGSYS).
     On,
     /// Report only: the kernel logs forbidden calls; Landlock is not enforced.
@@ -30,7 +30,7 @@ pub enum SandboxMode {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum SandboxError {
+pub(crate) enum SandboxError {
     #[error(transparent)]
     Filter(#[from] seccomp::FilterError),
     #[error(
@@ -56,7 +56,7 @@ struct State {
 static STATE: OnceLock<State> = OnceLock::new();
 
 /// Enters the sandbox. Call it once, before any thread is spawned.
-pub fn enter(
+pub(crate) fn enter(
     mode: SandboxMode,
     profile: Profile,
     rules: &FsRules,
@@ -276,7 +276,7 @@ fn install_sigsys_handler() -> Result<(), SandboxError> {
 /// FOR TESTS ONLY: with `QMH_SANDBOX_SELFTEST=execve` in its environment, the helper tries
 /// execve(2) right after entering the sandbox, prints what happened and exits 0 (a sandbox
 /// in `on` mode kills it with SIGSYS first). Returns the exit code when the self-test ran.
-pub fn testing_only_selftest() -> Option<u8> {
+pub(crate) fn testing_only_selftest() -> Option<u8> {
     if std::env::var_os("QMH_SANDBOX_SELFTEST")? != "execve" {
         return None;
     }

@@ -20,7 +20,7 @@ use seccompiler::{
 
 /// What the process does after set-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Profile {
+pub(crate) enum Profile {
     /// The control-socket helper: migrations, sockets, files, userfaultfd.
     Helper,
     /// `analyze`: reads one file, writes RAM images into one directory, prints.
@@ -41,7 +41,7 @@ const UFFDIO_CONTINUE: u64 = 0xc020_aa07;
 type Entry = (i64, Vec<SeccompRule>);
 
 #[derive(Debug, thiserror::Error)]
-pub enum FilterError {
+pub(crate) enum FilterError {
     #[error("building the seccomp filter: {0}")]
     Build(#[from] seccompiler::BackendError),
     #[error("compiling the seccomp filter: {0}")]

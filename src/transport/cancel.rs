@@ -14,7 +14,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 /// A latched "stop" signal that can be polled: [`CancelToken::cancel`] sets it and makes
 /// its fd readable until [`CancelToken::reset`]. Clones share the signal.
 #[derive(Clone, Debug)]
-pub struct CancelToken(Arc<Inner>);
+pub(crate) struct CancelToken(Arc<Inner>);
 
 #[derive(Debug)]
 struct Inner {

@@ -10,7 +10,7 @@ use super::cancel::{wait_fd, Interrupt, Woke};
 use super::{check_stream, io_err, open, BadFd, Channel, TransportError, Uri};
 
 /// The destination side before a connection arrives.
-pub enum Incoming {
+pub(crate) enum Incoming {
     Ready(Channel),
     /// A Unix listener: its label (`unix:PATH` or `fd:NAME`), and the path it bound, which
     /// it removes when done (none for a passed fd).

@@ -6,9 +6,9 @@ mod connect;
 mod incoming;
 mod open;
 
-pub use cancel::CancelToken;
+pub(crate) use cancel::CancelToken;
 pub(crate) use cancel::{wait_fd, Never, Woke};
-pub use incoming::Incoming;
+pub(crate) use incoming::Incoming;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -30,7 +30,7 @@ const SOCKET_BUFFER: usize = 4 << 20;
 const RETRY: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Uri {
+pub(crate) enum Uri {
     Fd(String),
     Unix(PathBuf),
     Tcp(String),
@@ -38,7 +38,7 @@ pub enum Uri {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum TransportError {
+pub(crate) enum TransportError {
     #[error(
         "unsupported migration URI {0:?} (use fd:NAME, unix:PATH, tcp:HOST:PORT or file:PATH)"
     )]
@@ -62,7 +62,7 @@ pub enum TransportError {
 
 /// Why a passed fd (or a channel) cannot carry a migration.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum BadFd {
+pub(crate) enum BadFd {
     #[error("it is not a stream socket (SOCK_STREAM)")]
     NotStream,
     #[error("not a socket, pipe or regular file")]

@@ -50,7 +50,7 @@ fn classify(ft: std::fs::FileType) -> Option<FileKind> {
 
 /// Why a `file:` or `unix:` path is refused (the text follows the URI).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     #[error("is {0}; file: takes a regular file or a FIFO")]
     WrongType(&'static str),
     #[error("is a symbolic link (not followed for output)")]
@@ -165,7 +165,7 @@ pub(super) fn clear_socket_path(p: &Path, uri: &str) -> Result<(), TransportErro
 
 /// The socket a `unix:` listener bound: removed when done only if the path still names it.
 #[derive(Debug)]
-pub struct BoundPath {
+pub(crate) struct BoundPath {
     path: PathBuf,
     id: Option<(u64, u64)>,
 }

@@ -14,7 +14,7 @@ use super::VmStateError;
 /// Most JSON values a VM description may hold (QEMU's for a pc machine: ~7k). Parsed, a
 /// value takes ~100 bytes however short its text, so the byte limit on the description
 /// alone would allow over a GiB; this caps the parsed description near 100 MiB.
-pub const MAX_VMDESC_VALUES: usize = 1 << 20;
+pub(super) const MAX_VMDESC_VALUES: usize = 1 << 20;
 
 /// One entry of the description's `devices` list.
 #[derive(Debug, Clone, PartialEq)]
