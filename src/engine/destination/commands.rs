@@ -140,9 +140,7 @@ impl Loader<'_> {
                     source,
                 })?;
             // A word at a time: ranges come from the stream, up to the whole block each.
-            for (w, mask) in
-                crate::engine::source::rp_reader::word_masks(off / page, (off + len) / page)
-            {
+            for (w, mask) in crate::memory::bits::word_masks(off / page, (off + len) / page) {
                 self.received[bi].clear_mask(w, mask);
                 if let Phase::Precopy(p) = &mut self.phase {
                     p.sink.discarded(bi, w, mask);

@@ -183,8 +183,10 @@ impl<'m> Precopy<'m> {
             ctx.stats
                 .rate_bps
                 .store((bps * 8.0) as u64, Ordering::Relaxed);
-            ctx.state
-                .emit_event("MIGRATION_PASS", serde_json::json!({"pass": self.pass}));
+            ctx.state.emit_event(
+                crate::control::protocol::event::MIGRATION_PASS,
+                serde_json::json!({"pass": self.pass}),
+            );
             let dirty = self.pages.harvest(ctx);
             let dirty_bytes = dirty * PAGE as u64;
             let budget = bps * ctx.params().downtime_limit as f64 / 1000.0;

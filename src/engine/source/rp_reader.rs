@@ -22,6 +22,7 @@ use std::time::Instant;
 use crate::compat::wire;
 use crate::engine::source::error::PeerError;
 use crate::engine::source::SourceError;
+use crate::memory::bits::word_masks;
 use crate::transport::Channel;
 use crate::wire::return_path::{self, RpMessage};
 use crate::wire::stream::WireError;
@@ -135,22 +136,6 @@ impl RpError {
     pub(crate) fn is_link_failure(&self) -> bool {
         matches!(self, RpError::Closed | RpError::Io(_))
     }
-}
-
-/// The bitmap words that bits `first..last` fall in, each with the mask of those bits: a
-/// range costs one step per 64 pages, not one per page.
-pub(crate) fn word_masks(first: u64, last: u64) -> impl Iterator<Item = (usize, u64)> {
-    let (fw, lw) = (first / 64, last.div_ceil(64));
-    (fw..lw).map(move |w| {
-        let lo = first.max(w * 64) - w * 64;
-        let hi = last.min(w * 64 + 64) - w * 64;
-        let mask = if hi - lo == 64 {
-            u64::MAX
-        } else {
-            ((1u64 << (hi - lo)) - 1) << lo
-        };
-        (w as usize, mask)
-    })
 }
 
 /// Validates a page request against the blocks: a known block, page aligned, inside it.
@@ -585,23 +570,6 @@ mod tests {
         assert!(check_request(&b, Some(0), 100, 4096).is_err());
         assert!(check_request(&b, Some(0), u64::MAX - 4095, 4096).is_err());
         assert!(check_request(&b, Some(0), 0, 0).is_err());
-    }
-
-    #[test]
-    fn word_masks_match_bit_by_bit() {
-        for (first, last) in [(0, 0), (5, 5), (0, 64), (3, 200), (64, 65), (63, 129)] {
-            let mut want = vec![0u64; 4];
-            for p in first..last {
-                want[(p / 64) as usize] |= 1 << (p % 64);
-            }
-            let mut got = vec![0u64; 4];
-            for (w, m) in word_masks(first, last) {
-                got[w] |= m;
-            }
-            assert_eq!(got, want, "{first}..{last}");
-        }
-        // A whole 64 GiB block is 262144 words, not 16 M pages.
-        assert_eq!(word_masks(0, 16 << 20).count(), 262_144);
     }
 
     #[test]
