@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use vm_memory::mmap::MmapRegion;
 use vm_memory::FileOffset;
 
-use crate::memory::block::{file_size, MemoryError};
+use crate::memory::error::{file_size, MemoryError};
 
 /// A dirty bitmap shared with the parent: little-endian u64 words, bit i = page i.
 /// The parent sets bits with an atomic OR; the helper takes a word with an atomic swap.

@@ -95,27 +95,6 @@ pub(crate) fn set_channel(fd: Option<&OwnedFd>) {
     CHANNEL_FD.store(fd.map_or(-1, |f| f.as_raw_fd()), Ordering::Release);
 }
 
-/// Prefixes a migration's error with the blocks whose memory shrank under it, if any (a
-/// shrink shows as SIGBUS when the helper reads the page, as EFAULT when the kernel does).
-pub(crate) fn explain(
-    blocks: &[std::sync::Arc<crate::memory::block::RamBlock>],
-    error: String,
-) -> String {
-    let _ = take_losses();
-    let lost: Vec<&str> = blocks
-        .iter()
-        .filter(|b| b.memory_lost())
-        .map(|b| b.id.as_str())
-        .collect();
-    if lost.is_empty() {
-        return error;
-    }
-    format!(
-        "RAM block(s) {lost:?} shrank under the migration (the parent truncated the fd; \
-         a memfd made with MFD_ALLOW_SEALING is sealed against that): {error}"
-    )
-}
-
 /// The mappings lost since the last call, by name.
 pub(crate) fn take_losses() -> Vec<String> {
     let names = NAMES.lock().unwrap_or_else(|e| e.into_inner());

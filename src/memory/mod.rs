@@ -4,6 +4,7 @@
 pub(crate) mod bits;
 pub(crate) mod block;
 pub(crate) mod dirty_bitmap;
+pub(crate) mod error;
 pub(crate) mod guard;
 pub(crate) mod page;
 pub(crate) mod page_writer;

@@ -289,7 +289,7 @@ impl Helper {
                     }
                     Err(e) => ctx
                         .state
-                        .fail(crate::memory::guard::explain(&blocks, e.to_string())),
+                        .fail(crate::memory::block::explain_loss(&blocks, e.to_string())),
                 }
             })
             .map_err(|e| QmpError::generic(format!("cannot start the migration thread: {e}")))?;

@@ -1,7 +1,7 @@
 //! The source's errors. The variant decides what a failure does in postcopy: a failure of
 //! the link pauses the migration (neither side has the whole guest), anything else fails it.
 
-use crate::engine::source::rp_reader::{RpError, RpEvent};
+use crate::engine::source::rp_event::{RpError, RpEvent};
 use crate::transport::TransportError;
 use crate::wire::stream::WireError;
 

@@ -25,6 +25,7 @@ mod pages;
 mod postcopy;
 mod precopy;
 mod recovery;
+mod rp_event;
 pub(crate) mod rp_reader;
 mod urgent;
 mod writer;
