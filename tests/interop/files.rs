@@ -511,6 +511,38 @@ fn helper_file_to_qemu(qemu: Qemu, test: &str) {
     eprintln!("{test}: took {:?}", t0.elapsed());
 }
 
+/// A helper source cuts a dirty pass into PART sections of about 50 ms, as QEMU's
+/// `ram_save_iterate` does: a throttled 64 MiB pass (about 0.5 s) is several sections.
+#[test]
+fn helper_pass_is_cut_into_timed_parts() {
+    let test = "helper_pass_is_cut_into_timed_parts";
+    let dir = TempDir::new("qmh-files");
+    let file = dir.join("parts.mig");
+    let mut src = HelperVm::spawn_with_args(&[]);
+    src.add_block("ram", RAM, false);
+    fill_mixed(&mut src.blocks[0].mem.map(), test_seed(test), 0.5);
+    src.client
+        .set_parameters(json!({"max-bandwidth": 64 * MIB}))
+        .expect("params");
+    let t0 = Instant::now();
+    src.client
+        .migrate(&format!("file:{}", file.display()))
+        .expect("migrate file:");
+    src.wait(&["completed"], TIMEOUT);
+    let took = t0.elapsed();
+    let bytes = std::fs::read(&file).expect("file written");
+    let map = StreamMap::walk(&bytes);
+    let parts = map
+        .ram_sections()
+        .filter(|i| i.kind == ItemKind::Ram(wire::section::PART))
+        .count();
+    eprintln!("{test}: {parts} PART sections in {took:?}");
+    assert!(
+        parts >= 4,
+        "a {took:?} pass should be cut into PART sections of ~50 ms, got {parts}"
+    );
+}
+
 #[test]
 fn helper_file_to_qemu10() {
     helper_file_to_qemu(Qemu::V10, "helper_file_to_qemu10");

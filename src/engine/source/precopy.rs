@@ -26,6 +26,9 @@ use crate::wire::stream::{self, SectionHeader, SectionKind};
 
 /// Words sent between two looks at cancel, the return path and migrate-start-postcopy.
 const CHECK_EVERY: u32 = 16;
+/// A pass is sent as PART sections of about this long, as QEMU's `ram_save_iterate` cuts
+/// them (its 50 ms MAX_WAIT), so that the stream looks the same to a destination.
+const PART_TIME: Duration = Duration::from_millis(50);
 
 /// Why a run over the to-do sets stopped.
 #[derive(PartialEq, Eq)]
@@ -159,15 +162,15 @@ impl<'m> Precopy<'m> {
     }
 
     /// Iterates passes until what is left fits in the downtime limit; true when postcopy
-    /// was asked for instead. Each pass is one PART section, ended early by
-    /// `migrate-start-postcopy`.
+    /// was asked for instead. A pass is sent as PART sections of about [`PART_TIME`], the
+    /// last one ended early by `migrate-start-postcopy`.
     pub(crate) fn passes(&mut self) -> Result<bool, SourceError> {
         let ctx = self.ctx;
         loop {
             let pass_start = Instant::now();
             let sent_before = self.out.produced();
             self.out.open_ram(SectionKind::Part)?;
-            let end = self.send_pages(true, self.caps.postcopy_ram)?;
+            let end = self.send_pages(true, self.caps.postcopy_ram, true)?;
             self.out.close_ram()?;
             self.log_progress();
             // Asked for during a pass too short to look (fewer words than CHECK_EVERY).
@@ -199,11 +202,18 @@ impl<'m> Precopy<'m> {
     }
 
     /// Sends what is left of the pass. `limit` applies the bandwidth limit; `postcopy`
-    /// stops at `migrate-start-postcopy`.
-    fn send_pages(&mut self, limit: bool, postcopy: bool) -> Result<PassEnd, SourceError> {
+    /// stops at `migrate-start-postcopy`; `parts` closes the open PART section and opens
+    /// the next one every [`PART_TIME`] (a pass; the END section is one section).
+    fn send_pages(
+        &mut self,
+        limit: bool,
+        postcopy: bool,
+        parts: bool,
+    ) -> Result<PassEnd, SourceError> {
         let ctx = self.ctx;
         let mut names = Names::Track(None);
         let mut since_check = 0u32;
+        let mut part_start = Instant::now();
         while let Some((bi, wi, word)) = self.pages.next_pass_word() {
             let bt = &self.pages.blocks[bi];
             let sent = bt.send_word(&mut self.out, bi, wi, word, &mut names)?;
@@ -222,6 +232,13 @@ impl<'m> Precopy<'m> {
                 self.log_progress();
                 if postcopy && self.commands.postcopy_requested() {
                     return Ok(PassEnd::Postcopy);
+                }
+                if parts && part_start.elapsed() >= PART_TIME {
+                    // A new section names its first page's block again.
+                    self.out.close_ram()?;
+                    self.out.open_ram(SectionKind::Part)?;
+                    names = Names::Track(None);
+                    part_start = Instant::now();
                 }
             }
         }
@@ -308,7 +325,7 @@ impl<'m> Precopy<'m> {
         // The guest is stopped now: everything still dirty goes in the END section.
         self.pages.harvest(ctx);
         self.out.open_ram(SectionKind::End)?;
-        self.send_pages(false, false)?;
+        self.send_pages(false, false, false)?;
         self.out.close_ram()?;
         let mut desc = VmDescriptionBuilder::new(PAGE as u64);
         if p.compat_version.vmdesc_has_configuration() {
