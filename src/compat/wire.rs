@@ -70,3 +70,30 @@ pub mod ram {
 
 /// x86's target page size.
 pub const TARGET_PAGE_SIZE: usize = 4096;
+
+/// Multifd channels (QEMU 10.0 `migration/multifd.h`, `multifd.c`, `multifd-nocomp.c`).
+pub mod multifd {
+    /// Magic of the per-channel initial packet and of every packet header.
+    pub const MAGIC: u32 = 0x1122_3344;
+    /// The only packet version QEMU knows.
+    pub const VERSION: u32 = 1;
+    /// Packet flag: the channel's sync point (a page-less packet since QEMU 9.0).
+    pub const FLAG_SYNC: u32 = 1 << 0;
+    /// Packet flags bits 1-5: the compression method; 0 is none.
+    pub const FLAG_COMPRESSION_MASK: u32 = 0x1f << 1;
+    /// Compression "none".
+    pub const FLAG_NOCOMP: u32 = 0;
+    /// Packet flag: a device-state packet (VFIO), with a different layout.
+    pub const FLAG_DEVICE_STATE: u32 = 1 << 6;
+    /// Pages per packet: `MULTIFD_PACKET_SIZE` (512 KiB) over x86's 4 KiB target page.
+    pub const PAGES_PER_PACKET: u32 = 128;
+    /// `MultiFDInit_t`: magic, version, uuid[16], id, unused1[7], unused2[4] (u64).
+    pub const INIT_PACKET_LEN: usize = 64;
+    /// `MultiFDPacket_t` without its offset array.
+    pub const PACKET_FIXED_LEN: usize = 320;
+    /// Length of the `ramblock` field (the block's idstr, NUL-padded).
+    pub const RAMBLOCK_LEN: usize = 256;
+    /// What QEMU sends and reads per packet before the page data: the fixed part and the
+    /// whole offset array, whatever the counts (`packet_len`).
+    pub const PACKET_HEADER_LEN: usize = PACKET_FIXED_LEN + 8 * PAGES_PER_PACKET as usize;
+}

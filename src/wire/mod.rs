@@ -3,6 +3,7 @@
 
 pub mod device_intake;
 pub mod device_state;
+pub mod multifd;
 pub mod postcopy;
 pub mod ram;
 pub mod return_path;
