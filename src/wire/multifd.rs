@@ -80,7 +80,9 @@ pub struct PacketHeader {
     pub pages_alloc: u32,
     pub normal_pages: u32,
     pub zero_pages: u32,
-    /// Compressed size of the page data; 0 without compression.
+    /// Bytes of page data after the header: `normal_pages` x 4096 as QEMU 10.0 sends it
+    /// without compression (0 on SYNC). QEMU's receiver without compression ignores it, and
+    /// so does the decoder.
     pub next_packet_size: u32,
     /// One counter across all channels of a migration.
     pub packet_num: u64,
