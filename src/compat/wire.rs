@@ -87,7 +87,7 @@ pub mod multifd {
     pub const FLAG_DEVICE_STATE: u32 = 1 << 6;
     /// Pages per packet: `MULTIFD_PACKET_SIZE` (512 KiB) over x86's 4 KiB target page.
     pub const PAGES_PER_PACKET: u32 = 128;
-    /// `MultiFDInit_t`: magic, version, uuid[16], id, unused1[7], unused2[4] (u64).
+    /// `MultiFDInit_t`: magic, version, `uuid[16]`, id, `unused1[7]`, `unused2[4]` (u64).
     pub const INIT_PACKET_LEN: usize = 64;
     /// `MultiFDPacket_t` without its offset array.
     pub const PACKET_FIXED_LEN: usize = 320;

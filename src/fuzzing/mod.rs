@@ -50,6 +50,11 @@ pub const TARGETS: &[Target] = &[
         heap_per_byte: 8,
     },
     Target {
+        name: "multifd",
+        run: targets::multifd,
+        heap_per_byte: 8,
+    },
+    Target {
         name: "vmstate",
         run: targets::vmstate,
         heap_per_byte: 256,

@@ -4,8 +4,9 @@
 
 use std::ops::Range;
 
-use crate::compat::wire::{command, ram as flag};
+use crate::compat::wire::{self, command, ram as flag};
 use crate::vmstate::{self, DeviceDesc, VmDescription, VmDescriptionBuilder};
+use crate::wire::multifd::{self, InitPacket, PacketHeader};
 use crate::wire::postcopy;
 use crate::wire::ram::{self, Record};
 use crate::wire::return_path::{self, RpMessage};
@@ -333,6 +334,42 @@ pub fn builtin_seeds() -> Seeds {
     return_path::encode_bitmap_tail(&mut bm, &[0b1011, u64::MAX, 0]);
     let _ = return_path::encode(&mut bm, &RpMessage::Shut(1));
     seeds.push(("return_path", bm));
+
+    // A multifd channel as QEMU 10.0 starts one: initial packet, the setup's SYNC, a packet
+    // of pages (its data after it), the SYNC at the end of a pass.
+    let mut mf = Vec::new();
+    multifd::encode_init(
+        &mut mf,
+        &InitPacket {
+            uuid: [0; 16],
+            id: 1,
+        },
+    );
+    let sync = |num| PacketHeader {
+        flags: wire::multifd::FLAG_SYNC,
+        pages_alloc: 0,
+        normal_pages: 0,
+        zero_pages: 0,
+        next_packet_size: 0,
+        packet_num: num,
+        ramblock: String::new(),
+        offsets: vec![],
+    };
+    let _ = multifd::encode_packet_header(&mut mf, &sync(1));
+    let pages = PacketHeader {
+        flags: 0,
+        pages_alloc: wire::multifd::PAGES_PER_PACKET,
+        normal_pages: 2,
+        zero_pages: 1,
+        next_packet_size: 2 * 4096,
+        packet_num: 2,
+        ramblock: "pc.ram".into(),
+        offsets: vec![0x3000, 0x1000, 0x2000],
+    };
+    let _ = multifd::encode_packet_header(&mut mf, &pages);
+    mf.extend((0..2 * 4096).map(|i| (i % 251) as u8));
+    let _ = multifd::encode_packet_header(&mut mf, &sync(5));
+    seeds.push(("multifd", mf));
 
     for line in [
         r#"{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}"#,

@@ -6,6 +6,7 @@ use crate::compat::wire::{self, command, ram as flag, section};
 use crate::control::framing::{self, Frame};
 use crate::control::qmp;
 use crate::vmstate::{self, DeviceDesc, VmDescription, VmDescriptionBuilder};
+use crate::wire::multifd;
 use crate::wire::postcopy;
 use crate::wire::ram::{self, Record};
 use crate::wire::return_path::{self, RpMessage};
@@ -259,6 +260,75 @@ pub fn return_path(data: &[u8]) {
             assert_eq!(out, &rest[..n], "bitmap round trip");
             pos += n;
         }
+    }
+}
+
+/// One multifd channel as the destination reads it: the initial packet, then packet headers
+/// each followed by its page data. When the input does not start with an initial packet,
+/// packets from the first byte.
+pub fn multifd(data: &[u8]) {
+    use wire::multifd::{
+        FLAG_COMPRESSION_MASK, FLAG_DEVICE_STATE, INIT_PACKET_LEN, PACKET_FIXED_LEN,
+        PACKET_HEADER_LEN, PAGES_PER_PACKET, RAMBLOCK_LEN,
+    };
+    let mut pos = 0;
+    if let Ok(Some((init, n))) = multifd::decode_init(data) {
+        assert_eq!(n, INIT_PACKET_LEN);
+        check_prefixes("multifd initial packet", &data[..n], multifd::decode_init);
+        let mut out = Vec::new();
+        multifd::encode_init(&mut out, &init);
+        // The reserved bytes are ignored on decode and zero on encode.
+        assert_eq!(out.len(), INIT_PACKET_LEN);
+        assert_eq!(out[..25], data[..25], "multifd initial packet round trip");
+        pos = n;
+    }
+    while pos < data.len() {
+        let rest = &data[pos..];
+        let (h, n) = match multifd::decode_packet_header(rest) {
+            Ok(Some(h)) => h,
+            Ok(None) => return,
+            Err(e) => {
+                assert!(!e.to_string().is_empty());
+                return;
+            }
+        };
+        assert_eq!(n, PACKET_HEADER_LEN);
+        assert_eq!(h.flags & (FLAG_COMPRESSION_MASK | FLAG_DEVICE_STATE), 0);
+        assert!(h.pages_alloc <= PAGES_PER_PACKET, "{h:?}");
+        assert!(h.normal_pages + h.zero_pages <= h.pages_alloc, "{h:?}");
+        assert_eq!(
+            h.offsets.len(),
+            h.normal_offsets().len() + h.zero_offsets().len()
+        );
+        assert!(h
+            .offsets
+            .iter()
+            .all(|o| o % wire::TARGET_PAGE_SIZE as u64 == 0));
+        assert!(h.ramblock.len() < RAMBLOCK_LEN);
+        check_prefixes(
+            "multifd packet header",
+            &rest[..n],
+            multifd::decode_packet_header,
+        );
+        // Re-encoding keeps every meaningful byte; reserved fields, the name's padding and
+        // the offsets past the counts come back zero, and decode the same.
+        let mut out = Vec::new();
+        multifd::encode_packet_header(&mut out, &h).unwrap();
+        assert_eq!(out.len(), PACKET_HEADER_LEN);
+        assert_eq!(out[..36], rest[..36], "multifd packet round trip: {h:?}");
+        let name_end = 64 + h.ramblock.len() + 1;
+        assert_eq!(out[64..name_end], rest[64..name_end]);
+        let used = PACKET_FIXED_LEN + 8 * h.offsets.len();
+        assert_eq!(out[PACKET_FIXED_LEN..used], rest[PACKET_FIXED_LEN..used]);
+        assert_eq!(
+            multifd::decode_packet_header(&out),
+            Ok(Some((h.clone(), PACKET_HEADER_LEN)))
+        );
+        pos += n;
+        if data.len() - pos < h.data_len() {
+            return;
+        }
+        pos += h.data_len();
     }
 }
 
