@@ -26,68 +26,86 @@ pub fn greeting() -> Value {
     }})
 }
 
-/// Declares [`Command`] with its wire names, in the order `query-commands` lists them.
-macro_rules! commands {
-    ($($(#[$doc:meta])* $variant:ident => $name:literal,)*) => {
-        /// A command the helper knows.
+/// Declares an enum of names the protocol uses, each variant with its name on the wire, in
+/// order: the enum, `ALL`, `NAMES`, `as_str`, `from_name` and `Display`.
+macro_rules! wire_names {
+    (
+        $(#[$enum_doc:meta])*
+        $enum:ident {
+            $($(#[$doc:meta])* $variant:ident => $name:literal,)*
+        }
+    ) => {
+        $(#[$enum_doc])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub enum Command {
+        pub enum $enum {
             $($(#[$doc])* $variant,)*
         }
 
-        impl Command {
-            /// Every command, in the order `query-commands` lists them.
-            pub const ALL: &'static [Command] = &[$(Command::$variant,)*];
+        impl $enum {
+            /// Every value, in the order listed.
+            pub const ALL: &'static [$enum] = &[$($enum::$variant,)*];
+
+            /// The names of [`Self::ALL`], in the same order.
+            pub const NAMES: &'static [&'static str] = &[$($name,)*];
 
             /// The name on the wire.
             pub fn as_str(self) -> &'static str {
                 match self {
-                    $(Command::$variant => $name,)*
+                    $($enum::$variant => $name,)*
                 }
             }
 
-            /// The command named `name`, if the helper knows it.
-            pub fn from_name(name: &str) -> Option<Command> {
+            /// The value named `name`, if there is one.
+            pub fn from_name(name: &str) -> Option<$enum> {
                 match name {
-                    $($name => Some(Command::$variant),)*
+                    $($name => Some($enum::$variant),)*
                     _ => None,
                 }
             }
         }
 
-        /// The names of [`Command::ALL`], for `query-commands` and the man page.
-        pub const COMMANDS: &[&str] = &[$($name,)*];
+        impl std::fmt::Display for $enum {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
     };
 }
 
-commands! {
-    /// The handshake (answered by the connection itself).
-    QmpCapabilities => "qmp_capabilities",
-    QueryVersion => "query-version",
-    QueryCommands => "query-commands",
-    /// Takes the one fd sent with it (SCM_RIGHTS) under a name.
-    Getfd => "getfd",
-    Closefd => "closefd",
-    RamBlockAdd => "ram-block-add",
-    RamBlockDel => "ram-block-del",
-    QueryRamBlocks => "query-ram-blocks",
-    MigrateSetCapabilities => "migrate-set-capabilities",
-    QueryMigrateCapabilities => "query-migrate-capabilities",
-    MigrateSetParameters => "migrate-set-parameters",
-    QueryMigrateParameters => "query-migrate-parameters",
-    Migrate => "migrate",
-    MigrateIncoming => "migrate-incoming",
-    MigrateCancel => "migrate_cancel",
-    MigrateContinue => "migrate-continue",
-    MigrateStartPostcopy => "migrate-start-postcopy",
-    MigratePause => "migrate-pause",
-    MigrateRecover => "migrate-recover",
-    UserfaultfdSet => "userfaultfd-set",
-    QueryMigrate => "query-migrate",
-    DeviceStateSet => "device-state-set",
-    QueryDeviceState => "query-device-state",
-    Quit => "quit",
+wire_names! {
+    /// A command the helper knows, in the order `query-commands` lists them.
+    Command {
+        /// The handshake (answered by the connection itself).
+        QmpCapabilities => "qmp_capabilities",
+        QueryVersion => "query-version",
+        QueryCommands => "query-commands",
+        /// Takes the one fd sent with it (SCM_RIGHTS) under a name.
+        Getfd => "getfd",
+        Closefd => "closefd",
+        RamBlockAdd => "ram-block-add",
+        RamBlockDel => "ram-block-del",
+        QueryRamBlocks => "query-ram-blocks",
+        MigrateSetCapabilities => "migrate-set-capabilities",
+        QueryMigrateCapabilities => "query-migrate-capabilities",
+        MigrateSetParameters => "migrate-set-parameters",
+        QueryMigrateParameters => "query-migrate-parameters",
+        Migrate => "migrate",
+        MigrateIncoming => "migrate-incoming",
+        MigrateCancel => "migrate_cancel",
+        MigrateContinue => "migrate-continue",
+        MigrateStartPostcopy => "migrate-start-postcopy",
+        MigratePause => "migrate-pause",
+        MigrateRecover => "migrate-recover",
+        UserfaultfdSet => "userfaultfd-set",
+        QueryMigrate => "query-migrate",
+        DeviceStateSet => "device-state-set",
+        QueryDeviceState => "query-device-state",
+        Quit => "quit",
+    }
 }
+
+/// The names of [`Command::ALL`], for `query-commands` and the man page.
+pub const COMMANDS: &[&str] = Command::NAMES;
 
 impl Command {
     /// Whether QEMU's schema lets it run with `exec-oob` (`allow-oob`).
@@ -96,57 +114,23 @@ impl Command {
     }
 }
 
-impl std::fmt::Display for Command {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+wire_names! {
+    /// QEMU's `MigrationStatus`, as `query-migrate` and the `MIGRATION` event name it.
+    MigrationStatus {
+        None => "none",
+        Setup => "setup",
+        Cancelling => "cancelling",
+        Cancelled => "cancelled",
+        Active => "active",
+        PostcopyActive => "postcopy-active",
+        PostcopyPaused => "postcopy-paused",
+        PostcopyRecoverSetup => "postcopy-recover-setup",
+        PostcopyRecover => "postcopy-recover",
+        Completed => "completed",
+        Failed => "failed",
+        PreSwitchover => "pre-switchover",
+        Device => "device",
     }
-}
-
-/// Declares [`MigrationStatus`] with QEMU's names.
-macro_rules! statuses {
-    ($($variant:ident => $name:literal,)*) => {
-        /// QEMU's `MigrationStatus`, as `query-migrate` and the `MIGRATION` event name it.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub enum MigrationStatus {
-            $($variant,)*
-        }
-
-        impl MigrationStatus {
-            /// Every status.
-            pub const ALL: &'static [MigrationStatus] = &[$(MigrationStatus::$variant,)*];
-
-            /// The name on the wire.
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $(MigrationStatus::$variant => $name,)*
-                }
-            }
-
-            /// The status named `name`, if it is one.
-            pub fn from_name(name: &str) -> Option<MigrationStatus> {
-                match name {
-                    $($name => Some(MigrationStatus::$variant),)*
-                    _ => None,
-                }
-            }
-        }
-    };
-}
-
-statuses! {
-    None => "none",
-    Setup => "setup",
-    Cancelling => "cancelling",
-    Cancelled => "cancelled",
-    Active => "active",
-    PostcopyActive => "postcopy-active",
-    PostcopyPaused => "postcopy-paused",
-    PostcopyRecoverSetup => "postcopy-recover-setup",
-    PostcopyRecover => "postcopy-recover",
-    Completed => "completed",
-    Failed => "failed",
-    PreSwitchover => "pre-switchover",
-    Device => "device",
 }
 
 impl MigrationStatus {
@@ -159,12 +143,6 @@ impl MigrationStatus {
                 | MigrationStatus::Failed
                 | MigrationStatus::Cancelled
         )
-    }
-}
-
-impl std::fmt::Display for MigrationStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

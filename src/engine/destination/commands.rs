@@ -9,6 +9,7 @@ use crate::engine::destination::fault::FaultError;
 use crate::engine::destination::loader::{Loader, Phase, READ_CHUNK};
 use crate::engine::destination::package;
 use crate::engine::destination::postcopy::PostcopySink;
+use crate::engine::destination::reader::ReadError;
 use crate::engine::destination::reader::{ReadReady, Reader};
 use crate::engine::destination::return_path::RpWriter;
 use crate::engine::state::MigrationStatus;
@@ -38,10 +39,12 @@ impl Loader<'_> {
                 let Some(c) = chan.filter(|c| c.is_socket) else {
                     return Err(Self::invalid(r.offset, Violation::ReturnPathNotSocket));
                 };
-                let fd = c.try_clone_fd().map_err(|source| LoadError::Io {
-                    peer: c.peer.clone(),
-                    offset: r.offset,
-                    source,
+                let fd = c.try_clone_fd().map_err(|source| {
+                    LoadError::Read(ReadError::Io {
+                        peer: c.peer.clone(),
+                        offset: r.offset,
+                        source,
+                    })
                 })?;
                 let rp = Channel::from_fd("return-path", fd).map_err(|source| {
                     LoadError::ReturnPathChannel {

@@ -18,15 +18,9 @@ use crate::wire::stream::WireError;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum LoadError {
-    #[error("read from {peer} failed at stream offset {offset}: {source}")]
-    Io {
-        peer: String,
-        offset: u64,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("stream ended early at offset {offset} ({context})")]
-    Truncated { offset: u64, context: &'static str },
+    /// The link broke while reading: an I/O error or EOF.
+    #[error(transparent)]
+    Read(#[from] ReadError),
     #[error("at stream offset {offset}: {source}")]
     Wire {
         offset: u64,
@@ -115,32 +109,12 @@ pub(crate) enum LoadError {
 impl LoadError {
     /// The link broke (read error or EOF), as opposed to a bad stream.
     pub(crate) fn is_link(&self) -> bool {
-        matches!(
-            self,
-            LoadError::Io { .. } | LoadError::Truncated { .. } | LoadError::Link(_)
-        )
+        matches!(self, LoadError::Read(_) | LoadError::Link(_))
     }
 
     /// A recovery that failed on its own (its channel, its handshake): paused again.
     pub(crate) fn is_recovery(&self) -> bool {
         matches!(self, LoadError::Recovery(_))
-    }
-}
-
-impl From<ReadError> for LoadError {
-    fn from(e: ReadError) -> Self {
-        match e {
-            ReadError::Io {
-                peer,
-                offset,
-                source,
-            } => LoadError::Io {
-                peer,
-                offset,
-                source,
-            },
-            ReadError::Truncated { offset, context } => LoadError::Truncated { offset, context },
-        }
     }
 }
 

@@ -6,6 +6,7 @@ use std::io::Read;
 use std::ops::Range;
 
 use crate::engine::destination::error::{LoadError, Violation};
+use crate::engine::destination::reader::ReadError;
 use crate::vmstate::VmdescFinder;
 
 /// The most a destination holds while waiting for the VM description: the device-state
@@ -55,18 +56,18 @@ pub(crate) fn hold<R: Read>(
         };
         match n {
             Ok(0) => {
-                return Err(LoadError::Truncated {
+                return Err(LoadError::Read(ReadError::Truncated {
                     offset: base + len as u64,
                     context: "device sections without a VM description after EOF",
-                })
+                }))
             }
             Ok(n) => bytes.truncate(len + n),
             Err(source) => {
-                return Err(LoadError::Io {
+                return Err(LoadError::Read(ReadError::Io {
                     peer: peer.to_string(),
                     offset: base + len as u64,
                     source,
-                })
+                }))
             }
         }
     }

@@ -13,6 +13,7 @@ use crate::engine::destination::error::{LoadError, Violation};
 use crate::engine::destination::place::BlockCursor;
 use crate::engine::destination::postcopy::PostcopySink;
 use crate::engine::destination::precopy::PrecopySink;
+use crate::engine::destination::reader::ReadError;
 use crate::engine::destination::reader::{with_next, ReadReady, Reader};
 use crate::engine::destination::return_path::RpWriter;
 use crate::engine::migration::MigrationCtx;
@@ -215,10 +216,10 @@ impl<'a> Loader<'a> {
                 }
             };
             let Some((token, n)) = token else {
-                return Err(LoadError::Truncated {
+                return Err(LoadError::Read(ReadError::Truncated {
                     offset: r.offset + r.data().len() as u64,
                     context: "between sections",
-                });
+                }));
             };
             match token {
                 OwnedToken::Start(h) if h.idstr == wire::ram::IDSTR => {
@@ -343,10 +344,10 @@ fn description_after_eof<R: ReadReady>(r: &mut Reader<R>) -> Result<(), LoadErro
             if r.data().is_empty() {
                 return Ok(());
             }
-            return Err(LoadError::Truncated {
+            return Err(LoadError::Read(ReadError::Truncated {
                 offset: r.offset,
                 context: "in the VM description",
-            });
+            }));
         }
     }
 }

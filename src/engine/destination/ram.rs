@@ -9,6 +9,7 @@ use crate::compat::wire;
 use crate::engine::destination::error::{LoadError, Violation};
 use crate::engine::destination::loader::{Loader, Phase, RamSection};
 use crate::engine::destination::place::{BlockCursor, Page, PageData};
+use crate::engine::destination::reader::ReadError;
 use crate::engine::destination::reader::{with_next, ReadReady, Reader};
 use crate::engine::migration::Stats;
 use crate::memory::block::RamBlock;
@@ -260,10 +261,10 @@ fn page_write_error(offset: u64, e: PageWriteError) -> LoadError {
     match e {
         // Offsets were checked when the pages were queued.
         PageWriteError::Outside { .. } => LoadError::PageWrite { offset, source: e },
-        PageWriteError::Io { block, source } => LoadError::Io {
+        PageWriteError::Io { block, source } => LoadError::Read(ReadError::Io {
             peer: format!("RAM block {block:?}"),
             offset,
             source,
-        },
+        }),
     }
 }
