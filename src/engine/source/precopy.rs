@@ -214,12 +214,14 @@ impl<'m> Precopy<'m> {
         let mut names = Names::Track(None);
         let mut since_check = 0u32;
         let mut part_start = Instant::now();
+        // Read at each check, not per word (a lock and a copy of every parameter): a
+        // new limit applies within CHECK_EVERY words.
+        let mut bw = if limit { ctx.params().max_bandwidth } else { 0 };
         while let Some((bi, wi, word)) = self.pages.next_pass_word() {
             let bt = &self.pages.blocks[bi];
             let sent = bt.send_word(&mut self.out, bi, wi, word, &mut names)?;
             sent.count(ctx);
             if limit {
-                let bw = ctx.params().max_bandwidth;
                 if let Some(wait) = self.throttle.account(sent.bytes, bw) {
                     self.commands.throttle(wait)?;
                 }
@@ -227,6 +229,9 @@ impl<'m> Precopy<'m> {
             since_check += 1;
             if since_check >= CHECK_EVERY {
                 since_check = 0;
+                if limit {
+                    bw = ctx.params().max_bandwidth;
+                }
                 self.commands.check_cancel()?;
                 self.check_rp()?;
                 self.log_progress();
