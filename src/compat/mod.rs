@@ -34,6 +34,82 @@ impl QemuVersion {
     pub fn vmdesc_has_configuration(self) -> bool {
         self >= QemuVersion { major: 8, minor: 2 }
     }
+
+    /// Multifd: whether every RAM section ends with a sync of the channels (and no
+    /// `MULTIFD_FLUSH` record is sent), as QEMU 8.0 and older do (`hw_compat_8_0`:
+    /// `multifd-flush-after-each-section=on`); newer ones sync once per dirty-scan round.
+    pub fn multifd_flush_after_each_section(self) -> bool {
+        self <= QemuVersion { major: 8, minor: 0 }
+    }
+
+    /// The `zero-page-detection` default: `legacy` (zero pages as ZERO records on the main
+    /// channel) up to 8.2 (`hw_compat_8_2`), `multifd` (in the packets) since 9.0.
+    pub fn default_zero_page_detection(self) -> ZeroPageDetection {
+        if self <= (QemuVersion { major: 8, minor: 2 }) {
+            ZeroPageDetection::Legacy
+        } else {
+            ZeroPageDetection::Multifd
+        }
+    }
+
+    /// Whether multifd and postcopy-ram may be on together: QEMU 10.1 stops the multifd
+    /// channels when postcopy starts; 10.0 refuses the combination.
+    pub fn multifd_with_postcopy(self) -> bool {
+        self >= QemuVersion {
+            major: 10,
+            minor: 1,
+        }
+    }
+}
+
+/// QEMU's `zero-page-detection` parameter: who finds zero pages, and where they go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ZeroPageDetection {
+    /// No detection: every page is sent with its data.
+    None,
+    /// The migration thread checks each page and sends a zero page as a ZERO record on the
+    /// main channel (QEMU 8.2 and older, and every non-multifd migration).
+    Legacy,
+    /// The multifd sender checks the pages of a packet and lists the zero ones in it.
+    Multifd,
+}
+
+impl ZeroPageDetection {
+    pub const NAMES: [&'static str; 3] = ["none", "legacy", "multifd"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ZeroPageDetection::None => "none",
+            ZeroPageDetection::Legacy => "legacy",
+            ZeroPageDetection::Multifd => "multifd",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        Some(match s {
+            "none" => ZeroPageDetection::None,
+            "legacy" => ZeroPageDetection::Legacy,
+            "multifd" => ZeroPageDetection::Multifd,
+            _ => return None,
+        })
+    }
+}
+
+/// The QEMU version of a versioned machine type (`pc-q35-8.0` -> 8.0); None for `none` and
+/// unversioned aliases (`pc`, `q35`: the newest).
+pub fn machine_version(machine: &str) -> Option<QemuVersion> {
+    let (_, v) = machine.rsplit_once('-')?;
+    let (a, b) = v.split_once('.')?;
+    Some(QemuVersion {
+        major: a.parse().ok()?,
+        minor: b.parse().ok()?,
+    })
+}
+
+/// The version whose compat properties apply: the older of `compat-version` and the
+/// machine type's version (QEMU takes them from the machine type).
+pub fn effective_version(compat: QemuVersion, machine: &str) -> QemuVersion {
+    machine_version(machine).map_or(compat, |m| m.min(compat))
 }
 
 impl Default for QemuVersion {
@@ -99,6 +175,40 @@ mod tests {
         assert!("x.y".parse::<QemuVersion>().is_err());
         assert!(!QemuVersion::V7_2.accepts_switchover_start());
         assert!(QemuVersion::V10_0.accepts_switchover_start());
+    }
+
+    #[test]
+    fn multifd_compat() {
+        assert!(QemuVersion::V7_2.multifd_flush_after_each_section());
+        assert!(!QemuVersion::V10_0.multifd_flush_after_each_section());
+        assert_eq!(
+            QemuVersion::V7_2.default_zero_page_detection(),
+            ZeroPageDetection::Legacy
+        );
+        assert_eq!(
+            QemuVersion::V10_0.default_zero_page_detection(),
+            ZeroPageDetection::Multifd
+        );
+        assert!(!QemuVersion::V10_0.multifd_with_postcopy());
+        assert!("10.1"
+            .parse::<QemuVersion>()
+            .expect("10.1")
+            .multifd_with_postcopy());
+        assert_eq!(
+            effective_version(QemuVersion::V10_0, "pc-q35-8.0"),
+            QemuVersion { major: 8, minor: 0 }
+        );
+        assert_eq!(
+            effective_version(QemuVersion::V7_2, "q35"),
+            QemuVersion::V7_2
+        );
+        assert_eq!(
+            effective_version(QemuVersion::V10_0, "none"),
+            QemuVersion::V10_0
+        );
+        for n in ZeroPageDetection::NAMES {
+            assert_eq!(ZeroPageDetection::from_name(n).map(|z| z.as_str()), Some(n));
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::compat::QemuVersion;
+use crate::compat::{QemuVersion, ZeroPageDetection};
 use crate::engine::state::StateMachine;
 use crate::wire::device_state::DeviceSection;
 
@@ -25,15 +25,18 @@ pub(crate) struct Capabilities {
     /// Destination only: requested pages come on a second connection (QEMU's
     /// postcopy-preempt), not behind the background pages.
     pub postcopy_preempt: bool,
+    /// RAM pages go over `multifd-channels` extra connections, in packets.
+    pub multifd: bool,
 }
 
 impl Capabilities {
-    pub(crate) const NAMES: [&'static str; 5] = [
+    pub(crate) const NAMES: [&'static str; 6] = [
         "postcopy-ram",
         "return-path",
         "pause-before-switchover",
         "events",
         "postcopy-preempt",
+        "multifd",
     ];
 
     pub(crate) fn get(&self, name: &str) -> Option<bool> {
@@ -43,6 +46,7 @@ impl Capabilities {
             "pause-before-switchover" => self.pause_before_switchover,
             "events" => self.events,
             "postcopy-preempt" => self.postcopy_preempt,
+            "multifd" => self.multifd,
             _ => return None,
         })
     }
@@ -54,6 +58,7 @@ impl Capabilities {
             "pause-before-switchover" => &mut self.pause_before_switchover,
             "events" => &mut self.events,
             "postcopy-preempt" => &mut self.postcopy_preempt,
+            "multifd" => &mut self.multifd,
             _ => return false,
         };
         *slot = on;
@@ -86,6 +91,33 @@ pub(crate) struct Parameters {
     /// Destination: threads that write received precopy pages into guest memory (the
     /// loading thread included), 1 to `page_writer::MAX_THREADS`.
     pub load_threads: usize,
+    /// Multifd: the number of channels besides the main one (QEMU: 1 to 255, default 2).
+    pub multifd_channels: u8,
+    /// `zero-page-detection`; None: the default of the effective version (see
+    /// [`Parameters::zero_page_detection`]).
+    pub zero_page_detection: Option<ZeroPageDetection>,
+    /// `vm-uuid`: the VM UUID each multifd channel's initial packet carries, which the
+    /// destination compares with its own (QEMU's `-uuid`; all-zero without it).
+    pub vm_uuid: [u8; 16],
+}
+
+impl Parameters {
+    /// The version whose compat properties apply (`compat-version` and the machine type).
+    pub(crate) fn effective_version(&self) -> QemuVersion {
+        crate::compat::effective_version(self.compat_version, &self.machine_type)
+    }
+
+    /// `zero-page-detection` as set, else the default of the effective version.
+    pub(crate) fn zero_page_detection(&self) -> ZeroPageDetection {
+        self.zero_page_detection
+            .unwrap_or_else(|| self.effective_version().default_zero_page_detection())
+    }
+
+    /// Multifd: sync the channels at the end of every RAM section instead of once per
+    /// dirty-scan round with a `MULTIFD_FLUSH` record (QEMU 8.0 and older).
+    pub(crate) fn multifd_flush_after_each_section(&self) -> bool {
+        self.effective_version().multifd_flush_after_each_section()
+    }
 }
 
 impl Default for Parameters {
@@ -100,6 +132,9 @@ impl Default for Parameters {
             precopy_timeout: 60_000,
             orphan_timeout: 60_000,
             load_threads: 2,
+            multifd_channels: 2,
+            zero_page_detection: None,
+            vm_uuid: [0; 16],
         }
     }
 }
@@ -125,6 +160,8 @@ pub(crate) struct Stats {
     pub setup_time_us: AtomicU64,
     /// Bits per second over the last pass, times 1000 (QEMU reports mbps as a float).
     pub rate_bps: AtomicU64,
+    /// Bytes sent or received on the multifd channels (packet headers and page data).
+    pub multifd_bytes: AtomicU64,
 }
 
 impl Stats {
@@ -143,6 +180,7 @@ impl Stats {
             &self.downtime_us,
             &self.setup_time_us,
             &self.rate_bps,
+            &self.multifd_bytes,
         ] {
             c.store(0, Ordering::Relaxed);
         }
@@ -168,6 +206,7 @@ impl Stats {
             "postcopy-preempt-pages": g(&self.postcopy_preempt_pages),
             "dirty-pages-rate": g(&self.dirty_pages_rate),
             "page-size": crate::compat::wire::TARGET_PAGE_SIZE,
+            "multifd-bytes": g(&self.multifd_bytes),
         })
     }
 }

@@ -131,7 +131,13 @@ impl Helper {
             if let Ok(fd) = chan.try_clone_fd() {
                 ctx.set_channel(Some(fd));
             }
-            Ok(crate::engine::source::run(ctx, blocks, chan, uri)?)
+            Ok(crate::engine::source::run(
+                ctx,
+                blocks,
+                chan,
+                Vec::new(),
+                uri,
+            )?)
         })
     }
 
@@ -179,7 +185,12 @@ impl Helper {
                 ctx.set_channel(Some(fd));
             }
             Ok(crate::engine::destination::run(
-                ctx, blocks, chan, uffd, preempt,
+                ctx,
+                blocks,
+                chan,
+                Vec::new(),
+                uffd,
+                preempt,
             )?)
         })
     }

@@ -251,14 +251,19 @@ fn load_inner<R: ReadReady>(
     }
 }
 
-/// Runs an incoming migration on an established channel. The caller set `setup`.
+/// Runs an incoming migration on an established channel. With the `multifd` capability,
+/// `multifd` holds the accepted multifd channels in id order, their initial packets read
+/// and checked (empty without it). The caller set `setup`.
 pub(crate) fn run(
     ctx: &MigrationCtx,
     blocks: Vec<Arc<RamBlock>>,
     chan: Channel,
+    multifd: Vec<Channel>,
     uffd: Option<OwnedFd>,
     preempt: Option<Incoming>,
 ) -> Result<(), LoadError> {
+    // Not used yet: the multifd receiver comes next.
+    drop(multifd);
     ctx.state.transition(MigrationStatus::Active)?;
     chan.tune_buffers();
     let t0 = Instant::now();

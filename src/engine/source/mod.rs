@@ -32,14 +32,19 @@ mod writer;
 
 pub(crate) use error::SourceError;
 
-/// Runs a migration to `chan` (precopy, switching to postcopy when asked). The caller has
-/// moved the state to `setup`.
+/// Runs a migration to `chan` (precopy, switching to postcopy when asked). With the
+/// `multifd` capability, `multifd` holds the connected multifd channels in id order, their
+/// initial packets already sent (empty without it). The caller has moved the state to
+/// `setup`.
 pub(crate) fn run(
     ctx: &MigrationCtx,
     blocks: Vec<Arc<RamBlock>>,
     chan: Channel,
+    multifd: Vec<Channel>,
     uri: crate::transport::Uri,
 ) -> Result<(), SourceError> {
+    // Not used yet: the multifd sender comes next.
+    drop(multifd);
     let t0 = Instant::now();
     // Reading faults pages in cheaply (16 at a time); mapping them ahead now would only
     // compete with sending them.
