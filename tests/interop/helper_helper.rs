@@ -814,7 +814,7 @@ fn device_state_chain_qemu72() {
 
 /// Writes random pages (one in eight all zeros) into `mem`, setting each page's dirty bit
 /// in `bitmap` afterwards, until `stop`. Counts writes in `writes`.
-fn dirty_writer(
+pub(crate) fn dirty_writer(
     mut mem: support::map::RamMap,
     bitmap: support::map::RamMap,
     seed: u64,
