@@ -740,6 +740,31 @@ fn crafted_multifd_source_loads() {
     good_crafted_load(&mut h, "crafted_multifd_source_loads");
 }
 
+/// The crafted source is what QEMU 10.0 expects: a QEMU destination (one 1 MiB block
+/// `ram`, fresh) loads it. A harness self-test: when this fails, the crafted source is wrong.
+#[test]
+fn crafted_multifd_source_loads_into_qemu10() {
+    let test = "crafted_multifd_source_loads_into_qemu10";
+    if require_qemu(Qemu::V10, test).is_none() {
+        return;
+    }
+    let mut dst = QemuVm::start(Qemu::V10, BLOCK, &VmOpts::incoming());
+    enable_multifd(dst.qmp(), CRAFT_CHANNELS);
+    let dir = TempDir::new("qmh-mfd-craft");
+    let path = dir.join("mig.sock");
+    dst.qmp()
+        .migrate_incoming(&format!("unix:{}", path.display()))
+        .expect("migrate-incoming");
+    let mut conns = vec![connect_and_send(&path, main_stream(), true)];
+    for k in 0..CRAFT_CHANNELS {
+        conns.push(connect_and_send(&path, good_channel(k), true));
+    }
+    let r = dst.wait_migration(&["completed"], FAIL_TIMEOUT);
+    cut(conns);
+    r.unwrap_or_else(|e| panic!("{test}: {e}"));
+    assert_same_memory(&image(), &dst.ram_mmap(), test);
+}
+
 /// One hostile variant of the crafted source.
 struct Bad {
     what: &'static str,
