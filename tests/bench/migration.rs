@@ -542,7 +542,7 @@ fn main() {
                 "floor s",
                 "best ratio"
             );
-            for i in 0..n_plain {
+            for (i, case) in cases.iter().enumerate().take(n_plain) {
                 let m = col(i, |t| t.secs);
                 // The least wall time this much CPU work allows on this machine's CPUs, and
                 // the ratio that would give.
@@ -550,7 +550,7 @@ fn main() {
                 let floor = (sc + dc) / cpus;
                 println!(
                     "{:<15} {m:9.3} {:9.0} {:>12.2}x {sc:9.3} {dc:9.3} {floor:9.3} {:>9.2}x",
-                    cases[i].name,
+                    case.name,
                     size as f64 / m / 1e6,
                     base / m,
                     base / floor
@@ -563,7 +563,7 @@ fn main() {
                 "multifd case", "median s", "MB/s", "src CPU s", "dst CPU s", "CPU s"
             );
         }
-        for i in n_plain..cases.len() {
+        for (i, case) in cases.iter().enumerate().skip(n_plain) {
             let (m, sc, dc) = (
                 col(i, |t| t.secs),
                 col(i, |t| t.src_cpu),
@@ -571,7 +571,7 @@ fn main() {
             );
             println!(
                 "{:<26} {m:9.3} {:9.0} {sc:9.3} {dc:9.3} {:9.3}",
-                cases[i].name,
+                case.name,
                 size as f64 / m / 1e6,
                 sc + dc
             );
