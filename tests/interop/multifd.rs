@@ -1148,3 +1148,80 @@ fn multifd_capability_and_parameters() {
         assert_eq!(cap_state(&mut h, "postcopy-ram"), Some(false));
     }
 }
+
+fn refused_start(
+    h: &mut HelperVm,
+    r: Result<(), qemu_migration_helper::client::ClientError>,
+    what: &str,
+    keyword: &str,
+) {
+    let e = refused(r, what);
+    assert!(e.contains(keyword), "{what}: {e}");
+    assert_eq!(
+        h.client.query_migrate().expect("query-migrate")["status"],
+        "none",
+        "{what}: a refused start left a migration behind"
+    );
+}
+
+/// What is only checked when a migration starts: `multifd` zero-page detection towards a
+/// peer older than 9.0 (it would ignore the listed zero pages), the `fd:` source's missing
+/// channel fds, and multifd with postcopy-ram after compat-version went back to 10.0.
+#[test]
+fn multifd_start_refusals() {
+    let test = "multifd_start_refusals";
+    let dir = TempDir::new("qmh-mfd");
+    let uri = unix_uri(&dir, "nobody.sock");
+
+    let mut h = HelperVm::spawn_with_args(&["--log-level", "warn"]);
+    h.add_block("ram", MIB, false);
+    enable_multifd(&mut h.client, 2);
+    h.client
+        .set_parameters(json!({"compat-version": "7.2", "zero-page-detection": "multifd"}))
+        .expect("settable; checked at the start");
+    let r = h.client.migrate(&uri);
+    refused_start(
+        &mut h,
+        r,
+        &format!("{test}: migrate, 7.2"),
+        "zero-page-detection",
+    );
+    let r = h.client.migrate_incoming(&uri);
+    refused_start(
+        &mut h,
+        r,
+        &format!("{test}: migrate-incoming, 7.2"),
+        "zero-page-detection",
+    );
+
+    // fd: with one of the two channel fds missing.
+    h.client
+        .set_parameters(json!({"compat-version": "10.0"}))
+        .expect("compat-version");
+    let (a, _b) = socketpair();
+    let (c, _d) = socketpair();
+    h.client.getfd("mig", a.as_fd()).expect("getfd");
+    h.client.getfd("mig-multifd-0", c.as_fd()).expect("getfd");
+    let r = h.client.migrate("fd:mig");
+    refused_start(&mut h, r, &format!("{test}: fd: source"), "mig-multifd-1");
+
+    // Allowed together with compat-version 10.1, refused again at the start under 10.0.
+    let mut h = HelperVm::spawn_with_args(&["--log-level", "warn"]);
+    h.add_block("ram", MIB, false);
+    h.client
+        .set_parameters(json!({"compat-version": "10.1"}))
+        .expect("compat-version 10.1");
+    h.client
+        .set_capabilities(&[("multifd", true), ("postcopy-ram", true)])
+        .expect("multifd with postcopy-ram under 10.1");
+    h.client
+        .set_parameters(json!({"compat-version": "10.0"}))
+        .expect("compat-version");
+    let r = h.client.migrate(&uri);
+    refused_start(
+        &mut h,
+        r,
+        &format!("{test}: multifd + postcopy-ram, back to 10.0"),
+        "not yet compatible with multifd",
+    );
+}
