@@ -1225,3 +1225,98 @@ fn multifd_start_refusals() {
         "not yet compatible with multifd",
     );
 }
+
+/// Threads of process `pid` (its /proc tasks).
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Waits up to 5 s for `pid` to be back at `baseline` threads or fewer; the count then.
+fn settle_threads(pid: u32, baseline: usize) -> usize {
+    let t0 = Instant::now();
+    loop {
+        let n = threads(pid);
+        if n <= baseline || t0.elapsed() > Duration::from_secs(5) {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `migrate_cancel` mid-transfer, first on the source and then on the destination: the
+/// cancelled end reaches `cancelled` within 2 s, the other fails, both are back at the
+/// threads they had before (every sender and receiver joined), and a third migration
+/// between the same two helpers completes.
+#[test]
+fn multifd_cancel_then_retry() {
+    let test = "multifd_cancel_then_retry";
+    let mut src = HelperVm::spawn();
+    src.add_block("ram", RAM, false);
+    let mut dst = HelperVm::spawn();
+    dst.add_block("ram", RAM, false);
+    fill_mixed(&mut src.blocks[0].mem.map(), test_seed(test), 0.3);
+    enable_multifd(&mut src.client, 4);
+    enable_multifd(&mut dst.client, 4);
+    let dir = TempDir::new("qmh-mfd");
+    let base = (threads(src.pid()), threads(dst.pid()));
+    for (round, cancel_source) in [(0, true), (1, false)] {
+        src.client
+            .set_parameters(json!({"max-bandwidth": 16 * MIB}))
+            .expect("params");
+        let uri = unix_uri(&dir, &format!("mig{round}.sock"));
+        dst.client.migrate_incoming(&uri).expect("migrate-incoming");
+        src.client.migrate(&uri).expect("migrate");
+        let t0 = Instant::now();
+        loop {
+            let v = src.client.query_migrate().expect("query-migrate");
+            if v["ram"]["multifd-bytes"].as_u64().unwrap_or(0) >= 2 * MIB {
+                assert_eq!(v["status"], "active", "{test}: {v}");
+                break;
+            }
+            assert!(t0.elapsed() < TIMEOUT, "{test}: no multifd traffic: {v}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (cancelled, other) = if cancel_source {
+            (&mut src, &mut dst)
+        } else {
+            (&mut dst, &mut src)
+        };
+        let t1 = Instant::now();
+        cancelled.client.migrate_cancel().expect("migrate_cancel");
+        let v = cancelled.wait(&["cancelled", "failed"], FAIL_TIMEOUT);
+        let took = t1.elapsed();
+        let o = other.wait(&["failed", "cancelled", "completed"], FAIL_TIMEOUT);
+        eprintln!(
+            "{test}: round {round}: {} after {took:?}; the other end {}: {}",
+            v["status"], o["status"], o["error-desc"]
+        );
+        assert_eq!(v["status"], "cancelled", "{test}: round {round}: {v}");
+        assert!(
+            took < Duration::from_secs(2),
+            "{test}: cancel took {took:?}"
+        );
+        assert_eq!(o["status"], "failed", "{test}: round {round}: {o}");
+        let now = (
+            settle_threads(src.pid(), base.0),
+            settle_threads(dst.pid(), base.1),
+        );
+        assert!(
+            now.0 <= base.0 && now.1 <= base.1,
+            "{test}: round {round}: threads (source, destination) {now:?}, before {base:?}"
+        );
+    }
+    src.client
+        .set_parameters(json!({"max-bandwidth": 0}))
+        .expect("params");
+    let uri = unix_uri(&dir, "mig-last.sock");
+    dst.client.migrate_incoming(&uri).expect("migrate-incoming");
+    src.client.migrate(&uri).expect("migrate");
+    let info = src.wait(&["completed"], TIMEOUT);
+    let dinfo = dst.wait(&["completed"], TIMEOUT);
+    assert_same_memory(&src.blocks[0].mem.map(), &dst.blocks[0].mem.map(), test);
+    let normal = u64_at(&info, &["ram", "normal"]);
+    assert_multifd_carried(&info, normal, test);
+    assert_multifd_carried(&dinfo, normal, test);
+}
