@@ -390,7 +390,7 @@ fn helper_to_helper_into_preallocated_memory() {
 // 2. Odd block sizes and names
 // ---------------------------------------------------------------------------------------
 
-const ODD_BLOCKS: &[(&str, u64)] = &[
+pub(crate) const ODD_BLOCKS: &[(&str, u64)] = &[
     ("pc.ram", 3 * MIB + 4 * KIB),
     ("/rom@etc/acpi/tables", 12 * KIB),
     ("vga.vram", 5 * MIB + 36 * KIB),
