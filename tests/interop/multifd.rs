@@ -32,7 +32,7 @@ use serde_json::{json, Value};
 
 use crate::helper_helper::dirty_writer;
 use crate::streams::{head, image, page_content, ram_header, tail, BLOCK, PAGES};
-use support::helper::HelperVm;
+use support::helper::{HelperVm, Memfd};
 use support::migrate::pass_ends;
 use support::migrate::socketpair;
 use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
@@ -1334,8 +1334,11 @@ fn helper_to_helper_multifd_odd_blocks() {
     let mut src = HelperVm::spawn();
     let mut dst = HelperVm::spawn();
     for (i, (id, size)) in blocks.iter().enumerate() {
-        src.add_block(id, *size, false);
-        dst.add_preallocated_block(id, *size, GARBAGE);
+        // A memfd's own name is shorter than a block's may be.
+        src.add_memfd_block(id, Memfd::new("src", *size), false);
+        let mem = Memfd::new("dst", *size);
+        mem.map().fill(GARBAGE);
+        dst.add_memfd_block(id, mem, false);
         fill_mixed(
             &mut src.blocks[i].mem.map(),
             test_seed(test) + i as u64,
