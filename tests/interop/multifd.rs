@@ -838,6 +838,79 @@ fn bad_variants() -> Vec<Bad> {
         keywords: kw(&["nope", "channel 0"]),
         ram_untouched: true,
     });
+    // Header fields the encoder would refuse, patched in: (what, byte offset, bytes).
+    let good = data_packet(n, "ram", &[0], &[page]);
+    let patched = |at: usize, bytes: &[u8]| {
+        let mut p = good.clone();
+        p[at..at + bytes.len()].copy_from_slice(bytes);
+        p
+    };
+    for (what, at, bytes, word) in [
+        (
+            "a packet with a wrong magic",
+            0,
+            &0x5a5a_5a5a_u32.to_be_bytes()[..],
+            "magic",
+        ),
+        (
+            "a packet asking for zstd",
+            8,
+            &(2u32 << 1).to_be_bytes()[..],
+            "compression",
+        ),
+        (
+            "a packet with room for 200 pages",
+            12,
+            &200u32.to_be_bytes()[..],
+            "200",
+        ),
+        (
+            "a packet with a misaligned offset",
+            320,
+            &0x1001u64.to_be_bytes()[..],
+            "offset",
+        ),
+        ("a block name without its NUL", 64, &[b'r'; 256][..], "nul"),
+    ] {
+        v.push(Bad {
+            what,
+            channels: bad_packet(patched(at, bytes)),
+            keywords: kw(&[word, "channel 0"]),
+            ram_untouched: true,
+        });
+    }
+    v.push(Bad {
+        what: "two channels with id 0",
+        channels: vec![(channel_start(0), false), (channel_start(0), false)],
+        keywords: kw(&["id", "0"]),
+        ram_untouched: true,
+    });
+    v.push(Bad {
+        what: "a channel with id 7 of 2",
+        channels: vec![(channel_start(0), false), (channel_start(7), false)],
+        keywords: kw(&["7"]),
+        ram_untouched: true,
+    });
+    v.push(Bad {
+        what: "a second main channel",
+        channels: vec![(channel_start(0), false), (main_stream(), false)],
+        keywords: kw(&["main"]),
+        ram_untouched: true,
+    });
+    v.push(Bad {
+        what: "a connection that closes before 4 bytes",
+        channels: vec![(channel_start(0), false), (vec![0x11, 0x22], true)],
+        keywords: kw(&["closed"]),
+        ram_untouched: true,
+    });
+    // Channel 1 ends cleanly at a packet boundary, but before the SYNC that the END's
+    // MULTIFD_FLUSH waits for.
+    v.push(Bad {
+        what: "channel 1 closes before its last SYNC",
+        channels: vec![(good_channel(0), false), (channel_start(1), true)],
+        keywords: kw(&["channel 1"]),
+        ram_untouched: false,
+    });
     // Channel 1 dies after its header and a page and a half of its packet's data.
     let (normal, zero) = half(1);
     let mut packet = data_packet(n + 1, "ram", &normal, &zero);
