@@ -1442,3 +1442,48 @@ fn helper_to_helper_multifd_odd_blocks() {
     assert_multifd_carried(&info, normal, test);
     assert_multifd_carried(&dinfo, normal, test);
 }
+
+/// Ends that disagree on `multifd-channels`, either way: never a `completed` destination
+/// (its memory is compared if it claims so), and with the return path the source fails
+/// too (without it a source that wrote everything may report `completed`, as QEMU's does).
+#[test]
+fn multifd_channel_count_mismatch() {
+    let test = "multifd_channel_count_mismatch";
+    for (size, src_n, dst_n) in [(MIB, 4u8, 2u8), (16 * MIB, 4, 2), (MIB, 2, 4)] {
+        let what = format!(
+            "{test}: {} KiB, source {src_n}, destination {dst_n}",
+            size >> 10
+        );
+        let mut src = HelperVm::spawn_with_args(&["--log-level", "warn"]);
+        src.add_block("ram", size, false);
+        let mut dst = HelperVm::spawn_with_args(&["--log-level", "warn"]);
+        dst.add_block("ram", size, false);
+        fill_mixed(&mut src.blocks[0].mem.map(), test_seed(test), 0.3);
+        enable_multifd(&mut src.client, src_n);
+        enable_multifd(&mut dst.client, dst_n);
+        for h in [&mut src, &mut dst] {
+            h.client
+                .set_parameters(json!({"precopy-timeout": 2000, "max-bandwidth": 0}))
+                .expect("params");
+            h.client
+                .set_capabilities(&[("return-path", true)])
+                .expect("return-path");
+        }
+        let dir = TempDir::new("qmh-mfd");
+        let uri = unix_uri(&dir, "mig.sock");
+        dst.client.migrate_incoming(&uri).expect("migrate-incoming");
+        src.client.migrate(&uri).expect("migrate");
+        let s = src.wait(&["completed", "failed"], FAIL_TIMEOUT);
+        let d = dst.wait(&["completed", "failed"], FAIL_TIMEOUT);
+        eprintln!(
+            "{what}: source {} ({}), destination {} ({})",
+            s["status"], s["error-desc"], d["status"], d["error-desc"]
+        );
+        if d["status"] == "completed" {
+            assert_same_memory(&src.blocks[0].mem.map(), &dst.blocks[0].mem.map(), &what);
+        }
+        assert_eq!(d["status"], "failed", "{what}: {d}");
+        assert_eq!(s["status"], "failed", "{what}: {s}");
+        assert!(src.alive() && dst.alive(), "{what}: a helper died");
+    }
+}
