@@ -323,6 +323,12 @@ fn helper_to_qemu72_multifd() {
 /// `channels` channels and `zpd` migrates over unix: into a fresh or garbage-filled
 /// destination; the writer stops at `pre-switchover`.
 fn live_helper_to_helper(test: &str, channels: u8, zpd: &str, garbage: bool) {
+    live_helper_to_helper_compat(test, channels, zpd, garbage, "10.0");
+}
+
+/// `live_helper_to_helper` with `compat-version` `compat` on both ends (7.2: a sync before
+/// every section's EOS instead of MULTIFD_FLUSH records).
+fn live_helper_to_helper_compat(test: &str, channels: u8, zpd: &str, garbage: bool, compat: &str) {
     let seed = test_seed(test);
     let t0 = Instant::now();
     let mut src = HelperVm::spawn();
@@ -336,6 +342,11 @@ fn live_helper_to_helper(test: &str, channels: u8, zpd: &str, garbage: bool) {
     fill_mixed(&mut src.blocks[0].mem.map(), seed, 0.3);
     enable_multifd(&mut src.client, channels);
     enable_multifd(&mut dst.client, channels);
+    for h in [&mut src, &mut dst] {
+        h.client
+            .set_parameters(json!({ "compat-version": compat }))
+            .expect("compat-version");
+    }
     src.client
         .set_parameters(json!({
             "zero-page-detection": zpd,
@@ -368,7 +379,12 @@ fn live_helper_to_helper(test: &str, channels: u8, zpd: &str, garbage: bool) {
     let during = writes.load(Ordering::Relaxed) - at_migrate;
     stop.store(true, Ordering::Release);
     writer.join().expect("writer thread");
-    let pre = r.unwrap_or_else(|e| panic!("{test}: source reaches pre-switchover: {e}"));
+    let pre = r.unwrap_or_else(|e| {
+        panic!(
+            "{test}: source reaches pre-switchover: {e}; destination: {:?}",
+            dst.client.query_migrate()
+        )
+    });
     assert!(during > 0, "{test}: the writer wrote nothing: {pre}");
     src.client.migrate_continue().expect("migrate-continue");
     let info = src.wait(&["completed"], TIMEOUT);
@@ -439,6 +455,145 @@ fn live_helper_to_helper_multifd_4ch_zpd_multifd_garbage() {
         "multifd",
         true,
     );
+}
+
+/// Between helpers as between a QEMU 7.2 pair: a sync at every section end, over passes.
+#[test]
+fn live_helper_to_helper_multifd_compat72() {
+    live_helper_to_helper_compat(
+        "live_helper_to_helper_multifd_compat72",
+        2,
+        "legacy",
+        true,
+        "7.2",
+    );
+}
+
+/// A source paused in `pre-switchover` for 4x precopy-timeout with multifd: the silent
+/// multifd channels do not time the destination out (nor the source), and it completes.
+#[test]
+fn multifd_pause_longer_than_precopy_timeout() {
+    let test = "multifd_pause_longer_than_precopy_timeout";
+    let (mut src, mut dst) = fd_pair(test, 2);
+    for h in [&mut src, &mut dst] {
+        h.client
+            .set_parameters(json!({"precopy-timeout": 500}))
+            .expect("params");
+    }
+    src.client
+        .set_capabilities(&[("pause-before-switchover", true)])
+        .expect("caps");
+    let dir = TempDir::new("qmh-mfd");
+    let uri = unix_uri(&dir, "mig.sock");
+    dst.client.migrate_incoming(&uri).expect("migrate-incoming");
+    src.client.migrate(&uri).expect("migrate");
+    src.wait(&["pre-switchover"], TIMEOUT);
+    std::thread::sleep(Duration::from_millis(2000));
+    let d = dst.client.query_migrate().expect("query-migrate");
+    assert_eq!(
+        d["status"], "active",
+        "{test}: the destination gave up during the pause: {d}"
+    );
+    src.client.migrate_continue().expect("migrate-continue");
+    finish_fd(&mut src, &mut dst, test);
+}
+
+/// `tcp:` between helpers: the destination tells the channels apart on one TCP listener.
+#[test]
+fn helper_to_helper_multifd_tcp() {
+    let test = "helper_to_helper_multifd_tcp";
+    let (mut src, mut dst) = fd_pair(test, 4);
+    // A free port: bind port 0, note it, close; retry if someone takes it meanwhile.
+    let mut uri = String::new();
+    for attempt in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind port 0")
+            .port();
+        uri = format!("tcp:127.0.0.1:{port}");
+        match dst.client.migrate_incoming(&uri) {
+            Ok(()) => break,
+            Err(e) if attempt < 4 => eprintln!("{test}: {uri}: {e}; another port"),
+            Err(e) => panic!("migrate-incoming {uri}: {e}"),
+        }
+    }
+    src.client.migrate(&uri).expect("migrate");
+    finish_fd(&mut src, &mut dst, test);
+}
+
+/// A live helper source (the parent dirtying pages, passes cut into timed sections by
+/// max-bandwidth) into a real QEMU destination, the writer stopping at `pre-switchover`:
+/// QEMU 7.2 syncs the channels at every section's EOS, QEMU 10.0 at every pass's FLUSH.
+fn live_helper_to_qemu(qemu: Qemu, test: &str) {
+    if require_qemu(qemu, test).is_none() {
+        return;
+    }
+    let seed = test_seed(test);
+    let mut src = HelperVm::spawn();
+    src.add_block("ram", RAM, true);
+    let mut dst = QemuVm::start(qemu, RAM, &VmOpts::incoming());
+    fill_mixed(&mut src.blocks[0].mem.map(), seed, 0.3);
+    if qemu == Qemu::V72 {
+        src.client
+            .set_parameters(json!({"compat-version": "7.2"}))
+            .expect("compat-version");
+    }
+    src.client
+        .set_parameters(json!({"max-bandwidth": 200 * MIB, "downtime-limit": 20}))
+        .expect("params");
+    src.client
+        .set_capabilities(&[("pause-before-switchover", true)])
+        .expect("caps");
+    enable_multifd(&mut src.client, 2);
+    enable_multifd(dst.qmp(), 2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let mem = src.blocks[0].mem.map();
+        let bitmap = src.blocks[0].bitmap.as_ref().expect("bitmap").map();
+        let (stop, writes) = (stop.clone(), writes.clone());
+        std::thread::spawn(move || dirty_writer(mem, bitmap, seed ^ 0x5eed, stop, writes))
+    };
+    let dir = TempDir::new("qmh-mfd");
+    let uri = unix_uri(&dir, "mig.sock");
+    dst.qmp().migrate_incoming(&uri).expect("migrate-incoming");
+    src.client.migrate(&uri).expect("migrate");
+    // 64 MiB at 200 MiB/s: well under a second per pass.
+    let r = src
+        .client
+        .wait_for_status(&["pre-switchover"], Duration::from_secs(30));
+    stop.store(true, Ordering::Release);
+    writer.join().expect("writer thread");
+    r.unwrap_or_else(|e| {
+        panic!(
+            "{test}: source reaches pre-switchover: {e}; source {:?}; QEMU {:?}",
+            src.client.query_migrate(),
+            dst.qmp().query_migrate()
+        )
+    });
+    src.client.migrate_continue().expect("migrate-continue");
+    let info = src.wait(&["completed"], TIMEOUT);
+    dst.wait_migration(&["completed"], TIMEOUT)
+        .unwrap_or_else(|e| panic!("{test}: QEMU destination: {e}"));
+    assert_same_memory(&src.blocks[0].mem.map(), &dst.ram_mmap(), test);
+    let normal = u64_at(&info, &["ram", "normal"]);
+    let dup = u64_at(&info, &["ram", "duplicate"]);
+    eprintln!("{test}: {} pages sent, {}", normal + dup, info["ram"]);
+    assert!(
+        normal + dup > RAM / PAGE_SIZE as u64,
+        "{test}: one pass only: {info}"
+    );
+    assert_multifd_carried(&info, normal, test);
+}
+
+#[test]
+fn live_helper_to_qemu10_multifd() {
+    live_helper_to_qemu(Qemu::V10, "live_helper_to_qemu10_multifd");
+}
+
+#[test]
+fn live_helper_to_qemu72_multifd() {
+    live_helper_to_qemu(Qemu::V72, "live_helper_to_qemu72_multifd");
 }
 
 const FD_RAM: u64 = 32 * MIB;
