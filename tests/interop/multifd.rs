@@ -1642,3 +1642,60 @@ fn multifd_channel_count_mismatch() {
         assert!(src.alive() && dst.alive(), "{what}: a helper died");
     }
 }
+
+/// A sparse guest (one page in 1024 written) over multifd with each zero-page detection
+/// into a fresh destination, as `helper_helper::sparse_guest_stays_sparse` without multifd:
+/// the source allocates nothing for its holes, and the destination, where the zero pages
+/// are holes already, about what the source holds. With `none` every page arrives as data
+/// and is written, as QEMU does: then only the memory is compared.
+#[test]
+fn multifd_sparse_guest_stays_sparse() {
+    use std::os::unix::fs::MetadataExt;
+    let test = "multifd_sparse_guest_stays_sparse";
+    let size = 64 * MIB;
+    let allocated =
+        |mem: &Memfd| -> u64 { std::fs::metadata(mem.path()).expect("fstat").blocks() * 512 };
+    for zpd in ["multifd", "legacy", "none"] {
+        let what = format!("{test} ({zpd})");
+        let mut src = HelperVm::spawn_with_args(&["--log-level", "warn"]);
+        src.add_block("ram", size, false);
+        {
+            let mut m = src.blocks[0].mem.map();
+            for p in (0..size as usize / PAGE_SIZE).step_by(1024) {
+                m[p * PAGE_SIZE] = (p % 251) as u8 + 1;
+            }
+        }
+        let before = allocated(&src.blocks[0].mem);
+        let mut dst = HelperVm::spawn_with_args(&["--log-level", "warn"]);
+        dst.add_block("ram", size, false);
+        enable_multifd(&mut src.client, 2);
+        enable_multifd(&mut dst.client, 2);
+        src.client
+            .set_parameters(json!({"max-bandwidth": 0, "zero-page-detection": zpd}))
+            .expect("params");
+        let dir = TempDir::new("qmh-mfd");
+        let uri = unix_uri(&dir, "mig.sock");
+        dst.client.migrate_incoming(&uri).expect("migrate-incoming");
+        src.client.migrate(&uri).expect("migrate");
+        let info = src.wait(&["completed"], TIMEOUT);
+        dst.wait(&["completed"], TIMEOUT);
+        assert_same_memory(&src.blocks[0].mem.map(), &dst.blocks[0].mem.map(), &what);
+        let (s_after, d_after) = (allocated(&src.blocks[0].mem), allocated(&dst.blocks[0].mem));
+        eprintln!(
+            "{what}: source held {before} bytes, now {s_after}; destination {d_after}; {}",
+            info["ram"]
+        );
+        if zpd != "none" {
+            assert_eq!(
+                s_after, before,
+                "{what}: the source allocated memory for holes"
+            );
+            assert!(
+                d_after <= 2 * before,
+                "{what}: destination allocated {d_after} bytes for {before} of data"
+            );
+        }
+        let normal = u64_at(&info, &["ram", "normal"]);
+        assert_multifd_carried(&info, normal, &what);
+    }
+}
