@@ -375,7 +375,10 @@ fn live_helper_to_helper_compat(test: &str, channels: u8, zpd: &str, garbage: bo
     dst.client.migrate_incoming(&uri).expect("migrate-incoming");
     src.client.migrate(&uri).expect("migrate");
     let at_migrate = writes.load(Ordering::Relaxed);
-    let r = src.client.wait_for_status(&["pre-switchover"], TIMEOUT);
+    // 64 MiB at 200 MiB/s: well under a second per pass; a stuck pass fails in 30 s.
+    let r = src
+        .client
+        .wait_for_status(&["pre-switchover"], Duration::from_secs(30));
     let during = writes.load(Ordering::Relaxed) - at_migrate;
     stop.store(true, Ordering::Release);
     writer.join().expect("writer thread");
