@@ -286,6 +286,38 @@ fn helper_to_qemu10_multifd_4ch() {
     );
 }
 
+/// QEMU 10.0 migrating to `unix:PATH` where the helper listens on a socket its parent bound
+/// there and passed as `fd:lis` (what a management layer that binds for it does).
+#[test]
+fn qemu10_to_helper_multifd_fd_listener() {
+    let test = "qemu10_to_helper_multifd_fd_listener";
+    if require_qemu(Qemu::V10, test).is_none() {
+        return;
+    }
+    let mut src = QemuVm::start(Qemu::V10, FD_RAM, &VmOpts::default());
+    let mut dst = HelperVm::spawn();
+    dst.add_block("ram", FD_RAM, false);
+    let zeros = fill_mixed(&mut src.ram_mmap(), test_seed(test), 0.5) as u64;
+    enable_multifd(src.qmp(), 3);
+    enable_multifd(&mut dst.client, 3);
+    let dir = TempDir::new("qmh-mfd");
+    let path = dir.join("lis.sock");
+    let listener = UnixListener::bind(&path).expect("bind");
+    dst.client.getfd("lis", listener.as_fd()).expect("getfd");
+    drop(listener);
+    dst.client
+        .migrate_incoming("fd:lis")
+        .expect("migrate-incoming");
+    src.qmp()
+        .migrate(&format!("unix:{}", path.display()))
+        .expect("migrate");
+    src.wait_migration(&["completed"], TIMEOUT)
+        .unwrap_or_else(|e| panic!("{test}: QEMU source: {e}"));
+    let info = dst.wait(&["completed"], TIMEOUT);
+    assert_same_memory(&src.ram_mmap(), &dst.blocks[0].mem.map(), test);
+    assert_multifd_carried(&info, FD_RAM / PAGE_SIZE as u64 - zeros, test);
+}
+
 /// QEMU 7.2: legacy zero pages, SYNC packets of the old shape, a sync at every section end.
 #[test]
 fn qemu72_to_helper_multifd() {
