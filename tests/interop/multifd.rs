@@ -1735,3 +1735,67 @@ fn multifd_sparse_guest_stays_sparse() {
         assert_multifd_carried(&info, normal, &what);
     }
 }
+
+/// A 5 GiB sparse guest: pages above 4 GiB (offsets that do not fit 32 bits) and, at their
+/// offsets modulo 4 GiB, other pages. Each arrives at its own offset (compared with pread,
+/// which reads a hole as zeros without allocating it) and the destination allocates no more
+/// than the source holds.
+#[test]
+fn multifd_offsets_above_4g() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let test = "multifd_offsets_above_4g";
+    let size = 5 * GIB;
+    let mut src = HelperVm::spawn();
+    src.add_block("ram", size, false);
+    let mut dst = HelperVm::spawn();
+    dst.add_block("ram", size, false);
+    let file = |m: &Memfd| std::fs::File::from(m.fd.try_clone().expect("dup"));
+    let sfile = file(&src.blocks[0].mem);
+    let mut offsets = Vec::new();
+    for k in 0..64u64 {
+        for base in [4 * GIB, 0] {
+            let off = base + k * 16 * MIB + k * PAGE_SIZE as u64;
+            let page = vec![(k as u8) ^ (base >> 32) as u8 ^ 0x5a; PAGE_SIZE];
+            sfile.write_all_at(&page, off).expect("write page");
+            offsets.push(off);
+        }
+    }
+    let allocated = |m: &Memfd| std::fs::metadata(m.path()).expect("fstat").blocks() * 512;
+    let before = allocated(&src.blocks[0].mem);
+    enable_multifd(&mut src.client, 2);
+    enable_multifd(&mut dst.client, 2);
+    src.client
+        .set_parameters(json!({"max-bandwidth": 0}))
+        .expect("params");
+    let dir = TempDir::new("qmh-mfd");
+    let uri = unix_uri(&dir, "mig.sock");
+    dst.client.migrate_incoming(&uri).expect("migrate-incoming");
+    let t0 = Instant::now();
+    src.client.migrate(&uri).expect("migrate");
+    let info = src.wait(&["completed"], TIMEOUT);
+    let dinfo = dst.wait(&["completed"], TIMEOUT);
+    let d_alloc = allocated(&dst.blocks[0].mem);
+    eprintln!(
+        "{test}: {:?}; source holds {before} bytes, destination {d_alloc}; {}",
+        t0.elapsed(),
+        info["ram"]
+    );
+    let dfile = file(&dst.blocks[0].mem);
+    let (mut a, mut b) = (vec![0u8; PAGE_SIZE], vec![0u8; PAGE_SIZE]);
+    for &off in &offsets {
+        sfile.read_exact_at(&mut a, off).expect("read source");
+        dfile.read_exact_at(&mut b, off).expect("read destination");
+        assert!(a == b, "{test}: page at {off:#x} differs");
+    }
+    assert!(
+        d_alloc <= 2 * before,
+        "{test}: destination allocated {d_alloc} bytes for {before} of data"
+    );
+    assert_eq!(
+        u64_at(&info, &["ram", "normal"]),
+        offsets.len() as u64,
+        "{info}"
+    );
+    assert_multifd_carried(&info, offsets.len() as u64, test);
+    assert_multifd_carried(&dinfo, offsets.len() as u64, test);
+}
