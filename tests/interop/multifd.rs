@@ -105,6 +105,8 @@ struct Case {
     uuid: Option<&'static str>,
     /// The helper destination's memory is preallocated with `GARBAGE`.
     garbage: bool,
+    /// The `return-path` capability on both ends.
+    return_path: bool,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -140,6 +142,14 @@ fn qemu_to_helper(qemu: Qemu, test: &str, c: Case) {
     }
     enable_multifd(src.qmp(), c.channels);
     enable_multifd(&mut dst.client, c.channels);
+    if c.return_path {
+        src.qmp()
+            .set_capabilities(&[("return-path", true)])
+            .expect("return-path");
+        dst.client
+            .set_capabilities(&[("return-path", true)])
+            .expect("return-path");
+    }
     if let Some(z) = c.zpd {
         src.qmp()
             .set_parameters(json!({ "zero-page-detection": z }))
@@ -199,6 +209,14 @@ fn helper_to_qemu(qemu: Qemu, test: &str, c: Case) {
         .expect("params");
     enable_multifd(&mut src.client, c.channels);
     enable_multifd(dst.qmp(), c.channels);
+    if c.return_path {
+        src.client
+            .set_capabilities(&[("return-path", true)])
+            .expect("return-path");
+        dst.qmp()
+            .set_capabilities(&[("return-path", true)])
+            .expect("return-path");
+    }
     let dir = TempDir::new("qmh-mfd");
     let uri = unix_uri(&dir, "mig.sock");
     dst.qmp().migrate_incoming(&uri).expect("migrate-incoming");
@@ -238,12 +256,13 @@ fn qemu10_to_helper_multifd_2ch() {
             zpd: Some("legacy"),
             uuid: None,
             garbage: false,
+            return_path: false,
         },
     );
 }
 
 /// QEMU's default `multifd` zero-page detection (zero pages listed in packets) into a
-/// destination full of garbage, with a VM UUID on both ends.
+/// destination full of garbage, with a VM UUID and the return path on both ends.
 #[test]
 fn qemu10_to_helper_multifd_4ch() {
     qemu_to_helper(
@@ -254,6 +273,7 @@ fn qemu10_to_helper_multifd_4ch() {
             zpd: None,
             uuid: Some(UUID),
             garbage: true,
+            return_path: true,
         },
     );
 }
@@ -268,6 +288,7 @@ fn helper_to_qemu10_multifd_2ch() {
             zpd: None,
             uuid: None,
             garbage: false,
+            return_path: false,
         },
     );
 }
@@ -282,6 +303,7 @@ fn helper_to_qemu10_multifd_4ch() {
             zpd: Some("none"),
             uuid: Some(UUID),
             garbage: false,
+            return_path: true,
         },
     );
 }
@@ -329,6 +351,7 @@ fn qemu72_to_helper_multifd() {
             zpd: None,
             uuid: None,
             garbage: true,
+            return_path: true,
         },
     );
 }
@@ -343,6 +366,7 @@ fn helper_to_qemu72_multifd() {
             zpd: None,
             uuid: None,
             garbage: false,
+            return_path: true,
         },
     );
 }
