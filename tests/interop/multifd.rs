@@ -1823,3 +1823,43 @@ fn multifd_offsets_above_4g() {
     assert_multifd_carried(&info, offsets.len() as u64, test);
     assert_multifd_carried(&dinfo, offsets.len() as u64, test);
 }
+
+/// A helper source whose `vm-uuid` is not the QEMU destination's `-uuid`: QEMU refuses
+/// the channels (and exits, as a failed incoming QEMU does); the helper fails within the
+/// deadline with an error-desc, keeps answering, and its guest is unchanged.
+#[test]
+fn helper_to_qemu10_wrong_uuid_fails() {
+    let test = "helper_to_qemu10_wrong_uuid_fails";
+    if require_qemu(Qemu::V10, test).is_none() {
+        return;
+    }
+    let mut src = HelperVm::spawn();
+    src.add_block("ram", FD_RAM, false);
+    fill_mixed(&mut src.blocks[0].mem.map(), test_seed(test), 0.5);
+    let before = src.blocks[0].mem.map().to_vec();
+    let mut dst = QemuVm::start(Qemu::V10, FD_RAM, &VmOpts::incoming());
+    src.client
+        .set_parameters(json!({"vm-uuid": UUID, "max-bandwidth": 0}))
+        .expect("params");
+    enable_multifd(&mut src.client, 2);
+    enable_multifd(dst.qmp(), 2);
+    let dir = TempDir::new("qmh-mfd");
+    let uri = unix_uri(&dir, "mig.sock");
+    dst.qmp().migrate_incoming(&uri).expect("migrate-incoming");
+    src.client.migrate(&uri).expect("migrate");
+    let v = src.wait(&["failed", "completed"], FAIL_TIMEOUT);
+    eprintln!("{test}: source {}: {}", v["status"], v["error-desc"]);
+    eprintln!("{test}: QEMU said:\n{}", dst.stderr_tail(5));
+    assert_eq!(v["status"], "failed", "{test}: {v}");
+    assert!(
+        v["error-desc"].as_str().is_some_and(|d| !d.is_empty()),
+        "{test}: {v}"
+    );
+    assert!(
+        dst.stderr_tail(20).contains("uuid"),
+        "{test}: QEMU did not refuse for the uuid:\n{}",
+        dst.stderr_tail(20)
+    );
+    assert!(src.alive(), "{test}: the helper died");
+    assert_same_memory(&before, &src.blocks[0].mem.map(), test);
+}
