@@ -4,6 +4,7 @@
 mod cancel;
 mod connect;
 mod incoming;
+pub(crate) mod multifd;
 mod open;
 
 pub(crate) use cancel::CancelToken;
@@ -58,6 +59,8 @@ pub(crate) enum TransportError {
     Cancelled(String),
     #[error("{uri}: {why}")]
     Refused { uri: String, why: open::Refusal },
+    #[error(transparent)]
+    Multifd(#[from] multifd::MultifdError),
 }
 
 /// Why a passed fd (or a channel) cannot carry a migration.
