@@ -405,6 +405,11 @@ impl MigrationCtx {
         self.mailbox.set_channel(fd);
     }
 
+    /// Registers another channel (multifd) so cancel shuts it down too.
+    pub(crate) fn add_channel(&self, fd: OwnedFd) {
+        self.mailbox.add_channel(fd);
+    }
+
     /// Hands a recovery to the paused migration thread.
     pub(crate) fn offer_recovery(&self, r: Recovery) {
         let _ = self.mailbox.post(Command::Recover(r));
