@@ -403,3 +403,315 @@ fn gather(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use std::path::{Path, PathBuf};
+
+    const UUID: [u8; 16] = [7; 16];
+    const SETUP: MultifdSetup = MultifdSetup {
+        channels: 2,
+        uuid: UUID,
+    };
+
+    struct Dir(PathBuf);
+    impl Dir {
+        fn new(name: &str) -> Self {
+            let d = std::env::temp_dir().join(format!("qmh-mfd-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir(&d).unwrap();
+            Dir(d)
+        }
+        fn sock(&self) -> PathBuf {
+            self.0.join("s")
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn init(uuid: [u8; 16], id: u8) -> Vec<u8> {
+        let mut b = Vec::new();
+        encode_init(&mut b, &InitPacket { uuid, id });
+        b
+    }
+
+    /// What a peer sends on one connection.
+    #[derive(Clone)]
+    enum Conn {
+        Main,
+        Multifd([u8; 16], u8),
+        Raw(Vec<u8>),
+    }
+
+    /// Connects `conns` to `p` in order, each writing its first bytes and then a marker byte
+    /// (the multifd id, or 0xee for main); keeps them open until `hold` ends.
+    fn peer(p: &Path, conns: Vec<Conn>, hold: Duration) -> std::thread::JoinHandle<()> {
+        let p = p.to_path_buf();
+        std::thread::spawn(move || {
+            let mut open = Vec::new();
+            for c in conns {
+                let mut s = UnixStream::connect(&p).unwrap();
+                match c {
+                    Conn::Main => s.write_all(b"QEVM\0\0\0\x03\xee").unwrap(),
+                    Conn::Multifd(u, id) => {
+                        s.write_all(&init(u, id)).unwrap();
+                        s.write_all(&[id]).unwrap();
+                    }
+                    Conn::Raw(b) => s.write_all(&b).unwrap(),
+                }
+                open.push(s);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            std::thread::sleep(hold);
+        })
+    }
+
+    fn listen(d: &Dir) -> Incoming {
+        Incoming::open(&Uri::Unix(d.sock()), |_| None).unwrap()
+    }
+
+    fn run(
+        name: &str,
+        conns: Vec<Conn>,
+        timeout: Option<Duration>,
+    ) -> Result<Accepted, TransportError> {
+        let d = Dir::new(name);
+        let inc = listen(&d);
+        let t = peer(&d.sock(), conns, Duration::from_millis(500));
+        let r = accept(inc, Vec::new(), &SETUP, timeout, &CancelToken::new().unwrap(), false);
+        t.join().unwrap();
+        assert!(!d.sock().exists(), "the socket path is removed when done");
+        r
+    }
+
+    fn read_byte(c: &Channel) -> u8 {
+        let mut b = [0u8; 1];
+        assert_eq!(c.read(&mut b).unwrap(), 1);
+        b[0]
+    }
+
+    #[test]
+    fn channels_in_any_order_are_sorted_by_id_and_main_keeps_its_header() {
+        let conns = vec![Conn::Multifd(UUID, 1), Conn::Main, Conn::Multifd(UUID, 0)];
+        let a = run("order", conns, Some(Duration::from_secs(5))).unwrap();
+        let mut head = [0u8; 9];
+        let mut got = 0;
+        while got < head.len() {
+            got += a.main.read(&mut head[got..]).unwrap();
+        }
+        assert_eq!(&head, b"QEVM\0\0\0\x03\xee", "peeked, not consumed");
+        assert_eq!(a.multifd.len(), 2);
+        for (k, c) in a.multifd.iter().enumerate() {
+            assert_eq!(read_byte(c), k as u8, "channel {k} follows its initial packet");
+        }
+        assert!(a.listener.is_none());
+    }
+
+    #[test]
+    fn a_main_header_split_across_writes_is_still_the_main_channel() {
+        let d = Dir::new("split");
+        let inc = listen(&d);
+        let p = d.sock();
+        let t = std::thread::spawn(move || {
+            let mut m = UnixStream::connect(&p).unwrap();
+            m.write_all(b"QE").unwrap();
+            let mut a = UnixStream::connect(&p).unwrap();
+            a.write_all(&init(UUID, 0)).unwrap();
+            let mut b = UnixStream::connect(&p).unwrap();
+            b.write_all(&init(UUID, 1)[..10]).unwrap();
+            std::thread::sleep(Duration::from_millis(60));
+            b.write_all(&init(UUID, 1)[10..]).unwrap();
+            m.write_all(b"VM").unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            drop((m, a, b));
+        });
+        let never = CancelToken::new().unwrap();
+        let a = accept(inc, Vec::new(), &SETUP, None, &never, false).unwrap();
+        let mut head = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            got += a.main.read(&mut head[got..]).unwrap();
+        }
+        assert_eq!(&head, b"QEVM");
+        assert_eq!(a.multifd.len(), 2);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_wrong_uuid_is_refused_as_qemu_words_it() {
+        let other = [0u8; 16];
+        let conns = vec![Conn::Main, Conn::Multifd(other, 1)];
+        let e = run("uuid", conns, Some(Duration::from_secs(5))).err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            "multifd: received uuid '00000000-0000-0000-0000-000000000000' and expected uuid \
+             '07070707-0707-0707-0707-070707070707' for channel 1"
+        );
+    }
+
+    #[test]
+    fn a_duplicate_id_is_refused() {
+        let conns = vec![Conn::Multifd(UUID, 0), Conn::Multifd(UUID, 0)];
+        let e = run("dup", conns, Some(Duration::from_secs(5))).err().unwrap();
+        assert_eq!(e.to_string(), "multifd: received id '0' already setup");
+    }
+
+    #[test]
+    fn an_id_out_of_range_is_refused() {
+        let conns = vec![Conn::Main, Conn::Multifd(UUID, 2)];
+        let e = run("range", conns, Some(Duration::from_secs(5))).err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            "multifd: received channel id 2 is greater than number of channels 2"
+        );
+    }
+
+    #[test]
+    fn a_bad_magic_is_refused_at_once() {
+        let conns = vec![Conn::Main, Conn::Raw(vec![0xaa; 8])];
+        let start = Instant::now();
+        let e = run("magic", conns, None).err().unwrap();
+        let e = e.to_string();
+        assert!(e.contains("bad initial packet") && e.contains("magic 0xaaaaaaaa"), "{e}");
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_second_main_channel_is_refused() {
+        let conns = vec![Conn::Main, Conn::Main];
+        let e = run("twomain", conns, None).err().unwrap();
+        assert!(e.to_string().contains("a second main channel"), "{e}");
+    }
+
+    #[test]
+    fn a_channel_that_never_arrives_times_out_naming_it() {
+        let conns = vec![Conn::Multifd(UUID, 0), Conn::Main];
+        let start = Instant::now();
+        let e = run("missing", conns, Some(Duration::from_millis(300)))
+            .err()
+            .unwrap();
+        assert!(
+            matches!(
+                e,
+                TransportError::Multifd(MultifdError::TimedOut { .. })
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("multifd channel 1 did not arrive")
+                && e.to_string().contains("precopy-timeout (300 ms)"),
+            "{e}"
+        );
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(5));
+        // A connection that sends nothing at all counts as not arrived.
+        let conns = vec![Conn::Raw(Vec::new())];
+        let e = run("silent", conns, Some(Duration::from_millis(200)))
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string()
+                .contains("the main channel and multifd channels 0, 1 did not arrive"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn cancel_ends_the_wait_at_once() {
+        let d = Dir::new("cancel");
+        let inc = listen(&d);
+        // One connection that never says what it is, so the deadline alone would not end it.
+        let _held = UnixStream::connect(d.sock()).unwrap();
+        let cancel = CancelToken::new().unwrap();
+        let c2 = cancel.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            c2.cancel();
+        });
+        let start = Instant::now();
+        let e = accept(inc, Vec::new(), &SETUP, None, &cancel, false)
+            .err()
+            .unwrap();
+        assert!(matches!(e, TransportError::Multifd(MultifdError::Cancelled(_))), "{e}");
+        assert!(start.elapsed() < Duration::from_secs(5));
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn passed_fds_are_ordered_by_their_ids() {
+        let (main, mut main_peer) = UnixStream::pair().unwrap();
+        let mut fds = Vec::new();
+        let mut peers = Vec::new();
+        for id in [1u8, 0] {
+            let (a, mut b) = UnixStream::pair().unwrap();
+            b.write_all(&init(UUID, id)).unwrap();
+            b.write_all(&[id]).unwrap();
+            fds.push(Channel::from_unix(a, format!("fd:m-multifd-{id}")));
+            peers.push(b);
+        }
+        main_peer.write_all(b"QEVM").unwrap();
+        let inc = Incoming::Ready(Channel::from_unix(main, "fd:m".into()));
+        let never = CancelToken::new().unwrap();
+        let a = accept(inc, fds, &SETUP, Some(Duration::from_secs(5)), &never, false).unwrap();
+        for (k, c) in a.multifd.iter().enumerate() {
+            assert_eq!(read_byte(c), k as u8);
+        }
+        // A passed fd that carries a main channel is no multifd channel.
+        let (main, _mp) = UnixStream::pair().unwrap();
+        let (a, mut b) = UnixStream::pair().unwrap();
+        b.write_all(b"QEVM\0\0\0\x03").unwrap();
+        let (c, mut d) = UnixStream::pair().unwrap();
+        d.write_all(&init(UUID, 0)).unwrap();
+        let fds = vec![
+            Channel::from_unix(a, "fd:m-multifd-0".into()),
+            Channel::from_unix(c, "fd:m-multifd-1".into()),
+        ];
+        let inc = Incoming::Ready(Channel::from_unix(main, "fd:m".into()));
+        let e = accept(inc, fds, &SETUP, Some(Duration::from_secs(5)), &never, false)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("magic 0x5145564d"), "{e}");
+        drop((b, d, peers, main_peer));
+    }
+
+    #[test]
+    fn the_source_side_connects_and_introduces_each_channel() {
+        let d = Dir::new("source");
+        let inc = listen(&d);
+        let uri = Uri::Unix(d.sock());
+        let never = CancelToken::new().unwrap();
+        let t = {
+            let uri = uri.clone();
+            let never = never.clone();
+            std::thread::spawn(move || {
+                let main = Channel::connect(&uri, |_| None, &never).unwrap();
+                main.write_all(b"QEVM").unwrap();
+                let chans = connect(&uri, 3, &never).unwrap();
+                send_inits(&chans, UUID).unwrap();
+                for (k, c) in chans.iter().enumerate() {
+                    c.write_all(&[k as u8 + 10]).unwrap();
+                }
+                std::thread::sleep(Duration::from_millis(300));
+                drop((main, chans));
+            })
+        };
+        let setup = MultifdSetup {
+            channels: 3,
+            uuid: UUID,
+        };
+        let a = accept(inc, Vec::new(), &setup, None, &never, true).unwrap();
+        for (k, c) in a.multifd.iter().enumerate() {
+            assert_eq!(read_byte(c), k as u8 + 10);
+        }
+        assert!(a.listener.is_some(), "kept for a preempt channel");
+        t.join().unwrap();
+        let e = connect(&Uri::File(d.0.join("f")), 1, &never).err().unwrap();
+        assert!(e.to_string().contains("multifd is not possible over file:"), "{e}");
+    }
+}
