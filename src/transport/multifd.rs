@@ -45,7 +45,9 @@ pub(crate) enum MultifdError {
     MissingFd { channels: u8, name: String },
     #[error("multifd channel fd '{name}' must be a connected stream socket")]
     NotSocket { name: String },
-    #[error("multifd is not possible over {0} (use unix:, tcp: or fd: with the NAME-multifd-K fds)")]
+    #[error(
+        "multifd is not possible over {0} (use unix:, tcp: or fd: with the NAME-multifd-K fds)"
+    )]
     Unsupported(String),
     #[error("multifd: received uuid '{got}' and expected uuid '{want}' for channel {id}")]
     WrongUuid { got: String, want: String, id: u8 },
@@ -322,7 +324,14 @@ pub(crate) fn accept(
         }
         l => Some(l),
     };
-    let r = gather(&mut g, listener.as_ref(), &label, &mut first, timeout, cancel);
+    let r = gather(
+        &mut g,
+        listener.as_ref(),
+        &label,
+        &mut first,
+        timeout,
+        cancel,
+    );
     if let Some(l) = &listener {
         if r.is_err() || !keep {
             l.done_listening();
@@ -372,7 +381,11 @@ fn gather(
             pfds.push(PollFd::new(l, PollFlags::POLLIN));
         }
         let base = pfds.len();
-        pfds.extend(g.pending.iter().map(|p| PollFd::new(p.fd(), PollFlags::POLLIN)));
+        pfds.extend(
+            g.pending
+                .iter()
+                .map(|p| PollFd::new(p.fd(), PollFlags::POLLIN)),
+        );
         match nix::poll::poll(&mut pfds, wait) {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => return Err(MultifdError::from(io_err("poll on", label)(e)).into()),
@@ -384,7 +397,10 @@ fn gather(
         if cancel.is_cancelled() {
             return Err(MultifdError::Cancelled(label.into()).into());
         }
-        for (p, r) in std::mem::take(&mut g.pending).into_iter().zip(pending_ready) {
+        for (p, r) in std::mem::take(&mut g.pending)
+            .into_iter()
+            .zip(pending_ready)
+        {
             let mut p = p;
             if r || p.partial {
                 let step = p.step(g.setup)?;
@@ -484,7 +500,14 @@ mod tests {
         let d = Dir::new(name);
         let inc = listen(&d);
         let t = peer(&d.sock(), conns, Duration::from_millis(500));
-        let r = accept(inc, Vec::new(), &SETUP, timeout, &CancelToken::new().unwrap(), false);
+        let r = accept(
+            inc,
+            Vec::new(),
+            &SETUP,
+            timeout,
+            &CancelToken::new().unwrap(),
+            false,
+        );
         t.join().unwrap();
         assert!(!d.sock().exists(), "the socket path is removed when done");
         r
@@ -508,7 +531,11 @@ mod tests {
         assert_eq!(&head, b"QEVM\0\0\0\x03\xee", "peeked, not consumed");
         assert_eq!(a.multifd.len(), 2);
         for (k, c) in a.multifd.iter().enumerate() {
-            assert_eq!(read_byte(c), k as u8, "channel {k} follows its initial packet");
+            assert_eq!(
+                read_byte(c),
+                k as u8,
+                "channel {k} follows its initial packet"
+            );
         }
         assert!(a.listener.is_none());
     }
@@ -547,7 +574,9 @@ mod tests {
     fn a_wrong_uuid_is_refused_as_qemu_words_it() {
         let other = [0u8; 16];
         let conns = vec![Conn::Main, Conn::Multifd(other, 1)];
-        let e = run("uuid", conns, Some(Duration::from_secs(5))).err().unwrap();
+        let e = run("uuid", conns, Some(Duration::from_secs(5)))
+            .err()
+            .unwrap();
         assert_eq!(
             e.to_string(),
             "multifd: received uuid '00000000-0000-0000-0000-000000000000' and expected uuid \
@@ -558,14 +587,18 @@ mod tests {
     #[test]
     fn a_duplicate_id_is_refused() {
         let conns = vec![Conn::Multifd(UUID, 0), Conn::Multifd(UUID, 0)];
-        let e = run("dup", conns, Some(Duration::from_secs(5))).err().unwrap();
+        let e = run("dup", conns, Some(Duration::from_secs(5)))
+            .err()
+            .unwrap();
         assert_eq!(e.to_string(), "multifd: received id '0' already setup");
     }
 
     #[test]
     fn an_id_out_of_range_is_refused() {
         let conns = vec![Conn::Main, Conn::Multifd(UUID, 2)];
-        let e = run("range", conns, Some(Duration::from_secs(5))).err().unwrap();
+        let e = run("range", conns, Some(Duration::from_secs(5)))
+            .err()
+            .unwrap();
         assert_eq!(
             e.to_string(),
             "multifd: received channel id 2 is greater than number of channels 2"
@@ -578,7 +611,10 @@ mod tests {
         let start = Instant::now();
         let e = run("magic", conns, None).err().unwrap();
         let e = e.to_string();
-        assert!(e.contains("bad initial packet") && e.contains("magic 0xaaaaaaaa"), "{e}");
+        assert!(
+            e.contains("bad initial packet") && e.contains("magic 0xaaaaaaaa"),
+            "{e}"
+        );
         assert!(start.elapsed() < Duration::from_secs(5));
     }
 
@@ -597,10 +633,7 @@ mod tests {
             .err()
             .unwrap();
         assert!(
-            matches!(
-                e,
-                TransportError::Multifd(MultifdError::TimedOut { .. })
-            ),
+            matches!(e, TransportError::Multifd(MultifdError::TimedOut { .. })),
             "{e}"
         );
         assert!(
@@ -638,7 +671,10 @@ mod tests {
         let e = accept(inc, Vec::new(), &SETUP, None, &cancel, false)
             .err()
             .unwrap();
-        assert!(matches!(e, TransportError::Multifd(MultifdError::Cancelled(_))), "{e}");
+        assert!(
+            matches!(e, TransportError::Multifd(MultifdError::Cancelled(_))),
+            "{e}"
+        );
         assert!(start.elapsed() < Duration::from_secs(5));
         t.join().unwrap();
     }
@@ -658,7 +694,15 @@ mod tests {
         main_peer.write_all(b"QEVM").unwrap();
         let inc = Incoming::Ready(Channel::from_unix(main, "fd:m".into()));
         let never = CancelToken::new().unwrap();
-        let a = accept(inc, fds, &SETUP, Some(Duration::from_secs(5)), &never, false).unwrap();
+        let a = accept(
+            inc,
+            fds,
+            &SETUP,
+            Some(Duration::from_secs(5)),
+            &never,
+            false,
+        )
+        .unwrap();
         for (k, c) in a.multifd.iter().enumerate() {
             assert_eq!(read_byte(c), k as u8);
         }
@@ -673,9 +717,16 @@ mod tests {
             Channel::from_unix(c, "fd:m-multifd-1".into()),
         ];
         let inc = Incoming::Ready(Channel::from_unix(main, "fd:m".into()));
-        let e = accept(inc, fds, &SETUP, Some(Duration::from_secs(5)), &never, false)
-            .err()
-            .unwrap();
+        let e = accept(
+            inc,
+            fds,
+            &SETUP,
+            Some(Duration::from_secs(5)),
+            &never,
+            false,
+        )
+        .err()
+        .unwrap();
         assert!(e.to_string().contains("magic 0x5145564d"), "{e}");
         drop((b, d, peers, main_peer));
     }
@@ -712,6 +763,9 @@ mod tests {
         assert!(a.listener.is_some(), "kept for a preempt channel");
         t.join().unwrap();
         let e = connect(&Uri::File(d.0.join("f")), 1, &never).err().unwrap();
-        assert!(e.to_string().contains("multifd is not possible over file:"), "{e}");
+        assert!(
+            e.to_string().contains("multifd is not possible over file:"),
+            "{e}"
+        );
     }
 }

@@ -53,7 +53,11 @@ fn set_caps(h: &Helper, caps: &[(&str, bool)]) -> CmdResult {
         .iter()
         .map(|(c, s)| json!({"capability": c, "state": s}))
         .collect();
-    run(h, "migrate-set-capabilities", json!({ "capabilities": caps }))
+    run(
+        h,
+        "migrate-set-capabilities",
+        json!({ "capabilities": caps }),
+    )
 }
 
 fn params(h: &Helper) -> Value {
@@ -95,15 +99,27 @@ fn multifd_parameters_have_qemus_defaults_and_checks() {
     assert_eq!(params(&h)["multifd-channels"], 255);
     set(json!({"multifd-compression": "none"})).unwrap();
     assert_eq!(
-        err(&h, "migrate-set-parameters", json!({"multifd-compression": "zstd"})),
+        err(
+            &h,
+            "migrate-set-parameters",
+            json!({"multifd-compression": "zstd"})
+        ),
         "multifd-compression 'zstd' is not supported by the helper (only 'none')"
     );
     assert_eq!(
-        err(&h, "migrate-set-parameters", json!({"multifd-compression": "lz4"})),
+        err(
+            &h,
+            "migrate-set-parameters",
+            json!({"multifd-compression": "lz4"})
+        ),
         "Parameter 'multifd-compression' does not accept value 'lz4'"
     );
     assert_eq!(
-        err(&h, "migrate-set-parameters", json!({"zero-page-detection": "all"})),
+        err(
+            &h,
+            "migrate-set-parameters",
+            json!({"zero-page-detection": "all"})
+        ),
         "Parameter 'zero-page-detection' does not accept value 'all'"
     );
     // Unset, it follows the compat version; set, it stays.
@@ -112,10 +128,17 @@ fn multifd_parameters_have_qemus_defaults_and_checks() {
     set(json!({"zero-page-detection": "none"})).unwrap();
     set(json!({"compat-version": "10.0"})).unwrap();
     assert_eq!(params(&h)["zero-page-detection"], "none");
-    let e = err(&h, "migrate-set-parameters", json!({"vm-uuid": "not-a-uuid"}));
+    let e = err(
+        &h,
+        "migrate-set-parameters",
+        json!({"vm-uuid": "not-a-uuid"}),
+    );
     assert!(e.contains("vm-uuid") && e.contains("8-4-4-4-12"), "{e}");
     set(json!({"vm-uuid": "6BA7B810-9DAD-11D1-80B4-00C04FD430C8"})).unwrap();
-    assert_eq!(params(&h)["vm-uuid"], "6ba7b810-9dad-11d1-80b4-00c04fd430c8");
+    assert_eq!(
+        params(&h)["vm-uuid"],
+        "6ba7b810-9dad-11d1-80b4-00c04fd430c8"
+    );
     // A refused argument leaves the others of the same command unset.
     let e = err(
         &h,
@@ -139,10 +162,20 @@ fn multifd_with_postcopy_needs_compat_10_1() {
         .as_array()
         .unwrap()
         .contains(&json!({"capability": "postcopy-ram", "state": false})));
-    run(&h, "migrate-set-parameters", json!({"compat-version": "10.1"})).unwrap();
+    run(
+        &h,
+        "migrate-set-parameters",
+        json!({"compat-version": "10.1"}),
+    )
+    .unwrap();
     set_caps(&h, &[("postcopy-ram", true)]).unwrap();
     // compat-version may go back: migrate and migrate-incoming check again.
-    run(&h, "migrate-set-parameters", json!({"compat-version": "10.0"})).unwrap();
+    run(
+        &h,
+        "migrate-set-parameters",
+        json!({"compat-version": "10.0"}),
+    )
+    .unwrap();
     add_block(&h);
     for cmd in ["migrate", "migrate-incoming"] {
         assert_eq!(

@@ -5,9 +5,9 @@ use serde_json::{json, Value};
 
 use super::{lock, Args, CmdResult, Helper};
 use crate::compat::QemuVersion;
+use crate::compat::ZeroPageDetection;
 use crate::control::protocol::PARAMETERS;
 use crate::control::qmp::QmpError;
-use crate::compat::ZeroPageDetection;
 use crate::engine::migration::{parse_uuid, Capabilities, Parameters};
 
 /// Compression methods QEMU knows for `multifd-compression`; the helper only does `none`.
@@ -194,15 +194,11 @@ impl Helper {
         running: bool,
     ) -> Result<(), QmpError> {
         let refuse_running = |name: &str| {
-            QmpError::generic(format!(
-                "{name} cannot change while a migration is running"
-            ))
+            QmpError::generic(format!("{name} cannot change while a migration is running"))
         };
         if let Some(v) = a.opt_u64("multifd-channels")? {
             let n = u8::try_from(v).ok().filter(|&n| n >= 1).ok_or_else(|| {
-                QmpError::generic(
-                    "Parameter 'multifd_channels' expects a value between 1 and 255",
-                )
+                QmpError::generic("Parameter 'multifd_channels' expects a value between 1 and 255")
             })?;
             if running {
                 return Err(refuse_running("multifd-channels"));

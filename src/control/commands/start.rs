@@ -158,9 +158,7 @@ impl Helper {
             };
             let multifd = register(ctx, multifd, false);
             multifd::send_inits(&multifd, setup.uuid)?;
-            Ok(crate::engine::source::run(
-                ctx, blocks, chan, multifd, uri,
-            )?)
+            Ok(crate::engine::source::run(ctx, blocks, chan, multifd, uri)?)
         })
     }
 
@@ -346,8 +344,7 @@ impl Helper {
     /// Whether the fd named `name` is a listening socket (false when there is none).
     fn fd_is_listener(&self, name: &str) -> bool {
         lock(&self.fds).get(name).is_some_and(|fd| {
-            nix::sys::socket::getsockopt(fd, nix::sys::socket::sockopt::AcceptConn)
-                .unwrap_or(false)
+            nix::sys::socket::getsockopt(fd, nix::sys::socket::sockopt::AcceptConn).unwrap_or(false)
         })
     }
 
