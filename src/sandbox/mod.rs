@@ -333,8 +333,10 @@ mod tests {
         let r = std::thread::spawn(move || {
             seccompiler::apply_filter(&prog).expect("apply");
             let mut b = b;
-            b.write_vectored(&[IoSlice::new(b"ab"), IoSlice::new(b"cd")])
+            let n = b
+                .write_vectored(&[IoSlice::new(b"ab"), IoSlice::new(b"cd")])
                 .expect("writev");
+            assert_eq!(n, 4, "a socketpair takes 4 bytes at once");
             let mut got = [0u8; 2];
             b.read_exact(&mut got).expect("read");
             let _ = b.shutdown(std::net::Shutdown::Both);

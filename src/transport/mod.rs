@@ -59,8 +59,15 @@ pub(crate) enum TransportError {
     Cancelled(String),
     #[error("{uri}: {why}")]
     Refused { uri: String, why: open::Refusal },
+    /// Boxed: the largest of these errors, and rare.
     #[error(transparent)]
-    Multifd(#[from] multifd::MultifdError),
+    Multifd(Box<multifd::MultifdError>),
+}
+
+impl From<multifd::MultifdError> for TransportError {
+    fn from(e: multifd::MultifdError) -> Self {
+        TransportError::Multifd(Box::new(e))
+    }
 }
 
 /// Why a passed fd (or a channel) cannot carry a migration.

@@ -388,7 +388,7 @@ fn gather(
         );
         match nix::poll::poll(&mut pfds, wait) {
             Ok(_) | Err(Errno::EINTR) => {}
-            Err(e) => return Err(MultifdError::from(io_err("poll on", label)(e)).into()),
+            Err(e) => return Err(io_err("poll on", label)(e).into()),
         }
         let ready = |i: usize| pfds[i].revents().is_some_and(|r| !r.is_empty());
         let listener_ready = base > 1 && ready(1);
@@ -633,7 +633,7 @@ mod tests {
             .err()
             .unwrap();
         assert!(
-            matches!(e, TransportError::Multifd(MultifdError::TimedOut { .. })),
+            matches!(e, TransportError::Multifd(ref m) if matches!(**m, MultifdError::TimedOut { .. })),
             "{e}"
         );
         assert!(
@@ -672,7 +672,7 @@ mod tests {
             .err()
             .unwrap();
         assert!(
-            matches!(e, TransportError::Multifd(MultifdError::Cancelled(_))),
+            matches!(&e, TransportError::Multifd(m) if matches!(**m, MultifdError::Cancelled(_))),
             "{e}"
         );
         assert!(start.elapsed() < Duration::from_secs(5));
