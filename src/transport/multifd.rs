@@ -62,6 +62,11 @@ pub(crate) enum MultifdError {
     #[error("multifd: a second main channel (QEVM) came from {peer}")]
     SecondMain { peer: String },
     #[error(
+        "multifd: {0} connections on {1} have not said which channel they are, more than a \
+         source opens"
+    )]
+    TooManyPending(usize, String),
+    #[error(
         "multifd: {missing} did not arrive on {on} within precopy-timeout ({ms} ms) of the \
          first connection"
     )]
@@ -410,6 +415,12 @@ fn gather(
             }
         }
         if listener_ready {
+            // A peer that opens connections and says nothing cannot make the list grow
+            // without bound: a source opens 1 + channels, and those identified leave it.
+            let max = 2 * (usize::from(g.setup.channels) + 1);
+            if g.pending.len() >= max {
+                return Err(MultifdError::TooManyPending(g.pending.len(), label.into()).into());
+            }
             if let Some(l) = listener {
                 let c = l.accept_now()?;
                 first.get_or_insert_with(Instant::now);
@@ -472,15 +483,15 @@ mod tests {
         std::thread::spawn(move || {
             let mut open = Vec::new();
             for c in conns {
-                let mut s = UnixStream::connect(&p).unwrap();
-                match c {
-                    Conn::Main => s.write_all(b"QEVM\0\0\0\x03\xee").unwrap(),
-                    Conn::Multifd(u, id) => {
-                        s.write_all(&init(u, id)).unwrap();
-                        s.write_all(&[id]).unwrap();
-                    }
-                    Conn::Raw(b) => s.write_all(&b).unwrap(),
-                }
+                // The destination may have given up (and closed) before the last ones.
+                let Ok(mut s) = UnixStream::connect(&p) else {
+                    break;
+                };
+                let _ = match c {
+                    Conn::Main => s.write_all(b"QEVM\0\0\0\x03\xee"),
+                    Conn::Multifd(u, id) => s.write_all(&init(u, id)).and(s.write_all(&[id])),
+                    Conn::Raw(b) => s.write_all(&b),
+                };
                 open.push(s);
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -653,6 +664,13 @@ mod tests {
                 .contains("the main channel and multifd channels 0, 1 did not arrive"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn connections_that_say_nothing_are_bounded() {
+        let conns = vec![Conn::Raw(Vec::new()); 8];
+        let e = run("silent-many", conns, None).err().unwrap();
+        assert!(e.to_string().contains("6 connections"), "{e}");
     }
 
     #[test]

@@ -220,6 +220,13 @@ fn multifd_over_fd_needs_every_named_channel_and_refuses_files() {
     set_caps(&h, &[("multifd", true)]).unwrap();
     let (a, _a) = std::os::unix::net::UnixStream::pair().unwrap();
     let (b, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+    for cmd in ["migrate", "migrate-incoming"] {
+        assert_eq!(
+            err(&h, cmd, json!({"uri": "fd:m"})),
+            "File descriptor named 'm' not found",
+            "{cmd}: the main one first"
+        );
+    }
     getfd(&h, "m", a.into());
     getfd(&h, "m-multifd-0", b.into());
     for cmd in ["migrate", "migrate-incoming"] {

@@ -302,6 +302,11 @@ impl Helper {
     /// The names of `fd:NAME`'s multifd channels, once all are known to be there.
     fn check_multifd_fds(&self, name: &str, channels: u8) -> Result<Vec<String>, QmpError> {
         let fds = lock(&self.fds);
+        if !fds.contains_key(name) {
+            return Err(QmpError::generic(format!(
+                "File descriptor named '{name}' not found"
+            )));
+        }
         let names: Vec<String> = (0..channels).map(|k| multifd::fd_name(name, k)).collect();
         if let Some(missing) = names.iter().find(|n| !fds.contains_key(n.as_str())) {
             return Err(QmpError::generic(
