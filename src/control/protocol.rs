@@ -154,6 +154,7 @@ pub const CAPABILITIES: &[&str] = &[
     "pause-before-switchover",
     "events",
     "postcopy-preempt",
+    "multifd",
 ];
 
 /// The arguments of `migrate-set-parameters` (each optional), which are also the members of
@@ -168,6 +169,10 @@ pub const PARAMETERS: &[&str] = &[
     "precopy-timeout",
     "orphan-timeout",
     "load-threads",
+    "multifd-channels",
+    "multifd-compression",
+    "zero-page-detection",
+    "vm-uuid",
 ];
 
 /// Event names.

@@ -64,6 +64,8 @@ pub(crate) struct Mailbox {
     postcopy: AtomicBool,
     /// A duplicate of the live channel's fd, shut down by cancel and pause.
     channel: Mutex<Option<OwnedFd>>,
+    /// Duplicates of the other channels (multifd), shut down with the main one.
+    extra: Mutex<Vec<OwnedFd>>,
 }
 
 #[derive(Default)]
@@ -86,6 +88,7 @@ impl Mailbox {
             cancel: CancelToken::new()?,
             postcopy: AtomicBool::new(false),
             channel: Mutex::new(None),
+            extra: Mutex::new(Vec::new()),
         })
     }
 
@@ -177,17 +180,34 @@ impl Mailbox {
         }
     }
 
-    /// Registers the live channel so that cancel and pause can shut it down.
+    /// Registers the live main channel so that cancel and pause can shut it down; None
+    /// (the migration thread is done) forgets the extra channels too.
     pub(crate) fn set_channel(&self, fd: Option<OwnedFd>) {
         let mut g = lock(&self.channel);
-        // The SIGBUS handler shuts the channel down too (memory_guard); it forgets the
-        // old fd before that is closed.
+        // The SIGBUS handler shuts the main channel down too (memory_guard), which ends
+        // the migration; it forgets the old fd before that is closed.
         crate::memory::guard::set_channel(fd.as_ref());
+        if fd.is_none() {
+            lock(&self.extra).clear();
+        }
         *g = fd;
+    }
+
+    /// Registers one more channel of the migration (a multifd channel), shut down with the
+    /// main one by cancel and pause. A cancel that came first shuts it down at once.
+    pub(crate) fn add_channel(&self, fd: OwnedFd) {
+        let mut extra = lock(&self.extra);
+        if self.cancelled() {
+            crate::transport::shutdown_fd(&fd);
+        }
+        extra.push(fd);
     }
 
     fn shutdown_channel(&self) {
         if let Some(fd) = lock(&self.channel).as_ref() {
+            crate::transport::shutdown_fd(fd);
+        }
+        for fd in lock(&self.extra).iter() {
             crate::transport::shutdown_fd(fd);
         }
     }
@@ -256,6 +276,27 @@ mod tests {
         );
         // Offered before an adopting helper's thread starts: kept.
         assert!(m.wait_recovery().is_some());
+    }
+
+    #[test]
+    fn cancel_shuts_down_every_registered_channel() {
+        use std::io::Read;
+        let m = Mailbox::new().unwrap();
+        let (main, mut main_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (extra, mut extra_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        m.set_channel(Some(OwnedFd::from(main)));
+        m.add_channel(OwnedFd::from(extra));
+        m.post(Command::Cancel).unwrap();
+        let mut b = [0u8; 1];
+        // Shut down: the peers read EOF although the fds are still open.
+        assert_eq!(main_peer.read(&mut b).unwrap(), 0);
+        assert_eq!(extra_peer.read(&mut b).unwrap(), 0);
+        // Registered after the cancel: shut down at once.
+        let (late, mut late_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        m.add_channel(OwnedFd::from(late));
+        assert_eq!(late_peer.read(&mut b).unwrap(), 0);
+        m.set_channel(None);
+        assert!(lock(&m.extra).is_empty());
     }
 
     #[test]

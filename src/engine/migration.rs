@@ -115,9 +115,50 @@ impl Parameters {
 
     /// Multifd: sync the channels at the end of every RAM section instead of once per
     /// dirty-scan round with a `MULTIFD_FLUSH` record (QEMU 8.0 and older).
+    #[allow(dead_code)] // read by the multifd sender and receiver (engines, issue 12)
     pub(crate) fn multifd_flush_after_each_section(&self) -> bool {
         self.effective_version().multifd_flush_after_each_section()
     }
+
+    /// `vm-uuid` as `query-migrate-parameters` shows it.
+    pub(crate) fn vm_uuid_string(&self) -> String {
+        format_uuid(&self.vm_uuid)
+    }
+}
+
+/// Formats a UUID as QEMU prints one (`qemu_uuid_unparse`: lower-case 8-4-4-4-12 hex).
+pub(crate) fn format_uuid(u: &[u8; 16]) -> String {
+    let mut s = String::with_capacity(36);
+    for (i, b) in u.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            s.push('-');
+        }
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// Parses the canonical 8-4-4-4-12 hex form (either case); None for anything else.
+pub(crate) fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    let b = s.as_bytes();
+    if b.len() != 36 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    let mut hex = b
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !matches!(i, 8 | 13 | 18 | 23))
+        .map(|(_, c)| (*c as char).to_digit(16));
+    if [8, 13, 18, 23].iter().any(|&i| b[i] != b'-') {
+        return None;
+    }
+    for o in out.iter_mut() {
+        let hi = hex.next()??;
+        let lo = hex.next()??;
+        *o = (hi * 16 + lo) as u8;
+    }
+    Some(out)
 }
 
 impl Default for Parameters {
@@ -365,6 +406,11 @@ impl MigrationCtx {
         self.mailbox.set_channel(fd);
     }
 
+    /// Registers another channel (multifd) so cancel shuts it down too.
+    pub(crate) fn add_channel(&self, fd: OwnedFd) {
+        self.mailbox.add_channel(fd);
+    }
+
     /// Hands a recovery to the paused migration thread.
     pub(crate) fn offer_recovery(&self, r: Recovery) {
         let _ = self.mailbox.post(Command::Recover(r));
@@ -390,5 +436,40 @@ impl MigrationCtx {
     /// Sets the cancel signal and shuts the channel down so blocked I/O returns at once.
     pub(crate) fn request_cancel(&self) {
         let _ = self.mailbox.post(Command::Cancel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuids_round_trip_in_the_canonical_form_only() {
+        let s = "6ba7b810-9dad-11d1-80b4-00c04fd430c8";
+        let u = parse_uuid(s).unwrap();
+        assert_eq!(u[0], 0x6b);
+        assert_eq!(u[15], 0xc8);
+        assert_eq!(format_uuid(&u), s);
+        assert_eq!(
+            parse_uuid("6BA7B810-9DAD-11D1-80B4-00C04FD430C8"),
+            Some(u),
+            "upper case"
+        );
+        assert_eq!(
+            Parameters::default().vm_uuid_string(),
+            "00000000-0000-0000-0000-000000000000"
+        );
+        for bad in [
+            "",
+            "6ba7b8109dad11d180b400c04fd430c8",
+            "6ba7b810-9dad-11d1-80b4-00c04fd430c",
+            "6ba7b810-9dad-11d1-80b4-00c04fd430c8a",
+            "6ba7b810+9dad-11d1-80b4-00c04fd430c8",
+            "6ba7b810-9dad-11d1-80b4-00c04fd430cg",
+            "6ba7b81-09dad-11d1-80b4-00c04fd430c8",
+            "+ba7b810-9dad-11d1-80b4-00c04fd430c8",
+        ] {
+            assert_eq!(parse_uuid(bad), None, "{bad}");
+        }
     }
 }

@@ -48,6 +48,8 @@ struct State {
     mode: SandboxMode,
     /// The page movers' filter, compiled at start (threads only install it).
     page_mover: Option<seccompiler::BpfProgram>,
+    /// The multifd channel threads' filter, likewise.
+    channel_mover: Option<seccompiler::BpfProgram>,
     landlock_enforced: bool,
     allowed: Vec<PathBuf>,
     log: slog::Logger,
@@ -67,6 +69,7 @@ pub(crate) fn enter(
         let _ = STATE.set(State {
             mode,
             page_mover: None,
+            channel_mover: None,
             landlock_enforced: false,
             allowed: Vec::new(),
             log: log.clone(),
@@ -103,6 +106,7 @@ pub(crate) fn enter(
     // thread gets there first (malloc reads /proc/sys/vm/overcommit_memory the first
     // time it shrinks a thread's heap), which must fail softly, not kill the helper.
     let page_mover = seccomp::page_mover_filter(page_mover_mismatch(mode, &mismatch))?;
+    let channel_mover = seccomp::channel_mover_filter(page_mover_mismatch(mode, &mismatch))?;
     let soft = seccomp::soft_filter()?;
     // The soft one first: installing a filter takes prctl and seccomp, which the main one
     // forbids.
@@ -127,6 +131,7 @@ pub(crate) fn enter(
     let _ = STATE.set(State {
         mode,
         page_mover: Some(page_mover),
+        channel_mover: Some(channel_mover),
         landlock_enforced: fs.enforced,
         allowed: fs.allowed,
         log: log.clone(),
@@ -139,6 +144,10 @@ pub(crate) fn enter(
 pub(crate) enum ThreadKind {
     /// Only copies pages into guest memory (precopy page writers).
     PageMover,
+    /// Moves pages between guest memory and sockets it was handed: the multifd sender and
+    /// receiver threads (no opening of anything).
+    #[allow(dead_code)] // entered by the multifd threads of the engines (issue 12)
+    ChannelMover,
 }
 
 /// Narrows the calling thread's filter to what `kind` needs. Does nothing when the process
@@ -148,6 +157,7 @@ pub(crate) fn enter_thread(kind: ThreadKind) -> bool {
     let Some(st) = STATE.get() else { return false };
     let prog = match kind {
         ThreadKind::PageMover => st.page_mover.as_ref(),
+        ThreadKind::ChannelMover => st.channel_mover.as_ref(),
     };
     // A failure leaves the thread under the process filter, which still holds.
     prog.is_some_and(|p| seccompiler::apply_filter(p).is_ok())
@@ -310,6 +320,38 @@ mod tests {
         .join()
         .expect("thread");
         assert_eq!(r, Err(Some(libc::EACCES)));
+    }
+
+    /// A multifd channel thread under its filter: socket I/O works, opening a file fails
+    /// softly (EACCES, as for page movers).
+    #[test]
+    fn channel_mover_moves_bytes_and_opens_nothing() {
+        use std::io::{IoSlice, Read, Write};
+        let action = page_mover_mismatch(SandboxMode::On, &seccompiler::SeccompAction::Trap);
+        let prog = seccomp::channel_mover_filter(action).expect("filter");
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let r = std::thread::spawn(move || {
+            seccompiler::apply_filter(&prog).expect("apply");
+            let mut b = b;
+            let n = b
+                .write_vectored(&[IoSlice::new(b"ab"), IoSlice::new(b"cd")])
+                .expect("writev");
+            assert_eq!(n, 4, "a socketpair takes 4 bytes at once");
+            let mut got = [0u8; 2];
+            b.read_exact(&mut got).expect("read");
+            let _ = b.shutdown(std::net::Shutdown::Both);
+            let open = std::fs::File::open("/proc/sys/vm/overcommit_memory")
+                .map(|_| ())
+                .map_err(|e| e.raw_os_error());
+            (got, open)
+        });
+        let mut buf = [0u8; 4];
+        a.read_exact(&mut buf).expect("read");
+        assert_eq!(&buf, b"abcd");
+        a.write_all(b"ok").expect("write");
+        let (got, open) = r.join().expect("thread");
+        assert_eq!(&got, b"ok");
+        assert_eq!(open, Err(Some(libc::EACCES)));
     }
 
     use super::*;

@@ -369,6 +369,36 @@ pub(crate) fn page_mover() -> BTreeMap<i64, Vec<SeccompRule>> {
     merge(vec![memory(), own])
 }
 
+/// Multifd channel threads (a source's senders, a destination's receivers), stacked on the
+/// process filter: a page mover's calls plus I/O on sockets they were handed (readv/writev
+/// of packets, recv with MSG_PEEK or MSG_DONTWAIT, sendmsg), waiting on them next to the
+/// cancel token (poll, ppoll), shutting them down on error, and re-arming their
+/// SO_RCVTIMEO/SO_SNDTIMEO. No socket(2), connect(2) or accept(2): the migration thread
+/// opens every channel before it hands them over. No opens or ioctls either.
+pub(crate) fn channel_mover() -> BTreeMap<i64, Vec<SeccompRule>> {
+    let own = vec![
+        any(libc::SYS_read),
+        any(libc::SYS_readv),
+        any(libc::SYS_recvfrom),
+        any(libc::SYS_recvmsg),
+        any(libc::SYS_write),
+        any(libc::SYS_writev),
+        any(libc::SYS_sendto),
+        any(libc::SYS_sendmsg),
+        any(libc::SYS_poll),
+        any(libc::SYS_ppoll),
+        any(libc::SYS_shutdown),
+        one_of(libc::SYS_setsockopt, 1, &[libc::SOL_SOCKET as u64]),
+        one_of(libc::SYS_getsockopt, 1, &[libc::SOL_SOCKET as u64]),
+    ];
+    let mut m = page_mover();
+    for (nr, rules) in own {
+        // This group's rule replaces the page movers' narrower one (write: stderr only).
+        m.insert(nr, rules);
+    }
+    m
+}
+
 /// Merges groups by syscall (a call in two groups: either's rules).
 fn merge(groups: Vec<Vec<Entry>>) -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut map: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
@@ -399,6 +429,11 @@ pub(crate) fn main_filter(
 /// The page movers' own filter, stacked on the main one by each such thread.
 pub(crate) fn page_mover_filter(mismatch: SeccompAction) -> Result<BpfProgram, FilterError> {
     compile(page_mover(), mismatch, SeccompAction::Allow)
+}
+
+/// The multifd channel threads' own filter, stacked on the main one by each such thread.
+pub(crate) fn channel_mover_filter(mismatch: SeccompAction) -> Result<BpfProgram, FilterError> {
+    compile(channel_mover(), mismatch, SeccompAction::Allow)
 }
 
 /// Stacked on the main one: clone3 fails with ENOSYS so that glibc uses clone(2), whose
@@ -451,6 +486,42 @@ mod tests {
         for nr in m.keys() {
             assert!(h.contains_key(nr), "{nr} is not in the process allowlist");
         }
+    }
+
+    #[test]
+    fn channel_movers_do_socket_io_but_open_nothing() {
+        let c = channel_mover();
+        let h = allowlist(Profile::Helper);
+        assert!(c.len() < h.len() / 2, "{} of {}", c.len(), h.len());
+        for nr in [
+            libc::SYS_readv,
+            libc::SYS_writev,
+            libc::SYS_read,
+            libc::SYS_write,
+            libc::SYS_recvfrom,
+            libc::SYS_sendmsg,
+            libc::SYS_ppoll,
+            libc::SYS_shutdown,
+        ] {
+            assert!(c.contains_key(&nr), "{nr} is missing");
+        }
+        assert!(c[&libc::SYS_write].is_empty(), "write to any fd");
+        for nr in [
+            libc::SYS_openat,
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_accept4,
+            libc::SYS_ioctl,
+            libc::SYS_clone,
+        ] {
+            assert!(!c.contains_key(&nr), "{nr}");
+        }
+        for nr in c.keys() {
+            assert!(h.contains_key(nr), "{nr} is not in the process allowlist");
+        }
+        assert!(!channel_mover_filter(SeccompAction::Trap)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

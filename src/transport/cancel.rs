@@ -172,7 +172,7 @@ pub(crate) fn wait_fd(
 
 /// A poll(2) timeout that ends at `deadline` (rounded up to whole milliseconds, so that
 /// a wake-up never comes before it), or never.
-fn poll_timeout(deadline: Option<Instant>) -> PollTimeout {
+pub(super) fn poll_timeout(deadline: Option<Instant>) -> PollTimeout {
     match deadline {
         None => PollTimeout::NONE,
         Some(d) => {

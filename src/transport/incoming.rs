@@ -93,11 +93,44 @@ impl Incoming {
             }),
             Incoming::Unix(l, what, _) => {
                 wait_readable(l.as_fd(), cancel, what)?;
+                self.accept_now()
+            }
+            Incoming::Tcp(l, what) => {
+                wait_readable(l.as_fd(), cancel, what)?;
+                self.accept_now()
+            }
+        }
+    }
+
+    /// The listening socket, to poll it with other fds (None for a ready channel).
+    pub(super) fn listener_fd(&self) -> Option<BorrowedFd<'_>> {
+        match self {
+            Incoming::Ready(_) => None,
+            Incoming::Unix(l, _, _) => Some(l.as_fd()),
+            Incoming::Tcp(l, _) => Some(l.as_fd()),
+        }
+    }
+
+    /// What is listened on (`unix:PATH`, `tcp:...`, `fd:NAME`), or the ready channel's peer.
+    pub(super) fn label(&self) -> &str {
+        match self {
+            Incoming::Ready(c) => &c.peer,
+            Incoming::Unix(_, what, _) | Incoming::Tcp(_, what) => what,
+        }
+    }
+
+    /// Accepts a connection that poll(2) said is waiting.
+    pub(super) fn accept_now(&self) -> Result<Channel, TransportError> {
+        match self {
+            Incoming::Ready(c) => Err(TransportError::BadFd {
+                name: c.peer.clone(),
+                why: BadFd::SingleChannel,
+            }),
+            Incoming::Unix(l, what, _) => {
                 let (s, _) = l.accept().map_err(io_err("accept on", what))?;
                 Ok(Channel::from_unix(s, what.clone()))
             }
             Incoming::Tcp(l, what) => {
-                wait_readable(l.as_fd(), cancel, what)?;
                 let (s, peer) = l.accept().map_err(io_err("accept on", what))?;
                 Ok(Channel::from_tcp(s, format!("tcp:{peer}")))
             }

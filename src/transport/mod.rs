@@ -4,6 +4,7 @@
 mod cancel;
 mod connect;
 mod incoming;
+pub(crate) mod multifd;
 mod open;
 
 pub(crate) use cancel::CancelToken;
@@ -58,6 +59,15 @@ pub(crate) enum TransportError {
     Cancelled(String),
     #[error("{uri}: {why}")]
     Refused { uri: String, why: open::Refusal },
+    /// Boxed: the largest of these errors, and rare.
+    #[error(transparent)]
+    Multifd(Box<multifd::MultifdError>),
+}
+
+impl From<multifd::MultifdError> for TransportError {
+    fn from(e: multifd::MultifdError) -> Self {
+        TransportError::Multifd(Box::new(e))
+    }
 }
 
 /// Why a passed fd (or a channel) cannot carry a migration.

@@ -11,6 +11,8 @@
 mod args;
 mod blocks;
 mod fds;
+#[cfg(test)]
+mod multifd_tests;
 mod running;
 mod settings;
 mod start;

@@ -5,9 +5,43 @@ use serde_json::{json, Value};
 
 use super::{lock, Args, CmdResult, Helper};
 use crate::compat::QemuVersion;
+use crate::compat::ZeroPageDetection;
 use crate::control::protocol::PARAMETERS;
 use crate::control::qmp::QmpError;
-use crate::engine::migration::Capabilities;
+use crate::engine::migration::{parse_uuid, Capabilities, Parameters};
+
+/// Compression methods QEMU knows for `multifd-compression`; the helper only does `none`.
+const QEMU_COMPRESSIONS: [&str; 5] = ["zlib", "zstd", "qpl", "uadk", "qatzip"];
+
+/// QEMU 10.0 refuses multifd with postcopy-ram; 10.1 stops the multifd channels when postcopy
+/// starts. Checked when either capability is set and again when a migration starts (since
+/// `compat-version` may have changed in between).
+pub(super) fn check_multifd_postcopy(caps: &Capabilities, p: &Parameters) -> Result<(), QmpError> {
+    if caps.multifd && caps.postcopy_ram && !p.compat_version.multifd_with_postcopy() {
+        return Err(QmpError::generic(
+            "Postcopy is not yet compatible with multifd",
+        ));
+    }
+    Ok(())
+}
+
+/// What a migration with the current settings would break, checked at `migrate` and
+/// `migrate-incoming`.
+pub(super) fn check_start(caps: &Capabilities, p: &Parameters) -> Result<(), QmpError> {
+    check_multifd_postcopy(caps, p)?;
+    let v = p.effective_version();
+    // Before 9.0 a multifd receiver ignores the zero pages a packet lists, so the pages
+    // would be left stale on such a peer (QEMU's hw_compat_8_2 makes it `legacy`).
+    if p.zero_page_detection() == ZeroPageDetection::Multifd
+        && v.default_zero_page_detection() != ZeroPageDetection::Multifd
+    {
+        return Err(QmpError::generic(format!(
+            "zero-page-detection 'multifd' needs a peer of QEMU 9.0 or later (the effective \
+             compat version is {v}): use 'legacy' or 'none'"
+        )));
+    }
+    Ok(())
+}
 
 impl Helper {
     /// `migrate-set-capabilities`.
@@ -37,6 +71,7 @@ impl Helper {
                 )));
             }
         }
+        check_multifd_postcopy(&caps, &self.ctx.params())?;
         *lock(&self.ctx.caps) = caps;
         Ok(json!({}))
     }
@@ -125,6 +160,7 @@ impl Helper {
                 .parse::<QemuVersion>()
                 .map_err(|e| QmpError::generic(e.to_string()))?;
         }
+        self.set_multifd_parameters(a, &mut p, running)?;
         *lock(&self.ctx.params) = p;
         Ok(json!({}))
     }
@@ -143,6 +179,66 @@ impl Helper {
             "precopy-timeout": p.precopy_timeout,
             "orphan-timeout": p.orphan_timeout,
             "load-threads": p.load_threads,
+            "multifd-channels": p.multifd_channels,
+            "multifd-compression": "none",
+            "zero-page-detection": p.zero_page_detection().as_str(),
+            "vm-uuid": p.vm_uuid_string(),
         }))
+    }
+
+    /// The multifd parameters of `migrate-set-parameters`, into `p`.
+    fn set_multifd_parameters(
+        &self,
+        a: &Args<'_>,
+        p: &mut Parameters,
+        running: bool,
+    ) -> Result<(), QmpError> {
+        let refuse_running = |name: &str| {
+            QmpError::generic(format!("{name} cannot change while a migration is running"))
+        };
+        if let Some(v) = a.opt_u64("multifd-channels")? {
+            let n = u8::try_from(v).ok().filter(|&n| n >= 1).ok_or_else(|| {
+                QmpError::generic("Parameter 'multifd_channels' expects a value between 1 and 255")
+            })?;
+            if running {
+                return Err(refuse_running("multifd-channels"));
+            }
+            p.multifd_channels = n;
+        }
+        if let Some(v) = a.opt_str("multifd-compression")? {
+            if QEMU_COMPRESSIONS.contains(&v) {
+                return Err(QmpError::generic(format!(
+                    "multifd-compression '{v}' is not supported by the helper (only 'none')"
+                )));
+            }
+            if v != "none" {
+                return Err(QmpError::generic(format!(
+                    "Parameter 'multifd-compression' does not accept value '{v}'"
+                )));
+            }
+        }
+        if let Some(v) = a.opt_str("zero-page-detection")? {
+            let z = ZeroPageDetection::from_name(v).ok_or_else(|| {
+                QmpError::generic(format!(
+                    "Parameter 'zero-page-detection' does not accept value '{v}'"
+                ))
+            })?;
+            if running {
+                return Err(refuse_running("zero-page-detection"));
+            }
+            p.zero_page_detection = Some(z);
+        }
+        if let Some(v) = a.opt_str("vm-uuid")? {
+            let u = parse_uuid(v).ok_or_else(|| {
+                QmpError::generic(format!(
+                    "Parameter 'vm-uuid' expects a UUID of 8-4-4-4-12 hex digits, not '{v}'"
+                ))
+            })?;
+            if running {
+                return Err(refuse_running("vm-uuid"));
+            }
+            p.vm_uuid = u;
+        }
+        Ok(())
     }
 }

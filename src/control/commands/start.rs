@@ -11,6 +11,7 @@ use crate::engine::destination::LoadError;
 use crate::engine::migration::MigrationCtx;
 use crate::engine::source::SourceError;
 use crate::engine::state::MigrationStatus;
+use crate::transport::multifd::{self, MultifdError, MultifdSetup};
 use crate::transport::{Channel, Incoming, TransportError, Uri};
 
 /// Why a migration thread ended in failure; its text becomes `error-desc`.
@@ -88,6 +89,13 @@ impl Helper {
         }
         self.check_can_start()?;
         let caps = self.ctx.caps();
+        let params = self.ctx.params();
+        super::settings::check_start(&caps, &params)?;
+        if caps.multifd && matches!(uri, Uri::File(_)) {
+            return Err(QmpError::generic(
+                "multifd over file: needs mapped-ram, which the helper does not support yet",
+            ));
+        }
         if caps.postcopy_preempt {
             if !caps.postcopy_ram {
                 return Err(QmpError::generic("Postcopy preempt requires postcopy-ram"));
@@ -104,13 +112,23 @@ impl Helper {
             }
         }
         let blocks = self.migration_blocks()?;
-        // Take a passed fd now, so a second migrate cannot race for it.
+        let setup = MultifdSetup {
+            channels: params.multifd_channels,
+            uuid: params.vm_uuid,
+        };
+        // Take passed fds now, so a second migrate cannot race for them; the multifd ones
+        // are only checked first, so that a missing one leaves the main one in place.
+        let multifd_names = match &uri {
+            Uri::Fd(n) if caps.multifd => self.check_multifd_fds(n, setup.channels)?,
+            _ => Vec::new(),
+        };
         let fd = match &uri {
             Uri::Fd(n) => Some(self.take_fd(n).ok_or_else(|| {
                 QmpError::generic(format!("File descriptor named '{n}' not found"))
             })?),
             _ => None,
         };
+        let multifd_fds = self.take_multifd_fds(multifd_names)?;
         let chan = match fd {
             Some(fd) => {
                 let Uri::Fd(n) = &uri else { unreachable!() };
@@ -131,13 +149,16 @@ impl Helper {
             if let Ok(fd) = chan.try_clone_fd() {
                 ctx.set_channel(Some(fd));
             }
-            Ok(crate::engine::source::run(
-                ctx,
-                blocks,
-                chan,
-                Vec::new(),
-                uri,
-            )?)
+            let multifd = if !caps.multifd {
+                Vec::new()
+            } else if let Uri::Fd(_) = uri {
+                multifd_fds
+            } else {
+                multifd::connect(&uri, setup.channels, ctx.mailbox.cancel_token())?
+            };
+            let multifd = register(ctx, multifd, false);
+            multifd::send_inits(&multifd, setup.uuid)?;
+            Ok(crate::engine::source::run(ctx, blocks, chan, multifd, uri)?)
         })
     }
 
@@ -149,13 +170,43 @@ impl Helper {
             .map_err(|e: TransportError| QmpError::generic(e.to_string()))?;
         self.check_can_start()?;
         let caps = self.ctx.caps();
+        let params = self.ctx.params();
         if caps.postcopy_preempt && !caps.postcopy_ram {
             return Err(QmpError::generic("Postcopy preempt requires postcopy-ram"));
         }
+        super::settings::check_start(&caps, &params)?;
+        if caps.multifd && matches!(uri, Uri::File(_)) {
+            return Err(QmpError::generic(
+                "multifd over file: needs mapped-ram, which the helper does not support yet",
+            ));
+        }
         let blocks = self.migration_blocks()?;
+        let setup = MultifdSetup {
+            channels: params.multifd_channels,
+            uuid: params.vm_uuid,
+        };
+        // A connected fd:NAME brings its multifd channels as NAME-multifd-K; a listening one
+        // accepts them. Checked before anything is taken.
+        let multifd_names = match &uri {
+            Uri::Fd(n) if caps.multifd && !self.fd_is_listener(n) => {
+                self.check_multifd_fds(n, setup.channels)?
+            }
+            _ => Vec::new(),
+        };
         // Listen now so that a peer may connect as soon as this returns.
         let incoming = Incoming::open(&uri, |n| self.take_fd(n))
             .map_err(|e| QmpError::generic(e.to_string()))?;
+        if caps.multifd {
+            if let Incoming::Ready(c) = &incoming {
+                if !c.is_socket {
+                    return Err(QmpError::generic(format!(
+                        "multifd needs a socket: {} is not one",
+                        c.peer
+                    )));
+                }
+            }
+        }
+        let multifd_fds = self.take_multifd_fds(multifd_names)?;
         if caps.postcopy_preempt && !incoming.is_listener() {
             return Err(QmpError::generic(
                 "Migration requires multi-channel URIs (e.g. tcp): postcopy-preempt needs a listening unix:, tcp: or fd: socket",
@@ -170,27 +221,30 @@ impl Helper {
             None => None,
         };
         self.start_worker(Role::Destination, move |ctx| {
+            let cancel = ctx.mailbox.cancel_token();
             // With postcopy-preempt the first connection is the main channel and the next
-            // one, later, the preempt channel (QEMU tells them apart by order alone).
-            let (chan, preempt) = if caps.postcopy_preempt {
-                let c = incoming.accept_another(ctx.mailbox.cancel_token())?;
-                (c, Some(incoming))
+            // one, later, the preempt channel (QEMU tells them apart by order alone); with
+            // multifd too (compat-version 10.1), the one after the main and multifd ones.
+            let (chan, multifd, preempt) = if caps.multifd {
+                let timeout = ctx.precopy_timeout();
+                let keep = caps.postcopy_preempt;
+                let a = multifd::accept(incoming, multifd_fds, &setup, timeout, cancel, keep)?;
+                (a.main, a.multifd, a.listener)
+            } else if caps.postcopy_preempt {
+                let c = incoming.accept_another(cancel)?;
+                (c, Vec::new(), Some(incoming))
             } else {
-                (incoming.accept(ctx.mailbox.cancel_token())?, None)
+                (incoming.accept(cancel)?, Vec::new(), None)
             };
-            let chan = chan.with_cancel(ctx.mailbox.cancel_token().clone());
+            let chan = chan.with_cancel(cancel.clone());
             // Precopy: a source silent for precopy-timeout (once connected) fails the load.
             chan.set_precopy_timeouts(ctx.precopy_timeout(), true);
             if let Ok(fd) = chan.try_clone_fd() {
                 ctx.set_channel(Some(fd));
             }
+            let multifd = register(ctx, multifd, true);
             Ok(crate::engine::destination::run(
-                ctx,
-                blocks,
-                chan,
-                Vec::new(),
-                uffd,
-                preempt,
+                ctx, blocks, chan, multifd, uffd, preempt,
             )?)
         })
     }
@@ -243,6 +297,60 @@ impl Helper {
         self.ctx
             .offer_recovery(crate::engine::migration::Recovery::Destination(incoming));
         Ok(json!({}))
+    }
+
+    /// The names of `fd:NAME`'s multifd channels, once all are known to be there.
+    fn check_multifd_fds(&self, name: &str, channels: u8) -> Result<Vec<String>, QmpError> {
+        let fds = lock(&self.fds);
+        if !fds.contains_key(name) {
+            return Err(QmpError::generic(format!(
+                "File descriptor named '{name}' not found"
+            )));
+        }
+        let names: Vec<String> = (0..channels).map(|k| multifd::fd_name(name, k)).collect();
+        if let Some(missing) = names.iter().find(|n| !fds.contains_key(n.as_str())) {
+            return Err(QmpError::generic(
+                MultifdError::MissingFd {
+                    channels,
+                    name: missing.clone(),
+                }
+                .to_string(),
+            ));
+        }
+        Ok(names)
+    }
+
+    /// Takes the multifd channels' fds (checked by [`Helper::check_multifd_fds`]); each must
+    /// be a connected stream socket.
+    fn take_multifd_fds(&self, names: Vec<String>) -> Result<Vec<Channel>, QmpError> {
+        let fds: Vec<_> = names
+            .into_iter()
+            .map(|n| {
+                let fd = self.take_fd(&n);
+                (n, fd)
+            })
+            .collect();
+        let mut chans = Vec::with_capacity(fds.len());
+        for (name, fd) in fds {
+            let fd = fd.ok_or_else(|| {
+                QmpError::generic(format!("File descriptor named '{name}' not found"))
+            })?;
+            let c = Channel::from_fd(&name, fd).map_err(|e| QmpError::generic(e.to_string()))?;
+            if !c.is_socket {
+                return Err(QmpError::generic(
+                    MultifdError::NotSocket { name }.to_string(),
+                ));
+            }
+            chans.push(c);
+        }
+        Ok(chans)
+    }
+
+    /// Whether the fd named `name` is a listening socket (false when there is none).
+    fn fd_is_listener(&self, name: &str) -> bool {
+        lock(&self.fds).get(name).is_some_and(|fd| {
+            nix::sys::socket::getsockopt(fd, nix::sys::socket::sockopt::AcceptConn).unwrap_or(false)
+        })
     }
 
     /// Starts a migration thread after the state moved to `setup`.
@@ -321,4 +429,20 @@ impl Helper {
             .wait_for(std::time::Duration::from_secs(2), |s| !s.is_finished());
         Ok(json!({}))
     }
+}
+
+/// Readies the multifd channels as the main one: the cancel token, `precopy-timeout` (on
+/// reads too for a destination), and registered so that a cancel shuts them down.
+fn register(ctx: &MigrationCtx, chans: Vec<Channel>, reads_too: bool) -> Vec<Channel> {
+    chans
+        .into_iter()
+        .map(|c| {
+            let c = c.with_cancel(ctx.mailbox.cancel_token().clone());
+            c.set_precopy_timeouts(ctx.precopy_timeout(), reads_too);
+            if let Ok(fd) = c.try_clone_fd() {
+                ctx.add_channel(fd);
+            }
+            c
+        })
+        .collect()
 }
