@@ -364,8 +364,14 @@ impl<'m> PostcopyPush<'m> {
                     link.out.open_ram(SectionKind::Part)?;
                     framed = true;
                 }
-                let sent =
-                    bt.send_word(&mut link.out, None, r.block, wi, word, &mut Names::Track(None))?;
+                let sent = bt.send_word(
+                    &mut link.out,
+                    None,
+                    r.block,
+                    wi,
+                    word,
+                    &mut Names::Track(None),
+                )?;
                 sent.count(self.ctx);
             }
             if framed {

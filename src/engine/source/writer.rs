@@ -124,7 +124,11 @@ impl<'m> Writer<'m> {
 
     /// A ZERO record for the page at `off`, which the caller knows is zero (a hole, or
     /// read as zero).
-    pub(crate) fn zero_page(&mut self, off: u64, name: Option<&str>) -> Result<PageSent, SourceError> {
+    pub(crate) fn zero_page(
+        &mut self,
+        off: u64,
+        name: Option<&str>,
+    ) -> Result<PageSent, SourceError> {
         self.put(|o| ram::encode_zero_page(o, off, name))?;
         Ok(PageSent::Zero(9 + name.map_or(0, |n| 1 + n.len() as u64)))
     }

@@ -148,12 +148,16 @@ impl Sender {
     /// after the normal ones, in QEMU's order (`multifd_send_zero_page_detect` swaps each
     /// zero page with the last unchecked one); holes are zero pages unread.
     fn packet(&mut self, block: usize, mut pages: Vec<u64>) -> Result<(), MultifdError> {
-        let b = self.blocks.get(block).cloned().ok_or_else(|| MultifdError::OutsideBlock {
-            id: self.id,
-            peer: self.chan.peer.clone(),
-            block: format!("#{block}"),
-            offset: 0,
-        })?;
+        let b = self
+            .blocks
+            .get(block)
+            .cloned()
+            .ok_or_else(|| MultifdError::OutsideBlock {
+                id: self.id,
+                peer: self.chan.peer.clone(),
+                block: format!("#{block}"),
+                offset: 0,
+            })?;
         if let Some(&bad) = pages.iter().find(|&&e| b.guest_page(e & !HOLE).is_none()) {
             return Err(MultifdError::OutsideBlock {
                 id: self.id,
@@ -202,7 +206,8 @@ impl Sender {
         self.written(r, len)?;
         let s = &self.shared;
         s.normal.fetch_add(normal as u64, Ordering::Relaxed);
-        s.zero.fetch_add((pages.len() - normal) as u64, Ordering::Relaxed);
+        s.zero
+            .fetch_add((pages.len() - normal) as u64, Ordering::Relaxed);
         Ok(())
     }
 

@@ -243,7 +243,11 @@ impl Multifd {
         };
         let n = self.chans.len();
         let next = self.next;
-        let id = self.wait(|g| (0..n).map(|i| (next + i) % n).find(|&i| g.lanes[i].has_room()))?;
+        let id = self.wait(|g| {
+            (0..n)
+                .map(|i| (next + i) % n)
+                .find(|&i| g.lanes[i].has_room())
+        })?;
         self.next = (id + 1) % n;
         let mut g = self.shared.lock();
         let lane = &mut g.lanes[id];
@@ -293,7 +297,11 @@ impl Multifd {
                 return Ok(v);
             }
             g.pass_waiting = true;
-            g = self.shared.events.wait(g).unwrap_or_else(|e| e.into_inner());
+            g = self
+                .shared
+                .events
+                .wait(g)
+                .unwrap_or_else(|e| e.into_inner());
             g.pass_waiting = false;
         }
     }
@@ -374,12 +382,7 @@ impl Drop for Multifd {
 /// sockets down and wakes every thread) or `stop` (the end).
 fn watch(shared: &Shared, chans: &[Arc<Channel>], cancel: &CancelToken, stop: &CancelToken) {
     loop {
-        match wait_fd(
-            cancel.as_fd(),
-            nix::poll::PollFlags::POLLIN,
-            stop,
-            None,
-        ) {
+        match wait_fd(cancel.as_fd(), nix::poll::PollFlags::POLLIN, stop, None) {
             Ok(Woke::Ready) if cancel.is_cancelled() => break,
             Ok(Woke::Ready) | Ok(Woke::TimedOut) => continue,
             // Stopped; or poll failed: the pass thread still sees cancel at its checks.
