@@ -262,7 +262,7 @@ impl<'m> Precopy<'m> {
             let bt = &self.pages.blocks[bi];
             let sent = bt.send_word(&mut self.out, self.mfd.as_mut(), bi, wi, word, &mut names)?;
             sent.count(ctx);
-            let mfd_bytes = self.mfd.as_mut().map_or(0, |m| m.fold(ctx));
+            let mfd_bytes = self.mfd.as_mut().map_or(0, |m| m.throttle_bytes(ctx));
             if limit {
                 if let Some(wait) = self.throttle.account(sent.bytes + mfd_bytes, bw) {
                     self.commands.throttle(wait)?;

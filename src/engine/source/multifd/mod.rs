@@ -133,6 +133,8 @@ pub(crate) struct Multifd {
     per_section: bool,
     /// Multifd bytes folded into the stats so far.
     written: u64,
+    /// Of those, bytes the bandwidth limit has not counted yet.
+    unthrottled: u64,
 }
 
 impl Multifd {
@@ -180,6 +182,7 @@ impl Multifd {
             zero_on_main: mode == ZeroPageDetection::Legacy,
             per_section: params.multifd_flush_after_each_section(),
             written: 0,
+            unthrottled: 0,
         };
         // On an error below, dropping `m` stops and joins what was started.
         for (id, chan) in m.chans.iter().enumerate() {
@@ -306,13 +309,12 @@ impl Multifd {
         }
     }
 
-    /// Moves what the channels counted since the last call into the migration's stats;
-    /// returns the bytes (for the bandwidth limit).
-    pub(crate) fn fold(&mut self, ctx: &MigrationCtx) -> u64 {
+    /// Moves what the channels counted since the last call into the migration's stats.
+    pub(crate) fn fold(&mut self, ctx: &MigrationCtx) {
         let s = &self.shared;
         let bytes = s.bytes.swap(0, Ordering::Relaxed);
         if bytes == 0 {
-            return 0;
+            return;
         }
         let st = &ctx.stats;
         Stats::add(&st.transferred, bytes);
@@ -320,7 +322,14 @@ impl Multifd {
         Stats::add(&st.normal, s.normal.swap(0, Ordering::Relaxed));
         Stats::add(&st.duplicate, s.zero.swap(0, Ordering::Relaxed));
         self.written += bytes;
-        bytes
+        self.unthrottled += bytes;
+    }
+
+    /// Folds the stats; returns the bytes written since the last call (for the bandwidth
+    /// limit), those folded by a sync included.
+    pub(crate) fn throttle_bytes(&mut self, ctx: &MigrationCtx) -> u64 {
+        self.fold(ctx);
+        std::mem::take(&mut self.unthrottled)
     }
 
     /// Bytes written on the multifd channels, as folded so far.

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -413,46 +413,47 @@ fn live_guest_rounds_keep_pages_in_order() {
         (QemuVersion::V10_0, ZeroPageDetection::Multifd),
         (QemuVersion::V7_2, ZeroPageDetection::Legacy),
     ] {
-        let blocks = vec![block("pc.ram", 512, true)];
+        let blocks = vec![block("pc.ram", 256, true)];
         let ctx = ctx(version, Some(zpd));
-        // Never good enough: passes go on while the guest writes.
-        ctx.params.lock().unwrap().downtime_limit = 0;
-        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let mut p = ctx.params.lock().unwrap();
+            // Never good enough: passes go on while the guest writes.
+            p.downtime_limit = 0;
+            // 400 KB per 100 ms: the first pass (about 420 KB, nearly all on the multifd
+            // channels) takes over 100 ms when the limit counts the multifd bytes, and
+            // every pass is long enough for the guest to dirty pages in it.
+            p.max_bandwidth = 4 << 20;
+        }
+        // The guest stops in pre-switchover, before the END section's harvest, as a
+        // parent stops its VM.
+        ctx.caps.lock().unwrap().pause_before_switchover = true;
         let b = blocks[0].clone();
-        let s2 = stop.clone();
+        let c2 = ctx.clone();
         let dirtier = std::thread::spawn(move || {
             let d = b.dirty().expect("dirty bitmap");
+            let waiting = || {
+                let s = c2.state.status();
+                s == MigrationStatus::PreSwitchover || s.is_finished()
+            };
             let mut gen = 1u64;
-            let t0 = Instant::now();
-            while !s2.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_millis(300) {
-                for i in (gen % 7..b.pages()).step_by(7) {
-                    let mut p = [0u8; PAGE as usize];
-                    p[..8].copy_from_slice(&gen.to_le_bytes());
-                    p[8..16].copy_from_slice(&i.to_le_bytes());
-                    b.guest_page(i * PAGE).expect("page").copy_from(&p);
-                    d.set(i);
-                }
+            while c2.stats.dirty_sync_count.load(Ordering::Relaxed) < 3 && !waiting() {
+                let i = gen * 7 % b.pages();
+                let mut p = [0u8; PAGE as usize];
+                p[..8].copy_from_slice(&gen.to_le_bytes());
+                p[8..16].copy_from_slice(&i.to_le_bytes());
+                b.guest_page(i * PAGE).expect("page").copy_from(&p);
+                d.set(i);
                 gen += 1;
-                std::thread::sleep(Duration::from_millis(2));
+                std::thread::sleep(Duration::from_micros(200));
             }
+            while !waiting() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            c2.mailbox.post(Command::Continue).ok();
         });
-        let st = stop.clone();
-        // The guest stops writing before the END section, as a stopped VM would.
-        let run = {
-            let ctx2 = ctx.clone();
-            let stopper = std::thread::spawn(move || {
-                while ctx2.state.status() != MigrationStatus::Device
-                    && !ctx2.state.status().is_finished()
-                {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                st.store(true, Ordering::Relaxed);
-            });
-            let r = migrate(&ctx, &blocks, 3, |_, s| Some(reader(s)));
-            stopper.join().unwrap();
-            r
-        };
-        stop.store(true, Ordering::Relaxed);
+        let t0 = Instant::now();
+        let run = migrate(&ctx, &blocks, 3, |_, s| Some(reader(s)));
+        let took = t0.elapsed();
         dirtier.join().unwrap();
         run.result.expect("migration");
 
@@ -476,6 +477,10 @@ fn live_guest_rounds_keep_pages_in_order() {
         }
         assert_eq!(main_rounds.len(), rounds + 1, "as many rounds on main");
         assert!(rounds >= 4, "several passes: {rounds} rounds");
+        assert!(
+            took >= Duration::from_millis(100),
+            "bandwidth limit: {took:?}"
+        );
         let mut mem: HashMap<u64, Vec<u8>> = HashMap::new();
         for r in 0..rounds {
             let mut once = HashSet::new();
