@@ -150,8 +150,8 @@ fn decode_main(buf: &[u8]) -> Vec<Ev> {
     at += stream::decode_configuration(&buf[at..]).unwrap().unwrap().1;
     let mut evs = Vec::new();
     let mut last: Option<String> = None;
-    loop {
-        let (t, n) = stream::decode_token(&buf[at..]).unwrap().unwrap();
+    // A stream handed over to postcopy ends without EOF.
+    while let Some((t, n)) = stream::decode_token(&buf[at..]).unwrap() {
         at += n;
         let id = match t {
             Token::Eof => break,
@@ -572,4 +572,69 @@ fn zero_pages_move_to_the_end_as_qemu_orders_them() {
     let mut none: Vec<u64> = vec![7, 8];
     assert_eq!(partition_zero(&mut none, |_| false), 2);
     assert_eq!(none, vec![7, 8]);
+}
+
+/// `migrate-start-postcopy` with multifd: the pass ends with a sync and a FLUSH record in
+/// its section, then the multifd channels close; postcopy goes on over the main channel.
+#[test]
+fn postcopy_syncs_and_closes_the_multifd_channels() {
+    let blocks = vec![block("pc.ram", 2048, false)];
+    let ctx = ctx(QemuVersion::V10_0, Some(ZeroPageDetection::Multifd));
+    ctx.caps.lock().unwrap().postcopy_ram = true;
+    ctx.mailbox.post(Command::StartPostcopy).expect("postcopy");
+    let (a, b) = UnixStream::pair().expect("pair");
+    let main = reader(b);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut chans = Vec::new();
+    for i in 0..2 {
+        let (x, mut y) = UnixStream::pair().expect("pair");
+        chans.push(Channel::from_unix(x, format!("test-mfd-{i}")));
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = y.read_to_end(&mut v);
+            let _ = tx.send((i, v));
+        });
+    }
+    let mut pre = crate::engine::source::precopy::Precopy::start(
+        &ctx,
+        &blocks,
+        Channel::from_unix(a, "test-main".into()),
+        chans,
+    )
+    .expect("start");
+    assert!(pre.passes().expect("passes"), "goes to postcopy");
+    let (push, mut link) = pre
+        .into_postcopy("unix:/nonexistent".parse().expect("uri"))
+        .expect("into postcopy");
+    // Closed while the postcopy link lives on: both readers saw EOF.
+    let mut got = vec![Vec::new(); 2];
+    for _ in 0..2 {
+        let (i, v) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("multifd channel closed");
+        got[i] = v;
+    }
+    // What the switchover would send next goes behind it.
+    link.out.flush().expect("flush");
+    drop((push, link));
+    let main = decode_main(&main.join().expect("main"));
+    // Setup and the pass cut short: each a FLUSH right before its section's EOS.
+    assert_eq!(
+        main.iter().filter(|e| **e == Ev::Flush).count(),
+        2,
+        "{main:?}"
+    );
+    assert_eq!(&main[main.len() - 2..], &[Ev::Flush, Ev::Eos]);
+    let epochs = check_packets(&got);
+    let pages: u32 = epochs
+        .iter()
+        .flatten()
+        .flatten()
+        .map(|(h, _)| h.normal_pages + h.zero_pages)
+        .sum();
+    assert!(pages > 0);
+    for e in &epochs {
+        assert_eq!(e.len(), 2, "two syncs, nothing after the last");
+    }
 }
