@@ -246,18 +246,20 @@ impl Multifd {
         };
         let n = self.chans.len();
         let next = self.next;
+        let mut job = Some(Job::Pages { block, pages });
+        let shared = &self.shared;
         let id = self.wait(|g| {
-            (0..n)
+            let id = (0..n)
                 .map(|i| (next + i) % n)
-                .find(|&i| g.lanes[i].has_room())
+                .find(|&i| g.lanes[i].has_room())?;
+            let lane = &mut g.lanes[id];
+            lane.queue.extend(job.take());
+            if lane.waiting {
+                shared.work[id].notify_one();
+            }
+            Some(id)
         })?;
         self.next = (id + 1) % n;
-        let mut g = self.shared.lock();
-        let lane = &mut g.lanes[id];
-        lane.queue.push_back(Job::Pages { block, pages });
-        if lane.waiting {
-            self.shared.work[id].notify_one();
-        }
         Ok(())
     }
 
@@ -280,9 +282,9 @@ impl Multifd {
         self.wait(|g| g.lanes.iter().all(|l| l.synced >= target).then_some(()))
     }
 
-    /// Waits on the channels' events until `ready` gives a value; a channel's failure or
-    /// a cancel ends the wait with its error.
-    fn wait<T>(&self, mut ready: impl FnMut(&State) -> Option<T>) -> Result<T, SourceError> {
+    /// Waits on the channels' events until `ready` (run under the lock) gives a value; a
+    /// channel's failure or a cancel ends the wait with its error.
+    fn wait<T>(&self, mut ready: impl FnMut(&mut State) -> Option<T>) -> Result<T, SourceError> {
         let mut g = self.shared.lock();
         loop {
             if g.cancelled {
@@ -296,7 +298,7 @@ impl Multifd {
                 // Failed before (the error already returned once).
                 return Err(SourceError::Cancelled);
             }
-            if let Some(v) = ready(&g) {
+            if let Some(v) = ready(&mut g) {
                 return Ok(v);
             }
             g.pass_waiting = true;
