@@ -176,6 +176,11 @@ pub fn encode_eos(out: &mut Vec<u8>) {
     put_be64(out, flag::EOS);
 }
 
+/// Writes a MULTIFD_FLUSH record: the multifd channels have synced up to here.
+pub fn encode_multifd_flush(out: &mut Vec<u8>) {
+    put_be64(out, flag::MULTIFD_FLUSH);
+}
+
 /// Whether a page is all zero. Word-wise OR so the compiler vectorises it; early exit per
 /// 256-byte chunk keeps random pages cheap.
 #[inline]
