@@ -15,6 +15,14 @@ pub struct BlockEntry {
 
 /// Writes the START body: total | MEM_SIZE, the block entries, then EOS.
 pub fn encode_block_list(out: &mut Vec<u8>, blocks: &[BlockEntry]) -> Result<(), WireError> {
+    encode_block_entries(out, blocks)?;
+    put_be64(out, flag::EOS);
+    Ok(())
+}
+
+/// Writes the START body without its EOS: with multifd, QEMU's `ram_save_setup` syncs the
+/// channels (and sends `MULTIFD_FLUSH`) between the list and the EOS.
+pub fn encode_block_entries(out: &mut Vec<u8>, blocks: &[BlockEntry]) -> Result<(), WireError> {
     let total = blocks
         .iter()
         .try_fold(0u64, |acc, b| acc.checked_add(b.used_length))
@@ -27,7 +35,6 @@ pub fn encode_block_list(out: &mut Vec<u8>, blocks: &[BlockEntry]) -> Result<(),
             put_be64(out, ps);
         }
     }
-    put_be64(out, flag::EOS);
     Ok(())
 }
 

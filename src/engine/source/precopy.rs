@@ -160,10 +160,9 @@ impl<'m> Precopy<'m> {
                     version_id: wire::ram::VERSION,
                 },
             )?;
-            ram::encode_block_list(o, &entries)?;
-            // The list ends with the section's EOS: the one framer below writes it, after
-            // the multifd sync that QEMU's ram_save_setup puts before it.
-            o.truncate(o.len() - 8);
+            // The section's EOS comes from the one framer below, after the multifd sync
+            // that QEMU's ram_save_setup puts before it.
+            ram::encode_block_entries(o, &entries)?;
             Ok(())
         })?;
         self.close_ram(true)?;
