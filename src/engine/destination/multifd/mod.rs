@@ -420,6 +420,9 @@ impl<'s> Receiver<'s> {
         }
         let (known, received) = (&self.known_zero[bi], &self.received[bi]);
         iov.clear();
+        // Runs of consecutive pages that are holes: allocated with one madvise each rather
+        // than a page fault per page in the read.
+        let mut holes = HoleRuns::new(b);
         for &o in h.normal_offsets() {
             let p = b.guest_page(o).ok_or_else(|| {
                 page_err(PlaceError::Outside {
@@ -429,9 +432,12 @@ impl<'s> Receiver<'s> {
                 })
             })?;
             // Not a hole any more, from before the first byte lands.
-            known.take(o / PAGE);
+            if known.take(o / PAGE) {
+                holes.add(o);
+            }
             iov.push_page_to_fill(p);
         }
+        holes.populate();
         let want = h.data_len();
         self.chan.read_exact_iovecs(iov).map_err(|source| {
             if source.kind() == io::ErrorKind::UnexpectedEof {
@@ -463,6 +469,41 @@ impl<'s> Receiver<'s> {
         Stats::add(&self.stats.normal, u64::from(h.normal_pages));
         Stats::add(&self.stats.duplicate, u64::from(h.zero_pages));
         Ok(())
+    }
+}
+
+/// Consecutive hole pages of one block that a packet is about to fill.
+struct HoleRuns<'b> {
+    block: &'b RamBlock,
+    /// The run being built: start offset and length.
+    run: Option<(u64, u64)>,
+}
+
+impl<'b> HoleRuns<'b> {
+    fn new(block: &'b RamBlock) -> Self {
+        HoleRuns { block, run: None }
+    }
+
+    /// Adds the hole page at `offset` (checked, inside the block).
+    fn add(&mut self, offset: u64) {
+        match &mut self.run {
+            Some((start, len)) if *start + *len == offset => *len += PAGE,
+            _ => {
+                self.populate();
+                self.run = Some((offset, PAGE));
+            }
+        }
+    }
+
+    /// Allocates the run built so far: one `MADV_POPULATE_WRITE` (a hint only).
+    fn populate(&mut self) {
+        // A single page faults as cheaply; huge pages map whole on their first touch.
+        let small = self.block.page_size == PAGE;
+        if let Some((start, len)) = self.run.take().filter(|r| r.1 > PAGE && small) {
+            if let Some(r) = self.block.range(start, len) {
+                r.populate_write();
+            }
+        }
     }
 }
 

@@ -536,3 +536,81 @@ fn a_missing_sync_fails_the_load_naming_the_channel() {
         "{e}"
     );
 }
+
+/// Not a timed test: prints what receiving 512 MiB over 2 channels costs into fresh and
+/// into present memory
+/// (`cargo test --profile ci --lib multifd_receive_cost -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn multifd_receive_cost() {
+    const PAGES: u64 = 128 << 10;
+    for fresh in [true, false] {
+        let ctx = ctx();
+        let b = block("pc.ram", PAGES);
+        if !fresh {
+            b.range(0, PAGES * PAGE).unwrap().populate_write();
+        }
+        let blocks = [b];
+        let (chans, tx) = channels(2);
+        let t = std::time::Instant::now();
+        let ((), end) = with_receivers(&ctx, &blocks, chans, None, |m| {
+            std::thread::scope(|s| {
+                for (c, mut t) in tx.into_iter().enumerate() {
+                    s.spawn(move || {
+                        let per = PAGES / 2;
+                        for k in (0..per).step_by(128) {
+                            let pages: Vec<(u64, u8)> = (k..k + 128)
+                                .map(|p| ((c as u64 * per + p) * PAGE, p as u8 | 1))
+                                .collect();
+                            t.write_all(&packet("pc.ram", k, &pages, &[])).unwrap();
+                        }
+                        t.write_all(&sync_packet(0)).unwrap();
+                    });
+                }
+                m.sync().unwrap();
+            });
+        });
+        end.unwrap();
+        eprintln!(
+            "multifd receive, 512 MiB over 2 channels into {} memory: {:.0} ms",
+            if fresh { "fresh" } else { "present" },
+            t.elapsed().as_secs_f64() * 1000.0
+        );
+        assert_eq!(byte(&blocks[0], 5 * PAGE, 0), 5);
+    }
+}
+
+#[test]
+fn a_failing_channel_wakes_a_loader_blocked_on_the_main_channel() {
+    let ctx = ctx();
+    let blocks = [block("pc.ram", 4)];
+    let (chans, mut tx) = channels(2);
+    let (main, mut main_tx) = UnixStream::pair().unwrap();
+    let main = Channel::from_unix(main, "main".into());
+    // Were the main channel not shut down, the test would fail after this, not hang.
+    main.set_timeouts(Some(Duration::from_secs(10)));
+    // The main stream stops in the middle of the RAM START: the loader waits for more.
+    let s = stream(&[("pc.ram", 4)], [&[], &[], &[]]);
+    main_tx.write_all(&s[..40]).unwrap();
+    tx[1]
+        .write_all(&packet("pc.ram", 3, &[(8 * PAGE, 1)], &[]))
+        .unwrap();
+    let e = crate::engine::destination::load(
+        &ctx,
+        &blocks,
+        &main,
+        "main".into(),
+        Some(&main),
+        chans,
+        None,
+        None,
+    )
+    .unwrap_err();
+    // The cause, not the main channel's EOF that followed.
+    assert_eq!(
+        e.to_string(),
+        "multifd channel 1: packet 1 on the channel (packet number 3): page offset 0x8000 is \
+         outside RAM block \"pc.ram\" of size 0x4000"
+    );
+    drop(main_tx);
+}
