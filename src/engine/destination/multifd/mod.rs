@@ -17,9 +17,10 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{Scope, ScopedJoinHandle};
+use std::time::{Duration, Instant};
 
 use crate::compat::wire::multifd::{FLAG_SYNC, PACKET_HEADER_LEN, PAGES_PER_PACKET};
 use crate::compat::wire::TARGET_PAGE_SIZE;
@@ -69,6 +70,8 @@ pub(crate) enum MultifdError {
     },
     #[error("the channel closed before reaching the sync point the main channel waits for")]
     ClosedBeforeSync,
+    #[error("no packet came on any channel for {ms} ms (precopy-timeout) while the main channel waited for this one's sync point")]
+    SilentAtSync { ms: u128 },
     #[error("cannot start its receiver thread: {0}")]
     Spawn(#[source] io::Error),
     #[error("its receiver thread panicked")]
@@ -100,6 +103,8 @@ struct Shared {
     kick: CancelToken,
     /// A failure is recorded (readable without the lock).
     failed: AtomicBool,
+    /// Packets read on all channels: progress, for the sync's timeout.
+    packets: AtomicU64,
     /// The main channel: shut down when a thread fails, so that the loader returns.
     main: Option<OwnedFd>,
 }
@@ -147,6 +152,8 @@ pub(crate) struct Multifd<'s> {
     /// Sync at every RAM EOS (QEMU 8.0 and older), instead of at MULTIFD_FLUSH only.
     pub(crate) flush_each_section: bool,
     cancel: CancelToken,
+    /// `precopy-timeout`: how long a sync may wait with no packet arriving.
+    timeout: Option<Duration>,
 }
 
 /// What a receiver thread needs: all borrowed for the load, or shared.
@@ -183,6 +190,7 @@ impl<'s> Multifd<'s> {
             released: Condvar::new(),
             kick,
             failed: AtomicBool::new(false),
+            packets: AtomicU64::new(0),
             main,
         });
         // Built up one channel at a time: on a failure the part started is stopped by Drop.
@@ -192,6 +200,7 @@ impl<'s> Multifd<'s> {
             threads: Vec::new(),
             flush_each_section: ctx.params().multifd_flush_after_each_section(),
             cancel: ctx.mailbox.cancel_token().clone(),
+            timeout: ctx.precopy_timeout(),
         };
         for (ch, chan) in chans.into_iter().enumerate() {
             let fail = |source| LoadError::Multifd {
@@ -236,8 +245,12 @@ impl<'s> Multifd<'s> {
     }
 
     /// Waits until every channel has reached its sync point, then releases them all. Fails
-    /// when a channel failed or ended first, or on cancel.
+    /// when a channel failed or ended first, on cancel, or when no packet arrived on any
+    /// channel for `precopy-timeout` (a silent peer: nothing reads the main channel, whose
+    /// own timeout would tell, meanwhile).
     pub(crate) fn sync(&self) -> Result<(), LoadError> {
+        let mut seen = self.shared.packets.load(Ordering::Relaxed);
+        let mut deadline = self.timeout.map(|t| Instant::now() + t);
         loop {
             {
                 let mut st = self.shared.lock();
@@ -262,13 +275,39 @@ impl<'s> Multifd<'s> {
                 self.shared.kick.as_fd(),
                 nix::poll::PollFlags::POLLIN,
                 &self.cancel,
-                None,
+                deadline,
             ) {
                 Ok(Woke::Interrupted) => return Err(LoadError::Cancelled),
-                Ok(_) => {}
+                Ok(Woke::TimedOut) => {
+                    let now = self.shared.packets.load(Ordering::Relaxed);
+                    if now == seen {
+                        return Err(self.silent());
+                    }
+                    // Packets still arrive: the channels are slow, not silent.
+                    seen = now;
+                    deadline = self.timeout.map(|t| Instant::now() + t);
+                    continue;
+                }
+                Ok(Woke::Ready) => {}
                 Err(e) => return Err(LoadError::MultifdWait(e)),
             }
             self.shared.kick.reset();
+        }
+    }
+
+    /// The sync timed out: names the first channel that has not reached it.
+    fn silent(&self) -> LoadError {
+        let st = self.shared.lock();
+        let channel = st
+            .status
+            .iter()
+            .position(|&s| s != Status::AtSync)
+            .unwrap_or(0);
+        LoadError::Multifd {
+            channel,
+            source: MultifdError::SilentAtSync {
+                ms: self.timeout.unwrap_or_default().as_millis(),
+            },
         }
     }
 
@@ -359,6 +398,7 @@ impl<'s> Receiver<'s> {
                 Err(source) => return Err(MultifdError::Header { packet, source }),
             };
             self.place(&h, packet, &mut iov)?;
+            self.shared.packets.fetch_add(1, Ordering::Relaxed);
             Stats::add(
                 &self.stats.multifd_bytes,
                 (PACKET_HEADER_LEN + h.data_len()) as u64,

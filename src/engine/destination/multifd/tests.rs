@@ -614,3 +614,20 @@ fn a_failing_channel_wakes_a_loader_blocked_on_the_main_channel() {
     );
     drop(main_tx);
 }
+
+#[test]
+fn a_sync_that_waits_on_a_silent_channel_times_out() {
+    let ctx = ctx();
+    ctx.params.lock().unwrap().precopy_timeout = 300;
+    let blocks = [block("pc.ram", 4)];
+    let (chans, mut tx) = channels(2);
+    tx[1].write_all(&sync_packet(0)).unwrap();
+    let (e, end) = with_receivers(&ctx, &blocks, chans, None, |m| m.sync().unwrap_err());
+    end.unwrap();
+    assert_eq!(
+        e.to_string(),
+        "multifd channel 0: no packet came on any channel for 300 ms (precopy-timeout) while \
+         the main channel waited for this one's sync point"
+    );
+    drop(tx);
+}
