@@ -458,6 +458,40 @@ mod tests {
         assert!(got[1..].iter().all(|&x| x == 7));
     }
 
+    #[test]
+    fn scattered_reads_fill_guest_pages_and_refuse_shared_buffers() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let mut mem = vec![0u8; 2 * TARGET_PAGE_SIZE];
+        let r = GuestRange::new(owned(&mut mem));
+        let mut v = IoVecs::with_capacity(2);
+        v.push_page_to_fill(r.page(1).expect("page 1"));
+        v.push_page_to_fill(r.page(0).expect("page 0"));
+        assert_eq!(v.remaining(), 2 * TARGET_PAGE_SIZE);
+        let mut data = vec![1u8; TARGET_PAGE_SIZE];
+        data.extend_from_slice(&[2u8; TARGET_PAGE_SIZE]);
+        std::io::Write::write_all(&mut &a, &data[..100]).expect("write");
+        // A short read: the rest goes where the first one stopped.
+        assert_eq!(v.readv(std::os::fd::AsFd::as_fd(&b)).expect("readv"), 100);
+        assert_eq!(v.remaining(), 2 * TARGET_PAGE_SIZE - 100);
+        std::io::Write::write_all(&mut &a, &data[100..]).expect("write");
+        while !v.is_empty() {
+            v.readv(std::os::fd::AsFd::as_fd(&b)).expect("readv");
+        }
+        let mut out = [0u8; TARGET_PAGE_SIZE];
+        r.page(1).expect("page").copy_to(&mut out);
+        assert!(out.iter().all(|&x| x == 1));
+        r.page(0).expect("page").copy_to(&mut out);
+        assert!(out.iter().all(|&x| x == 2));
+        // The process's own bytes are borrowed shared: never read into.
+        let own = [0u8; 8];
+        v.clear();
+        v.push_bytes(&own);
+        let e = v.readv(std::os::fd::AsFd::as_fd(&b)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        v.clear();
+        assert!(v.is_empty() && v.remaining() == 0);
+    }
+
     /// Not a timed test: prints what copying pages in costs through the range handle next
     /// to a plain `copy_nonoverlapping` loop
     /// (`cargo test --profile ci --lib page_copy_cost -- --ignored --nocapture`).
