@@ -58,6 +58,14 @@ impl<'a> GuestPage<'a> {
     pub(crate) fn iovec(&self) -> libc::iovec {
         iovec(&self.slice)
     }
+
+    /// The page as an iovec the kernel may write (a scattered read into guest memory).
+    fn iovec_mut(&self) -> libc::iovec {
+        libc::iovec {
+            iov_base: self.slice.ptr_guard_mut().as_ptr().cast(),
+            iov_len: self.slice.len(),
+        }
+    }
 }
 
 /// Consecutive target pages of one block, borrowed from it.
@@ -233,13 +241,17 @@ unsafe fn aligned_is_zero(p: *const u8, len: usize) -> bool {
 
 /// A list of buffers for one gathered write (`writev`): bytes of the process's own and
 /// pages of guest memory, all borrowed for `'a`, so that none can be freed or unmapped
-/// before the list is written or dropped. Building it is safe; only [`IoVecs::writev`]
-/// hands the pointers to the kernel.
+/// before the list is written or dropped; or, for one scattered read (`readv`), pages of
+/// guest memory only. Building it is safe; only [`IoVecs::writev`] and [`IoVecs::readv`]
+/// hand the pointers to the kernel.
 #[derive(Default)]
 pub(crate) struct IoVecs<'a> {
     iov: Vec<libc::iovec>,
-    /// The first iovec not (fully) written yet.
+    /// The first iovec not (fully) transferred yet.
     done: usize,
+    /// Some buffer is the process's own bytes, borrowed shared: the kernel must not write
+    /// them, so [`IoVecs::readv`] refuses the list.
+    shared: bool,
     _borrow: PhantomData<&'a [u8]>,
 }
 
@@ -251,12 +263,14 @@ impl<'a> IoVecs<'a> {
         IoVecs {
             iov: Vec::with_capacity(n),
             done: 0,
+            shared: false,
             _borrow: PhantomData,
         }
     }
 
     /// Appends pages of the process's own.
     pub(crate) fn push_pages(&mut self, pages: &[&'a Page]) {
+        self.shared = true;
         self.iov.extend(pages.iter().map(|p| libc::iovec {
             iov_base: p.as_ptr() as *mut libc::c_void,
             iov_len: p.len(),
@@ -266,6 +280,7 @@ impl<'a> IoVecs<'a> {
     /// Appends bytes of the process's own.
     pub(crate) fn push_bytes(&mut self, b: &'a [u8]) {
         if !b.is_empty() {
+            self.shared = true;
             self.iov.push(libc::iovec {
                 iov_base: b.as_ptr() as *mut libc::c_void,
                 iov_len: b.len(),
@@ -278,9 +293,44 @@ impl<'a> IoVecs<'a> {
         self.iov.push(p.iovec());
     }
 
-    /// Nothing (more) to write.
+    /// Appends a page of guest memory that a [`IoVecs::readv`] is to fill.
+    pub(crate) fn push_page_to_fill(&mut self, p: GuestPage<'a>) {
+        self.iov.push(p.iovec_mut());
+    }
+
+    /// Nothing (more) to write or read.
     pub(crate) fn is_empty(&self) -> bool {
         self.done == self.iov.len()
+    }
+
+    /// Bytes not transferred yet.
+    pub(crate) fn remaining(&self) -> usize {
+        self.iov[self.done..].iter().map(|v| v.iov_len).sum()
+    }
+
+    /// Empties the list, keeping its allocation.
+    pub(crate) fn clear(&mut self) {
+        self.iov.clear();
+        self.done = 0;
+        self.shared = false;
+    }
+
+    /// One `readv(2)` from `fd` into the next (up to [`IoVecs::MAX_PER_CALL`]) pages; what
+    /// it filled is dropped from the front of the list. 0 means end of file. Errors are the
+    /// syscall's, EINTR and EAGAIN included. Refused (InvalidInput) when the list holds
+    /// bytes of the process's own, which are borrowed shared.
+    pub(crate) fn readv(&mut self, fd: BorrowedFd<'_>) -> std::io::Result<usize> {
+        if self.shared {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a scattered read into shared buffers",
+            ));
+        }
+        // SAFETY: see `syscall`; every iovec is a guest page pushed with
+        // `push_page_to_fill` (checked just above), taken with the slice's mutable pointer
+        // guard: guest memory is only ever accessed volatilely, so the kernel writing it
+        // invalidates no Rust reference.
+        self.syscall(|iov, n| unsafe { libc::readv(fd.as_raw_fd(), iov, n) })
     }
 
     /// One `writev(2)` of the next (up to [`IoVecs::MAX_PER_CALL`]) buffers to `fd`; what
@@ -297,10 +347,11 @@ impl<'a> IoVecs<'a> {
         self.syscall(|iov, n| unsafe { libc::pwritev(fd.as_raw_fd(), iov, n, offset) })
     }
 
-    /// Runs a gathered write over the next buffers and drops what it wrote. `write` gets
-    /// at most [`IoVecs::MAX_PER_CALL`] iovecs, each pointing at memory borrowed for 'a
-    /// (own bytes, or a guest mapping its block's borrow keeps mapped), valid for reads
-    /// of its length for as long as `self` lives.
+    /// Runs a gathered write (or scattered read) over the next buffers and drops what it
+    /// transferred. `write` gets at most [`IoVecs::MAX_PER_CALL`] iovecs, each pointing at
+    /// memory borrowed for 'a (own bytes, or a guest mapping its block's borrow keeps
+    /// mapped), valid for reads of its length for as long as `self` lives (and for
+    /// writes, where `readv` allows the call).
     fn syscall(
         &mut self,
         write: impl FnOnce(*const libc::iovec, libc::c_int) -> isize,
@@ -405,6 +456,40 @@ mod tests {
         std::io::Read::read_exact(&mut &b, &mut got).expect("read");
         assert_eq!(got[0], 3);
         assert!(got[1..].iter().all(|&x| x == 7));
+    }
+
+    #[test]
+    fn scattered_reads_fill_guest_pages_and_refuse_shared_buffers() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let mut mem = vec![0u8; 2 * TARGET_PAGE_SIZE];
+        let r = GuestRange::new(owned(&mut mem));
+        let mut v = IoVecs::with_capacity(2);
+        v.push_page_to_fill(r.page(1).expect("page 1"));
+        v.push_page_to_fill(r.page(0).expect("page 0"));
+        assert_eq!(v.remaining(), 2 * TARGET_PAGE_SIZE);
+        let mut data = vec![1u8; TARGET_PAGE_SIZE];
+        data.extend_from_slice(&[2u8; TARGET_PAGE_SIZE]);
+        std::io::Write::write_all(&mut &a, &data[..100]).expect("write");
+        // A short read: the rest goes where the first one stopped.
+        assert_eq!(v.readv(std::os::fd::AsFd::as_fd(&b)).expect("readv"), 100);
+        assert_eq!(v.remaining(), 2 * TARGET_PAGE_SIZE - 100);
+        std::io::Write::write_all(&mut &a, &data[100..]).expect("write");
+        while !v.is_empty() {
+            v.readv(std::os::fd::AsFd::as_fd(&b)).expect("readv");
+        }
+        let mut out = [0u8; TARGET_PAGE_SIZE];
+        r.page(1).expect("page").copy_to(&mut out);
+        assert!(out.iter().all(|&x| x == 1));
+        r.page(0).expect("page").copy_to(&mut out);
+        assert!(out.iter().all(|&x| x == 2));
+        // The process's own bytes are borrowed shared: never read into.
+        let own = [0u8; 8];
+        v.clear();
+        v.push_bytes(&own);
+        let e = v.readv(std::os::fd::AsFd::as_fd(&b)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        v.clear();
+        assert!(v.is_empty() && v.remaining() == 0);
     }
 
     /// Not a timed test: prints what copying pages in costs through the range handle next

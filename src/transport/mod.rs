@@ -496,6 +496,34 @@ impl Channel {
         Ok(())
     }
 
+    /// Fills all of `bufs` (guest pages) from the channel, in order, with as few `readv`
+    /// calls as it can. The peer closing first is UnexpectedEof; `bufs` then tells how
+    /// much is missing.
+    pub(crate) fn read_exact_iovecs(
+        &self,
+        bufs: &mut crate::memory::page::IoVecs<'_>,
+    ) -> io::Result<()> {
+        while !bufs.is_empty() {
+            match bufs.readv(self.fd.as_fd()) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && self.is_pipe => {
+                    self.wait_pipe(nix::poll::PollFlags::POLLIN)?;
+                    continue;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    return Err(self.timed_out("no data"))
+                }
+                Err(e) => return Err(e),
+            }
+            if self.is_pipe {
+                self.moved.store(true, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn write_all(&self, data: &[u8]) -> io::Result<()> {
         self.write_all_vectored(&mut [io::IoSlice::new(data)])
     }

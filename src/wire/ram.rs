@@ -15,6 +15,14 @@ pub struct BlockEntry {
 
 /// Writes the START body: total | MEM_SIZE, the block entries, then EOS.
 pub fn encode_block_list(out: &mut Vec<u8>, blocks: &[BlockEntry]) -> Result<(), WireError> {
+    encode_block_entries(out, blocks)?;
+    put_be64(out, flag::EOS);
+    Ok(())
+}
+
+/// Writes the START body without its EOS: with multifd, QEMU's `ram_save_setup` syncs the
+/// channels (and sends `MULTIFD_FLUSH`) between the list and the EOS.
+pub fn encode_block_entries(out: &mut Vec<u8>, blocks: &[BlockEntry]) -> Result<(), WireError> {
     let total = blocks
         .iter()
         .try_fold(0u64, |acc, b| acc.checked_add(b.used_length))
@@ -27,7 +35,6 @@ pub fn encode_block_list(out: &mut Vec<u8>, blocks: &[BlockEntry]) -> Result<(),
             put_be64(out, ps);
         }
     }
-    put_be64(out, flag::EOS);
     Ok(())
 }
 
@@ -174,6 +181,11 @@ pub fn encode_zero_page(
 
 pub fn encode_eos(out: &mut Vec<u8>) {
     put_be64(out, flag::EOS);
+}
+
+/// Writes a MULTIFD_FLUSH record: the multifd channels have synced up to here.
+pub fn encode_multifd_flush(out: &mut Vec<u8>) {
+    put_be64(out, flag::MULTIFD_FLUSH);
 }
 
 /// Whether a page is all zero. Word-wise OR so the compiler vectorises it; early exit per

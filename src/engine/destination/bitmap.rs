@@ -1,4 +1,5 @@
-//! A page bitmap that the loader, the fault thread and the preempt thread share.
+//! A page bitmap that the loader, the fault thread, the preempt thread and the multifd
+//! receivers share.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -8,6 +9,11 @@ pub(crate) struct AtomicBitmap(Vec<AtomicU64>);
 impl AtomicBitmap {
     pub(crate) fn new(bits: u64) -> Self {
         AtomicBitmap((0..bits.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    /// A bitmap with these words (bit i of word w = page 64w + i).
+    pub(crate) fn from_words(words: Vec<u64>) -> Self {
+        AtomicBitmap(words.into_iter().map(AtomicU64::new).collect())
     }
 
     pub(crate) fn get(&self, i: u64) -> bool {
@@ -25,6 +31,21 @@ impl AtomicBitmap {
     pub(crate) fn clear(&self, i: u64) {
         if let Some(w) = self.0.get((i / 64) as usize) {
             w.fetch_and(!(1 << (i % 64)), Ordering::AcqRel);
+        }
+    }
+
+    /// Clears bit `i`; returns whether it was set.
+    pub(crate) fn take(&self, i: u64) -> bool {
+        let bit = 1 << (i % 64);
+        self.0
+            .get((i / 64) as usize)
+            .is_some_and(|w| w.fetch_and(!bit, Ordering::AcqRel) & bit != 0)
+    }
+
+    /// Sets the bits of `mask` in word `w`.
+    pub(crate) fn set_mask(&self, w: usize, mask: u64) {
+        if let Some(word) = self.0.get(w) {
+            word.fetch_or(mask, Ordering::AcqRel);
         }
     }
 
@@ -64,5 +85,10 @@ mod tests {
         b.clear(64);
         b.clear_mask(0, 1);
         assert_eq!(b.words(), vec![0, 0, 2]);
+        assert!(b.take(129) && !b.take(129) && !b.take(500));
+        b.set_mask(1, 0b101);
+        assert_eq!(b.words(), vec![0, 0b101, 0]);
+        let c = AtomicBitmap::from_words(vec![7, 1 << 63]);
+        assert!(c.get(2) && c.get(127) && !c.get(3));
     }
 }

@@ -161,6 +161,15 @@ impl Loader<'_> {
         if !p.advised {
             return Err(Self::invalid(offset, Violation::ListenWithoutAdvise));
         }
+        // The last FLUSH synced the multifd channels; from here every page comes on the
+        // main or the preempt channel (QEMU 10.1 stops multifd when postcopy starts).
+        if let Some(m) = self.multifd.take() {
+            m.finish()?;
+            slog::info!(self.ctx.log, "multifd receivers stopped for postcopy");
+        }
+        let Phase::Precopy(p) = &mut self.phase else {
+            return Err(Self::invalid(offset, Violation::SecondListen));
+        };
         let postcopy_err = |source| LoadError::Postcopy { offset, source };
         let (Some(uffd), Some(rp)) = (p.uffd.take(), self.rp.clone()) else {
             return Err(postcopy_err(FaultError::NoUserfaultfd));

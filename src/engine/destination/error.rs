@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use crate::engine::destination::fault::FaultError;
+use crate::engine::destination::multifd::MultifdError;
 use crate::engine::destination::package::PackageError;
 use crate::engine::destination::place::PlaceError;
 use crate::engine::destination::preempt::PreemptError;
@@ -96,6 +97,16 @@ pub(crate) enum LoadError {
         #[source]
         source: vmstate::VmStateError,
     },
+    /// A multifd channel (numbered by its id) failed: the cause of whatever the loader
+    /// saw after it.
+    #[error("multifd channel {channel}: {source}")]
+    Multifd {
+        channel: usize,
+        #[source]
+        source: MultifdError,
+    },
+    #[error("waiting for the multifd channels to sync: {0}")]
+    MultifdWait(#[source] std::io::Error),
     #[error("cancelled")]
     Cancelled,
     #[error("recovery: {0}")]

@@ -10,6 +10,7 @@ use std::time::Instant;
 use crate::compat::wire::{self, command};
 use crate::engine::destination::bitmap::AtomicBitmap;
 use crate::engine::destination::error::{LoadError, Violation};
+use crate::engine::destination::multifd::Multifd;
 use crate::engine::destination::place::BlockCursor;
 use crate::engine::destination::postcopy::PostcopySink;
 use crate::engine::destination::precopy::PrecopySink;
@@ -106,6 +107,8 @@ pub(super) struct Loader<'a> {
     pub(super) received: Arc<Vec<AtomicBitmap>>,
     pub(super) phase: Phase,
     pub(super) link: Link,
+    /// The multifd receivers, until the end of the stream or POSTCOPY_LISTEN.
+    pub(super) multifd: Option<Multifd<'a>>,
     last_progress: Instant,
 }
 
@@ -138,7 +141,62 @@ impl<'a> Loader<'a> {
                 preempt,
             }),
             link,
+            multifd: None,
             last_progress: Instant::now(),
+        }
+    }
+
+    /// Starts a receiver per multifd channel (none without multifd), in `scope`.
+    pub(super) fn start_multifd<'env>(
+        &mut self,
+        scope: &'a std::thread::Scope<'a, 'env>,
+        chans: Vec<Channel>,
+    ) -> Result<(), LoadError> {
+        let Phase::Precopy(p) = &self.phase else {
+            return Ok(());
+        };
+        if chans.is_empty() {
+            return Ok(());
+        }
+        let n = chans.len();
+        self.multifd = Some(Multifd::start(
+            scope,
+            self.ctx,
+            self.blocks,
+            chans,
+            p.sink.known_zero(),
+            self.received.clone(),
+            self.link.dup_fd(),
+        )?);
+        slog::info!(self.ctx.log, "multifd receivers started"; "channels" => n);
+        Ok(())
+    }
+
+    /// The multifd sync point (MULTIFD_FLUSH, or EOS under flush-after-each-section): every
+    /// channel's pages sent before it are in memory when this returns. Nothing to wait for
+    /// without multifd channels (QEMU ignores a FLUSH then too).
+    pub(super) fn multifd_sync(&self) -> Result<(), LoadError> {
+        match &self.multifd {
+            Some(m) => m.sync(),
+            None => Ok(()),
+        }
+    }
+
+    /// Under flush-after-each-section (compat 7.2) every RAM EOS is a sync point.
+    pub(super) fn multifd_sync_at_eos(&self) -> bool {
+        self.multifd.as_ref().is_some_and(|m| m.flush_each_section)
+    }
+
+    /// Stops the multifd receivers; a receiver's failure is the cause of whatever `result`
+    /// says (a main channel it shut down, say).
+    pub(super) fn end_multifd(&mut self, result: Result<(), LoadError>) -> Result<(), LoadError> {
+        let Some(m) = self.multifd.take() else {
+            return result;
+        };
+        match (result, m.finish()) {
+            (Err(e @ LoadError::Multifd { .. }), _) => Err(e),
+            (_, Err(e)) => Err(e),
+            (r, Ok(())) => r,
         }
     }
 
@@ -203,6 +261,9 @@ impl<'a> Loader<'a> {
                 return Err(LoadError::Cancelled);
             }
             self.check_faults(r.offset)?;
+            if let Some(m) = &self.multifd {
+                m.check()?;
+            }
             self.log_progress(r.offset);
             // Peek the token without consuming, so a device section can be handed over whole.
             let token = loop {

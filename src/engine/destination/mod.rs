@@ -39,6 +39,7 @@ mod error;
 pub(crate) mod fault;
 mod held;
 mod loader;
+mod multifd;
 mod package;
 mod place;
 mod postcopy;
@@ -55,22 +56,31 @@ mod tests;
 pub(crate) use error::LoadError;
 use error::Violation;
 
-/// Reads a stream from `src` into `blocks`. `chan` is the socket (for the return path), if any.
+/// Reads a stream from `src` into `blocks`. `chan` is the socket (for the return path), if
+/// any; `multifd` the multifd channels in id order (empty without multifd).
+#[allow(clippy::too_many_arguments)]
 fn load<R: ReadReady>(
     ctx: &MigrationCtx,
     blocks: &[Arc<RamBlock>],
     src: R,
     peer: String,
     chan: Option<&Channel>,
+    multifd: Vec<Channel>,
     uffd: Option<OwnedFd>,
     preempt: Option<Incoming>,
 ) -> Result<Vec<DeviceSection>, LoadError> {
-    let t0 = Instant::now();
-    let mut r = Reader::new(src, peer, READ_CHUNK);
-    let link = chan.map(Link::of).unwrap_or_default();
-    let mut loader = Loader::new(ctx, blocks, uffd, link, preempt);
-    let result = load_inner(&mut loader, &mut r, chan);
-    finish(&mut loader, result, t0, r.offset)
+    // The multifd receivers live in this scope; the loader stops them on every path.
+    std::thread::scope(|scope| {
+        let t0 = Instant::now();
+        let mut r = Reader::new(src, peer, READ_CHUNK);
+        let link = chan.map(Link::of).unwrap_or_default();
+        let mut loader = Loader::new(ctx, blocks, uffd, link, preempt);
+        let result = loader
+            .start_multifd(scope, multifd)
+            .and_then(|()| load_inner(&mut loader, &mut r, chan));
+        let result = loader.end_multifd(result);
+        finish(&mut loader, result, t0, r.offset)
+    })
 }
 
 /// Ends a load: recovers from link failures in postcopy, finishes postcopy, and tells the
@@ -262,10 +272,11 @@ pub(crate) fn run(
     uffd: Option<OwnedFd>,
     preempt: Option<Incoming>,
 ) -> Result<(), LoadError> {
-    // Not used yet: the multifd receiver comes next.
-    drop(multifd);
     ctx.state.transition(MigrationStatus::Active)?;
     chan.tune_buffers();
+    for c in &multifd {
+        c.tune_buffers();
+    }
     let t0 = Instant::now();
     let devices = load(
         ctx,
@@ -273,6 +284,7 @@ pub(crate) fn run(
         &chan,
         chan.peer.clone(),
         Some(&chan),
+        multifd,
         uffd,
         preempt,
     )?;

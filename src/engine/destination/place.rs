@@ -1,6 +1,6 @@
 //! What every channel does with a RAM record it decoded: the checks that turn it into a
 //! page of a known block (the main channel, the postcopy-preempt channel, the look-ahead
-//! for requested pages, and next the multifd channels), before a sink places it: the
+//! for requested pages, and the multifd packets), before a sink places it: the
 //! precopy sink through the page writer, the postcopy sink through the userfaultfd
 //! ([`PostcopyDest::place`](super::fault::PostcopyDest::place)).
 
@@ -82,21 +82,32 @@ impl BlockCursor {
             _ => return Ok(None),
         };
         let bi = match block {
-            Some(name) => blocks
-                .iter()
-                .position(|b| b.id == name)
-                .ok_or_else(|| PlaceError::UnknownBlock(name.to_string()))?,
+            Some(name) => block_index(blocks, name)?,
             None => self.last.ok_or(PlaceError::NoPreviousBlock)?,
         };
         self.last = Some(bi);
-        let b = &blocks[bi];
-        if offset % TARGET_PAGE_SIZE as u64 != 0 || offset >= b.size {
-            return Err(PlaceError::Outside {
-                block: b.id.clone(),
-                offset,
-                size: b.size,
-            });
-        }
+        check_offset(&blocks[bi], offset)?;
         Ok(Some(Page { bi, offset, data }))
     }
+}
+
+/// The index of the block a page names.
+pub(crate) fn block_index(blocks: &[Arc<RamBlock>], name: &str) -> Result<usize, PlaceError> {
+    blocks
+        .iter()
+        .position(|b| b.id == name)
+        .ok_or_else(|| PlaceError::UnknownBlock(name.to_string()))
+}
+
+/// A page offset must be page-aligned and inside the block: checked before anything is
+/// written there.
+pub(crate) fn check_offset(b: &RamBlock, offset: u64) -> Result<(), PlaceError> {
+    if offset % TARGET_PAGE_SIZE as u64 != 0 || offset >= b.size {
+        return Err(PlaceError::Outside {
+            block: b.id.clone(),
+            offset,
+            size: b.size,
+        });
+    }
+    Ok(())
 }

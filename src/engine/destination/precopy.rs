@@ -3,22 +3,37 @@
 
 use std::sync::Arc;
 
+use crate::engine::destination::bitmap::AtomicBitmap;
 use crate::engine::destination::place::{Page, PageData};
 use crate::memory::block::RamBlock;
 use crate::memory::page_writer::{PageBatch, PageWriteError, PageWriter};
 
+/// Per block: pages known to read as zero (holes when the migration started, not written
+/// since). Shared by the main channel's sink and the multifd receivers, so that a page
+/// written on either is no longer taken for a hole by the other.
+pub(crate) type KnownZero = Arc<Vec<AtomicBitmap>>;
+
 pub(crate) struct PrecopySink {
     writer: PageWriter,
-    /// Per block: pages known to read as zero (holes, not written since).
-    known_zero: Vec<Vec<u64>>,
+    known_zero: KnownZero,
 }
 
 impl PrecopySink {
     pub(crate) fn new(blocks: &[Arc<RamBlock>], threads: usize) -> Self {
         PrecopySink {
             writer: PageWriter::new(threads),
-            known_zero: blocks.iter().map(|b| b.hole_bitmap()).collect(),
+            known_zero: Arc::new(
+                blocks
+                    .iter()
+                    .map(|b| AtomicBitmap::from_words(b.hole_bitmap()))
+                    .collect(),
+            ),
         }
+    }
+
+    /// The known-zero pages, for the multifd receivers.
+    pub(crate) fn known_zero(&self) -> KnownZero {
+        self.known_zero.clone()
     }
 
     /// Places a page: a page of bytes is queued in `batch` (it borrows the reader's
@@ -32,13 +47,10 @@ impl PrecopySink {
     ) -> Result<(), PageWriteError> {
         let b = &blocks[page.bi];
         let i = page.index();
-        let (w, bit) = ((i / 64) as usize, 1u64 << (i % 64));
+        let known = &self.known_zero[page.bi];
         match page.data {
             PageData::Fill(fill) => {
-                let known = self.known_zero[page.bi]
-                    .get(w)
-                    .is_some_and(|x| x & bit != 0);
-                if !(known && fill == 0) {
+                if !(fill == 0 && known.get(i)) {
                     // The page may be in the batch: write that first.
                     self.writer.write(std::mem::take(batch))?;
                     b.fill_page(page.offset, fill);
@@ -47,11 +59,7 @@ impl PrecopySink {
             PageData::Bytes(data) => {
                 // A page that is not a hole exists already: the writer copies straight into
                 // it instead of allocating.
-                let mut present = true;
-                if let Some(x) = self.known_zero[page.bi].get_mut(w) {
-                    present = *x & bit == 0;
-                    *x &= !bit;
-                }
+                let present = !known.take(i);
                 batch.queue(b, page.offset, data, present);
             }
         }
@@ -65,8 +73,8 @@ impl PrecopySink {
 
     /// Discarded pages (holes punched) read as zero again.
     pub(crate) fn discarded(&mut self, bi: usize, w: usize, mask: u64) {
-        if let Some(z) = self.known_zero[bi].get_mut(w) {
-            *z |= mask;
+        if let Some(z) = self.known_zero.get(bi) {
+            z.set_mask(w, mask);
         }
     }
 }

@@ -43,22 +43,29 @@ impl Loader<'_> {
             return self.postcopy_body(r);
         }
         loop {
-            let (used, eos) = self.precopy_records(r.data(), r.offset);
+            let (used, stop) = self.precopy_records(r.data(), r.offset);
             r.consume(used);
-            if eos? {
-                return Ok(());
+            match stop? {
+                Stop::Eos => {
+                    if self.multifd_sync_at_eos() {
+                        self.multifd_sync()?;
+                    }
+                    return Ok(());
+                }
+                // The records before it are written: the channels may go on.
+                Stop::Flush => self.multifd_sync()?,
+                Stop::NeedMore => r.need_more("in a RAM section")?,
             }
-            r.need_more("in a RAM section")?;
         }
     }
 
-    /// Precopy: the whole records in `data` (at stream offset `at`) up to EOS, their pages
-    /// queued in one batch that borrows `data` and is written before this returns (the
-    /// page writer splits a large batch over its threads). Returns the bytes used and
-    /// whether EOS came.
-    fn precopy_records(&mut self, data: &[u8], at: u64) -> (usize, Result<bool, LoadError>) {
+    /// Precopy: the whole records in `data` (at stream offset `at`) up to EOS or
+    /// MULTIFD_FLUSH, their pages queued in one batch that borrows `data` and is written
+    /// before this returns (the page writer splits a large batch over its threads).
+    /// Returns the bytes used and where it stopped.
+    fn precopy_records(&mut self, data: &[u8], at: u64) -> (usize, Result<Stop, LoadError>) {
         let Phase::Precopy(p) = &mut self.phase else {
-            return (0, Ok(false));
+            return (0, Ok(Stop::NeedMore));
         };
         let mut batch = PageBatch::new();
         let mut pos = 0;
@@ -66,12 +73,13 @@ impl Loader<'_> {
             let offset = at + pos as u64;
             let (rec, n) = match ram::decode_record(&data[pos..]) {
                 Ok(Some(x)) => x,
-                Ok(None) => break Ok(false),
+                Ok(None) => break Ok(Stop::NeedMore),
                 Err(source) => break Err(LoadError::Wire { offset, source }),
             };
             pos += n;
             match resolve(&mut self.cursor, self.blocks, &self.ctx.stats, offset, rec) {
-                Ok(Step::Eos) => break Ok(true),
+                Ok(Step::Eos) => break Ok(Stop::Eos),
+                Ok(Step::Flush) => break Ok(Stop::Flush),
                 Ok(Step::Skip) => {}
                 Ok(Step::Page(page)) => {
                     if let Err(e) = p.sink.place(self.blocks, &page, &mut batch) {
@@ -135,7 +143,8 @@ impl Loader<'_> {
     fn place_postcopy(&mut self, offset: u64, rec: Record<'_>) -> Result<bool, LoadError> {
         let page = match resolve(&mut self.cursor, self.blocks, &self.ctx.stats, offset, rec)? {
             Step::Eos => return Ok(true),
-            Step::Skip => return Ok(false),
+            // The multifd receivers stopped at POSTCOPY_LISTEN.
+            Step::Skip | Step::Flush => return Ok(false),
             Step::Page(page) => page,
         };
         if let Phase::Postcopy(s) = &mut self.phase {
@@ -218,10 +227,20 @@ impl Loader<'_> {
     }
 }
 
+/// Where a run of precopy records stopped.
+enum Stop {
+    /// At the end of the data read so far.
+    NeedMore,
+    Eos,
+    /// MULTIFD_FLUSH: the multifd sync point.
+    Flush,
+}
+
 /// A RAM record of the main channel, checked.
 enum Step<'a> {
     Eos,
-    /// Nothing to place (MULTIFD_FLUSH).
+    Flush,
+    /// Nothing to place.
     Skip,
     Page(Page<'a>),
 }
@@ -237,7 +256,7 @@ fn resolve<'a>(
 ) -> Result<Step<'a>, LoadError> {
     match rec {
         Record::Eos => return Ok(Step::Eos),
-        Record::MultifdFlush => return Ok(Step::Skip),
+        Record::MultifdFlush => return Ok(Step::Flush),
         Record::MemSize { .. } => {
             return Err(Loader::invalid(offset, Violation::BlockListOutsideStart))
         }

@@ -60,7 +60,7 @@ fn page(out: &mut Vec<u8>, offset: u64, block: Option<&str>, fill: u8) {
 
 fn run(blocks: &[Arc<RamBlock>], s: &[u8]) -> Result<(), LoadError> {
     let ctx = ctx();
-    load(&ctx, blocks, s, "test".into(), None, None, None).map(|_| ())
+    load(&ctx, blocks, s, "test".into(), None, Vec::new(), None, None).map(|_| ())
 }
 
 #[test]

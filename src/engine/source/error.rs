@@ -26,9 +26,46 @@ pub(crate) enum SourceError {
     Link(#[from] LinkError),
     #[error("recovery: {0}")]
     Recovery(#[from] RecoveryError),
+    #[error("{0}")]
+    Multifd(#[from] MultifdError),
     #[error("cannot start the {what} thread: {source}")]
     Spawn {
         what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A multifd channel failed; names the channel and its peer.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum MultifdError {
+    #[error("multifd channel {id} to {peer}: write failed after {sent} bytes: {source}")]
+    Io {
+        id: u8,
+        peer: String,
+        sent: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("multifd channel {id} to {peer}: {source}")]
+    Wire {
+        id: u8,
+        peer: String,
+        #[source]
+        source: WireError,
+    },
+    #[error("multifd channel {id} to {peer}: page {offset:#x} is outside block {block}")]
+    OutsideBlock {
+        id: u8,
+        peer: String,
+        block: String,
+        offset: u64,
+    },
+    #[error("multifd channel {id} to {peer}: its thread ended unexpectedly")]
+    Gone { id: u8, peer: String },
+    #[error("cannot start multifd channel {id}'s thread: {source}")]
+    Spawn {
+        id: u8,
         #[source]
         source: std::io::Error,
     },

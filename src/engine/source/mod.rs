@@ -21,6 +21,7 @@ use crate::wire::device_state::DeviceSection;
 
 mod commands;
 mod error;
+mod multifd;
 mod pages;
 mod postcopy;
 mod precopy;
@@ -43,8 +44,6 @@ pub(crate) fn run(
     multifd: Vec<Channel>,
     uri: crate::transport::Uri,
 ) -> Result<(), SourceError> {
-    // Not used yet: the multifd sender comes next.
-    drop(multifd);
     let t0 = Instant::now();
     // Reading faults pages in cheaply (16 at a time); mapping them ahead now would only
     // compete with sending them.
@@ -53,7 +52,7 @@ pub(crate) fn run(
     ctx.stats.total.store(total, Ordering::Relaxed);
     ctx.stats.remaining.store(total, Ordering::Relaxed);
 
-    let mut pre = precopy::Precopy::start(ctx, &blocks, chan)?;
+    let mut pre = precopy::Precopy::start(ctx, &blocks, chan, multifd)?;
     let go_postcopy = pre.passes()?;
     pre.pre_switchover()?;
     let downtime_start = Instant::now();

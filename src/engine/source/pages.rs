@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::engine::migration::{MigrationCtx, Stats};
+use crate::engine::source::multifd::Multifd;
 use crate::engine::source::writer::{PageSent, Writer, PAGE};
 use crate::engine::source::SourceError;
 use crate::memory::block::RamBlock;
@@ -37,14 +38,17 @@ pub(crate) struct WordSent {
     pub(crate) bytes: u64,
     pub(crate) zero: u64,
     pub(crate) normal: u64,
+    /// Pages handed to the multifd channels (counted by them as normal or zero).
+    pub(crate) queued: u64,
 }
 
 impl WordSent {
     pub(crate) fn pages(&self) -> u64 {
-        self.zero + self.normal
+        self.zero + self.normal + self.queued
     }
 
-    /// Adds this to the migration's counters (pages sent on the main channel).
+    /// Adds this to the migration's counters (pages sent on the main channel; those
+    /// handed to multifd only to `remaining`).
     pub(crate) fn count(&self, ctx: &MigrationCtx) {
         let st = &ctx.stats;
         Stats::add(&st.duplicate, self.zero);
@@ -126,10 +130,13 @@ impl<'m> BlockTodo<'m> {
     }
 
     /// Sends the pages of one bitmap word (pages `64*wi ..`), already taken out of the
-    /// to-do set, through the page encoder. `bi` is this block's index, for `names`.
+    /// to-do set, through the page encoder, or with multifd (`mfd`) into its packets (with
+    /// `zero-page-detection=legacy`, zero pages still as ZERO records here). `bi` is this
+    /// block's index, for `names`.
     pub(crate) fn send_word(
         &self,
         out: &mut Writer<'m>,
+        mut mfd: Option<&mut Multifd>,
         bi: usize,
         wi: usize,
         mut word: u64,
@@ -140,32 +147,44 @@ impl<'m> BlockTodo<'m> {
             let bit = word.trailing_zeros() as u64;
             word &= word - 1;
             let off = (wi as u64 * 64 + bit) * PAGE as u64;
-            let name = match names {
-                Names::Always => Some(self.block.id.as_str()),
-                Names::Track(last) if *last == Some(bi) => None,
-                Names::Track(last) => {
-                    // Named only once it is sure to be sent.
-                    if self.block.guest_page(off).is_none() {
-                        continue;
-                    }
-                    *last = Some(bi);
-                    Some(self.block.id.as_str())
-                }
+            let Some(page) = self.block.guest_page(off) else {
+                continue;
             };
             let hole = self.holes.get(wi).is_some_and(|h| h & (1 << bit) != 0);
-            match out.page(self.block, off, name, hole)? {
-                Some(p @ PageSent::Zero(_)) => {
-                    sent.zero += 1;
-                    sent.bytes += p.bytes();
+            let p = match mfd.as_deref_mut() {
+                Some(m) if m.zero_on_main() && (hole || page.is_zero()) => {
+                    out.zero_page(off, self.name(names, bi))?
                 }
-                Some(p @ PageSent::Normal(_)) => {
-                    sent.normal += 1;
-                    sent.bytes += p.bytes();
+                Some(m) => {
+                    m.queue(bi, off, hole)?;
+                    sent.queued += 1;
+                    continue;
                 }
-                None => {}
+                None => match out.page(self.block, off, self.name(names, bi), hole)? {
+                    Some(p) => p,
+                    None => continue,
+                },
+            };
+            match p {
+                PageSent::Zero(_) => sent.zero += 1,
+                PageSent::Normal(_) => sent.normal += 1,
             }
+            sent.bytes += p.bytes();
         }
         Ok(sent)
+    }
+
+    /// The block's name for the next record on the main channel, unless it CONTINUEs the
+    /// previous record's block.
+    fn name(&self, names: &mut Names, bi: usize) -> Option<&'m str> {
+        match names {
+            Names::Always => Some(self.block.id.as_str()),
+            Names::Track(last) if *last == Some(bi) => None,
+            Names::Track(last) => {
+                *last = Some(bi);
+                Some(self.block.id.as_str())
+            }
+        }
     }
 }
 

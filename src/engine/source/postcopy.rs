@@ -288,7 +288,7 @@ impl<'m> PostcopyPush<'m> {
             };
             let bt = &self.pages.blocks[bi];
             link.out.open_ram(SectionKind::Part)?;
-            let sent = bt.send_word(&mut link.out, bi, wi, word, &mut Names::Track(None))?;
+            let sent = bt.send_word(&mut link.out, None, bi, wi, word, &mut Names::Track(None))?;
             sent.count(ctx);
             link.out.close_ram()?;
             link.out.flush()?;
@@ -364,8 +364,14 @@ impl<'m> PostcopyPush<'m> {
                     link.out.open_ram(SectionKind::Part)?;
                     framed = true;
                 }
-                let sent =
-                    bt.send_word(&mut link.out, r.block, wi, word, &mut Names::Track(None))?;
+                let sent = bt.send_word(
+                    &mut link.out,
+                    None,
+                    r.block,
+                    wi,
+                    word,
+                    &mut Names::Track(None),
+                )?;
                 sent.count(self.ctx);
             }
             if framed {

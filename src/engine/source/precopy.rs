@@ -10,6 +10,7 @@ use crate::compat::wire;
 use crate::engine::migration::{Capabilities, MigrationCtx, Parameters};
 use crate::engine::source::commands::{Commands, Switchover};
 use crate::engine::source::error::PeerError;
+use crate::engine::source::multifd::Multifd;
 use crate::engine::source::pages::{Names, Pages};
 use crate::engine::source::postcopy::{wait_shut, Link, PostcopyPush, RpShared};
 use crate::engine::source::rp_reader::{ReturnPath, RpEvent, Wait};
@@ -45,6 +46,8 @@ pub(crate) struct Precopy<'m> {
     blocks: &'m [Arc<RamBlock>],
     pages: Pages<'m>,
     out: Writer<'m>,
+    /// With the `multifd` capability: the pages go there.
+    mfd: Option<Multifd>,
     /// With the return-path capability (always with postcopy).
     rp: Option<ReturnPath>,
     rp_shared: RpShared,
@@ -54,12 +57,13 @@ pub(crate) struct Precopy<'m> {
 }
 
 impl<'m> Precopy<'m> {
-    /// Starts the return path and sends the stream's header, configuration, commands and
-    /// the RAM block list; then `active`.
+    /// Starts the return path and the multifd senders (with `multifd` channels) and sends
+    /// the stream's header, configuration, commands and the RAM block list; then `active`.
     pub(crate) fn start(
         ctx: &'m MigrationCtx,
         blocks: &'m [Arc<RamBlock>],
         chan: Channel,
+        multifd: Vec<Channel>,
     ) -> Result<Self, SourceError> {
         let caps = ctx.caps();
         let params = ctx.params();
@@ -71,6 +75,7 @@ impl<'m> Precopy<'m> {
         }
         let use_rp = (caps.return_path || caps.postcopy_ram) && chan.is_socket;
         let rp_shared = RpShared::default();
+        let mfd = Multifd::start(ctx, blocks, multifd)?;
         let rp = if use_rp {
             let fd = chan.try_clone_fd().map_err(|source| SourceError::Io {
                 peer: chan.peer.clone(),
@@ -99,6 +104,7 @@ impl<'m> Precopy<'m> {
             blocks,
             pages: Pages::new(blocks),
             out: Writer::new(chan, 0),
+            mfd,
             rp,
             rp_shared,
             throttle: Throttle::new(),
@@ -154,11 +160,43 @@ impl<'m> Precopy<'m> {
                     version_id: wire::ram::VERSION,
                 },
             )?;
-            ram::encode_block_list(o, &entries)?;
-            stream::encode_footer(o, RAM_SECTION_ID);
+            // The section's EOS comes from the one framer below, after the multifd sync
+            // that QEMU's ram_save_setup puts before it.
+            ram::encode_block_entries(o, &entries)?;
             Ok(())
         })?;
+        self.close_ram(true)?;
         self.out.flush()
+    }
+
+    /// Ends the open RAM section. With multifd, first the sync QEMU makes before this
+    /// EOS: in every section under flush-after-each-section (without a record), else only
+    /// at the end of a dirty-scan `round` (then followed by a MULTIFD_FLUSH record). Either
+    /// way every page sent so far is on its way before what follows on the main channel.
+    fn close_ram(&mut self, round: bool) -> Result<(), SourceError> {
+        if let Some(m) = &mut self.mfd {
+            if m.per_section() || round {
+                m.sync()?;
+                m.fold(self.ctx);
+                if !m.per_section() {
+                    self.out.put(|o| {
+                        ram::encode_multifd_flush(o);
+                        Ok(())
+                    })?;
+                }
+            }
+        }
+        self.out.close_ram()
+    }
+
+    /// Bytes written on every channel, or queued on the main one.
+    fn produced(&self) -> u64 {
+        self.out.produced() + self.mfd.as_ref().map_or(0, |m| m.written())
+    }
+
+    /// Bytes written on every channel.
+    fn sent(&self) -> u64 {
+        self.out.sent() + self.mfd.as_ref().map_or(0, |m| m.written())
     }
 
     /// Iterates passes until what is left fits in the downtime limit; true when postcopy
@@ -168,20 +206,22 @@ impl<'m> Precopy<'m> {
         let ctx = self.ctx;
         loop {
             let pass_start = Instant::now();
-            let sent_before = self.out.produced();
+            let sent_before = self.produced();
             self.out.open_ram(SectionKind::Part)?;
             let end = self.send_pages(true, self.caps.postcopy_ram, true)?;
-            self.out.close_ram()?;
-            self.log_progress();
             // Asked for during a pass too short to look (fewer words than CHECK_EVERY).
-            if end == PassEnd::Postcopy
-                || (self.caps.postcopy_ram && self.commands.postcopy_requested())
-            {
+            let postcopy = end == PassEnd::Postcopy
+                || (self.caps.postcopy_ram && self.commands.postcopy_requested());
+            // The end of a pass is the end of a dirty-scan round; one cut short by
+            // postcopy is the last round of the multifd channels.
+            self.close_ram(end == PassEnd::Done || postcopy)?;
+            self.log_progress();
+            if postcopy {
                 return Ok(true);
             }
             self.out.flush()?;
             let secs = pass_start.elapsed().as_secs_f64().max(1e-6);
-            let bytes = (self.out.sent() - sent_before) as f64;
+            let bytes = (self.sent() - sent_before) as f64;
             let bps = bytes / secs;
             ctx.stats
                 .rate_bps
@@ -219,10 +259,11 @@ impl<'m> Precopy<'m> {
         let mut bw = if limit { ctx.params().max_bandwidth } else { 0 };
         while let Some((bi, wi, word)) = self.pages.next_pass_word() {
             let bt = &self.pages.blocks[bi];
-            let sent = bt.send_word(&mut self.out, bi, wi, word, &mut names)?;
+            let sent = bt.send_word(&mut self.out, self.mfd.as_mut(), bi, wi, word, &mut names)?;
             sent.count(ctx);
+            let mfd_bytes = self.mfd.as_mut().map_or(0, |m| m.throttle_bytes(ctx));
             if limit {
-                if let Some(wait) = self.throttle.account(sent.bytes, bw) {
+                if let Some(wait) = self.throttle.account(sent.bytes + mfd_bytes, bw) {
                     self.commands.throttle(wait)?;
                 }
             }
@@ -240,7 +281,7 @@ impl<'m> Precopy<'m> {
                 }
                 if parts && part_start.elapsed() >= PART_TIME {
                     // A new section names its first page's block again.
-                    self.out.close_ram()?;
+                    self.close_ram(false)?;
                     self.out.open_ram(SectionKind::Part)?;
                     names = Names::Track(None);
                     part_start = Instant::now();
@@ -298,7 +339,8 @@ impl<'m> Precopy<'m> {
             match self.commands.wait_continue(Instant::now() + idle)? {
                 Switchover::Continue => return Ok(()),
                 Switchover::Idle => {
-                    self.out.empty_ram(SectionKind::Part)?;
+                    self.out.open_ram(SectionKind::Part)?;
+                    self.close_ram(false)?;
                     self.out.flush()?;
                 }
             }
@@ -331,7 +373,8 @@ impl<'m> Precopy<'m> {
         self.pages.harvest(ctx);
         self.out.open_ram(SectionKind::End)?;
         self.send_pages(false, false, false)?;
-        self.out.close_ram()?;
+        // QEMU's ram_save_complete goes round the dirty scan once more: a round's end.
+        self.close_ram(true)?;
         let mut desc = VmDescriptionBuilder::new(PAGE as u64);
         if p.compat_version.vmdesc_has_configuration() {
             desc.configuration(p.machine_type.len());
@@ -362,17 +405,28 @@ impl<'m> Precopy<'m> {
             Ordering::Relaxed,
         );
         ctx.stats.remaining.store(0, Ordering::Relaxed);
+        // Synced in the END section: nothing more goes on the multifd channels.
+        let mfd_bytes = match self.mfd.take() {
+            Some(m) => m.close(ctx)?,
+            None => 0,
+        };
         if let Some(rp) = &mut self.rp {
             wait_shut(ctx, &mut self.out, rp, None)?;
         }
-        Ok(self.out.sent())
+        Ok(self.out.sent() + mfd_bytes)
     }
 
     /// Hands over to the postcopy push: the precopy's connection becomes its first link.
+    /// The multifd channels synced at the end of the last pass (its section's EOS) and
+    /// close here: postcopy goes on over the main (and preempt) channels only, as QEMU
+    /// 10.1 does.
     pub(crate) fn into_postcopy(
-        self,
+        mut self,
         uri: Uri,
     ) -> Result<(PostcopyPush<'m>, Link<'m>), SourceError> {
+        if let Some(m) = self.mfd.take() {
+            m.close(self.ctx)?;
+        }
         let Some(rp) = self.rp else {
             // Postcopy needs a socket, and a socket always gets a return path.
             return Err(PeerError::NotASocket(self.out.chan().peer.clone()).into());

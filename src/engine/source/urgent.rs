@@ -136,7 +136,7 @@ fn serve(
         for (wi, mask) in r.words() {
             let word = bt.take(wi, mask);
             if word != 0 {
-                let sent = bt.send_word(&mut out, r.block, wi, word, &mut Names::Always)?;
+                let sent = bt.send_word(&mut out, None, r.block, wi, word, &mut Names::Always)?;
                 n.pages.fetch_add(sent.pages(), Ordering::Relaxed);
             }
         }

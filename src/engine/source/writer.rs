@@ -111,16 +111,26 @@ impl<'m> Writer<'m> {
         let Some(page) = block.guest_page(off) else {
             return Ok(None);
         };
-        let name_len = name.map_or(0, |n| 1 + n.len() as u64);
         if hole || page.is_zero() {
-            self.put(|o| ram::encode_zero_page(o, off, name))?;
-            return Ok(Some(PageSent::Zero(9 + name_len)));
+            return self.zero_page(off, name).map(Some);
         }
+        let name_len = name.map_or(0, |n| 1 + n.len() as u64);
         self.put(|o| ram::encode_page_header(o, off, wire::ram::PAGE, name))?;
         self.segs.push(Seg::Page(block, off));
         self.pending += PAGE;
         self.maybe_flush()?;
         Ok(Some(PageSent::Normal(8 + PAGE as u64 + name_len)))
+    }
+
+    /// A ZERO record for the page at `off`, which the caller knows is zero (a hole, or
+    /// read as zero).
+    pub(crate) fn zero_page(
+        &mut self,
+        off: u64,
+        name: Option<&str>,
+    ) -> Result<PageSent, SourceError> {
+        self.put(|o| ram::encode_zero_page(o, off, name))?;
+        Ok(PageSent::Zero(9 + name.map_or(0, |n| 1 + n.len() as u64)))
     }
 
     /// The one RAM section framer: opens a PART or END section of RAM.
