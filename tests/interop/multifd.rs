@@ -1125,6 +1125,20 @@ fn bad_variants() -> Vec<Bad> {
         keywords: kw(&["channel 1"]),
         ram_untouched: false,
     });
+    // Channel 1 stalls after a page and a half of a packet's data, its connection open:
+    // whatever waits for it gives up after precopy-timeout (1 s here).
+    let (normal, zero) = half(1);
+    let mut stalled = data_packet(n + 1, "ram", &normal, &zero);
+    stalled.truncate(stalled.len() - (normal.len() * PAGE_SIZE) + PAGE_SIZE * 3 / 2);
+    v.push(Bad {
+        what: "channel 1 stalls mid-packet",
+        channels: vec![
+            (good_channel(0), false),
+            ([channel_start(1), stalled].concat(), false),
+        ],
+        keywords: kw(&["precopy-timeout"]),
+        ram_untouched: false,
+    });
     // Channel 1 dies after its header and a page and a half of its packet's data.
     let (normal, zero) = half(1);
     let mut packet = data_packet(n + 1, "ram", &normal, &zero);
