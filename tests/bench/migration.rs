@@ -10,13 +10,24 @@
 //! balloon with free-page reporting), a first touch of a page costs the host a fault, and
 //! that cost, the same for every destination, otherwise dominates the run.
 //!
+//! Multifd in the same run: QEMU->QEMU and helper->helper with the `multifd` capability and
+//! the same number of channels (over a `unix:` listener: QEMU 10.0 refuses multifd on
+//! `fd:`), beside the floor: a plain program in this process (threads, one Unix socketpair
+//! per channel, writing from the source's memory and reading into the destination's, no
+//! protocol) moving the same bytes over as many connections. It prints the ratios
+//! helper/floor (wall, CPU) and helper against QEMU->QEMU multifd, and the helper
+//! destination's peak RSS (VmHWM) with 4 channels.
+//!
 //! Environment: QMH_BENCH_SIZE (default 2G), QMH_BENCH_REPEAT (default 3),
-//! QMH_BENCH_CASES (default "qq,hh,qh,hq"), QMH_BENCH_DEST (default "fresh,prealloc"),
+//! QMH_BENCH_CASES (default "qq,hh,qh,hq,qqm,hhm,floor"; qqm/hhm: QEMU->QEMU and
+//! helper->helper multifd, floor: the plain program), QMH_BENCH_CHANNELS (multifd channels,
+//! a list such as "1,2,4"; default "2"), QMH_BENCH_DEST (default "fresh,prealloc"),
 //! QMH_BENCH_RSS_SIZES (default "2G,4G"; empty skips), QMH_BENCH_LOAD_THREADS (the helper
 //! destinations' `load-threads`; default: the helper's own default).
 
+use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use qemu_migration_helper::demo::parse_size;
@@ -24,12 +35,12 @@ use qemu_migration_helper::demo::process_cpu_secs;
 use serde_json::{json, Value};
 
 use support::end::End;
-use support::helper::HelperVm;
+use support::helper::{HelperVm, Memfd};
 use support::map::RamMap;
-use support::migrate::{pass_socketpair, start_fd_migration};
+use support::migrate::{pass_socketpair, socketpair, start_fd_migration};
 use support::qemu::{require_qemu, Accel, Qemu, QemuVm, VmOpts};
 use support::stats::{bench_requested, env_size, median, repeat};
-use support::util::{fill_mixed, GIB};
+use support::util::{fill_mixed, peak_rss_kib, TempDir, GIB};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -85,11 +96,49 @@ struct Timing {
     dst_cpu: f64,
 }
 
-fn migrate_once(src_qemu: bool, dst_qemu: bool, size: u64, seed: u64, prealloc: bool) -> Timing {
+/// With `channels`, both ends have the `multifd` capability and that many channels, and
+/// the migration goes over a `unix:` listener of the destination's (QEMU 10.0 refuses
+/// multifd on `fd:`); otherwise over a socketpair.
+fn migrate_once(
+    src_qemu: bool,
+    dst_qemu: bool,
+    size: u64,
+    seed: u64,
+    prealloc: bool,
+    channels: Option<u8>,
+) -> Timing {
+    let (t, _, _) = migrate_measured(src_qemu, dst_qemu, size, seed, prealloc, channels);
+    t
+}
+
+/// `migrate_once`, also returning both ends (still running) for a look at their memory.
+fn migrate_measured(
+    src_qemu: bool,
+    dst_qemu: bool,
+    size: u64,
+    seed: u64,
+    prealloc: bool,
+    channels: Option<u8>,
+) -> (Timing, End, End) {
     let mut src = source(src_qemu, size, seed);
     let mut dst = destination(dst_qemu, size, prealloc);
-    pass_socketpair(src.client(), dst.client(), "mig");
-    dst.client().migrate_incoming("fd:mig").expect("incoming");
+    let dir = TempDir::new("qmh-bench");
+    let uri = match channels {
+        Some(n) => {
+            for end in [&mut src, &mut dst] {
+                let c = end.client();
+                c.set_capabilities(&[("multifd", true)]).expect("multifd");
+                c.set_parameters(json!({ "multifd-channels": n }))
+                    .expect("multifd-channels");
+            }
+            format!("unix:{}", dir.join("mig.sock").display())
+        }
+        None => {
+            pass_socketpair(src.client(), dst.client(), "mig");
+            "fd:mig".to_string()
+        }
+    };
+    dst.client().migrate_incoming(&uri).expect("incoming");
     let params = match src {
         End::Qemu(_) => json!({"max-bandwidth": 100 * GIB, "downtime-limit": 300}),
         End::Helper(_) => json!({"max-bandwidth": 0}),
@@ -97,7 +146,7 @@ fn migrate_once(src_qemu: bool, dst_qemu: bool, size: u64, seed: u64, prealloc: 
     src.client().set_parameters(params).expect("params");
     let cpu0 = (process_cpu_secs(src.pid()), process_cpu_secs(dst.pid()));
     let t0 = Instant::now();
-    src.client().migrate("fd:mig").expect("migrate");
+    src.client().migrate(&uri).expect("migrate");
     let (mut src_done, mut dst_done) = (false, false);
     while !(src_done && dst_done) {
         for (done, end) in [(&mut src_done, &mut src), (&mut dst_done, &mut dst)] {
@@ -122,7 +171,16 @@ fn migrate_once(src_qemu: bool, dst_qemu: bool, size: u64, seed: u64, prealloc: 
     // Spot-check the content: a benchmark of a broken migration means nothing.
     let (s, d) = (sample(&src.ram()), sample(&dst.ram()));
     assert_eq!(s, d, "destination differs from source");
-    timing
+    if channels.is_some() {
+        for end in [&mut src, &mut dst] {
+            if let End::Helper(_) = end {
+                let v = end.client().query_migrate().expect("query-migrate");
+                let b = v["ram"]["multifd-bytes"].as_u64().unwrap_or(0);
+                assert!(b >= size / 2, "multifd-bytes {b} for {size} bytes: {v}");
+            }
+        }
+    }
+    (timing, src, dst)
 }
 
 /// Every 97th page's first and last 64 bytes of `ram`.
@@ -195,6 +253,134 @@ fn rss_run(size: u64) -> [(u64, u64); 2] {
     [s.finish(), d.finish()]
 }
 
+/// CPU seconds the calling thread has used.
+fn thread_cpu_secs() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(r, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+/// The floor: `channels` writer threads each send their share of `size` bytes straight
+/// from the source's memory (a memfd, as the helper's parent holds it) into a Unix
+/// socketpair, and as many reader threads read it straight into the destination's memory
+/// (a fresh memfd, or one preallocated as the helper's parent does); no protocol, no
+/// copies. Wall time from the start line until every reader has its share; CPU seconds of
+/// the writers (source) and of the readers (destination).
+fn floor_once(size: u64, channels: u8, seed: u64, prealloc: bool) -> Timing {
+    // One mapping each, written before the clock: the pages are in this process's page
+    // tables, as the helper's are after it mapped a preallocated block ahead.
+    let src = Memfd::new("floor-src", size);
+    let mut smap = src.map();
+    fill_mixed(&mut smap, seed, 0.0);
+    let dst = Memfd::new("floor-dst", size);
+    let mut dmap = dst.map();
+    if prealloc {
+        dmap.fill(0);
+    }
+    let (smap, dmap) = (Arc::new(smap), Arc::new(dmap));
+    let n = channels as u64;
+    let pages = size / 4096;
+    // Channel k moves pages [k * pages / n, (k + 1) * pages / n).
+    let range = move |k: u64| (k * pages / n * 4096, (k + 1) * pages / n * 4096);
+    let start = Arc::new(Barrier::new(2 * channels as usize + 1));
+    let mut writers = Vec::new();
+    let mut readers = Vec::new();
+    for k in 0..n {
+        let (a, b) = socketpair();
+        let (lo, hi) = range(k);
+        let (smap, start_w) = (smap.clone(), start.clone());
+        writers.push(std::thread::spawn(move || {
+            let mut s = std::fs::File::from(a);
+            start_w.wait();
+            let c0 = thread_cpu_secs();
+            s.write_all(&smap[lo as usize..hi as usize])
+                .expect("floor write");
+            thread_cpu_secs() - c0
+        }));
+        let (dmap, start_r) = (dmap.clone(), start.clone());
+        readers.push(std::thread::spawn(move || {
+            let mut s = std::fs::File::from(b);
+            let base = dmap.as_ptr() as *mut u8;
+            // SAFETY: [lo, hi) lies inside the mapping, which `dmap` keeps alive for this
+            // thread; each reader writes only its own range and nothing else reads or
+            // writes the destination until every reader is joined.
+            let buf = unsafe {
+                std::slice::from_raw_parts_mut(base.add(lo as usize), (hi - lo) as usize)
+            };
+            start_r.wait();
+            let c0 = thread_cpu_secs();
+            s.read_exact(buf).expect("floor read");
+            thread_cpu_secs() - c0
+        }));
+    }
+    start.wait();
+    let t0 = Instant::now();
+    let dst_cpu: f64 = readers.into_iter().map(|h| h.join().expect("reader")).sum();
+    let secs = t0.elapsed().as_secs_f64();
+    let src_cpu: f64 = writers.into_iter().map(|h| h.join().expect("writer")).sum();
+    assert!(
+        smap[..] == dmap[..],
+        "floor: the destination differs from the source"
+    );
+    Timing {
+        secs,
+        src_cpu,
+        dst_cpu,
+    }
+}
+
+/// What one benchmark case runs.
+#[derive(Clone, Copy)]
+enum Kind {
+    Migrate {
+        src_qemu: bool,
+        dst_qemu: bool,
+        channels: Option<u8>,
+    },
+    Floor {
+        channels: u8,
+    },
+}
+
+struct Case {
+    name: String,
+    kind: Kind,
+}
+
+fn run_case(kind: Kind, size: u64, seed: u64, prealloc: bool) -> Timing {
+    match kind {
+        Kind::Migrate {
+            src_qemu,
+            dst_qemu,
+            channels,
+        } => migrate_once(src_qemu, dst_qemu, size, seed, prealloc, channels),
+        Kind::Floor { channels } => floor_once(size, channels, seed, prealloc),
+    }
+}
+
+/// The helper destination after a helper->helper multifd migration of `size` with
+/// `channels` channels into fresh memory, still running: its peak resident memory (VmHWM,
+/// the kernel's high-water mark, which counts the guest's shared pages it mapped) and its
+/// RssAnon and RssShmem then, in KiB.
+fn multifd_rss(size: u64, channels: u8) -> (u64, u64, u64) {
+    let (_, _src, dst) = migrate_measured(false, false, size, 7, false, Some(channels));
+    let hwm = peak_rss_kib(dst.pid());
+    let status = std::fs::read_to_string(format!("/proc/{}/status", dst.pid())).unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (hwm, kib("RssAnon:"), kib("RssShmem:"))
+}
+
 fn main() {
     if !bench_requested("migration") || require_qemu(Qemu::V10, "bench").is_none() {
         return;
@@ -202,7 +388,7 @@ fn main() {
     let size = env_size("QMH_BENCH_SIZE", "2G", parse_size);
     let repeat = repeat();
     println!(
-        "precopy benchmark: {} MiB of incompressible RAM, Unix socketpair, {repeat} runs each, QEMU accel {:?}",
+        "precopy benchmark: {} MiB of incompressible RAM, Unix socketpair (multifd: unix: listener), {repeat} runs each, QEMU accel {:?}",
         size >> 20,
         Accel::detect()
     );
@@ -228,15 +414,78 @@ fn main() {
         );
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    let cases = [
-        ("QEMU->QEMU", true, true),
-        ("helper->helper", false, false),
-        ("QEMU->helper", true, false),
-        ("helper->QEMU", false, true),
+    // QMH_BENCH_CASES picks cases. QEMU->QEMU is the baseline of the plain cases and runs
+    // with any of them; QEMU->QEMU multifd (qqm) runs with helper->helper multifd (hhm).
+    let pick =
+        std::env::var("QMH_BENCH_CASES").unwrap_or_else(|_| "qq,hh,qh,hq,qqm,hhm,floor".into());
+    let picked: Vec<&str> = pick.split(',').map(str::trim).collect();
+    for k in &picked {
+        assert!(
+            ["qq", "hh", "qh", "hq", "qqm", "hhm", "floor"].contains(k),
+            "QMH_BENCH_CASES: unknown case {k:?} (qq, hh, qh, hq, qqm, hhm, floor)"
+        );
+    }
+    let has = |k: &str| picked.contains(&k);
+    let channel_list: Vec<u8> = std::env::var("QMH_BENCH_CHANNELS")
+        .unwrap_or_else(|_| "2".into())
+        .split(',')
+        .map(|c| {
+            c.trim()
+                .parse()
+                .ok()
+                .filter(|&n| n > 0)
+                .unwrap_or_else(|| panic!("QMH_BENCH_CHANNELS: {c:?} is not 1 to 255"))
+        })
+        .collect();
+    let mut cases: Vec<Case> = Vec::new();
+    let plain = [
+        ("qq", "QEMU->QEMU", true, true),
+        ("hh", "helper->helper", false, false),
+        ("qh", "QEMU->helper", true, false),
+        ("hq", "helper->QEMU", false, true),
     ];
-    // QMH_BENCH_CASES=qq,hh,qh,hq picks cases (QEMU->QEMU is the baseline and always runs).
-    let pick = std::env::var("QMH_BENCH_CASES").unwrap_or_else(|_| "qq,hh,qh,hq".into());
-    let keys = ["qq", "hh", "qh", "hq"];
+    let any_plain = plain.iter().any(|p| has(p.0));
+    for (i, (key, name, sq, dq)) in plain.iter().enumerate() {
+        if (i == 0 && any_plain) || has(key) {
+            cases.push(Case {
+                name: name.to_string(),
+                kind: Kind::Migrate {
+                    src_qemu: *sq,
+                    dst_qemu: *dq,
+                    channels: None,
+                },
+            });
+        }
+    }
+    let n_plain = cases.len();
+    for &c in &channel_list {
+        if has("qqm") || has("hhm") {
+            cases.push(Case {
+                name: format!("QEMU->QEMU multifd {c}"),
+                kind: Kind::Migrate {
+                    src_qemu: true,
+                    dst_qemu: true,
+                    channels: Some(c),
+                },
+            });
+        }
+        if has("hhm") {
+            cases.push(Case {
+                name: format!("helper->helper multifd {c}"),
+                kind: Kind::Migrate {
+                    src_qemu: false,
+                    dst_qemu: false,
+                    channels: Some(c),
+                },
+            });
+        }
+        if has("floor") {
+            cases.push(Case {
+                name: format!("floor {c} socketpairs"),
+                kind: Kind::Floor { channels: c },
+            });
+        }
+    }
     // QMH_BENCH_DEST=fresh,prealloc picks how the destination's RAM starts: untouched
     // (each page allocated as the migration writes it) or preallocated before the clock.
     let dests: Vec<bool> = std::env::var("QMH_BENCH_DEST")
@@ -257,15 +506,12 @@ fn main() {
             // while), so no case should always run in the same place.
             for k in 0..cases.len() {
                 let i = (k + r) % cases.len();
-                let (name, sq, dq) = &cases[i];
-                if i > 0 && !pick.split(',').any(|k| k == keys[i]) {
-                    continue;
-                }
-                let t = migrate_once(*sq, *dq, size, 1000 + r as u64, prealloc);
+                let case = &cases[i];
+                let t = run_case(case.kind, size, 1000 + r as u64, prealloc);
                 let mode = if prealloc { "prealloc" } else { "fresh" };
                 println!(
-                    "  run {r} {mode:<8} {name:<15} {:7.3} s   CPU s: source {:6.3} destination {:6.3}",
-                    t.secs, t.src_cpu, t.dst_cpu
+                    "  run {r} {mode:<8} {:<26} {:7.3} s   CPU s: source {:6.3} destination {:6.3}",
+                    case.name, t.secs, t.src_cpu, t.dst_cpu
                 );
                 times[di][i].push(t);
             }
@@ -275,48 +521,118 @@ fn main() {
         let times = &times[di];
         let col =
             |i: usize, f: fn(&Timing) -> f64| median(&times[i].iter().map(f).collect::<Vec<_>>());
-        let base = col(0, |t| t.secs);
         println!(
             "\ndestination RAM {}",
             if prealloc {
-                "preallocated before the clock starts (QEMU prealloc=on; the helper's parent filled its memfd before adding it, and the helper mapped it ahead)"
+                "preallocated before the clock starts (QEMU prealloc=on; the helper's parent filled its memfd before adding it, and the helper mapped it ahead; the floor's destination memfd written once)"
             } else {
                 "fresh: every page allocated (and, on a VM, backed by the host) as it is written"
             }
         );
-        println!(
-            "{:<15} {:>9} {:>9} {:>13} {:>9} {:>9} {:>9} {:>10}",
-            "case",
-            "median s",
-            "MB/s",
-            "vs QEMU->QEMU",
-            "src CPU s",
-            "dst CPU s",
-            "floor s",
-            "best ratio"
-        );
-        for (i, (name, _, _)) in cases.iter().enumerate() {
-            if times[i].is_empty() {
-                continue;
-            }
-            let m = col(i, |t| t.secs);
-            // The least wall time this much CPU work allows on this machine's CPUs, and
-            // the ratio that would give.
-            let (sc, dc) = (col(i, |t| t.src_cpu), col(i, |t| t.dst_cpu));
-            let floor = (sc + dc) / cpus;
+        if n_plain > 0 {
+            let base = col(0, |t| t.secs);
             println!(
-                "{name:<15} {m:9.3} {:9.0} {:>12.2}x {sc:9.3} {dc:9.3} {floor:9.3} {:>9.2}x",
-                size as f64 / m / 1e6,
-                base / m,
-                base / floor
+                "{:<15} {:>9} {:>9} {:>13} {:>9} {:>9} {:>9} {:>10}",
+                "case",
+                "median s",
+                "MB/s",
+                "vs QEMU->QEMU",
+                "src CPU s",
+                "dst CPU s",
+                "floor s",
+                "best ratio"
+            );
+            for (i, case) in cases.iter().enumerate().take(n_plain) {
+                let m = col(i, |t| t.secs);
+                // The least wall time this much CPU work allows on this machine's CPUs, and
+                // the ratio that would give.
+                let (sc, dc) = (col(i, |t| t.src_cpu), col(i, |t| t.dst_cpu));
+                let floor = (sc + dc) / cpus;
+                println!(
+                    "{:<15} {m:9.3} {:9.0} {:>12.2}x {sc:9.3} {dc:9.3} {floor:9.3} {:>9.2}x",
+                    case.name,
+                    size as f64 / m / 1e6,
+                    base / m,
+                    base / floor
+                );
+            }
+        }
+        if cases.len() > n_plain {
+            println!(
+                "\n{:<26} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                "multifd case", "median s", "MB/s", "src CPU s", "dst CPU s", "CPU s"
             );
         }
+        for (i, case) in cases.iter().enumerate().skip(n_plain) {
+            let (m, sc, dc) = (
+                col(i, |t| t.secs),
+                col(i, |t| t.src_cpu),
+                col(i, |t| t.dst_cpu),
+            );
+            println!(
+                "{:<26} {m:9.3} {:9.0} {sc:9.3} {dc:9.3} {:9.3}",
+                case.name,
+                size as f64 / m / 1e6,
+                sc + dc
+            );
+        }
+        for &c in &channel_list {
+            let find = |prefix: &str| {
+                cases.iter().position(|k| {
+                    k.name == format!("{prefix} {c}")
+                        || k.name == format!("{prefix} {c} socketpairs")
+                })
+            };
+            let (qq, hh, fl) = (
+                find("QEMU->QEMU multifd"),
+                find("helper->helper multifd"),
+                find("floor"),
+            );
+            let wall = |i: usize| col(i, |t| t.secs);
+            let cpu = |i: usize| col(i, |t| t.src_cpu + t.dst_cpu);
+            if let (Some(h), Some(f)) = (hh, fl) {
+                println!(
+                    "{c} channels: helper/floor wall {:.2}x, CPU {:.2}x",
+                    wall(h) / wall(f),
+                    cpu(h) / cpu(f)
+                );
+            }
+            if let (Some(q), Some(h)) = (qq, hh) {
+                println!(
+                    "{c} channels: helper->helper multifd vs QEMU->QEMU multifd {:.2}x (QEMU's wall over the helper's), CPU {:.2}x (the helper's over QEMU's)",
+                    wall(q) / wall(h),
+                    cpu(h) / cpu(q)
+                );
+            }
+            if let (Some(q), Some(f)) = (qq, fl) {
+                println!(
+                    "{c} channels: QEMU->QEMU multifd/floor wall {:.2}x, CPU {:.2}x",
+                    wall(q) / wall(f),
+                    cpu(q) / cpu(f)
+                );
+            }
+        }
     }
-    println!("targets: helper->helper >= 2.00x; QEMU->helper and helper->QEMU >= 1.00x");
-    println!(
-        "floor: (source + destination CPU seconds) / {cpus} CPUs, the least wall time that much work \
-         allows here if both CPUs were busy all the time; best ratio: QEMU->QEMU's median over it"
-    );
+    if n_plain > 0 {
+        println!("targets: helper->helper >= 2.00x; QEMU->helper and helper->QEMU >= 1.00x");
+        println!(
+            "floor: (source + destination CPU seconds) / {cpus} CPUs, the least wall time that much work \
+             allows here if both CPUs were busy all the time; best ratio: QEMU->QEMU's median over it"
+        );
+    }
+    if cases.len() > n_plain {
+        println!(
+            "multifd floor: a plain program moving the same bytes over the same number of Unix \
+             socketpairs (a thread per end and channel, no protocol); CPU s: source + destination"
+        );
+    }
+    if has("hhm") {
+        let (hwm, anon, shmem) = multifd_rss(size, 4);
+        println!(
+            "\nhelper destination after helper->helper multifd, 4 channels, {} MiB fresh: VmHWM {hwm} KiB (RssAnon {anon} KiB, RssShmem {shmem} KiB: the guest's own shared pages, mapped)",
+            size >> 20
+        );
+    }
 
     let sizes = std::env::var("QMH_BENCH_RSS_SIZES").unwrap_or_else(|_| "2G,4G".into());
     if sizes.is_empty() {

@@ -390,7 +390,7 @@ fn helper_to_helper_into_preallocated_memory() {
 // 2. Odd block sizes and names
 // ---------------------------------------------------------------------------------------
 
-const ODD_BLOCKS: &[(&str, u64)] = &[
+pub(crate) const ODD_BLOCKS: &[(&str, u64)] = &[
     ("pc.ram", 3 * MIB + 4 * KIB),
     ("/rom@etc/acpi/tables", 12 * KIB),
     ("vga.vram", 5 * MIB + 36 * KIB),
@@ -814,7 +814,7 @@ fn device_state_chain_qemu72() {
 
 /// Writes random pages (one in eight all zeros) into `mem`, setting each page's dirty bit
 /// in `bitmap` afterwards, until `stop`. Counts writes in `writes`.
-fn dirty_writer(
+pub(crate) fn dirty_writer(
     mut mem: support::map::RamMap,
     bitmap: support::map::RamMap,
     seed: u64,

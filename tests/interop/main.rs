@@ -12,6 +12,7 @@ mod idle;
 mod lifecycle;
 mod logs;
 mod manpage;
+mod multifd;
 mod multifd_wire;
 mod postcopy;
 mod qemu_helper;
