@@ -115,7 +115,6 @@ impl Parameters {
 
     /// Multifd: sync the channels at the end of every RAM section instead of once per
     /// dirty-scan round with a `MULTIFD_FLUSH` record (QEMU 8.0 and older).
-    #[allow(dead_code)] // read by the multifd sender and receiver (engines, issue 12)
     pub(crate) fn multifd_flush_after_each_section(&self) -> bool {
         self.effective_version().multifd_flush_after_each_section()
     }

@@ -146,7 +146,6 @@ pub(crate) enum ThreadKind {
     PageMover,
     /// Moves pages between guest memory and sockets it was handed: the multifd sender and
     /// receiver threads (no opening of anything).
-    #[allow(dead_code)] // entered by the multifd threads of the engines (issue 12)
     ChannelMover,
 }
 

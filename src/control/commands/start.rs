@@ -242,7 +242,10 @@ impl Helper {
             if let Ok(fd) = chan.try_clone_fd() {
                 ctx.set_channel(Some(fd));
             }
-            let multifd = register(ctx, multifd, true);
+            // No read timeout on the multifd channels: one may idle for a whole pass (zero
+            // pages go on the main channel under legacy detection); the receivers' sync
+            // wait enforces precopy-timeout instead.
+            let multifd = register(ctx, multifd, false);
             Ok(crate::engine::destination::run(
                 ctx, blocks, chan, multifd, uffd, preempt,
             )?)

@@ -220,7 +220,11 @@ impl<'s> Multifd<'s> {
             };
             let h = std::thread::Builder::new()
                 .name(format!("qmh-mfd-recv-{ch}"))
-                .spawn_scoped(scope, move || r.run());
+                .spawn_scoped(scope, move || {
+                    // It only moves pages from the socket it was handed into guest memory.
+                    crate::sandbox::enter_thread(crate::sandbox::ThreadKind::ChannelMover);
+                    r.run()
+                });
             match h {
                 Ok(h) => m.threads.push(h),
                 Err(e) => {

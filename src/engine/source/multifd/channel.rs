@@ -27,6 +27,8 @@ pub(super) fn spawn(
     std::thread::Builder::new()
         .name(format!("qmh-mfd-send-{id}"))
         .spawn(move || {
+            // It only moves pages from guest memory to the socket it was handed.
+            crate::sandbox::enter_thread(crate::sandbox::ThreadKind::ChannelMover);
             let _end = EndGuard {
                 shared: shared.clone(),
                 id,

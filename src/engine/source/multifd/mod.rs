@@ -199,7 +199,10 @@ impl Multifd {
         let (cancel, stop2) = (ctx.mailbox.cancel_token().clone(), stop.clone());
         let w = std::thread::Builder::new()
             .name("qmh-mfd-cancel".into())
-            .spawn(move || watch(&shared, &chans, &cancel, &stop2))
+            .spawn(move || {
+                crate::sandbox::enter_thread(crate::sandbox::ThreadKind::ChannelMover);
+                watch(&shared, &chans, &cancel, &stop2)
+            })
             .map_err(|source| SourceError::Spawn {
                 what: "multifd cancel watcher",
                 source,
