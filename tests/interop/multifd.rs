@@ -1,13 +1,17 @@
 //! Multifd (issue 12): RAM over `multifd-channels` extra connections, in packets. QEMU 10.0
-//! and 7.2 on either side of a helper; helper to helper with a live source under each
-//! zero-page detection, into fresh and garbage-filled destinations; the `fd:` forms; hostile
-//! multifd channels from a source crafted here with the crate's wire codecs; a QEMU
-//! destination killed mid-migration; the capability and parameter surface. Every migration
-//! ends with guest RAM compared byte for byte and `multifd-bytes` on the helper end(s) at
-//! least the normal pages' data, so that no test passes over the main channel alone.
+//! and 7.2 on either side of a helper (paused and live helper sources, the return path, a
+//! VM UUID, a listening fd); helper to helper with a live source under each zero-page
+//! detection and compat-version, into fresh and garbage-filled destinations, over unix:,
+//! tcp: and the `fd:` forms; odd blocks, a sparse guest, offsets above 4 GiB; hostile
+//! multifd channels from a source crafted here with the crate's wire codecs (checked
+//! against QEMU 10.0 first); a QEMU destination killed mid-migration, a wrong UUID, ends that
+//! disagree on the channel count, cancel on either end; the capability and parameter
+//! surface and what is refused at the start. Every migration ends with guest RAM compared
+//! byte for byte and `multifd-bytes` on the helper end(s) at least the normal pages' data,
+//! so that no test passes over the main channel alone.
 //!
 //! Not here: multifd with postcopy-ram (10.1 semantics); only its refusal under
-//! compat-version 10.0 and 7.2 is checked.
+//! compat-version 10.0 and 7.2 (and again at the start after a change back from 10.1).
 
 use std::io::Write;
 use std::net::Shutdown;
