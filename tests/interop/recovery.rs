@@ -982,6 +982,90 @@ fn helper_to_helper_preempt_recovery() {
     assert_same_memory(&expected, &guest.map, test);
 }
 
+/// Multifd with postcopy as QEMU 10.1 has it (compat-version 10.1 on both helpers): the
+/// precopy pages go over the multifd channels, which stop when postcopy starts; postcopy
+/// goes on over the main channel (and the preempt one), is cut twice and recovered.
+fn helper_to_helper_multifd_postcopy_recovery(test: &str, preempt: bool) {
+    let seed = test_seed(test);
+    let (mut src, mut dst, mut guest, expected) = helper_pair(seed, &[]);
+    for h in [&mut src, &mut dst] {
+        // compat-version first: under 10.0 the capabilities are refused together.
+        h.client
+            .set_parameters(json!({"compat-version": "10.1", "multifd-channels": 2}))
+            .expect("params");
+        h.client
+            .set_capabilities(&[
+                ("postcopy-ram", true),
+                ("multifd", true),
+                ("postcopy-preempt", preempt),
+            ])
+            .expect("caps");
+    }
+    // Some pages go by multifd before postcopy starts, most are left for the push.
+    src.client
+        .set_parameters(json!({"max-bandwidth": 16 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
+        .expect("params");
+    let dir = support::util::TempDir::new("qmh-rec");
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    dst.client.migrate_incoming(&uri).expect("incoming");
+    src.client.migrate(&uri).expect("migrate");
+    std::thread::sleep(Duration::from_millis(300));
+    src.client.migrate_start_postcopy().expect("postcopy");
+    wait(&mut dst, &mut guest, &["postcopy-active"]);
+    let reader = Readers::start_paced(&guest, expected.clone(), 2, seed, Duration::from_millis(1));
+    for n in 1..=2 {
+        std::thread::sleep(Duration::from_millis(200));
+        let who = if n == 1 { &mut src } else { &mut dst };
+        who.client
+            .execute_oob("migrate-pause", json!({}))
+            .expect("migrate-pause");
+        wait(&mut src, &mut guest, &["postcopy-paused"]);
+        wait(&mut dst, &mut guest, &["postcopy-paused"]);
+        let uri = format!("unix:{}", dir.join(&format!("rec{n}.sock")).display());
+        dst.client
+            .execute_oob("migrate-recover", json!({"uri": uri}))
+            .expect("migrate-recover");
+        src.client
+            .execute("migrate", json!({"uri": uri, "resume": true}))
+            .expect("migrate resume");
+        wait(&mut src, &mut guest, &["postcopy-active", "completed"]);
+        wait(&mut dst, &mut guest, &["postcopy-active", "completed"]);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let checked = reader.finish();
+    assert!(checked > 10, "the readers checked only {checked} pages");
+    let (s, d) = finish(&mut src, &mut dst, &mut guest);
+    eprintln!("{test}: source {s}\ndestination {d}");
+    assert_eq!(d["postcopy-pauses"], 2, "{d}");
+    for (end, v) in [("source", &s), ("destination", &d)] {
+        let mb = v["ram"]["multifd-bytes"].as_u64().unwrap_or(0);
+        assert!(mb > 0, "{test}: the {end} moved no multifd bytes: {v}");
+        // multifd stopped at postcopy: the rest went over the main (and preempt) channel.
+        let all = v["ram"]["transferred"].as_u64().unwrap_or(0);
+        if end == "source" {
+            assert!(all > mb, "{test}: nothing after multifd stopped: {v}");
+        }
+    }
+    if preempt {
+        let got = d["ram"]["postcopy-preempt-pages"].as_u64().unwrap_or(0);
+        assert!(got > 0, "{test}: no preempt pages: {d}");
+    }
+    assert_same_memory(&expected, &guest.map, test);
+}
+
+#[test]
+fn helper_to_helper_multifd_postcopy_recovery_main() {
+    helper_to_helper_multifd_postcopy_recovery("helper_to_helper_multifd_postcopy_recovery", false);
+}
+
+#[test]
+fn helper_to_helper_multifd_postcopy_preempt_recovery() {
+    helper_to_helper_multifd_postcopy_recovery(
+        "helper_to_helper_multifd_postcopy_preempt_recovery",
+        true,
+    );
+}
+
 /// `migrate-recover unix:PATH` where PATH is a regular file: refused, the file is left as it
 /// was, the migration stays paused, and a recovery at a free path completes it.
 #[test]
