@@ -935,24 +935,65 @@ fn qemu10_to_helper_preempt_recovery() {
 /// main and a new preempt channel to the address of `migrate-recover`.
 #[test]
 fn helper_to_helper_preempt_recovery() {
-    let test = "helper_to_helper_preempt_recovery";
+    unix_recovery("helper_to_helper_preempt_recovery", true, false);
+}
+
+/// Multifd with postcopy as QEMU 10.1 has it (compat-version 10.1 on both helpers): the
+/// precopy pages go over the multifd channels, which stop when postcopy starts; postcopy
+/// goes on over the main channel, is cut twice and recovered.
+#[test]
+fn helper_to_helper_multifd_postcopy_recovery() {
+    unix_recovery("helper_to_helper_multifd_postcopy_recovery", false, true);
+}
+
+/// The same with postcopy-preempt: its channel is the connection after the multifd ones.
+#[test]
+fn helper_to_helper_multifd_postcopy_preempt_recovery() {
+    unix_recovery(
+        "helper_to_helper_multifd_postcopy_preempt_recovery",
+        true,
+        true,
+    );
+}
+
+/// Helper -> helper postcopy over `unix:` (so that the preempt and multifd channels can
+/// connect), paused from either end in turn and recovered twice at new addresses while the
+/// parent's readers fault pages in.
+fn unix_recovery(test: &str, preempt: bool, multifd: bool) {
     let seed = test_seed(test);
-    let (mut src, mut dst, mut guest, expected) =
-        helper_pair(seed, &[("postcopy-ram", true), ("postcopy-preempt", true)]);
+    let (mut src, mut dst, mut guest, expected) = helper_pair(seed, &[]);
+    for h in [&mut src, &mut dst] {
+        if multifd {
+            // compat-version first: under 10.0 the capabilities are refused together.
+            h.client
+                .set_parameters(json!({"compat-version": "10.1", "multifd-channels": 2}))
+                .expect("params");
+        }
+        h.client
+            .set_capabilities(&[
+                ("postcopy-ram", true),
+                ("postcopy-preempt", preempt),
+                ("multifd", multifd),
+            ])
+            .expect("caps");
+    }
+    // With multifd, some pages go that way before postcopy starts.
+    let precopy_bw = if multifd { 16 * MIB } else { 4 * MIB };
     src.client
-        .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
+        .set_parameters(json!({"max-bandwidth": precopy_bw, "max-postcopy-bandwidth": 4 * MIB}))
         .expect("params");
     let dir = support::util::TempDir::new("qmh-rec");
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     dst.client.migrate_incoming(&uri).expect("incoming");
     src.client.migrate(&uri).expect("migrate");
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(300));
     src.client.migrate_start_postcopy().expect("postcopy");
     wait(&mut dst, &mut guest, &["postcopy-active"]);
     let reader = Readers::start_paced(&guest, expected.clone(), 2, seed, Duration::from_millis(1));
     for n in 1..=2 {
         std::thread::sleep(Duration::from_millis(200));
-        src.client
+        let who = if n == 1 { &mut src } else { &mut dst };
+        who.client
             .execute_oob("migrate-pause", json!({}))
             .expect("migrate-pause");
         wait(&mut src, &mut guest, &["postcopy-paused"]);
@@ -973,12 +1014,29 @@ fn helper_to_helper_preempt_recovery() {
     let (s, d) = finish(&mut src, &mut dst, &mut guest);
     eprintln!("{test}: source {s}\ndestination {d}");
     assert_eq!(d["postcopy-pauses"], 2, "{d}");
-    let sent = s["ram"]["postcopy-preempt-pages"].as_u64().unwrap_or(0);
-    let got = d["ram"]["postcopy-preempt-pages"].as_u64().unwrap_or(0);
-    assert!(
-        sent > 0 && got > 0,
-        "preempt pages: sent {sent}, received {got}"
-    );
+    let count = |v: &serde_json::Value, k: &str| v["ram"][k].as_u64().unwrap_or(0);
+    if preempt {
+        let (sent, got) = (
+            count(&s, "postcopy-preempt-pages"),
+            count(&d, "postcopy-preempt-pages"),
+        );
+        assert!(
+            sent > 0 && got > 0,
+            "preempt pages: sent {sent}, received {got}"
+        );
+    }
+    if multifd {
+        let (sent, got) = (count(&s, "multifd-bytes"), count(&d, "multifd-bytes"));
+        assert!(
+            sent > 0 && got == sent,
+            "multifd bytes: sent {sent}, received {got}"
+        );
+        // multifd stopped at postcopy: the rest went over the main (and preempt) channel.
+        assert!(
+            count(&s, "transferred") > sent,
+            "nothing after multifd: {s}"
+        );
+    }
     assert_same_memory(&expected, &guest.map, test);
 }
 

@@ -174,10 +174,12 @@ impl<'m> Precopy<'m> {
     /// at the end of a dirty-scan `round` (then followed by a MULTIFD_FLUSH record). Either
     /// way every page sent so far is on its way before what follows on the main channel.
     fn close_ram(&mut self, round: bool) -> Result<(), SourceError> {
+        let mut synced = false;
         if let Some(m) = &mut self.mfd {
             if m.per_section() || round {
                 m.sync()?;
                 m.fold(self.ctx);
+                synced = true;
                 if !m.per_section() {
                     self.out.put(|o| {
                         ram::encode_multifd_flush(o);
@@ -186,7 +188,14 @@ impl<'m> Precopy<'m> {
                 }
             }
         }
-        self.out.close_ram()
+        self.out.close_ram()?;
+        if synced {
+            // The destination's receivers wait at their SYNC until the main channel brings
+            // this EOS (or FLUSH): it must not sit in the writer while the channels fill up
+            // with the next section's pages (QEMU flushes its QEMUFile here too).
+            self.out.flush()?;
+        }
+        Ok(())
     }
 
     /// Bytes written on every channel, or queued on the main one.
