@@ -23,7 +23,8 @@
 //! helper->helper multifd, floor: the plain program), QMH_BENCH_CHANNELS (multifd channels,
 //! a list such as "1,2,4"; default "2"), QMH_BENCH_DEST (default "fresh,prealloc"),
 //! QMH_BENCH_RSS_SIZES (default "2G,4G"; empty skips), QMH_BENCH_LOAD_THREADS (the helper
-//! destinations' `load-threads`; default: the helper's own default).
+//! destinations' `load-threads`; default: the helper's own default), QMH_BENCH_ZPD (the
+//! multifd cases' `zero-page-detection` on every end, QEMU's too; default: theirs).
 
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -130,6 +131,10 @@ fn migrate_measured(
                 c.set_capabilities(&[("multifd", true)]).expect("multifd");
                 c.set_parameters(json!({ "multifd-channels": n }))
                     .expect("multifd-channels");
+                if let Ok(z) = std::env::var("QMH_BENCH_ZPD") {
+                    c.set_parameters(json!({ "zero-page-detection": z }))
+                        .expect("zero-page-detection");
+                }
             }
             format!("unix:{}", dir.join("mig.sock").display())
         }
