@@ -192,6 +192,12 @@ fn zero_pages_in_packets_are_refused_towards_a_pre_9_0_peer() {
     add_block(&h);
     run(
         &h,
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "multifd", "state": true}]}),
+    )
+    .unwrap();
+    run(
+        &h,
         "migrate-set-parameters",
         json!({"zero-page-detection": "multifd", "compat-version": "7.2"}),
     )

@@ -32,7 +32,9 @@ pub(super) fn check_start(caps: &Capabilities, p: &Parameters) -> Result<(), Qmp
     let v = p.effective_version();
     // Before 9.0 a multifd receiver ignores the zero pages a packet lists, so the pages
     // would be left stale on such a peer (QEMU's hw_compat_8_2 makes it `legacy`).
-    if p.zero_page_detection() == ZeroPageDetection::Multifd
+    // Without multifd the setting means legacy detection, as in QEMU: harmless.
+    if caps.multifd
+        && p.zero_page_detection() == ZeroPageDetection::Multifd
         && v.default_zero_page_detection() != ZeroPageDetection::Multifd
     {
         return Err(QmpError::generic(format!(
