@@ -10,7 +10,9 @@
 //! balloon with free-page reporting), a first touch of a page costs the host a fault, and
 //! that cost, the same for every destination, otherwise dominates the run.
 //!
-//! Multifd in the same run: QEMU->QEMU and helper->helper with the `multifd` capability and
+//! Multifd in the same run (a helper source's RAM written by its parent before the helper
+//! gets it and mapped ahead before the clock, as QEMU's and the floor's are): QEMU->QEMU
+//! and helper->helper with the `multifd` capability and
 //! the same number of channels (over a `unix:` listener: QEMU 10.0 refuses multifd on
 //! `fd:`), beside the floor: a plain program in this process (threads, one Unix socketpair
 //! per channel, writing from the source's memory and reading into the destination's, no
@@ -45,15 +47,25 @@ use support::util::{fill_mixed, peak_rss_kib, TempDir, GIB};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 
-fn source(qemu: bool, size: u64, seed: u64) -> End {
+/// With `mapped` (the multifd cases), a helper source gets RAM its parent has written
+/// already and has mapped it ahead before the clock starts, as QEMU's own RAM and the
+/// floor's source are mapped; otherwise the parent writes it after adding it, and the
+/// helper maps its pages as it sends them.
+fn source(qemu: bool, size: u64, seed: u64, mapped: bool) -> End {
     if qemu {
         let vm = QemuVm::start(Qemu::V10, size, &VmOpts::default());
         fill_mixed(&mut vm.ram_mmap(), seed, 0.0);
         End::Qemu(vm)
     } else {
         let mut h = HelperVm::spawn_quiet();
-        h.add_block("ram", size, false);
-        fill_mixed(&mut h.blocks[0].mem.map(), seed, 0.0);
+        if mapped {
+            h.add_written_block("ram", size, |m| {
+                fill_mixed(m, seed, 0.0);
+            });
+        } else {
+            h.add_block("ram", size, false);
+            fill_mixed(&mut h.blocks[0].mem.map(), seed, 0.0);
+        }
         End::Helper(h)
     }
 }
@@ -121,7 +133,7 @@ fn migrate_measured(
     prealloc: bool,
     channels: Option<u8>,
 ) -> (Timing, End, End) {
-    let mut src = source(src_qemu, size, seed);
+    let mut src = source(src_qemu, size, seed, channels.is_some());
     let mut dst = destination(dst_qemu, size, prealloc);
     let dir = TempDir::new("qmh-bench");
     let uri = match channels {

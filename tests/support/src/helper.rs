@@ -163,8 +163,20 @@ impl HelperVm {
     /// A block whose memory the parent allocated before adding it, filled with `fill` (a
     /// preallocated guest); waits until the helper has mapped it ahead.
     pub fn add_preallocated_block(&mut self, id: &str, size: u64, fill: u8) -> usize {
+        self.add_written_block(id, size, |m| m.fill(fill))
+    }
+
+    /// A block whose memory `write` fills before the helper gets it (a guest that has run),
+    /// returned once the helper has mapped it ahead (`mapped-ahead`), as a QEMU has its
+    /// own RAM mapped.
+    pub fn add_written_block(
+        &mut self,
+        id: &str,
+        size: u64,
+        write: impl FnOnce(&mut [u8]),
+    ) -> usize {
         let mem = Memfd::new(id, size);
-        mem.map().fill(fill);
+        write(&mut mem.map());
         let i = self.add_memfd_block(id, mem, false);
         let t0 = std::time::Instant::now();
         loop {
