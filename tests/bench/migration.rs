@@ -21,8 +21,8 @@
 //! destination's peak RSS (VmHWM) with 4 channels.
 //!
 //! Environment: QMH_BENCH_SIZE (default 2G), QMH_BENCH_REPEAT (default 3),
-//! QMH_BENCH_CASES (default "qq,hh,qh,hq,qqm,hhm,floor"; qqm/hhm: QEMU->QEMU and
-//! helper->helper multifd, floor: the plain program), QMH_BENCH_CHANNELS (multifd channels,
+//! QMH_BENCH_CASES (default "qq,hh,qh,hq,qqm,hhm,floor"; qqm/hhm/qhm/hqm: QEMU->QEMU,
+//! helper->helper, QEMU->helper and helper->QEMU multifd, floor: the plain program), QMH_BENCH_CHANNELS (multifd channels,
 //! a list such as "1,2,4"; default "2"), QMH_BENCH_DEST (default "fresh,prealloc"),
 //! QMH_BENCH_RSS_SIZES (default "2G,4G"; empty skips), QMH_BENCH_LOAD_THREADS (the helper
 //! destinations' `load-threads`; default: the helper's own default), QMH_BENCH_ZPD (the
@@ -438,8 +438,8 @@ fn main() {
     let picked: Vec<&str> = pick.split(',').map(str::trim).collect();
     for k in &picked {
         assert!(
-            ["qq", "hh", "qh", "hq", "qqm", "hhm", "floor"].contains(k),
-            "QMH_BENCH_CASES: unknown case {k:?} (qq, hh, qh, hq, qqm, hhm, floor)"
+            ["qq", "hh", "qh", "hq", "qqm", "hhm", "qhm", "hqm", "floor"].contains(k),
+            "QMH_BENCH_CASES: unknown case {k:?} (qq, hh, qh, hq, qqm, hhm, qhm, hqm, floor)"
         );
     }
     let has = |k: &str| picked.contains(&k);
@@ -476,7 +476,7 @@ fn main() {
     }
     let n_plain = cases.len();
     for &c in &channel_list {
-        if has("qqm") || has("hhm") {
+        if ["qqm", "hhm", "qhm", "hqm"].iter().any(|k| has(k)) {
             cases.push(Case {
                 name: format!("QEMU->QEMU multifd {c}"),
                 kind: Kind::Migrate {
@@ -495,6 +495,21 @@ fn main() {
                     channels: Some(c),
                 },
             });
+        }
+        for (k, name, src_qemu) in [
+            ("qhm", "QEMU->helper multifd", true),
+            ("hqm", "helper->QEMU multifd", false),
+        ] {
+            if has(k) {
+                cases.push(Case {
+                    name: format!("{name} {c}"),
+                    kind: Kind::Migrate {
+                        src_qemu,
+                        dst_qemu: !src_qemu,
+                        channels: Some(c),
+                    },
+                });
+            }
         }
         if has("floor") {
             cases.push(Case {
@@ -620,6 +635,16 @@ fn main() {
                     wall(q) / wall(h),
                     cpu(h) / cpu(q)
                 );
+            }
+            // A helper at one end, against QEMU at both.
+            for one in ["QEMU->helper multifd", "helper->QEMU multifd"] {
+                if let (Some(q), Some(o)) = (qq, find(one)) {
+                    println!(
+                        "{c} channels: {one} vs QEMU->QEMU multifd {:.2}x (QEMU's wall over it), CPU {:.2}x",
+                        wall(q) / wall(o),
+                        cpu(o) / cpu(q)
+                    );
+                }
             }
             if let (Some(q), Some(f)) = (qq, fl) {
                 println!(
