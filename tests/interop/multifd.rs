@@ -111,6 +111,9 @@ struct Case {
     garbage: bool,
     /// The `return-path` capability on both ends.
     return_path: bool,
+    /// The helper destination keeps compat-version 10.0 whatever the QEMU source (it must
+    /// follow a 7.2 source's sync style by itself).
+    dst_default_compat: bool,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -134,7 +137,7 @@ fn qemu_to_helper(qemu: Qemu, test: &str, c: Case) {
     }
     let zeros = fill_mixed(&mut src.ram_mmap(), test_seed(test), 0.5) as u64;
     let normal = RAM / PAGE_SIZE as u64 - zeros;
-    if qemu == Qemu::V72 {
+    if qemu == Qemu::V72 && !c.dst_default_compat {
         dst.client
             .set_parameters(json!({"compat-version": "7.2"}))
             .expect("compat-version");
@@ -261,6 +264,7 @@ fn qemu10_to_helper_multifd_2ch() {
             uuid: None,
             garbage: false,
             return_path: false,
+            dst_default_compat: false,
         },
     );
 }
@@ -278,6 +282,7 @@ fn qemu10_to_helper_multifd_4ch() {
             uuid: Some(UUID),
             garbage: true,
             return_path: true,
+            dst_default_compat: false,
         },
     );
 }
@@ -293,6 +298,7 @@ fn helper_to_qemu10_multifd_2ch() {
             uuid: None,
             garbage: false,
             return_path: false,
+            dst_default_compat: false,
         },
     );
 }
@@ -308,6 +314,7 @@ fn helper_to_qemu10_multifd_4ch() {
             uuid: Some(UUID),
             garbage: false,
             return_path: true,
+            dst_default_compat: false,
         },
     );
 }
@@ -356,6 +363,25 @@ fn qemu72_to_helper_multifd() {
             uuid: None,
             garbage: true,
             return_path: true,
+            dst_default_compat: false,
+        },
+    );
+}
+
+/// The same with the helper left at compat-version 10.0: it learns from the setup section
+/// that the source syncs at every section end (a QEMU 10.0 destination would hang here).
+#[test]
+fn qemu72_to_helper_multifd_default_compat() {
+    qemu_to_helper(
+        Qemu::V72,
+        "qemu72_to_helper_multifd_default_compat",
+        Case {
+            channels: 2,
+            zpd: None,
+            uuid: None,
+            garbage: true,
+            return_path: true,
+            dst_default_compat: true,
         },
     );
 }
@@ -371,6 +397,7 @@ fn helper_to_qemu72_multifd() {
             uuid: None,
             garbage: false,
             return_path: true,
+            dst_default_compat: false,
         },
     );
 }
@@ -389,6 +416,17 @@ fn live_helper_to_helper(test: &str, channels: u8, zpd: &str, garbage: bool) {
 /// `live_helper_to_helper` with `compat-version` `compat` on both ends (7.2: a sync before
 /// every section's EOS instead of MULTIFD_FLUSH records).
 fn live_helper_to_helper_compat(test: &str, channels: u8, zpd: &str, garbage: bool, compat: &str) {
+    live_helper_to_helper_compats(test, channels, zpd, garbage, (compat, compat));
+}
+
+/// `compats`: the source's and the destination's compat-version.
+fn live_helper_to_helper_compats(
+    test: &str,
+    channels: u8,
+    zpd: &str,
+    garbage: bool,
+    compats: (&str, &str),
+) {
     let seed = test_seed(test);
     let t0 = Instant::now();
     let mut src = HelperVm::spawn();
@@ -402,7 +440,7 @@ fn live_helper_to_helper_compat(test: &str, channels: u8, zpd: &str, garbage: bo
     fill_mixed(&mut src.blocks[0].mem.map(), seed, 0.3);
     enable_multifd(&mut src.client, channels);
     enable_multifd(&mut dst.client, channels);
-    for h in [&mut src, &mut dst] {
+    for (h, compat) in [(&mut src, compats.0), (&mut dst, compats.1)] {
         h.client
             .set_parameters(json!({ "compat-version": compat }))
             .expect("compat-version");
@@ -529,6 +567,26 @@ fn live_helper_to_helper_multifd_compat72() {
         "legacy",
         true,
         "7.2",
+    );
+}
+
+/// The two ends configured with different compat-versions: the destination follows the
+/// source's sync style (per section from a 7.2-style source, per round from a 10.0 one).
+#[test]
+fn live_helper_to_helper_multifd_compat_mismatch() {
+    live_helper_to_helper_compats(
+        "live_helper_to_helper_multifd_compat_mismatch_72_100",
+        2,
+        "legacy",
+        false,
+        ("7.2", "10.0"),
+    );
+    live_helper_to_helper_compats(
+        "live_helper_to_helper_multifd_compat_mismatch_100_72",
+        2,
+        "multifd",
+        false,
+        ("10.0", "7.2"),
     );
 }
 

@@ -109,6 +109,10 @@ pub(super) struct Loader<'a> {
     pub(super) link: Link,
     /// The multifd receivers, until the end of the stream or POSTCOPY_LISTEN.
     pub(super) multifd: Option<Multifd<'a>>,
+    /// Whether the source's multifd sync style is known: set at the EOS of the RAM START
+    /// section, by whether a MULTIFD_FLUSH came in it (QEMU 8.1 and later send one there;
+    /// 8.0 and older sync at every EOS and never send it).
+    pub(super) multifd_style_known: bool,
     last_progress: Instant,
 }
 
@@ -142,6 +146,7 @@ impl<'a> Loader<'a> {
             }),
             link,
             multifd: None,
+            multifd_style_known: false,
             last_progress: Instant::now(),
         }
     }
@@ -185,6 +190,24 @@ impl<'a> Loader<'a> {
     /// Under flush-after-each-section (compat 7.2) every RAM EOS is a sync point.
     pub(super) fn multifd_sync_at_eos(&self) -> bool {
         self.multifd.as_ref().is_some_and(|m| m.flush_each_section)
+    }
+
+    /// At the first RAM EOS: follows the source's sync style whatever `compat-version`
+    /// says, so that a mismatch cannot hang the load (QEMU's does: a 7.2 source into a 10.0
+    /// destination stays `active`). `flush_seen`: a MULTIFD_FLUSH came in the section.
+    pub(super) fn learn_multifd_style(&mut self, flush_seen: bool) {
+        if std::mem::replace(&mut self.multifd_style_known, true) {
+            return;
+        }
+        let log = self.ctx.log.clone();
+        if let Some(m) = &mut self.multifd {
+            let per_section = !flush_seen;
+            if m.flush_each_section != per_section {
+                slog::warn!(log, "multifd: the source syncs differently from compat-version; following the source";
+                    "sync_each_section" => per_section);
+                m.flush_each_section = per_section;
+            }
+        }
     }
 
     /// Stops the multifd receivers; a receiver's failure is the cause of whatever `result`

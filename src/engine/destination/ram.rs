@@ -42,18 +42,23 @@ impl Loader<'_> {
         if self.in_postcopy() {
             return self.postcopy_body(r);
         }
+        let mut flush_seen = false;
         loop {
             let (used, stop) = self.precopy_records(r.data(), r.offset);
             r.consume(used);
             match stop? {
                 Stop::Eos => {
+                    self.learn_multifd_style(flush_seen);
                     if self.multifd_sync_at_eos() {
                         self.multifd_sync()?;
                     }
                     return Ok(());
                 }
                 // The records before it are written: the channels may go on.
-                Stop::Flush => self.multifd_sync()?,
+                Stop::Flush => {
+                    flush_seen = true;
+                    self.multifd_sync()?
+                }
                 Stop::NeedMore => r.need_more("in a RAM section")?,
             }
         }
