@@ -345,16 +345,7 @@ pub fn builtin_seeds() -> Seeds {
             id: 1,
         },
     );
-    let sync = |num| PacketHeader {
-        flags: wire::multifd::FLAG_SYNC,
-        pages_alloc: 0,
-        normal_pages: 0,
-        zero_pages: 0,
-        next_packet_size: 0,
-        packet_num: num,
-        ramblock: String::new(),
-        offsets: vec![],
-    };
+    let sync = PacketHeader::sync;
     let _ = multifd::encode_packet_header(&mut mf, &sync(1));
     let pages = PacketHeader {
         flags: 0,

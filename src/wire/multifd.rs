@@ -11,7 +11,7 @@
 //! empty block name; older QEMUs could put pages in it, so it is decoded like any other.
 
 use crate::compat::wire::multifd::{
-    FLAG_COMPRESSION_MASK, FLAG_DEVICE_STATE, FLAG_NOCOMP, INIT_PACKET_LEN, MAGIC,
+    FLAG_COMPRESSION_MASK, FLAG_DEVICE_STATE, FLAG_NOCOMP, FLAG_SYNC, INIT_PACKET_LEN, MAGIC,
     PACKET_FIXED_LEN, PACKET_HEADER_LEN, PAGES_PER_PACKET, RAMBLOCK_LEN, VERSION,
 };
 use crate::compat::wire::TARGET_PAGE_SIZE;
@@ -94,6 +94,21 @@ pub struct PacketHeader {
 }
 
 impl PacketHeader {
+    /// The page-less SYNC packet QEMU 9.0 and later send (`multifd_send_fill_packet` fills
+    /// only the header of a zeroed packet): flags SYNC, no pages, no block.
+    pub fn sync(packet_num: u64) -> Self {
+        PacketHeader {
+            flags: FLAG_SYNC,
+            pages_alloc: 0,
+            normal_pages: 0,
+            zero_pages: 0,
+            next_packet_size: 0,
+            packet_num,
+            ramblock: String::new(),
+            offsets: Vec::new(),
+        }
+    }
+
     /// Offsets of the pages whose data follows the header, in order.
     pub fn normal_offsets(&self) -> &[u64] {
         &self.offsets[..self.normal_pages as usize]
@@ -358,16 +373,7 @@ mod tests {
         b[4..8].copy_from_slice(&VERSION.to_be_bytes());
         b[8..12].copy_from_slice(&FLAG_SYNC.to_be_bytes());
         b[24..32].copy_from_slice(&7u64.to_be_bytes());
-        let h = PacketHeader {
-            flags: FLAG_SYNC,
-            pages_alloc: 0,
-            normal_pages: 0,
-            zero_pages: 0,
-            next_packet_size: 0,
-            packet_num: 7,
-            ramblock: String::new(),
-            offsets: vec![],
-        };
+        let h = PacketHeader::sync(7);
         assert_eq!(decode_packet_header(&b), Ok(Some((h.clone(), 1344))));
         assert_eq!(encoded(&h), b);
         // Stale offsets past the counts mean nothing, even unaligned.

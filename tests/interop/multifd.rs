@@ -23,12 +23,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use qemu_migration_helper::client::HelperClient;
-use qemu_migration_helper::compat::wire::multifd::{FLAG_SYNC, PAGES_PER_PACKET};
+use qemu_migration_helper::compat::wire::multifd::PAGES_PER_PACKET;
 use qemu_migration_helper::compat::wire::ram as flag;
 use qemu_migration_helper::wire::multifd::{
     encode_init, encode_packet_header, InitPacket, PacketHeader,
 };
-use qemu_migration_helper::wire::ram::{encode_block_list, encode_eos, BlockEntry};
+use qemu_migration_helper::wire::ram::{encode_block_entries, encode_eos, BlockEntry};
 use qemu_migration_helper::wire::stream::{
     encode_footer, encode_section_part, encode_section_start, put_be64, SectionKind,
 };
@@ -812,20 +812,7 @@ fn init_packet(uuid: [u8; 16], id: u8) -> Vec<u8> {
 /// QEMU 9.0+'s page-less SYNC packet.
 fn sync_packet(num: u64) -> Vec<u8> {
     let mut b = Vec::new();
-    encode_packet_header(
-        &mut b,
-        &PacketHeader {
-            flags: FLAG_SYNC,
-            pages_alloc: 0,
-            normal_pages: 0,
-            zero_pages: 0,
-            next_packet_size: 0,
-            packet_num: num,
-            ramblock: String::new(),
-            offsets: Vec::new(),
-        },
-    )
-    .expect("sync packet");
+    encode_packet_header(&mut b, &PacketHeader::sync(num)).expect("sync packet");
     b
 }
 
@@ -868,9 +855,9 @@ fn data_packet(num: u64, block: &str, normal: &[u64], zero: &[u64]) -> Vec<u8> {
 fn main_stream() -> Vec<u8> {
     let mut b = head();
     encode_section_start(&mut b, SectionKind::Start, &ram_header(1, 4)).expect("start");
-    let mut list = Vec::new();
-    encode_block_list(
-        &mut list,
+    // Its EOS goes after the FLUSH, as in QEMU's ram_save_setup.
+    encode_block_entries(
+        &mut b,
         &[BlockEntry {
             idstr: "ram".into(),
             used_length: BLOCK,
@@ -878,9 +865,6 @@ fn main_stream() -> Vec<u8> {
         }],
     )
     .expect("block list");
-    // Its EOS goes after the FLUSH, as in QEMU's ram_save_setup.
-    list.truncate(list.len() - 8);
-    b.extend_from_slice(&list);
     put_be64(&mut b, flag::MULTIFD_FLUSH);
     encode_eos(&mut b);
     encode_footer(&mut b, 1);

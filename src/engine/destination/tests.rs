@@ -14,18 +14,18 @@ use crate::wire::stream::{self, SectionHeader, SectionKind};
 
 const PAGE: u64 = TARGET_PAGE_SIZE as u64;
 
-fn ctx() -> Arc<MigrationCtx> {
+pub(super) fn ctx() -> Arc<MigrationCtx> {
     let log = slog::Logger::root(slog::Discard, slog::o!());
     MigrationCtx::new(log, Default::default()).expect("ctx")
 }
 
-fn block(id: &str, pages: u64) -> Arc<RamBlock> {
+pub(super) fn block(id: &str, pages: u64) -> Arc<RamBlock> {
     Arc::new(RamBlock::new(spec(id, pages * PAGE), memfd(pages * PAGE)).expect("block"))
 }
 
-/// A precopy stream: header, RAM START with the block list of `blocks`, then `body` (RAM
-/// records), EOS, footer, EOF.
-fn stream(blocks: &[(&str, u64)], body: &[u8]) -> Vec<u8> {
+/// The stream's header and a RAM START section with the block list of `blocks` (id, pages),
+/// without its EOS: the START body may go on.
+pub(super) fn ram_start(blocks: &[(&str, u64)]) -> Vec<u8> {
     let mut s = Vec::new();
     stream::encode_header(&mut s);
     let h = SectionHeader {
@@ -43,7 +43,15 @@ fn stream(blocks: &[(&str, u64)], body: &[u8]) -> Vec<u8> {
             page_size: None,
         })
         .collect();
-    ram::encode_block_list(&mut s, &entries).unwrap();
+    ram::encode_block_entries(&mut s, &entries).unwrap();
+    s
+}
+
+/// A precopy stream: header, RAM START with the block list of `blocks`, then `body` (RAM
+/// records), EOS, footer, EOF.
+fn stream(blocks: &[(&str, u64)], body: &[u8]) -> Vec<u8> {
+    let mut s = ram_start(blocks);
+    ram::encode_eos(&mut s);
     stream::encode_footer(&mut s, 2);
     stream::encode_section_part(&mut s, SectionKind::Part, 2);
     s.extend_from_slice(body);

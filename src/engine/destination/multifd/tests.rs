@@ -9,22 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
-use crate::compat::wire::multifd::{FLAG_SYNC, PAGES_PER_PACKET};
+use crate::compat::wire::multifd::PAGES_PER_PACKET;
 use crate::compat::wire::ram as flag;
 use crate::compat::QemuVersion;
+use crate::engine::destination::tests::{block, ctx, ram_start};
 use crate::memory::block::tests::{byte, memfd, spec};
 use crate::wire::multifd::encode_packet_header;
-use crate::wire::ram::{self as ram_codec, BlockEntry};
-use crate::wire::stream::{self, SectionHeader, SectionKind};
-
-fn ctx() -> Arc<MigrationCtx> {
-    let log = slog::Logger::root(slog::Discard, slog::o!());
-    MigrationCtx::new(log, Default::default()).expect("ctx")
-}
-
-fn block(id: &str, pages: u64) -> Arc<RamBlock> {
-    Arc::new(RamBlock::new(spec(id, pages * PAGE), memfd(pages * PAGE)).expect("block"))
-}
+use crate::wire::ram as ram_codec;
+use crate::wire::stream::{self, SectionKind};
 
 fn known_zero(blocks: &[Arc<RamBlock>]) -> KnownZero {
     Arc::new(
@@ -79,17 +71,7 @@ fn packet(block: &str, num: u64, pages: &[(u64, u8)], zeros: &[u64]) -> Vec<u8> 
 /// A SYNC packet as QEMU 10.0 sends it.
 fn sync_packet(num: u64) -> Vec<u8> {
     let mut out = Vec::new();
-    let h = PacketHeader {
-        flags: FLAG_SYNC,
-        pages_alloc: 0,
-        normal_pages: 0,
-        zero_pages: 0,
-        next_packet_size: 0,
-        packet_num: num,
-        ramblock: String::new(),
-        offsets: vec![],
-    };
-    encode_packet_header(&mut out, &h).expect("header");
+    encode_packet_header(&mut out, &PacketHeader::sync(num)).expect("header");
     out
 }
 
@@ -391,26 +373,8 @@ fn a_cancel_ends_the_wait_for_a_sync() {
 /// A stream of three RAM sections (START with the block list, a PART, the END), each
 /// `bodies[i]` then EOS, then EOF.
 fn stream(blocks: &[(&str, u64)], bodies: [&[u8]; 3]) -> Vec<u8> {
-    let mut s = Vec::new();
-    stream::encode_header(&mut s);
-    let h = SectionHeader {
-        section_id: 2,
-        idstr: flag::IDSTR.into(),
-        instance_id: 0,
-        version_id: flag::VERSION,
-    };
-    stream::encode_section_start(&mut s, SectionKind::Start, &h).unwrap();
-    let entries: Vec<BlockEntry> = blocks
-        .iter()
-        .map(|&(id, pages)| BlockEntry {
-            idstr: id.into(),
-            used_length: pages * PAGE,
-            page_size: None,
-        })
-        .collect();
-    ram_codec::encode_block_list(&mut s, &entries).unwrap();
     // The START body goes on after the block list, before its EOS.
-    s.truncate(s.len() - 8);
+    let mut s = ram_start(blocks);
     for (i, body) in bodies.iter().enumerate() {
         if i > 0 {
             let kind = if i == 1 {

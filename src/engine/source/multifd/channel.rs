@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crate::compat::wire::multifd::{FLAG_NOCOMP, FLAG_SYNC, PACKET_HEADER_LEN, PAGES_PER_PACKET};
+use crate::compat::wire::multifd::{FLAG_NOCOMP, PACKET_HEADER_LEN, PAGES_PER_PACKET};
 use crate::engine::source::error::MultifdError;
 use crate::engine::source::multifd::{Job, Shared, HOLE};
 use crate::engine::source::writer::PAGE;
@@ -216,14 +216,7 @@ impl Sender {
     /// QEMU 10.0's SYNC packet: flags SYNC, no pages, no block, nothing after it.
     fn sync_packet(&mut self) -> Result<(), MultifdError> {
         let h = &mut self.header;
-        h.flags = FLAG_SYNC;
-        h.pages_alloc = 0;
-        h.normal_pages = 0;
-        h.zero_pages = 0;
-        h.next_packet_size = 0;
-        h.packet_num = self.shared.packet_num.fetch_add(1, Ordering::Relaxed);
-        h.ramblock.clear();
-        h.offsets.clear();
+        *h = PacketHeader::sync(self.shared.packet_num.fetch_add(1, Ordering::Relaxed));
         self.buf.clear();
         encode_packet_header(&mut self.buf, h).map_err(|source| MultifdError::Wire {
             id: self.id,
