@@ -34,12 +34,13 @@ impl AtomicBitmap {
         }
     }
 
-    /// Clears bit `i`; returns whether it was set.
+    /// Clears bit `i`; returns whether it was set. A clear bit costs a load, not a locked
+    /// read-modify-write (the usual case on a page path into preallocated memory).
     pub(crate) fn take(&self, i: u64) -> bool {
         let bit = 1 << (i % 64);
-        self.0
-            .get((i / 64) as usize)
-            .is_some_and(|w| w.fetch_and(!bit, Ordering::AcqRel) & bit != 0)
+        self.0.get((i / 64) as usize).is_some_and(|w| {
+            w.load(Ordering::Acquire) & bit != 0 && w.fetch_and(!bit, Ordering::AcqRel) & bit != 0
+        })
     }
 
     /// Sets the bits of `mask` in word `w`.

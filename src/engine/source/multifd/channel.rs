@@ -135,7 +135,11 @@ impl Sender {
                     self.shared.notify_pass(&g);
                 }
                 Err(e) => {
-                    if g.error.is_none() && !g.cancelled {
+                    // A cancel shuts the channels down (the mailbox holds them): the
+                    // failed write is its consequence, not the migration's error.
+                    if self.shared.cancel.is_cancelled() {
+                        g.cancelled = true;
+                    } else if g.error.is_none() && !g.cancelled {
                         g.error = Some(e);
                     }
                     // The others stop too: the migration has failed.

@@ -7,12 +7,12 @@
 //! without the main channel's record: the partial packet goes, every channel writes a SYNC
 //! packet after what it has queued, and the call returns once all have.
 //!
-//! The pass thread waits on a condvar that the channels notify; a watcher thread sleeps in
-//! poll(2) on the migration's cancel token and, on cancel, shuts the multifd sockets down
-//! (a thread blocked in `writev` on a stalled peer returns) and wakes everyone.
+//! The pass thread waits on a condvar that the channels notify. A cancel reaches the
+//! channels as every other channel of the migration: the mailbox holds them (the control
+//! layer registers them) and shuts them down, so that a thread blocked in `writev` on a
+//! stalled peer returns; its failed write then counts as the cancel.
 
 use std::collections::VecDeque;
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -23,7 +23,7 @@ use crate::engine::migration::{MigrationCtx, Stats};
 use crate::engine::source::error::MultifdError;
 use crate::engine::source::SourceError;
 use crate::memory::block::RamBlock;
-use crate::transport::{wait_fd, CancelToken, Channel, Woke};
+use crate::transport::{CancelToken, Channel};
 
 mod channel;
 #[cfg(test)]
@@ -68,6 +68,7 @@ struct State {
     lanes: Vec<Lane>,
     /// The first channel failure, for the pass thread.
     error: Option<MultifdError>,
+    /// A channel's write failed because the migration was cancelled.
     cancelled: bool,
     /// The end: channel threads return once their queue is empty.
     closing: bool,
@@ -77,7 +78,7 @@ struct State {
     pass_waiting: bool,
 }
 
-/// What the pass thread, the channel threads and the watcher share.
+/// What the pass thread and the channel threads share.
 struct Shared {
     state: Mutex<State>,
     /// One per channel: work was queued (or the end came).
@@ -92,6 +93,8 @@ struct Shared {
     zero: AtomicU64,
     /// Zero pages listed in the packets (`multifd`), else every queued page is data.
     detect_zero: bool,
+    /// The migration's cancel token: tells a cancel from a failure.
+    cancel: CancelToken,
 }
 
 impl Shared {
@@ -122,7 +125,6 @@ pub(crate) struct Multifd {
     shared: Arc<Shared>,
     chans: Vec<Arc<Channel>>,
     threads: Vec<JoinHandle<()>>,
-    watcher: Option<(JoinHandle<()>, CancelToken)>,
     /// Where the search for a channel with room starts (QEMU's `next_channel`).
     next: usize,
     /// The packet being filled: its block and pages.
@@ -138,7 +140,7 @@ pub(crate) struct Multifd {
 }
 
 impl Multifd {
-    /// Starts one thread per channel (`qmh-mfd-send-K`) and the cancel watcher; None
+    /// Starts one thread per channel (`qmh-mfd-send-K`); None
     /// without channels (the `multifd` capability off).
     pub(crate) fn start(
         ctx: &MigrationCtx,
@@ -163,6 +165,7 @@ impl Multifd {
             normal: AtomicU64::new(0),
             zero: AtomicU64::new(0),
             detect_zero: mode == ZeroPageDetection::Multifd,
+            cancel: ctx.mailbox.cancel_token().clone(),
         });
         let chans: Vec<Arc<Channel>> = chans
             .into_iter()
@@ -175,7 +178,6 @@ impl Multifd {
             shared,
             chans,
             threads: Vec::with_capacity(n),
-            watcher: None,
             next: 0,
             fill: None,
             syncs: 0,
@@ -191,23 +193,6 @@ impl Multifd {
                 .map_err(|source| MultifdError::Spawn { id: id8, source })?;
             m.threads.push(t);
         }
-        let stop = CancelToken::new().map_err(|source| SourceError::Spawn {
-            what: "multifd cancel watcher",
-            source,
-        })?;
-        let (shared, chans) = (m.shared.clone(), m.chans.clone());
-        let (cancel, stop2) = (ctx.mailbox.cancel_token().clone(), stop.clone());
-        let w = std::thread::Builder::new()
-            .name("qmh-mfd-cancel".into())
-            .spawn(move || {
-                crate::sandbox::enter_thread(crate::sandbox::ThreadKind::ChannelMover);
-                watch(&shared, &chans, &cancel, &stop2)
-            })
-            .map_err(|source| SourceError::Spawn {
-                what: "multifd cancel watcher",
-                source,
-            })?;
-        m.watcher = Some((w, stop));
         slog::info!(ctx.log, "multifd channels"; "channels" => n, "zero_page_detection" => mode.as_str(),
             "flush_after_each_section" => m.per_section);
         Ok(Some(m))
@@ -354,6 +339,11 @@ impl Multifd {
             }
         }
         self.join();
+        // The peer sees the end now, even while the mailbox still holds a copy of each
+        // socket for cancel (until the migration thread ends).
+        for c in &self.chans {
+            c.shutdown();
+        }
         self.fold(ctx);
         let err = self.shared.lock().error.take();
         match err {
@@ -367,10 +357,6 @@ impl Multifd {
             // A channel thread that panicked has reported itself as gone.
             let _ = t.join();
         }
-        if let Some((w, stop)) = self.watcher.take() {
-            stop.cancel();
-            let _ = w.join();
-        }
     }
 }
 
@@ -378,7 +364,7 @@ impl Drop for Multifd {
     /// Not closed: the migration failed or was cancelled. The sockets are shut down so
     /// that a thread blocked in `writev` returns, then every thread is joined.
     fn drop(&mut self) {
-        if self.threads.is_empty() && self.watcher.is_none() {
+        if self.threads.is_empty() {
             return;
         }
         {
@@ -389,26 +375,5 @@ impl Drop for Multifd {
             c.shutdown();
         }
         self.join();
-    }
-}
-
-/// The cancel watcher: sleeps until the migration is cancelled (then shuts the multifd
-/// sockets down and wakes every thread) or `stop` (the end).
-fn watch(shared: &Shared, chans: &[Arc<Channel>], cancel: &CancelToken, stop: &CancelToken) {
-    loop {
-        match wait_fd(cancel.as_fd(), nix::poll::PollFlags::POLLIN, stop, None) {
-            Ok(Woke::Ready) if cancel.is_cancelled() => break,
-            Ok(Woke::Ready) | Ok(Woke::TimedOut) => continue,
-            // Stopped; or poll failed: the pass thread still sees cancel at its checks.
-            Ok(Woke::Interrupted) | Err(_) => return,
-        }
-    }
-    {
-        let mut g = shared.lock();
-        g.cancelled = true;
-        shared.abort_all(&mut g);
-    }
-    for c in chans {
-        c.shutdown();
     }
 }

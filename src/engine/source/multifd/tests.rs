@@ -111,6 +111,8 @@ fn migrate(
     let mut readers = Vec::new();
     for i in 0..n {
         let (x, y) = UnixStream::pair().expect("pair");
+        // As the control layer does: a cancel shuts every channel down.
+        ctx.add_channel(x.try_clone().expect("dup").into());
         chans.push(
             Channel::from_unix(x, format!("test-mfd-{i}"))
                 .with_cancel(ctx.mailbox.cancel_token().clone()),
