@@ -99,6 +99,14 @@ pub(crate) struct Parameters {
     /// `vm-uuid`: the VM UUID each multifd channel's initial packet carries, which the
     /// destination compares with its own (QEMU's `-uuid`; all-zero without it).
     pub vm_uuid: [u8; 16],
+    /// `tls-creds`: the id of a `tls-creds-x509`/`tls-creds-psk` object; empty: no TLS.
+    pub tls_creds: String,
+    /// `tls-hostname`: the name the source checks the server's certificate against; empty:
+    /// the `tcp:` URI's host.
+    pub tls_hostname: String,
+    /// `tls-authz`: the id of an `authz-simple` object the destination checks the client's
+    /// distinguished name against; empty: any client the CA signed.
+    pub tls_authz: String,
 }
 
 impl Parameters {
@@ -175,6 +183,9 @@ impl Default for Parameters {
             multifd_channels: 2,
             zero_page_detection: None,
             vm_uuid: [0; 16],
+            tls_creds: String::new(),
+            tls_hostname: String::new(),
+            tls_authz: String::new(),
         }
     }
 }
@@ -326,6 +337,9 @@ pub(crate) struct MigrationCtx {
     pub(crate) recoveries: Mutex<Vec<f64>>,
     /// Commands from the control channel.
     pub(crate) mailbox: Mailbox,
+    /// TLS for this migration's channels (from `tls-creds` when it, or its recovery,
+    /// started); None: clear text.
+    pub(crate) tls: Mutex<Option<crate::transport::tls::TlsSetup>>,
 }
 
 impl MigrationCtx {
@@ -347,6 +361,7 @@ impl MigrationCtx {
             pauses: AtomicU64::new(0),
             recoveries: Mutex::new(Vec::new()),
             mailbox,
+            tls: Mutex::new(None),
         }))
     }
 

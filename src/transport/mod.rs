@@ -6,6 +6,7 @@ mod connect;
 mod incoming;
 pub(crate) mod multifd;
 mod open;
+pub(crate) mod tls;
 
 pub(crate) use cancel::CancelToken;
 pub(crate) use cancel::{wait_fd, Never, Woke};
@@ -138,6 +139,9 @@ pub struct Channel {
     timer: Arc<IoTimer>,
     moved: AtomicBool,
     pub(crate) peer: String,
+    /// The TLS session once a handshake ran: all I/O then goes through it. Shared with the
+    /// channel's clones (a return path), so both directions use the one session.
+    tls: Option<Arc<tls::session::Session>>,
 }
 
 fn io_err(
@@ -202,7 +206,28 @@ impl Channel {
             timer: Arc::default(),
             moved: AtomicBool::new(false),
             peer,
+            tls: None,
         }
+    }
+
+    /// What the TLS handshake agreed, when the channel runs under TLS.
+    pub(crate) fn tls_info(&self) -> Option<&tls::TlsInfo> {
+        self.tls.as_deref().map(|s| &s.info)
+    }
+
+    /// A second handle on the same channel (a return path): same socket, same TLS session,
+    /// same timeouts and cancel token.
+    pub(crate) fn try_clone(&self, peer: &str) -> io::Result<Channel> {
+        let mut c = Channel::new(
+            self.fd.try_clone()?,
+            self.is_socket,
+            self.is_pipe,
+            peer.into(),
+        );
+        c.cancel = self.cancel.clone();
+        c.timer = self.timer.clone();
+        c.tls = self.tls.clone();
+        Ok(c)
     }
 
     /// Wraps a passed fd after checking it is a stream socket, pipe or regular file.

@@ -13,6 +13,7 @@ mod blocks;
 mod fds;
 #[cfg(test)]
 mod multifd_tests;
+mod objects;
 mod running;
 mod settings;
 mod start;
@@ -45,6 +46,8 @@ pub(crate) struct Helper {
     role: Mutex<Option<Role>>,
     /// The parent's userfaultfd (`userfaultfd-set`), for postcopy destinations.
     uffd: Mutex<Option<OwnedFd>>,
+    /// Objects made by `object-add` (TLS credentials, authz), by id.
+    objects: Mutex<HashMap<String, crate::transport::tls::creds::TlsObject>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +75,7 @@ impl Helper {
             worker: Mutex::new(None),
             role: Mutex::new(None),
             uffd: Mutex::new(None),
+            objects: Mutex::new(HashMap::new()),
         }))
     }
 

@@ -39,18 +39,13 @@ impl Loader<'_> {
                 let Some(c) = chan.filter(|c| c.is_socket) else {
                     return Err(Self::invalid(r.offset, Violation::ReturnPathNotSocket));
                 };
-                let fd = c.try_clone_fd().map_err(|source| {
+                // A clone shares the TLS session, if any: the return path is its send half.
+                let rp = c.try_clone("return-path").map_err(|source| {
                     LoadError::Read(ReadError::Io {
                         peer: c.peer.clone(),
                         offset: r.offset,
                         source,
                     })
-                })?;
-                let rp = Channel::from_fd("return-path", fd).map_err(|source| {
-                    LoadError::ReturnPathChannel {
-                        offset: r.offset,
-                        source,
-                    }
                 })?;
                 self.rp = Some(Arc::new(RpWriter::new(rp)));
             }

@@ -77,12 +77,6 @@ pub(crate) enum LoadError {
         #[source]
         source: IntakeError,
     },
-    #[error("at stream offset {offset}: {source}")]
-    ReturnPathChannel {
-        offset: u64,
-        #[source]
-        source: TransportError,
-    },
     #[error("at stream offset {offset}: discard in {block:?}: {source}")]
     Discard {
         offset: u64,
@@ -239,8 +233,6 @@ pub(crate) enum RecoveryError {
     NotASocket(String),
     #[error("{0}")]
     Dup(#[source] std::io::Error),
-    #[error("{0}")]
-    ReturnPathChannel(#[source] TransportError),
     #[error(transparent)]
     ReturnPath(#[from] RpError),
     #[error("{0}")]

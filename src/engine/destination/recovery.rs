@@ -98,10 +98,7 @@ impl Loader<'_> {
         let Some(rp) = self.rp.clone() else {
             return Err(RecoveryError::NoPostcopy.into());
         };
-        rp.replace(
-            Channel::from_fd("return-path", dup(&chan)?)
-                .map_err(RecoveryError::ReturnPathChannel)?,
-        );
+        rp.replace(chan.try_clone("return-path").map_err(RecoveryError::Dup)?);
         ctx.state.transition(MigrationStatus::PostcopyRecover)?;
         let mut r = Reader::new(&chan, chan.peer.clone(), READ_CHUNK);
         // Recovery happens only in postcopy: read what comes, do not gather.

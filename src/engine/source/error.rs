@@ -84,8 +84,6 @@ pub(crate) enum PeerError {
     NoShut,
     #[error("postcopy needs a socket (for the return path); {0} is not one")]
     NotASocket(String),
-    #[error("{0}")]
-    ReturnPathChannel(#[source] TransportError),
     #[error("cannot establish the postcopy-preempt channel: {0}")]
     Preempt(#[source] PreemptError),
 }

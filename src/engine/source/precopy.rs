@@ -77,13 +77,14 @@ impl<'m> Precopy<'m> {
         let rp_shared = RpShared::default();
         let mfd = Multifd::start(ctx, blocks, multifd)?;
         let rp = if use_rp {
-            let fd = chan.try_clone_fd().map_err(|source| SourceError::Io {
-                peer: chan.peer.clone(),
-                sent: 0,
-                source,
-            })?;
-            let rp_chan =
-                Channel::from_fd("return-path", fd).map_err(PeerError::ReturnPathChannel)?;
+            // A clone shares the TLS session, if any: the return path is its read half.
+            let rp_chan = chan
+                .try_clone("return-path")
+                .map_err(|source| SourceError::Io {
+                    peer: chan.peer.clone(),
+                    sent: 0,
+                    source,
+                })?;
             Some(rp_shared.spawn_reader(rp_chan, blocks, &ctx.log)?)
         } else {
             None

@@ -107,8 +107,7 @@ impl<'m> PostcopyPush<'m> {
             ctx.set_channel(Some(fd));
         }
         ctx.state.transition(MigrationStatus::PostcopyRecover)?;
-        let rp_fd = chan.try_clone_fd().map_err(RecoveryError::Dup)?;
-        let rp_chan = Channel::from_fd("return-path", rp_fd).map_err(RecoveryError::Channel)?;
+        let rp_chan = chan.try_clone("return-path").map_err(RecoveryError::Dup)?;
         let rp = self
             .rp_shared
             .spawn_reader(rp_chan, self.blocks, &ctx.log)?;
