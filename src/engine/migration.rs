@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use crate::compat::{QemuVersion, ZeroPageDetection};
 use crate::engine::state::StateMachine;
-use crate::wire::device_state::DeviceSection;
 use crate::transport::tls::{TlsInfo, TlsSetup};
 use crate::transport::{CancelToken, Channel, TransportError, Uri};
+use crate::wire::device_state::DeviceSection;
 
 pub(crate) use crate::engine::mailbox::{Command, Mailbox, Recovery, Refused};
 

@@ -384,23 +384,24 @@ fn accept_tls(
                    mut fds: std::vec::IntoIter<Channel>,
                    mut first: Option<Instant>|
      -> Result<Channel, TransportError> {
-        let mut next = |first: &mut Option<Instant>, what: &str| -> Result<Channel, TransportError> {
-            match listener {
-                Some(l) => {
-                    let deadline = deadline_of(*first, timeout);
-                    let fd = l
-                        .listener_fd()
-                        .ok_or_else(|| MultifdError::Unsupported(label.clone()))?;
-                    wait_input(fd, cancel, deadline, timeout, &label, what)?;
-                    let c = l.accept_now()?;
-                    first.get_or_insert_with(Instant::now);
-                    Ok(c)
+        let mut next =
+            |first: &mut Option<Instant>, what: &str| -> Result<Channel, TransportError> {
+                match listener {
+                    Some(l) => {
+                        let deadline = deadline_of(*first, timeout);
+                        let fd = l
+                            .listener_fd()
+                            .ok_or_else(|| MultifdError::Unsupported(label.clone()))?;
+                        wait_input(fd, cancel, deadline, timeout, &label, what)?;
+                        let c = l.accept_now()?;
+                        first.get_or_insert_with(Instant::now);
+                        Ok(c)
+                    }
+                    None => fds
+                        .next()
+                        .ok_or_else(|| MultifdError::Unsupported(label.clone()).into()),
                 }
-                None => fds
-                    .next()
-                    .ok_or_else(|| MultifdError::Unsupported(label.clone()).into()),
-            }
-        };
+            };
         let main = match main {
             Some(c) => c,
             None => next(&mut first, "the main channel")?,
@@ -473,14 +474,18 @@ fn read_init(
     };
     while len < buf.len() {
         // Plaintext the handshake already brought in is not visible to poll(2).
-        let n = c.read_ready(&mut buf[len..]).map_err(io("reading the initial packet from"))?;
+        let n = c
+            .read_ready(&mut buf[len..])
+            .map_err(io("reading the initial packet from"))?;
         if n == 0 {
             let missing = format!("the initial packet of {what}");
             wait_input(c.fd.as_fd(), cancel, deadline, timeout, &peer, &missing)?;
             // Readable: a whole record, or EOF, or part of a record (read blocks for the rest,
             // bounded by the socket timeout set below).
             c.set_timeouts(left(deadline));
-            let n = c.read(&mut buf[len..]).map_err(io("reading the initial packet from"))?;
+            let n = c
+                .read(&mut buf[len..])
+                .map_err(io("reading the initial packet from"))?;
             c.set_timeouts(None);
             if n == 0 {
                 return Err(MultifdError::Closed { peer }.into());
@@ -708,6 +713,7 @@ mod tests {
             timeout,
             &CancelToken::new().unwrap(),
             false,
+            None,
         );
         t.join().unwrap();
         assert!(!d.sock().exists(), "the socket path is removed when done");
@@ -760,7 +766,7 @@ mod tests {
             drop((m, a, b));
         });
         let never = CancelToken::new().unwrap();
-        let a = accept(inc, Vec::new(), &SETUP, None, &never, false).unwrap();
+        let a = accept(inc, Vec::new(), &SETUP, None, &never, false, None).unwrap();
         let mut head = [0u8; 4];
         let mut got = 0;
         while got < 4 {
@@ -876,7 +882,7 @@ mod tests {
             c2.cancel();
         });
         let start = Instant::now();
-        let e = accept(inc, Vec::new(), &SETUP, None, &cancel, false)
+        let e = accept(inc, Vec::new(), &SETUP, None, &cancel, false, None)
             .err()
             .unwrap();
         assert!(
@@ -909,6 +915,7 @@ mod tests {
             Some(Duration::from_secs(5)),
             &never,
             false,
+            None,
         )
         .unwrap();
         for (k, c) in a.multifd.iter().enumerate() {
@@ -932,6 +939,7 @@ mod tests {
             Some(Duration::from_secs(5)),
             &never,
             false,
+            None,
         )
         .err()
         .unwrap();
@@ -964,7 +972,7 @@ mod tests {
             channels: 3,
             uuid: UUID,
         };
-        let a = accept(inc, Vec::new(), &setup, None, &never, true).unwrap();
+        let a = accept(inc, Vec::new(), &setup, None, &never, true, None).unwrap();
         for (k, c) in a.multifd.iter().enumerate() {
             assert_eq!(read_byte(c), k as u8 + 10);
         }

@@ -173,7 +173,12 @@ impl Helper {
                 .into_iter()
                 .enumerate()
                 .map(|(k, c)| {
-                    ctx.secure(c, &format!("multifd {k}"), Some(&uri), ctx.precopy_timeout())
+                    ctx.secure(
+                        c,
+                        &format!("multifd {k}"),
+                        Some(&uri),
+                        ctx.precopy_timeout(),
+                    )
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let multifd = register(ctx, multifd, false);
@@ -258,8 +263,7 @@ impl Helper {
                 let tls_on = lock(&ctx.tls).is_some();
                 let secure = |c, what: &str, t| ctx.secure(c, what, None, t);
                 let tls = tls_on.then_some(&secure as multifd::Secure<'_>);
-                let a =
-                    multifd::accept(incoming, multifd_fds, &setup, timeout, cancel, keep, tls)?;
+                let a = multifd::accept(incoming, multifd_fds, &setup, timeout, cancel, keep, tls)?;
                 (a.main, a.multifd, a.listener)
             } else if caps.postcopy_preempt {
                 let c = incoming.accept_another(cancel)?;
