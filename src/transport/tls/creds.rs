@@ -76,8 +76,11 @@ pub(crate) enum CredsError {
     NoDir,
     #[error("Unable to access credentials {path}: {reason}")]
     Access { path: String, reason: String },
+    /// Reading a certificate failed (QEMU words it so for every certificate file).
     #[error("Cannot load CA cert list {path}: {reason}")]
     Read { path: String, reason: String },
+    #[error("Cannot read credentials file {path}: {reason}")]
+    ReadOther { path: String, reason: String },
     #[error("Unable to import CA certificate list {path}")]
     CaList { path: String },
     #[error("Unable to import {who} certificate {path}: {reason}")]
@@ -190,9 +193,13 @@ fn read_cred(dir: &Path, name: &str, required: bool) -> Result<Option<Vec<u8>>, 
         let reason = reason(&path, e);
         return Err(CredsError::Access { path, reason });
     }
-    read_bounded(&path)
-        .map(Some)
-        .map_err(|reason| CredsError::Read { path, reason })
+    read_bounded(&path).map(Some).map_err(|reason| {
+        if name.ends_with("-cert.pem") {
+            CredsError::Read { path, reason }
+        } else {
+            CredsError::ReadOther { path, reason }
+        }
+    })
 }
 
 /// Reads a regular file of at most [`MAX_FILE_SIZE`] bytes. Opened non-blocking so that a

@@ -158,14 +158,10 @@ fn check_cert(
     match cert.extended_key_usage() {
         Ok(Some(eku)) if eku.critical => {
             let p = eku.value;
-            if server && !(p.server_auth || p.any) {
+            let allowed = p.any || if server { p.server_auth } else { p.client_auth };
+            if !allowed {
                 return fail(format!(
-                    "Certificate {path} purpose does not allow use with a TLS server"
-                ));
-            }
-            if !server && !(p.client_auth || p.any) {
-                return fail(format!(
-                    "Certificate {path} purpose does not allow use with a TLS client"
+                    "Certificate {path} purpose does not allow use with a TLS {end}"
                 ));
             }
             Ok(())
