@@ -59,14 +59,22 @@ impl TestCa {
         (cert.pem(), key.serialize_pem())
     }
 
-    /// An empty CRL signed by this CA.
-    pub(crate) fn crl(&self) -> String {
+    /// A CRL signed by this CA that revokes the certificates with these serial numbers.
+    pub(crate) fn crl(&self, revoked: &[u64]) -> String {
         let p = CertificateRevocationListParams {
             this_update: rcgen::date_time_ymd(2020, 1, 1),
             next_update: rcgen::date_time_ymd(2099, 1, 1),
             crl_number: SerialNumber::from(1u64),
             issuing_distribution_point: None,
-            revoked_certs: Vec::new(),
+            revoked_certs: revoked
+                .iter()
+                .map(|&n| rcgen::RevokedCertParams {
+                    serial_number: SerialNumber::from(n),
+                    revocation_time: rcgen::date_time_ymd(2021, 1, 1),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
             key_identifier_method: KeyIdMethod::Sha256,
         };
         p.signed_by(&self.issuer).unwrap().pem().unwrap()

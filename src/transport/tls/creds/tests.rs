@@ -1,5 +1,6 @@
 use super::testpki::{server_and_client_dirs, TempDir, TestCa};
 use super::*;
+use rustls::CertificateError;
 
 fn x509(dir: &TempDir, endpoint: Endpoint) -> X509Options {
     X509Options {
@@ -22,7 +23,7 @@ fn err(r: Result<X509Creds, CredsError>) -> String {
 fn a_good_pair_of_directories_loads_and_builds_tls13_configs() {
     let ca = TestCa::new("ca");
     let (server, client) = server_and_client_dirs(&ca);
-    server.write(CA_CRL, ca.crl());
+    server.write(CA_CRL, ca.crl(&[]));
     let s = X509Creds::load(x509(&server, Endpoint::Server)).unwrap();
     assert!(s.has_certificate());
     assert_eq!(s.crls.len(), 1);
@@ -33,12 +34,13 @@ fn a_good_pair_of_directories_loads_and_builds_tls13_configs() {
     assert!(c.has_certificate());
     let cc = c.client_config().unwrap();
     assert!(cc.enable_secret_extraction);
-    // No TLS 1.2 suite is left to negotiate.
+    // Only TLS 1.3 suites (rustls is built without its tls12 feature, and the configs ask
+    // for TLS 1.3 alone besides).
     assert!(cc
         .crypto_provider()
         .cipher_suites
         .iter()
-        .any(|s| s.version() == &rustls::version::TLS13));
+        .all(|s| s.version() == &rustls::version::TLS13));
     // A client without certificate is fine (QEMU's client files are optional).
     std::fs::remove_file(client.path().join(CLIENT_CERT)).unwrap();
     let c = X509Creds::load(x509(&client, Endpoint::Client)).unwrap();
@@ -50,33 +52,37 @@ fn a_good_pair_of_directories_loads_and_builds_tls13_configs() {
     X509Creds::load(o).unwrap().client_config().unwrap();
 }
 
+/// Runs a handshake in memory between the two configurations.
+fn handshake(
+    s: Arc<ServerConfig>,
+    c: Arc<ClientConfig>,
+) -> Result<(rustls::ServerConnection, rustls::ClientConnection), rustls::Error> {
+    let mut srv = rustls::ServerConnection::new(s)?;
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut cli = rustls::ClientConnection::new(c, name)?;
+    while cli.is_handshaking() || srv.is_handshaking() {
+        let mut buf = Vec::new();
+        cli.write_tls(&mut buf).unwrap();
+        srv.read_tls(&mut buf.as_slice()).unwrap();
+        srv.process_new_packets()?;
+        let mut buf = Vec::new();
+        srv.write_tls(&mut buf).unwrap();
+        cli.read_tls(&mut buf.as_slice()).unwrap();
+        cli.process_new_packets()?;
+    }
+    Ok((srv, cli))
+}
+
 #[test]
 fn handshake_between_the_two_configs_completes_in_tls13() {
     let ca = TestCa::new("ca");
     let (server, client) = server_and_client_dirs(&ca);
-    let s = X509Creds::load(x509(&server, Endpoint::Server)).unwrap();
     let c = X509Creds::load(x509(&client, Endpoint::Client)).unwrap();
     for verify in [true, false] {
-        let mut s_cfg = (*s.server_config().unwrap()).clone();
-        if !verify {
-            let mut o = x509(&server, Endpoint::Server);
-            o.verify_peer = false;
-            s_cfg = (*X509Creds::load(o).unwrap().server_config().unwrap()).clone();
-        }
-        let mut srv = rustls::ServerConnection::new(Arc::new(s_cfg)).unwrap();
-        let name = ServerName::try_from("localhost").unwrap();
-        let mut cli = rustls::ClientConnection::new(c.client_config().unwrap(), name).unwrap();
-        for _ in 0..10 {
-            let mut buf = Vec::new();
-            cli.write_tls(&mut buf).unwrap();
-            srv.read_tls(&mut buf.as_slice()).unwrap();
-            srv.process_new_packets().unwrap();
-            let mut buf = Vec::new();
-            srv.write_tls(&mut buf).unwrap();
-            cli.read_tls(&mut buf.as_slice()).unwrap();
-            cli.process_new_packets().unwrap();
-        }
-        assert!(!cli.is_handshaking() && !srv.is_handshaking());
+        let mut o = x509(&server, Endpoint::Server);
+        o.verify_peer = verify;
+        let s = X509Creds::load(o).unwrap();
+        let (srv, cli) = handshake(s.server_config().unwrap(), c.client_config().unwrap()).unwrap();
         assert_eq!(
             cli.protocol_version(),
             Some(rustls::ProtocolVersion::TLSv1_3)
@@ -84,6 +90,49 @@ fn handshake_between_the_two_configs_completes_in_tls13() {
         // The client certificate is asked for only with verify-peer.
         assert_eq!(srv.peer_certificates().is_some(), verify);
     }
+    // A server certificate from another CA: refused with verify-peer, taken without.
+    let other = TestCa::new("other");
+    let (foreign, _) = server_and_client_dirs(&other);
+    let mut o = x509(&foreign, Endpoint::Server);
+    o.verify_peer = false;
+    let s = X509Creds::load(o).unwrap().server_config().unwrap();
+    let e = handshake(s.clone(), c.client_config().unwrap()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+        ),
+        "{e:?}"
+    );
+    let mut o = x509(&client, Endpoint::Client);
+    o.verify_peer = false;
+    let any = X509Creds::load(o).unwrap().client_config().unwrap();
+    handshake(s, any).unwrap();
+}
+
+#[test]
+fn a_revoked_client_certificate_is_refused_by_the_server() {
+    let ca = TestCa::new("ca");
+    let (server, client) = server_and_client_dirs(&ca);
+    let (cert, key) = ca.leaf("client", false, |p| {
+        p.serial_number = Some(rcgen::SerialNumber::from(42u64))
+    });
+    client.write(CLIENT_CERT, cert);
+    client.write(CLIENT_KEY, key);
+    let c = X509Creds::load(x509(&client, Endpoint::Client)).unwrap();
+    server.write(CA_CRL, ca.crl(&[7]));
+    let s = X509Creds::load(x509(&server, Endpoint::Server)).unwrap();
+    handshake(s.server_config().unwrap(), c.client_config().unwrap()).unwrap();
+    server.write(CA_CRL, ca.crl(&[7, 42]));
+    let s = X509Creds::load(x509(&server, Endpoint::Server)).unwrap();
+    let e = handshake(s.server_config().unwrap(), c.client_config().unwrap()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            rustls::Error::InvalidCertificate(CertificateError::Revoked)
+        ),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -156,6 +205,12 @@ fn garbage_and_oversized_files_fail_without_quoting_them() {
         err(X509Creds::load(x509(&server, Endpoint::Server))),
         format!("Cannot load CRL '{d}/ca-crl.pem': no CRL found (PEM 'X509 CRL')")
     );
+    server.write(
+        CA_CRL,
+        "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n",
+    );
+    assert!(err(X509Creds::load(x509(&server, Endpoint::Server)))
+        .starts_with(&format!("Cannot load CRL '{d}/ca-crl.pem': ")));
     std::fs::remove_file(server.path().join(CA_CRL)).unwrap();
     // Bounded reads: a file over 1 MiB, and a device.
     server.write(CA_CERT, vec![b'A'; MAX_FILE_SIZE as usize + 1]);
