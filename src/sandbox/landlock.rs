@@ -212,4 +212,18 @@ mod tests {
         // `..` cannot climb out.
         assert!(!is_under(&tmp.join("../etc/passwd"), &allowed));
     }
+
+    #[test]
+    fn credentials_directories_are_read_only_rules() {
+        let tmp = std::fs::canonicalize(std::env::temp_dir()).unwrap();
+        let rules = FsRules {
+            creds: vec![tmp.clone(), PathBuf::from("/nonexistent-creds")],
+            ..FsRules::default()
+        };
+        // Not enforced: the test process stays unrestricted.
+        let out = restrict(&rules, false).unwrap();
+        assert_eq!(out.creds, vec![tmp]);
+        assert!(out.allowed.is_empty(), "credentials are not read-write");
+        assert_eq!(out.missing, vec![PathBuf::from("/nonexistent-creds")]);
+    }
 }
