@@ -211,21 +211,28 @@ pub(crate) fn explain(target: &str, e: io::Error) -> io::Error {
     )
 }
 
+/// Whether Landlock lets `object-add` read credentials at `path`.
+fn creds_allowed(st: &State, path: &Path) -> bool {
+    self::landlock::is_under(path, &st.allowed) || self::landlock::is_under(path, &st.creds)
+}
+
+/// In `log` mode, reports a credentials directory that `on` would refuse.
+pub(crate) fn note_creds(dir: &Path) {
+    let Some(st) = STATE.get() else { return };
+    if st.mode == SandboxMode::Log && !creds_allowed(st, dir) {
+        slog::warn!(st.log, "sandbox (log mode): --sandbox on would refuse these credentials (--tls-creds-dir)";
+            "dir" => %dir.display(), "allowed" => join(&st.creds));
+    }
+}
+
 /// Adds the sandbox's reason to a failure to read TLS credentials at `path`: a refused
-/// path names the option that allows it. In `log` mode, warns of a path `on` would refuse.
+/// path names the option that allows it.
 pub(crate) fn explain_creds(path: &Path, e: io::Error) -> io::Error {
     let Some(st) = STATE.get() else { return e };
-    let allowed = |p: &Path| {
-        self::landlock::is_under(p, &st.allowed) || self::landlock::is_under(p, &st.creds)
-    };
-    if st.mode == SandboxMode::Log && !allowed(path) {
-        slog::warn!(st.log, "sandbox (log mode): --sandbox on would refuse these credentials";
-            "path" => %path.display(), "allowed" => join(&st.creds));
-    }
     if st.mode != SandboxMode::On
         || !st.landlock_enforced
         || e.kind() != io::ErrorKind::PermissionDenied
-        || allowed(path)
+        || creds_allowed(st, path)
     {
         return e;
     }

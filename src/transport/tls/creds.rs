@@ -240,6 +240,7 @@ impl X509Creds {
     /// QEMU's order, the sanity check, then the certificates, key and CRL.
     pub(crate) fn load(o: X509Options) -> Result<X509Creds, CredsError> {
         let dir = o.dir.ok_or(CredsError::NoDir)?;
+        crate::sandbox::note_creds(&dir);
         let server = o.endpoint == Endpoint::Server;
         let (ca, crl, cert, key, cert_name, key_name) = if server {
             let ca = read_cred(&dir, CA_CERT, true)?;
@@ -510,6 +511,7 @@ impl PskCreds {
             return Err(CredsError::PskServerUsername);
         }
         let dir = o.dir.ok_or(CredsError::NoDir)?;
+        crate::sandbox::note_creds(&dir);
         let path = cred_path(&dir, PSK_FILE);
         if let Err(e) = std::fs::metadata(&path) {
             let reason = reason(&path, e);
