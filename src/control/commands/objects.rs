@@ -208,8 +208,6 @@ impl Helper {
 
     /// The TLS setup for a migration in `role` from `tls-creds`, `tls-hostname` and
     /// `tls-authz` as they are now; None when `tls-creds` is empty.
-    // Called by start.rs once the lead's wiring lands.
-    #[allow(dead_code)]
     pub(super) fn tls_setup(&self, role: Role) -> Result<Option<TlsSetup>, QmpError> {
         let p = self.ctx.params();
         if p.tls_creds.is_empty() {
@@ -285,7 +283,6 @@ impl Helper {
 }
 
 /// QEMU's `qcrypto_tls_creds_check_endpoint`.
-#[allow(dead_code)]
 fn check_endpoint(have: Endpoint, want: Endpoint) -> Result<(), QmpError> {
     if have != want {
         return Err(QmpError::generic(format!(
