@@ -438,10 +438,9 @@ impl Rx {
                 self.open(s, len)?;
                 continue;
             }
-            if self.start == self.end {
-                self.start = 0;
-                self.end = 0;
-            } else if self.buf.len() - self.start < HEADER + MAX_CIPHERTEXT {
+            // What is left is less than one record: moving it to the front is cheap and
+            // lets the read fill the whole buffer.
+            if self.start > 0 {
                 self.buf.copy_within(self.start..self.end, 0);
                 self.end -= self.start;
                 self.start = 0;

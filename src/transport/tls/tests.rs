@@ -712,3 +712,94 @@ fn throughput() {
         );
     }
 }
+
+/// The record cipher alone, single-threaded: the ceiling of the record layer.
+#[test]
+#[ignore = "a measurement, not a check: run by hand"]
+fn cipher_throughput() {
+    use rustls::crypto::cipher::{AeadKey, Iv, OutboundChunks, OutboundPlainMessage};
+    let suites = rustls::crypto::ring::default_provider().cipher_suites;
+    let data = pattern(1 << 14, 1);
+    for s in suites {
+        #[allow(irrefutable_let_patterns)]
+        let rustls::SupportedCipherSuite::Tls13(t) = s
+        else {
+            continue;
+        };
+        if t.aead_alg.key_len() != 32 {
+            continue;
+        }
+        let mut enc = t
+            .aead_alg
+            .encrypter(AeadKey::from([7u8; 32]), Iv::from([1u8; 12]));
+        let n = 20_000u64;
+        let start = Instant::now();
+        for seq in 0..n {
+            let msg = OutboundPlainMessage {
+                typ: rustls::ContentType::ApplicationData,
+                version: rustls::ProtocolVersion::TLSv1_2,
+                payload: OutboundChunks::Single(&data),
+            };
+            let r = enc.encrypt(msg, seq).unwrap();
+            std::hint::black_box(r.encode());
+        }
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "{:?} seal: {:.2} GB/s",
+            s.suite(),
+            n as f64 * data.len() as f64 / secs / 1e9
+        );
+    }
+}
+
+#[test]
+fn over_tcp_the_uri_host_is_the_name_checked() {
+    let ca = ca("CA");
+    let run = |san: &str| {
+        let s = leaf(&ca, &cn("server"), &[san], true, false);
+        let c = leaf(&ca, &client_dn(), &[], false, false);
+        let server = server_setup(&ca, s, None);
+        let client = client_setup(&ca, c, None);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let uri = Uri::Tcp(l.local_addr().unwrap().to_string());
+        let t = std::thread::spawn(move || {
+            let (sock, _) = l.accept().unwrap();
+            let ch = Channel::from_tcp(sock, "tcp-in".into());
+            server.secure(ch, None, &CancelToken::new().unwrap(), LIMIT)
+        });
+        let never = CancelToken::new().unwrap();
+        let ch = Channel::connect(&uri, |_| None, &never).unwrap();
+        let r = client.secure(ch, Some(&uri), &never, LIMIT);
+        (r, t.join().unwrap())
+    };
+    let (c, s) = run("127.0.0.1");
+    let (c, s) = (c.unwrap(), s.unwrap());
+    c.write_all(b"over tcp").unwrap();
+    assert_eq!(read_all(&s, 8), b"over tcp");
+    let (c, _) = run("elsewhere.example");
+    let e = c.err().unwrap().to_string();
+    assert!(
+        e.contains("Certificate does not match the hostname 127.0.0.1"),
+        "{e}"
+    );
+}
+
+#[test]
+fn shutdown_unblocks_a_tls_reader_and_socket_timeouts_still_apply() {
+    let (c, s) = ok_pair();
+    let s2 = s.try_clone("s2").unwrap();
+    let t = std::thread::spawn(move || s2.read(&mut [0u8; 16]));
+    std::thread::sleep(Duration::from_millis(100));
+    s.shutdown();
+    assert_eq!(t.join().unwrap().unwrap(), 0);
+    drop(c);
+
+    let (_c, s) = ok_pair();
+    s.set_timeouts(Some(Duration::from_millis(200)));
+    let e = s.read(&mut [0u8; 16]).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+    assert!(
+        e.to_string().contains("no data for link-timeout (200 ms)"),
+        "{e}"
+    );
+}
