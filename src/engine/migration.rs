@@ -377,13 +377,13 @@ impl Securer {
             Ok(c) => c,
             Err(e) => {
                 slog::warn!(self.log, "TLS handshake failed"; "channel" => what,
-                    "peer" => &peer, "error" => %e);
+                    "peer" => &peer, "creds" => tls.creds_id(), "error" => %e);
                 return Err(e.into());
             }
         };
         if let Some(i) = chan.tls_info() {
             slog::info!(self.log, "TLS session established"; "channel" => what,
-                "peer" => &peer, "endpoint" => i.endpoint.as_str(),
+                "peer" => &peer, "creds" => tls.creds_id(), "endpoint" => i.endpoint.as_str(),
                 "protocol" => &i.protocol, "cipher" => &i.cipher,
                 "peer-dn" => i.peer_dn.as_deref().unwrap_or("-"));
             self.seen

@@ -283,6 +283,15 @@ impl Helper {
             // pages go on the main channel under legacy detection); the receivers' sync
             // wait enforces precopy-timeout instead.
             let multifd = register(ctx, multifd, false);
+            // Under TLS, a multifd channel that ends without close_notify was cut, unless
+            // the source predates multifd-clean-tls-termination (QEMU 9.2 and older).
+            let strict = ctx
+                .params()
+                .effective_version()
+                .multifd_clean_tls_termination();
+            for c in &multifd {
+                c.set_tls_strict_eof(strict);
+            }
             Ok(crate::engine::destination::run(
                 ctx, blocks, chan, multifd, uffd, preempt,
             )?)

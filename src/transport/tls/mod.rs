@@ -116,10 +116,11 @@ pub(crate) enum TlsError {
 }
 
 impl TlsSetup {
-    pub(crate) fn endpoint(&self) -> Endpoint {
+    /// The `tls-creds` object this setup came from, for logs.
+    pub(crate) fn creds_id(&self) -> &str {
         match self {
-            TlsSetup::Client(_) => Endpoint::Client,
-            TlsSetup::Server(_) => Endpoint::Server,
+            TlsSetup::Client(c) => &c.creds_id,
+            TlsSetup::Server(s) => &s.creds_id,
         }
     }
 

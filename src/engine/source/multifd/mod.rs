@@ -339,13 +339,23 @@ impl Multifd {
             }
         }
         self.join();
+        let err = self.shared.lock().error.take();
+        if err.is_none() {
+            // Under TLS each channel's session ends with close_notify, which a QEMU 10.0
+            // destination requires (a cut would otherwise pass for the end).
+            for c in &self.chans {
+                if let Err(e) = c.close_notify() {
+                    slog::warn!(ctx.log, "multifd: could not end the TLS session";
+                        "channel" => &c.peer, "error" => %e);
+                }
+            }
+        }
         // The peer sees the end now, even while the mailbox still holds a copy of each
         // socket for cancel (until the migration thread ends).
         for c in &self.chans {
             c.shutdown();
         }
         self.fold(ctx);
-        let err = self.shared.lock().error.take();
         match err {
             Some(e) => Err(e.into()),
             None => Ok(self.written),
