@@ -75,7 +75,7 @@ impl Peer {
                 (End::Helper(h), Some(log))
             }
         };
-        let mut p = Peer {
+        let p = Peer {
             end,
             log,
             _dir: dir,
