@@ -113,6 +113,39 @@ impl Peer {
     }
 }
 
+/// A helper's `query-migrate` lists at least `min` channels that ran TLS 1.3 (its
+/// `tls-channels`, not in QEMU's schema), and one named `named` when given: the migration
+/// did not fall back to clear text. Nothing to check on a QEMU (it reports no such thing,
+/// and its peer would have refused clear text).
+fn assert_tls_channels(p: &Peer, info: &Value, min: usize, named: Option<&str>, what: &str) {
+    if p.log.is_none() {
+        return;
+    }
+    let chans = info["tls-channels"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{what}: no tls-channels in {info}"));
+    assert!(
+        chans.len() >= min,
+        "{what}: {} TLS channels, want {min}: {info}",
+        chans.len()
+    );
+    for c in chans {
+        assert_eq!(c["protocol"], "TLSv1.3", "{what}: {c}");
+        assert!(
+            c["cipher"].as_str().is_some_and(|s| !s.is_empty()),
+            "{what}: {c}"
+        );
+    }
+    if let Some(n) = named {
+        assert!(
+            chans
+                .iter()
+                .any(|c| c["channel"].as_str().is_some_and(|s| s.contains(n))),
+            "{what}: no TLS channel named like {n:?}: {info}"
+        );
+    }
+}
+
 /// A source of `src` and a destination of `dst` (a helper facing QEMU 7.2 speaks 7.2).
 fn pair(src: Kind, dst: Kind, ram: u64, test: &str) -> Option<(Peer, Peer)> {
     let mut s = Peer::new(src, true, ram, test)?;
@@ -152,6 +185,8 @@ fn precopy(src: Kind, dst: Kind, test: &str) {
     let di = d.end.wait(&["completed"], TIMEOUT);
     eprintln!("{test}: {:?}\nsource {si}\ndestination {di}", t0.elapsed());
     assert_same_memory(&s.end.ram(), &d.end.ram(), test);
+    assert_tls_channels(&s, &si, 1, Some("main"), test);
+    assert_tls_channels(&d, &di, 1, Some("main"), test);
     s.assert_no_secrets(&pki, test);
     d.assert_no_secrets(&pki, test);
 }
@@ -218,9 +253,11 @@ fn tls_helper_to_helper_return_path() {
             .expect("return-path");
     }
     start_fd_migration(s.end.client(), d.end.client());
-    s.end.wait(&["completed"], TIMEOUT);
-    d.end.wait(&["completed"], TIMEOUT);
+    let si = s.end.wait(&["completed"], TIMEOUT);
+    let di = d.end.wait(&["completed"], TIMEOUT);
     assert_same_memory(&s.end.ram(), &d.end.ram(), test);
+    assert_tls_channels(&s, &si, 1, None, test);
+    assert_tls_channels(&d, &di, 1, None, test);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -250,6 +287,9 @@ fn multifd(src: Kind, dst: Kind, test: &str) {
     let di = d.end.wait(&["completed"], TIMEOUT);
     eprintln!("{test}: source {}\ndestination {}", si["ram"], di["ram"]);
     assert_same_memory(&s.end.ram(), &d.end.ram(), test);
+    // Main and both multifd channels each ran their handshake.
+    assert_tls_channels(&s, &si, 3, Some("multifd"), test);
+    assert_tls_channels(&d, &di, 3, Some("multifd"), test);
     // The pages went over the multifd channels (QEMU's and the helper's ram stats alike).
     let info = if src == Kind::Helper { &si } else { &di };
     let mb = info["ram"]["multifd-bytes"].as_u64().unwrap_or(0);
@@ -354,13 +394,21 @@ fn postcopy_recovery(src: Kind, test: &str) {
         .client()
         .set_parameters(json!({"max-postcopy-bandwidth": 0}))
         .expect("bandwidth");
-    s.end.wait(&["completed"], TIMEOUT);
+    let si = s.end.wait(&["completed"], TIMEOUT);
     let d = wait_uffd(&mut dst, &mut guest, &["completed"]);
     eprintln!("{test}: destination {d}");
+    // The recovery socket ran its own handshake.
+    assert_tls_channels(&s, &si, 2, Some("recover"), test);
+    let dpeer = Peer {
+        end: End::Helper(dst),
+        log: Some(log.clone()),
+        _dir: dir,
+    };
+    assert_tls_channels(&dpeer, &d, 2, Some("recover"), test);
     assert_eq!(d["postcopy-pauses"], 1, "{test}: {d}");
     assert_same_memory(&expected, &guest.map, test);
     s.assert_no_secrets(&pki, test);
-    pki.assert_no_secrets(&std::fs::read_to_string(&log).unwrap_or_default(), test);
+    dpeer.assert_no_secrets(&pki, test);
 }
 
 #[test]
