@@ -53,6 +53,10 @@ struct Cli {
     /// and sockets under the sandbox (repeatable).
     #[arg(long, value_name = "DIR")]
     sandbox_allow_path: Vec<PathBuf>,
+    /// A directory of TLS credentials that `object-add` (`tls-creds-x509`, `tls-creds-psk`
+    /// `dir=`) may read under the sandbox (repeatable; read only).
+    #[arg(long, value_name = "DIR")]
+    tls_creds_dir: Vec<PathBuf>,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -152,6 +156,7 @@ pub fn main() -> ExitCode {
     rules
         .read_write
         .extend(cli.sandbox_allow_path.iter().cloned());
+    rules.creds.extend(cli.tls_creds_dir.iter().cloned());
     if let Some(dir) = cli.control_socket.as_deref().and_then(socket_dir) {
         rules.read_write.push(dir);
     }

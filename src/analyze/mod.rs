@@ -499,6 +499,14 @@ pub(crate) fn analyze_bytes(buf: &[u8]) -> Result<Report, AnalyzeError> {
 }
 
 fn analyze_buf(buf: &[u8], extract: Option<Extract>) -> Result<Report, AnalyzeError> {
+    // A capture of a TLS channel: say what its clear-text records show.
+    if crate::wire::tls::looks_like_tls(buf) {
+        return Ok(Report {
+            file_size: buf.len() as u64,
+            tls: Some(crate::wire::tls::scan(buf)),
+            ..Default::default()
+        });
+    }
     let desc =
         vmstate::find_trailing_vmdesc(buf).and_then(|(_, r)| VmDescription::parse(&buf[r]).ok());
     let mut w = Walker {

@@ -44,10 +44,16 @@ pub struct Report {
     pub complete: bool,
     /// Items after the first [`MAX_ITEMS`], not listed.
     pub items_omitted: u64,
+    /// The file is a capture of a TLS channel, not a clear stream: what its clear-text
+    /// records say (the migration stream inside needs the session's keys).
+    pub tls: Option<crate::wire::tls::Capture>,
 }
 
 impl Report {
     pub fn to_json(&self) -> Value {
+        if let Some(c) = &self.tls {
+            return json!({"file-size": self.file_size, "tls": tls_json(c)});
+        }
         json!({
             "file-size": self.file_size,
             "machine": self.machine,
@@ -73,6 +79,9 @@ impl Report {
 
     pub fn print(&self, out: &mut dyn Write) -> std::io::Result<()> {
         writeln!(out, "file size: {} bytes", self.file_size)?;
+        if let Some(c) = &self.tls {
+            return print_tls(c, out);
+        }
         writeln!(out, "header: QEVM version 3")?;
         match &self.machine {
             Some(m) => writeln!(
@@ -154,4 +163,73 @@ impl Report {
         }
         Ok(())
     }
+}
+
+fn tls_json(c: &crate::wire::tls::Capture) -> Value {
+    use crate::wire::tls::{suite_name, version_name};
+    json!({
+        "records": c.records,
+        "hellos": c.hellos.iter().map(|h| json!({
+            "kind": if h.server { "ServerHello" } else { "ClientHello" },
+            "protocol": version_name(h.protocol()),
+            "versions": h.versions.iter().map(|&v| version_name(v)).collect::<Vec<_>>(),
+            "cipher-suites": h.cipher_suites.iter().map(|&s| suite_name(s)).collect::<Vec<_>>(),
+            "server-name": h.server_name,
+        })).collect::<Vec<_>>(),
+        "encrypted-records": c.encrypted_records,
+        "encrypted-bytes": c.encrypted_bytes,
+        "trailing-bytes": c.trailing,
+        "error": c.error.as_ref().map(|(at, e)| format!("at offset {at:#x}: {e}")),
+    })
+}
+
+fn print_tls(c: &crate::wire::tls::Capture, out: &mut dyn Write) -> std::io::Result<()> {
+    use crate::wire::tls::{suite_name, version_name};
+    writeln!(
+        out,
+        "TLS: a capture of one direction of a TLS channel ({} records); the migration \
+         stream inside is encrypted",
+        c.records
+    )?;
+    for h in &c.hellos {
+        let suites: Vec<_> = h.cipher_suites.iter().map(|&s| suite_name(s)).collect();
+        if h.server {
+            writeln!(
+                out,
+                "  ServerHello: protocol {}, cipher {}",
+                version_name(h.protocol()),
+                suites.join(", ")
+            )?;
+        } else {
+            let versions: Vec<_> = h.versions.iter().map(|&v| version_name(v)).collect();
+            writeln!(
+                out,
+                "  ClientHello: versions offered {}, ciphers offered {}{}",
+                versions.join(", "),
+                suites.join(", "),
+                h.server_name
+                    .as_deref()
+                    .map(|n| format!(", server name {n:?}"))
+                    .unwrap_or_default()
+            )?;
+        }
+    }
+    if !c.hellos.iter().any(|h| h.server) {
+        writeln!(
+            out,
+            "  (no ServerHello: the cipher is chosen in the other direction's first record)"
+        )?;
+    }
+    writeln!(
+        out,
+        "  encrypted: {} records, {} bytes",
+        c.encrypted_records, c.encrypted_bytes
+    )?;
+    if c.trailing > 0 {
+        writeln!(out, "  {} bytes after the last whole record", c.trailing)?;
+    }
+    if let Some((at, e)) = &c.error {
+        writeln!(out, "  records stop making sense at offset {at:#x}: {e}")?;
+    }
+    Ok(())
 }

@@ -52,6 +52,13 @@ impl QemuVersion {
         }
     }
 
+    /// Multifd under TLS: whether the destination requires each channel's TLS session to end
+    /// with close_notify (`multifd-clean-tls-termination`, on since 10.0; `hw_compat_9_2`
+    /// turns it off), so that a cut mid-stream is not taken for the end.
+    pub fn multifd_clean_tls_termination(self) -> bool {
+        self >= Self::V10_0
+    }
+
     /// Whether multifd and postcopy-ram may be on together: QEMU 10.1 stops the multifd
     /// channels when postcopy starts; 10.0 refuses the combination.
     pub fn multifd_with_postcopy(self) -> bool {

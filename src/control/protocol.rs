@@ -100,6 +100,9 @@ wire_names! {
         QueryMigrate => "query-migrate",
         DeviceStateSet => "device-state-set",
         QueryDeviceState => "query-device-state",
+        /// TLS credentials (`tls-creds-x509`, `tls-creds-psk`) and `authz-simple`, as QEMU.
+        ObjectAdd => "object-add",
+        ObjectDel => "object-del",
         Quit => "quit",
     }
 }
@@ -173,6 +176,9 @@ pub const PARAMETERS: &[&str] = &[
     "multifd-compression",
     "zero-page-detection",
     "vm-uuid",
+    "tls-creds",
+    "tls-hostname",
+    "tls-authz",
 ];
 
 /// Event names.

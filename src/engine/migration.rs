@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use crate::compat::{QemuVersion, ZeroPageDetection};
 use crate::engine::state::StateMachine;
+use crate::transport::tls::{TlsInfo, TlsSetup};
+use crate::transport::{CancelToken, Channel, TransportError, Uri};
 use crate::wire::device_state::DeviceSection;
 
 pub(crate) use crate::engine::mailbox::{Command, Mailbox, Recovery, Refused};
@@ -340,6 +342,57 @@ pub(crate) struct MigrationCtx {
     /// TLS for this migration's channels (from `tls-creds` when it, or its recovery,
     /// started); None: clear text.
     pub(crate) tls: Mutex<Option<crate::transport::tls::TlsSetup>>,
+    /// The channels that ran a TLS handshake in this migration, and what it agreed
+    /// (`query-migrate` reports them).
+    pub(crate) tls_channels: TlsChannels,
+}
+
+/// The channels that ran a TLS handshake, and what each agreed.
+pub(crate) type TlsChannels = Arc<Mutex<Vec<(String, TlsInfo)>>>;
+
+/// Runs a new channel's TLS handshake as the migration is configured (or passes the
+/// channel through when it does not use TLS), logs what was agreed, and notes it for
+/// `query-migrate`.
+#[derive(Clone)]
+pub(crate) struct Securer {
+    tls: Option<TlsSetup>,
+    log: slog::Logger,
+    seen: TlsChannels,
+}
+
+impl Securer {
+    pub(crate) fn secure(
+        &self,
+        chan: Channel,
+        what: &str,
+        uri: Option<&Uri>,
+        cancel: &CancelToken,
+        timeout: Option<Duration>,
+    ) -> Result<Channel, TransportError> {
+        let Some(tls) = &self.tls else {
+            return Ok(chan);
+        };
+        let peer = chan.peer.clone();
+        let chan = match tls.secure(chan, uri, cancel, timeout) {
+            Ok(c) => c,
+            Err(e) => {
+                slog::warn!(self.log, "TLS handshake failed"; "channel" => what,
+                    "peer" => &peer, "error" => %e);
+                return Err(e.into());
+            }
+        };
+        if let Some(i) = chan.tls_info() {
+            slog::info!(self.log, "TLS session established"; "channel" => what,
+                "peer" => &peer, "endpoint" => i.endpoint.as_str(),
+                "protocol" => &i.protocol, "cipher" => &i.cipher,
+                "peer-dn" => i.peer_dn.as_deref().unwrap_or("-"));
+            self.seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((what.to_string(), i.clone()));
+        }
+        Ok(chan)
+    }
 }
 
 impl MigrationCtx {
@@ -362,6 +415,7 @@ impl MigrationCtx {
             recoveries: Mutex::new(Vec::new()),
             mailbox,
             tls: Mutex::new(None),
+            tls_channels: TlsChannels::default(),
         }))
     }
 
@@ -374,6 +428,35 @@ impl MigrationCtx {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// `link-timeout` as a socket timeout (None when 0, off).
+    pub(crate) fn link_timeout(&self) -> Option<Duration> {
+        let t = self.params().link_timeout;
+        (t > 0).then(|| Duration::from_millis(t))
+    }
+
+    /// Runs the TLS handshake on a new channel `what` ("main", "multifd 1", "preempt",
+    /// "recovery") when this migration uses TLS, within `timeout`; returns it as it is
+    /// otherwise. `uri`: where a source connected (its `tcp:` host names the server).
+    pub(crate) fn secure(
+        &self,
+        chan: Channel,
+        what: &str,
+        uri: Option<&Uri>,
+        timeout: Option<Duration>,
+    ) -> Result<Channel, TransportError> {
+        self.securer()
+            .secure(chan, what, uri, self.mailbox.cancel_token(), timeout)
+    }
+
+    /// [`MigrationCtx::secure`] for a thread of its own (the preempt channel's).
+    pub(crate) fn securer(&self) -> Securer {
+        Securer {
+            tls: self.tls.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            log: self.log.clone(),
+            seen: self.tls_channels.clone(),
+        }
     }
 
     /// `precopy-timeout` as a socket timeout (None when 0, off).
@@ -401,6 +484,10 @@ impl MigrationCtx {
         self.latency.reset();
         self.pauses.store(0, Ordering::Relaxed);
         self.recoveries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.tls_channels
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();

@@ -96,6 +96,12 @@ impl StateMachine {
         self.transition_with(to, None)
     }
 
+    /// Records why a postcopy migration paused: `error-desc` while it is paused (as QEMU
+    /// keeps its error), replaced by the next pause's reason or a failure's.
+    pub(crate) fn note_error(&self, desc: String) {
+        self.lock().error_desc = Some(desc);
+    }
+
     /// Moves to `failed` with a description, unless the migration already finished.
     pub(crate) fn fail(&self, desc: String) {
         if self

@@ -55,6 +55,11 @@ pub const TARGETS: &[Target] = &[
         heap_per_byte: 8,
     },
     Target {
+        name: "tls",
+        run: targets::tls,
+        heap_per_byte: 8,
+    },
+    Target {
         name: "vmstate",
         run: targets::vmstate,
         heap_per_byte: 256,

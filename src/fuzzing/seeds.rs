@@ -362,6 +362,35 @@ pub fn builtin_seeds() -> Seeds {
     let _ = multifd::encode_packet_header(&mut mf, &sync(5));
     seeds.push(("multifd", mf));
 
+    // The start of a TLS channel as captured: a ClientHello (TLS 1.3 and 1.2 offered, two
+    // suites, SNI "dst"), a ServerHello choosing TLS 1.3, CCS, two encrypted records.
+    let record = |t: u8, body: &[u8]| {
+        let mut v = vec![t, 3, 3];
+        v.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    };
+    let hs = |kind: u8, body: &[u8]| {
+        let mut v = vec![kind];
+        v.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+        v.extend_from_slice(body);
+        v
+    };
+    let mut ch = vec![3, 3];
+    ch.extend_from_slice(&[0x11; 32]);
+    ch.extend_from_slice(&[0, 0, 4, 0x13, 0x02, 0x13, 0x01, 1, 0]);
+    ch.extend_from_slice(&[0, 17, 0, 43, 0, 5, 4, 3, 4, 3, 3]);
+    ch.extend_from_slice(&[0, 0, 0, 8, 0, 6, 0, 0, 3, b'd', b's', b't']);
+    let mut sh = vec![3, 3];
+    sh.extend_from_slice(&[0x22; 32]);
+    sh.extend_from_slice(&[0, 0x13, 0x02, 0, 0, 6, 0, 43, 0, 2, 3, 4]);
+    let mut cap = record(22, &hs(1, &ch));
+    cap.extend(record(22, &hs(2, &sh)));
+    cap.extend(record(20, &[1]));
+    cap.extend(record(23, &[0x5a; 40]));
+    cap.extend(record(23, &[0xa5; 17]));
+    seeds.push(("tls", cap));
+
     for line in [
         r#"{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}"#,
         r#"{"execute": "getfd", "arguments": {"fdname": "mem0"}, "id": 1}"#,

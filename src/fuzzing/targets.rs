@@ -332,6 +332,26 @@ pub fn multifd(data: &[u8]) {
     }
 }
 
+/// A capture of a TLS channel as `analyze` reads it: record headers are checked before
+/// their length is used, every hello parses or is refused, and the walk accounts for every
+/// byte.
+pub fn tls(data: &[u8]) {
+    use crate::wire::tls::{self, RECORD_HEADER_LEN};
+    let c = tls::scan(data);
+    assert!(c.encrypted_records <= c.records);
+    assert!(c.encrypted_bytes + c.records * RECORD_HEADER_LEN as u64 <= data.len() as u64);
+    assert!(c.trailing <= data.len() as u64);
+    if let Ok(Some(h)) = tls::decode_record_header(data) {
+        assert!(h.len <= tls::MAX_RECORD_BODY);
+        for cut in 1..RECORD_HEADER_LEN {
+            assert_eq!(tls::decode_record_header(&data[..cut]), Ok(None));
+        }
+    }
+    for h in &c.hellos {
+        assert!(!h.server || h.cipher_suites.len() == 1);
+    }
+}
+
 /// A VM description (JSON), a NUL byte, then a device body: the description is parsed and
 /// re-emitted, and the body walked with the first devices' descriptions.
 pub fn vmstate(data: &[u8]) {

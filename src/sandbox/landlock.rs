@@ -37,6 +37,8 @@ pub(crate) struct FsRules {
     pub read_write: Vec<PathBuf>,
     /// Files or directories that may only be read.
     pub read_only: Vec<PathBuf>,
+    /// Directories of TLS credentials (`--tls-creds-dir`), read by `object-add`: read only.
+    pub creds: Vec<PathBuf>,
 }
 
 impl FsRules {
@@ -52,6 +54,7 @@ impl FsRules {
         FsRules {
             read_write,
             read_only,
+            creds: Vec::new(),
         }
     }
 }
@@ -89,6 +92,8 @@ pub(crate) struct FsOutcome {
     pub(crate) allowed: Vec<PathBuf>,
     /// Paths given that do not exist (skipped).
     pub(crate) missing: Vec<PathBuf>,
+    /// The credentials directories that exist, canonical (for messages).
+    pub(crate) creds: Vec<PathBuf>,
 }
 
 /// Builds the ruleset and, with `enforce`, restricts the calling thread (and the threads
@@ -101,11 +106,13 @@ pub(crate) fn restrict(rules: &FsRules, enforce: bool) -> Result<FsOutcome, Land
         .create()?;
     let mut allowed = Vec::new();
     let mut missing = Vec::new();
+    let mut creds = Vec::new();
     let all: Vec<(&PathBuf, bool)> = rules
         .read_write
         .iter()
         .map(|p| (p, true))
         .chain(rules.read_only.iter().map(|p| (p, false)))
+        .chain(rules.creds.iter().map(|p| (p, false)))
         .collect();
     for (path, rw) in all {
         let Ok(fd) = PathFd::new(path) else {
@@ -123,8 +130,11 @@ pub(crate) fn restrict(rules: &FsRules, enforce: bool) -> Result<FsOutcome, Land
             access &= AccessFs::from_file(abi);
         }
         created = created.add_rule(PathBeneath::new(fd, access))?;
+        let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
         if rw {
-            allowed.push(std::fs::canonicalize(path).unwrap_or_else(|_| path.clone()));
+            allowed.push(canonical);
+        } else if rules.creds.contains(path) {
+            creds.push(canonical);
         }
     }
     if !enforce {
@@ -133,6 +143,7 @@ pub(crate) fn restrict(rules: &FsRules, enforce: bool) -> Result<FsOutcome, Land
             enforced: false,
             allowed,
             missing,
+            creds,
         });
     }
     let st = created.restrict_self()?;
@@ -153,6 +164,7 @@ pub(crate) fn restrict(rules: &FsRules, enforce: bool) -> Result<FsOutcome, Land
         enforced,
         allowed,
         missing,
+        creds,
     })
 }
 
@@ -199,5 +211,19 @@ mod tests {
         assert!(!is_under(Path::new("/nonexistent/x"), &allowed));
         // `..` cannot climb out.
         assert!(!is_under(&tmp.join("../etc/passwd"), &allowed));
+    }
+
+    #[test]
+    fn credentials_directories_are_read_only_rules() {
+        let tmp = std::fs::canonicalize(std::env::temp_dir()).unwrap();
+        let rules = FsRules {
+            creds: vec![tmp.clone(), PathBuf::from("/nonexistent-creds")],
+            ..FsRules::default()
+        };
+        // Not enforced: the test process stays unrestricted.
+        let out = restrict(&rules, false).unwrap();
+        assert_eq!(out.creds, vec![tmp]);
+        assert!(out.allowed.is_empty(), "credentials are not read-write");
+        assert_eq!(out.missing, vec![PathBuf::from("/nonexistent-creds")]);
     }
 }

@@ -52,6 +52,8 @@ struct State {
     channel_mover: Option<seccompiler::BpfProgram>,
     landlock_enforced: bool,
     allowed: Vec<PathBuf>,
+    /// `--tls-creds-dir` directories (canonical), readable only.
+    creds: Vec<PathBuf>,
     log: slog::Logger,
 }
 
@@ -72,6 +74,7 @@ pub(crate) fn enter(
             channel_mover: None,
             landlock_enforced: false,
             allowed: Vec::new(),
+            creds: Vec::new(),
             log: log.clone(),
         });
         return Ok(());
@@ -90,6 +93,7 @@ pub(crate) fn enter(
                 enforced: false,
                 allowed: Vec::new(),
                 missing: Vec::new(),
+                creds: Vec::new(),
             }
         }
     };
@@ -118,9 +122,11 @@ pub(crate) fn enter(
     let syscalls = seccomp::allowlist(profile).len();
     let landlock = &fs.status;
     let read_write = dirs.join(":");
+    let creds = join(&fs.creds);
     match profile {
         Profile::Helper => slog::info!(log, "sandbox entered"; "mode" => ?mode,
-            "syscalls" => syscalls, "landlock" => landlock, "read_write" => &read_write),
+            "syscalls" => syscalls, "landlock" => landlock, "read_write" => &read_write,
+            "tls_creds" => &creds),
         // A command's output stays clean.
         Profile::Analyze => slog::debug!(log, "sandbox entered"; "mode" => ?mode,
             "syscalls" => syscalls, "landlock" => landlock, "read_write" => &read_write),
@@ -134,6 +140,7 @@ pub(crate) fn enter(
         channel_mover: Some(channel_mover),
         landlock_enforced: fs.enforced,
         allowed: fs.allowed,
+        creds: fs.creds,
         log: log.clone(),
     });
     Ok(())
@@ -200,6 +207,45 @@ pub(crate) fn explain(target: &str, e: io::Error) -> io::Error {
             "{e}: refused by the sandbox (Landlock), which allows paths under {} only; \
              start the helper with --sandbox-allow-path DIR, or pass an fd (getfd, fd:NAME)",
             join(&st.allowed)
+        ),
+    )
+}
+
+/// Whether Landlock lets `object-add` read credentials at `path`.
+fn creds_allowed(st: &State, path: &Path) -> bool {
+    self::landlock::is_under(path, &st.allowed) || self::landlock::is_under(path, &st.creds)
+}
+
+/// In `log` mode, reports a credentials directory that `on` would refuse.
+pub(crate) fn note_creds(dir: &Path) {
+    let Some(st) = STATE.get() else { return };
+    if st.mode == SandboxMode::Log && !creds_allowed(st, dir) {
+        slog::warn!(st.log, "sandbox (log mode): --sandbox on would refuse these credentials (--tls-creds-dir)";
+            "dir" => %dir.display(), "allowed" => join(&st.creds));
+    }
+}
+
+/// Adds the sandbox's reason to a failure to read TLS credentials at `path`: a refused
+/// path names the option that allows it.
+pub(crate) fn explain_creds(path: &Path, e: io::Error) -> io::Error {
+    let Some(st) = STATE.get() else { return e };
+    if st.mode != SandboxMode::On
+        || !st.landlock_enforced
+        || e.kind() != io::ErrorKind::PermissionDenied
+        || creds_allowed(st, path)
+    {
+        return e;
+    }
+    let dirs = if st.creds.is_empty() {
+        "none".to_string()
+    } else {
+        join(&st.creds)
+    };
+    io::Error::new(
+        e.kind(),
+        format!(
+            "{e}: refused by the sandbox (Landlock); credentials directories allowed: {dirs}; \
+             start the helper with --tls-creds-dir DIR"
         ),
     )
 }

@@ -63,6 +63,14 @@ pub(crate) enum TransportError {
     /// Boxed: the largest of these errors, and rare.
     #[error(transparent)]
     Multifd(Box<multifd::MultifdError>),
+    #[error(transparent)]
+    Tls(Box<tls::TlsError>),
+}
+
+impl From<tls::TlsError> for TransportError {
+    fn from(e: tls::TlsError) -> Self {
+        TransportError::Tls(Box::new(e))
+    }
 }
 
 impl From<multifd::MultifdError> for TransportError {

@@ -8,3 +8,4 @@ pub mod postcopy;
 pub mod ram;
 pub mod return_path;
 pub mod stream;
+pub mod tls;

@@ -165,6 +165,8 @@ impl Helper {
             }
             Some(Command::DeviceStateSet) => self.device_state_set(&a),
             Some(Command::QueryDeviceState) => self.query_device_state(&a),
+            Some(Command::ObjectAdd) => self.object_add(&a),
+            Some(Command::ObjectDel) => self.object_del(&a),
             Some(Command::Quit) => self.quit(&a),
             // The connection answers `qmp_capabilities` itself; here it is unknown, as in
             // QEMU once the negotiation is over.

@@ -157,10 +157,28 @@ impl Helper {
             v["postcopy-pauses"] = json!(self.ctx.pauses.load(Ordering::Relaxed));
             v["postcopy-recoveries-ms"] = json!(*lock(&self.ctx.recoveries));
         }
-        if st == MigrationStatus::Failed {
+        // Paused postcopy shows why it paused, as QEMU shows its error in any state but
+        // cancelled.
+        let paused = matches!(
+            st,
+            MigrationStatus::PostcopyPaused
+                | MigrationStatus::PostcopyRecoverSetup
+                | MigrationStatus::PostcopyRecover
+        );
+        if st == MigrationStatus::Failed || paused {
             if let Some(e) = self.ctx.state.error_desc() {
                 v["error-desc"] = json!(e);
             }
+        }
+        let tls = lock(&self.ctx.tls_channels);
+        if !tls.is_empty() {
+            // Which channels ran under TLS and what they agreed (not in QEMU's schema).
+            v["tls-channels"] = tls
+                .iter()
+                .map(|(what, i)| {
+                    json!({"channel": what, "protocol": i.protocol, "cipher": i.cipher})
+                })
+                .collect();
         }
         v
     }

@@ -45,6 +45,38 @@ pub(super) fn check_start(caps: &Capabilities, p: &Parameters) -> Result<(), Qmp
     Ok(())
 }
 
+/// Longest `tls-creds`/`tls-hostname`/`tls-authz` taken (ids and host names are short).
+const MAX_TLS_PARAMETER: usize = 255;
+
+/// `tls-creds`, `tls-hostname`, `tls-authz`: QEMU's `StrOrNull` (null means ""), read when
+/// a migration or a recovery starts, so they may change at any time; "" turns TLS off
+/// (`tls-creds`), as libvirt does.
+fn set_tls_parameters(a: &Args<'_>, p: &mut Parameters) -> Result<(), QmpError> {
+    for (name, field) in [
+        ("tls-creds", &mut p.tls_creds),
+        ("tls-hostname", &mut p.tls_hostname),
+        ("tls-authz", &mut p.tls_authz),
+    ] {
+        let v = match a.0.get(name) {
+            None => continue,
+            Some(Value::Null) => "",
+            Some(Value::String(s)) => s.as_str(),
+            Some(_) => {
+                return Err(QmpError::generic(format!(
+                    "Invalid parameter type for '{name}', expected: string or null"
+                )))
+            }
+        };
+        if v.len() > MAX_TLS_PARAMETER {
+            return Err(QmpError::generic(format!(
+                "{name} must be at most {MAX_TLS_PARAMETER} bytes"
+            )));
+        }
+        *field = v.to_string();
+    }
+    Ok(())
+}
+
 impl Helper {
     /// `migrate-set-capabilities`.
     pub(super) fn set_capabilities(&self, a: &Args<'_>) -> CmdResult {
@@ -163,6 +195,7 @@ impl Helper {
                 .map_err(|e| QmpError::generic(e.to_string()))?;
         }
         self.set_multifd_parameters(a, &mut p, running)?;
+        set_tls_parameters(a, &mut p)?;
         *lock(&self.ctx.params) = p;
         Ok(json!({}))
     }
@@ -185,6 +218,9 @@ impl Helper {
             "multifd-compression": "none",
             "zero-page-detection": p.zero_page_detection().as_str(),
             "vm-uuid": p.vm_uuid_string(),
+            "tls-creds": p.tls_creds,
+            "tls-hostname": p.tls_hostname,
+            "tls-authz": p.tls_authz,
         }))
     }
 

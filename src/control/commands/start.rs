@@ -74,6 +74,9 @@ impl Helper {
                 }
                 _ => None,
             };
+            // As QEMU, the credentials are looked up again for the new connection.
+            let tls = self.tls_setup(Role::Source)?;
+            *lock(&self.ctx.tls) = tls;
             slog::info!(self.log, "migrate resume"; "uri" => %uri, "adopt" => adopt);
             if adopt {
                 let blocks = self.migration_blocks()?;
@@ -112,6 +115,12 @@ impl Helper {
             }
         }
         let blocks = self.migration_blocks()?;
+        let tls = self.tls_setup(Role::Source)?;
+        if tls.is_some() && matches!(uri, Uri::File(_)) {
+            return Err(QmpError::generic(
+                "TLS needs a socket: file: cannot carry a TLS migration",
+            ));
+        }
         let setup = MultifdSetup {
             channels: params.multifd_channels,
             uuid: params.vm_uuid,
@@ -138,11 +147,15 @@ impl Helper {
         };
         slog::info!(self.log, "migrate"; "uri" => %uri, "blocks" => blocks.len());
         self.start_worker(Role::Source, move |ctx| {
+            *lock(&ctx.tls) = tls;
             let chan = match chan {
                 Some(c) => c,
                 None => Channel::connect(&uri, |_| None, ctx.mailbox.cancel_token())?,
             }
             .with_cancel(ctx.mailbox.cancel_token().clone());
+            // Under TLS, the main channel's handshake completes before any multifd channel
+            // connects: a QEMU destination takes the first TLS channel as the main one.
+            let chan = ctx.secure(chan, "main", Some(&uri), ctx.precopy_timeout())?;
             // Precopy: a destination that stops reading fails the migration after
             // precopy-timeout; only the sending side is timed (the return path may idle).
             chan.set_precopy_timeouts(ctx.precopy_timeout(), false);
@@ -156,6 +169,18 @@ impl Helper {
             } else {
                 multifd::connect(&uri, setup.channels, ctx.mailbox.cancel_token())?
             };
+            let multifd = multifd
+                .into_iter()
+                .enumerate()
+                .map(|(k, c)| {
+                    ctx.secure(
+                        c,
+                        &format!("multifd {k}"),
+                        Some(&uri),
+                        ctx.precopy_timeout(),
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             let multifd = register(ctx, multifd, false);
             multifd::send_inits(&multifd, setup.uuid)?;
             Ok(crate::engine::source::run(ctx, blocks, chan, multifd, uri)?)
@@ -181,6 +206,12 @@ impl Helper {
             ));
         }
         let blocks = self.migration_blocks()?;
+        let tls = self.tls_setup(Role::Destination)?;
+        if tls.is_some() && matches!(uri, Uri::File(_)) {
+            return Err(QmpError::generic(
+                "TLS needs a socket: file: cannot carry a TLS migration",
+            ));
+        }
         let setup = MultifdSetup {
             channels: params.multifd_channels,
             uuid: params.vm_uuid,
@@ -221,20 +252,26 @@ impl Helper {
             None => None,
         };
         self.start_worker(Role::Destination, move |ctx| {
+            *lock(&ctx.tls) = tls;
             let cancel = ctx.mailbox.cancel_token();
             // With postcopy-preempt the first connection is the main channel and the next
             // one, later, the preempt channel (QEMU tells them apart by order alone); with
             // multifd too (compat-version 10.1), the one after the main and multifd ones.
+            let timeout = ctx.precopy_timeout();
             let (chan, multifd, preempt) = if caps.multifd {
-                let timeout = ctx.precopy_timeout();
                 let keep = caps.postcopy_preempt;
-                let a = multifd::accept(incoming, multifd_fds, &setup, timeout, cancel, keep)?;
+                let tls_on = lock(&ctx.tls).is_some();
+                let secure = |c, what: &str, t| ctx.secure(c, what, None, t);
+                let tls = tls_on.then_some(&secure as multifd::Secure<'_>);
+                let a = multifd::accept(incoming, multifd_fds, &setup, timeout, cancel, keep, tls)?;
                 (a.main, a.multifd, a.listener)
             } else if caps.postcopy_preempt {
                 let c = incoming.accept_another(cancel)?;
+                let c = ctx.secure(c, "main", None, timeout)?;
                 (c, Vec::new(), Some(incoming))
             } else {
-                (incoming.accept(cancel)?, Vec::new(), None)
+                let c = incoming.accept(cancel)?;
+                (ctx.secure(c, "main", None, timeout)?, Vec::new(), None)
             };
             let chan = chan.with_cancel(cancel.clone());
             // Precopy: a source silent for precopy-timeout (once connected) fails the load.
@@ -275,6 +312,8 @@ impl Helper {
                 st.as_str()
             )));
         }
+        let tls = self.tls_setup(Role::Destination)?;
+        *lock(&self.ctx.tls) = tls;
         if adopt {
             let blocks = self.migration_blocks()?;
             let uffd = lock(&self.uffd)

@@ -154,6 +154,7 @@ impl PostcopySink {
             ctx.stats.postcopy_preempt_pages.clone(),
             main,
             ctx.log.clone(),
+            (ctx.securer(), ctx.link_timeout()),
         )?);
         Ok(())
     }

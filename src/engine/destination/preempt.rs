@@ -13,10 +13,12 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crate::engine::destination::fault::{FaultError, PostcopyDest};
 use crate::engine::destination::place::{BlockCursor, PlaceError};
 use crate::engine::destination::reader::{ReadError, Reader};
+use crate::engine::migration::Securer;
 use crate::memory::block::RamBlock;
 use crate::transport::{CancelToken, Channel, Incoming, TransportError};
 use crate::wire::ram::{self, Record};
@@ -82,6 +84,7 @@ impl PreemptChannel {
         pages: Arc<AtomicU64>,
         main: Option<OwnedFd>,
         log: slog::Logger,
+        (securer, timeout): (Securer, Option<Duration>),
     ) -> Result<PreemptChannel, PreemptError> {
         let stop = CancelToken::new().map_err(PreemptError::Spawn)?;
         let chan: Arc<Mutex<Option<OwnedFd>>> = Arc::default();
@@ -96,10 +99,21 @@ impl PreemptChannel {
                 };
                 incoming.done_listening();
                 drop(incoming);
+                // Registered before the handshake, so that a stop can shut it down.
                 *slot.lock().unwrap_or_else(|e| e.into_inner()) = c.try_clone_fd().ok();
                 if st.is_cancelled() {
                     return Ok(());
                 }
+                let c = match securer.secure(c, "preempt", None, &st, timeout) {
+                    Ok(c) => c,
+                    Err(_) if st.is_cancelled() => return Ok(()),
+                    Err(e) => {
+                        if let Some(m) = &main {
+                            crate::transport::shutdown_fd(m);
+                        }
+                        return Err(PreemptError::Accept(e));
+                    }
+                };
                 slog::info!(log, "postcopy-preempt channel connected"; "peer" => &c.peer);
                 // A vCPU waits on every page this thread reads.
                 crate::engine::destination::priority::raise(&log, "postcopy-preempt");

@@ -25,6 +25,7 @@ impl Loader<'_> {
         let ctx = self.ctx;
         ctx.pauses.fetch_add(1, Ordering::Relaxed);
         slog::warn!(ctx.log, "postcopy link failed: paused"; "error" => %why);
+        ctx.state.note_error(why.to_string());
         ctx.state.transition(MigrationStatus::PostcopyPaused)?;
         self.wait_and_recover()
     }
@@ -48,6 +49,7 @@ impl Loader<'_> {
                         "postcopy recovery failed: paused again"
                     };
                     slog::warn!(ctx.log, "{}", phase; "error" => %e);
+                    ctx.state.note_error(e.to_string());
                     if ctx.state.status() != MigrationStatus::PostcopyPaused {
                         ctx.state.transition(MigrationStatus::PostcopyPaused)?;
                     }
@@ -74,6 +76,9 @@ impl Loader<'_> {
         let chan = chan
             .map_err(RecoveryError::Accept)?
             .with_cancel(ctx.mailbox.cancel_token().clone());
+        let chan = ctx
+            .secure(chan, "recovery", None, ctx.link_timeout())
+            .map_err(RecoveryError::Accept)?;
 
         let t0 = Instant::now();
         if !chan.is_socket {

@@ -391,8 +391,12 @@ impl<'m> PostcopyPush<'m> {
         let c = Channel::connect(uri, |_| None, self.commands.cancel_token())
             .map_err(PreemptError::Connect)?
             .with_cancel(self.commands.cancel_token().clone());
-        let t = self.ctx.params().link_timeout;
-        c.set_timeouts((t > 0).then(|| Duration::from_millis(t)));
+        let t = self.ctx.link_timeout();
+        let c = self
+            .ctx
+            .secure(c, "preempt", Some(uri), t)
+            .map_err(PreemptError::Connect)?;
+        c.set_timeouts(t);
         let blocks = self
             .pages
             .blocks

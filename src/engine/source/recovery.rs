@@ -35,6 +35,7 @@ impl<'m> PostcopyPush<'m> {
         slog::warn!(ctx.log, "postcopy link failed: paused"; "error" => %why);
         link.out.chan().shutdown();
         self.stop_urgent(&mut link, true);
+        ctx.state.note_error(why.to_string());
         ctx.state.transition(MigrationStatus::PostcopyPaused)?;
         let sent = link.out.sent();
         drop(link);
@@ -58,6 +59,7 @@ impl<'m> PostcopyPush<'m> {
                 Err(e) => {
                     slog::warn!(ctx.log, "postcopy recovery failed: paused again"; "error" => %e);
                     ctx.pauses.fetch_add(1, Ordering::Relaxed);
+                    ctx.state.note_error(e.to_string());
                     let _ = ctx.state.transition(MigrationStatus::PostcopyPaused);
                     if !e.stays_paused() {
                         return Err(e);
@@ -87,6 +89,9 @@ impl<'m> PostcopyPush<'m> {
         if !chan.is_socket {
             return Err(RecoveryError::NotASocket(name).into());
         }
+        let chan = ctx
+            .secure(chan, "recovery", Some(&uri), ctx.link_timeout())
+            .map_err(RecoveryError::Channel)?;
         let chan = Arc::new(chan);
         let r = self.handshake(&uri, chan.clone(), sent);
         if r.is_err() {
