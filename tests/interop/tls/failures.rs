@@ -427,6 +427,7 @@ fn tls_psk_objects_and_refusal() {
             Err(e) => e.to_string(),
             Ok(_) => failed(p, &what),
         };
+        eprintln!("{what}: {desc}");
         assert_reason(&desc, words, &what);
         assert_reason(&desc, &["psk"], &what);
     }
