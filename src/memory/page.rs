@@ -369,6 +369,53 @@ impl<'a> IoVecs<'a> {
         Ok(w as usize)
     }
 
+    /// Copies the next bytes of the list (own bytes and guest pages) into `dst`, as many as
+    /// fit, and drops them from the front: a TLS record's plaintext. Returns the count.
+    pub(crate) fn copy_out(&mut self, dst: &mut [u8]) -> usize {
+        let mut got = 0;
+        while got < dst.len() && self.done < self.iov.len() {
+            let v = self.iov[self.done];
+            let n = v.iov_len.min(dst.len() - got);
+            // SAFETY: every iovec points at memory borrowed for 'a and valid for reads of
+            // its length (own bytes, or a guest mapping its block's borrow keeps mapped; see
+            // `syscall`); `dst` is the caller's own buffer, which guest memory never
+            // overlaps. Guest memory is read with a plain copy, as vm-memory's volatile
+            // slices copy it: no Rust reference to it is made.
+            unsafe {
+                std::ptr::copy_nonoverlapping(v.iov_base as *const u8, dst[got..].as_mut_ptr(), n)
+            };
+            got += n;
+            self.advance(n);
+        }
+        got
+    }
+
+    /// Copies `src` into the next pages of the list and drops them from the front (a TLS
+    /// record's plaintext into guest memory); returns the count. Refused (InvalidInput), as
+    /// [`IoVecs::readv`], when the list holds bytes of the process's own.
+    pub(crate) fn fill_from(&mut self, src: &[u8]) -> std::io::Result<usize> {
+        if self.shared {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a scattered read into shared buffers",
+            ));
+        }
+        let mut put = 0;
+        while put < src.len() && self.done < self.iov.len() {
+            let v = self.iov[self.done];
+            let n = v.iov_len.min(src.len() - put);
+            // SAFETY: every iovec is a guest page pushed with `push_page_to_fill` (checked
+            // above: no shared bytes), valid for writes of its length while 'a lasts, taken
+            // with the slice's mutable pointer guard; guest memory is only accessed through
+            // raw pointers and volatile slices, so the copy invalidates no Rust reference,
+            // and `src` (the process's own buffer) cannot overlap it.
+            unsafe { std::ptr::copy_nonoverlapping(src[put..].as_ptr(), v.iov_base as *mut u8, n) };
+            put += n;
+            self.advance(n);
+        }
+        Ok(put)
+    }
+
     /// Drops `n` written bytes from the front.
     fn advance(&mut self, mut n: usize) {
         while n > 0 && self.done < self.iov.len() {

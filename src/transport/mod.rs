@@ -433,8 +433,36 @@ impl Channel {
         self.timer.clone()
     }
 
+    /// The fd and timeout record the TLS session does its raw I/O with.
+    fn tls_io(&self) -> tls::session::Io<'_> {
+        tls::session::Io {
+            fd: self.fd.as_fd(),
+            timer: &self.timer,
+        }
+    }
+
+    /// Under TLS: sends close_notify, so that the peer reads a clean end of the stream (the
+    /// end of each multifd channel). Without TLS: nothing.
+    pub(crate) fn close_notify(&self) -> io::Result<()> {
+        match &self.tls {
+            Some(t) => t.close_notify(&self.tls_io()),
+            None => Ok(()),
+        }
+    }
+
+    /// Under TLS: whether the peer closing without close_notify is an error (multifd toward
+    /// QEMU >= 10.0) rather than a plain end of stream.
+    pub(crate) fn set_tls_strict_eof(&self, strict: bool) {
+        if let Some(t) = &self.tls {
+            t.set_strict_eof(strict);
+        }
+    }
+
     /// Reads into `buf`; 0 means the peer closed. Retries EINTR.
     pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(t) = &self.tls {
+            return t.read(&self.tls_io(), buf);
+        }
         if self.is_pipe {
             // Poll first: a FIFO whose writer has not come yet reads as EOF, but polls as
             // not ready (it reports POLLHUP only once a writer has been and gone).
@@ -461,6 +489,9 @@ impl Channel {
     /// Reads only what has already arrived: 0 when nothing has (or the peer closed, which
     /// the next [`Channel::read`] reports). Regular files always read 0 here.
     pub(crate) fn read_ready(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(t) = &self.tls {
+            return t.read_ready(&self.tls_io(), buf);
+        }
         let fd = self.fd.as_raw_fd();
         loop {
             let r = if self.is_socket {
@@ -481,6 +512,9 @@ impl Channel {
 
     /// Writes all of `bufs`, in order, with as few syscalls as it can.
     pub(crate) fn write_all_vectored(&self, bufs: &mut [io::IoSlice<'_>]) -> io::Result<()> {
+        if let Some(t) = &self.tls {
+            return t.write_vectored(&self.tls_io(), bufs);
+        }
         let mut bufs = &mut bufs[..];
         while !bufs.is_empty() {
             let n = match nix::sys::uio::writev(self.fd.as_fd(), &bufs[..bufs.len().min(1024)]) {
@@ -508,6 +542,9 @@ impl Channel {
         &self,
         bufs: &mut crate::memory::page::IoVecs<'_>,
     ) -> io::Result<()> {
+        if let Some(t) = &self.tls {
+            return t.write_iovecs(&self.tls_io(), bufs);
+        }
         while !bufs.is_empty() {
             match bufs.writev(self.fd.as_fd()) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -536,6 +573,9 @@ impl Channel {
         &self,
         bufs: &mut crate::memory::page::IoVecs<'_>,
     ) -> io::Result<()> {
+        if let Some(t) = &self.tls {
+            return t.read_exact_iovecs(&self.tls_io(), bufs);
+        }
         while !bufs.is_empty() {
             match bufs.readv(self.fd.as_fd()) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),

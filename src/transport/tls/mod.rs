@@ -15,8 +15,12 @@
 //! - [`session`]: the two record halves a [`super::Channel`] does its I/O through.
 
 pub(crate) mod creds;
+pub(crate) mod dn;
 mod handshake;
+mod reason;
 pub(crate) mod session;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;
