@@ -20,9 +20,16 @@
 //! helper/floor (wall, CPU) and helper against QEMU->QEMU multifd, and the helper
 //! destination's peak RSS (VmHWM) with 4 channels.
 //!
+//! TLS (x509, TLS 1.3, certificates made by `support::tls` before the clock) in the same
+//! run: QEMU->QEMU and helper->helper (and QEMU->helper, helper->QEMU), one channel and
+//! multifd, each against the same case in clear text: "TLS costs at most 30%" is the
+//! wall-time ratio printed as "TLS cost".
+//!
 //! Environment: QMH_BENCH_SIZE (default 2G), QMH_BENCH_REPEAT (default 3),
 //! QMH_BENCH_CASES (default "qq,hh,qh,hq,qqm,hhm,floor"; qqm/hhm/qhm/hqm: QEMU->QEMU,
-//! helper->helper, QEMU->helper and helper->QEMU multifd, floor: the plain program), QMH_BENCH_CHANNELS (multifd channels,
+//! helper->helper, QEMU->helper and helper->QEMU multifd, floor: the plain program; with TLS:
+//! qqt, hht, qht, hqt (one channel), qqtm, hhtm (multifd), each bringing its clear-text
+//! case along), QMH_BENCH_CHANNELS (multifd channels,
 //! a list such as "1,2,4"; default "2"), QMH_BENCH_DEST (default "fresh,prealloc"),
 //! QMH_BENCH_RSS_SIZES (default "2G,4G"; empty skips), QMH_BENCH_LOAD_THREADS (the helper
 //! destinations' `load-threads`; default: the helper's own default), QMH_BENCH_ZPD (the
@@ -43,6 +50,7 @@ use support::map::RamMap;
 use support::migrate::{pass_socketpair, socketpair, start_fd_migration};
 use support::qemu::{require_qemu, Accel, Qemu, QemuVm, VmOpts};
 use support::stats::{bench_requested, env_size, median, repeat};
+use support::tls::{tls_destination, tls_source, Pki, ServerCert};
 use support::util::{fill_mixed, peak_rss_kib, TempDir, GIB};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
@@ -119,8 +127,9 @@ fn migrate_once(
     seed: u64,
     prealloc: bool,
     channels: Option<u8>,
+    tls: bool,
 ) -> Timing {
-    let (t, _, _) = migrate_measured(src_qemu, dst_qemu, size, seed, prealloc, channels);
+    let (t, _, _) = migrate_measured(src_qemu, dst_qemu, size, seed, prealloc, channels, tls);
     t
 }
 
@@ -132,10 +141,19 @@ fn migrate_measured(
     seed: u64,
     prealloc: bool,
     channels: Option<u8>,
+    tls: bool,
 ) -> (Timing, End, End) {
     let mut src = source(src_qemu, size, seed, channels.is_some());
     let mut dst = destination(dst_qemu, size, prealloc);
     let dir = TempDir::new("qmh-bench");
+    // Certificates made (and loaded by both ends) before the clock starts; the handshake
+    // itself is timed, as it is part of every migration.
+    let _pki = tls.then(|| {
+        let pki = Pki::new();
+        tls_source(src.client(), &pki.client_dir());
+        tls_destination(dst.client(), &pki.server_dir(ServerCert::Good), None);
+        pki
+    });
     let uri = match channels {
         Some(n) => {
             for end in [&mut src, &mut dst] {
@@ -358,6 +376,7 @@ enum Kind {
         src_qemu: bool,
         dst_qemu: bool,
         channels: Option<u8>,
+        tls: bool,
     },
     Floor {
         channels: u8,
@@ -375,7 +394,8 @@ fn run_case(kind: Kind, size: u64, seed: u64, prealloc: bool) -> Timing {
             src_qemu,
             dst_qemu,
             channels,
-        } => migrate_once(src_qemu, dst_qemu, size, seed, prealloc, channels),
+            tls,
+        } => migrate_once(src_qemu, dst_qemu, size, seed, prealloc, channels, tls),
         Kind::Floor { channels } => floor_once(size, channels, seed, prealloc),
     }
 }
@@ -385,7 +405,7 @@ fn run_case(kind: Kind, size: u64, seed: u64, prealloc: bool) -> Timing {
 /// the kernel's high-water mark, which counts the guest's shared pages it mapped) and its
 /// RssAnon and RssShmem then, in KiB.
 fn multifd_rss(size: u64, channels: u8) -> (u64, u64, u64) {
-    let (_, _src, dst) = migrate_measured(false, false, size, 7, false, Some(channels));
+    let (_, _src, dst) = migrate_measured(false, false, size, 7, false, Some(channels), false);
     let hwm = peak_rss_kib(dst.pid());
     let status = std::fs::read_to_string(format!("/proc/{}/status", dst.pid())).unwrap_or_default();
     let kib = |key: &str| {
@@ -436,13 +456,23 @@ fn main() {
     let pick =
         std::env::var("QMH_BENCH_CASES").unwrap_or_else(|_| "qq,hh,qh,hq,qqm,hhm,floor".into());
     let picked: Vec<&str> = pick.split(',').map(str::trim).collect();
+    const KNOWN: [&str; 15] = [
+        "qq", "hh", "qh", "hq", "qqm", "hhm", "qhm", "hqm", "floor", "qqt", "hht", "qht", "hqt",
+        "qqtm", "hhtm",
+    ];
     for k in &picked {
         assert!(
-            ["qq", "hh", "qh", "hq", "qqm", "hhm", "qhm", "hqm", "floor"].contains(k),
-            "QMH_BENCH_CASES: unknown case {k:?} (qq, hh, qh, hq, qqm, hhm, qhm, hqm, floor)"
+            KNOWN.contains(k),
+            "QMH_BENCH_CASES: unknown case {k:?} ({})",
+            KNOWN.join(", ")
         );
     }
-    let has = |k: &str| picked.contains(&k);
+    // A TLS case brings its clear-text case along (qqt: qq, hhtm: hhm), for the ratio.
+    let has = |k: &str| {
+        picked.contains(&k)
+            || (k.len() == 2 && picked.contains(&format!("{k}t").as_str()))
+            || (k.ends_with('m') && picked.contains(&format!("{}tm", &k[..2]).as_str()))
+    };
     let channel_list: Vec<u8> = std::env::var("QMH_BENCH_CHANNELS")
         .unwrap_or_else(|_| "2".into())
         .split(',')
@@ -456,13 +486,17 @@ fn main() {
         .collect();
     let mut cases: Vec<Case> = Vec::new();
     let plain = [
-        ("qq", "QEMU->QEMU", true, true),
-        ("hh", "helper->helper", false, false),
-        ("qh", "QEMU->helper", true, false),
-        ("hq", "helper->QEMU", false, true),
+        ("qq", "QEMU->QEMU", true, true, false),
+        ("hh", "helper->helper", false, false, false),
+        ("qh", "QEMU->helper", true, false, false),
+        ("hq", "helper->QEMU", false, true, false),
+        ("qqt", "QEMU->QEMU TLS", true, true, true),
+        ("hht", "helper->helper TLS", false, false, true),
+        ("qht", "QEMU->helper TLS", true, false, true),
+        ("hqt", "helper->QEMU TLS", false, true, true),
     ];
     let any_plain = plain.iter().any(|p| has(p.0));
-    for (i, (key, name, sq, dq)) in plain.iter().enumerate() {
+    for (i, (key, name, sq, dq, tls)) in plain.iter().enumerate() {
         if (i == 0 && any_plain) || has(key) {
             cases.push(Case {
                 name: name.to_string(),
@@ -470,6 +504,7 @@ fn main() {
                     src_qemu: *sq,
                     dst_qemu: *dq,
                     channels: None,
+                    tls: *tls,
                 },
             });
         }
@@ -483,6 +518,7 @@ fn main() {
                     src_qemu: true,
                     dst_qemu: true,
                     channels: Some(c),
+                    tls: false,
                 },
             });
         }
@@ -493,8 +529,25 @@ fn main() {
                     src_qemu: false,
                     dst_qemu: false,
                     channels: Some(c),
+                    tls: false,
                 },
             });
+        }
+        for (k, name, qemu) in [
+            ("qqtm", "QEMU->QEMU TLS multifd", true),
+            ("hhtm", "helper->helper TLS multifd", false),
+        ] {
+            if has(k) {
+                cases.push(Case {
+                    name: format!("{name} {c}"),
+                    kind: Kind::Migrate {
+                        src_qemu: qemu,
+                        dst_qemu: qemu,
+                        channels: Some(c),
+                        tls: true,
+                    },
+                });
+            }
         }
         for (k, name, src_qemu) in [
             ("qhm", "QEMU->helper multifd", true),
@@ -507,6 +560,7 @@ fn main() {
                         src_qemu,
                         dst_qemu: !src_qemu,
                         channels: Some(c),
+                        tls: false,
                     },
                 });
             }
@@ -607,6 +661,34 @@ fn main() {
                 size as f64 / m / 1e6,
                 sc + dc
             );
+        }
+        // TLS against clear text, the same case in the same run.
+        let mut tls_lines = Vec::new();
+        for (i, case) in cases.iter().enumerate() {
+            let clear_name = case.name.replace(" TLS", "");
+            if clear_name == case.name {
+                continue;
+            }
+            if let Some(j) = cases.iter().position(|k| k.name == clear_name) {
+                let wall = |i: usize| col(i, |t| t.secs);
+                let cpu = |i: usize, f: fn(&Timing) -> f64| col(i, f);
+                tls_lines.push(format!(
+                    "TLS cost: {:<28} wall {:.2}x ({:.0} vs {:.0} MB/s), CPU source {:.2}x destination {:.2}x",
+                    case.name,
+                    wall(i) / wall(j),
+                    size as f64 / wall(i) / 1e6,
+                    size as f64 / wall(j) / 1e6,
+                    cpu(i, |t| t.src_cpu) / cpu(j, |t| t.src_cpu).max(1e-9),
+                    cpu(i, |t| t.dst_cpu) / cpu(j, |t| t.dst_cpu).max(1e-9),
+                ));
+            }
+        }
+        if !tls_lines.is_empty() {
+            println!();
+            for l in &tls_lines {
+                println!("{l}");
+            }
+            println!("TLS cost target: wall <= 1.30x the clear-text case (TLS over clear)");
         }
         for &c in &channel_list {
             let find = |prefix: &str| {

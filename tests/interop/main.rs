@@ -22,5 +22,6 @@ mod recovery;
 mod sandbox;
 mod shrink;
 mod streams;
+mod tls;
 mod transport;
 mod util;
