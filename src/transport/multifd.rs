@@ -114,22 +114,21 @@ pub(crate) fn connect(
         .collect()
 }
 
-/// Source: sends each channel its initial packet; `chans[k]` is channel `k`.
-pub(crate) fn send_inits(chans: &[Channel], uuid: [u8; 16]) -> Result<(), TransportError> {
-    for (id, c) in chans.iter().enumerate() {
-        let mut buf = Vec::with_capacity(INIT_PACKET_LEN);
-        // At most 255 channels (multifd-channels is a u8).
-        let id = u8::try_from(id).map_err(|_| MultifdError::IdOutOfRange {
-            id: u8::MAX,
-            channels: u8::MAX,
-        })?;
-        encode_init(&mut buf, &InitPacket { uuid, id });
-        c.write_all(&buf).map_err(|source| MultifdError::Io {
-            what: "sending the initial packet to",
-            peer: c.peer.clone(),
-            source,
-        })?;
-    }
+/// Source: sends channel `id` its initial packet. As QEMU's channel threads do, right
+/// after the channel is up (its TLS handshake done), before the next one connects.
+pub(crate) fn send_init(c: &Channel, id: usize, uuid: [u8; 16]) -> Result<(), TransportError> {
+    let mut buf = Vec::with_capacity(INIT_PACKET_LEN);
+    // At most 255 channels (multifd-channels is a u8).
+    let id = u8::try_from(id).map_err(|_| MultifdError::IdOutOfRange {
+        id: u8::MAX,
+        channels: u8::MAX,
+    })?;
+    encode_init(&mut buf, &InitPacket { uuid, id });
+    c.write_all(&buf).map_err(|source| MultifdError::Io {
+        what: "sending the initial packet to",
+        peer: c.peer.clone(),
+        source,
+    })?;
     Ok(())
 }
 
@@ -407,11 +406,17 @@ fn accept_tls(
             None => next(&mut first, "the main channel")?,
         };
         let main = secure(main, "main", left(deadline_of(first, timeout)))?;
-        while let Some(k) = slots.iter().position(Option::is_none) {
-            let what = format!("multifd channel {k}");
-            let c = next(&mut first, &what)?;
+        // Every channel's handshake first: a source may send the initial packets only once
+        // all its channels are up.
+        let mut up = Vec::with_capacity(slots.len());
+        for k in 0..slots.len() {
+            let c = next(&mut first, &format!("multifd channel {k}"))?;
             let deadline = deadline_of(first, timeout);
-            let c = secure(c, &format!("multifd {k}"), left(deadline))?;
+            up.push(secure(c, &format!("multifd {k}"), left(deadline))?);
+        }
+        for (k, c) in up.into_iter().enumerate() {
+            let what = format!("connection {} after the main channel", k + 1);
+            let deadline = deadline_of(first, timeout);
             let id = read_init(&c, setup, deadline, timeout, cancel, &what)?;
             let slot = &mut slots[usize::from(id)];
             if slot.is_some() {
@@ -960,7 +965,9 @@ mod tests {
                 let main = Channel::connect(&uri, |_| None, &never).unwrap();
                 main.write_all(b"QEVM").unwrap();
                 let chans = connect(&uri, 3, &never).unwrap();
-                send_inits(&chans, UUID).unwrap();
+                for (k, c) in chans.iter().enumerate() {
+                    send_init(c, k, UUID).unwrap();
+                }
                 for (k, c) in chans.iter().enumerate() {
                     c.write_all(&[k as u8 + 10]).unwrap();
                 }

@@ -173,16 +173,13 @@ impl Helper {
                 .into_iter()
                 .enumerate()
                 .map(|(k, c)| {
-                    ctx.secure(
-                        c,
-                        &format!("multifd {k}"),
-                        Some(&uri),
-                        ctx.precopy_timeout(),
-                    )
+                    let t = ctx.precopy_timeout();
+                    let c = ctx.secure(c, &format!("multifd {k}"), Some(&uri), t)?;
+                    multifd::send_init(&c, k, setup.uuid)?;
+                    Ok(c)
                 })
-                .collect::<Result<Vec<_>, _>>()?;
+                .collect::<Result<Vec<_>, TransportError>>()?;
             let multifd = register(ctx, multifd, false);
-            multifd::send_inits(&multifd, setup.uuid)?;
             Ok(crate::engine::source::run(ctx, blocks, chan, multifd, uri)?)
         })
     }
