@@ -23,5 +23,6 @@ mod sandbox;
 mod shrink;
 mod streams;
 mod tls;
+mod tls_capture;
 mod transport;
 mod util;
