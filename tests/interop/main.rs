@@ -24,5 +24,6 @@ mod shrink;
 mod streams;
 mod tls;
 mod tls_capture;
+mod tls_recovery;
 mod transport;
 mod util;
