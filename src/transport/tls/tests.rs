@@ -803,3 +803,126 @@ fn shutdown_unblocks_a_tls_reader_and_socket_timeouts_still_apply() {
         "{e}"
     );
 }
+
+/// The record layer against a TLS stack that is not rustls: `openssl s_server`, which
+/// also sends KeyUpdates on request ("K": update and ask for one back).
+#[test]
+#[ignore = "needs the openssl command; run by hand"]
+fn interop_with_openssl_s_server() {
+    use std::io::{BufRead, Write};
+    use std::process::{Command, Stdio};
+    let ca = ca("CA");
+    let s = leaf(&ca, &cn("server"), &["127.0.0.1"], true, false);
+    let c = leaf(&ca, &client_dn(), &[], false, false);
+    let dir = std::env::temp_dir().join(format!("qmh-tls-ossl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pem = |tag: &str, der: &[u8]| {
+        use std::fmt::Write as _;
+        let b64 = base64_encode(der);
+        let mut out = format!("-----BEGIN {tag}-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            let _ = writeln!(out, "{}", std::str::from_utf8(line).unwrap());
+        }
+        let _ = writeln!(out, "-----END {tag}-----");
+        out
+    };
+    std::fs::write(dir.join("ca.pem"), pem("CERTIFICATE", ca.der.as_ref())).unwrap();
+    std::fs::write(dir.join("cert.pem"), pem("CERTIFICATE", s.der.as_ref())).unwrap();
+    std::fs::write(dir.join("key.pem"), pem("PRIVATE KEY", s.key.secret_der())).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new("openssl")
+        .args(["s_server", "-tls1_3", "-naccept", "1", "-Verify", "1"])
+        .args(["-accept", &format!("127.0.0.1:{port}")])
+        .arg("-cert")
+        .arg(dir.join("cert.pem"))
+        .arg("-key")
+        .arg(dir.join("key.pem"))
+        .arg("-CAfile")
+        .arg(dir.join("ca.pem"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let uri = Uri::Tcp(format!("127.0.0.1:{port}"));
+    let never = CancelToken::new().unwrap();
+    // s_server's "ACCEPT" sits in its buffered stdout: try until it listens.
+    let start = Instant::now();
+    let ch = loop {
+        match Channel::connect(&uri, |_| None, &never) {
+            Ok(ch) => break ch,
+            Err(e) => assert!(start.elapsed() < Duration::from_secs(10), "{e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let client = client_setup(&ca, c, None);
+    let ch = client.secure(ch, Some(&uri), &never, LIMIT).unwrap();
+    ch.write_all(b"hello from the helper\n").unwrap();
+    let mut line = String::new();
+    let mut lines = Vec::new();
+    while !lines
+        .iter()
+        .any(|l: &String| l.contains("hello from the helper"))
+    {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "s_server exited: {lines:?}"
+        );
+        lines.push(line.clone());
+    }
+    let mut stdin = child.stdin.take().unwrap();
+    // s_server takes a command only as a whole read of its stdin: give it its own.
+    stdin.write_all(b"K\n").unwrap();
+    stdin.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    stdin.write_all(b"hello from openssl\n").unwrap();
+    stdin.flush().unwrap();
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("hello from openssl") {
+        let mut b = [0u8; 256];
+        let n = ch.read(&mut b).unwrap();
+        assert!(n > 0, "EOF from s_server");
+        got.extend_from_slice(&b[..n]);
+    }
+    // Our KeyUpdate in return goes first, then data under the new key.
+    ch.write_all(b"after the key update\n").unwrap();
+    while !lines
+        .iter()
+        .any(|l: &String| l.contains("after the key update"))
+    {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "s_server exited: {lines:?}"
+        );
+        lines.push(line.clone());
+    }
+    ch.close_notify().unwrap();
+    drop(stdin);
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn base64_encode(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::new();
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                s.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                s.push('=');
+            }
+        }
+    }
+    s
+}
