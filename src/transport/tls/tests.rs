@@ -814,21 +814,7 @@ fn interop_with_openssl_s_server() {
     let ca = ca("CA");
     let s = leaf(&ca, &cn("server"), &["127.0.0.1"], true, false);
     let c = leaf(&ca, &client_dn(), &[], false, false);
-    let dir = std::env::temp_dir().join(format!("qmh-tls-ossl-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let pem = |tag: &str, der: &[u8]| {
-        use std::fmt::Write as _;
-        let b64 = base64_encode(der);
-        let mut out = format!("-----BEGIN {tag}-----\n");
-        for line in b64.as_bytes().chunks(64) {
-            let _ = writeln!(out, "{}", std::str::from_utf8(line).unwrap());
-        }
-        let _ = writeln!(out, "-----END {tag}-----");
-        out
-    };
-    std::fs::write(dir.join("ca.pem"), pem("CERTIFICATE", ca.der.as_ref())).unwrap();
-    std::fs::write(dir.join("cert.pem"), pem("CERTIFICATE", s.der.as_ref())).unwrap();
-    std::fs::write(dir.join("key.pem"), pem("PRIVATE KEY", s.key.secret_der())).unwrap();
+    let dir = pem_dir(&ca, &s, "ossl");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -925,4 +911,100 @@ fn base64_encode(data: &[u8]) -> String {
         }
     }
     s
+}
+
+/// Writes `cert`, its key and the CA as PEM files into a fresh directory.
+fn pem_dir(ca: &Ca, cert: &Leaf, tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("qmh-tls-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pem = |tag: &str, der: &[u8]| {
+        let b64 = base64_encode(der);
+        let mut out = format!("-----BEGIN {tag}-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(line).unwrap());
+            out.push('\n');
+        }
+        out.push_str(&format!("-----END {tag}-----\n"));
+        out
+    };
+    std::fs::write(dir.join("ca.pem"), pem("CERTIFICATE", ca.der.as_ref())).unwrap();
+    std::fs::write(dir.join("cert.pem"), pem("CERTIFICATE", cert.der.as_ref())).unwrap();
+    std::fs::write(
+        dir.join("key.pem"),
+        pem("PRIVATE KEY", cert.key.secret_der()),
+    )
+    .unwrap();
+    dir
+}
+
+/// A TLS 1.2-only peer, either side: the error says TLS 1.3 is what is missing.
+#[test]
+#[ignore = "needs the openssl command; run by hand"]
+fn a_tls12_only_peer_is_named() {
+    use std::process::{Command, Stdio};
+    let ca = ca("CA");
+    let s = leaf(&ca, &cn("server"), &["127.0.0.1"], true, false);
+    let dir = pem_dir(&ca, &s, "tls12");
+    // The helper as the client, openssl as a TLS 1.2 server.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    let mut child = Command::new("openssl")
+        .args(["s_server", "-tls1_2", "-naccept", "1"])
+        .args(["-accept", &format!("127.0.0.1:{port}")])
+        .arg("-cert")
+        .arg(dir.join("cert.pem"))
+        .arg("-key")
+        .arg(dir.join("key.pem"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let uri = Uri::Tcp(format!("127.0.0.1:{port}"));
+    let never = CancelToken::new().unwrap();
+    let start = Instant::now();
+    let ch = loop {
+        match Channel::connect(&uri, |_| None, &never) {
+            Ok(ch) => break ch,
+            Err(e) => assert!(start.elapsed() < Duration::from_secs(10), "{e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let c = leaf(&ca, &client_dn(), &[], false, false);
+    let e = client_setup(&ca, c, None)
+        .secure(ch, Some(&uri), &never, LIMIT)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("TLS 1.3"), "{e}");
+    let _ = child.kill();
+    let _ = child.wait();
+    // The helper as the server, openssl as a TLS 1.2 client.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client",
+            "-tls1_2",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (sock, _) = l.accept().unwrap();
+    let ch = Channel::from_tcp(sock, "tcp-in".into());
+    let s = leaf(&ca, &cn("server"), &["127.0.0.1"], true, false);
+    let e = server_setup(&ca, s, None)
+        .secure(ch, None, &never, LIMIT)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("TLS 1.3"), "{e}");
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
 }
