@@ -1008,3 +1008,83 @@ fn a_tls12_only_peer_is_named() {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_sender_updates_its_key_before_the_cipher_limit() {
+    let (c, s) = ok_pair();
+    let (ct, st) = (c.tls.as_ref().unwrap(), s.tls.as_ref().unwrap());
+    c.write_all(b"one").unwrap();
+    assert_eq!(read_all(&s, 3), b"one");
+    // Both ends one record short of the limit (as after 2^23 records).
+    let n = session::KEY_UPDATE_AFTER - 1 - st.rx_seq();
+    ct.skip_tx_records(n);
+    st.skip_rx_records(n);
+    // "two" is the last record under the first key; "three" follows a KeyUpdate.
+    c.write_all(b"two").unwrap();
+    c.write_all(b"three").unwrap();
+    assert_eq!(read_all(&s, 8), b"twothree");
+    assert_eq!(st.rx_seq(), 1, "the receiver switched keys");
+}
+
+/// A QEMU source writes "QEVM" as soon as its handshake is done: the destination may read
+/// it together with the client's Finished, and rustls then decrypts it during the
+/// handshake. It must reach the first read.
+#[test]
+fn data_that_came_with_the_last_handshake_flight_is_kept() {
+    use std::io::{Read, Write};
+    let (client, server) = setups();
+    let (a, mut a_peer) = UnixStream::pair().unwrap();
+    let (mut b_peer, b) = UnixStream::pair().unwrap();
+    let server_t = std::thread::spawn(move || {
+        let ch = Channel::from_unix(b, "server-chan".into());
+        server.secure(ch, None, &CancelToken::new().unwrap(), LIMIT)
+    });
+    let mut b_in = b_peer.try_clone().unwrap();
+    let mut a_out = a_peer.try_clone().unwrap();
+    // Server to client: as it comes.
+    let relay = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            match b_in.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if a_out.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let client_t = std::thread::spawn(move || {
+        let ch = Channel::from_unix(a, "client-chan".into());
+        let ch = client
+            .secure(ch, None, &CancelToken::new().unwrap(), LIMIT)
+            .unwrap();
+        ch.write_all(b"QEVM early").unwrap();
+        ch
+    });
+    // Client to server: the ClientHello at once, the rest held until the client is done
+    // and has written, then all in one write.
+    let mut hdr = [0u8; 5];
+    a_peer.read_exact(&mut hdr).unwrap();
+    let mut hello = vec![0u8; u16::from_be_bytes([hdr[3], hdr[4]]) as usize];
+    a_peer.read_exact(&mut hello).unwrap();
+    b_peer.write_all(&hdr).unwrap();
+    b_peer.write_all(&hello).unwrap();
+    let c = client_t.join().unwrap();
+    a_peer.set_nonblocking(true).unwrap();
+    let mut rest = Vec::new();
+    let _ = a_peer.read_to_end(&mut rest);
+    assert!(
+        rest.len() > 40,
+        "the Finished and the data: {} bytes",
+        rest.len()
+    );
+    b_peer.write_all(&rest).unwrap();
+    let s = server_t.join().unwrap().unwrap();
+    assert_eq!(read_all(&s, 10), b"QEVM early");
+    drop(s);
+    drop(b_peer);
+    relay.join().unwrap();
+    drop(c);
+}
