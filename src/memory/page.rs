@@ -539,6 +539,50 @@ mod tests {
         assert!(v.is_empty() && v.remaining() == 0);
     }
 
+    #[test]
+    fn record_copies_cross_buffers_and_refuse_shared_ones() {
+        let mut mem = vec![0u8; 2 * TARGET_PAGE_SIZE];
+        mem[..TARGET_PAGE_SIZE].fill(1);
+        mem[TARGET_PAGE_SIZE..].fill(2);
+        let r = GuestRange::new(owned(&mut mem));
+        let head = *b"hdr";
+        let mut v = IoVecs::with_capacity(3);
+        v.push_bytes(&head);
+        v.push_page(r.page(1).expect("page 1"));
+        v.push_page(r.page(0).expect("page 0"));
+        // Out in pieces that do not line up with the buffers.
+        let mut out = vec![0u8; 5000];
+        assert_eq!(v.copy_out(&mut out), 5000);
+        assert_eq!(&out[..3], b"hdr");
+        assert!(out[3..3 + TARGET_PAGE_SIZE].iter().all(|&x| x == 2));
+        assert!(out[3 + TARGET_PAGE_SIZE..].iter().all(|&x| x == 1));
+        assert_eq!(v.remaining(), 3 + 2 * TARGET_PAGE_SIZE - 5000);
+        let mut rest = vec![0u8; 8192];
+        assert_eq!(v.copy_out(&mut rest), 3 + 2 * TARGET_PAGE_SIZE - 5000);
+        assert!(v.is_empty());
+        // The list has shared bytes: never written into.
+        let mut v = IoVecs::with_capacity(1);
+        v.push_bytes(&head);
+        let e = v.fill_from(b"xyz").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        // Into pages, across their boundary, a piece at a time.
+        let mut v = IoVecs::with_capacity(2);
+        v.push_page_to_fill(r.page(0).expect("page 0"));
+        v.push_page_to_fill(r.page(1).expect("page 1"));
+        let data = vec![9u8; 3000];
+        for _ in 0..2 {
+            assert_eq!(v.fill_from(&data).expect("fill"), 3000);
+        }
+        assert_eq!(
+            v.fill_from(&data).expect("fill"),
+            2 * TARGET_PAGE_SIZE - 6000
+        );
+        assert!(v.is_empty());
+        let mut page = [0u8; TARGET_PAGE_SIZE];
+        r.page(1).expect("page").copy_to(&mut page);
+        assert!(page.iter().all(|&x| x == 9), "both pages filled");
+    }
+
     /// Not a timed test: prints what copying pages in costs through the range handle next
     /// to a plain `copy_nonoverlapping` loop
     /// (`cargo test --profile ci --lib page_copy_cost -- --ignored --nocapture`).

@@ -67,7 +67,7 @@ pub(super) fn client(
     })?;
     let wire = Wire::new(&chan, cancel, timeout)?;
     let left = wire.finish(drive(&mut ClientHs(&mut conn), &wire, host.as_deref()))?;
-    let info = info(&conn, Endpoint::Client, &chan)?;
+    let info = info(&conn, Endpoint::Client);
     let suite = tls13(&conn, &chan)?;
     let (secrets, kernel) = conn
         .dangerous_into_kernel_connection()
@@ -100,9 +100,12 @@ pub(super) fn server(
         })?;
     let wire = Wire::new(&chan, cancel, timeout)?;
     let left = wire.finish(drive(&mut ServerHs(&mut conn), &wire, None))?;
-    let info = info(&conn, Endpoint::Server, &chan)?;
+    let info = info(&conn, Endpoint::Server);
     if let (true, Some(want)) = (setup.verify_peer, setup.authz.as_deref()) {
-        let dn = info.peer_dn.clone().unwrap_or_default();
+        let dn = info
+            .peer_dn
+            .clone()
+            .unwrap_or_else(|| "(no readable client certificate)".into());
         if dn != want {
             return Err(TlsError::AuthzDenied {
                 chan: chan.peer.clone(),
@@ -148,28 +151,22 @@ pub(super) fn tcp_host(addr: &str) -> Option<String> {
     (!h.is_empty()).then(|| h.to_string())
 }
 
-fn info(c: &CommonState, endpoint: Endpoint, chan: &Channel) -> Result<TlsInfo, TlsError> {
-    let peer_dn = match c.peer_certificates().and_then(|certs| certs.first()) {
-        Some(cert) => {
-            Some(
-                dn::distinguished_name(cert.as_ref()).ok_or_else(|| TlsError::Handshake {
-                    chan: chan.peer.clone(),
-                    reason: "cannot read the distinguished name of the peer's certificate".into(),
-                })?,
-            )
-        }
-        None => None,
-    };
+fn info(c: &CommonState, endpoint: Endpoint) -> TlsInfo {
+    // Unreadable, it is reported as none: only tls-authz needs it (and then refuses).
+    let peer_dn = c
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(|cert| dn::distinguished_name(cert.as_ref()));
     let cipher = c
         .negotiated_cipher_suite()
         .map(|s| format!("{:?}", s.suite()))
         .unwrap_or_default();
-    Ok(TlsInfo {
+    TlsInfo {
         endpoint,
         protocol: "TLSv1.3".into(),
         cipher,
         peer_dn,
-    })
+    }
 }
 
 fn tls13(c: &CommonState, chan: &Channel) -> Result<&'static rustls::Tls13CipherSuite, TlsError> {

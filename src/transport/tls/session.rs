@@ -37,7 +37,7 @@ const TX_BATCH: usize = 256 << 10;
 const MAX_HS_MESSAGE: usize = 1 << 16;
 /// Records sealed under one key before the sender updates it: well under AES-GCM's
 /// confidentiality limit (2^24.5 records), so a long migration never reaches it.
-const KEY_UPDATE_AFTER: u64 = 1 << 23;
+pub(super) const KEY_UPDATE_AFTER: u64 = 1 << 23;
 /// TLS 1.3 handshake message types seen after the handshake.
 const NEW_SESSION_TICKET: u8 = 4;
 const KEY_UPDATE: u8 = 24;
@@ -266,6 +266,24 @@ impl Session {
         let mut tx = self.tx_ready(io)?;
         tx.key_update(self, true)?;
         tx.flush(self, io)
+    }
+
+    /// Moves the sending sequence number close to the point where the key is updated.
+    #[cfg(test)]
+    pub(crate) fn skip_tx_records(&self, n: u64) {
+        lock(&self.tx).seq += n;
+    }
+
+    /// Moves the receiving sequence number on (in step with a peer's [`Session::skip_tx_records`]).
+    #[cfg(test)]
+    pub(crate) fn skip_rx_records(&self, n: u64) {
+        lock(&self.rx).seq += n;
+    }
+
+    /// The receiving sequence number (records opened under the current key).
+    #[cfg(test)]
+    pub(crate) fn rx_seq(&self) -> u64 {
+        lock(&self.rx).seq
     }
 
     /// The sending half, after the key update the peer asked for, if any.

@@ -803,3 +803,288 @@ fn shutdown_unblocks_a_tls_reader_and_socket_timeouts_still_apply() {
         "{e}"
     );
 }
+
+/// The record layer against a TLS stack that is not rustls: `openssl s_server`, which
+/// also sends KeyUpdates on request ("K": update and ask for one back).
+#[test]
+#[ignore = "needs the openssl command; run by hand"]
+fn interop_with_openssl_s_server() {
+    use std::io::{BufRead, Write};
+    use std::process::{Command, Stdio};
+    let ca = ca("CA");
+    let s = leaf(&ca, &cn("server"), &["127.0.0.1"], true, false);
+    let c = leaf(&ca, &client_dn(), &[], false, false);
+    let dir = pem_dir(&ca, &s, "ossl");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new("openssl")
+        .args(["s_server", "-tls1_3", "-naccept", "1", "-Verify", "1"])
+        .args(["-accept", &format!("127.0.0.1:{port}")])
+        .arg("-cert")
+        .arg(dir.join("cert.pem"))
+        .arg("-key")
+        .arg(dir.join("key.pem"))
+        .arg("-CAfile")
+        .arg(dir.join("ca.pem"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let uri = Uri::Tcp(format!("127.0.0.1:{port}"));
+    let never = CancelToken::new().unwrap();
+    // s_server's "ACCEPT" sits in its buffered stdout: try until it listens.
+    let start = Instant::now();
+    let ch = loop {
+        match Channel::connect(&uri, |_| None, &never) {
+            Ok(ch) => break ch,
+            Err(e) => assert!(start.elapsed() < Duration::from_secs(10), "{e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let client = client_setup(&ca, c, None);
+    let ch = client.secure(ch, Some(&uri), &never, LIMIT).unwrap();
+    ch.write_all(b"hello from the helper\n").unwrap();
+    let mut line = String::new();
+    let mut lines = Vec::new();
+    while !lines
+        .iter()
+        .any(|l: &String| l.contains("hello from the helper"))
+    {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "s_server exited: {lines:?}"
+        );
+        lines.push(line.clone());
+    }
+    let mut stdin = child.stdin.take().unwrap();
+    // s_server takes a command only as a whole read of its stdin: give it its own.
+    stdin.write_all(b"K\n").unwrap();
+    stdin.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    stdin.write_all(b"hello from openssl\n").unwrap();
+    stdin.flush().unwrap();
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("hello from openssl") {
+        let mut b = [0u8; 256];
+        let n = ch.read(&mut b).unwrap();
+        assert!(n > 0, "EOF from s_server");
+        got.extend_from_slice(&b[..n]);
+    }
+    // Our KeyUpdate in return goes first, then data under the new key.
+    ch.write_all(b"after the key update\n").unwrap();
+    while !lines
+        .iter()
+        .any(|l: &String| l.contains("after the key update"))
+    {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "s_server exited: {lines:?}"
+        );
+        lines.push(line.clone());
+    }
+    ch.close_notify().unwrap();
+    drop(stdin);
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn base64_encode(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::new();
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                s.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                s.push('=');
+            }
+        }
+    }
+    s
+}
+
+/// Writes `cert`, its key and the CA as PEM files into a fresh directory.
+fn pem_dir(ca: &Ca, cert: &Leaf, tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("qmh-tls-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pem = |tag: &str, der: &[u8]| {
+        let b64 = base64_encode(der);
+        let mut out = format!("-----BEGIN {tag}-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(line).unwrap());
+            out.push('\n');
+        }
+        out.push_str(&format!("-----END {tag}-----\n"));
+        out
+    };
+    std::fs::write(dir.join("ca.pem"), pem("CERTIFICATE", ca.der.as_ref())).unwrap();
+    std::fs::write(dir.join("cert.pem"), pem("CERTIFICATE", cert.der.as_ref())).unwrap();
+    std::fs::write(
+        dir.join("key.pem"),
+        pem("PRIVATE KEY", cert.key.secret_der()),
+    )
+    .unwrap();
+    dir
+}
+
+/// A TLS 1.2-only peer, either side: the error says TLS 1.3 is what is missing.
+#[test]
+#[ignore = "needs the openssl command; run by hand"]
+fn a_tls12_only_peer_is_named() {
+    use std::process::{Command, Stdio};
+    let ca = ca("CA");
+    let s = leaf(&ca, &cn("server"), &["127.0.0.1"], true, false);
+    let dir = pem_dir(&ca, &s, "tls12");
+    // The helper as the client, openssl as a TLS 1.2 server.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    let mut child = Command::new("openssl")
+        .args(["s_server", "-tls1_2", "-naccept", "1"])
+        .args(["-accept", &format!("127.0.0.1:{port}")])
+        .arg("-cert")
+        .arg(dir.join("cert.pem"))
+        .arg("-key")
+        .arg(dir.join("key.pem"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let uri = Uri::Tcp(format!("127.0.0.1:{port}"));
+    let never = CancelToken::new().unwrap();
+    let start = Instant::now();
+    let ch = loop {
+        match Channel::connect(&uri, |_| None, &never) {
+            Ok(ch) => break ch,
+            Err(e) => assert!(start.elapsed() < Duration::from_secs(10), "{e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let c = leaf(&ca, &client_dn(), &[], false, false);
+    let e = client_setup(&ca, c, None)
+        .secure(ch, Some(&uri), &never, LIMIT)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("TLS 1.3"), "{e}");
+    let _ = child.kill();
+    let _ = child.wait();
+    // The helper as the server, openssl as a TLS 1.2 client.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client",
+            "-tls1_2",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (sock, _) = l.accept().unwrap();
+    let ch = Channel::from_tcp(sock, "tcp-in".into());
+    let s = leaf(&ca, &cn("server"), &["127.0.0.1"], true, false);
+    let e = server_setup(&ca, s, None)
+        .secure(ch, None, &never, LIMIT)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("TLS 1.3"), "{e}");
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_sender_updates_its_key_before_the_cipher_limit() {
+    let (c, s) = ok_pair();
+    let (ct, st) = (c.tls.as_ref().unwrap(), s.tls.as_ref().unwrap());
+    c.write_all(b"one").unwrap();
+    assert_eq!(read_all(&s, 3), b"one");
+    // Both ends one record short of the limit (as after 2^23 records).
+    let n = session::KEY_UPDATE_AFTER - 1 - st.rx_seq();
+    ct.skip_tx_records(n);
+    st.skip_rx_records(n);
+    // "two" is the last record under the first key; "three" follows a KeyUpdate.
+    c.write_all(b"two").unwrap();
+    c.write_all(b"three").unwrap();
+    assert_eq!(read_all(&s, 8), b"twothree");
+    assert_eq!(st.rx_seq(), 1, "the receiver switched keys");
+}
+
+/// A QEMU source writes "QEVM" as soon as its handshake is done: the destination may read
+/// it together with the client's Finished, and rustls then decrypts it during the
+/// handshake. It must reach the first read.
+#[test]
+fn data_that_came_with_the_last_handshake_flight_is_kept() {
+    use std::io::{Read, Write};
+    let (client, server) = setups();
+    let (a, mut a_peer) = UnixStream::pair().unwrap();
+    let (mut b_peer, b) = UnixStream::pair().unwrap();
+    let server_t = std::thread::spawn(move || {
+        let ch = Channel::from_unix(b, "server-chan".into());
+        server.secure(ch, None, &CancelToken::new().unwrap(), LIMIT)
+    });
+    let mut b_in = b_peer.try_clone().unwrap();
+    let mut a_out = a_peer.try_clone().unwrap();
+    // Server to client: as it comes.
+    let relay = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            match b_in.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if a_out.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let client_t = std::thread::spawn(move || {
+        let ch = Channel::from_unix(a, "client-chan".into());
+        let ch = client
+            .secure(ch, None, &CancelToken::new().unwrap(), LIMIT)
+            .unwrap();
+        ch.write_all(b"QEVM early").unwrap();
+        ch
+    });
+    // Client to server: the ClientHello at once, the rest held until the client is done
+    // and has written, then all in one write.
+    let mut hdr = [0u8; 5];
+    a_peer.read_exact(&mut hdr).unwrap();
+    let mut hello = vec![0u8; u16::from_be_bytes([hdr[3], hdr[4]]) as usize];
+    a_peer.read_exact(&mut hello).unwrap();
+    b_peer.write_all(&hdr).unwrap();
+    b_peer.write_all(&hello).unwrap();
+    let c = client_t.join().unwrap();
+    a_peer.set_nonblocking(true).unwrap();
+    let mut rest = Vec::new();
+    let _ = a_peer.read_to_end(&mut rest);
+    assert!(
+        rest.len() > 40,
+        "the Finished and the data: {} bytes",
+        rest.len()
+    );
+    b_peer.write_all(&rest).unwrap();
+    let s = server_t.join().unwrap().unwrap();
+    assert_eq!(read_all(&s, 10), b"QEVM early");
+    drop(s);
+    drop(b_peer);
+    relay.join().unwrap();
+    drop(c);
+}
