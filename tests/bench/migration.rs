@@ -618,7 +618,7 @@ fn main() {
         if n_plain > 0 {
             let base = col(0, |t| t.secs);
             println!(
-                "{:<15} {:>9} {:>9} {:>13} {:>9} {:>9} {:>9} {:>10}",
+                "{:<20} {:>9} {:>9} {:>13} {:>9} {:>9} {:>9} {:>10}",
                 "case",
                 "median s",
                 "MB/s",
@@ -635,7 +635,7 @@ fn main() {
                 let (sc, dc) = (col(i, |t| t.src_cpu), col(i, |t| t.dst_cpu));
                 let floor = (sc + dc) / cpus;
                 println!(
-                    "{:<15} {m:9.3} {:9.0} {:>12.2}x {sc:9.3} {dc:9.3} {floor:9.3} {:>9.2}x",
+                    "{:<20} {m:9.3} {:9.0} {:>12.2}x {sc:9.3} {dc:9.3} {floor:9.3} {:>9.2}x",
                     case.name,
                     size as f64 / m / 1e6,
                     base / m,
