@@ -423,3 +423,51 @@ fn tls_qemu10_to_helper_postcopy_recovery() {
         "tls_qemu10_to_helper_postcopy_recovery",
     );
 }
+
+/// Helper source -> QEMU 10.0 destination, postcopy paused with `migrate-pause` on the
+/// helper and recovered over a fresh socketpair (QEMU's `migrate-recover`): QEMU runs the
+/// server side of the recovery's handshake.
+#[test]
+fn tls_helper_to_qemu10_postcopy_recovery() {
+    let test = "tls_helper_to_qemu10_postcopy_recovery";
+    let Some((mut s, mut d)) = pair(Kind::Helper, Kind::Qemu(Qemu::V10), RAM, test) else {
+        return;
+    };
+    let expected = s.end.ram().to_vec();
+    let pki = Pki::new();
+    tls_both(&pki, &mut s, &mut d);
+    for p in [&mut s, &mut d] {
+        p.end
+            .client()
+            .set_capabilities(&[("postcopy-ram", true)])
+            .expect("postcopy-ram");
+    }
+    s.end
+        .client()
+        .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
+        .expect("bandwidth");
+    start_fd_migration(s.end.client(), d.end.client());
+    std::thread::sleep(Duration::from_millis(200));
+    s.end.client().migrate_start_postcopy().expect("postcopy");
+    s.end.wait(&["postcopy-active"], TIMEOUT);
+    d.end.wait(&["postcopy-active"], TIMEOUT);
+    std::thread::sleep(Duration::from_millis(200));
+    s.end
+        .client()
+        .execute_oob("migrate-pause", json!({}))
+        .expect("migrate-pause");
+    s.end.wait(&["postcopy-paused"], TIMEOUT);
+    d.end.wait(&["postcopy-paused"], TIMEOUT);
+    recover_over_socketpair(s.end.client(), d.end.client(), "mig1", false);
+    s.end.wait(&["postcopy-active", "completed"], TIMEOUT);
+    s.end
+        .client()
+        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
+        .expect("bandwidth");
+    let si = s.end.wait(&["completed"], TIMEOUT);
+    d.end.wait(&["completed"], TIMEOUT);
+    assert_eq!(si["postcopy-pauses"], 1, "{test}: {si}");
+    assert_tls_channels(&s, &si, 2, Some("recover"), test);
+    assert_same_memory(&expected, &d.end.ram(), test);
+    s.assert_no_secrets(&pki, test);
+}
