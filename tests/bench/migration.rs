@@ -645,7 +645,7 @@ fn main() {
         }
         if cases.len() > n_plain {
             println!(
-                "\n{:<26} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                "\n{:<30} {:>9} {:>9} {:>9} {:>9} {:>9}",
                 "multifd case", "median s", "MB/s", "src CPU s", "dst CPU s", "CPU s"
             );
         }
@@ -656,7 +656,7 @@ fn main() {
                 col(i, |t| t.dst_cpu),
             );
             println!(
-                "{:<26} {m:9.3} {:9.0} {sc:9.3} {dc:9.3} {:9.3}",
+                "{:<30} {m:9.3} {:9.0} {sc:9.3} {dc:9.3} {:9.3}",
                 case.name,
                 size as f64 / m / 1e6,
                 sc + dc
