@@ -596,7 +596,7 @@ fn main() {
                 let t = run_case(case.kind, size, 1000 + r as u64, prealloc);
                 let mode = if prealloc { "prealloc" } else { "fresh" };
                 println!(
-                    "  run {r} {mode:<8} {:<26} {:7.3} s   CPU s: source {:6.3} destination {:6.3}",
+                    "  run {r} {mode:<8} {:<30} {:7.3} s   CPU s: source {:6.3} destination {:6.3}",
                     case.name, t.secs, t.src_cpu, t.dst_cpu
                 );
                 times[di][i].push(t);
