@@ -596,7 +596,7 @@ fn main() {
                 let t = run_case(case.kind, size, 1000 + r as u64, prealloc);
                 let mode = if prealloc { "prealloc" } else { "fresh" };
                 println!(
-                    "  run {r} {mode:<8} {:<26} {:7.3} s   CPU s: source {:6.3} destination {:6.3}",
+                    "  run {r} {mode:<8} {:<30} {:7.3} s   CPU s: source {:6.3} destination {:6.3}",
                     case.name, t.secs, t.src_cpu, t.dst_cpu
                 );
                 times[di][i].push(t);
@@ -618,7 +618,7 @@ fn main() {
         if n_plain > 0 {
             let base = col(0, |t| t.secs);
             println!(
-                "{:<15} {:>9} {:>9} {:>13} {:>9} {:>9} {:>9} {:>10}",
+                "{:<20} {:>9} {:>9} {:>13} {:>9} {:>9} {:>9} {:>10}",
                 "case",
                 "median s",
                 "MB/s",
@@ -635,7 +635,7 @@ fn main() {
                 let (sc, dc) = (col(i, |t| t.src_cpu), col(i, |t| t.dst_cpu));
                 let floor = (sc + dc) / cpus;
                 println!(
-                    "{:<15} {m:9.3} {:9.0} {:>12.2}x {sc:9.3} {dc:9.3} {floor:9.3} {:>9.2}x",
+                    "{:<20} {m:9.3} {:9.0} {:>12.2}x {sc:9.3} {dc:9.3} {floor:9.3} {:>9.2}x",
                     case.name,
                     size as f64 / m / 1e6,
                     base / m,
@@ -645,7 +645,7 @@ fn main() {
         }
         if cases.len() > n_plain {
             println!(
-                "\n{:<26} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                "\n{:<30} {:>9} {:>9} {:>9} {:>9} {:>9}",
                 "multifd case", "median s", "MB/s", "src CPU s", "dst CPU s", "CPU s"
             );
         }
@@ -656,7 +656,7 @@ fn main() {
                 col(i, |t| t.dst_cpu),
             );
             println!(
-                "{:<26} {m:9.3} {:9.0} {sc:9.3} {dc:9.3} {:9.3}",
+                "{:<30} {m:9.3} {:9.0} {sc:9.3} {dc:9.3} {:9.3}",
                 case.name,
                 size as f64 / m / 1e6,
                 sc + dc

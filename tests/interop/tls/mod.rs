@@ -423,3 +423,130 @@ fn tls_qemu10_to_helper_postcopy_recovery() {
         "tls_qemu10_to_helper_postcopy_recovery",
     );
 }
+
+/// Helper source -> QEMU 10.0 destination, postcopy paused with `migrate-pause` on the
+/// helper and recovered over a fresh socketpair (QEMU's `migrate-recover`): QEMU runs the
+/// server side of the recovery's handshake.
+#[test]
+fn tls_helper_to_qemu10_postcopy_recovery() {
+    let test = "tls_helper_to_qemu10_postcopy_recovery";
+    let Some((mut s, mut d)) = pair(Kind::Helper, Kind::Qemu(Qemu::V10), RAM, test) else {
+        return;
+    };
+    let expected = s.end.ram().to_vec();
+    let pki = Pki::new();
+    tls_both(&pki, &mut s, &mut d);
+    for p in [&mut s, &mut d] {
+        p.end
+            .client()
+            .set_capabilities(&[("postcopy-ram", true)])
+            .expect("postcopy-ram");
+    }
+    s.end
+        .client()
+        .set_parameters(json!({"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB}))
+        .expect("bandwidth");
+    start_fd_migration(s.end.client(), d.end.client());
+    std::thread::sleep(Duration::from_millis(200));
+    s.end.client().migrate_start_postcopy().expect("postcopy");
+    s.end.wait(&["postcopy-active"], TIMEOUT);
+    d.end.wait(&["postcopy-active"], TIMEOUT);
+    std::thread::sleep(Duration::from_millis(200));
+    s.end
+        .client()
+        .execute_oob("migrate-pause", json!({}))
+        .expect("migrate-pause");
+    s.end.wait(&["postcopy-paused"], TIMEOUT);
+    d.end.wait(&["postcopy-paused"], TIMEOUT);
+    recover_over_socketpair(s.end.client(), d.end.client(), "mig1", false);
+    s.end.wait(&["postcopy-active", "completed"], TIMEOUT);
+    s.end
+        .client()
+        .set_parameters(json!({"max-postcopy-bandwidth": 0}))
+        .expect("bandwidth");
+    let si = s.end.wait(&["completed"], TIMEOUT);
+    d.end.wait(&["completed"], TIMEOUT);
+    assert_eq!(si["postcopy-pauses"], 1, "{test}: {si}");
+    assert_tls_channels(&s, &si, 2, Some("recover"), test);
+    assert_same_memory(&expected, &d.end.ram(), test);
+    s.assert_no_secrets(&pki, test);
+}
+
+// ---------------------------------------------------------------------------------------
+// The name checked: tls-hostname, else the tcp: URI's host; none over fd: is an error.
+// ---------------------------------------------------------------------------------------
+
+/// Over `tcp:127.0.0.1:PORT` without `tls-hostname` the source checks the server's
+/// certificate against 127.0.0.1 (an IP SAN of the good certificate) and completes.
+fn tcp_without_hostname(src: Kind, dst: Kind, test: &str) {
+    let Some((mut s, mut d)) = pair(src, dst, RAM, test) else {
+        return;
+    };
+    let pki = Pki::new();
+    support::tls::add_x509(s.end.client(), "tls0", &pki.client_dir(), "client", true)
+        .expect("client creds");
+    support::tls::set_tls(s.end.client(), "tls0", None, None).expect("tls-creds");
+    tls_destination(d.end.client(), &pki.server_dir(ServerCert::Good), None);
+    // A port free a moment ago (the destination listens on it next).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    d.end
+        .client()
+        .migrate_incoming(&uri)
+        .expect("migrate-incoming");
+    s.end.client().migrate(&uri).expect("migrate");
+    let si = s.end.wait(&["completed"], TIMEOUT);
+    let di = d.end.wait(&["completed"], TIMEOUT);
+    assert_same_memory(&s.end.ram(), &d.end.ram(), test);
+    assert_tls_channels(&s, &si, 1, None, test);
+    assert_tls_channels(&d, &di, 1, None, test);
+}
+
+#[test]
+fn tls_helper_to_qemu10_tcp_without_hostname() {
+    tcp_without_hostname(
+        Kind::Helper,
+        Kind::Qemu(Qemu::V10),
+        "tls_helper_to_qemu10_tcp_without_hostname",
+    );
+}
+
+#[test]
+fn tls_qemu10_to_helper_tcp_without_hostname() {
+    tcp_without_hostname(
+        Kind::Qemu(Qemu::V10),
+        Kind::Helper,
+        "tls_qemu10_to_helper_tcp_without_hostname",
+    );
+}
+
+/// Over `fd:` there is no host to check: without `tls-hostname` the source fails as QEMU
+/// does ("No hostname for certificate validation"), its guest intact.
+#[test]
+fn tls_fd_without_hostname_fails() {
+    let test = "tls_fd_without_hostname_fails";
+    let Some((mut s, mut d)) = pair(Kind::Helper, Kind::Helper, RAM, test) else {
+        return;
+    };
+    let before = s.end.ram().to_vec();
+    let pki = Pki::new();
+    support::tls::add_x509(s.end.client(), "tls0", &pki.client_dir(), "client", true)
+        .expect("client creds");
+    support::tls::set_tls(s.end.client(), "tls0", None, None).expect("tls-creds");
+    tls_destination(d.end.client(), &pki.server_dir(ServerCert::Good), None);
+    start_fd_migration(s.end.client(), d.end.client());
+    let v = s.end.wait(&["failed"], TIMEOUT);
+    let desc = v["error-desc"].as_str().unwrap_or("");
+    assert!(
+        desc.contains("No hostname for certificate validation"),
+        "{test}: {v}"
+    );
+    assert!(
+        s.end.ram()[..] == before[..],
+        "{test}: the source's RAM changed"
+    );
+    s.assert_no_secrets(&pki, test);
+}
