@@ -39,7 +39,7 @@ fn tls_failed_recovery_handshake_stays_paused() {
     s.add_block("ram", RAM, false);
     fill_mixed(&mut s.blocks[0].mem.map(), test_seed(test), 0.3);
     let expected = Arc::new(s.blocks[0].mem.map().to_vec());
-    let mut guest = UffdGuest::new(RAM);
+    let guest = UffdGuest::new(RAM);
     let mut d = HelperVm::spawn();
     guest.attach(&mut d, "ram");
     tls_source(&mut s.client, &pki.client_dir());

@@ -86,13 +86,6 @@ impl Peer {
         Some(p)
     }
 
-    fn helper(&mut self) -> &mut HelperVm {
-        match &mut self.end {
-            End::Helper(h) => h,
-            End::Qemu(_) => panic!("not a helper"),
-        }
-    }
-
     fn log_text(&self) -> String {
         self.log
             .as_ref()
