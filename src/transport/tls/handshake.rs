@@ -421,12 +421,40 @@ fn drive<C: Hs>(conn: &mut C, w: &Wire<'_>, host: Option<&str>) -> Result<Leftov
 }
 
 /// After a failure rustls queues an alert (bad certificate, ...): send it, best effort, so
-/// that the peer logs why.
+/// that the peer logs why, then linger.
 fn send_alert<C: Hs>(conn: &mut C, w: &Wire<'_>, inbuf: &mut [u8]) {
     let mut out = vec![0u8; 512];
     if let Ok(ConnectionState::EncodeTlsData(mut enc)) = conn.process(inbuf).state {
         if let Ok(n) = enc.encode(&mut out) {
             let _ = nix::unistd::write(w.fd, &out[..n]);
+        }
+    }
+    linger(w);
+}
+
+/// How long a failed handshake keeps reading what the peer still sends.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Ends the sending side and reads (dropping it) what the peer still sends until it closes,
+/// for at most [`LINGER`] (and within the handshake's deadline and the cancel): a peer in
+/// the middle of its own flight then reads the alert, and reports the reason, instead of
+/// failing its write on a closed socket ("Broken pipe", "Connection reset").
+fn linger(w: &Wire<'_>) {
+    let _ = nix::sys::socket::shutdown(w.fd.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+    let until = Instant::now() + LINGER;
+    let deadline = w.deadline.map_or(until, |d| d.min(until));
+    let mut buf = [0u8; 4096];
+    loop {
+        if !matches!(
+            wait_fd(w.fd, PollFlags::POLLIN, w.cancel, Some(deadline)),
+            Ok(Woke::Ready)
+        ) {
+            return;
+        }
+        match nix::unistd::read(w.fd.as_raw_fd(), &mut buf) {
+            Ok(0) => return,
+            Ok(_) | Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => {}
+            Err(_) => return,
         }
     }
 }
