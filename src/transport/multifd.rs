@@ -213,21 +213,27 @@ impl Pending {
         let Some((init, _)) = decode_init(&self.buf[..self.len]).map_err(bad)? else {
             return Ok(Step::More);
         };
-        if init.uuid != setup.uuid {
-            return Err(MultifdError::WrongUuid {
-                got: format_uuid(&init.uuid),
-                want: format_uuid(&setup.uuid),
-                id: init.id,
-            });
-        }
-        if init.id >= setup.channels {
-            return Err(MultifdError::IdOutOfRange {
-                id: init.id,
-                channels: setup.channels,
-            });
-        }
-        Ok(Step::Multifd(init.id))
+        check_init(&init, setup).map(Step::Multifd)
     }
+}
+
+/// An initial packet's uuid and channel id against the destination's setup (QEMU's
+/// messages); the channel id.
+fn check_init(init: &InitPacket, setup: &MultifdSetup) -> Result<u8, MultifdError> {
+    if init.uuid != setup.uuid {
+        return Err(MultifdError::WrongUuid {
+            got: format_uuid(&init.uuid),
+            want: format_uuid(&setup.uuid),
+            id: init.id,
+        });
+    }
+    if init.id >= setup.channels {
+        return Err(MultifdError::IdOutOfRange {
+            id: init.id,
+            channels: setup.channels,
+        });
+    }
+    Ok(init.id)
 }
 
 /// recv(2) without waiting: None when nothing has arrived.
@@ -507,22 +513,7 @@ fn read_init(
     let Some((init, _)) = decode_init(&buf).map_err(bad)? else {
         return Err(MultifdError::Closed { peer }.into());
     };
-    if init.uuid != setup.uuid {
-        return Err(MultifdError::WrongUuid {
-            got: format_uuid(&init.uuid),
-            want: format_uuid(&setup.uuid),
-            id: init.id,
-        }
-        .into());
-    }
-    if init.id >= setup.channels {
-        return Err(MultifdError::IdOutOfRange {
-            id: init.id,
-            channels: setup.channels,
-        }
-        .into());
-    }
-    Ok(init.id)
+    Ok(check_init(&init, setup)?)
 }
 
 /// Waits for input on `fd`, a cancel, or `deadline` (`timeout` after the first

@@ -72,11 +72,23 @@ pub(super) fn client(
     let (secrets, kernel) = conn
         .dangerous_into_kernel_connection()
         .map_err(|e| no_secrets(&chan, e))?;
+    start(chan, info, suite, Keys::Client(kernel), secrets, left)
+}
+
+/// Hands the handshake's outcome to the channel's new session.
+fn start(
+    chan: Channel,
+    info: TlsInfo,
+    suite: &'static rustls::Tls13CipherSuite,
+    keys: Keys,
+    secrets: rustls::ExtractedSecrets,
+    left: Leftover,
+) -> Result<Channel, TlsError> {
     let start = Start {
         info,
         chan: chan.peer.clone(),
         suite,
-        keys: Keys::Client(kernel),
+        keys,
         tx: secrets.tx,
         rx: secrets.rx,
         plaintext: left.plaintext,
@@ -117,17 +129,7 @@ pub(super) fn server(
     let (secrets, kernel) = conn
         .dangerous_into_kernel_connection()
         .map_err(|e| no_secrets(&chan, e))?;
-    let start = Start {
-        info,
-        chan: chan.peer.clone(),
-        suite,
-        keys: Keys::Server(kernel),
-        tx: secrets.tx,
-        rx: secrets.rx,
-        plaintext: left.plaintext,
-        ciphertext: left.ciphertext,
-    };
-    attach(chan, start)
+    start(chan, info, suite, Keys::Server(kernel), secrets, left)
 }
 
 fn check_socket(chan: &Channel) -> Result<(), TlsError> {
