@@ -77,8 +77,9 @@ QEMU_MODULE_DIR="$QEMU72_DIR/usr/lib/x86_64-linux-gnu/qemu" \
 # Build dependency: the userfaultfd crate generates its bindings with libclang.
 # Package tests: lintian checks the .deb, man-db opens the installed man page.
 # Fuzz smoke: libfuzzer-sys compiles libFuzzer (C++) with g++.
+# TLS unit tests: the record layer against `openssl s_server`/`s_client` (a second stack).
 need=()
-for p in libclang-dev lintian man-db g++; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
+for p in libclang-dev lintian man-db g++ openssl; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
 if [ ${#need[@]} -gt 0 ]; then
   apt_update
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
