@@ -153,7 +153,7 @@ fn helper_to_helper_postcopy_opts(pause: bool, preempt: bool, prealloc: bool) {
 /// Real QEMU source in postcopy -> helper destination whose parent (the test) faults pages
 /// in from several threads while QEMU pushes the rest slowly.
 fn qemu_to_helper_postcopy(qemu: Qemu, test: &str) {
-    qemu_to_helper_postcopy_with(qemu, test, false, false);
+    qemu_to_helper_postcopy_with(qemu, test, false, false, false);
 }
 
 /// QEMU's source discards the pages it has not sent when postcopy starts, as the helper's
@@ -165,12 +165,13 @@ fn qemu10_to_helper_postcopy_into_preallocated_memory() {
         "qemu10_to_helper_postcopy_into_preallocated_memory",
         false,
         true,
+        false,
     );
 }
 
 /// With `preempt`, both sides have postcopy-preempt and the migration runs over a `unix:`
 /// listener, where QEMU connects its second (preempt) channel.
-fn qemu_to_helper_postcopy_with(qemu: Qemu, test: &str, preempt: bool, prealloc: bool) {
+fn qemu_to_helper_postcopy_with(qemu: Qemu, test: &str, preempt: bool, prealloc: bool, tls: bool) {
     if require_qemu(qemu, test).is_none() {
         return;
     }
@@ -187,6 +188,12 @@ fn qemu_to_helper_postcopy_with(qemu: Qemu, test: &str, preempt: bool, prealloc:
     let caps = [("postcopy-ram", true), ("postcopy-preempt", preempt)];
     dst.client.set_capabilities(&caps).expect("caps");
     src.qmp().set_capabilities(&caps).expect("qemu caps");
+    let pki = tls.then(support::tls::Pki::new);
+    if let Some(pki) = &pki {
+        support::tls::tls_source(src.qmp(), &pki.client_dir());
+        let dir = pki.server_dir(support::tls::ServerCert::Good);
+        support::tls::tls_destination(&mut dst.client, &dir, None);
+    }
     // QEMU 7.2 applies the postcopy bandwidth limit to requested pages too, so a very low
     // limit makes each fault wait for the next 100 ms window there.
     src.qmp()
@@ -243,12 +250,24 @@ fn qemu_to_helper_postcopy_with(qemu: Qemu, test: &str, preempt: bool, prealloc:
 
 #[test]
 fn qemu10_to_helper_postcopy_preempt() {
-    qemu_to_helper_postcopy_with(Qemu::V10, "qemu10_to_helper_postcopy_preempt", true, false);
+    qemu_to_helper_postcopy_with(
+        Qemu::V10,
+        "qemu10_to_helper_postcopy_preempt",
+        true,
+        false,
+        false,
+    );
 }
 
 #[test]
 fn qemu72_to_helper_postcopy_preempt() {
-    qemu_to_helper_postcopy_with(Qemu::V72, "qemu72_to_helper_postcopy_preempt", true, false);
+    qemu_to_helper_postcopy_with(
+        Qemu::V72,
+        "qemu72_to_helper_postcopy_preempt",
+        true,
+        false,
+        false,
+    );
 }
 
 /// postcopy-preempt needs postcopy-ram, and a second connection: a listener on the
@@ -318,16 +337,41 @@ fn qemu72_to_helper_postcopy() {
 /// Helper source in postcopy -> real QEMU destination; QEMU faults pages in when the test
 /// reads guest memory through its monitor (`xp`), and the helper serves them.
 fn helper_to_qemu_postcopy(qemu: Qemu, test: &str) {
-    helper_to_qemu_postcopy_with(qemu, test, false);
+    helper_to_qemu_postcopy_with(qemu, test, false, false);
 }
 
 #[test]
 fn helper_to_qemu10_postcopy_preempt() {
-    helper_to_qemu_postcopy_with(Qemu::V10, "helper_to_qemu10_postcopy_preempt", true);
+    helper_to_qemu_postcopy_with(Qemu::V10, "helper_to_qemu10_postcopy_preempt", true, false);
+}
+
+/// postcopy-preempt under TLS, helper source: its preempt channel's handshake runs in its
+/// sender thread (QEMU accepts the channel whenever it comes).
+#[test]
+fn tls_helper_to_qemu10_postcopy_preempt() {
+    helper_to_qemu_postcopy_with(
+        Qemu::V10,
+        "tls_helper_to_qemu10_postcopy_preempt",
+        true,
+        true,
+    );
+}
+
+/// postcopy-preempt under TLS, QEMU source: QEMU waits for the preempt channel, handshake
+/// done, before it sends LISTEN, so the helper accepts it from the start.
+#[test]
+fn tls_qemu10_to_helper_postcopy_preempt() {
+    qemu_to_helper_postcopy_with(
+        Qemu::V10,
+        "tls_qemu10_to_helper_postcopy_preempt",
+        true,
+        false,
+        true,
+    );
 }
 
 /// With `preempt`, both sides have postcopy-preempt over a `unix:` listener of QEMU's.
-fn helper_to_qemu_postcopy_with(qemu: Qemu, test: &str, preempt: bool) {
+fn helper_to_qemu_postcopy_with(qemu: Qemu, test: &str, preempt: bool, tls: bool) {
     if require_qemu(qemu, test).is_none() {
         return;
     }
@@ -340,6 +384,12 @@ fn helper_to_qemu_postcopy_with(qemu: Qemu, test: &str, preempt: bool) {
     let caps = [("postcopy-ram", true), ("postcopy-preempt", preempt)];
     dst.qmp().set_capabilities(&caps).expect("qemu caps");
     src.client.set_capabilities(&caps).expect("caps");
+    let pki = tls.then(support::tls::Pki::new);
+    if let Some(pki) = &pki {
+        support::tls::tls_source(&mut src.client, &pki.client_dir());
+        let dir = pki.server_dir(support::tls::ServerCert::Good);
+        support::tls::tls_destination(dst.qmp(), &dir, None);
+    }
     if qemu == Qemu::V72 {
         src.client
             .set_parameters(json!({"compat-version": "7.2"}))

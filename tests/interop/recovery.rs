@@ -935,7 +935,25 @@ fn qemu10_to_helper_preempt_recovery() {
 /// main and a new preempt channel to the address of `migrate-recover`.
 #[test]
 fn helper_to_helper_preempt_recovery() {
-    unix_recovery("helper_to_helper_preempt_recovery", true, false);
+    unix_recovery("helper_to_helper_preempt_recovery", true, false, false);
+}
+
+/// The same under TLS: every main, preempt and recovery connection runs its handshake
+/// (`tls-channels` lists them all).
+#[test]
+fn tls_helper_to_helper_preempt_recovery() {
+    unix_recovery("tls_helper_to_helper_preempt_recovery", true, false, true);
+}
+
+/// Multifd, postcopy-preempt and two recoveries under TLS (compat-version 10.1).
+#[test]
+fn tls_helper_to_helper_multifd_postcopy_preempt_recovery() {
+    unix_recovery(
+        "tls_helper_to_helper_multifd_postcopy_preempt_recovery",
+        true,
+        true,
+        true,
+    );
 }
 
 /// Multifd with postcopy as QEMU 10.1 has it (compat-version 10.1 on both helpers): the
@@ -943,7 +961,12 @@ fn helper_to_helper_preempt_recovery() {
 /// goes on over the main channel, is cut twice and recovered.
 #[test]
 fn helper_to_helper_multifd_postcopy_recovery() {
-    unix_recovery("helper_to_helper_multifd_postcopy_recovery", false, true);
+    unix_recovery(
+        "helper_to_helper_multifd_postcopy_recovery",
+        false,
+        true,
+        false,
+    );
 }
 
 /// The same with postcopy-preempt: its channel is the connection after the multifd ones.
@@ -953,15 +976,25 @@ fn helper_to_helper_multifd_postcopy_preempt_recovery() {
         "helper_to_helper_multifd_postcopy_preempt_recovery",
         true,
         true,
+        false,
     );
 }
 
 /// Helper -> helper postcopy over `unix:` (so that the preempt and multifd channels can
 /// connect), paused from either end in turn and recovered twice at new addresses while the
 /// parent's readers fault pages in.
-fn unix_recovery(test: &str, preempt: bool, multifd: bool) {
+fn unix_recovery(test: &str, preempt: bool, multifd: bool, tls: bool) {
     let seed = test_seed(test);
     let (mut src, mut dst, mut guest, expected) = helper_pair(seed, &[]);
+    let pki = tls.then(support::tls::Pki::new);
+    if let Some(pki) = &pki {
+        support::tls::tls_source(&mut src.client, &pki.client_dir());
+        support::tls::tls_destination(
+            &mut dst.client,
+            &pki.server_dir(support::tls::ServerCert::Good),
+            None,
+        );
+    }
     for h in [&mut src, &mut dst] {
         if multifd {
             // compat-version first: under 10.0 the capabilities are refused together.
@@ -1014,6 +1047,29 @@ fn unix_recovery(test: &str, preempt: bool, multifd: bool) {
     let (s, d) = finish(&mut src, &mut dst, &mut guest);
     eprintln!("{test}: source {s}\ndestination {d}");
     assert_eq!(d["postcopy-pauses"], 2, "{d}");
+    if tls {
+        // Main and 2 recoveries, a preempt channel each time, the multifd channels once.
+        let want = 3 * (1 + usize::from(preempt)) + if multifd { 2 } else { 0 };
+        for v in [&s, &d] {
+            let chans = v["tls-channels"].as_array().map_or(0, Vec::len);
+            assert!(
+                chans >= want,
+                "{test}: {chans} TLS channels, want {want}: {v}"
+            );
+            for name in ["main", "recovery"]
+                .into_iter()
+                .chain(preempt.then_some("preempt"))
+                .chain(multifd.then_some("multifd 1"))
+            {
+                assert!(
+                    v["tls-channels"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|c| c["channel"] == name)),
+                    "{test}: no TLS channel {name}: {v}"
+                );
+            }
+        }
+    }
     let count = |v: &serde_json::Value, k: &str| v["ram"][k].as_u64().unwrap_or(0);
     if preempt {
         let (sent, got) = (

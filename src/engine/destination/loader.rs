@@ -14,12 +14,13 @@ use crate::engine::destination::multifd::Multifd;
 use crate::engine::destination::place::BlockCursor;
 use crate::engine::destination::postcopy::PostcopySink;
 use crate::engine::destination::precopy::PrecopySink;
+use crate::engine::destination::preempt::PreemptConn;
 use crate::engine::destination::reader::ReadError;
 use crate::engine::destination::reader::{with_next, ReadReady, Reader};
 use crate::engine::destination::return_path::RpWriter;
 use crate::engine::migration::MigrationCtx;
 use crate::memory::block::RamBlock;
-use crate::transport::{Channel, Incoming, IoTimer};
+use crate::transport::{Channel, IoTimer};
 use crate::vmstate::{self, VmDescription};
 use crate::wire::device_intake::DeviceIntake;
 use crate::wire::device_state::DeviceSection;
@@ -50,8 +51,8 @@ pub(super) struct Precopy {
     pub(super) advised: bool,
     /// The parent's userfaultfd, for LISTEN.
     pub(super) uffd: Option<OwnedFd>,
-    /// postcopy-preempt: the listener the preempt channel will connect to, for LISTEN.
-    pub(super) preempt: Option<Incoming>,
+    /// postcopy-preempt: where the preempt channel comes from, for LISTEN.
+    pub(super) preempt: Option<PreemptConn>,
 }
 
 /// The RAM section's id.
@@ -122,7 +123,7 @@ impl<'a> Loader<'a> {
         blocks: &'a [Arc<RamBlock>],
         uffd: Option<OwnedFd>,
         link: Link,
-        preempt: Option<Incoming>,
+        preempt: Option<PreemptConn>,
     ) -> Self {
         Loader {
             ctx,

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use crate::compat::wire;
 use crate::engine::destination::loader::{Link, Loader, LoopEnd, Phase, RamSection, READ_CHUNK};
 use crate::engine::destination::postcopy::PostcopySink;
+use crate::engine::destination::preempt::{EarlyPreempt, PreemptConn};
 use crate::engine::destination::reader::{with_next, ReadReady, Reader};
 use crate::engine::destination::return_path::RpWriter;
 use crate::engine::migration::MigrationCtx;
@@ -67,7 +68,7 @@ fn load<R: ReadReady>(
     chan: Option<&Channel>,
     multifd: Vec<Channel>,
     uffd: Option<OwnedFd>,
-    preempt: Option<Incoming>,
+    preempt: Option<PreemptConn>,
 ) -> Result<Vec<DeviceSection>, LoadError> {
     // The multifd receivers live in this scope; the loader stops them on every path.
     std::thread::scope(|scope| {
@@ -273,6 +274,16 @@ pub(crate) fn run(
     preempt: Option<Incoming>,
 ) -> Result<(), LoadError> {
     ctx.state.transition(MigrationStatus::Active)?;
+    // Under TLS the preempt channel is accepted, and its handshake run, from now on: a QEMU
+    // source waits for it before it sends LISTEN.
+    let tls = ctx.tls.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+    let preempt = match preempt {
+        Some(inc) if tls => Some(PreemptConn::Early(
+            EarlyPreempt::start(inc, ctx.securer(), ctx.link_timeout())
+                .map_err(|source| LoadError::Preempt { offset: 0, source })?,
+        )),
+        p => p.map(PreemptConn::Listen),
+    };
     chan.tune_buffers();
     for c in &multifd {
         c.tune_buffers();

@@ -14,11 +14,10 @@ use crate::engine::destination::bitmap::AtomicBitmap;
 use crate::engine::destination::error::LinkError;
 use crate::engine::destination::fault::{FaultError, PostcopyDest};
 use crate::engine::destination::place::{BlockCursor, Page, PageData};
-use crate::engine::destination::preempt::{PreemptChannel, PreemptError};
+use crate::engine::destination::preempt::{PreemptChannel, PreemptConn, PreemptError};
 use crate::engine::destination::return_path::RpWriter;
 use crate::engine::migration::MigrationCtx;
 use crate::memory::block::RamBlock;
-use crate::transport::Incoming;
 use crate::wire::ram::{self, Record};
 
 /// Pages per UFFDIO_COPY: large enough to amortise the ioctl, small enough that a requested
@@ -135,7 +134,7 @@ impl PostcopySink {
         &mut self,
         ctx: &MigrationCtx,
         blocks: &[Arc<RamBlock>],
-        incoming: Incoming,
+        conn: PreemptConn,
         main: Option<OwnedFd>,
     ) -> Result<(), PreemptError> {
         if let Some(old) = self.preempt.take() {
@@ -148,7 +147,7 @@ impl PostcopySink {
             return Err(PreemptError::HugePages(b.id.clone()));
         }
         self.preempt = Some(PreemptChannel::spawn(
-            incoming,
+            conn,
             self.pc.clone(),
             blocks.to_vec(),
             ctx.stats.postcopy_preempt_pages.clone(),

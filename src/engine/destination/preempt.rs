@@ -11,7 +11,7 @@
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -72,46 +72,139 @@ pub(crate) struct PreemptChannel {
     handle: Option<JoinHandle<Result<(), PreemptError>>>,
 }
 
+/// Where the preempt channel comes from.
+pub(crate) enum PreemptConn {
+    /// The preempt thread accepts it on the main channel's listener (clear text, and every
+    /// recovery: the source connects it after the main channel, which is already read).
+    Listen(Incoming),
+    /// Accepted and its TLS handshake run from the start of the migration: a QEMU source
+    /// waits for the channel, handshake done, before it sends LISTEN, so the loader cannot
+    /// wait for LISTEN to accept it.
+    Early(EarlyPreempt),
+}
+
+/// A thread that accepts the preempt channel and runs its TLS handshake ahead of LISTEN.
+pub(crate) struct EarlyPreempt {
+    /// Ends the accept or the handshake; the preempt thread adopts it as its own stop.
+    stop: CancelToken,
+    rx: mpsc::Receiver<Result<Channel, PreemptError>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl EarlyPreempt {
+    pub(crate) fn start(
+        incoming: Incoming,
+        securer: Securer,
+        timeout: Option<Duration>,
+    ) -> Result<EarlyPreempt, PreemptError> {
+        let stop = CancelToken::new().map_err(PreemptError::Spawn)?;
+        let (tx, rx) = mpsc::sync_channel(1);
+        let st = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("qmh-preempt-tls".into())
+            .spawn(move || {
+                let r = incoming.accept_another(&st);
+                incoming.done_listening();
+                drop(incoming);
+                let r = r.and_then(|c| securer.secure(c, "preempt", None, &st, timeout));
+                let _ = tx.send(r.map_err(PreemptError::Accept));
+            })
+            .map_err(PreemptError::Spawn)?;
+        Ok(EarlyPreempt {
+            stop,
+            rx,
+            handle: Some(handle),
+        })
+    }
+
+    /// The channel once the thread has it (or why not); the thread is joined.
+    fn channel(mut self) -> Result<Channel, PreemptError> {
+        let r = self.rx.recv();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        r.unwrap_or_else(|_| Err(PreemptError::Panicked))
+    }
+}
+
+impl Drop for EarlyPreempt {
+    /// Not taken (the migration ended or failed before LISTEN): stopped and joined.
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            self.stop.cancel();
+            let _ = h.join();
+        }
+    }
+}
+
+/// Accepts on `incoming` (registering the socket in `slot` so that a stop can shut it
+/// down) and runs the handshake; None when stopped.
+fn accept_and_secure(
+    incoming: Incoming,
+    slot: &Mutex<Option<OwnedFd>>,
+    st: &CancelToken,
+    (securer, timeout): &(Securer, Option<Duration>),
+) -> Result<Option<Channel>, PreemptError> {
+    let c = match incoming.accept_another(st) {
+        Ok(c) => c,
+        Err(_) if st.is_cancelled() => return Ok(None),
+        Err(e) => return Err(PreemptError::Accept(e)),
+    };
+    incoming.done_listening();
+    drop(incoming);
+    *slot.lock().unwrap_or_else(|e| e.into_inner()) = c.try_clone_fd().ok();
+    if st.is_cancelled() {
+        return Ok(None);
+    }
+    match securer.secure(c, "preempt", None, st, *timeout) {
+        Ok(c) => Ok(Some(c)),
+        Err(_) if st.is_cancelled() => Ok(None),
+        Err(e) => Err(PreemptError::Accept(e)),
+    }
+}
+
 impl PreemptChannel {
     /// Starts accepting on `incoming` (the main channel's listener); counts the pages that
     /// come in `pages` (shared by the channels of successive recoveries). A broken or
     /// malformed preempt channel shuts `main` down, so that the loader pauses as for any
     /// failed link (QEMU does the same): in postcopy, no side may give up the guest.
     pub(crate) fn spawn(
-        incoming: Incoming,
+        conn: PreemptConn,
         pc: Arc<PostcopyDest>,
         blocks: Vec<Arc<RamBlock>>,
         pages: Arc<AtomicU64>,
         main: Option<OwnedFd>,
         log: slog::Logger,
-        (securer, timeout): (Securer, Option<Duration>),
+        secure: (Securer, Option<Duration>),
     ) -> Result<PreemptChannel, PreemptError> {
-        let stop = CancelToken::new().map_err(PreemptError::Spawn)?;
+        // An early channel's stop ends its accept and handshake too.
+        let stop = match &conn {
+            PreemptConn::Early(e) => e.stop.clone(),
+            PreemptConn::Listen(_) => CancelToken::new().map_err(PreemptError::Spawn)?,
+        };
         let chan: Arc<Mutex<Option<OwnedFd>>> = Arc::default();
         let (st, slot) = (stop.clone(), chan.clone());
         let handle = std::thread::Builder::new()
             .name("qmh-preempt".into())
             .spawn(move || {
-                let c = match incoming.accept_another(&st) {
-                    Ok(c) => c,
-                    Err(_) if st.is_cancelled() => return Ok(()),
-                    Err(e) => return Err(PreemptError::Accept(e)),
+                let c = match conn {
+                    PreemptConn::Listen(incoming) => {
+                        accept_and_secure(incoming, &slot, &st, &secure)
+                    }
+                    PreemptConn::Early(e) => e.channel().map(|c| {
+                        *slot.lock().unwrap_or_else(|e| e.into_inner()) = c.try_clone_fd().ok();
+                        (!st.is_cancelled()).then_some(c)
+                    }),
                 };
-                incoming.done_listening();
-                drop(incoming);
-                // Registered before the handshake, so that a stop can shut it down.
-                *slot.lock().unwrap_or_else(|e| e.into_inner()) = c.try_clone_fd().ok();
-                if st.is_cancelled() {
-                    return Ok(());
-                }
-                let c = match securer.secure(c, "preempt", None, &st, timeout) {
-                    Ok(c) => c,
+                let c = match c {
+                    Ok(Some(c)) => c,
+                    Ok(None) => return Ok(()),
                     Err(_) if st.is_cancelled() => return Ok(()),
                     Err(e) => {
                         if let Some(m) = &main {
                             crate::transport::shutdown_fd(m);
                         }
-                        return Err(PreemptError::Accept(e));
+                        return Err(e);
                     }
                 };
                 slog::info!(log, "postcopy-preempt channel connected"; "peer" => &c.peer);

@@ -9,6 +9,7 @@ use std::time::Instant;
 use crate::compat::wire::command;
 use crate::engine::destination::error::{LoadError, RecoveryError};
 use crate::engine::destination::loader::{Link, Loader, LoopEnd, Phase, READ_CHUNK};
+use crate::engine::destination::preempt::PreemptConn;
 use crate::engine::destination::reader::{with_next, Reader};
 use crate::engine::migration::Recovery;
 use crate::engine::state::MigrationStatus;
@@ -96,7 +97,7 @@ impl Loader<'_> {
             return Err(RecoveryError::NoPostcopy.into());
         };
         if let Some(incoming) = incoming {
-            sink.start_preempt(ctx, blocks, incoming, main)
+            sink.start_preempt(ctx, blocks, PreemptConn::Listen(incoming), main)
                 .map_err(RecoveryError::Preempt)?;
         }
         self.arm_link_timeout();

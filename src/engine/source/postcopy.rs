@@ -392,11 +392,13 @@ impl<'m> PostcopyPush<'m> {
             .map_err(PreemptError::Connect)?
             .with_cancel(self.commands.cancel_token().clone());
         let t = self.ctx.link_timeout();
-        let c = self
-            .ctx
-            .secure(c, "preempt", Some(uri), t)
-            .map_err(PreemptError::Connect)?;
         c.set_timeouts(t);
+        let (securer, cancel, uri2) = (
+            self.ctx.securer(),
+            self.ctx.mailbox.cancel_token().clone(),
+            uri.clone(),
+        );
+        let secure = move |c| securer.secure(c, "preempt", Some(&uri2), &cancel, t);
         let blocks = self
             .pages
             .blocks
@@ -405,7 +407,7 @@ impl<'m> PostcopyPush<'m> {
             .map(|(b, arc)| (arc.clone(), b.todo.clone(), b.holes.clone()))
             .collect();
         let route = self.rp_shared.route.clone();
-        let u = Urgent::spawn(Arc::new(c), blocks, route, self.requests.drain(..))
+        let u = Urgent::spawn(c, secure, blocks, route, self.requests.drain(..))
             .map_err(PreemptError::Spawn)?;
         slog::info!(self.ctx.log, "postcopy-preempt channel connected"; "uri" => %uri);
         Ok(u)

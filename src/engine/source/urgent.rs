@@ -3,18 +3,20 @@
 //! waits behind the push on the main channel (QEMU sends them from its return-path thread
 //! too). A page whose bit the push took first is on its way there and is skipped.
 
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crate::engine::migration::{MigrationCtx, Stats};
+use crate::engine::source::error::{PeerError, PreemptError};
 use crate::engine::source::pages::{BlockTodo, Names};
 use crate::engine::source::rp_reader::{PageRequest, Route, MAX_QUEUED_REQUESTS};
 use crate::engine::source::writer::Writer;
 use crate::engine::source::SourceError;
 use crate::memory::block::RamBlock;
-use crate::transport::Channel;
+use crate::transport::{Channel, TransportError};
 
 /// What the preempt sender needs of a block: its memory, the shared to-do bits and the
 /// holes (fixed from the start of postcopy on).
@@ -31,7 +33,8 @@ struct Counts {
 /// The running preempt sender. It ends when its request queue closes (the route's sender
 /// dropped) or its channel fails; [`Urgent::stop`] (or a drop) closes the queue and joins it.
 pub(crate) struct Urgent {
-    chan: Arc<Channel>,
+    /// The channel's socket, to shut down so that the thread's I/O returns.
+    shut: OwnedFd,
     route: Route,
     thread: Option<JoinHandle<Result<(), SourceError>>>,
     counts: Arc<Counts>,
@@ -39,26 +42,33 @@ pub(crate) struct Urgent {
 
 impl Urgent {
     /// Starts the sender on `chan`, with the requests `pending` first; the return-path
-    /// reader's later requests come through `route`.
+    /// reader's later requests come through `route`. The thread runs `secure` (the TLS
+    /// handshake, under TLS) first: a destination may accept the channel only once the
+    /// main channel's LISTEN reached it, so the migration thread cannot wait for it.
     pub(crate) fn spawn(
-        chan: Arc<Channel>,
+        chan: Channel,
+        secure: impl FnOnce(Channel) -> Result<Channel, TransportError> + Send + 'static,
         blocks: Vec<UrgentBlock>,
         route: Route,
         pending: impl Iterator<Item = PageRequest>,
     ) -> std::io::Result<Urgent> {
         let (tx, rx) = mpsc::sync_channel::<PageRequest>(MAX_QUEUED_REQUESTS);
         let counts = Arc::new(Counts::default());
-        let (c, n) = (chan.clone(), counts.clone());
+        let shut = chan.try_clone_fd()?;
+        let n = counts.clone();
         let thread = std::thread::Builder::new()
             .name("qmh-urgent".into())
-            .spawn(move || serve(c, &blocks, rx, &n))?;
+            .spawn(move || {
+                let c = secure(chan).map_err(|e| PeerError::Preempt(PreemptError::Connect(e)))?;
+                serve(Arc::new(c), &blocks, rx, &n)
+            })?;
         for r in pending {
             // A full queue drops the request: the push sends the page anyway.
             let _ = tx.try_send(r);
         }
         *route.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
         Ok(Urgent {
-            chan,
+            shut,
             route,
             thread: Some(thread),
             counts,
@@ -75,7 +85,7 @@ impl Urgent {
     pub(crate) fn stop(mut self, ctx: &MigrationCtx, shut: bool) {
         self.close_queue();
         if shut {
-            self.chan.shutdown();
+            crate::transport::shutdown_fd(&self.shut);
         }
         if let Some(h) = self.thread.take() {
             match h.join() {
@@ -104,7 +114,7 @@ impl Drop for Urgent {
     fn drop(&mut self) {
         if let Some(h) = self.thread.take() {
             self.close_queue();
-            self.chan.shutdown();
+            crate::transport::shutdown_fd(&self.shut);
             let _ = h.join();
         }
     }
