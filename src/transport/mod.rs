@@ -7,10 +7,12 @@ mod incoming;
 pub(crate) mod multifd;
 mod open;
 pub(crate) mod tls;
+mod uri;
 
 pub(crate) use cancel::CancelToken;
 pub(crate) use cancel::{wait_fd, Never, Woke};
 pub(crate) use incoming::Incoming;
+pub(crate) use uri::Uri;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -18,8 +20,6 @@ use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,14 +30,6 @@ const SOCKET_BUFFER: usize = 4 << 20;
 /// How often an output FIFO without a reader, or a full Unix listener backlog, is tried
 /// again: neither has an fd that tells when it would succeed.
 const RETRY: Duration = Duration::from_millis(50);
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Uri {
-    Fd(String),
-    Unix(PathBuf),
-    Tcp(String),
-    File(PathBuf),
-}
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum TransportError {
@@ -92,44 +84,6 @@ pub(crate) enum BadFd {
     ListenerFamily(i32),
     #[error("a single connected channel cannot take a second connection")]
     SingleChannel,
-}
-
-impl FromStr for Uri {
-    type Err = TransportError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || TransportError::BadUri(s.to_string());
-        let (scheme, rest) = s.split_once(':').ok_or_else(bad)?;
-        if rest.is_empty() {
-            return Err(bad());
-        }
-        if scheme == "file" || scheme == "unix" {
-            crate::sandbox::note_path(std::path::Path::new(rest));
-        }
-        Ok(match scheme {
-            "fd" => Uri::Fd(rest.to_string()),
-            "unix" => Uri::Unix(PathBuf::from(rest)),
-            "tcp" => {
-                // HOST:PORT with a numeric port; [v6]:PORT too.
-                let (_, port) = rest.rsplit_once(':').ok_or_else(bad)?;
-                port.parse::<u16>().map_err(|_| bad())?;
-                Uri::Tcp(rest.to_string())
-            }
-            // QEMU accepts file:PATH,offset=N; the helper writes and reads from offset 0 only.
-            "file" if !rest.contains(",offset=") => Uri::File(PathBuf::from(rest)),
-            _ => return Err(bad()),
-        })
-    }
-}
-
-impl std::fmt::Display for Uri {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Uri::Fd(n) => write!(f, "fd:{n}"),
-            Uri::Unix(p) => write!(f, "unix:{}", p.display()),
-            Uri::Tcp(a) => write!(f, "tcp:{a}"),
-            Uri::File(p) => write!(f, "file:{}", p.display()),
-        }
-    }
 }
 
 /// An established migration channel.
