@@ -177,21 +177,28 @@ impl Helper {
     }
 }
 
+/// What the command tests share: a helper, and a command run on it.
 #[cfg(test)]
-mod tests {
+mod testing {
     use super::*;
-    use crate::control::protocol::{ErrorClass, COMMANDS};
 
-    fn helper() -> Arc<Helper> {
+    pub(super) fn helper() -> Arc<Helper> {
         Helper::new(slog::Logger::root(slog::Discard, slog::o!())).unwrap()
     }
 
-    fn run(h: &Helper, name: &str, args: Value) -> CmdResult {
+    pub(super) fn run(h: &Helper, name: &str, args: Value) -> CmdResult {
         let Value::Object(args) = args else {
             panic!("arguments must be an object")
         };
         h.dispatch(name, &args, Vec::new())
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{helper, run};
+    use super::*;
+    use crate::control::protocol::{ErrorClass, COMMANDS};
 
     #[test]
     fn query_commands_lists_the_protocol_in_order() {

@@ -1,24 +1,13 @@
 //! The multifd capability and parameters over the command handlers: set, query, and the
 //! refusals at set time and at migrate/migrate-incoming time.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use super::testing::{helper, run};
 use super::{CmdResult, Helper};
 use crate::engine::state::MigrationStatus;
-
-fn helper() -> Arc<Helper> {
-    Helper::new(slog::Logger::root(slog::Discard, slog::o!())).unwrap()
-}
-
-fn run(h: &Helper, name: &str, args: Value) -> CmdResult {
-    let Value::Object(args) = args else {
-        panic!("arguments must be an object")
-    };
-    h.dispatch(name, &args, Vec::new())
-}
 
 fn err(h: &Helper, name: &str, args: Value) -> String {
     run(h, name, args).expect_err("refused").desc

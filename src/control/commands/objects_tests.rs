@@ -1,19 +1,9 @@
 use serde_json::{json, Value};
 
+use super::super::testing::{helper, run};
 use super::super::{CmdResult, Helper, Role};
 use super::*;
 use crate::transport::tls::creds::testpki::{server_and_client_dirs, TestCa};
-
-fn helper() -> Arc<Helper> {
-    Helper::new(slog::Logger::root(slog::Discard, slog::o!())).unwrap()
-}
-
-fn run(h: &Helper, name: &str, args: Value) -> CmdResult {
-    let Value::Object(args) = args else {
-        panic!("arguments must be an object")
-    };
-    h.dispatch(name, &args, Vec::new())
-}
 
 fn desc(r: CmdResult) -> String {
     r.unwrap_err().desc
