@@ -15,7 +15,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::MsgFlags;
 
 mod ordered;
@@ -77,6 +77,11 @@ pub(crate) enum MultifdError {
         ms: u128,
         missing: String,
     },
+    #[error(
+        "multifd: another connection came on {on} after the main channel and the {channels} \
+         multifd channels (does the source use more multifd-channels?)"
+    )]
+    Extra { on: String, channels: u8 },
     #[error("cancelled while waiting for the multifd channels on {0}")]
     Cancelled(String),
     #[error("multifd: {what} {peer}: {source}")]
@@ -353,7 +358,8 @@ pub(crate) fn accept(
         &mut first,
         timeout,
         cancel,
-    );
+    )
+    .and_then(|()| refuse_extra(listener.as_ref(), keep, g.pending.len(), setup));
     if let Some(l) = &listener {
         if r.is_err() || !keep {
             l.done_listening();
@@ -368,6 +374,42 @@ pub(crate) fn accept(
         multifd: slots.into_iter().flatten().collect(),
         listener: listener.filter(|_| keep),
     })
+}
+
+/// Fails if a connection beyond the expected ones is already waiting on the listener. A
+/// source connects all its channels before it writes the main channel's header, so by the
+/// time that header has been seen, a source with more channels than the destination has
+/// them queued here: refusing them now fails both ends at once, where closing the listener
+/// could let a source that fits its data into the socket buffers believe it completed.
+/// `pending` counts those already accepted that have not said which channel they are.
+/// With `keep` the next connection is the postcopy-preempt channel, and is left alone.
+fn refuse_extra(
+    listener: Option<&Incoming>,
+    keep: bool,
+    pending: usize,
+    setup: &MultifdSetup,
+) -> Result<(), TransportError> {
+    let Some(l) = listener.filter(|_| !keep) else {
+        return Ok(());
+    };
+    let extra = || {
+        Err(MultifdError::Extra {
+            on: l.label().into(),
+            channels: setup.channels,
+        }
+        .into())
+    };
+    if pending > 0 {
+        return extra();
+    }
+    let Some(fd) = l.listener_fd() else {
+        return Ok(());
+    };
+    let mut pfd = [PollFd::new(fd, PollFlags::POLLIN)];
+    match nix::poll::poll(&mut pfd, PollTimeout::ZERO) {
+        Ok(n) if n > 0 => extra(),
+        _ => Ok(()),
+    }
 }
 
 fn gather(
@@ -611,6 +653,40 @@ mod tests {
             "multifd: received uuid '00000000-0000-0000-0000-000000000000' and expected uuid \
              '07070707-0707-0707-0707-070707070707' for channel 1"
         );
+    }
+
+    /// A source with more channels than the destination connects them all before it writes
+    /// its header: the extra one, queued or already accepted, fails the migration rather
+    /// than being dropped when the listener closes (which a source that fits its data into
+    /// the socket buffers might never notice).
+    #[test]
+    fn a_connection_beyond_the_expected_ones_is_refused() {
+        for extra_first in [true, false] {
+            let d = Dir::new(&format!("extra-{extra_first}"));
+            let inc = listen(&d);
+            let p = d.sock();
+            let t = std::thread::spawn(move || {
+                let mut c: Vec<UnixStream> =
+                    (0..4).map(|_| UnixStream::connect(&p).unwrap()).collect();
+                // Connection 0 or 3 is the extra one and says nothing.
+                let (main, m0, m1) = if extra_first { (1, 2, 3) } else { (0, 1, 2) };
+                c[m0].write_all(&init(UUID, 0)).unwrap();
+                c[m1].write_all(&init(UUID, 1)).unwrap();
+                c[main].write_all(b"QEVM\0\0\0\x03").unwrap();
+                std::thread::sleep(Duration::from_millis(500));
+            });
+            let never = CancelToken::new().unwrap();
+            let t5 = Some(Duration::from_secs(5));
+            let e = accept(inc, Vec::new(), &SETUP, t5, &never, false, None)
+                .err()
+                .unwrap();
+            t.join().unwrap();
+            assert!(
+                e.to_string().contains("another connection came on unix:")
+                    && e.to_string().contains("the 2 multifd channels"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -84,7 +84,8 @@ pub(super) fn accept_tls(
             (run(None, Some(c), fds.into_iter(), now)?, None)
         }
         l => {
-            let r = run(Some(&l), None, Vec::new().into_iter(), None);
+            let r = run(Some(&l), None, Vec::new().into_iter(), None)
+                .and_then(|m| super::refuse_extra(Some(&l), keep, 0, setup).map(|()| m));
             if r.is_err() || !keep {
                 l.done_listening();
             }
