@@ -97,3 +97,19 @@ pub mod multifd {
     /// whole offset array, whatever the counts (`packet_len`).
     pub const PACKET_HEADER_LEN: usize = PACKET_FIXED_LEN + 8 * PAGES_PER_PACKET as usize;
 }
+
+/// mapped-ram (`migration/ram.c`, QEMU 9.0+): each RAM block's fixed place in a file.
+pub mod mapped_ram {
+    /// `MAPPED_RAM_HDR_VERSION`.
+    pub const VERSION: u32 = 1;
+    /// `sizeof(MappedRamHeader)`: version (be32), page_size, bitmap_offset, pages_offset
+    /// (be64 each), packed.
+    pub const HEADER_LEN: usize = 28;
+    /// `MAPPED_RAM_FILE_OFFSET_ALIGNMENT`: a block's pages start at a multiple of this (for
+    /// O_DIRECT on any block size). A reader only requires page alignment, as QEMU's.
+    pub const FILE_OFFSET_ALIGNMENT: u64 = 0x10_0000;
+    /// `MAPPED_RAM_LOAD_BUF_SIZE`: QEMU reads the pages region this much at a time.
+    pub const LOAD_BUF_SIZE: u64 = 0x10_0000;
+    /// The capability's name in the configuration section's list (validated there).
+    pub const CAPABILITY: &str = "mapped-ram";
+}

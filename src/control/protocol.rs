@@ -158,6 +158,7 @@ pub const CAPABILITIES: &[&str] = &[
     "events",
     "postcopy-preempt",
     "multifd",
+    "mapped-ram",
 ];
 
 /// The arguments of `migrate-set-parameters` (each optional), which are also the members of
@@ -179,6 +180,7 @@ pub const PARAMETERS: &[&str] = &[
     "tls-creds",
     "tls-hostname",
     "tls-authz",
+    "direct-io",
 ];
 
 /// Event names.

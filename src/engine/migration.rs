@@ -29,16 +29,21 @@ pub(crate) struct Capabilities {
     pub postcopy_preempt: bool,
     /// RAM pages go over `multifd-channels` extra connections, in packets.
     pub multifd: bool,
+    /// `file:` only: every page has a fixed place in the file (QEMU's mapped-ram layout);
+    /// with `multifd` the channels `pwrite`/`pread` pages in parallel. On a destination with
+    /// a userfaultfd and `postcopy-ram` too: an on-demand restore.
+    pub mapped_ram: bool,
 }
 
 impl Capabilities {
-    pub(crate) const NAMES: [&'static str; 6] = [
+    pub(crate) const NAMES: [&'static str; 7] = [
         "postcopy-ram",
         "return-path",
         "pause-before-switchover",
         "events",
         "postcopy-preempt",
         "multifd",
+        "mapped-ram",
     ];
 
     pub(crate) fn get(&self, name: &str) -> Option<bool> {
@@ -49,6 +54,7 @@ impl Capabilities {
             "events" => self.events,
             "postcopy-preempt" => self.postcopy_preempt,
             "multifd" => self.multifd,
+            "mapped-ram" => self.mapped_ram,
             _ => return None,
         })
     }
@@ -61,6 +67,7 @@ impl Capabilities {
             "events" => &mut self.events,
             "postcopy-preempt" => &mut self.postcopy_preempt,
             "multifd" => &mut self.multifd,
+            "mapped-ram" => &mut self.mapped_ram,
             _ => return false,
         };
         *slot = on;
@@ -109,6 +116,9 @@ pub(crate) struct Parameters {
     /// `tls-authz`: the id of an `authz-simple` object the destination checks the client's
     /// distinguished name against; empty: any client the CA signed.
     pub tls_authz: String,
+    /// `direct-io`: with mapped-ram and multifd, the multifd channels' file descriptors
+    /// are opened with O_DIRECT (the main channel's, which is not page-aligned, is not).
+    pub direct_io: bool,
 }
 
 impl Parameters {
@@ -188,6 +198,7 @@ impl Default for Parameters {
             tls_creds: String::new(),
             tls_hostname: String::new(),
             tls_authz: String::new(),
+            direct_io: false,
         }
     }
 }

@@ -373,8 +373,10 @@ pub(crate) fn page_mover() -> BTreeMap<i64, Vec<SeccompRule>> {
 /// process filter: a page mover's calls plus I/O on sockets they were handed (readv/writev
 /// of packets, recv with MSG_PEEK or MSG_DONTWAIT, sendmsg), waiting on them next to the
 /// cancel token (poll, ppoll), shutting them down on error, and re-arming their
-/// SO_RCVTIMEO/SO_SNDTIMEO. No socket(2), connect(2) or accept(2): the migration thread
-/// opens every channel before it hands them over. No opens or ioctls either.
+/// SO_RCVTIMEO/SO_SNDTIMEO; positional I/O on the files they were handed (mapped-ram's
+/// multifd channels `pwrite`/`pread` pages at their fixed offsets). No socket(2),
+/// connect(2) or accept(2): the migration thread opens every channel before it hands them
+/// over. No opens or ioctls either.
 pub(crate) fn channel_mover() -> BTreeMap<i64, Vec<SeccompRule>> {
     let own = vec![
         any(libc::SYS_read),
@@ -383,6 +385,10 @@ pub(crate) fn channel_mover() -> BTreeMap<i64, Vec<SeccompRule>> {
         any(libc::SYS_recvmsg),
         any(libc::SYS_write),
         any(libc::SYS_writev),
+        any(libc::SYS_pread64),
+        any(libc::SYS_preadv),
+        any(libc::SYS_pwrite64),
+        any(libc::SYS_pwritev),
         any(libc::SYS_sendto),
         any(libc::SYS_sendmsg),
         any(libc::SYS_poll),

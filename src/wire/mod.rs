@@ -3,6 +3,7 @@
 
 pub mod device_intake;
 pub mod device_state;
+pub mod mapped_ram;
 pub mod multifd;
 pub mod postcopy;
 pub mod ram;

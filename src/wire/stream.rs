@@ -164,6 +164,17 @@ pub struct Configuration {
 
 /// Encodes the configuration section as QEMU does for x86 with no validated capability.
 pub fn encode_configuration(out: &mut Vec<u8>, machine: &str) -> Result<(), WireError> {
+    encode_configuration_with(out, machine, &[])
+}
+
+/// Encodes the configuration section with the validated capabilities that are on (QEMU
+/// lists `x-ignore-shared` and `mapped-ram`, in that order, in a `configuration/
+/// capabilities` subsection; none: no subsection), as `configuration_pre_save` does.
+pub fn encode_configuration_with(
+    out: &mut Vec<u8>,
+    machine: &str,
+    capabilities: &[&str],
+) -> Result<(), WireError> {
     let len = u32::try_from(machine.len()).map_err(|_| WireError::TooLong {
         what: "machine name",
         len: machine.len() as u64,
@@ -172,6 +183,15 @@ pub fn encode_configuration(out: &mut Vec<u8>, machine: &str) -> Result<(), Wire
     out.push(section::CONFIGURATION);
     put_be32(out, len);
     out.extend_from_slice(machine.as_bytes());
+    if !capabilities.is_empty() {
+        out.push(section::SUBSECTION);
+        put_str8(out, "configuration/capabilities")?;
+        put_be32(out, 1);
+        put_be32(out, capabilities.len() as u32);
+        for c in capabilities {
+            put_str8(out, c)?;
+        }
+    }
     Ok(())
 }
 
@@ -510,6 +530,21 @@ mod tests {
         assert_eq!(&out[..], &buf[..9]);
         // Without the next byte the decoder cannot know whether subsections follow.
         assert_eq!(decode_configuration(&buf[..9]), Ok(None));
+    }
+
+    /// What QEMU 10.0.2 wrote with mapped-ram on (`-M none`), byte for byte.
+    #[test]
+    fn configuration_with_mapped_ram_as_qemu_writes_it() {
+        let mut out = Vec::new();
+        encode_configuration_with(&mut out, "none", &["mapped-ram"]).unwrap();
+        let qemu = b"\x07\0\0\0\x04none\x05\x1aconfiguration/capabilities\0\0\0\x01\0\0\0\x01\
+                     \x0amapped-ram";
+        assert_eq!(out, qemu);
+        // The decoder knows the subsections have ended when the next section starts.
+        out.push(section::START);
+        let (c, n) = decode_configuration(&out).unwrap().unwrap();
+        assert_eq!(n, out.len() - 1);
+        assert_eq!(c.capabilities, vec!["mapped-ram".to_string()]);
     }
 
     #[test]

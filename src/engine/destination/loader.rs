@@ -2,6 +2,7 @@
 //! POSTCOPY_LISTEN pages go to the precopy sink, from it on to the postcopy sink; the
 //! commands that change phase are in `commands`, the recovery driver in `recovery`.
 
+use crate::engine::destination::mapped_ram::{MappedBlock, MappedMode};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -114,6 +115,11 @@ pub(super) struct Loader<'a> {
     /// section, by whether a MULTIFD_FLUSH came in it (QEMU 8.1 and later send one there;
     /// 8.0 and older sync at every EOS and never send it).
     pub(super) multifd_style_known: bool,
+    /// mapped-ram: whether blocks are read now or on demand, and the blocks read so far.
+    #[allow(dead_code)]
+    pub(super) mapped_mode: MappedMode,
+    #[allow(dead_code)]
+    pub(super) mapped: Vec<MappedBlock>,
     last_progress: Instant,
 }
 
@@ -148,6 +154,8 @@ impl<'a> Loader<'a> {
             link,
             multifd: None,
             multifd_style_known: false,
+            mapped_mode: MappedMode::Full,
+            mapped: Vec::new(),
             last_progress: Instant::now(),
         }
     }

@@ -40,6 +40,8 @@ mod error;
 pub(crate) mod fault;
 mod held;
 mod loader;
+#[allow(dead_code)] // skeleton: the loader fills these in (issue 14)
+mod mapped_ram;
 mod multifd;
 mod package;
 mod place;
