@@ -217,6 +217,9 @@ impl<'m> Precopy<'m> {
                 self.out.put(|o| {
                     stream::put_str8(o, &e.idstr)?;
                     stream::put_be64(o, e.used_length);
+                    if let Some(ps) = e.page_size {
+                        stream::put_be64(o, ps);
+                    }
                     Ok(())
                 })?;
                 let at = self.out.position(&f.io)?;
