@@ -173,7 +173,7 @@ fn a_failed_pwrite_names_the_file_and_offset() {
     let ro = std::fs::File::open(format!("/proc/self/fd/{}", f.as_raw_fd())).expect("ro");
     let mut out = MappedRamOut::new(file_io(&ro), true);
     let (h, _) = out.add_block(0, b.size).expect("layout");
-    let e = out.write_word(&b, 0, 0, 1, 0).err().expect("fails");
+    let e = out.write_word(&b, 0, 0, 1, 0).expect_err("fails");
     match &e {
         MappedRamError::Write {
             file,
@@ -358,8 +358,7 @@ fn a_socket_is_refused() {
     let chan = Channel::from_unix(a, "sock".into());
     let uri = "unix:/nonexistent".parse().expect("uri");
     let e = crate::engine::source::run(&ctx, vec![block("pc.ram", 8)], chan, Vec::new(), uri)
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(
         matches!(
             e,
