@@ -34,6 +34,8 @@ struct Case {
     offset: Option<u64>,
     /// A writer dirties pages until pre-switchover: several passes.
     live: bool,
+    /// `direct-io`: the multifd channels' fds are O_DIRECT (both ends).
+    direct_io: bool,
 }
 
 fn save_and_restore(test: &str, c: Case) {
@@ -73,6 +75,9 @@ fn save_and_restore(test: &str, c: Case) {
     }
     if c.channels > 0 {
         params["multifd-channels"] = json!(c.channels);
+    }
+    if c.direct_io {
+        params["direct-io"] = json!(true);
     }
     src.client.set_parameters(params).expect("params");
 
@@ -138,7 +143,7 @@ fn save_and_restore(test: &str, c: Case) {
     dst.qmp().set_capabilities(&dst_caps).expect("caps");
     if c.channels > 0 {
         dst.qmp()
-            .set_parameters(json!({"multifd-channels": c.channels}))
+            .set_parameters(json!({"multifd-channels": c.channels, "direct-io": c.direct_io}))
             .expect("params");
     }
     dst.qmp()
@@ -158,6 +163,7 @@ fn mapped_ram_save_one_channel_qemu10_restores() {
             channels: 0,
             offset: None,
             live: false,
+            direct_io: false,
         },
     );
 }
@@ -170,6 +176,7 @@ fn mapped_ram_save_multifd_2ch_qemu10_restores() {
             channels: 2,
             offset: None,
             live: false,
+            direct_io: false,
         },
     );
 }
@@ -182,6 +189,7 @@ fn mapped_ram_save_live_at_offset_qemu10_restores() {
             channels: 0,
             offset: Some(12345),
             live: true,
+            direct_io: false,
         },
     );
 }
@@ -194,6 +202,22 @@ fn mapped_ram_save_live_multifd_2ch_at_offset_qemu10_restores() {
             channels: 2,
             offset: Some(3 * MIB + 4096),
             live: true,
+            direct_io: false,
+        },
+    );
+}
+
+/// direct-io: the channels write pages with O_DIRECT (guest pages and their places in the
+/// file are page-aligned; the stream and the bitmaps go through the main fd, without it).
+#[test]
+fn mapped_ram_save_direct_io_multifd_2ch_qemu10_restores() {
+    save_and_restore(
+        "mapped_ram_save_direct_io_multifd_2ch_qemu10_restores",
+        Case {
+            channels: 2,
+            offset: Some(4096 + 7),
+            live: false,
+            direct_io: true,
         },
     );
 }
