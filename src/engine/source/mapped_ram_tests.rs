@@ -367,3 +367,50 @@ fn a_socket_is_refused() {
         "{e}"
     );
 }
+
+/// A multifd file channel's packet: pages in any order (as the zero-page partition leaves
+/// them), a hole sent as data (`zero-page-detection=none`), zero ones only clearing bits.
+#[test]
+fn a_channel_packet_writes_its_runs_and_bits() {
+    let b = block("pc.ram", 64);
+    let (f, more) = files(1);
+    let mut out = MappedRamOut::new(file_io(&f), true);
+    let (h, _) = out.add_block(0, b.size).expect("layout");
+    // Page 9 had data in an earlier pass.
+    out.map.blocks[0].mark(9 * PAGE, true);
+    let chan = Channel::from_file(more.into_iter().next().expect("fd"), "test-mfd".into());
+    let cf = ChannelFile {
+        io: FileIo::of(&chan).expect("io"),
+        map: out.map.clone(),
+    };
+    const HOLE: u64 = 1;
+    // 4, 3, 1, 0 are data; 5 a hole written as zeros (its old content must go); 9 zero.
+    std::fs::File::options()
+        .write(true)
+        .open(format!("/proc/self/fd/{}", f.as_raw_fd()))
+        .expect("rw")
+        .write_all_at(&[0xee; PAGE as usize], h.pages_offset + 5 * PAGE)
+        .expect("old page 5");
+    let mut normal = vec![4 * PAGE, 3 * PAGE, (5 * PAGE) | HOLE, PAGE, 0];
+    let n = cf
+        .write_packet(&b, 0, &mut normal, &[9 * PAGE], HOLE)
+        .expect("packet");
+    assert_eq!(n, 5 * PAGE);
+    let w = out.map.blocks[0].words()[0];
+    assert_eq!(w, 0b11_1011, "pages 0, 1, 3, 4, 5 set; 2 and 9 clear");
+    for i in [0, 1, 3, 4] {
+        assert_eq!(
+            read_at(&f, h.pages_offset + i * PAGE, PAGE),
+            data("pc.ram", i, 0xa5)
+        );
+    }
+    assert!(read_at(&f, h.pages_offset + 5 * PAGE, PAGE)
+        .iter()
+        .all(|&x| x == 0));
+    // A page outside the block is refused (the channel checks every page before, too).
+    let mut bad = vec![64 * PAGE];
+    assert!(matches!(
+        cf.write_packet(&b, 0, &mut bad, &[], HOLE),
+        Err(MappedRamError::Outside(_))
+    ));
+}
