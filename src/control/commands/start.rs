@@ -364,8 +364,18 @@ impl Helper {
                 Ok(crate::engine::destination::adopt(ctx, blocks, uffd)?)
             });
         }
-        let incoming = Incoming::open(&uri, |n| self.take_fd(n))
-            .map_err(|e| QmpError::generic(e.to_string()))?;
+        // An on-demand restore resumes from a file (an fd set too).
+        let incoming = match &uri {
+            Uri::File(f) if f.fdset().is_some() => {
+                let caps = self.ctx.caps();
+                let o = self
+                    .open_file_channels(Role::Destination, &uri, &caps, &self.ctx.params())?
+                    .ok_or_else(|| QmpError::generic(format!("cannot open {uri}")))?;
+                Incoming::Ready(o.main)
+            }
+            _ => Incoming::open(&uri, |n| self.take_fd(n))
+                .map_err(|e| QmpError::generic(e.to_string()))?,
+        };
         slog::info!(self.log, "migrate-recover"; "uri" => %uri);
         self.ctx
             .offer_recovery(crate::engine::migration::Recovery::Destination(incoming));
