@@ -13,6 +13,7 @@ mod lifecycle;
 mod logs;
 mod manpage;
 mod mapped_ram_qmp;
+mod mapped_ram_restore;
 mod multifd;
 mod multifd_wire;
 mod postcopy;
