@@ -32,6 +32,10 @@ fn qemu_save(test: &str, dir: &Path, size: u64, channels: u8, offset: u64) -> (Q
         )
         .expect("multifd-channels");
     }
+    if direct_io(test) {
+        vm.execute("migrate-set-parameters", json!({"direct-io": true}))
+            .expect("direct-io");
+    }
     vm.execute("migrate-set-capabilities", json!({ "capabilities": caps }))
         .expect("capabilities");
     let file = dir.join("guest.img");
@@ -47,9 +51,19 @@ fn qemu_save(test: &str, dir: &Path, size: u64, channels: u8, offset: u64) -> (Q
     (vm, file)
 }
 
+/// The tests named so read (and write) the multifd channels with O_DIRECT.
+fn direct_io(test: &str) -> bool {
+    test.contains("direct_io")
+}
+
 /// A helper with one block `ram` of `size`, prefilled, set up for a mapped-ram restore.
-fn helper(size: u64, mapped_ram: bool, channels: u8) -> HelperVm {
+fn helper(size: u64, mapped_ram: bool, channels: u8, direct: bool) -> HelperVm {
     let mut h = HelperVm::spawn();
+    if direct {
+        h.client
+            .set_parameters(json!({"direct-io": true}))
+            .expect("direct-io");
+    }
     h.add_block("ram", size, false);
     h.blocks[0].mem.map().fill(PREFILL);
     let mut caps = vec![("mapped-ram", mapped_ram)];
@@ -79,7 +93,7 @@ fn save_and_restore(test: &str, channels: u8, offset: u64) {
     let size = 64 * MIB;
     let dir = TempDir::new("qmh-mrrestore");
     let (vm, file) = qemu_save(test, dir.path(), size, channels, offset);
-    let mut h = helper(size, true, channels);
+    let mut h = helper(size, true, channels, direct_io(test));
     let t0 = std::time::Instant::now();
     let v = restore(&mut h, &file, offset);
     assert_eq!(v["status"], "completed", "{test}: {v}");
@@ -122,6 +136,15 @@ fn qemu10_mapped_ram_at_an_offset_restores_in_the_helper() {
     );
 }
 
+#[test]
+fn qemu10_mapped_ram_multifd_direct_io_restores_in_the_helper() {
+    save_and_restore(
+        "qemu10_mapped_ram_multifd_direct_io_restores_in_the_helper",
+        2,
+        0,
+    );
+}
+
 /// A QEMU file cut in its pages region, or loaded without the capability, fails with the
 /// reason; the helper stays up.
 #[test]
@@ -133,7 +156,7 @@ fn qemu10_mapped_ram_file_cut_short_or_capability_off_fails() {
     let size = 16 * MIB;
     let dir = TempDir::new("qmh-mrrestore");
     let (_vm, file) = qemu_save(test, dir.path(), size, 0, 0);
-    let mut h = helper(size, false, 0);
+    let mut h = helper(size, false, 0, false);
     let v = restore(&mut h, &file, 0);
     assert_eq!(v["status"], "failed", "{v}");
     let e = v["error-desc"].as_str().unwrap_or("");
@@ -147,7 +170,7 @@ fn qemu10_mapped_ram_file_cut_short_or_capability_off_fails() {
         .open(&file)
         .and_then(|f| f.set_len(8 * MIB))
         .expect("truncate");
-    let mut h = helper(size, true, 0);
+    let mut h = helper(size, true, 0, false);
     let v = restore(&mut h, &file, 0);
     assert_eq!(v["status"], "failed", "{v}");
     let e = v["error-desc"].as_str().unwrap_or("");
