@@ -333,3 +333,19 @@ fn a_short_read_names_the_block_and_the_offset() {
         "{e}"
     );
 }
+
+#[test]
+fn other_validated_capabilities_stay_refused() {
+    use crate::engine::destination::{check_capabilities, CapCheck};
+    let caps = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    for on in [false, true] {
+        let r = check_capabilities(on, &caps(&["x-ignore-shared", "mapped-ram"]));
+        assert!(matches!(r, Err(CapCheck::Unsupported(c)) if c == "x-ignore-shared"));
+    }
+    assert!(check_capabilities(true, &caps(&["mapped-ram"])).is_ok());
+    assert!(check_capabilities(false, &[]).is_ok());
+    assert!(matches!(
+        check_capabilities(true, &[]),
+        Err(CapCheck::Mismatch(_))
+    ));
+}
