@@ -200,3 +200,13 @@ fn qmp_save_helper_restore_helper_one_channel() {
         0,
     );
 }
+
+#[test]
+fn qmp_save_helper_restore_helper_parallel() {
+    save_restore(
+        "qmp_save_helper_restore_helper_parallel",
+        End::Helper,
+        End::Helper,
+        4,
+    );
+}
