@@ -145,7 +145,10 @@ pub fn codec(data: &[u8]) {
         assert!(r.bitmap.end <= r.pages.start || r.pages.end <= r.bitmap.start);
         assert_eq!(r.pages.end - r.pages.start, used);
         assert_eq!(h.end(used), Some(r.pages.end));
-        assert!(mapped_ram::check(&h, "ram", used, after, Some(file_len), &[r]).is_err());
+        // The same regions again overlap themselves (empty ones overlap nothing).
+        if used > 0 {
+            assert!(mapped_ram::check(&h, "ram", used, after, Some(file_len), &[r]).is_err());
+        }
     }
     if let Ok(l) = mapped_ram::layout(after, used) {
         let end = l.end(used).unwrap_or(u64::MAX);
