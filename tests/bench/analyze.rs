@@ -132,7 +132,10 @@ fn bench_dir(base: &Path, size: u64, repeat: usize) {
     let mapped_file = dir.join("mapped.bin");
     let zeros;
     {
-        let mut src = HelperVm::spawn_quiet();
+        // The sandbox allows files under /tmp and /dev/shm only: allow the bench's directory.
+        let d = dir.display().to_string();
+        let mut src =
+            HelperVm::spawn_with_args(&["--log-level", "warn", "--sandbox-allow-path", &d]);
         src.add_block("pc.ram", size, false);
         zeros = fill_mixed(&mut src.blocks[0].mem.map(), 3, 0.25);
         write_mapped(&mapped_file, &src.blocks[0].mem.map());

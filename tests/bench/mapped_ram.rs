@@ -44,10 +44,26 @@ fn configure(c: &mut HelperClient, channels: usize) {
         caps.push(("multifd", true));
     }
     c.set_capabilities(&caps).expect("capabilities");
+    // QEMU's default max-bandwidth (128 MiB/s) would be the figure otherwise.
+    c.set_parameters(json!({"max-bandwidth": 10u64 << 30}))
+        .expect("max-bandwidth");
     if channels > 1 {
         c.set_parameters(json!({"multifd-channels": channels}))
             .expect("multifd-channels");
     }
+}
+
+/// The save is a mapped-ram file indeed (an engine without it would write a plain stream
+/// and the figures would mean something else).
+fn check_mapped(file: &Path, who: &str) {
+    let r = qemu_migration_helper::analyze::analyze(file, None)
+        .unwrap_or_else(|e| panic!("{who}'s save does not analyse: {e}"));
+    assert!(
+        r.capabilities.iter().any(|c| c == "mapped-ram")
+            && r.blocks.iter().all(|b| b.mapped.is_some()),
+        "{who}'s save is not a mapped-ram file (capabilities {:?})",
+        r.capabilities
+    );
 }
 
 fn status(v: &Value) -> &str {
@@ -80,6 +96,7 @@ fn qemu_round(size: u64, channels: usize, file: &Path) -> ((f64, f64), (f64, f64
         .expect("migrate");
     wait_done(src.qmp(), "QEMU save");
     let save = (t0.elapsed().as_secs_f64(), process_cpu_secs(src.pid()) - c0);
+    check_mapped(file, "QEMU");
     let mut dst = QemuVm::start(Qemu::V10, size, &VmOpts::incoming());
     configure(dst.qmp(), channels);
     let (c0, t0) = (process_cpu_secs(dst.pid()), Instant::now());
@@ -96,20 +113,21 @@ fn qemu_round(size: u64, channels: usize, file: &Path) -> ((f64, f64), (f64, f64
 /// Save then restore with helpers (the control side's `file:` + mapped-ram).
 fn helper_round(size: u64, channels: usize, file: &Path) -> ((f64, f64), (f64, f64)) {
     let _ = std::fs::remove_file(file);
-    let mut src = HelperVm::spawn_quiet();
+    // The sandbox allows files under /tmp and /dev/shm only: allow the bench's directory.
+    let d = file.parent().unwrap_or(file).display().to_string();
+    let helper = || HelperVm::spawn_with_args(&["--log-level", "warn", "--sandbox-allow-path", &d]);
+    let mut src = helper();
     src.add_block("ram", size, false);
     fill_mixed(&mut src.blocks[0].mem.map(), 7, 0.0);
     configure(&mut src.client, channels);
-    src.client
-        .set_parameters(json!({"max-bandwidth": 0}))
-        .expect("params");
     let (c0, t0) = (process_cpu_secs(src.pid()), Instant::now());
     src.client
         .migrate(&format!("file:{}", file.display()))
         .expect("migrate");
     wait_done(&mut src.client, "helper save");
     let save = (t0.elapsed().as_secs_f64(), process_cpu_secs(src.pid()) - c0);
-    let mut dst = HelperVm::spawn_quiet();
+    check_mapped(file, "the helper");
+    let mut dst = helper();
     dst.add_block("ram", size, false);
     configure(&mut dst.client, channels);
     let (c0, t0) = (process_cpu_secs(dst.pid()), Instant::now());
@@ -139,7 +157,7 @@ fn main() {
         .collect();
     let ends = std::env::var("QMH_BENCH_ENDS").unwrap_or_else(|_| "qemu,helper".into());
     let dir: PathBuf = std::env::var_os("QMH_BENCH_DIR")
-        .map_or_else(|| "/var/tmp".into(), Into::into)
+        .map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from)
         .join(format!("qmh-mapped-ram-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("bench dir");
     let qemu = ends.contains("qemu") && require_qemu(Qemu::V10, "mapped_ram bench").is_some();
