@@ -12,6 +12,7 @@ mod idle;
 mod lifecycle;
 mod logs;
 mod manpage;
+mod mapped_ram_qmp;
 mod multifd;
 mod multifd_wire;
 mod postcopy;
