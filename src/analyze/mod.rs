@@ -20,7 +20,8 @@ use crate::wire::stream::{self, Token, WireError};
 mod extract;
 mod mapped;
 mod report;
-#[cfg(test)]
+// The files they build come from the fuzzing module (helper build only).
+#[cfg(all(test, feature = "helper"))]
 mod tests;
 use extract::Extract;
 pub use report::{BlockStats, Item, MappedStats, Report, MAX_ITEMS};
