@@ -77,6 +77,10 @@ enum Cmd {
         /// Write each RAM block's content to a file in DIR (named after the block).
         #[arg(long, value_name = "DIR")]
         extract_ram: Option<PathBuf>,
+        /// Where the stream starts in the file (a `file:PATH,offset=N` save, or a file
+        /// with a header of its own first, as libvirt writes).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        offset: u64,
     },
 }
 
@@ -113,11 +117,12 @@ pub fn main() -> ExitCode {
             file,
             json,
             extract_ram,
+            offset,
         }) => {
             if let Err(code) = sandbox_analyze(cli.sandbox, &file, extract_ram.as_deref(), &log) {
                 return code;
             }
-            return match crate::analyze::analyze(&file, extract_ram.as_deref()) {
+            return match crate::analyze::analyze_at(&file, extract_ram.as_deref(), offset) {
                 Ok(report) => {
                     let mut out = std::io::stdout().lock();
                     let r = if json {

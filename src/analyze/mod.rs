@@ -5,7 +5,6 @@
 //! the output files).
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde_json::json;
@@ -13,12 +12,19 @@ use serde_json::json;
 use crate::compat::wire::{self, command};
 use crate::vmstate::{self, VmDescription};
 use crate::wire::device_intake::DeviceIntake;
+use crate::wire::mapped_ram::Regions;
 use crate::wire::postcopy;
 use crate::wire::ram::{self, Record};
 use crate::wire::stream::{self, Token, WireError};
 
+mod extract;
+mod mapped;
 mod report;
-pub use report::{BlockStats, Item, Report, MAX_ITEMS};
+// The files they build come from the fuzzing module (helper build only).
+#[cfg(all(test, feature = "helper"))]
+mod tests;
+use extract::Extract;
+pub use report::{BlockStats, Item, MappedStats, Report, MAX_ITEMS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AnalyzeError {
@@ -53,12 +59,6 @@ static FILLS: [[u8; wire::TARGET_PAGE_SIZE]; 256] = {
     f
 };
 
-/// Where RAM goes with `--extract-ram`.
-struct Extract {
-    dir: PathBuf,
-    files: Vec<File>,
-}
-
 struct Walker<'a> {
     buf: &'a [u8],
     pos: usize,
@@ -66,7 +66,11 @@ struct Walker<'a> {
     desc: Option<VmDescription>,
     ram_section: Option<u32>,
     last_block: Option<usize>,
-    extract: Option<Extract>,
+    extract: Option<Extract<'a>>,
+    /// The configuration lists `mapped-ram`: pages are in place in the file, not records.
+    mapped: bool,
+    /// The regions of the mapped-ram blocks read so far (no two may overlap).
+    mapped_regions: Vec<Regions>,
     /// Current section, for error messages.
     section: String,
     progress: Progress,
@@ -155,8 +159,20 @@ impl<'a> Walker<'a> {
     fn ram_body(&mut self) -> Result<(), AnalyzeError> {
         loop {
             let rec = self.next("a RAM record", ram::decode_record)?;
+            if self.mapped && !matches!(rec, Record::Eos | Record::MemSize { .. }) {
+                // QEMU's ram_load_precopy refuses these flags under mapped-ram.
+                return Err(self.bad(
+                    "a page or MULTIFD_FLUSH record in a mapped-ram stream \
+                     (QEMU: Unexpected RAM flags)",
+                ));
+            }
             let (offset, block, data, zero) = match rec {
-                Record::Eos => return Ok(()),
+                Record::Eos => {
+                    if let Some(x) = &mut self.extract {
+                        x.flush()?;
+                    }
+                    return Ok(());
+                }
                 Record::MultifdFlush => continue,
                 Record::MemSize { .. } => return Err(self.bad("block list outside RAM START")),
                 Record::Zero {
@@ -206,17 +222,10 @@ impl<'a> Walker<'a> {
             if zero {
                 b.zero_pages += 1;
             }
-            match data {
-                None => {}
-                Some(d) => {
-                    if let Some(x) = &self.extract {
-                        let f = &x.files[bi];
-                        f.write_all_at(d, offset)
-                            .map_err(|source| AnalyzeError::Write {
-                                path: x.dir.clone(),
-                                source,
-                            })?;
-                    }
+            if let Some(x) = &mut self.extract {
+                match data {
+                    None => x.zero_page(bi, offset)?,
+                    Some(d) => x.page(bi, offset, d)?,
                 }
             }
         }
@@ -236,28 +245,16 @@ impl<'a> Walker<'a> {
                 .checked_add(e.used_length)
                 .filter(|&s| s <= total)
                 .ok_or_else(|| self.bad("RAM block lengths exceed the announced total"))?;
+            if let Some(x) = &mut self.extract {
+                x.add_block(&e.idstr, e.used_length)?;
+            }
             self.report.blocks.push(BlockStats {
                 name: e.idstr,
                 length: e.used_length,
                 ..Default::default()
             });
-        }
-        if let Some(x) = &mut self.extract {
-            for b in &self.report.blocks {
-                // Block names may hold '/'; keep them as one file name.
-                let name = b.name.replace('/', "_");
-                let path = x.dir.join(if name.is_empty() {
-                    "unnamed".into()
-                } else {
-                    name
-                });
-                let f = File::create(&path).map_err(|source| AnalyzeError::Write {
-                    path: path.clone(),
-                    source,
-                })?;
-                f.set_len(b.length)
-                    .map_err(|source| AnalyzeError::Write { path, source })?;
-                x.files.push(f);
+            if self.mapped {
+                self.mapped_block(self.report.blocks.len() - 1)?;
             }
         }
         self.ram_body()
@@ -313,10 +310,23 @@ impl<'a> Walker<'a> {
     }
 
     fn walk(&mut self) -> Result<(), AnalyzeError> {
-        self.next("the header", stream::decode_header)?;
+        if let Err(e) = self.next("the header", stream::decode_header) {
+            return Err(match (self.pos, find_magic(self.buf)) {
+                (0, Some(at)) if at > 0 => self.bad(format!(
+                    "not a stream header here, but one starts at offset {at:#x} \
+                     (a file:PATH,offset=N save, or a header of its own first): \
+                     use --offset {at}"
+                )),
+                _ => e,
+            });
+        }
         if self.buf.get(self.pos) == Some(&wire::section::CONFIGURATION) {
             let c = self.next("the configuration section", stream::decode_configuration)?;
             self.report.machine = Some(c.machine);
+            self.mapped = c
+                .capabilities
+                .iter()
+                .any(|c| c == crate::compat::wire::mapped_ram::CAPABILITY);
             self.report.capabilities = c.capabilities;
         }
         loop {
@@ -442,14 +452,36 @@ fn command_name(c: u16) -> &'static str {
     }
 }
 
+/// Where the first stream header is, in the first MiB: only to suggest `--offset`.
+fn find_magic(buf: &[u8]) -> Option<usize> {
+    let mut magic = wire::FILE_MAGIC.to_be_bytes().to_vec();
+    magic.extend_from_slice(&wire::FILE_VERSION.to_be_bytes());
+    buf.get(..buf.len().min(1 << 20))?
+        .windows(magic.len())
+        .position(|w| w == magic)
+}
+
 /// Analyses the stream in `path`; with `extract`, writes each RAM block to a file there.
 pub fn analyze(path: &Path, extract: Option<&Path>) -> Result<Report, AnalyzeError> {
+    analyze_at(path, extract, 0)
+}
+
+/// [`analyze`] of a stream that starts at byte `offset` of the file (`file:PATH,offset=N`,
+/// or a file with a header of its own first, as libvirt writes). Offsets in the report and
+/// in mapped-ram headers are the file's.
+pub fn analyze_at(
+    path: &Path,
+    extract: Option<&Path>,
+    offset: u64,
+) -> Result<Report, AnalyzeError> {
     let open_err = |source| AnalyzeError::Open {
         path: path.to_path_buf(),
         source,
     };
     let file = File::open(path).map_err(open_err)?;
     let len = file.metadata().map_err(open_err)?.len() as usize;
+    // The mapping's file stays open as long as the mapping; this one feeds copy_file_range.
+    let src = file.try_clone().map_err(open_err)?;
     // An empty file cannot be mapped; it is simply not a stream.
     let map = if len == 0 {
         None
@@ -477,43 +509,48 @@ pub fn analyze(path: &Path, extract: Option<&Path>) -> Result<Report, AnalyzeErr
         unsafe { libc::madvise(m.as_ptr() as *mut _, len, libc::MADV_SEQUENTIAL) };
     }
     let extract = match extract {
-        Some(dir) => {
-            std::fs::create_dir_all(dir).map_err(|source| AnalyzeError::Write {
-                path: dir.to_path_buf(),
-                source,
-            })?;
-            Some(Extract {
-                dir: dir.to_path_buf(),
-                files: Vec::new(),
-            })
-        }
+        Some(dir) => Some(Extract::new(dir, Some(src))?),
         None => None,
     };
-    analyze_buf(buf, extract)
+    analyze_buf(buf, extract, offset)
 }
 
 /// Analyses a stream held in memory (the fuzz targets' entry; `analyze` maps the file).
 #[cfg(all(feature = "helper", any(test, feature = "fuzzing")))]
 pub(crate) fn analyze_bytes(buf: &[u8]) -> Result<Report, AnalyzeError> {
-    analyze_buf(buf, None)
+    analyze_buf(buf, None, 0)
 }
 
-fn analyze_buf(buf: &[u8], extract: Option<Extract>) -> Result<Report, AnalyzeError> {
+fn analyze_buf<'a>(
+    buf: &'a [u8],
+    extract: Option<Extract<'a>>,
+    offset: u64,
+) -> Result<Report, AnalyzeError> {
+    let Some(start) = usize::try_from(offset).ok().filter(|&o| o <= buf.len()) else {
+        return Err(AnalyzeError::Bad {
+            offset,
+            section: String::new(),
+            msg: format!("--offset is past the end of the file ({} bytes)", buf.len()),
+        });
+    };
+    let stream = &buf[start..];
     // A capture of a TLS channel: say what its clear-text records show.
-    if crate::wire::tls::looks_like_tls(buf) {
+    if crate::wire::tls::looks_like_tls(stream) {
         return Ok(Report {
             file_size: buf.len() as u64,
-            tls: Some(crate::wire::tls::scan(buf)),
+            stream_offset: offset,
+            tls: Some(crate::wire::tls::scan(stream)),
             ..Default::default()
         });
     }
-    let desc =
-        vmstate::find_trailing_vmdesc(buf).and_then(|(_, r)| VmDescription::parse(&buf[r]).ok());
+    let desc = vmstate::find_trailing_vmdesc(stream)
+        .and_then(|(_, r)| VmDescription::parse(stream.get(r)?).ok());
     let mut w = Walker {
         buf,
-        pos: 0,
+        pos: start,
         report: Report {
             file_size: buf.len() as u64,
+            stream_offset: offset,
             ..Default::default()
         },
         desc,
@@ -521,6 +558,8 @@ fn analyze_buf(buf: &[u8], extract: Option<Extract>) -> Result<Report, AnalyzeEr
         last_block: None,
         intake: DeviceIntake::default(),
         extract,
+        mapped: false,
+        mapped_regions: Vec::new(),
         section: String::new(),
         progress: Progress::new(buf.len() as u64),
     };

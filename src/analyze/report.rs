@@ -12,6 +12,20 @@ pub struct BlockStats {
     pub length: u64,
     pub pages: u64,
     pub zero_pages: u64,
+    /// A mapped-ram file's header for the block (then `pages` is every page of the
+    /// block and `zero_pages` those whose bit is clear, holes in the file).
+    pub mapped: Option<MappedStats>,
+}
+
+/// A block's mapped-ram header, checked, and its bitmap's count.
+#[derive(Debug, Default, Clone)]
+pub struct MappedStats {
+    pub version: u32,
+    pub page_size: u64,
+    pub bitmap_offset: u64,
+    pub pages_offset: u64,
+    /// Pages whose bit is set: their data is in the file.
+    pub data_pages: u64,
 }
 
 /// One top-level item of the stream.
@@ -36,6 +50,8 @@ pub const MAX_ITEMS: usize = 1 << 17;
 #[derive(Debug, Default)]
 pub struct Report {
     pub file_size: u64,
+    /// Where the stream starts in the file (`--offset`; `file:PATH,offset=N`).
+    pub stream_offset: u64,
     pub machine: Option<String>,
     pub capabilities: Vec<String>,
     pub items: Vec<Item>,
@@ -56,12 +72,23 @@ impl Report {
         }
         json!({
             "file-size": self.file_size,
+            "stream-offset": self.stream_offset,
             "machine": self.machine,
             "capabilities": self.capabilities,
-            "ram": self.blocks.iter().map(|b| json!({
-                "block": b.name, "length": b.length, "pages": b.pages,
-                "zero-pages": b.zero_pages, "normal-pages": b.pages - b.zero_pages,
-            })).collect::<Vec<_>>(),
+            "ram": self.blocks.iter().map(|b| {
+                let mut v = json!({
+                    "block": b.name, "length": b.length, "pages": b.pages,
+                    "zero-pages": b.zero_pages, "normal-pages": b.pages - b.zero_pages,
+                });
+                if let Some(m) = &b.mapped {
+                    v["mapped-ram"] = json!({
+                        "version": m.version, "page-size": m.page_size,
+                        "bitmap-offset": m.bitmap_offset, "pages-offset": m.pages_offset,
+                        "pages-with-data": m.data_pages, "zero-pages": b.zero_pages,
+                    });
+                }
+                v
+            }).collect::<Vec<_>>(),
             "sections": self.items.iter().map(|i| {
                 let mut v = json!({"offset": i.offset, "type": i.kind, "size": i.size});
                 if let Some(x) = i.section_id { v["section-id"] = json!(x); }
@@ -82,6 +109,9 @@ impl Report {
         if let Some(c) = &self.tls {
             return print_tls(c, out);
         }
+        if self.stream_offset > 0 {
+            writeln!(out, "stream starts at offset {:#x}", self.stream_offset)?;
+        }
         writeln!(out, "header: QEVM version 3")?;
         match &self.machine {
             Some(m) => writeln!(
@@ -97,6 +127,19 @@ impl Report {
         }
         writeln!(out, "RAM blocks:")?;
         for b in &self.blocks {
+            if let Some(m) = &b.mapped {
+                writeln!(
+                    out,
+                    "  {:<32} {:>12} bytes  {:>9} pages in the file ({} with data, {} zero: holes)",
+                    b.name, b.length, b.pages, m.data_pages, b.zero_pages
+                )?;
+                writeln!(
+                    out,
+                    "      mapped-ram header: version {}, page size {}, bitmap at {:#x}, pages at {:#x}",
+                    m.version, m.page_size, m.bitmap_offset, m.pages_offset
+                )?;
+                continue;
+            }
             writeln!(
                 out,
                 "  {:<32} {:>12} bytes  {:>9} pages sent ({} zero, {} normal)",

@@ -9,9 +9,11 @@
 //! Not a user API: it exists so the fuzz crate sees the decoders without making internals
 //! `pub`. It is compiled into unit tests as well, which run every target on the seeds.
 
+mod mapped;
 mod seeds;
 mod targets;
 
+pub use mapped::{mapped_ram_file, page_content};
 pub use seeds::{builtin_seeds, seeds_from_stream};
 
 /// One fuzz target: its name (the binary and corpus directory in `tests/fuzz`) and entry.
@@ -72,6 +74,16 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "control",
         run: targets::control,
+        heap_per_byte: 256,
+    },
+    Target {
+        name: "mapped_ram",
+        run: mapped::codec,
+        heap_per_byte: 16,
+    },
+    Target {
+        name: "mapped_file",
+        run: mapped::file,
         heap_per_byte: 256,
     },
 ];

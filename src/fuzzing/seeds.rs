@@ -308,7 +308,7 @@ pub fn seeds_from_stream(s: &[u8]) -> Result<Seeds, String> {
 
 /// Seeds that need no fixture: return-path traffic, control commands, small streams.
 pub fn builtin_seeds() -> Seeds {
-    let mut seeds: Seeds = Vec::new();
+    let mut seeds: Seeds = super::mapped::seeds();
 
     let mut rpath = Vec::new();
     for m in [

@@ -308,9 +308,14 @@ fn control_socket() -> Vec<Entry> {
     ]
 }
 
-/// `analyze --extract-ram`: makes its output directory.
+/// `analyze --extract-ram`: makes its output directory; copies a mapped-ram file's pages
+/// file to file.
 fn analyze_output() -> Vec<Entry> {
-    vec![any(libc::SYS_mkdir), any(libc::SYS_mkdirat)]
+    vec![
+        any(libc::SYS_mkdir),
+        any(libc::SYS_mkdirat),
+        any(libc::SYS_copy_file_range),
+    ]
 }
 
 /// The allowlist of `profile`.

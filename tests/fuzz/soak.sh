@@ -5,7 +5,8 @@
 # Usage:
 #   bash tests/fuzz/soak.sh [SECONDS_PER_TARGET] [TARGET...]   soak (default 600 s, all targets)
 #   bash tests/fuzz/soak.sh --smoke                            5 s per target, fresh corpus
-# Targets: stream tokens ram return_path multifd tls vmstate packaged control.
+# Targets: stream tokens ram return_path multifd tls vmstate packaged control mapped_ram
+# mapped_file.
 # Environment: FUZZ_RSS_MB (RSS limit, default 512), FUZZ_TIMEOUT (seconds per input,
 # default 10), FUZZ_RUNS (stop a target after this many executions, default: time only),
 # FUZZ_WORK (corpus and findings, default target/fuzz/work), FUZZ_FIXTURES.
@@ -17,7 +18,8 @@
 # Reproduce one with: target/fuzz/<host>/release/TARGET ARTIFACT
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
-all_targets=(stream tokens ram return_path multifd tls vmstate packaged control)
+all_targets=(stream tokens ram return_path multifd tls vmstate packaged control mapped_ram
+  mapped_file)
 
 smoke=0
 secs=600

@@ -152,3 +152,97 @@ fn analyze_damaged_file_says_where() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("offset") && e.contains("section"), "{e}");
 }
+
+/// A real QEMU 10.0 save with mapped-ram (to `file:PATH`, `file:PATH,offset=N`, and with
+/// multifd's two file channels), analysed and extracted: the extracted block equals the
+/// guest's RAM, zero pages are holes, the stream goes on after the pages.
+#[test]
+fn analyze_qemu_mapped_ram_saves() {
+    use std::os::unix::fs::MetadataExt;
+    use std::time::Duration;
+    use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+    use support::util::{assert_same_memory, fill_mixed, test_seed, MIB};
+
+    let test = "analyze_qemu_mapped_ram_saves";
+    if require_qemu(Qemu::V10, test).is_none() {
+        return;
+    }
+    const RAM: u64 = 64 * MIB;
+    let dir = TempDir::new("qmh-analyze-mr");
+    for (name, offset, multifd) in [
+        ("plain", 0u64, false),
+        ("offset", 0x5000, false),
+        ("multifd", 0, true),
+    ] {
+        let mut vm = QemuVm::start(Qemu::V10, RAM, &VmOpts::default());
+        let zeros = fill_mixed(&mut vm.ram_mmap(), test_seed(test), 0.5) as u64;
+        let file = dir.join(&format!("{name}.bin"));
+        let mut caps = vec![("mapped-ram", true)];
+        if multifd {
+            caps.push(("multifd", true));
+        }
+        vm.qmp().set_capabilities(&caps).expect("caps");
+        let uri = if offset > 0 {
+            format!("file:{},offset={offset}", file.display())
+        } else {
+            format!("file:{}", file.display())
+        };
+        vm.qmp().migrate(&uri).expect("migrate");
+        vm.wait_migration(&["completed"], Duration::from_secs(120))
+            .expect("QEMU saves");
+        let out = dir.join(&format!("{name}.ram"));
+        let mut args = vec!["--extract-ram".to_string(), out.display().to_string()];
+        if offset > 0 {
+            args.extend(["--offset".into(), offset.to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let v = analyze_json(&file, &args);
+        assert_eq!(
+            v["capabilities"],
+            serde_json::json!(["mapped-ram"]),
+            "{name}"
+        );
+        assert_eq!(v["stream-offset"], offset, "{name}");
+        let b = &v["ram"][0];
+        assert_eq!(b["block"], "ram");
+        assert_eq!(b["pages"], RAM / 4096);
+        assert_eq!(
+            b["zero-pages"], zeros,
+            "{name}: the bitmap's clear bits are the zero pages"
+        );
+        let m = &b["mapped-ram"];
+        assert_eq!(m["version"], 1);
+        assert_eq!(m["page-size"], 4096);
+        assert_eq!(m["pages-with-data"], RAM / 4096 - zeros);
+        assert_eq!(m["pages-offset"].as_u64().unwrap() % (1 << 20), 0);
+        let types: Vec<&str> = v["sections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["type"].as_str().unwrap())
+            .collect();
+        assert!(
+            types.contains(&"FULL") && types.last() == Some(&"EOF"),
+            "{name}: {types:?}"
+        );
+        assert!(v["vm-description-size"].as_u64().unwrap() > 0);
+        let ram = std::fs::read(out.join("ram")).expect("extracted block");
+        assert_same_memory(&vm.ram_mmap(), &ram, test);
+        let allocated = std::fs::metadata(out.join("ram")).unwrap().blocks() * 512;
+        assert!(
+            allocated <= RAM - zeros * 4096 + (1 << 20),
+            "{name}: zero pages are holes ({allocated} bytes allocated)"
+        );
+        // Without --offset, a save at an offset says where the stream is.
+        if offset > 0 {
+            let o = Command::new(helper_bin())
+                .arg("analyze")
+                .arg(&file)
+                .output()
+                .unwrap();
+            assert!(!o.status.success());
+            let e = String::from_utf8_lossy(&o.stderr);
+            assert!(e.contains(&format!("--offset {offset}")), "{e}");
+        }
+    }
+}
