@@ -14,6 +14,7 @@ mod logs;
 mod manpage;
 mod multifd;
 mod multifd_wire;
+mod ondemand;
 mod postcopy;
 mod qemu_helper;
 mod qemu_qemu;
