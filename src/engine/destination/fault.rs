@@ -305,7 +305,10 @@ impl PostcopyDest {
             });
         }
         // SAFETY: inside the parent's registered mapping of this block (checked above).
-        let run = unsafe { self.uffd.zeropage(self.host(bi, offset), len as usize, true) };
+        let run = unsafe {
+            self.uffd
+                .zeropage(self.host(bi, offset), len as usize, true)
+        };
         match run {
             Ok(n) if n as u64 == len => {
                 for p in offset / PAGE..(offset + len) / PAGE {

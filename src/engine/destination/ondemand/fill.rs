@@ -1,8 +1,11 @@
-//! The background fill: every page not yet placed, block by block, in runs of one kind
-//! (data read with one pread and placed with one UFFDIO_COPY, holes with one
-//! UFFDIO_ZEROPAGE), at most 1 MiB each so that a fault waits for one run at most. It
-//! yields to the fault thread (no new run while a fault batch is served), keeps to
-//! `max-postcopy-bandwidth` (re-read at every run; 0 = unlimited), and waits while paused.
+//! The background fill: every data page not yet placed, block by block, in runs (read
+//! with one pread, placed with one UFFDIO_COPY), at most 1 MiB each so that a fault waits
+//! for one run at most. Holes are left alone: the blocks were punched at the start, and
+//! once the last data page is placed the blocks are unregistered, so a hole nobody touched
+//! reads as zero without being allocated (as QEMU leaves them; a hole that faults before
+//! is placed by the fault thread with UFFDIO_ZEROPAGE). It yields to the fault thread (no
+//! new run while a fault batch is served), keeps to `max-postcopy-bandwidth` (re-read at
+//! every run; 0 = unlimited), and waits while paused.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -26,15 +29,23 @@ pub(super) enum Filled {
 }
 
 /// Bandwidth accounting: bytes read since `since`.
-struct Throttle {
+pub(super) struct Throttle {
     since: Instant,
-    bytes: u64,
+    pub(super) bytes: u64,
     limit: u64,
 }
 
 impl Throttle {
+    pub(super) fn new(now: Instant) -> Self {
+        Throttle {
+            since: now,
+            bytes: 0,
+            limit: 0,
+        }
+    }
+
     /// When the bytes read so far are due at `limit` bytes/s (None: now).
-    fn due(&mut self, limit: u64, now: Instant) -> Option<Instant> {
+    pub(super) fn due(&mut self, limit: u64, now: Instant) -> Option<Instant> {
         if limit != self.limit || now.duration_since(self.since) > Duration::from_secs(1) {
             // A new limit, or a new window: no debt carried over.
             *self = Throttle {
@@ -78,13 +89,19 @@ impl Shared<'_> {
         }
     }
 
-    /// Bytes not placed yet, into `stats.remaining`.
+    /// Bytes of data pages not placed yet, into `stats.remaining`.
     pub(super) fn count_remaining(&self, ctx: &MigrationCtx) {
         let left: u64 = self
-            .blocks
+            .mapped
             .iter()
             .zip(self.pc.received.iter())
-            .map(|(b, r)| b.pages().saturating_sub(r.count()))
+            .map(|(m, r)| {
+                m.bitmap
+                    .iter()
+                    .zip(r.words())
+                    .map(|(d, got)| u64::from((d & !got).count_ones()))
+                    .sum::<u64>()
+            })
             .sum();
         ctx.stats.remaining.store(left * PAGE, Ordering::Relaxed);
     }
@@ -92,17 +109,17 @@ impl Shared<'_> {
     /// The fill thread.
     pub(super) fn fill_thread(&self, ctx: &MigrationCtx) -> Result<Filled, ServeError> {
         let mut buf = Vec::with_capacity(LOAD_BUF_SIZE as usize);
-        let mut throttle = Throttle {
-            since: Instant::now(),
-            bytes: 0,
-            limit: 0,
-        };
+        let mut throttle = Throttle::new(Instant::now());
         let mut runs = 0u64;
         for (bi, b) in self.blocks.iter().enumerate() {
             let pages = b.pages();
             let mut page = 0;
             while page < pages {
-                if self.pc.received[bi].get(page) {
+                if self.mapped[bi].bitmap.get((page / 64) as usize) == Some(&0) {
+                    page = (page / 64 + 1) * 64;
+                    continue;
+                }
+                if !self.has_data(bi, page) || self.pc.received[bi].get(page) {
                     page += 1;
                     continue;
                 }
@@ -110,6 +127,7 @@ impl Shared<'_> {
                     return Ok(Filled::Stopped);
                 }
                 let (data, n) = self.run_at(bi, page, RUN_PAGES);
+                debug_assert!(data);
                 match self.place(bi, page, n, data, &mut buf) {
                     Ok(()) => {}
                     Err(e @ ServeError::Read { .. }) => {

@@ -59,8 +59,12 @@ fn io(peer: &str, offset: u64, source: std::io::Error) -> LoadError {
 /// The file behind a file channel, and where its stream starts (the fd's position).
 fn file_of(chan: &Channel) -> Result<(File, u64), LoadError> {
     let fd = chan.try_clone_fd().map_err(|e| io(&chan.peer, 0, e))?;
-    let start = nix::unistd::lseek(std::os::fd::AsRawFd::as_raw_fd(&fd), 0, nix::unistd::Whence::SeekCur)
-        .map_err(|e| io(&chan.peer, 0, e.into()))?;
+    let start = nix::unistd::lseek(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        0,
+        nix::unistd::Whence::SeekCur,
+    )
+    .map_err(|e| io(&chan.peer, 0, e.into()))?;
     Ok((File::from(fd), start as u64))
 }
 
@@ -98,12 +102,29 @@ pub(crate) fn run(
     .map_err(|source| LoadError::Postcopy { offset: 0, source })?;
     let total: u64 = blocks.iter().map(|b| b.size).sum();
     ctx.stats.total.store(total, Ordering::Relaxed);
-    ctx.stats.remaining.store(total, Ordering::Relaxed);
     let data_pages: u64 = layout
         .blocks
         .iter()
-        .map(|m| m.bitmap.iter().map(|w| u64::from(w.count_ones())).sum::<u64>())
+        .map(|m| {
+            m.bitmap
+                .iter()
+                .map(|w| u64::from(w.count_ones()))
+                .sum::<u64>()
+        })
         .sum();
+    ctx.stats
+        .remaining
+        .store(data_pages * serve::PAGE, Ordering::Relaxed);
+    // Every page starts missing, so that each one faults until it is placed: a page the
+    // parent preallocated would otherwise be read as it is.
+    for b in blocks {
+        b.punch_hole(0, b.size)
+            .map_err(|source| LoadError::Discard {
+                offset: 0,
+                block: b.id.clone(),
+                source,
+            })?;
+    }
     // The parent loads the devices before it runs the vCPUs: hand them over first.
     let ndev = devices.len();
     ctx.device_in
@@ -136,24 +157,27 @@ pub(crate) fn run(
     };
     let result = serve_all(ctx, &sh, &layout);
     sh.count_remaining(ctx);
+    let left = ctx.stats.remaining.load(Ordering::Relaxed) / serve::PAGE;
     ctx.stats
         .normal
-        .store(sh.data_pages.load(Ordering::Relaxed), Ordering::Relaxed);
+        .store(data_pages.saturating_sub(left), Ordering::Relaxed);
+    // Every hole of the file is a zero page, placed on a fault or left a hole.
+    let pages: u64 = blocks.iter().map(|b| b.pages()).sum();
     ctx.stats
         .duplicate
-        .store(sh.zero_pages.load(Ordering::Relaxed), Ordering::Relaxed);
+        .store(pages.saturating_sub(data_pages), Ordering::Relaxed);
     ctx.stats
         .total_time_us
         .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
     if result.is_ok() {
-        // Every page is placed: nothing is left to fault on.
+        // Every data page is placed: the holes left read as zero once unregistered.
         sh.pc.finish();
         let secs = t0.elapsed().as_secs_f64();
         slog::info!(ctx.log, "on-demand restore summary";
             "runnable_ms" => runnable.as_secs_f64() * 1000.0,
             "secs" => secs,
-            "data_pages" => sh.data_pages.load(Ordering::Relaxed),
-            "zero_pages" => sh.zero_pages.load(Ordering::Relaxed),
+            "data_pages_placed" => sh.data_pages.load(Ordering::Relaxed),
+            "zero_pages_placed" => sh.zero_pages.load(Ordering::Relaxed),
             "faults" => ctx.stats.postcopy_requests.load(Ordering::Relaxed),
             "pauses" => ctx.pauses.load(Ordering::Relaxed),
             "latency" => ctx.latency.to_json().to_string(),
@@ -164,11 +188,7 @@ pub(crate) fn run(
 
 /// Runs the fault and fill threads until every page is placed, recovering from file
 /// failures; joins both on every path.
-fn serve_all(
-    ctx: &MigrationCtx,
-    sh: &Shared<'_>,
-    layout: &scan::Layout,
-) -> Result<(), LoadError> {
+fn serve_all(ctx: &MigrationCtx, sh: &Shared<'_>, layout: &scan::Layout) -> Result<(), LoadError> {
     std::thread::scope(|s| {
         let faults = std::thread::Builder::new()
             .name("qmh-od-faults".into())
@@ -187,7 +207,11 @@ fn serve_all(
             });
         let result = match &fill {
             Ok(_) => supervise(ctx, sh, layout),
-            Err(e) => Err(io("the fill thread", 0, std::io::Error::new(e.kind(), e.to_string()))),
+            Err(e) => Err(io(
+                "the fill thread",
+                0,
+                std::io::Error::new(e.kind(), e.to_string()),
+            )),
         };
         sh.update(|r| r.stopping = true);
         sh.stop.cancel();

@@ -222,14 +222,19 @@ pub(super) fn layout(
             .filter(|&s| s <= total)
             .ok_or_else(|| Loader::invalid(at.pos, Violation::BlockTotal))?;
         let header = at.next("in a mapped-ram header", mr::decode_header)?;
-        let regions = mr::check(&header, &b.id, b.size, at.pos, Some(len), &taken)
-            .map_err(|source| LoadError::Wire {
-                offset: at.pos,
-                source,
+        let regions =
+            mr::check(&header, &b.id, b.size, at.pos, Some(len), &taken).map_err(|source| {
+                LoadError::Wire {
+                    offset: at.pos,
+                    source,
+                }
             })?;
         taken.push(regions);
         // Checked: inside the file, sized by the local block.
-        let bytes = at.read(regions.bitmap.start, regions.bitmap.end - regions.bitmap.start)?;
+        let bytes = at.read(
+            regions.bitmap.start,
+            regions.bitmap.end - regions.bitmap.start,
+        )?;
         let bitmap = mr::decode_bitmap(&bytes, b.pages()).map_err(|source| LoadError::Wire {
             offset: regions.bitmap.start,
             source,
@@ -273,14 +278,16 @@ pub(super) fn rest(
     at: u64,
     ram_section: u32,
 ) -> Result<Vec<crate::wire::device_state::DeviceSection>, LoadError> {
-    let fd = chan
-        .try_clone_fd()
-        .map_err(|source| ReadError::Io {
-            peer: chan.peer.clone(),
-            offset: at,
-            source,
-        })?;
-    let seek = nix::unistd::lseek(std::os::fd::AsRawFd::as_raw_fd(&fd), at as i64, nix::unistd::Whence::SeekSet);
+    let fd = chan.try_clone_fd().map_err(|source| ReadError::Io {
+        peer: chan.peer.clone(),
+        offset: at,
+        source,
+    })?;
+    let seek = nix::unistd::lseek(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        at as i64,
+        nix::unistd::Whence::SeekSet,
+    );
     if let Err(e) = seek {
         return Err(ReadError::Io {
             peer: chan.peer.clone(),

@@ -31,7 +31,9 @@ const FAULT_RUN: u64 = 16;
 pub(crate) enum ServeError {
     /// The file failed us (EIO, a short read: truncated): pauses, a recovery brings a new
     /// file.
-    #[error("reading {len} bytes of RAM block {block:?} at file offset {at:#x} from {file}: {source}")]
+    #[error(
+        "reading {len} bytes of RAM block {block:?} at file offset {at:#x} from {file}: {source}"
+    )]
     Read {
         file: String,
         block: String,
