@@ -27,6 +27,42 @@ impl HelperClient {
             .map(drop)
     }
 
+    /// `add-fd` with `fd` attached, into set `fdset_id` (None: the first free one);
+    /// returns `(fdset-id, fd)`. The file is then `file:/dev/fdset/ID` in a URI.
+    pub fn add_fd(
+        &mut self,
+        fd: impl AsFd,
+        fdset_id: Option<u64>,
+        opaque: Option<&str>,
+    ) -> Result<(u64, i64), ClientError> {
+        let mut args = json!({});
+        if let Some(id) = fdset_id {
+            args["fdset-id"] = json!(id);
+        }
+        if let Some(o) = opaque {
+            args["opaque"] = json!(o);
+        }
+        let r = self.execute_with_fd(Command::AddFd.as_str(), args, fd.as_fd())?;
+        match (r["fdset-id"].as_u64(), r["fd"].as_i64()) {
+            (Some(id), Some(fd)) => Ok((id, fd)),
+            _ => Err(ClientError::Protocol(format!("add-fd replied {r}"))),
+        }
+    }
+
+    /// `remove-fd`: one fd of a set, or (`fd` None) the whole set.
+    pub fn remove_fd(&mut self, fdset_id: u64, fd: Option<i64>) -> Result<(), ClientError> {
+        let mut args = json!({"fdset-id": fdset_id});
+        if let Some(fd) = fd {
+            args["fd"] = json!(fd);
+        }
+        self.command(Command::RemoveFd, args).map(drop)
+    }
+
+    /// `query-fdsets`.
+    pub fn query_fdsets(&mut self) -> Result<Value, ClientError> {
+        self.command(Command::QueryFdsets, Value::Null)
+    }
+
     // ---------------------------------------------------------------- typed commands
 
     /// `ram-block-add` (the fd and the dirty bitmap must have been passed with `getfd`).

@@ -82,6 +82,10 @@ wire_names! {
         /// Takes the one fd sent with it (SCM_RIGHTS) under a name.
         Getfd => "getfd",
         Closefd => "closefd",
+        /// Takes the one fd sent with it into an fd set (`file:/dev/fdset/N`), as QEMU.
+        AddFd => "add-fd",
+        RemoveFd => "remove-fd",
+        QueryFdsets => "query-fdsets",
         RamBlockAdd => "ram-block-add",
         RamBlockDel => "ram-block-del",
         QueryRamBlocks => "query-ram-blocks",

@@ -55,9 +55,9 @@ impl Incoming {
                 let l = TcpListener::bind(a.as_str()).map_err(io_err("listen on", uri))?;
                 Ok(Incoming::Tcp(l, uri.to_string()))
             }
-            Uri::File(p) => {
+            Uri::File(super::FileUri { path: p, offset }) => {
                 let label = uri.to_string();
-                let (f, kind) = open::open_input(p, &label)?;
+                let (f, kind) = open::open_input(p, &label, *offset)?;
                 Ok(Incoming::Ready(match kind {
                     // A FIFO is opened non-blocking (never waits for a writer) and polled.
                     open::FileKind::Fifo => Channel::from_fd(&label, f.into())?,

@@ -5,14 +5,14 @@ mod cancel;
 mod connect;
 mod incoming;
 pub(crate) mod multifd;
-mod open;
+pub(crate) mod open;
 pub(crate) mod tls;
 mod uri;
 
 pub(crate) use cancel::CancelToken;
 pub(crate) use cancel::{wait_fd, Never, Woke};
 pub(crate) use incoming::Incoming;
-pub(crate) use uri::Uri;
+pub(crate) use uri::{FileUri, Uri};
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -289,11 +289,14 @@ impl Channel {
                 let s = TcpStream::from(connect::tcp(a, cancel, &label)?);
                 Ok(Channel::from_tcp(s, label))
             }
-            Uri::File(p) => {
+            Uri::File(FileUri { path: p, offset }) => {
                 let label = uri.to_string();
                 if open::output_kind(p, &label)? != Some(open::FileKind::Fifo) {
-                    let f = open::create_output(p, &label)?;
+                    let f = open::create_output(p, &label, *offset)?;
                     return Ok(Channel::from_file(f, label));
+                }
+                if *offset != 0 {
+                    return Err(open::refused(&label, open::Refusal::FifoOffset));
                 }
                 // A FIFO's open for writing blocks until a reader comes, and no fd tells
                 // when one does: retry every 50 ms (only while waiting for the reader; a
@@ -637,8 +640,23 @@ mod tests {
         );
         assert_eq!(
             "file:/tmp/f".parse::<Uri>().unwrap(),
-            Uri::File("/tmp/f".into())
+            Uri::File(FileUri::new("/tmp/f"))
         );
+        for (uri, path, offset, fdset) in [
+            ("file:/x,offset=4", "/x", 4, None),
+            ("file:/x,offset=0x1000", "/x", 4096, None),
+            ("file:/x,offset=2M", "/x", 2 << 20, None),
+            ("file:/dev/fdset/3,offset=1k", "/dev/fdset/3", 1024, Some(3)),
+            ("file:/dev/fdset/7", "/dev/fdset/7", 0, Some(7)),
+        ] {
+            let u = uri.parse::<Uri>().unwrap();
+            let Uri::File(f) = &u else { panic!("{uri}") };
+            assert_eq!(
+                (f.path.to_str().unwrap(), f.offset, f.fdset()),
+                (path, offset, fdset)
+            );
+            assert_eq!(u.to_string().parse::<Uri>().unwrap(), u, "{uri} round trip");
+        }
         for bad in [
             "",
             "fd:",
@@ -646,7 +664,11 @@ mod tests {
             "tcp:host",
             "tcp:host:99999",
             "nothing",
-            "file:/x,offset=4",
+            "file:/x,offset=",
+            "file:/x,offset=4Q",
+            "file:/x,offset=-1",
+            "file:/x,offset=99999999999E",
+            "file:,offset=4",
         ] {
             assert!(bad.parse::<Uri>().is_err(), "{bad}");
         }
@@ -711,30 +733,30 @@ mod tests {
         let d = tmp("fileout");
         let never = CancelToken::new().unwrap();
         let p = d.join("out");
-        let c = Channel::connect(&Uri::File(p.clone()), |_| None, &never).unwrap();
+        let c = Channel::connect(&Uri::File(FileUri::new(p.clone())), |_| None, &never).unwrap();
         c.write_all(b"abc").unwrap();
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         drop(c);
-        let c = Channel::connect(&Uri::File(p.clone()), |_| None, &never).unwrap();
+        let c = Channel::connect(&Uri::File(FileUri::new(p.clone())), |_| None, &never).unwrap();
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 0, "truncated");
         drop(c);
         let victim = d.join("victim");
         std::fs::write(&victim, b"precious").unwrap();
         let link = d.join("link");
         std::os::unix::fs::symlink(&victim, &link).unwrap();
-        let e = Channel::connect(&Uri::File(link), |_| None, &never)
+        let e = Channel::connect(&Uri::File(FileUri::new(link)), |_| None, &never)
             .err()
             .expect("symlink refused");
         assert!(e.to_string().contains("symbolic link"), "{e}");
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
         for bad in ["/dev/null", "/dev/ptmx"] {
-            let e = Channel::connect(&Uri::File(bad.into()), |_| None, &never)
+            let e = Channel::connect(&Uri::File(FileUri::new(bad)), |_| None, &never)
                 .err()
                 .expect("device refused");
             assert!(e.to_string().contains("character device"), "{bad}: {e}");
         }
-        let e = Channel::connect(&Uri::File(d.clone()), |_| None, &never)
+        let e = Channel::connect(&Uri::File(FileUri::new(d.clone())), |_| None, &never)
             .err()
             .expect("directory refused");
         assert!(e.to_string().contains("directory"), "{e}");
@@ -744,7 +766,7 @@ mod tests {
     #[test]
     fn file_input_takes_only_files_and_fifos() {
         for bad in ["/dev/ptmx", "/dev/zero", "/"] {
-            let e = Incoming::open(&Uri::File(bad.into()), |_| None)
+            let e = Incoming::open(&Uri::File(FileUri::new(bad)), |_| None)
                 .err()
                 .expect("refused");
             assert!(matches!(e, TransportError::Refused { .. }), "{bad}: {e}");
@@ -753,7 +775,7 @@ mod tests {
         let p = d.join("in");
         std::fs::write(&p, b"x").unwrap();
         assert!(matches!(
-            Incoming::open(&Uri::File(p), |_| None),
+            Incoming::open(&Uri::File(FileUri::new(p)), |_| None),
             Ok(Incoming::Ready(_))
         ));
         std::fs::remove_dir_all(&d).unwrap();

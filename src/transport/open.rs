@@ -13,7 +13,7 @@ use super::TransportError;
 
 /// What a `file:` path turned out to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum FileKind {
+pub(crate) enum FileKind {
     Regular,
     Fifo,
 }
@@ -57,11 +57,13 @@ pub(crate) enum Refusal {
     OutputSymlink,
     #[error("changed into a FIFO while being opened")]
     BecameFifo,
+    #[error("is a FIFO: a stream in a FIFO cannot start at an offset")]
+    FifoOffset,
     #[error("{} is {kind}, not a socket: not removing it", path.display())]
     NotASocket { path: PathBuf, kind: &'static str },
 }
 
-fn refused(uri: &str, why: Refusal) -> TransportError {
+pub(super) fn refused(uri: &str, why: Refusal) -> TransportError {
     TransportError::Refused {
         uri: uri.to_string(),
         why,
@@ -87,7 +89,7 @@ fn set_blocking(f: &File) -> io::Result<()> {
 }
 
 /// The type of what is at `p` now, without following a final symlink (which is refused).
-pub(super) fn output_kind(p: &Path, uri: &str) -> Result<Option<FileKind>, TransportError> {
+pub(crate) fn output_kind(p: &Path, uri: &str) -> Result<Option<FileKind>, TransportError> {
     match std::fs::symlink_metadata(p) {
         Ok(m) => check_type(uri, &m).map(Some),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -95,10 +97,11 @@ pub(super) fn output_kind(p: &Path, uri: &str) -> Result<Option<FileKind>, Trans
     }
 }
 
-/// `migrate file:PATH` to a regular file: as QEMU (O_CREAT|O_WRONLY|O_TRUNC, mode 0600,
-/// close-on-exec), plus O_NOFOLLOW, and the truncation done only once the opened file is
-/// known to be a regular file. A file that exists keeps its mode, as with QEMU.
-pub(super) fn create_output(p: &Path, uri: &str) -> Result<File, TransportError> {
+/// `migrate file:PATH[,offset=N]` to a regular file: as QEMU (O_CREAT|O_WRONLY, mode 0600,
+/// close-on-exec, truncated to N and written from N), plus O_NOFOLLOW, and the truncation
+/// done only once the opened file is known to be a regular file. A file that exists keeps
+/// its mode, as with QEMU.
+pub(crate) fn create_output(p: &Path, uri: &str, offset: u64) -> Result<File, TransportError> {
     let f = OpenOptions::new()
         .write(true)
         .create(true)
@@ -119,14 +122,64 @@ pub(super) fn create_output(p: &Path, uri: &str) -> Result<File, TransportError>
         return Err(refused(uri, Refusal::BecameFifo));
     }
     set_blocking(&f).map_err(io_err("fcntl", uri))?;
-    f.set_len(0).map_err(io_err("truncate", uri))?;
+    start_output(f, uri, offset)
+}
+
+/// A regular file the source writes its stream into from `offset` on: truncated there (what
+/// was before it, libvirt's header, stays), as QEMU's `file_start_outgoing_migration`.
+pub(crate) fn start_output(f: File, uri: &str, offset: u64) -> Result<File, TransportError> {
+    use std::io::Seek;
+    f.set_len(offset).map_err(io_err("truncate", uri))?;
+    let mut f = f;
+    f.seek(io::SeekFrom::Start(offset))
+        .map_err(io_err("seek in", uri))?;
+    Ok(f)
+}
+
+/// A regular file the destination reads a stream from, starting at `offset`.
+pub(crate) fn start_input(f: File, uri: &str, offset: u64) -> Result<File, TransportError> {
+    use std::io::Seek;
+    let mut f = f;
+    f.seek(io::SeekFrom::Start(offset))
+        .map_err(io_err("seek in", uri))?;
+    Ok(f)
+}
+
+/// One more fd on a regular file a migration already opened, for a mapped-ram multifd
+/// channel: read-only or write-only, never created or truncated, O_DIRECT with
+/// `direct-io` (the pages are page-aligned in memory, length and file offset).
+pub(crate) fn open_extra(
+    p: &Path,
+    uri: &str,
+    write: bool,
+    direct: bool,
+) -> Result<File, TransportError> {
+    let mut flags = libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY;
+    if direct {
+        flags |= libc::O_DIRECT;
+    }
+    let f = OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .custom_flags(flags)
+        .open(p)
+        .map_err(io_err("open another channel on", uri))?;
+    let m = f.metadata().map_err(io_err("fstat", uri))?;
+    if check_type(uri, &m)? != FileKind::Regular {
+        return Err(refused(uri, Refusal::BecameFifo));
+    }
+    set_blocking(&f).map_err(io_err("fcntl", uri))?;
     Ok(f)
 }
 
 /// `migrate-incoming file:PATH`: a regular file (read blocking) or a FIFO (non-blocking,
 /// polled). Symlinks are followed, as QEMU does, but the type is checked before opening,
 /// so that opening has no side effect (a new pty for /dev/ptmx), and again after.
-pub(super) fn open_input(p: &Path, uri: &str) -> Result<(File, FileKind), TransportError> {
+pub(crate) fn open_input(
+    p: &Path,
+    uri: &str,
+    offset: u64,
+) -> Result<(File, FileKind), TransportError> {
     let m = std::fs::metadata(p).map_err(io_err("open", uri))?;
     check_type(uri, &m)?;
     let f = OpenOptions::new()
@@ -135,10 +188,14 @@ pub(super) fn open_input(p: &Path, uri: &str) -> Result<(File, FileKind), Transp
         .open(p)
         .map_err(io_err("open", uri))?;
     let kind = check_type(uri, &f.metadata().map_err(io_err("fstat", uri))?)?;
-    if kind == FileKind::Regular {
-        set_blocking(&f).map_err(io_err("fcntl", uri))?;
+    match kind {
+        FileKind::Regular => {
+            set_blocking(&f).map_err(io_err("fcntl", uri))?;
+            Ok((start_input(f, uri, offset)?, kind))
+        }
+        FileKind::Fifo if offset != 0 => Err(refused(uri, Refusal::FifoOffset)),
+        FileKind::Fifo => Ok((f, kind)),
     }
-    Ok((f, kind))
 }
 
 /// Before binding `unix:PATH`: removes a stale socket there, and refuses anything else

@@ -12,6 +12,8 @@ mod idle;
 mod lifecycle;
 mod logs;
 mod manpage;
+mod mapped_ram_qmp;
+mod mapped_ram_save;
 mod multifd;
 mod multifd_wire;
 mod ondemand;

@@ -11,6 +11,10 @@
 mod args;
 mod blocks;
 mod fds;
+mod fdsets;
+mod files;
+#[cfg(test)]
+mod files_tests;
 #[cfg(test)]
 mod multifd_tests;
 mod objects;
@@ -48,6 +52,8 @@ pub(crate) struct Helper {
     uffd: Mutex<Option<OwnedFd>>,
     /// Objects made by `object-add` (TLS credentials, authz), by id.
     objects: Mutex<HashMap<String, crate::transport::tls::creds::TlsObject>>,
+    /// fd sets (`add-fd`), for `file:/dev/fdset/N`.
+    fdsets: Mutex<fdsets::Fdsets>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +82,7 @@ impl Helper {
             role: Mutex::new(None),
             uffd: Mutex::new(None),
             objects: Mutex::new(HashMap::new()),
+            fdsets: Mutex::new(Default::default()),
         }))
     }
 
@@ -124,7 +131,7 @@ impl Helper {
     ) -> CmdResult {
         let a = Args(args);
         let cmd = Command::from_name(name);
-        if cmd != Some(Command::Getfd) && !fds.is_empty() {
+        if !matches!(cmd, Some(Command::Getfd | Command::AddFd)) && !fds.is_empty() {
             slog::warn!(self.log, "closing fds sent with a command that takes none"; "command" => name, "count" => fds.len());
             fds.clear();
         }
@@ -144,6 +151,9 @@ impl Helper {
             }
             Some(Command::Getfd) => self.getfd(&a, fds),
             Some(Command::Closefd) => self.closefd(&a),
+            Some(Command::AddFd) => self.add_fd(&a, fds),
+            Some(Command::RemoveFd) => self.remove_fd(&a),
+            Some(Command::QueryFdsets) => self.query_fdsets(&a),
             Some(Command::RamBlockAdd) => self.ram_block_add(&a),
             Some(Command::RamBlockDel) => self.ram_block_del(&a),
             Some(Command::QueryRamBlocks) => self.query_ram_blocks(&a),

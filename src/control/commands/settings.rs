@@ -196,6 +196,10 @@ impl Helper {
         }
         self.set_multifd_parameters(a, &mut p, running)?;
         set_tls_parameters(a, &mut p)?;
+        // Read when the files are opened: a running migration keeps its fds.
+        if let Some(v) = a.opt_bool("direct-io")? {
+            p.direct_io = v;
+        }
         *lock(&self.ctx.params) = p;
         Ok(json!({}))
     }
@@ -221,6 +225,7 @@ impl Helper {
             "tls-creds": p.tls_creds,
             "tls-hostname": p.tls_hostname,
             "tls-authz": p.tls_authz,
+            "direct-io": p.direct_io,
         }))
     }
 

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 
 use serde_json::json;
 
-use super::{lock, Args, CmdResult, Helper, Role};
+use super::{files, lock, Args, CmdResult, Helper, Role};
 use crate::control::qmp::QmpError;
 use crate::engine::destination::LoadError;
 use crate::engine::migration::MigrationCtx;
@@ -94,11 +94,6 @@ impl Helper {
         let caps = self.ctx.caps();
         let params = self.ctx.params();
         super::settings::check_start(&caps, &params)?;
-        if caps.multifd && matches!(uri, Uri::File(_)) {
-            return Err(QmpError::generic(
-                "multifd over file: needs mapped-ram, which the helper does not support yet",
-            ));
-        }
         if caps.postcopy_preempt {
             if !caps.postcopy_ram {
                 return Err(QmpError::generic("Postcopy preempt requires postcopy-ram"));
@@ -116,6 +111,7 @@ impl Helper {
         }
         let blocks = self.migration_blocks()?;
         let tls = self.tls_setup(Role::Source)?;
+        files::check(Role::Source, &caps, &params, &uri, tls.is_some(), false)?;
         if tls.is_some() && matches!(uri, Uri::File(_)) {
             return Err(QmpError::generic(
                 "TLS needs a socket: file: cannot carry a TLS migration",
@@ -125,25 +121,34 @@ impl Helper {
             channels: params.multifd_channels,
             uuid: params.vm_uuid,
         };
+        // mapped-ram, or an fd set: the files are opened now (errors answer the command).
+        let opened = self.open_file_channels(Role::Source, &uri, &caps, &params)?;
+        let file_channels = opened.is_some();
         // Take passed fds now, so a second migrate cannot race for them; the multifd ones
         // are only checked first, so that a missing one leaves the main one in place.
         let multifd_names = match &uri {
-            Uri::Fd(n) if caps.multifd => self.check_multifd_fds(n, setup.channels)?,
+            Uri::Fd(n) if caps.multifd && !file_channels => {
+                self.check_multifd_fds(n, setup.channels)?
+            }
             _ => Vec::new(),
         };
         let fd = match &uri {
-            Uri::Fd(n) => Some(self.take_fd(n).ok_or_else(|| {
+            Uri::Fd(n) if !file_channels => Some(self.take_fd(n).ok_or_else(|| {
                 QmpError::generic(format!("File descriptor named '{n}' not found"))
             })?),
             _ => None,
         };
-        let multifd_fds = self.take_multifd_fds(multifd_names)?;
-        let chan = match fd {
-            Some(fd) => {
+        let mut multifd_fds = self.take_multifd_fds(multifd_names)?;
+        let chan = match (fd, opened) {
+            (_, Some(o)) => {
+                multifd_fds = o.multifd;
+                Some(o.main)
+            }
+            (Some(fd), None) => {
                 let Uri::Fd(n) = &uri else { unreachable!() };
                 Some(Channel::from_fd(n, fd).map_err(|e| QmpError::generic(e.to_string()))?)
             }
-            None => None,
+            (None, None) => None,
         };
         slog::info!(self.log, "migrate"; "uri" => %uri, "blocks" => blocks.len());
         self.start_worker(Role::Source, move |ctx| {
@@ -164,6 +169,11 @@ impl Helper {
             }
             let multifd = if !caps.multifd {
                 Vec::new()
+            } else if file_channels {
+                // mapped-ram's file channels: no handshake, no initial packet (QEMU's
+                // file channels have none).
+                let multifd = register(ctx, multifd_fds, false);
+                return Ok(crate::engine::source::run(ctx, blocks, chan, multifd, uri)?);
             } else if let Uri::Fd(_) = uri {
                 multifd_fds
             } else {
@@ -197,13 +207,17 @@ impl Helper {
             return Err(QmpError::generic("Postcopy preempt requires postcopy-ram"));
         }
         super::settings::check_start(&caps, &params)?;
-        if caps.multifd && matches!(uri, Uri::File(_)) {
-            return Err(QmpError::generic(
-                "multifd over file: needs mapped-ram, which the helper does not support yet",
-            ));
-        }
         let blocks = self.migration_blocks()?;
         let tls = self.tls_setup(Role::Destination)?;
+        let uffd_set = files::has_uffd(self);
+        files::check(
+            Role::Destination,
+            &caps,
+            &params,
+            &uri,
+            tls.is_some(),
+            uffd_set,
+        )?;
         if tls.is_some() && matches!(uri, Uri::File(_)) {
             return Err(QmpError::generic(
                 "TLS needs a socket: file: cannot carry a TLS migration",
@@ -213,18 +227,26 @@ impl Helper {
             channels: params.multifd_channels,
             uuid: params.vm_uuid,
         };
+        // mapped-ram, or an fd set: the files are opened now (errors answer the command).
+        let opened = self.open_file_channels(Role::Destination, &uri, &caps, &params)?;
         // A connected fd:NAME brings its multifd channels as NAME-multifd-K; a listening one
         // accepts them. Checked before anything is taken.
         let multifd_names = match &uri {
-            Uri::Fd(n) if caps.multifd && !self.fd_is_listener(n) => {
+            Uri::Fd(n) if caps.multifd && opened.is_none() && !self.fd_is_listener(n) => {
                 self.check_multifd_fds(n, setup.channels)?
             }
             _ => Vec::new(),
         };
-        // Listen now so that a peer may connect as soon as this returns.
-        let incoming = Incoming::open(&uri, |n| self.take_fd(n))
-            .map_err(|e| QmpError::generic(e.to_string()))?;
-        if caps.multifd {
+        let (incoming, file_multifd) = match opened {
+            Some(o) => (Incoming::Ready(o.main), Some(o.multifd)),
+            // Listen now so that a peer may connect as soon as this returns.
+            None => (
+                Incoming::open(&uri, |n| self.take_fd(n))
+                    .map_err(|e| QmpError::generic(e.to_string()))?,
+                None,
+            ),
+        };
+        if caps.multifd && file_multifd.is_none() {
             if let Incoming::Ready(c) = &incoming {
                 if !c.is_socket {
                     return Err(QmpError::generic(format!(
@@ -255,7 +277,10 @@ impl Helper {
             // one, later, the preempt channel (QEMU tells them apart by order alone); with
             // multifd too (compat-version 10.1), the one after the main and multifd ones.
             let timeout = ctx.precopy_timeout();
-            let (chan, multifd, preempt) = if caps.multifd {
+            let (chan, multifd, preempt) = if let Some(m) = file_multifd {
+                // mapped-ram's file channels (none without multifd).
+                (incoming.accept(cancel)?, m, None)
+            } else if caps.multifd {
                 let keep = caps.postcopy_preempt;
                 let tls_on = lock(&ctx.tls).is_some();
                 let secure = |c, what: &str, t| ctx.secure(c, what, None, t);
@@ -339,8 +364,18 @@ impl Helper {
                 Ok(crate::engine::destination::adopt(ctx, blocks, uffd)?)
             });
         }
-        let incoming = Incoming::open(&uri, |n| self.take_fd(n))
-            .map_err(|e| QmpError::generic(e.to_string()))?;
+        // An on-demand restore resumes from a file (an fd set too).
+        let incoming = match &uri {
+            Uri::File(f) if f.fdset().is_some() => {
+                let caps = self.ctx.caps();
+                let o = self
+                    .open_file_channels(Role::Destination, &uri, &caps, &self.ctx.params())?
+                    .ok_or_else(|| QmpError::generic(format!("cannot open {uri}")))?;
+                Incoming::Ready(o.main)
+            }
+            _ => Incoming::open(&uri, |n| self.take_fd(n))
+                .map_err(|e| QmpError::generic(e.to_string()))?,
+        };
         slog::info!(self.log, "migrate-recover"; "uri" => %uri);
         self.ctx
             .offer_recovery(crate::engine::migration::Recovery::Destination(incoming));

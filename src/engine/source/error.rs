@@ -28,6 +28,8 @@ pub(crate) enum SourceError {
     Recovery(#[from] RecoveryError),
     #[error("{0}")]
     Multifd(#[from] MultifdError),
+    #[error("{0}")]
+    MappedRam(#[from] MappedRamError),
     #[error("cannot start the {what} thread: {source}")]
     Spawn {
         what: &'static str,
@@ -63,12 +65,54 @@ pub(crate) enum MultifdError {
     },
     #[error("multifd channel {id} to {peer}: its thread ended unexpectedly")]
     Gone { id: u8, peer: String },
+    #[error("multifd channel {id}: {source}")]
+    File {
+        id: u8,
+        #[source]
+        source: MappedRamError,
+    },
     #[error("cannot start multifd channel {id}'s thread: {source}")]
     Spawn {
         id: u8,
         #[source]
         source: std::io::Error,
     },
+}
+
+/// mapped-ram: writing a page, a bitmap or the stream at its place in the file failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum MappedRamError {
+    #[error("mapped-ram: write of {len} bytes to {file} at offset {offset:#x} failed: {source}")]
+    Write {
+        file: String,
+        offset: u64,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mapped-ram: seek in {file} to offset {offset:#x} failed: {source}")]
+    Seek {
+        file: String,
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mapped-ram: cannot duplicate the fd of {file}: {source}")]
+    Dup {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mapped-ram: {0}")]
+    Layout(#[source] WireError),
+    #[error("mapped-ram: RAM block #{0} has no place in the file")]
+    NoBlock(usize),
+    #[error("mapped-ram: page {0:#x} lies outside its block")]
+    Outside(u64),
+    #[error("mapped-ram needs a file to save to; {0} is not one")]
+    NotAFile(String),
+    #[error("mapped-ram: the file layout is fixed once the multifd channels run")]
+    Shared,
 }
 
 /// The destination did something wrong, or a setup the destination needs failed.

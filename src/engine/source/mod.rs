@@ -21,6 +21,7 @@ use crate::wire::device_state::DeviceSection;
 
 mod commands;
 mod error;
+mod mapped_ram;
 mod multifd;
 mod pages;
 mod postcopy;

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::engine::migration::{MigrationCtx, Stats};
+use crate::engine::source::mapped_ram::MappedRamOut;
 use crate::engine::source::multifd::Multifd;
 use crate::engine::source::writer::{PageSent, Writer, PAGE};
 use crate::engine::source::SourceError;
@@ -23,6 +24,30 @@ pub(crate) struct BlockTodo<'m> {
     /// Pages that are holes in the memfd and not written since: zero without reading them
     /// (reading a hole through a shared mapping would allocate a page for it).
     pub(crate) holes: Vec<u64>,
+}
+
+/// Where [`BlockTodo::send_word`] sends pages.
+pub(crate) enum Sink<'a> {
+    /// Records through the page encoder (main or preempt channel).
+    Stream,
+    /// Packets on the multifd channels.
+    Multifd(&'a mut Multifd),
+    /// mapped-ram: each page at its place in the file, written by the pass thread.
+    File(&'a MappedRamOut),
+    /// mapped-ram with multifd: the channels write the pages at their places.
+    FileMultifd(&'a MappedRamOut, &'a mut Multifd),
+}
+
+impl<'a> Sink<'a> {
+    /// The sink for a pass: mapped-ram (`file`) and multifd (`mfd`) as configured.
+    pub(crate) fn of(mfd: Option<&'a mut Multifd>, file: Option<&'a MappedRamOut>) -> Self {
+        match (file, mfd) {
+            (Some(f), Some(m)) => Sink::FileMultifd(f, m),
+            (Some(f), None) => Sink::File(f),
+            (None, Some(m)) => Sink::Multifd(m),
+            (None, None) => Sink::Stream,
+        }
+    }
 }
 
 /// Which records name their block: all of them (the preempt channel, where nothing may
@@ -130,19 +155,50 @@ impl<'m> BlockTodo<'m> {
     }
 
     /// Sends the pages of one bitmap word (pages `64*wi ..`), already taken out of the
-    /// to-do set, through the page encoder, or with multifd (`mfd`) into its packets (with
-    /// `zero-page-detection=legacy`, zero pages still as ZERO records here). `bi` is this
-    /// block's index, for `names`.
+    /// to-do set, to `sink`: through the page encoder, or with multifd into its packets
+    /// (with `zero-page-detection=legacy`, zero pages still as ZERO records here), or under
+    /// mapped-ram to their places in the file. `bi` is this block's index, for `names`.
     pub(crate) fn send_word(
         &self,
         out: &mut Writer<'m>,
-        mut mfd: Option<&mut Multifd>,
+        sink: Sink<'_>,
         bi: usize,
         wi: usize,
         mut word: u64,
         names: &mut Names,
     ) -> Result<WordSent, SourceError> {
         let mut sent = WordSent::default();
+        let holes = self.holes.get(wi).copied().unwrap_or(0);
+        let mut mfd = match sink {
+            Sink::Stream => None,
+            Sink::Multifd(m) => Some(m),
+            Sink::File(f) => {
+                let s = f.write_word(self.block, bi, wi, word, holes)?;
+                sent.zero = s.zero;
+                sent.normal = s.normal;
+                sent.bytes = s.bytes;
+                return Ok(sent);
+            }
+            Sink::FileMultifd(f, m) => {
+                while word != 0 {
+                    let bit = word.trailing_zeros() as u64;
+                    word &= word - 1;
+                    let off = (wi as u64 * 64 + bit) * PAGE as u64;
+                    let Some(page) = self.block.guest_page(off) else {
+                        continue;
+                    };
+                    let hole = holes & (1 << bit) != 0;
+                    if m.zero_on_main() && (hole || page.is_zero()) {
+                        f.zero(bi, off);
+                        sent.zero += 1;
+                    } else {
+                        m.queue(bi, off, hole)?;
+                        sent.queued += 1;
+                    }
+                }
+                return Ok(sent);
+            }
+        };
         while word != 0 {
             let bit = word.trailing_zeros() as u64;
             word &= word - 1;
@@ -150,7 +206,7 @@ impl<'m> BlockTodo<'m> {
             let Some(page) = self.block.guest_page(off) else {
                 continue;
             };
-            let hole = self.holes.get(wi).is_some_and(|h| h & (1 << bit) != 0);
+            let hole = holes & (1 << bit) != 0;
             let p = match mfd.as_deref_mut() {
                 Some(m) if m.zero_on_main() && (hole || page.is_zero()) => {
                     out.zero_page(off, self.name(names, bi))?

@@ -12,7 +12,7 @@ use crate::compat::wire;
 use crate::engine::migration::{MigrationCtx, Stats};
 use crate::engine::source::commands::Commands;
 use crate::engine::source::error::{LinkError, PeerError, PreemptError};
-use crate::engine::source::pages::{bit_runs, Names, Pages};
+use crate::engine::source::pages::{bit_runs, Names, Pages, Sink};
 use crate::engine::source::rp_reader::{
     PageRequest, ReturnPath, Route, RpEvent, RpGate, Wait, MAX_QUEUED_REQUESTS,
 };
@@ -288,7 +288,14 @@ impl<'m> PostcopyPush<'m> {
             };
             let bt = &self.pages.blocks[bi];
             link.out.open_ram(SectionKind::Part)?;
-            let sent = bt.send_word(&mut link.out, None, bi, wi, word, &mut Names::Track(None))?;
+            let sent = bt.send_word(
+                &mut link.out,
+                Sink::Stream,
+                bi,
+                wi,
+                word,
+                &mut Names::Track(None),
+            )?;
             sent.count(ctx);
             link.out.close_ram()?;
             link.out.flush()?;
@@ -366,7 +373,7 @@ impl<'m> PostcopyPush<'m> {
                 }
                 let sent = bt.send_word(
                     &mut link.out,
-                    None,
+                    Sink::Stream,
                     r.block,
                     wi,
                     word,

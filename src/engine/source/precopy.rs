@@ -7,11 +7,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::compat::wire;
+use crate::compat::ZeroPageDetection;
+use crate::engine::migration::Stats;
 use crate::engine::migration::{Capabilities, MigrationCtx, Parameters};
 use crate::engine::source::commands::{Commands, Switchover};
+use crate::engine::source::error::MappedRamError;
 use crate::engine::source::error::PeerError;
+use crate::engine::source::mapped_ram::{FileIo, MappedRamOut};
 use crate::engine::source::multifd::Multifd;
-use crate::engine::source::pages::{Names, Pages};
+use crate::engine::source::pages::{Names, Pages, Sink};
 use crate::engine::source::postcopy::{wait_shut, Link, PostcopyPush, RpShared};
 use crate::engine::source::rp_reader::{ReturnPath, RpEvent, Wait};
 use crate::engine::source::writer::{Throttle, Writer, PAGE, RAM_SECTION_ID};
@@ -21,6 +25,7 @@ use crate::memory::block::RamBlock;
 use crate::transport::{Channel, Uri};
 use crate::vmstate::VmDescriptionBuilder;
 use crate::wire::device_state::DeviceSection;
+use crate::wire::mapped_ram;
 use crate::wire::postcopy;
 use crate::wire::ram::{self, BlockEntry};
 use crate::wire::stream::{self, SectionHeader, SectionKind};
@@ -48,6 +53,8 @@ pub(crate) struct Precopy<'m> {
     out: Writer<'m>,
     /// With the `multifd` capability: the pages go there.
     mfd: Option<Multifd>,
+    /// With `mapped-ram`: every page goes to its place in the file.
+    file: Option<MappedRamOut>,
     /// With the return-path capability (always with postcopy).
     rp: Option<ReturnPath>,
     rp_shared: RpShared,
@@ -75,7 +82,21 @@ impl<'m> Precopy<'m> {
         }
         let use_rp = (caps.return_path || caps.postcopy_ram) && chan.is_socket;
         let rp_shared = RpShared::default();
-        let mfd = Multifd::start(ctx, blocks, multifd)?;
+        let file = if caps.mapped_ram {
+            if chan.is_socket {
+                return Err(MappedRamError::NotAFile(chan.peer.clone()).into());
+            }
+            let zpd = params.zero_page_detection() != ZeroPageDetection::None;
+            Some(MappedRamOut::new(FileIo::of(&chan)?, zpd))
+        } else {
+            None
+        };
+        // Under mapped-ram the channels start once the blocks have their places (header).
+        let (mfd, multifd) = if caps.mapped_ram {
+            (None, multifd)
+        } else {
+            (Multifd::start(ctx, blocks, multifd, None)?, Vec::new())
+        };
         let rp = if use_rp {
             // A clone shares the TLS session, if any: the return path is its read half.
             let rp_chan = chan
@@ -106,6 +127,7 @@ impl<'m> Precopy<'m> {
             pages: Pages::new(blocks),
             out: Writer::new(chan, 0),
             mfd,
+            file,
             rp,
             rp_shared,
             throttle: Throttle::new(),
@@ -114,6 +136,13 @@ impl<'m> Precopy<'m> {
             caps,
         };
         pre.header(&params, use_rp)?;
+        if let Some(f) = &pre.file {
+            pre.mfd = Multifd::start(ctx, blocks, multifd, Some(&f.map))?;
+        }
+        // The section's EOS after the multifd sync that QEMU's ram_save_setup puts before
+        // it.
+        pre.close_ram(true)?;
+        pre.out.flush()?;
         ctx.stats
             .setup_time_us
             .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -133,9 +162,14 @@ impl<'m> Precopy<'m> {
                 page_size: (caps.postcopy_ram && b.page_size != PAGE as u64).then_some(b.page_size),
             })
             .collect();
+        let caps_listed: &[&str] = if caps.mapped_ram {
+            &[wire::mapped_ram::CAPABILITY]
+        } else {
+            &[]
+        };
         self.out.put(|o| {
             stream::encode_header(o);
-            stream::encode_configuration(o, &params.machine_type)?;
+            stream::encode_configuration_with(o, &params.machine_type, caps_listed)?;
             if use_rp {
                 stream::encode_command(o, wire::command::OPEN_RETURN_PATH, &[])?;
                 stream::encode_command(o, wire::command::PING, &1u32.to_be_bytes())?;
@@ -161,13 +195,43 @@ impl<'m> Precopy<'m> {
                     version_id: wire::ram::VERSION,
                 },
             )?;
-            // The section's EOS comes from the one framer below, after the multifd sync
-            // that QEMU's ram_save_setup puts before it.
-            ram::encode_block_entries(o, &entries)?;
+            if self.file.is_none() {
+                ram::encode_block_entries(o, &entries)?;
+            }
             Ok(())
         })?;
-        self.close_ram(true)?;
-        self.out.flush()
+        if let Some(f) = &mut self.file {
+            // After each block's entry its mapped-ram header; the stream goes on after the
+            // block's pages region.
+            let total = entries
+                .iter()
+                .try_fold(0u64, |a, e| a.checked_add(e.used_length));
+            let total = total.ok_or_else(|| {
+                stream::WireError::Invalid("RAM blocks add up to more than 2^64".into())
+            })?;
+            self.out.put(|o| {
+                stream::put_be64(o, total | wire::ram::MEM_SIZE);
+                Ok(())
+            })?;
+            for e in &entries {
+                self.out.put(|o| {
+                    stream::put_str8(o, &e.idstr)?;
+                    stream::put_be64(o, e.used_length);
+                    if let Some(ps) = e.page_size {
+                        stream::put_be64(o, ps);
+                    }
+                    Ok(())
+                })?;
+                let at = self.out.position(&f.io)?;
+                let (h, end) = f.add_block(at, e.used_length)?;
+                self.out.put(|o| {
+                    mapped_ram::encode_header(o, &h);
+                    Ok(())
+                })?;
+                self.out.seek(&f.io, end)?;
+            }
+        }
+        Ok(())
     }
 
     /// Ends the open RAM section. With multifd, first the sync QEMU makes before this
@@ -175,19 +239,30 @@ impl<'m> Precopy<'m> {
     /// at the end of a dirty-scan `round` (then followed by a MULTIFD_FLUSH record). Either
     /// way every page sent so far is on its way before what follows on the main channel.
     fn close_ram(&mut self, round: bool) -> Result<(), SourceError> {
+        self.close_ram_with(round, false)
+    }
+
+    /// [`Precopy::close_ram`]; at the `end` (the END section), under mapped-ram, the file
+    /// bitmaps go to the file between the last sync and the EOS (QEMU's
+    /// `ram_save_file_bmap`): no channel writes a page after them.
+    fn close_ram_with(&mut self, round: bool, end: bool) -> Result<(), SourceError> {
         let mut synced = false;
         if let Some(m) = &mut self.mfd {
             if m.per_section() || round {
                 m.sync()?;
                 m.fold(self.ctx);
                 synced = true;
-                if !m.per_section() {
+                if m.flush_record() {
                     self.out.put(|o| {
                         ram::encode_multifd_flush(o);
                         Ok(())
                     })?;
                 }
             }
+        }
+        if let (true, Some(f)) = (end, &self.file) {
+            let n = f.write_bitmaps()?;
+            Stats::add(&self.ctx.stats.transferred, n);
         }
         self.out.close_ram()?;
         if synced {
@@ -199,14 +274,20 @@ impl<'m> Precopy<'m> {
         Ok(())
     }
 
-    /// Bytes written on every channel, or queued on the main one.
+    /// Bytes written on every channel (pages at their places in the file included), or
+    /// queued on the main one.
     fn produced(&self) -> u64 {
-        self.out.produced() + self.mfd.as_ref().map_or(0, |m| m.written())
+        self.out.produced() + self.side_bytes()
     }
 
     /// Bytes written on every channel.
     fn sent(&self) -> u64 {
-        self.out.sent() + self.mfd.as_ref().map_or(0, |m| m.written())
+        self.out.sent() + self.side_bytes()
+    }
+
+    /// Bytes written beside the main channel's stream: multifd, mapped-ram pages.
+    fn side_bytes(&self) -> u64 {
+        self.mfd.as_ref().map_or(0, |m| m.written()) + self.file.as_ref().map_or(0, |f| f.written())
     }
 
     /// Iterates passes until what is left fits in the downtime limit; true when postcopy
@@ -269,7 +350,8 @@ impl<'m> Precopy<'m> {
         let mut bw = if limit { ctx.params().max_bandwidth } else { 0 };
         while let Some((bi, wi, word)) = self.pages.next_pass_word() {
             let bt = &self.pages.blocks[bi];
-            let sent = bt.send_word(&mut self.out, self.mfd.as_mut(), bi, wi, word, &mut names)?;
+            let sink = Sink::of(self.mfd.as_mut(), self.file.as_ref());
+            let sent = bt.send_word(&mut self.out, sink, bi, wi, word, &mut names)?;
             sent.count(ctx);
             let mfd_bytes = self.mfd.as_mut().map_or(0, |m| m.throttle_bytes(ctx));
             if limit {
@@ -384,7 +466,7 @@ impl<'m> Precopy<'m> {
         self.out.open_ram(SectionKind::End)?;
         self.send_pages(false, false, false)?;
         // QEMU's ram_save_complete goes round the dirty scan once more: a round's end.
-        self.close_ram(true)?;
+        self.close_ram_with(true, true)?;
         let mut desc = VmDescriptionBuilder::new(PAGE as u64);
         if p.compat_version.vmdesc_has_configuration() {
             desc.configuration(p.machine_type.len());
@@ -423,7 +505,7 @@ impl<'m> Precopy<'m> {
         if let Some(rp) = &mut self.rp {
             wait_shut(ctx, &mut self.out, rp, None)?;
         }
-        Ok(self.out.sent() + mfd_bytes)
+        Ok(self.out.sent() + mfd_bytes + self.file.as_ref().map_or(0, |f| f.written()))
     }
 
     /// Hands over to the postcopy push: the precopy's connection becomes its first link.

@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 
 use crate::engine::migration::{MigrationCtx, Stats};
 use crate::engine::source::error::{PeerError, PreemptError};
-use crate::engine::source::pages::{BlockTodo, Names};
+use crate::engine::source::pages::{BlockTodo, Names, Sink};
 use crate::engine::source::rp_reader::{PageRequest, Route, MAX_QUEUED_REQUESTS};
 use crate::engine::source::writer::Writer;
 use crate::engine::source::SourceError;
@@ -146,7 +146,14 @@ fn serve(
         for (wi, mask) in r.words() {
             let word = bt.take(wi, mask);
             if word != 0 {
-                let sent = bt.send_word(&mut out, None, r.block, wi, word, &mut Names::Always)?;
+                let sent = bt.send_word(
+                    &mut out,
+                    Sink::Stream,
+                    r.block,
+                    wi,
+                    word,
+                    &mut Names::Always,
+                )?;
                 n.pages.fetch_add(sent.pages(), Ordering::Relaxed);
             }
         }

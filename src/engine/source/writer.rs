@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::compat::wire;
+use crate::engine::source::mapped_ram::FileIo;
 use crate::engine::source::SourceError;
 use crate::memory::block::RamBlock;
 use crate::memory::page::IoVecs;
@@ -155,6 +156,19 @@ impl<'m> Writer<'m> {
     pub(crate) fn empty_ram(&mut self, kind: SectionKind) -> Result<(), SourceError> {
         self.open_ram(kind)?;
         self.close_ram()
+    }
+
+    /// Flushes; then the file offset the stream goes on at (a file channel).
+    pub(crate) fn position(&mut self, io: &FileIo) -> Result<u64, SourceError> {
+        self.flush()?;
+        Ok(io.position()?)
+    }
+
+    /// Flushes; then the stream goes on at file offset `pos` (mapped-ram: past a block's
+    /// pages region).
+    pub(crate) fn seek(&mut self, io: &FileIo, pos: u64) -> Result<(), SourceError> {
+        self.flush()?;
+        Ok(io.seek(pos)?)
     }
 
     fn maybe_flush(&mut self) -> Result<(), SourceError> {

@@ -878,7 +878,13 @@ mod tests {
         }
         assert!(a.listener.is_some(), "kept for a preempt channel");
         t.join().unwrap();
-        let e = connect(&Uri::File(d.0.join("f")), 1, &never).err().unwrap();
+        let e = connect(
+            &Uri::File(super::super::FileUri::new(d.0.join("f"))),
+            1,
+            &never,
+        )
+        .err()
+        .unwrap();
         assert!(
             e.to_string().contains("multifd is not possible over file:"),
             "{e}"

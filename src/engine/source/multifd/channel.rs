@@ -7,6 +7,7 @@ use std::thread::JoinHandle;
 
 use crate::compat::wire::multifd::{FLAG_NOCOMP, PACKET_HEADER_LEN, PAGES_PER_PACKET};
 use crate::engine::source::error::MultifdError;
+use crate::engine::source::mapped_ram::ChannelFile;
 use crate::engine::source::multifd::{Job, Shared, HOLE};
 use crate::engine::source::writer::PAGE;
 use crate::memory::block::RamBlock;
@@ -23,6 +24,7 @@ pub(super) fn spawn(
     chan: Arc<Channel>,
     blocks: Vec<Arc<RamBlock>>,
     shared: Arc<Shared>,
+    file: Option<ChannelFile>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("qmh-mfd-send-{id}"))
@@ -51,6 +53,7 @@ pub(super) fn spawn(
                 },
                 buf: Vec::with_capacity(PACKET_HEADER_LEN),
                 sent: 0,
+                file,
             };
             s.run();
         })
@@ -65,6 +68,8 @@ struct Sender {
     buf: Vec<u8>,
     /// Bytes written on this channel.
     sent: u64,
+    /// mapped-ram: pages go to their places in the file, without packets.
+    file: Option<ChannelFile>,
 }
 
 /// Marks the lane ended when the thread returns, however it does (a panic included), so
@@ -179,6 +184,20 @@ impl Sender {
         } else {
             pages.len()
         };
+        if let Some(f) = &self.file {
+            let (data, zero) = pages.split_at_mut(normal);
+            let len = f
+                .write_packet(&b, block, data, zero, HOLE)
+                .map_err(|source| MultifdError::File {
+                    id: self.id,
+                    source,
+                })?;
+            self.written(Ok(()), len)?;
+            let s = &self.shared;
+            s.normal.fetch_add(normal as u64, Ordering::Relaxed);
+            s.zero.fetch_add(zero.len() as u64, Ordering::Relaxed);
+            return Ok(());
+        }
         let h = &mut self.header;
         h.flags = FLAG_NOCOMP;
         h.pages_alloc = PAGES_PER_PACKET;
@@ -218,7 +237,12 @@ impl Sender {
     }
 
     /// QEMU 10.0's SYNC packet: flags SYNC, no pages, no block, nothing after it.
+    /// Under mapped-ram nothing: a SYNC is only a fence (everything queued before it is
+    /// written once the lane reaches it).
     fn sync_packet(&mut self) -> Result<(), MultifdError> {
+        if self.file.is_some() {
+            return Ok(());
+        }
         let h = &mut self.header;
         *h = PacketHeader::sync(self.shared.packet_num.fetch_add(1, Ordering::Relaxed));
         self.buf.clear();

@@ -21,6 +21,7 @@ use crate::compat::wire::multifd::PAGES_PER_PACKET;
 use crate::compat::ZeroPageDetection;
 use crate::engine::migration::{MigrationCtx, Stats};
 use crate::engine::source::error::MultifdError;
+use crate::engine::source::mapped_ram::{ChannelFile, FileIo, FileMap};
 use crate::engine::source::SourceError;
 use crate::memory::block::RamBlock;
 use crate::transport::{CancelToken, Channel};
@@ -133,6 +134,8 @@ pub(crate) struct Multifd {
     syncs: u64,
     zero_on_main: bool,
     per_section: bool,
+    /// mapped-ram: file channels; no MULTIFD_FLUSH record on the main channel.
+    mapped: bool,
     /// Multifd bytes folded into the stats so far.
     written: u64,
     /// Of those, bytes the bandwidth limit has not counted yet.
@@ -142,10 +145,15 @@ pub(crate) struct Multifd {
 impl Multifd {
     /// Starts one thread per channel (`qmh-mfd-send-K`); None
     /// without channels (the `multifd` capability off).
+    ///
+    /// With mapped-ram (`file`: the blocks' places in the file, laid out already), the
+    /// channels are file channels: each writes its pages at their places with its own fd
+    /// and nothing else (no packet headers, no SYNC packets).
     pub(crate) fn start(
         ctx: &MigrationCtx,
         blocks: &[Arc<RamBlock>],
         chans: Vec<Channel>,
+        file: Option<&Arc<FileMap>>,
     ) -> Result<Option<Self>, SourceError> {
         if chans.is_empty() {
             return Ok(None);
@@ -182,14 +190,25 @@ impl Multifd {
             fill: None,
             syncs: 0,
             zero_on_main: mode == ZeroPageDetection::Legacy,
-            per_section: params.multifd_flush_after_each_section(),
+            // mapped-ram always syncs per round, and only locally (QEMU's
+            // `multifd_ram_sync_per_section`, MULTIFD_SYNC_LOCAL).
+            per_section: file.is_none() && params.multifd_flush_after_each_section(),
+            mapped: file.is_some(),
             written: 0,
             unthrottled: 0,
         };
         // On an error below, dropping `m` stops and joins what was started.
         for (id, chan) in m.chans.iter().enumerate() {
             let id8 = u8::try_from(id).unwrap_or(u8::MAX);
-            let t = channel::spawn(id8, chan.clone(), blocks.to_vec(), m.shared.clone())
+            let cf = match file {
+                Some(map) => Some(ChannelFile {
+                    io: FileIo::of(chan)
+                        .map_err(|source| MultifdError::File { id: id8, source })?,
+                    map: map.clone(),
+                }),
+                None => None,
+            };
+            let t = channel::spawn(id8, chan.clone(), blocks.to_vec(), m.shared.clone(), cf)
                 .map_err(|source| MultifdError::Spawn { id: id8, source })?;
             m.threads.push(t);
         }
@@ -207,6 +226,12 @@ impl Multifd {
     /// Sync before every EOS of a RAM section, without a FLUSH record (QEMU <= 8.0).
     pub(crate) fn per_section(&self) -> bool {
         self.per_section
+    }
+
+    /// After a per-round sync: the main channel's MULTIFD_FLUSH record follows (not under
+    /// mapped-ram, whose destination rejects it, nor per section).
+    pub(crate) fn flush_record(&self) -> bool {
+        !self.per_section && !self.mapped
     }
 
     /// Adds the page at `off` of block `bi` (a page of it) to the packet being filled; a
