@@ -333,6 +333,20 @@ impl<'a> IoVecs<'a> {
         self.syscall(|iov, n| unsafe { libc::readv(fd.as_raw_fd(), iov, n) })
     }
 
+    /// Like [`IoVecs::readv`], with `preadv(2)` at byte `offset` of the file (mapped-ram
+    /// pages read from their fixed places). 0 means end of file.
+    pub(crate) fn preadv(&mut self, fd: BorrowedFd<'_>, offset: i64) -> std::io::Result<usize> {
+        if self.shared {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a scattered read into shared buffers",
+            ));
+        }
+        // SAFETY: as `readv`: every iovec is a guest page pushed with `push_page_to_fill`,
+        // which the kernel may write.
+        self.syscall(|iov, n| unsafe { libc::preadv(fd.as_raw_fd(), iov, n, offset) })
+    }
+
     /// One `writev(2)` of the next (up to [`IoVecs::MAX_PER_CALL`]) buffers to `fd`; what
     /// it wrote is dropped from the front of the list. Errors are the syscall's, EINTR and
     /// EAGAIN included: the caller decides whether to retry or wait.

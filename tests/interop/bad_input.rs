@@ -417,7 +417,11 @@ fn bad_streams() -> Vec<(&'static str, Vec<u8>, &'static str)> {
     put_be32(&mut b, 1);
     put_str8(&mut b, "mapped-ram").unwrap();
     b.extend_from_slice(&good[head().len()..]);
-    v.push(("configuration capability mapped-ram", b, "not supported"));
+    v.push((
+        "configuration capability mapped-ram",
+        b,
+        "Capability mapped-ram is off, but received capability is on",
+    ));
 
     let mut b = good_prefix();
     b.push(0x42);

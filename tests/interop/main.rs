@@ -13,6 +13,7 @@ mod lifecycle;
 mod logs;
 mod manpage;
 mod mapped_ram_qmp;
+mod mapped_ram_restore;
 mod mapped_ram_save;
 mod multifd;
 mod multifd_wire;

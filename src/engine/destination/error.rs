@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use crate::engine::destination::fault::FaultError;
+use crate::engine::destination::mapped_ram::MappedError;
 use crate::engine::destination::multifd::MultifdError;
 use crate::engine::destination::package::PackageError;
 use crate::engine::destination::place::PlaceError;
@@ -98,6 +99,12 @@ pub(crate) enum LoadError {
         channel: usize,
         #[source]
         source: MultifdError,
+    },
+    #[error("at stream offset {offset}: {source}")]
+    Mapped {
+        offset: u64,
+        #[source]
+        source: MappedError,
     },
     #[error("waiting for the multifd channels to sync: {0}")]
     MultifdWait(#[source] std::io::Error),
@@ -207,6 +214,29 @@ pub(crate) enum Violation {
     NotDescribed { idstr: String, instance: u32 },
     #[error("device state larger than {mib} MiB without a VM description")]
     HeldTooLarge { mib: usize },
+    /// QEMU's `configuration_validate_capabilities`, in its words.
+    #[error(
+        "Capability {name} is {}, but received capability is {}",
+        on_off(*local),
+        on_off(*received)
+    )]
+    Capability {
+        name: String,
+        local: bool,
+        received: bool,
+    },
+    /// A page, zero page, XBZRLE, HOOK or MULTIFD_FLUSH record on the main channel under
+    /// mapped-ram (QEMU's `invalid_flags`, in its words).
+    #[error("Unexpected RAM flags: {0}")]
+    MappedRamFlags(u64),
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
 }
 
 impl Violation {

@@ -2,7 +2,7 @@
 //! POSTCOPY_LISTEN pages go to the precopy sink, from it on to the postcopy sink; the
 //! commands that change phase are in `commands`, the recovery driver in `recovery`.
 
-use crate::engine::destination::mapped_ram::{MappedBlock, MappedMode};
+use crate::engine::destination::mapped_ram::{MappedBlock, MappedFile, MappedMode};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -116,10 +116,13 @@ pub(super) struct Loader<'a> {
     /// 8.0 and older sync at every EOS and never send it).
     pub(super) multifd_style_known: bool,
     /// mapped-ram: whether blocks are read now or on demand, and the blocks read so far.
-    #[allow(dead_code)]
     pub(super) mapped_mode: MappedMode,
-    #[allow(dead_code)]
     pub(super) mapped: Vec<MappedBlock>,
+    /// mapped-ram: the capability is on here (a header follows each block entry, the RAM
+    /// sections carry no pages).
+    pub(super) mapped_ram: bool,
+    /// mapped-ram: the file the stream comes from, set when the load starts.
+    pub(super) mapped_file: Option<MappedFile>,
     last_progress: Instant,
 }
 
@@ -156,16 +159,29 @@ impl<'a> Loader<'a> {
             multifd_style_known: false,
             mapped_mode: MappedMode::Full,
             mapped: Vec::new(),
+            mapped_ram: ctx.caps().mapped_ram,
+            mapped_file: None,
             last_progress: Instant::now(),
         }
     }
 
-    /// Starts a receiver per multifd channel (none without multifd), in `scope`.
+    /// Starts a receiver per multifd channel (none without multifd), in `scope`. Under
+    /// mapped-ram the stream is a file (`main`) and the multifd channels are its fds for
+    /// reading pages at their places: no receivers.
     pub(super) fn start_multifd<'env>(
         &mut self,
         scope: &'a std::thread::Scope<'a, 'env>,
+        main: Option<&Channel>,
         chans: Vec<Channel>,
     ) -> Result<(), LoadError> {
+        if self.mapped_ram {
+            if let Some(main) = main {
+                let file = MappedFile::open(main, &chans)
+                    .map_err(|source| LoadError::Mapped { offset: 0, source })?;
+                self.mapped_file = Some(file);
+            }
+            return Ok(());
+        }
         let Phase::Precopy(p) = &self.phase else {
             return Ok(());
         };

@@ -40,7 +40,6 @@ mod error;
 pub(crate) mod fault;
 mod held;
 mod loader;
-#[allow(dead_code)] // skeleton: the loader fills these in (issue 14)
 mod mapped_ram;
 mod multifd;
 mod ondemand;
@@ -80,7 +79,7 @@ fn load<R: ReadReady>(
         let link = chan.map(Link::of).unwrap_or_default();
         let mut loader = Loader::new(ctx, blocks, uffd, link, preempt);
         let result = loader
-            .start_multifd(scope, multifd)
+            .start_multifd(scope, chan, multifd)
             .and_then(|()| load_inner(&mut loader, &mut r, chan));
         let result = loader.end_multifd(result);
         finish(&mut loader, result, t0, r.offset)
@@ -223,9 +222,10 @@ fn load_inner<R: ReadReady>(
             stream::decode_configuration,
             |c| c
         );
-        if let Some(cap) = conf.capabilities.first() {
-            return Err(r.wire(WireError::UnsupportedCapability(cap.clone())));
-        }
+        check_capabilities(loader.mapped_ram, &conf.capabilities).map_err(|e| match e {
+            CapCheck::Unsupported(cap) => r.wire(WireError::UnsupportedCapability(cap)),
+            CapCheck::Mismatch(v) => Loader::invalid(r.offset, v),
+        })?;
         if let Some(bits) = conf.target_page_bits {
             if bits != 12 {
                 return Err(Loader::invalid(r.offset, Violation::TargetPageBits(bits)));
@@ -263,6 +263,32 @@ fn load_inner<R: ReadReady>(
             }
         }
     }
+}
+
+/// Why the configuration section's capability list is refused.
+enum CapCheck {
+    /// A validated capability the helper does not implement.
+    Unsupported(String),
+    Mismatch(Violation),
+}
+
+/// The source's validated capabilities (the configuration section's list) against this
+/// side's, as QEMU's `configuration_validate_capabilities`: mapped-ram must be on at both
+/// ends or at neither (the file's layout depends on it).
+fn check_capabilities(mapped_ram: bool, source: &[String]) -> Result<(), CapCheck> {
+    let name = wire::mapped_ram::CAPABILITY;
+    if let Some(cap) = source.iter().find(|c| c.as_str() != name) {
+        return Err(CapCheck::Unsupported(cap.clone()));
+    }
+    let theirs = source.iter().any(|c| c == name);
+    if theirs != mapped_ram {
+        return Err(CapCheck::Mismatch(Violation::Capability {
+            name: name.into(),
+            local: mapped_ram,
+            received: theirs,
+        }));
+    }
+    Ok(())
 }
 
 /// Runs an incoming migration on an established channel. With the `multifd` capability,

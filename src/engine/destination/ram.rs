@@ -42,6 +42,9 @@ impl Loader<'_> {
         if self.in_postcopy() {
             return self.postcopy_body(r);
         }
+        if self.mapped_ram {
+            return self.mapped_ram_body(r);
+        }
         let mut flush_seen = false;
         loop {
             let (used, stop) = self.precopy_records(r.data(), r.offset);
@@ -190,6 +193,7 @@ impl Loader<'_> {
         let mut seen = 0u64;
         let mut names = Vec::new();
         let (blocks, advised) = (self.blocks, self.advised());
+        let mapped_ram = self.mapped_ram;
         while seen < total {
             let e = with_next!(
                 r,
@@ -202,7 +206,7 @@ impl Loader<'_> {
                 }),
                 |e| e
             );
-            let Some(b) = blocks.iter().find(|b| b.id == e.idstr) else {
+            let Some((bi, b)) = blocks.iter().enumerate().find(|(_, b)| b.id == e.idstr) else {
                 return Err(Self::invalid(
                     r.offset,
                     Violation::UnknownBlock {
@@ -226,6 +230,9 @@ impl Loader<'_> {
                 .filter(|&s| s <= total)
                 .ok_or_else(|| Self::invalid(r.offset, Violation::BlockTotal))?;
             names.push(e.idstr);
+            if mapped_ram {
+                self.mapped_block(r, bi)?;
+            }
         }
         slog::info!(self.ctx.log, "RAM block list"; "blocks" => format!("{names:?}"), "total" => total);
         self.ram_body(r)

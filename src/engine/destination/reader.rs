@@ -179,6 +179,35 @@ impl<R> Reader<R> {
         self.offset += n as u64;
     }
 
+    /// mapped-ram: goes on at stream offset `to`, past a block's pages. What is buffered
+    /// before it is dropped; beyond the buffer, `lseek` moves the source there (the stream
+    /// is a file) and the buffer starts afresh.
+    pub(crate) fn seek(
+        &mut self,
+        to: u64,
+        lseek: impl FnOnce(u64) -> std::io::Result<()>,
+    ) -> Result<(), ReadError> {
+        let buffered = (self.end - self.start) as u64;
+        match to.checked_sub(self.offset) {
+            Some(skip) if skip <= buffered => {
+                self.consume(skip as usize);
+                Ok(())
+            }
+            _ => {
+                lseek(to).map_err(|source| ReadError::Io {
+                    peer: self.peer.clone(),
+                    offset: to,
+                    source,
+                })?;
+                self.start = 0;
+                self.end = 0;
+                self.offset = to;
+                self.eof = false;
+                Ok(())
+            }
+        }
+    }
+
     /// Makes room for an item of `n` bytes at `start` in one step (a postcopy package):
     /// growing by doubling would touch up to twice the item.
     pub(crate) fn reserve_exact(&mut self, n: usize) {
