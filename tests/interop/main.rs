@@ -17,6 +17,7 @@ mod mapped_ram_restore;
 mod mapped_ram_save;
 mod multifd;
 mod multifd_wire;
+mod ondemand;
 mod postcopy;
 mod qemu_helper;
 mod qemu_qemu;

@@ -288,6 +288,55 @@ impl PostcopyDest {
         Ok(())
     }
 
+    /// Places `len` bytes of zero pages at `offset` with one UFFDIO_ZEROPAGE (falling back
+    /// to page by page when some are present already, EEXIST): a hole run of an on-demand
+    /// restore.
+    pub(crate) fn place_zeros(&self, bi: usize, offset: u64, len: u64) -> Result<(), FaultError> {
+        let b = &self.blocks[bi];
+        if len == 0
+            || len % PAGE != 0
+            || offset % PAGE != 0
+            || offset.checked_add(len).is_none_or(|e| e > b.size)
+        {
+            return Err(FaultError::PlaceOutside {
+                what: "zero pages",
+                block: b.id.clone(),
+                offset,
+            });
+        }
+        // SAFETY: inside the parent's registered mapping of this block (checked above).
+        let run = unsafe {
+            self.uffd
+                .zeropage(self.host(bi, offset), len as usize, true)
+        };
+        match run {
+            Ok(n) if n as u64 == len => {
+                for p in offset / PAGE..(offset + len) / PAGE {
+                    self.placed(bi, p);
+                }
+                Ok(())
+            }
+            Ok(_) | Err(userfaultfd::Error::ZeropageFailed(_)) => {
+                for off in (offset..offset + len).step_by(TARGET_PAGE_SIZE) {
+                    self.place_zero(bi, off)?;
+                }
+                Ok(())
+            }
+            Err(source) => Err(FaultError::Place {
+                what: "zero pages",
+                block: b.id.clone(),
+                offset,
+                source,
+            }),
+        }
+    }
+
+    /// The parent's userfaultfd, for a thread that serves faults itself (an on-demand
+    /// restore reads them here and places from its file).
+    pub(crate) fn uffd(&self) -> &Uffd {
+        &self.uffd
+    }
+
     fn block_of(&self, addr: u64) -> Option<(usize, u64)> {
         self.blocks.iter().enumerate().find_map(|(i, b)| {
             let base = b.host_addr?;

@@ -42,6 +42,7 @@ mod held;
 mod loader;
 mod mapped_ram;
 mod multifd;
+mod ondemand;
 mod package;
 mod place;
 mod postcopy;
@@ -302,6 +303,14 @@ pub(crate) fn run(
     preempt: Option<Incoming>,
 ) -> Result<(), LoadError> {
     ctx.state.transition(MigrationStatus::Active)?;
+    // mapped-ram file + postcopy-ram + a userfaultfd: an on-demand restore.
+    if ondemand::wanted(ctx, &chan, uffd.is_some()) {
+        if let Some(uffd) = uffd {
+            ondemand::run(ctx, &blocks, chan, multifd, uffd)?;
+            ctx.state.transition(MigrationStatus::Completed)?;
+            return Ok(());
+        }
+    }
     // Under TLS the preempt channel is accepted, and its handshake run, from now on: a QEMU
     // source waits for it before it sends LISTEN.
     let tls = ctx.tls.lock().unwrap_or_else(|e| e.into_inner()).is_some();
