@@ -6,30 +6,15 @@
 
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use serde_json::Value;
 
 use crate::bad_input::SocketHelper;
+use crate::qmp_client::{have_qemu_qmp, python_with_fds};
 use support::helper::Memfd;
 use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
 use support::util::{assert_same_memory, fill_mixed, test_seed, TempDir, MIB};
-
-fn have_qemu_qmp(test: &str) -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import qemu.qmp"])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var("QMH_REQUIRE_QEMU").as_deref() != Ok("1"),
-            "{test}: python3 cannot import qemu.qmp and QMH_REQUIRE_QEMU=1"
-        );
-        eprintln!("{test}: skipped: python3 cannot import qemu.qmp (run tests/install-deps.sh)");
-    }
-    ok
-}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum End {
@@ -114,30 +99,18 @@ fn save_restore(test: &str, saver: End, loader: End, channels: u8) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/qmp_save.py");
     let (sfd, dfd) = (src_mem.fd.as_raw_fd(), dst_mem.fd.as_raw_fd());
     let kind = |e: End| if e == End::Helper { "helper" } else { "qemu" };
-    let mut cmd = Command::new("python3");
-    cmd.arg(&script)
-        .arg(&s.sock)
-        .arg(&l.sock)
-        .arg(&file)
-        .arg(kind(saver))
-        .arg(kind(loader))
-        .arg(channels.to_string())
-        .arg(size.to_string())
-        .arg(sfd.to_string())
-        .arg(dfd.to_string());
-    use std::os::unix::process::CommandExt;
-    // SAFETY: fcntl is async-signal-safe; runs in the child only.
-    unsafe {
-        cmd.pre_exec(move || {
-            for fd in [sfd, dfd] {
-                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-    let out = cmd.output().expect("python3");
+    let args = [
+        s.sock.display().to_string(),
+        l.sock.display().to_string(),
+        file.display().to_string(),
+        kind(saver).to_string(),
+        kind(loader).to_string(),
+        channels.to_string(),
+        size.to_string(),
+        sfd.to_string(),
+        dfd.to_string(),
+    ];
+    let out = python_with_fds(&script, &args, &[sfd, dfd]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

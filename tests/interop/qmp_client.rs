@@ -15,7 +15,7 @@ use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
 use support::util::{assert_same_memory, fill_mixed, test_seed, TempDir, MIB};
 
 /// Whether `python3` can import qemu.qmp; skips (or fails when required) if not.
-fn have_qemu_qmp(test: &str) -> bool {
+pub(crate) fn have_qemu_qmp(test: &str) -> bool {
     let ok = Command::new("python3")
         .args(["-c", "import qemu.qmp"])
         .stderr(Stdio::null())
@@ -91,29 +91,17 @@ fn qmp_client_migration(test: &str, to_qemu: bool) {
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/qmp_client.py");
     let (sfd, dfd) = (src_mem.fd.as_raw_fd(), dst_mem.fd.as_raw_fd());
-    let mut cmd = Command::new("python3");
-    cmd.arg(&script)
-        .arg(&src.path)
-        .arg(&dst_path)
-        .arg(sfd.to_string())
-        .arg(dfd.to_string())
-        .arg(size.to_string())
-        .arg(if to_qemu { "qemu" } else { "helper" });
-    // The memfds are CLOEXEC; the script inherits them.
-    use std::os::unix::process::CommandExt;
-    // SAFETY: fcntl is async-signal-safe; runs in the child only.
-    unsafe {
-        cmd.pre_exec(move || {
-            for fd in [sfd, dfd] {
-                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
+    let args = [
+        src.path.display().to_string(),
+        dst_path.display().to_string(),
+        sfd.to_string(),
+        dfd.to_string(),
+        size.to_string(),
+        (if to_qemu { "qemu" } else { "helper" }).to_string(),
+    ];
     let t0 = std::time::Instant::now();
-    let out = cmd.output().expect("python3");
+    let out = python_with_fds(&script, &args, &[sfd, dfd]);
+
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -146,4 +134,29 @@ fn qmp_client_migration(test: &str, to_qemu: bool) {
         Some(q) => assert_same_memory(&src_mem.map(), &q.ram_mmap(), test),
         None => assert_same_memory(&src_mem.map(), &dst_mem.map(), test),
     }
+}
+
+/// Runs `python3 script args...` with `fds` (close-on-exec in the test) inherited, and
+/// returns what it printed.
+pub(crate) fn python_with_fds(
+    script: &Path,
+    args: &[String],
+    fds: &[std::os::fd::RawFd],
+) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new("python3");
+    cmd.arg(script).args(args);
+    let fds = fds.to_vec();
+    // SAFETY: fcntl is async-signal-safe; runs in the child only.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.output().expect("python3")
 }
