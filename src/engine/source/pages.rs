@@ -169,9 +169,11 @@ impl<'m> BlockTodo<'m> {
     ) -> Result<WordSent, SourceError> {
         let mut sent = WordSent::default();
         let holes = self.holes.get(wi).copied().unwrap_or(0);
-        let mut mfd = match sink {
-            Sink::Stream => None,
-            Sink::Multifd(m) => Some(m),
+        // With multifd the zero pages the pass thread finds (legacy detection) go as ZERO
+        // records, or under mapped-ram only clear their bit in the file's bitmap.
+        let (mut mfd, file) = match sink {
+            Sink::Stream => (None, None),
+            Sink::Multifd(m) => (Some(m), None),
             Sink::File(f) => {
                 let s = f.write_word(self.block, bi, wi, word, holes)?;
                 sent.zero = s.zero;
@@ -179,25 +181,7 @@ impl<'m> BlockTodo<'m> {
                 sent.bytes = s.bytes;
                 return Ok(sent);
             }
-            Sink::FileMultifd(f, m) => {
-                while word != 0 {
-                    let bit = word.trailing_zeros() as u64;
-                    word &= word - 1;
-                    let off = (wi as u64 * 64 + bit) * PAGE as u64;
-                    let Some(page) = self.block.guest_page(off) else {
-                        continue;
-                    };
-                    let hole = holes & (1 << bit) != 0;
-                    if m.zero_on_main() && (hole || page.is_zero()) {
-                        f.zero(bi, off);
-                        sent.zero += 1;
-                    } else {
-                        m.queue(bi, off, hole)?;
-                        sent.queued += 1;
-                    }
-                }
-                return Ok(sent);
-            }
+            Sink::FileMultifd(f, m) => (Some(m), Some(f)),
         };
         while word != 0 {
             let bit = word.trailing_zeros() as u64;
@@ -208,9 +192,14 @@ impl<'m> BlockTodo<'m> {
             };
             let hole = holes & (1 << bit) != 0;
             let p = match mfd.as_deref_mut() {
-                Some(m) if m.zero_on_main() && (hole || page.is_zero()) => {
-                    out.zero_page(off, self.name(names, bi))?
-                }
+                Some(m) if m.zero_on_main() && (hole || page.is_zero()) => match file {
+                    Some(f) => {
+                        f.zero(bi, off);
+                        sent.zero += 1;
+                        continue;
+                    }
+                    None => out.zero_page(off, self.name(names, bi))?,
+                },
                 Some(m) => {
                     m.queue(bi, off, hole)?;
                     sent.queued += 1;
