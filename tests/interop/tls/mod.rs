@@ -344,6 +344,11 @@ fn postcopy_recovery(src: Kind, test: &str) {
     let file = std::fs::File::create(&log).expect("log file");
     let mut dst = HelperVm::spawn_on_socket(&["--log-level", "debug"], Stdio::from(file));
     guest.attach(&mut dst, "ram");
+    if src == Kind::Qemu(Qemu::V72) {
+        dst.client
+            .set_parameters(json!({"compat-version": "7.2"}))
+            .expect("compat-version");
+    }
     let pki = Pki::new();
     tls_source(s.end.client(), &pki.client_dir());
     tls_destination(
@@ -417,13 +422,29 @@ fn tls_qemu10_to_helper_postcopy_recovery() {
     );
 }
 
-/// Helper source -> QEMU 10.0 destination, postcopy paused with `migrate-pause` on the
-/// helper and recovered over a fresh socketpair (QEMU's `migrate-recover`): QEMU runs the
-/// server side of the recovery's handshake.
+#[test]
+fn tls_qemu72_to_helper_postcopy_recovery() {
+    postcopy_recovery(
+        Kind::Qemu(Qemu::V72),
+        "tls_qemu72_to_helper_postcopy_recovery",
+    );
+}
+
 #[test]
 fn tls_helper_to_qemu10_postcopy_recovery() {
-    let test = "tls_helper_to_qemu10_postcopy_recovery";
-    let Some((mut s, mut d)) = pair(Kind::Helper, Kind::Qemu(Qemu::V10), RAM, test) else {
+    helper_to_qemu_postcopy_recovery(Qemu::V10, "tls_helper_to_qemu10_postcopy_recovery");
+}
+
+#[test]
+fn tls_helper_to_qemu72_postcopy_recovery() {
+    helper_to_qemu_postcopy_recovery(Qemu::V72, "tls_helper_to_qemu72_postcopy_recovery");
+}
+
+/// Helper source -> QEMU destination, postcopy paused with `migrate-pause` on the helper and
+/// recovered over a fresh socketpair (QEMU's `migrate-recover`): QEMU runs the server side
+/// of the recovery's handshake.
+fn helper_to_qemu_postcopy_recovery(q: Qemu, test: &str) {
+    let Some((mut s, mut d)) = pair(Kind::Helper, Kind::Qemu(q), RAM, test) else {
         return;
     };
     let expected = s.end.ram().to_vec();
