@@ -6,21 +6,26 @@ mod connect;
 mod incoming;
 pub(crate) mod multifd;
 pub(crate) mod open;
+mod sockopt;
+mod timer;
 pub(crate) mod tls;
 mod uri;
 
 pub(crate) use cancel::CancelToken;
 pub(crate) use cancel::{wait_fd, Never, Woke};
 pub(crate) use incoming::Incoming;
+use sockopt::{check_stream, fd_kind, set_nonblocking};
+pub(crate) use sockopt::{set_socket_timeouts, shutdown_fd};
+pub(crate) use timer::{IoTimer, TimeoutParam};
 pub(crate) use uri::{FileUri, Uri};
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::net::TcpStream;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -116,46 +121,6 @@ fn io_err(
         source: crate::sandbox::explain(&target, source),
         target,
     }
-}
-
-fn fd_kind(fd: BorrowedFd<'_>) -> io::Result<u32> {
-    let st = nix::sys::stat::fstat(fd.as_raw_fd())?;
-    Ok(st.st_mode & libc::S_IFMT)
-}
-
-/// A socket's type (SOCK_STREAM, ...) and address family.
-fn socket_type(fd: &OwnedFd) -> io::Result<(i32, i32)> {
-    let get = |opt: libc::c_int| -> io::Result<i32> {
-        let mut v: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into `v`.
-        let r = unsafe {
-            libc::getsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                &mut v as *mut libc::c_int as *mut libc::c_void,
-                &mut len,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(v)
-    };
-    Ok((get(libc::SO_TYPE)?, get(libc::SO_DOMAIN)?))
-}
-
-/// Only byte streams carry a migration: a datagram or seqpacket socket would cut it.
-fn check_stream(name: &str, fd: &OwnedFd) -> Result<i32, TransportError> {
-    let (ty, domain) = socket_type(fd).map_err(io_err("getsockopt", name))?;
-    if ty != libc::SOCK_STREAM {
-        return Err(TransportError::BadFd {
-            name: name.into(),
-            why: BadFd::NotStream,
-        });
-    }
-    Ok(domain)
 }
 
 impl Channel {
@@ -557,68 +522,6 @@ impl Channel {
     pub(crate) fn write_all(&self, data: &[u8]) -> io::Result<()> {
         self.write_all_vectored(&mut [io::IoSlice::new(data)])
     }
-}
-
-/// Which parameter a channel's I/O timeout comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum TimeoutParam {
-    Link,
-    Precopy,
-}
-
-/// A channel's I/O timeout: its length and the parameter that set it, so that the error
-/// a silent peer causes names what to change.
-#[derive(Debug, Default)]
-pub(crate) struct IoTimer {
-    /// Milliseconds; 0: none.
-    ms: AtomicU64,
-    precopy: AtomicBool,
-}
-
-impl IoTimer {
-    pub(crate) fn set(&self, t: Option<Duration>, param: TimeoutParam) {
-        let ms = t.map_or(0, |d| d.as_millis().clamp(1, u64::MAX as u128) as u64);
-        self.ms.store(ms, Ordering::Relaxed);
-        self.precopy
-            .store(param == TimeoutParam::Precopy, Ordering::Relaxed);
-    }
-
-    fn error(&self, what: &str) -> io::Error {
-        let ms = self.ms.load(Ordering::Relaxed);
-        let name = if self.precopy.load(Ordering::Relaxed) {
-            "precopy-timeout"
-        } else {
-            "link-timeout"
-        };
-        let limit = if ms > 0 {
-            format!("{name} ({ms} ms)")
-        } else {
-            "the link timeout".to_string()
-        };
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("{what} for {limit}: the peer is silent (link dead?)"),
-        )
-    }
-}
-
-fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let flags = OFlag::from_bits_truncate(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?);
-    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map(|_| ())
-}
-
-/// Read and write timeouts on the socket behind `fd` (a duplicate shares them).
-pub(crate) fn set_socket_timeouts(fd: &OwnedFd, t: Option<std::time::Duration>) {
-    // SAFETY: borrowed for the duration of the calls only; ManuallyDrop keeps the fd open.
-    let s = std::mem::ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(fd.as_raw_fd()) });
-    let _ = s.set_read_timeout(t);
-    let _ = s.set_write_timeout(t);
-}
-
-/// Shuts a socket down in both directions so that blocked reads and writes return.
-pub(crate) fn shutdown_fd(fd: &OwnedFd) {
-    let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
 }
 
 #[cfg(test)]
