@@ -185,6 +185,11 @@ pub const PARAMETERS: &[&str] = &[
     "tls-hostname",
     "tls-authz",
     "direct-io",
+    "throttle-trigger-threshold",
+    "cpu-throttle-initial",
+    "cpu-throttle-increment",
+    "cpu-throttle-tailslow",
+    "max-cpu-throttle",
 ];
 
 /// Event names.
@@ -193,6 +198,9 @@ pub mod event {
     pub const MIGRATION: &str = "MIGRATION";
     /// A source started another precopy pass: `{"pass": N}`.
     pub const MIGRATION_PASS: &str = "MIGRATION_PASS";
+    /// auto-converge: the source asks the parent to keep each vCPU from running this share
+    /// of its time: `{"percentage": N}` (0: no throttle; sent when the migration ends).
+    pub const CPU_THROTTLE: &str = "CPU_THROTTLE";
 }
 
 /// QMP error classes the helper sends.

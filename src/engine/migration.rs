@@ -33,10 +33,13 @@ pub(crate) struct Capabilities {
     /// with `multifd` the channels `pwrite`/`pread` pages in parallel. On a destination with
     /// a userfaultfd and `postcopy-ram` too: an on-demand restore.
     pub mapped_ram: bool,
+    /// Source only: ask the parent to throttle the vCPUs when the guest dirties faster
+    /// than the pages go (QEMU's auto-converge; see `engine::throttle`).
+    pub auto_converge: bool,
 }
 
 impl Capabilities {
-    pub(crate) const NAMES: [&'static str; 7] = [
+    pub(crate) const NAMES: [&'static str; 8] = [
         "postcopy-ram",
         "return-path",
         "pause-before-switchover",
@@ -44,6 +47,7 @@ impl Capabilities {
         "postcopy-preempt",
         "multifd",
         "mapped-ram",
+        "auto-converge",
     ];
 
     pub(crate) fn get(&self, name: &str) -> Option<bool> {
@@ -55,6 +59,7 @@ impl Capabilities {
             "postcopy-preempt" => self.postcopy_preempt,
             "multifd" => self.multifd,
             "mapped-ram" => self.mapped_ram,
+            "auto-converge" => self.auto_converge,
             _ => return None,
         })
     }
@@ -68,6 +73,7 @@ impl Capabilities {
             "postcopy-preempt" => &mut self.postcopy_preempt,
             "multifd" => &mut self.multifd,
             "mapped-ram" => &mut self.mapped_ram,
+            "auto-converge" => &mut self.auto_converge,
             _ => return false,
         };
         *slot = on;
@@ -119,6 +125,9 @@ pub(crate) struct Parameters {
     /// `direct-io`: with mapped-ram and multifd, the multifd channels' file descriptors
     /// are opened with O_DIRECT (the main channel's, which is not page-aligned, is not).
     pub direct_io: bool,
+    /// auto-converge's parameters (`throttle-trigger-threshold`, `cpu-throttle-*`,
+    /// `max-cpu-throttle`).
+    pub throttle: crate::engine::throttle::ThrottleParams,
 }
 
 impl Parameters {
@@ -199,6 +208,7 @@ impl Default for Parameters {
             tls_hostname: String::new(),
             tls_authz: String::new(),
             direct_io: false,
+            throttle: Default::default(),
         }
     }
 }
@@ -226,6 +236,8 @@ pub(crate) struct Stats {
     pub rate_bps: AtomicU64,
     /// Bytes sent or received on the multifd channels (packet headers and page data).
     pub multifd_bytes: AtomicU64,
+    /// auto-converge: the vCPU throttle asked of the parent, percent (0: none).
+    pub cpu_throttle: AtomicU64,
 }
 
 impl Stats {
@@ -245,6 +257,7 @@ impl Stats {
             &self.setup_time_us,
             &self.rate_bps,
             &self.multifd_bytes,
+            &self.cpu_throttle,
         ] {
             c.store(0, Ordering::Relaxed);
         }

@@ -6,3 +6,4 @@ pub(crate) mod mailbox;
 pub(crate) mod migration;
 pub(crate) mod source;
 pub(crate) mod state;
+pub(crate) mod throttle;

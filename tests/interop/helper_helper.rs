@@ -32,7 +32,7 @@ const FAIL_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A helper with the `events` capability on (QEMU sends `MIGRATION` and
 /// `MIGRATION_PASS` only with it, and these tests check the events).
-fn spawn_helper() -> HelperVm {
+pub(crate) fn spawn_helper() -> HelperVm {
     let mut vm = HelperVm::spawn();
     vm.client
         .set_capabilities(&[("events", true)])
@@ -41,7 +41,7 @@ fn spawn_helper() -> HelperVm {
 }
 
 /// A helper with the given blocks (fresh memfds, no dirty bitmaps).
-fn spawn_with(blocks: &[(&str, u64)]) -> HelperVm {
+pub(crate) fn spawn_with(blocks: &[(&str, u64)]) -> HelperVm {
     let mut vm = spawn_helper();
     for (id, size) in blocks {
         vm.add_block(id, *size, false);
@@ -76,7 +76,7 @@ fn add_shared_block(vm: &mut HelperVm, id: &str, mem: &Memfd) -> usize {
 }
 
 /// A fresh socketpair, one end passed to each helper as `name`.
-fn connect_fd(src: &mut HelperVm, dst: &mut HelperVm, name: &str) {
+pub(crate) fn connect_fd(src: &mut HelperVm, dst: &mut HelperVm, name: &str) {
     let (a, b) = socketpair();
     src.client.getfd(name, a.as_fd()).expect("source getfd");
     dst.client

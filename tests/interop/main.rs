@@ -3,6 +3,7 @@
 //! tests/support.
 
 mod analyze;
+mod autoconverge;
 mod bad_input;
 mod bounds;
 mod control;

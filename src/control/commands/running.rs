@@ -148,6 +148,10 @@ impl Helper {
             } else {
                 "destination"
             });
+            if r == Role::Source && self.ctx.caps().auto_converge {
+                // As QEMU: the throttle in force, while auto-converge is on.
+                v["cpu-throttle-percentage"] = json!(s.cpu_throttle.load(Ordering::Relaxed));
+            }
             if r == Role::Destination {
                 // Page-fault service latency (fault read -> page placed), in microseconds.
                 v["postcopy-latency"] = self.ctx.latency.to_json();

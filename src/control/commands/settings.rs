@@ -45,6 +45,29 @@ pub(super) fn check_start(caps: &Capabilities, p: &Parameters) -> Result<(), Qmp
     Ok(())
 }
 
+/// auto-converge's parameters, checked together with what is already set as QEMU checks
+/// them (`max-cpu-throttle` against `cpu-throttle-initial`).
+fn set_throttle_parameters(a: &Args<'_>, p: &mut Parameters) -> Result<(), QmpError> {
+    let mut t = p.throttle;
+    for (name, field) in [
+        ("throttle-trigger-threshold", &mut t.trigger_threshold),
+        ("cpu-throttle-initial", &mut t.initial),
+        ("cpu-throttle-increment", &mut t.increment),
+        ("max-cpu-throttle", &mut t.max),
+    ] {
+        if let Some(v) = a.opt_u64(name)? {
+            *field = u8::try_from(v)
+                .map_err(|_| QmpError::generic(format!("Parameter '{name}' expects uint8")))?;
+        }
+    }
+    if let Some(v) = a.opt_bool("cpu-throttle-tailslow")? {
+        t.tailslow = v;
+    }
+    crate::engine::throttle::check(&t).map_err(QmpError::generic)?;
+    p.throttle = t;
+    Ok(())
+}
+
 /// Longest `tls-creds`/`tls-hostname`/`tls-authz` taken (ids and host names are short).
 const MAX_TLS_PARAMETER: usize = 255;
 
@@ -196,6 +219,8 @@ impl Helper {
         }
         self.set_multifd_parameters(a, &mut p, running)?;
         set_tls_parameters(a, &mut p)?;
+        // Read at each bitmap sync: a running migration follows a change.
+        set_throttle_parameters(a, &mut p)?;
         // Read when the files are opened: a running migration keeps its fds.
         if let Some(v) = a.opt_bool("direct-io")? {
             p.direct_io = v;
@@ -226,6 +251,11 @@ impl Helper {
             "tls-hostname": p.tls_hostname,
             "tls-authz": p.tls_authz,
             "direct-io": p.direct_io,
+            "throttle-trigger-threshold": p.throttle.trigger_threshold,
+            "cpu-throttle-initial": p.throttle.initial,
+            "cpu-throttle-increment": p.throttle.increment,
+            "cpu-throttle-tailslow": p.throttle.tailslow,
+            "max-cpu-throttle": p.throttle.max,
         }))
     }
 

@@ -34,6 +34,30 @@ mod writer;
 
 pub(crate) use error::SourceError;
 
+/// auto-converge: asks the parent to throttle the vCPUs to `pct` percent (the
+/// `CPU_THROTTLE` event; `query-migrate` shows it as `cpu-throttle-percentage`).
+fn ask_throttle(ctx: &MigrationCtx, pct: u8) {
+    ctx.stats.cpu_throttle.store(pct as u64, Ordering::Relaxed);
+    slog::info!(ctx.log, "auto-converge: vCPU throttle asked of the parent"; "percentage" => pct);
+    ctx.state.emit_event(
+        crate::control::protocol::event::CPU_THROTTLE,
+        serde_json::json!({"percentage": pct}),
+    );
+}
+
+/// Lifts a throttle asked for during the migration, however it ends (QEMU's
+/// `cpu_throttle_stop` at cleanup): a failed or cancelled migration leaves the guest
+/// running on the source at full speed.
+struct ThrottleLift<'a>(&'a MigrationCtx);
+
+impl Drop for ThrottleLift<'_> {
+    fn drop(&mut self) {
+        if self.0.stats.cpu_throttle.load(Ordering::Relaxed) != 0 {
+            ask_throttle(self.0, 0);
+        }
+    }
+}
+
 /// Runs a migration to `chan` (precopy, switching to postcopy when asked). With the
 /// `multifd` capability, `multifd` holds the connected multifd channels in id order, their
 /// initial packets already sent (empty without it). The caller has moved the state to
@@ -46,6 +70,7 @@ pub(crate) fn run(
     uri: crate::transport::Uri,
 ) -> Result<(), SourceError> {
     let t0 = Instant::now();
+    let _lift = ThrottleLift(ctx);
     // Reading faults pages in cheaply (16 at a time); mapping them ahead now would only
     // compete with sending them.
     blocks.iter().for_each(|b| b.stop_mapping_ahead());

@@ -21,6 +21,7 @@ use crate::engine::source::rp_reader::{ReturnPath, RpEvent, Wait};
 use crate::engine::source::writer::{Throttle, Writer, PAGE, RAM_SECTION_ID};
 use crate::engine::source::SourceError;
 use crate::engine::state::MigrationStatus;
+use crate::engine::throttle::AutoConverge;
 use crate::memory::block::RamBlock;
 use crate::transport::{Channel, Uri};
 use crate::vmstate::VmDescriptionBuilder;
@@ -59,6 +60,8 @@ pub(crate) struct Precopy<'m> {
     rp: Option<ReturnPath>,
     rp_shared: RpShared,
     throttle: Throttle,
+    /// With auto-converge: the vCPU throttle asked of the parent.
+    converge: Option<AutoConverge>,
     pass: u64,
     last_progress: Instant,
 }
@@ -131,6 +134,9 @@ impl<'m> Precopy<'m> {
             rp,
             rp_shared,
             throttle: Throttle::new(),
+            converge: caps
+                .auto_converge
+                .then(|| AutoConverge::new(Instant::now(), 0)),
             pass: 1,
             last_progress: Instant::now(),
             caps,
@@ -322,6 +328,13 @@ impl<'m> Precopy<'m> {
                 serde_json::json!({"pass": self.pass}),
             );
             let dirty = self.pages.harvest(ctx);
+            let sent = self.sent();
+            if let Some(c) = &mut self.converge {
+                let p = ctx.params().throttle;
+                if let Some(pct) = c.sync(&p, Instant::now(), dirty, PAGE as u64, sent) {
+                    super::ask_throttle(ctx, pct);
+                }
+            }
             let dirty_bytes = dirty * PAGE as u64;
             let budget = bps * ctx.params().downtime_limit as f64 / 1000.0;
             slog::debug!(ctx.log, "pass done"; "pass" => self.pass, "bytes" => bytes as u64, "secs" => secs, "dirty_pages" => dirty);
