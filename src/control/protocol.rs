@@ -163,6 +163,7 @@ pub const CAPABILITIES: &[&str] = &[
     "postcopy-preempt",
     "multifd",
     "mapped-ram",
+    "auto-converge",
 ];
 
 /// The arguments of `migrate-set-parameters` (each optional), which are also the members of
