@@ -101,6 +101,18 @@ fn mapped_ctx(on: bool) -> Arc<MigrationCtx> {
     ctx
 }
 
+/// A file channel over `f` at position `base`, where its stream starts (as the control
+/// side leaves it for `file:PATH,offset=N`).
+pub(crate) fn channel_at(f: File, base: u64) -> Channel {
+    nix::unistd::lseek(
+        std::os::fd::AsRawFd::as_raw_fd(&f),
+        base as i64,
+        nix::unistd::Whence::SeekSet,
+    )
+    .unwrap();
+    Channel::from_file(f, "file:test".into())
+}
+
 /// Loads the file from stream offset `base` (its position, as the control side leaves
 /// it), with `channels` multifd file channels.
 fn run_on(
@@ -110,14 +122,7 @@ fn run_on(
     base: u64,
     channels: usize,
 ) -> Result<(), LoadError> {
-    let main = f.try_clone().unwrap();
-    nix::unistd::lseek(
-        std::os::fd::AsRawFd::as_raw_fd(&main),
-        base as i64,
-        nix::unistd::Whence::SeekSet,
-    )
-    .unwrap();
-    let chan = Channel::from_file(main, "file:test".into());
+    let chan = channel_at(f.try_clone().unwrap(), base);
     let multifd = (0..channels)
         .map(|i| Channel::from_file(f.try_clone().unwrap(), format!("file:test#{i}")))
         .collect();
