@@ -34,11 +34,13 @@ use crate::transport::{CancelToken, Channel, Incoming};
 
 mod fill;
 mod serve;
+mod source;
 #[cfg(test)]
 mod tests;
 
 use fill::Filled;
 use serve::{Run, ServeError, Shared};
+use source::Source;
 
 /// Whether an incoming migration is an on-demand restore: mapped-ram and postcopy-ram on,
 /// a userfaultfd set, and the channel a file.
@@ -129,7 +131,11 @@ pub(crate) fn run(
         pc,
         blocks,
         mapped: lazy.blocks,
-        file: RwLock::new((Arc::new(lazy.file), chan.peer.clone())),
+        file: RwLock::new(Arc::new(Source::new(
+            lazy.file,
+            chan.peer.clone(),
+            &ctx.log,
+        ))),
         run: Mutex::new(Run::default()),
         changed: Condvar::new(),
         busy: AtomicU64::new(0),
@@ -262,7 +268,8 @@ fn recover(ctx: &MigrationCtx, sh: &Shared<'_>) -> Result<(), LoadError> {
         match take_file(ctx, sh, incoming) {
             Ok((file, name)) => {
                 slog::info!(ctx.log, "on-demand restore: new file"; "file" => &name);
-                *sh.file.write().unwrap_or_else(|e| e.into_inner()) = (Arc::new(file), name);
+                *sh.file.write().unwrap_or_else(|e| e.into_inner()) =
+                    Arc::new(Source::new(file, name, &ctx.log));
                 sh.update(|r| r.paused = None);
                 ctx.state.transition(MigrationStatus::PostcopyActive)?;
                 ctx.record_recovery(t0.elapsed());

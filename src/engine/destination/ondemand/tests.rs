@@ -117,6 +117,27 @@ fn lazy_load_refusals() {
 }
 
 #[test]
+fn the_source_file_is_mapped_where_it_can_be() {
+    use super::source::Source;
+    let log = slog::Logger::root(slog::Discard, slog::o!());
+    let f = File::from(memfd(0));
+    f.write_all_at(&vec![7u8; 3 * PAGE as usize], 0).unwrap();
+    let src = Source::new(f.try_clone().unwrap(), "t".into(), &log);
+    assert!(src.mapped(0, 3 * PAGE).is_some());
+    assert!(src.mapped(PAGE, PAGE).is_some());
+    // Past the file as it was mapped, or not page-aligned: not from the mapping.
+    assert!(src.mapped(2 * PAGE, 2 * PAGE).is_none());
+    assert!(src.mapped(u64::MAX - PAGE + 1, PAGE).is_none());
+    assert!(src.mapped(100, PAGE).is_none());
+    src.release(0, 3 * PAGE);
+    // A file that cannot be mapped (opened write-only) is read with pread instead.
+    let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f));
+    let wo = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let src = Source::new(wo, "t".into(), &log);
+    assert!(src.mapped(0, PAGE).is_none());
+}
+
+#[test]
 fn throttle_waits_for_the_bytes_at_the_limit() {
     let t0 = Instant::now();
     let mut t = super::fill::Throttle::new(t0);
