@@ -7,14 +7,14 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use crate::compat::wire::{ram as flag, TARGET_PAGE_SIZE};
-use crate::engine::destination::tests::ctx;
+use crate::engine::destination::tests::{block, ctx, encode_ram_start};
 use crate::engine::destination::{load, LoadError};
 use crate::engine::migration::MigrationCtx;
 use crate::memory::block::tests::{byte, memfd, spec};
 use crate::memory::block::RamBlock;
 use crate::transport::Channel;
 use crate::wire::mapped_ram::{self as codec, Header};
-use crate::wire::stream::{self, put_be64, put_str8, SectionHeader, SectionKind};
+use crate::wire::stream::{self, put_be64, put_str8, SectionKind};
 
 const PAGE: u64 = TARGET_PAGE_SIZE as u64;
 
@@ -47,13 +47,7 @@ fn craft(base: u64, blocks: &[(&str, u64, Content)], tweak: &dyn Fn(usize, &mut 
     let mut s = Vec::new();
     stream::encode_header(&mut s);
     stream::encode_configuration_with(&mut s, "pc", &["mapped-ram"]).unwrap();
-    let h = SectionHeader {
-        section_id: 2,
-        idstr: flag::IDSTR.into(),
-        instance_id: 0,
-        version_id: flag::VERSION,
-    };
-    stream::encode_section_start(&mut s, SectionKind::Start, &h).unwrap();
+    encode_ram_start(&mut s);
     let total: u64 = blocks.iter().map(|b| b.1 * PAGE).sum();
     put_be64(&mut s, total | flag::MEM_SIZE);
     for (i, &(id, pages, content)) in blocks.iter().enumerate() {
@@ -89,10 +83,6 @@ fn craft(base: u64, blocks: &[(&str, u64, Content)], tweak: &dyn Fn(usize, &mut 
     stream::encode_eof(&mut s);
     f.write_all_at(&s, pos).unwrap();
     f
-}
-
-fn block(id: &str, pages: u64) -> Arc<RamBlock> {
-    Arc::new(RamBlock::new(spec(id, pages * PAGE), memfd(pages * PAGE)).unwrap())
 }
 
 fn mapped_ctx(on: bool) -> Arc<MigrationCtx> {
