@@ -1,6 +1,6 @@
 //! `qemu-migration-helper analyze` on the real QEMU fixtures: the facts their README states.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
@@ -40,6 +40,31 @@ fn analyze_json(path: &PathBuf, extra: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).expect("analyze --json prints JSON")
 }
 
+/// `analyze PATH`, which must fail: what it says on stderr.
+fn analyze_fails(path: &Path) -> String {
+    let out = Command::new(helper_bin())
+        .arg("analyze")
+        .arg(path)
+        .output()
+        .expect("run analyze");
+    assert!(
+        !out.status.success(),
+        "analyze {} succeeded",
+        path.display()
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The FULL (device) sections of an analysis.
+fn full_sections(v: &Value) -> Vec<&Value> {
+    v["sections"]
+        .as_array()
+        .expect("analyze lists the sections")
+        .iter()
+        .filter(|s| s["type"] == "FULL")
+        .collect()
+}
+
 #[test]
 fn analyze_none_16m_pattern_fixtures() {
     for name in [
@@ -56,11 +81,8 @@ fn analyze_none_16m_pattern_fixtures() {
             v["ram"][0]["zero-pages"], 1024,
             "every fourth page of 4096 is zero"
         );
-        let idstrs: Vec<&str> = v["sections"]
-            .as_array()
-            .unwrap()
+        let idstrs: Vec<&str> = full_sections(&v)
             .iter()
-            .filter(|s| s["type"] == "FULL")
             .map(|s| s["idstr"].as_str().unwrap())
             .collect();
         assert_eq!(idstrs, vec!["timer", "globalstate"], "{name}");
@@ -98,12 +120,7 @@ fn analyze_pc_q35_fixtures() {
             .find(|b| b["block"] == "pc.ram")
             .expect("pc.ram");
         assert_eq!(pc_ram["length"], 128 << 20, "{name}");
-        let full: Vec<&Value> = v["sections"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|s| s["type"] == "FULL")
-            .collect();
+        let full = full_sections(&v);
         assert!(full.len() >= 25, "{name}: {} device sections", full.len());
         let decoded = full.iter().filter(|s| s["fields"].is_object()).count();
         assert_eq!(
@@ -131,25 +148,13 @@ fn analyze_damaged_file_says_where() {
     let dir = TempDir::new("qmh-analyze-bad");
     let cut = dir.join("cut.bin");
     std::fs::write(&cut, &data[..data.len() / 2]).unwrap();
-    let out = Command::new(helper_bin())
-        .arg("analyze")
-        .arg(&cut)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let e = String::from_utf8_lossy(&out.stderr);
+    let e = analyze_fails(&cut);
     assert!(e.contains("offset"), "{e}");
     // A RAM record with unknown flags, right after the RAM START.
     data[0x45..0x4d].copy_from_slice(&0x800u64.to_be_bytes());
     let bad = dir.join("bad.bin");
     std::fs::write(&bad, &data).unwrap();
-    let out = Command::new(helper_bin())
-        .arg("analyze")
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let e = String::from_utf8_lossy(&out.stderr);
+    let e = analyze_fails(&bad);
     assert!(e.contains("offset") && e.contains("section"), "{e}");
 }
 
@@ -160,7 +165,7 @@ fn analyze_damaged_file_says_where() {
 fn analyze_qemu_mapped_ram_saves() {
     use std::os::unix::fs::MetadataExt;
     use std::time::Duration;
-    use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+    use support::qemu::{require_qemu, MappedRamSave, Qemu, QemuVm, VmOpts};
     use support::util::{assert_same_memory, fill_mixed, test_seed, MIB};
 
     let test = "analyze_qemu_mapped_ram_saves";
@@ -177,18 +182,12 @@ fn analyze_qemu_mapped_ram_saves() {
         let mut vm = QemuVm::start(Qemu::V10, RAM, &VmOpts::default());
         let zeros = fill_mixed(&mut vm.ram_mmap(), test_seed(test), 0.5) as u64;
         let file = dir.join(&format!("{name}.bin"));
-        let mut caps = vec![("mapped-ram", true)];
-        if multifd {
-            caps.push(("multifd", true));
-        }
-        vm.qmp().set_capabilities(&caps).expect("caps");
-        let uri = if offset > 0 {
-            format!("file:{},offset={offset}", file.display())
-        } else {
-            format!("file:{}", file.display())
+        let how = MappedRamSave {
+            offset,
+            channels: if multifd { 2 } else { 0 },
+            direct_io: false,
         };
-        vm.qmp().migrate(&uri).expect("migrate");
-        vm.wait_migration(&["completed"], Duration::from_secs(120))
+        vm.save_mapped_ram(&file, how, Duration::from_secs(120))
             .expect("QEMU saves");
         let out = dir.join(&format!("{name}.ram"));
         let mut args = vec!["--extract-ram".to_string(), out.display().to_string()];
@@ -235,13 +234,7 @@ fn analyze_qemu_mapped_ram_saves() {
         );
         // Without --offset, a save at an offset says where the stream is.
         if offset > 0 {
-            let o = Command::new(helper_bin())
-                .arg("analyze")
-                .arg(&file)
-                .output()
-                .unwrap();
-            assert!(!o.status.success());
-            let e = String::from_utf8_lossy(&o.stderr);
+            let e = analyze_fails(&file);
             assert!(e.contains(&format!("--offset {offset}")), "{e}");
         }
     }

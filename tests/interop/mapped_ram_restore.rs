@@ -10,8 +10,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use support::helper::HelperVm;
-use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
-use support::util::{assert_same_memory, fill_mixed, test_seed, TempDir, MIB};
+use support::qemu::{require_qemu, MappedRamSave, Qemu, QemuVm, VmOpts};
+use support::util::{assert_same_memory, file_uri, fill_mixed, test_seed, TempDir, MIB};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 /// What the helper's memory holds before the restore: every zero page must be made zero.
@@ -23,30 +23,13 @@ const PREFILL: u8 = 0xa5;
 fn qemu_save(test: &str, dir: &Path, size: u64, channels: u8, offset: u64) -> (QemuVm, PathBuf) {
     let mut vm = QemuVm::start(Qemu::V10, size, &VmOpts::default());
     fill_mixed(&mut vm.ram_mmap(), test_seed(test), 0.3);
-    let mut caps = vec![json!({"capability": "mapped-ram", "state": true})];
-    if channels > 0 {
-        caps.push(json!({"capability": "multifd", "state": true}));
-        vm.execute(
-            "migrate-set-parameters",
-            json!({"multifd-channels": channels}),
-        )
-        .expect("multifd-channels");
-    }
-    if direct_io(test) {
-        vm.execute("migrate-set-parameters", json!({"direct-io": true}))
-            .expect("direct-io");
-    }
-    vm.execute("migrate-set-capabilities", json!({ "capabilities": caps }))
-        .expect("capabilities");
     let file = dir.join("guest.img");
-    // A caller's header before the stream (QEMU keeps the first `offset` bytes).
-    std::fs::write(&file, vec![0x5a; offset as usize]).expect("header");
-    vm.execute(
-        "migrate",
-        json!({"uri": format!("file:{},offset={offset}", file.display())}),
-    )
-    .expect("migrate");
-    vm.wait_migration(&["completed"], TIMEOUT)
+    let how = MappedRamSave {
+        offset,
+        channels,
+        direct_io: direct_io(test),
+    };
+    vm.save_mapped_ram(&file, how, TIMEOUT)
         .unwrap_or_else(|e| panic!("{test}: QEMU's save: {e}"));
     (vm, file)
 }
@@ -79,7 +62,7 @@ fn helper(size: u64, mapped_ram: bool, channels: u8, direct: bool) -> HelperVm {
 
 fn restore(h: &mut HelperVm, file: &Path, offset: u64) -> Value {
     h.client
-        .migrate_incoming(&format!("file:{},offset={offset}", file.display()))
+        .migrate_incoming(&file_uri(file, offset))
         .expect("migrate-incoming");
     h.client
         .wait_for_status(&["completed", "failed"], TIMEOUT)

@@ -8,24 +8,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::helper_helper::dirty_writer;
 use support::helper::HelperVm;
 use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
-use support::util::{assert_same_memory, fill_mixed, test_seed, TempDir, MIB, PAGE_SIZE};
+use support::util::{
+    assert_same_memory, file_uri, fill_mixed, test_seed, u64_at, TempDir, MIB, PAGE_SIZE,
+};
 
 const RAM: u64 = 64 * MIB;
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-fn u64_at(v: &Value, path: &[&str]) -> u64 {
-    let mut cur = v;
-    for p in path {
-        cur = &cur[*p];
-    }
-    cur.as_u64()
-        .unwrap_or_else(|| panic!("{} is not an integer in {v}", path.join(".")))
-}
 
 struct Case {
     /// multifd channels; 0: multifd off.
@@ -49,10 +42,7 @@ fn save_and_restore(test: &str, c: Case) {
     // What lies before the offset is not the helper's: it must stay as it was.
     let prefix = vec![0x5au8; c.offset.unwrap_or(0) as usize];
     std::fs::write(&path, &prefix).expect("prefix");
-    let uri = match c.offset {
-        Some(o) => format!("file:{},offset={o}", path.display()),
-        None => format!("file:{}", path.display()),
-    };
+    let uri = file_uri(&path, c.offset.unwrap_or(0));
 
     let mut src = HelperVm::spawn_with_args(&["--log-level", "info"]);
     src.add_block("ram", RAM, c.live);

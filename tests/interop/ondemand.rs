@@ -11,30 +11,40 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use support::helper::HelperVm;
-use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+use support::qemu::{require_qemu, MappedRamSave, Qemu, QemuVm, VmOpts};
 use support::uffd::{Readers, UffdGuest};
-use support::util::{assert_same_memory, fill_mixed, test_seed, TempDir, GIB, MIB};
+use support::util::{assert_same_memory, file_uri, fill_mixed, test_seed, TempDir, GIB, MIB};
 
 const RAM: u64 = 64 * MIB;
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-/// QEMU 10.0 saves a guest of `ram` bytes (`zero` of its pages zero) to `file` with
-/// mapped-ram; returns the guest's memory.
-fn qemu_save(file: &Path, ram: u64, seed: u64, zero: f64) -> Vec<u8> {
+/// A guest that QEMU 10.0 saved with mapped-ram.
+struct Saved {
+    /// Holds the file, removed on drop: bind it for as long as the file is used.
+    dir: TempDir,
+    file: PathBuf,
+    /// The guest's memory.
+    expected: Arc<Vec<u8>>,
+    seed: u64,
+}
+
+/// QEMU 10.0 saves a guest of `ram` bytes (`zero` of its pages zero) to `name` in a new
+/// directory; None (the test skipped) without QEMU 10.0.
+fn qemu_save(test: &str, name: &str, ram: u64, zero: f64) -> Option<Saved> {
+    require_qemu(Qemu::V10, test)?;
+    let seed = test_seed(test);
+    let dir = TempDir::new("qmh-od");
+    let file = dir.join(name);
     let mut src = QemuVm::start(Qemu::V10, ram, &VmOpts::default());
     fill_mixed(&mut src.ram_mmap(), seed, zero);
-    src.qmp()
-        .set_capabilities(&[("mapped-ram", true)])
-        .expect("qemu caps");
-    src.qmp()
-        .set_parameters(json!({"max-bandwidth": 100 * GIB}))
-        .expect("qemu params");
-    src.qmp()
-        .migrate(&format!("file:{}", file.display()))
-        .expect("qemu migrate file:");
-    src.wait_migration(&["completed"], TIMEOUT)
+    src.save_mapped_ram(&file, MappedRamSave::default(), TIMEOUT)
         .expect("QEMU saves with mapped-ram");
-    src.ram_mmap().to_vec()
+    Some(Saved {
+        dir,
+        file,
+        expected: Arc::new(src.ram_mmap().to_vec()),
+        seed,
+    })
 }
 
 /// A helper destination whose block `ram` is `guest`, with the on-demand capabilities.
@@ -77,7 +87,7 @@ fn wait_status(h: &mut HelperVm, guest: &mut UffdGuest, wanted: &[&str]) -> Valu
 fn start(dst: &mut HelperVm, guest: &mut UffdGuest, file: &Path) -> Duration {
     let t0 = Instant::now();
     dst.client
-        .migrate_incoming(&format!("file:{}", file.display()))
+        .migrate_incoming(&file_uri(file, 0))
         .expect("migrate-incoming file:");
     let v = wait_status(dst, guest, &["postcopy-active", "completed"]);
     let took = t0.elapsed();
@@ -106,13 +116,15 @@ fn bitmap_offset(bytes: &[u8]) -> usize {
 #[test]
 fn qemu10_mapped_ram_on_demand_restore() {
     let test = "qemu10_mapped_ram_on_demand_restore";
-    if require_qemu(Qemu::V10, test).is_none() {
+    let Some(Saved {
+        file,
+        expected,
+        seed,
+        dir: _dir,
+    }) = qemu_save(test, "saved.mig", RAM, 0.3)
+    else {
         return;
-    }
-    let seed = test_seed(test);
-    let dir = TempDir::new("qmh-od");
-    let file = dir.join("saved.mig");
-    let expected = Arc::new(qemu_save(&file, RAM, seed, 0.3));
+    };
     let mut guest = UffdGuest::new(RAM);
     // A parent that preallocated its guest: the restore starts from holes all the same.
     guest.preallocate(0x5a);
@@ -160,13 +172,15 @@ fn qemu10_mapped_ram_on_demand_restore() {
 #[test]
 fn on_demand_restore_pauses_on_a_truncated_file_and_recovers() {
     let test = "on_demand_restore_pauses_on_a_truncated_file_and_recovers";
-    if require_qemu(Qemu::V10, test).is_none() {
+    let Some(Saved {
+        dir,
+        file: good,
+        expected,
+        seed,
+    }) = qemu_save(test, "good.mig", RAM, 0.3)
+    else {
         return;
-    }
-    let seed = test_seed(test);
-    let dir = TempDir::new("qmh-od");
-    let good = dir.join("good.mig");
-    let expected = Arc::new(qemu_save(&good, RAM, seed, 0.3));
+    };
     let work: PathBuf = dir.join("work.mig");
     std::fs::copy(&good, &work).expect("copy");
     let bytes = std::fs::read(&good).expect("read");
@@ -190,7 +204,7 @@ fn on_demand_restore_pauses_on_a_truncated_file_and_recovers() {
     assert!(why.contains("work.mig") && why.contains("RAM block"), "{p}");
 
     dst.client
-        .migrate_recover(&format!("file:{}", other.display()))
+        .migrate_recover(&file_uri(&other, 0))
         .expect("migrate-recover other");
     std::thread::sleep(Duration::from_millis(300));
     let v = wait_status(&mut dst, &mut guest, &["postcopy-paused"]);
@@ -198,7 +212,7 @@ fn on_demand_restore_pauses_on_a_truncated_file_and_recovers() {
     assert!(why.contains("is not the restore's file"), "{v}");
 
     dst.client
-        .migrate_recover(&format!("file:{}", good.display()))
+        .migrate_recover(&file_uri(&good, 0))
         .expect("migrate-recover good");
     wait_status(&mut dst, &mut guest, &["postcopy-active", "completed"]);
     std::thread::sleep(Duration::from_millis(300));
@@ -219,18 +233,20 @@ fn on_demand_restore_pauses_on_a_truncated_file_and_recovers() {
 #[ignore]
 fn ondemand_measure() {
     let test = "ondemand_measure";
-    if require_qemu(Qemu::V10, test).is_none() {
-        return;
-    }
     let gib: u64 = std::env::var("QMH_OD_GIB")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
-    let seed = test_seed(test);
-    let dir = TempDir::new("qmh-od");
-    let file = dir.join("big.mig");
     let t = Instant::now();
-    let expected = Arc::new(qemu_save(&file, gib * GIB, seed, 0.9));
+    let Some(Saved {
+        file,
+        expected,
+        seed,
+        dir: _dir,
+    }) = qemu_save(test, "big.mig", gib * GIB, 0.9)
+    else {
+        return;
+    };
     eprintln!(
         "{test}: QEMU saved {gib} GiB in {:?} ({} bytes in the file)",
         t.elapsed(),

@@ -33,6 +33,18 @@ mod tests {
     }
 
     #[test]
+    fn file_uris_and_json_integers() {
+        let p = std::path::Path::new("/tmp/x.mig");
+        assert_eq!(file_uri(p, 0), "file:/tmp/x.mig");
+        assert_eq!(file_uri(p, 4096), "file:/tmp/x.mig,offset=4096");
+        let v = serde_json::json!({"ram": {"normal": 3, "mbps": 1.5}});
+        assert_eq!(u64_at(&v, &["ram", "normal"]), 3);
+        for bad in [&["ram", "mbps"][..], &["ram", "nope"]] {
+            assert!(std::panic::catch_unwind(|| u64_at(&v, bad)).is_err());
+        }
+    }
+
+    #[test]
     fn temp_dir_is_removed() {
         let d = TempDir::new("qmh-util-test");
         let p = d.path().to_path_buf();

@@ -229,6 +229,12 @@ pub(crate) enum Violation {
     /// mapped-ram (QEMU's `invalid_flags`, in its words).
     #[error("Unexpected RAM flags: {0}")]
     MappedRamFlags(u64),
+    /// mapped-ram: a block's entry (and header) a second time in the block list.
+    #[error("RAM block {0:?} is listed twice")]
+    ListedTwice(String),
+    /// An on-demand restore: a destination block the file does not have.
+    #[error("RAM block {0:?} is not in the file: its pages could never be served")]
+    NotInFile(String),
 }
 
 fn on_off(b: bool) -> &'static str {

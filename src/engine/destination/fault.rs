@@ -210,8 +210,20 @@ impl PostcopyDest {
         offset: u64,
         data: &[u8],
     ) -> Result<(), FaultError> {
+        self.place_from(bi, offset, data.as_ptr(), data.len() as u64)
+    }
+
+    /// [`PostcopyDest::place_pages`] from `len` bytes at `src` in this process, which only
+    /// the kernel reads (UFFDIO_COPY's copy_from_user): a mapped file, say. Where it cannot
+    /// read them the copy fails with EFAULT.
+    pub(crate) fn place_from(
+        &self,
+        bi: usize,
+        offset: u64,
+        src: *const u8,
+        len: u64,
+    ) -> Result<(), FaultError> {
         let b = &self.blocks[bi];
-        let len = data.len() as u64;
         if len == 0
             || len % PAGE != 0
             || offset % PAGE != 0
@@ -223,12 +235,13 @@ impl PostcopyDest {
                 offset,
             });
         }
-        let copy = |off: u64, d: &[u8]| {
+        let copy = |off: u64, from: *const u8, n: u64| {
             // SAFETY: dst is inside the parent's registered mapping of this block
-            // (host-addr, size; checked above), src is our buffer of d.len() bytes.
+            // (host-addr, size; checked above); src is only read by the kernel, which
+            // fails the copy with EFAULT where it cannot.
             unsafe {
                 self.uffd
-                    .copy(d.as_ptr() as *const _, self.host(bi, off), d.len(), true)
+                    .copy(from.cast(), self.host(bi, off), n as usize, true)
             }
         };
         let failed = |off: u64, source| FaultError::Place {
@@ -237,16 +250,16 @@ impl PostcopyDest {
             offset: off,
             source,
         };
-        let per_page = match copy(offset, data) {
-            Ok(n) if n == data.len() => false,
+        let per_page = match copy(offset, src, len) {
+            Ok(n) if n as u64 == len => false,
             Ok(_) | Err(userfaultfd::Error::PartiallyCopied(_)) => true,
             Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => true,
             Err(e) => return Err(failed(offset, e)),
         };
         if per_page {
-            for (i, d) in data.chunks(TARGET_PAGE_SIZE).enumerate() {
-                let off = offset + i as u64 * PAGE;
-                match copy(off, d) {
+            for i in 0..len / PAGE {
+                let off = offset + i * PAGE;
+                match copy(off, src.wrapping_add((i * PAGE) as usize), PAGE) {
                     Ok(_) => {}
                     Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {}
                     Err(e) => return Err(failed(off, e)),

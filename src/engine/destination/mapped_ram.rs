@@ -11,13 +11,16 @@ mod load;
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
 use crate::compat::wire::ram as flag;
 use crate::engine::destination::error::{LoadError, Violation};
-use crate::engine::destination::loader::Loader;
+use crate::engine::destination::loader::{Link, Loader};
 use crate::engine::destination::reader::{with_next, ReadReady, Reader};
-use crate::engine::migration::Stats;
+use crate::engine::migration::{MigrationCtx, Stats};
+use crate::memory::block::RamBlock;
 use crate::transport::Channel;
+use crate::wire::device_state::DeviceSection;
 use crate::wire::mapped_ram::{self as codec, Header, Regions};
 
 /// A block's place in a mapped-ram file, read from its header and bitmap and checked.
@@ -38,8 +41,8 @@ pub(crate) enum MappedMode {
     /// Read every page now, as QEMU does (and make sure the others are zero).
     #[default]
     Full,
-    /// Only keep the [`MappedBlock`]s: the pages are served later, on demand.
-    #[allow(dead_code)] // chosen by the on-demand restore (`ondemand`), which lands apart
+    /// Only keep the [`MappedBlock`]s: the pages are served later, on demand
+    /// ([`load_lazy`]).
     Lazy,
 }
 
@@ -102,6 +105,64 @@ impl MappedFile {
     }
 }
 
+/// The read buffer of a lazy load: it only reads block entries, headers and the device
+/// state (it grows for a larger item), so a small one reads little of a block's bitmap and
+/// pages, which the seek skips.
+const LAZY_CHUNK: usize = 64 << 10;
+
+/// What a load in [`MappedMode::Lazy`] leaves.
+#[derive(Debug)]
+pub(crate) struct Lazy {
+    /// One per destination block, in the destination's order (`MappedBlock::index`).
+    pub(crate) blocks: Vec<MappedBlock>,
+    pub(crate) devices: Vec<DeviceSection>,
+    /// The stream's file (a dup of the channel's fd), to read pages from.
+    pub(crate) file: std::fs::File,
+}
+
+/// Loads the mapped-ram stream of file channel `chan` (from its position) as a full load
+/// does, in [`MappedMode::Lazy`]: every header checked, every bitmap read, no page read or
+/// written, the device state kept. Every destination block must be in the file: a page
+/// the file does not have could never be served.
+pub(crate) fn load_lazy(
+    ctx: &MigrationCtx,
+    blocks: &[Arc<RamBlock>],
+    chan: &Channel,
+) -> Result<Lazy, LoadError> {
+    let file =
+        MappedFile::open(chan, &[]).map_err(|source| LoadError::Mapped { offset: 0, source })?;
+    let mut loader = Loader::new(ctx, blocks, None, Link::default(), None);
+    // A lazy load is of a mapped-ram file whatever the capability says.
+    loader.mapped_ram = true;
+    loader.mapped_mode = MappedMode::Lazy;
+    loader.mapped_file = Some(file);
+    let mut r = Reader::new(chan, chan.peer.clone(), LAZY_CHUNK);
+    super::load_inner(&mut loader, &mut r, Some(chan))?;
+    let mut found: Vec<Option<MappedBlock>> = vec![None; blocks.len()];
+    for m in std::mem::take(&mut loader.mapped) {
+        if let Some(slot) = found.get_mut(m.index) {
+            *slot = Some(m);
+        }
+    }
+    let mut out = Vec::with_capacity(blocks.len());
+    for (b, m) in blocks.iter().zip(found) {
+        let m = m.ok_or_else(|| Loader::invalid(r.offset, Violation::NotInFile(b.id.clone())))?;
+        out.push(m);
+    }
+    // Set above; the loader only reads it.
+    let Some(file) = loader.mapped_file.take() else {
+        return Err(LoadError::Mapped {
+            offset: r.offset,
+            source: MappedError::NotAFile(chan.peer.clone()),
+        });
+    };
+    Ok(Lazy {
+        blocks: out,
+        devices: std::mem::take(&mut loader.devices),
+        file: file.fd.into(),
+    })
+}
+
 /// What went wrong with a mapped-ram file.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum MappedError {
@@ -153,6 +214,13 @@ impl Loader<'_> {
         let Some(b) = self.blocks.get(bi) else {
             return Ok(());
         };
+        // Its pages would have two places.
+        if self.mapped.iter().any(|m| m.index == bi) {
+            return Err(Self::invalid(
+                r.offset,
+                Violation::ListedTwice(b.id.clone()),
+            ));
+        }
         let header = with_next!(r, "in a mapped-ram header", codec::decode_header, |h| h);
         let mapped = |source| LoadError::Mapped {
             offset: r.offset,
@@ -243,4 +311,4 @@ impl Loader<'_> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

@@ -232,6 +232,16 @@ fn load_inner<R: ReadReady>(
             }
         }
         slog::info!(loader.ctx.log, "incoming stream"; "machine" => &conf.machine);
+    } else if loader.mapped_ram {
+        // Without the configuration nothing says the file is laid out for mapped-ram.
+        return Err(Loader::invalid(
+            r.offset,
+            Violation::Capability {
+                name: wire::mapped_ram::CAPABILITY.into(),
+                local: true,
+                received: false,
+            },
+        ));
     }
     loader.ctx.stats.total.store(
         loader.blocks.iter().map(|b| b.size).sum(),

@@ -23,18 +23,23 @@ pub(super) fn block(id: &str, pages: u64) -> Arc<RamBlock> {
     Arc::new(RamBlock::new(spec(id, pages * PAGE), memfd(pages * PAGE)).expect("block"))
 }
 
-/// The stream's header and a RAM START section with the block list of `blocks` (id, pages),
-/// without its EOS: the START body may go on.
-pub(super) fn ram_start(blocks: &[(&str, u64)]) -> Vec<u8> {
-    let mut s = Vec::new();
-    stream::encode_header(&mut s);
+/// The RAM section's START header (section 2), as QEMU numbers it.
+pub(super) fn encode_ram_start(s: &mut Vec<u8>) {
     let h = SectionHeader {
         section_id: 2,
         idstr: flag::IDSTR.into(),
         instance_id: 0,
         version_id: flag::VERSION,
     };
-    stream::encode_section_start(&mut s, SectionKind::Start, &h).unwrap();
+    stream::encode_section_start(s, SectionKind::Start, &h).unwrap();
+}
+
+/// The stream's header and a RAM START section with the block list of `blocks` (id, pages),
+/// without its EOS: the START body may go on.
+pub(super) fn ram_start(blocks: &[(&str, u64)]) -> Vec<u8> {
+    let mut s = Vec::new();
+    stream::encode_header(&mut s);
+    encode_ram_start(&mut s);
     let entries: Vec<BlockEntry> = blocks
         .iter()
         .map(|&(id, pages)| BlockEntry {

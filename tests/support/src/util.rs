@@ -1,5 +1,6 @@
 //! Small helpers shared by the interop tests and benchmarks: page patterns, memory
-//! comparison, unique names and a self-removing temporary directory (no `tempfile` crate).
+//! comparison, `file:` URIs, JSON integers, unique names and a self-removing temporary
+//! directory (no `tempfile` crate).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +36,26 @@ pub fn fill_mixed(buf: &mut [u8], seed: u64, zero_fraction: f64) -> usize {
         }
     }
     zero_pages
+}
+
+/// The `file:` URI of a migration stream that starts at `offset` in `path` (`file:PATH`
+/// at 0, else `file:PATH,offset=N`).
+pub fn file_uri(path: &Path, offset: u64) -> String {
+    match offset {
+        0 => format!("file:{}", path.display()),
+        o => format!("file:{},offset={o}", path.display()),
+    }
+}
+
+/// The integer at `path` in a JSON reply (`["ram", "normal"]`); panics naming it if it is
+/// missing or not one.
+pub fn u64_at(v: &serde_json::Value, path: &[&str]) -> u64 {
+    let mut cur = v;
+    for p in path {
+        cur = &cur[*p];
+    }
+    cur.as_u64()
+        .unwrap_or_else(|| panic!("{} is not an integer in {v}", path.join(".")))
 }
 
 /// A seed for tests: `QMH_SEED` when set (to reproduce a failure), else derived from the

@@ -7,14 +7,14 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use crate::compat::wire::{ram as flag, TARGET_PAGE_SIZE};
-use crate::engine::destination::tests::ctx;
+use crate::engine::destination::tests::{block, ctx, encode_ram_start};
 use crate::engine::destination::{load, LoadError};
 use crate::engine::migration::MigrationCtx;
 use crate::memory::block::tests::{byte, memfd, spec};
 use crate::memory::block::RamBlock;
 use crate::transport::Channel;
 use crate::wire::mapped_ram::{self as codec, Header};
-use crate::wire::stream::{self, put_be64, put_str8, SectionHeader, SectionKind};
+use crate::wire::stream::{self, put_be64, put_str8, SectionKind};
 
 const PAGE: u64 = TARGET_PAGE_SIZE as u64;
 
@@ -47,13 +47,7 @@ fn craft(base: u64, blocks: &[(&str, u64, Content)], tweak: &dyn Fn(usize, &mut 
     let mut s = Vec::new();
     stream::encode_header(&mut s);
     stream::encode_configuration_with(&mut s, "pc", &["mapped-ram"]).unwrap();
-    let h = SectionHeader {
-        section_id: 2,
-        idstr: flag::IDSTR.into(),
-        instance_id: 0,
-        version_id: flag::VERSION,
-    };
-    stream::encode_section_start(&mut s, SectionKind::Start, &h).unwrap();
+    encode_ram_start(&mut s);
     let total: u64 = blocks.iter().map(|b| b.1 * PAGE).sum();
     put_be64(&mut s, total | flag::MEM_SIZE);
     for (i, &(id, pages, content)) in blocks.iter().enumerate() {
@@ -91,14 +85,22 @@ fn craft(base: u64, blocks: &[(&str, u64, Content)], tweak: &dyn Fn(usize, &mut 
     f
 }
 
-fn block(id: &str, pages: u64) -> Arc<RamBlock> {
-    Arc::new(RamBlock::new(spec(id, pages * PAGE), memfd(pages * PAGE)).unwrap())
-}
-
 fn mapped_ctx(on: bool) -> Arc<MigrationCtx> {
     let ctx = ctx();
     ctx.caps.lock().unwrap().mapped_ram = on;
     ctx
+}
+
+/// A file channel over `f` at position `base`, where its stream starts (as the control
+/// side leaves it for `file:PATH,offset=N`).
+pub(crate) fn channel_at(f: File, base: u64) -> Channel {
+    nix::unistd::lseek(
+        std::os::fd::AsRawFd::as_raw_fd(&f),
+        base as i64,
+        nix::unistd::Whence::SeekSet,
+    )
+    .unwrap();
+    Channel::from_file(f, "file:test".into())
 }
 
 /// Loads the file from stream offset `base` (its position, as the control side leaves
@@ -110,14 +112,7 @@ fn run_on(
     base: u64,
     channels: usize,
 ) -> Result<(), LoadError> {
-    let main = f.try_clone().unwrap();
-    nix::unistd::lseek(
-        std::os::fd::AsRawFd::as_raw_fd(&main),
-        base as i64,
-        nix::unistd::Whence::SeekSet,
-    )
-    .unwrap();
-    let chan = Channel::from_file(main, "file:test".into());
+    let chan = channel_at(f.try_clone().unwrap(), base);
     let multifd = (0..channels)
         .map(|i| Channel::from_file(f.try_clone().unwrap(), format!("file:test#{i}")))
         .collect();

@@ -1,6 +1,6 @@
-//! The background fill: every data page not yet placed, block by block, in runs (read
-//! with one pread, placed with one UFFDIO_COPY), at most 1 MiB each so that a fault waits
-//! for one run at most. Holes are left alone: the blocks were punched at the start, and
+//! The background fill: every data page not yet placed, block by block, in runs (each
+//! copied from the mapped file with one UFFDIO_COPY, see `source`), at most 1 MiB each so
+//! that a fault waits for one run at most. Holes are left alone: the blocks were punched at the start, and
 //! once the last data page is placed the blocks are unregistered, so a hole nobody touched
 //! reads as zero without being allocated (as QEMU leaves them; a hole that faults before
 //! is placed by the fault thread with UFFDIO_ZEROPAGE). It yields to the fault thread (no
@@ -139,6 +139,8 @@ impl Shared<'_> {
                     Err(e) => return Err(e),
                 }
                 if data {
+                    // The mapped file pages are copied: unmap them.
+                    self.file().release(self.file_offset(bi, page), n * PAGE);
                     throttle.bytes += n * PAGE;
                     ctx.stats.transferred.fetch_add(n * PAGE, Ordering::Relaxed);
                 }

@@ -1,8 +1,9 @@
 //! On-demand restore: a destination with the parent's userfaultfd starts the guest from a
 //! mapped-ram file in postcopy style. Every page has a fixed place in the file, so no
-//! source is needed: the file's start (block list, headers, bitmaps) and its device state
-//! are read, the device state is handed over, the migration becomes `postcopy-active`
-//! (the parent runs its vCPUs), and then
+//! source is needed: the loader reads the file's stream in `MappedMode::Lazy` (block list,
+//! checked headers, bitmaps and device state; no page), the blocks are punched empty, the
+//! device state is handed over, the migration becomes `postcopy-active` (the parent runs
+//! its vCPUs), and then
 //! - the fault thread ([`serve`]) places each faulting page (with the rest of its run)
 //!   from the file, or a zero page for a hole;
 //! - the fill thread ([`fill`]) places every other page in the background.
@@ -23,7 +24,7 @@ use std::time::Instant;
 
 use crate::engine::destination::error::LoadError;
 use crate::engine::destination::fault::{FaultError, PostcopyDest};
-use crate::engine::destination::loader::{Link, Loader};
+use crate::engine::destination::mapped_ram::{load_lazy, MappedBlock};
 use crate::engine::destination::reader::ReadError;
 use crate::engine::destination::return_path::RpWriter;
 use crate::engine::migration::{MigrationCtx, Recovery};
@@ -32,13 +33,14 @@ use crate::memory::block::RamBlock;
 use crate::transport::{CancelToken, Channel, Incoming};
 
 mod fill;
-mod scan;
 mod serve;
+mod source;
 #[cfg(test)]
 mod tests;
 
 use fill::Filled;
 use serve::{Run, ServeError, Shared};
+use source::Source;
 
 /// Whether an incoming migration is an on-demand restore: mapped-ram and postcopy-ram on,
 /// a userfaultfd set, and the channel a file.
@@ -56,18 +58,6 @@ fn io(peer: &str, offset: u64, source: std::io::Error) -> LoadError {
     .into()
 }
 
-/// The file behind a file channel, and where its stream starts (the fd's position).
-fn file_of(chan: &Channel) -> Result<(File, u64), LoadError> {
-    let fd = chan.try_clone_fd().map_err(|e| io(&chan.peer, 0, e))?;
-    let start = nix::unistd::lseek(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        0,
-        nix::unistd::Whence::SeekCur,
-    )
-    .map_err(|e| io(&chan.peer, 0, e.into()))?;
-    Ok((File::from(fd), start as u64))
-}
-
 /// Runs an on-demand restore; the caller set `active` and moves to `completed` on Ok.
 /// `multifd` channels, if any, are not needed: pages are read with pread.
 pub(crate) fn run(
@@ -79,11 +69,9 @@ pub(crate) fn run(
 ) -> Result<(), LoadError> {
     drop(multifd);
     let t0 = Instant::now();
-    let (file, start) = file_of(&chan)?;
-    let layout = scan::layout(&file, &chan.peer, start, blocks)?;
-    let mut loader = Loader::new(ctx, blocks, None, Link::default(), None);
-    let devices = scan::rest(&mut loader, &chan, layout.stream_at, layout.ram_section)?;
-    drop(loader);
+    // The loader reads the file's stream (block list, headers, bitmaps, device state) and
+    // no page: the pages are served from here.
+    let lazy = load_lazy(ctx, blocks, &chan)?;
     let received = Arc::new(
         blocks
             .iter()
@@ -102,7 +90,7 @@ pub(crate) fn run(
     .map_err(|source| LoadError::Postcopy { offset: 0, source })?;
     let total: u64 = blocks.iter().map(|b| b.size).sum();
     ctx.stats.total.store(total, Ordering::Relaxed);
-    let data_pages: u64 = layout
+    let data_pages: u64 = lazy
         .blocks
         .iter()
         .map(|m| {
@@ -126,11 +114,11 @@ pub(crate) fn run(
             })?;
     }
     // The parent loads the devices before it runs the vCPUs: hand them over first.
-    let ndev = devices.len();
+    let ndev = lazy.devices.len();
     ctx.device_in
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .extend(devices);
+        .extend(lazy.devices);
     ctx.state.transition(MigrationStatus::PostcopyActive)?;
     let runnable = t0.elapsed();
     slog::info!(ctx.log, "on-demand restore: guest runnable";
@@ -142,8 +130,12 @@ pub(crate) fn run(
     let sh = Shared {
         pc,
         blocks,
-        mapped: layout.blocks.clone(),
-        file: RwLock::new((Arc::new(file), chan.peer.clone())),
+        mapped: lazy.blocks,
+        file: RwLock::new(Arc::new(Source::new(
+            lazy.file,
+            chan.peer.clone(),
+            &ctx.log,
+        ))),
         run: Mutex::new(Run::default()),
         changed: Condvar::new(),
         busy: AtomicU64::new(0),
@@ -155,7 +147,7 @@ pub(crate) fn run(
         zero_pages: AtomicU64::new(0),
         log: ctx.log.clone(),
     };
-    let result = serve_all(ctx, &sh, &layout);
+    let result = serve_all(ctx, &sh);
     sh.count_remaining(ctx);
     let left = ctx.stats.remaining.load(Ordering::Relaxed) / serve::PAGE;
     ctx.stats
@@ -188,7 +180,7 @@ pub(crate) fn run(
 
 /// Runs the fault and fill threads until every page is placed, recovering from file
 /// failures; joins both on every path.
-fn serve_all(ctx: &MigrationCtx, sh: &Shared<'_>, layout: &scan::Layout) -> Result<(), LoadError> {
+fn serve_all(ctx: &MigrationCtx, sh: &Shared<'_>) -> Result<(), LoadError> {
     std::thread::scope(|s| {
         let faults = std::thread::Builder::new()
             .name("qmh-od-faults".into())
@@ -206,7 +198,7 @@ fn serve_all(ctx: &MigrationCtx, sh: &Shared<'_>, layout: &scan::Layout) -> Resu
                 Err(e) => sh.fail(e),
             });
         let result = match &fill {
-            Ok(_) => supervise(ctx, sh, layout),
+            Ok(_) => supervise(ctx, sh),
             Err(e) => Err(io(
                 "the fill thread",
                 0,
@@ -234,7 +226,7 @@ fn failure(e: ServeError) -> LoadError {
 
 /// The migration thread while the threads serve: waits for the end, a failure, a cancel
 /// or a pause, and drives each pause's recoveries.
-fn supervise(ctx: &MigrationCtx, sh: &Shared<'_>, layout: &scan::Layout) -> Result<(), LoadError> {
+fn supervise(ctx: &MigrationCtx, sh: &Shared<'_>) -> Result<(), LoadError> {
     loop {
         let why = {
             let mut g = sh.lock();
@@ -257,13 +249,13 @@ fn supervise(ctx: &MigrationCtx, sh: &Shared<'_>, layout: &scan::Layout) -> Resu
         ctx.pauses.fetch_add(1, Ordering::Relaxed);
         ctx.state.note_error(why);
         ctx.state.transition(MigrationStatus::PostcopyPaused)?;
-        recover(ctx, sh, layout)?;
+        recover(ctx, sh)?;
     }
 }
 
 /// In postcopy-paused: takes recoveries until one gives a file with the same layout, then
 /// goes on (`postcopy-active`).
-fn recover(ctx: &MigrationCtx, sh: &Shared<'_>, layout: &scan::Layout) -> Result<(), LoadError> {
+fn recover(ctx: &MigrationCtx, sh: &Shared<'_>) -> Result<(), LoadError> {
     loop {
         let Some(rec) = ctx.wait_recovery() else {
             return Err(LoadError::Cancelled);
@@ -273,10 +265,11 @@ fn recover(ctx: &MigrationCtx, sh: &Shared<'_>, layout: &scan::Layout) -> Result
         };
         let t0 = Instant::now();
         ctx.state.transition(MigrationStatus::PostcopyRecover)?;
-        match take_file(sh, incoming, layout) {
+        match take_file(ctx, sh, incoming) {
             Ok((file, name)) => {
                 slog::info!(ctx.log, "on-demand restore: new file"; "file" => &name);
-                *sh.file.write().unwrap_or_else(|e| e.into_inner()) = (Arc::new(file), name);
+                *sh.file.write().unwrap_or_else(|e| e.into_inner()) =
+                    Arc::new(Source::new(file, name, &ctx.log));
                 sh.update(|r| r.paused = None);
                 ctx.state.transition(MigrationStatus::PostcopyActive)?;
                 ctx.record_recovery(t0.elapsed());
@@ -293,11 +286,12 @@ fn recover(ctx: &MigrationCtx, sh: &Shared<'_>, layout: &scan::Layout) -> Result
     }
 }
 
-/// The file a recovery offers, if it places every page where the restore's file does.
+/// The file a recovery offers, loaded as the restore's was, if it places every page where
+/// the restore's file does.
 fn take_file(
+    ctx: &MigrationCtx,
     sh: &Shared<'_>,
     incoming: Incoming,
-    layout: &scan::Layout,
 ) -> Result<(File, String), String> {
     let chan = match incoming {
         Incoming::Ready(c) if !c.is_socket => c,
@@ -310,11 +304,28 @@ fn take_file(
             );
         }
     };
-    let (file, start) = file_of(&chan).map_err(|e| e.to_string())?;
-    let new = scan::layout(&file, &chan.peer, start, sh.blocks)
-        .map_err(|e| format!("{}: {e}", chan.peer))?;
-    layout
-        .same_as(&new)
+    let new = load_lazy(ctx, sh.blocks, &chan).map_err(|e| format!("{}: {e}", chan.peer))?;
+    same_layout(&sh.mapped, &new.blocks)
         .map_err(|e| format!("{} is not the restore's file: {e}", chan.peer))?;
-    Ok((file, chan.peer.clone()))
+    Ok((new.file, chan.peer.clone()))
+}
+
+/// Whether `new` (a file offered by a recovery) places every page where `old` (the
+/// restore's) does: same headers, same bitmaps.
+fn same_layout(old: &[MappedBlock], new: &[MappedBlock]) -> Result<(), String> {
+    for (a, b) in old.iter().zip(new) {
+        if a.header != b.header {
+            return Err(format!(
+                "block {}: header {:?} differs from the restore's {:?}",
+                a.index, b.header, a.header
+            ));
+        }
+        if a.bitmap != b.bitmap {
+            return Err(format!(
+                "block {}: its bitmap differs from the restore's",
+                a.index
+            ));
+        }
+    }
+    Ok(())
 }

@@ -3,7 +3,6 @@
 //! UFFDIO_ZEROPAGE, the received bitmaps), and the run state (paused, done, failed) the
 //! migration thread waits on. Also the fault thread itself.
 
-use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +15,7 @@ use userfaultfd::Event;
 use crate::compat::wire::TARGET_PAGE_SIZE;
 use crate::engine::destination::fault::{FaultError, PostcopyDest};
 use crate::engine::destination::mapped_ram::MappedBlock;
+use crate::engine::destination::ondemand::source::Source;
 use crate::engine::migration::Latency;
 use crate::memory::block::RamBlock;
 use crate::transport::CancelToken;
@@ -69,8 +69,8 @@ pub(super) struct Shared<'a> {
     pub(super) pc: PostcopyDest,
     pub(super) blocks: &'a [Arc<RamBlock>],
     pub(super) mapped: Vec<MappedBlock>,
-    /// The file and its name; a recovery replaces both.
-    pub(super) file: RwLock<(Arc<File>, String)>,
+    /// The file; a recovery replaces it.
+    pub(super) file: RwLock<Arc<Source>>,
     pub(super) run: Mutex<Run>,
     /// Signalled on every change of `run`, and when the fault thread is idle again.
     pub(super) changed: Condvar,
@@ -119,9 +119,8 @@ impl Shared<'_> {
         });
     }
 
-    pub(super) fn file(&self) -> (Arc<File>, String) {
-        let g = self.file.read().unwrap_or_else(|e| e.into_inner());
-        (g.0.clone(), g.1.clone())
+    pub(super) fn file(&self) -> Arc<Source> {
+        self.file.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Whether a page of block `bi` has its data in the file (else it is zero).
@@ -147,24 +146,33 @@ impl Shared<'_> {
         (data, n)
     }
 
-    /// Reads `buf.len()` bytes of block `bi`'s pages from `page` on. A short read is an
-    /// error: the file shrank under us.
-    pub(super) fn read(&self, bi: usize, page: u64, buf: &mut [u8]) -> Result<(), ServeError> {
-        let (file, name) = self.file();
-        // `check` put the block's pages inside the file; `page` and the length are inside
-        // the block.
-        let at = self.mapped[bi].header.page_at(page * PAGE);
-        file.read_exact_at(buf, at)
-            .map_err(|source| ServeError::Read {
-                file: name,
-                block: self.blocks[bi].id.clone(),
-                at,
-                len: buf.len() as u64,
-                source,
-            })
+    /// Where block `bi`'s page `page` is in the file. `check` put the block's pages inside
+    /// the file; `page` is inside the block.
+    pub(super) fn file_offset(&self, bi: usize, page: u64) -> u64 {
+        self.mapped[bi].header.page_at(page * PAGE)
     }
 
-    /// Places the run of `n` pages at `page` (data read into `buf`, or zero pages).
+    /// The file could not be read: a pause, naming what was read.
+    fn read_failed(
+        &self,
+        src: &Source,
+        bi: usize,
+        at: u64,
+        len: u64,
+        source: std::io::Error,
+    ) -> ServeError {
+        ServeError::Read {
+            file: src.name.clone(),
+            block: self.blocks[bi].id.clone(),
+            at,
+            len,
+            source,
+        }
+    }
+
+    /// Places the run of `n` pages at `page`: data copied from the file (from its mapping,
+    /// or read into `buf` where it is not mapped), or zero pages. A short read is an error:
+    /// the file shrank under us.
     pub(super) fn place(
         &self,
         bi: usize,
@@ -174,15 +182,40 @@ impl Shared<'_> {
         buf: &mut Vec<u8>,
     ) -> Result<(), ServeError> {
         let len = n * PAGE;
-        if data {
-            buf.resize(len as usize, 0);
-            self.read(bi, page, buf)?;
-            self.pc.place_pages(bi, page * PAGE, buf)?;
-            self.data_pages.fetch_add(n, Ordering::Relaxed);
-        } else {
+        if !data {
             self.pc.place_zeros(bi, page * PAGE, len)?;
             self.zero_pages.fetch_add(n, Ordering::Relaxed);
+            return Ok(());
         }
+        let src = self.file();
+        let at = self.file_offset(bi, page);
+        match src.mapped(at, len) {
+            Some(p) => {
+                src.populate(p, len);
+                match self.pc.place_from(bi, page * PAGE, p, len) {
+                    Err(FaultError::Place {
+                        source: userfaultfd::Error::CopyFailed(e),
+                        ..
+                    }) if e as i32 == libc::EFAULT => {
+                        let why = std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "the file cannot be read there (shorter than when the restore \
+                             started, or an I/O error)",
+                        );
+                        return Err(self.read_failed(&src, bi, at, len, why));
+                    }
+                    r => r?,
+                }
+            }
+            None => {
+                buf.resize(len as usize, 0);
+                src.file
+                    .read_exact_at(buf, at)
+                    .map_err(|e| self.read_failed(&src, bi, at, len, e))?;
+                self.pc.place_pages(bi, page * PAGE, buf)?;
+            }
+        }
+        self.data_pages.fetch_add(n, Ordering::Relaxed);
         Ok(())
     }
 

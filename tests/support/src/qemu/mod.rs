@@ -58,6 +58,18 @@ impl VmOpts {
     }
 }
 
+/// How `QemuVm::save_mapped_ram` saves.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MappedRamSave {
+    /// Where the stream starts in the file (`file:PATH,offset=N`); the bytes before it are
+    /// a caller's header, written here as 0x5a (QEMU keeps them).
+    pub offset: u64,
+    /// multifd channels (one more fd each on the file); 0: multifd off.
+    pub channels: u8,
+    /// `direct-io`: the multifd channels write with O_DIRECT.
+    pub direct_io: bool,
+}
+
 /// A running QEMU with `-M none`, one RAM block `ram` backed by a shared file in /dev/shm,
 /// and a QMP socket. Dropping it kills QEMU and removes the RAM file and its temp dir.
 ///
@@ -340,6 +352,35 @@ impl QemuVm {
             }
             std::thread::sleep(STATUS_POLL);
         }
+    }
+
+    /// Saves the guest to `file` with `mapped-ram` (every page at its fixed place), as
+    /// `virsh save` does: the capabilities and parameters `how` says, no bandwidth limit,
+    /// `migrate file:...`; returns the `query-migrate` that says `completed`.
+    pub fn save_mapped_ram(
+        &mut self,
+        file: &Path,
+        how: MappedRamSave,
+        timeout: Duration,
+    ) -> Result<Value, String> {
+        let mut caps = vec![("mapped-ram", true)];
+        let mut params = json!({"max-bandwidth": 100u64 << 30});
+        if how.channels > 0 {
+            caps.push(("multifd", true));
+            params["multifd-channels"] = json!(how.channels);
+        }
+        if how.direct_io {
+            params["direct-io"] = json!(true);
+        }
+        self.qmp()
+            .set_capabilities(&caps)
+            .map_err(|e| format!("mapped-ram capabilities: {e}"))?;
+        self.execute("migrate-set-parameters", params)?;
+        std::fs::write(file, vec![0x5a; how.offset as usize])
+            .map_err(|e| format!("{}: {e}", file.display()))?;
+        let uri = crate::util::file_uri(file, how.offset);
+        self.execute("migrate", json!({ "uri": uri }))?;
+        self.wait_migration(&["completed"], timeout)
     }
 
     /// `HelperClient::execute` on this VM, noting in an error when QEMU has exited.
