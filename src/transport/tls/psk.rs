@@ -105,7 +105,7 @@ impl PskServer {
             let identity = identity.unwrap_or_default();
             let found = table.lookup(identity);
             with_capture(ssl, |c| {
-                c.identity = Some(String::from_utf8_lossy(identity).into_owned());
+                c.identity = Some(printable(identity));
                 c.lookup = match &found {
                     PskLookup::Key(_) => None,
                     PskLookup::NoUser => Some(reason::Lookup::NoUser),
@@ -129,6 +129,20 @@ impl PskServer {
             creds_id: creds.id.clone(),
         })
     }
+}
+
+/// A client's username as it goes into messages, logs and the `tls-authz` comparison:
+/// control characters escaped, so that a hostile one cannot forge log lines.
+pub(super) fn printable(name: &[u8]) -> String {
+    let mut out = String::new();
+    for c in String::from_utf8_lossy(name).chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// What both ends configure: TLS 1.3 only, the SHA-256 suites, no resumption, no

@@ -1,5 +1,5 @@
 //! TLS-PSK (`tls-creds-psk`, QEMU 10.0's GnuTLS: TLS 1.3 with an external pre-shared key)
-//! between QEMU 10.0 and a helper, both ways, and between helpers: precopy, multifd with
+//! between QEMU 10.0 (and 7.2, precopy) and a helper, both ways, and between helpers: precopy, multifd with
 //! two channels and postcopy recovered over a fresh PSK socket, RAM byte-identical, with
 //! `tls-authz` on the destination checking the username. A wrong key (both ways) and an
 //! unknown username fail cleanly: `failed`, an `error-desc` naming the reason, the source
@@ -252,4 +252,17 @@ fn tls_psk_log_names_the_session() {
         assert!(line.contains(PSK_USER), "{test}: {line}");
         pki.assert_no_secrets(&log, test);
     }
+}
+
+/// QEMU 7.2 (GnuTLS 3.7 too) negotiates the same TLS 1.3 PSK handshake.
+#[test]
+fn tls_psk_qemu72_to_helper() {
+    let t = "tls_psk_qemu72_to_helper";
+    precopy_with(Kind::Qemu(Qemu::V72), Kind::Helper, t, psk_both);
+}
+
+#[test]
+fn tls_psk_helper_to_qemu72() {
+    let t = "tls_psk_helper_to_qemu72";
+    precopy_with(Kind::Helper, Kind::Qemu(Qemu::V72), t, psk_both);
 }

@@ -6,7 +6,7 @@ use super::openssl::have_openssl;
 use super::*;
 use crate::transport::tls::creds::testpki::TempDir;
 use crate::transport::tls::creds::{PskCreds, PskOptions, PSK_FILE};
-use crate::transport::tls::psk::{PskClient, PskServer};
+use crate::transport::tls::psk::{printable, PskClient, PskServer};
 use crate::transport::tls::schedule::{next_secret, traffic_keys, Schedule};
 use rustls::crypto::ring::cipher_suite::{
     TLS13_AES_128_GCM_SHA256, TLS13_CHACHA20_POLY1305_SHA256,
@@ -271,6 +271,18 @@ fn x509_against_psk_fails_naming_the_mismatch() {
     let (c, _) = both_fail(&p.client(None), &x509_server);
     assert!(c.contains("presented a certificate"), "{c}");
     assert!(c.contains("tls-creds-x509"), "{c}");
+}
+
+/// A client's username reaches messages and logs with its control characters escaped.
+#[test]
+fn usernames_are_printed_safely() {
+    assert_eq!(printable(b"qemu"), "qemu");
+    assert_eq!(printable("h\u{e9}l\u{e8}ne".as_bytes()), "h\u{e9}l\u{e8}ne");
+    assert_eq!(
+        printable(b"a\nINFO forged\x1b[0m"),
+        "a\\nINFO forged\\u{1b}[0m"
+    );
+    assert_eq!(printable(b"\xff"), "\u{fffd}");
 }
 
 /// Clear text toward a PSK server is named as such, as on the x509 path.
