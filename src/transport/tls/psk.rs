@@ -34,7 +34,8 @@ use crate::transport::{CancelToken, Channel};
 /// The TLS 1.3 suites whose hash is the PSK's (SHA-256), AES-GCM first (AES-NI); the
 /// server picks by its own order. QEMU's GnuTLS takes either.
 const SUITES: &str = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256";
-/// The longest identity OpenSSL sends (its `PSK_MAX_IDENTITY_LEN`), NUL excluded.
+/// The longest username sent: OpenSSL's callback gets a buffer of `PSK_MAX_IDENTITY_LEN`
+/// (256) bytes, the NUL included.
 const MAX_IDENTITY_LEN: usize = 255;
 
 /// The source's side: the username and key of `tls-creds-psk` (endpoint client).
@@ -76,7 +77,7 @@ impl PskClient {
         let mut b = context().map_err(|e| context_error(creds, e))?;
         let id = identity.clone();
         b.set_psk_client_callback(move |_, _hint, id_out, key_out| {
-            // Room was checked above (OpenSSL gives MAX_IDENTITY_LEN + 1 and MAX_KEY_LEN).
+            // Room was checked above (OpenSSL gives 256 and creds::psk::MAX_KEY_LEN bytes).
             if id.len() >= id_out.len() || key.len() > key_out.len() {
                 return Ok(0);
             }
