@@ -18,6 +18,7 @@ use super::session::{Keys, Session, Start};
 use super::wire::{check_socket, linger, Wire, FIRST_BUF, MAX_HANDSHAKE_INPUT};
 use super::{dn, reason, Endpoint, TlsClient, TlsError, TlsInfo, TlsServer};
 use crate::transport::{CancelToken, Channel, Uri};
+
 /// SNI when nothing is checked (verify-peer off and no name known).
 const PLACEHOLDER_NAME: &str = "qemu-migration-helper.invalid";
 
