@@ -8,7 +8,9 @@
 use std::path::Path;
 
 use support::qemu::Qemu;
-use support::tls::{add_authz, add_psk, set_tls, Pki, PSK_USER};
+use support::tls::{
+    add_authz, add_psk, set_tls, tls_destination, tls_source, Pki, ServerCert, PSK_USER,
+};
 use support::util::TempDir;
 
 use super::failures::{assert_reason, assert_source_intact, failed};
@@ -265,4 +267,34 @@ fn tls_psk_qemu72_to_helper() {
 fn tls_psk_helper_to_qemu72() {
     let t = "tls_psk_helper_to_qemu72";
     precopy_with(Kind::Helper, Kind::Qemu(Qemu::V72), t, psk_both);
+}
+
+/// Certificates on one end, a pre-shared key on the other: each helper end names the
+/// mismatch (a QEMU 10.0 end says what GnuTLS says).
+#[test]
+fn tls_psk_against_x509_qemu10() {
+    let test = "tls_psk_against_x509_qemu10";
+    let pki = Pki::new();
+    // A helper PSK source, a QEMU x509 server: QEMU presents its certificate.
+    if let Some((mut s, mut d)) = pair(Kind::Helper, Kind::Qemu(Qemu::V10), RAM, test) {
+        let before = s.end.ram().to_vec();
+        psk_source(s.end.client(), &pki.psk_dir(), None);
+        tls_destination(d.end.client(), &pki.server_dir(ServerCert::Good), None);
+        start_fd_migration(s.end.client(), d.end.client());
+        let desc = failed(&mut s, test);
+        assert_reason(&desc, &["presented a certificate"], test);
+        assert_source_intact(&mut s, &before, test);
+        pki.assert_no_secrets(&s.log_text(), test);
+    }
+    // A QEMU x509 source, a helper PSK server: the client offers no pre-shared key.
+    if let Some((mut s, mut d)) = pair(Kind::Qemu(Qemu::V10), Kind::Helper, RAM, test) {
+        tls_source(s.end.client(), &pki.client_dir());
+        psk_destination(d.end.client(), &pki.psk_dir(), None);
+        start_fd_migration(s.end.client(), d.end.client());
+        let desc = failed(&mut d, test);
+        assert_reason(&desc, &["offered no pre-shared key"], test);
+        let desc = failed(&mut s, test);
+        eprintln!("{test}: QEMU source: {desc}");
+        pki.assert_no_secrets(&d.log_text(), test);
+    }
 }
