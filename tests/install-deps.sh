@@ -17,12 +17,17 @@ if [ "$(id -u)" != 0 ]; then
   log "must run as root (apt-get install)"; exit 1
 fi
 
-# --build-only: just what building the crate needs (libclang for the userfaultfd crate's
-# bindings), for running the demo on a fresh machine.
+# What building the crate needs: libclang for the userfaultfd crate's bindings; OpenSSL's
+# headers and pkg-config for the openssl crate (TLS-PSK handshakes).
+BUILD_DEPS=(libclang-dev libssl-dev pkg-config)
+
+# --build-only: just those, for running the demo on a fresh machine.
 if [ "${1:-}" = "--build-only" ]; then
-  if ! dpkg -s libclang-dev >/dev/null 2>&1; then
+  need=()
+  for p in "${BUILD_DEPS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
+  if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   fi
   exit 0
 fi
@@ -74,12 +79,12 @@ fi
 QEMU_MODULE_DIR="$QEMU72_DIR/usr/lib/x86_64-linux-gnu/qemu" \
   "$QEMU72_DIR/usr/bin/qemu-system-x86_64" --version | head -1 | sed 's/^/install-deps: QEMU 7.2: /' >&2
 
-# Build dependency: the userfaultfd crate generates its bindings with libclang.
+# Build dependencies: BUILD_DEPS above.
 # Package tests: lintian checks the .deb, man-db opens the installed man page.
 # Fuzz smoke: libfuzzer-sys compiles libFuzzer (C++) with g++.
 # TLS unit tests: the record layer against `openssl s_server`/`s_client` (a second stack).
 need=()
-for p in libclang-dev lintian man-db g++ openssl; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
+for p in "${BUILD_DEPS[@]}" lintian man-db g++ openssl; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
 if [ ${#need[@]} -gt 0 ]; then
   apt_update
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null

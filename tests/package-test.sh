@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 
 deb=$(bash packaging/build-deb.sh | tail -1)
 echo "package-test: built $deb"
+# TLS-PSK links the system OpenSSL: cargo-deb's $auto (dpkg-shlibdeps) must have named it.
+dpkg-deb -f "$deb" Depends | grep -q 'libssl3' ||
+  { echo "package-test: the package does not depend on libssl3: $(dpkg-deb -f "$deb" Depends)" >&2; exit 1; }
 dpkg -i "$deb" >/dev/null
 installed=/usr/bin/qemu-migration-helper
 "$installed" --version | grep -q "qemu-migration-helper $(grep -m1 '^version' Cargo.toml | cut -d'"' -f2)"

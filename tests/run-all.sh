@@ -32,7 +32,7 @@ cargo test --profile ci --no-default-features --lib
 cargo test --profile ci --no-default-features --doc
 # None of the helper's heavy dependencies may come back (build dependencies included:
 # bindgen is userfaultfd-sys's).
-forbidden='bindgen|clang-sys|userfaultfd|userfaultfd-sys|clap|clap_builder|clap_derive|slog|slog-term|slog-json|slog-async|seccompiler|landlock'
+forbidden='bindgen|clang-sys|userfaultfd|userfaultfd-sys|clap|clap_builder|clap_derive|slog|slog-term|slog-json|slog-async|seccompiler|landlock|openssl|openssl-sys'
 tree=$(cargo tree --no-default-features -e normal,build --prefix none)
 bad=$(awk '{print $1}' <<<"$tree" | grep -Ex "$forbidden" | sort -u | tr '\n' ' ' || true)
 if [ -n "$bad" ]; then

@@ -81,6 +81,8 @@ pub(crate) fn enter(
     }
     if profile == Profile::Helper {
         warm_up_resolver();
+        // OpenSSL (TLS-PSK handshakes) reads its configuration file on first use.
+        crate::transport::tls::warm_up();
     }
     // Landlock first: its own system calls are not in the allowlist.
     let fs = match self::landlock::restrict(rules, mode == SandboxMode::On) {

@@ -13,9 +13,11 @@ use serde_json::json;
 
 use super::{lock, Args, CmdResult, Helper, Role};
 use crate::control::qmp::QmpError;
+use crate::engine::migration::Parameters;
 use crate::transport::tls::creds::{
     AuthzSimple, PskCreds, PskOptions, TlsObject, X509Creds, X509Options,
 };
+use crate::transport::tls::psk::{PskClient, PskServer};
 use crate::transport::tls::{Endpoint, TlsClient, TlsServer, TlsSetup};
 
 /// Most objects held at once (each holds a few files of at most 1 MiB).
@@ -108,7 +110,7 @@ impl Helper {
                     username,
                 })
                 .map_err(generic)?;
-                slog::info!(self.log, "TLS credentials added (PSK: not usable by the helper)";
+                slog::info!(self.log, "TLS credentials added";
                     "id" => id, "type" => qom_type, "dir" => %creds.dir.display(),
                     "endpoint" => creds.endpoint.as_str(), "username" => creds.username.as_deref());
                 TlsObject::Psk(Arc::new(creds))
@@ -224,7 +226,7 @@ impl Helper {
             Role::Destination => Endpoint::Server,
         };
         let id = &p.tls_creds;
-        let creds = match object {
+        let psk = match object {
             None => {
                 return Err(QmpError::generic(format!(
                     "No TLS credentials with id '{id}'"
@@ -235,50 +237,57 @@ impl Helper {
                     "Object with id '{id}' is not TLS credentials"
                 )))
             }
-            Some(TlsObject::Psk(c)) => {
-                check_endpoint(c.endpoint, want)?;
-                return Err(QmpError::generic(format!(
-                    "TLS-PSK (tls-creds-psk '{}') is not supported by the helper: rustls has \
-                     no external pre-shared keys; use tls-creds-x509",
-                    c.id
-                )));
-            }
-            Some(TlsObject::X509(c)) => c,
+            Some(TlsObject::Psk(c)) => c,
+            Some(TlsObject::X509(c)) => return x509_setup(&c, role, want, &p, authz).map(Some),
         };
-        check_endpoint(creds.endpoint, want)?;
+        check_endpoint(psk.endpoint, want)?;
         let setup = match role {
-            Role::Source => TlsSetup::Client(Arc::new(TlsClient {
-                config: creds.client_config().map_err(generic)?,
-                hostname: (!p.tls_hostname.is_empty()).then(|| p.tls_hostname.clone()),
-                verify_peer: creds.verify_peer,
-                creds_id: creds.id.clone(),
-            })),
+            Role::Source => TlsSetup::PskClient(Arc::new(PskClient::new(&psk).map_err(generic)?)),
             Role::Destination => {
-                let authz = match authz {
-                    None => None,
-                    Some(Some(TlsObject::Authz(z))) => Some(z.identity.clone()),
-                    Some(None) => {
-                        return Err(QmpError::generic(format!(
-                            "Cannot find QAuthZ object ID {}",
-                            p.tls_authz
-                        )))
-                    }
-                    Some(Some(_)) => {
-                        return Err(QmpError::generic(format!(
-                            "Object '{}' is not a QAuthZ subclass",
-                            p.tls_authz
-                        )))
-                    }
-                };
-                TlsSetup::Server(Arc::new(TlsServer {
-                    config: creds.server_config().map_err(generic)?,
-                    authz,
-                    verify_peer: creds.verify_peer,
-                    creds_id: creds.id.clone(),
-                }))
+                let authz = resolve_authz(authz, &p.tls_authz)?;
+                TlsSetup::PskServer(Arc::new(PskServer::new(&psk, authz).map_err(generic)?))
             }
         };
         Ok(Some(setup))
+    }
+}
+
+/// The setup of x509 credentials `creds` in `role`.
+fn x509_setup(
+    creds: &X509Creds,
+    role: Role,
+    want: Endpoint,
+    p: &Parameters,
+    authz: Option<Option<TlsObject>>,
+) -> Result<TlsSetup, QmpError> {
+    check_endpoint(creds.endpoint, want)?;
+    Ok(match role {
+        Role::Source => TlsSetup::Client(Arc::new(TlsClient {
+            config: creds.client_config().map_err(generic)?,
+            hostname: (!p.tls_hostname.is_empty()).then(|| p.tls_hostname.clone()),
+            verify_peer: creds.verify_peer,
+            creds_id: creds.id.clone(),
+        })),
+        Role::Destination => TlsSetup::Server(Arc::new(TlsServer {
+            config: creds.server_config().map_err(generic)?,
+            authz: resolve_authz(authz, &p.tls_authz)?,
+            verify_peer: creds.verify_peer,
+            creds_id: creds.id.clone(),
+        })),
+    })
+}
+
+/// `tls-authz` (looked up as `found`, None when unset): the identity it allows.
+fn resolve_authz(found: Option<Option<TlsObject>>, id: &str) -> Result<Option<String>, QmpError> {
+    match found {
+        None => Ok(None),
+        Some(Some(TlsObject::Authz(z))) => Ok(Some(z.identity.clone())),
+        Some(None) => Err(QmpError::generic(format!(
+            "Cannot find QAuthZ object ID {id}"
+        ))),
+        Some(Some(_)) => Err(QmpError::generic(format!(
+            "Object '{id}' is not a QAuthZ subclass"
+        ))),
     }
 }
 

@@ -196,7 +196,7 @@ fn tls_setup_resolves_credentials_for_each_role() {
         setup_err(&h, Role::Destination),
         "No TLS credentials with id 'srv'"
     );
-    // PSK: parsed, then refused at start.
+    // PSK: a client setup from the client's line; the server side needs server creds.
     std::fs::write(client.path().join("keys.psk"), "qemu:00ff\n").unwrap();
     run(
         &h,
@@ -205,11 +205,31 @@ fn tls_setup_resolves_credentials_for_each_role() {
     )
     .unwrap();
     set(json!({"tls-creds": "psk0"}));
+    assert!(matches!(
+        h.tls_setup(Role::Source).unwrap(),
+        Some(TlsSetup::PskClient(_))
+    ));
     assert_eq!(
-        setup_err(&h, Role::Source),
-        "TLS-PSK (tls-creds-psk 'psk0') is not supported by the helper: rustls has no \
-         external pre-shared keys; use tls-creds-x509"
+        setup_err(&h, Role::Destination),
+        "Expected TLS credentials for a server endpoint"
     );
+    run(
+        &h,
+        "object-add",
+        json!({"qom-type": "tls-creds-psk", "id": "psk1", "dir": client.display(),
+               "endpoint": "server"}),
+    )
+    .unwrap();
+    set(json!({"tls-creds": "psk1", "tls-authz": "nowhere"}));
+    assert_eq!(
+        setup_err(&h, Role::Destination),
+        "Cannot find QAuthZ object ID nowhere"
+    );
+    set(json!({"tls-authz": ""}));
+    assert!(matches!(
+        h.tls_setup(Role::Destination).unwrap(),
+        Some(TlsSetup::PskServer(_))
+    ));
     // "" turns TLS off again.
     set(json!({"tls-creds": ""}));
     assert!(h.tls_setup(Role::Source).unwrap().is_none());

@@ -6,6 +6,7 @@
 //! the messages are QEMU's (`crypto/tlscreds.c`, `crypto/tlscredsx509.c`,
 //! `crypto/tlscredspsk.c`). No key material is ever put in a message or a log.
 
+pub(super) mod psk;
 mod sanity;
 #[cfg(test)]
 pub(crate) mod testpki;
@@ -26,6 +27,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 
 use super::Endpoint;
+
+pub(crate) use self::psk::{decode_hex, PskCreds, PskLookup, PskOptions};
 
 /// The largest credentials file read: certificates, keys and CRLs are a few KiB; a path
 /// that names a device (`/dev/zero`) must not grow memory without bound.
@@ -108,7 +111,11 @@ pub(crate) enum CredsError {
     PskUser { user: String, path: String },
     #[error("username should not be set when endpoint=server")]
     PskServerUsername,
-    #[error("Cannot set PSK client credentials: the key of {user} in {path} is not hexadecimal")]
+    #[error(
+        "Cannot set PSK client credentials: the key of {user} in {path} is not hexadecimal (an \
+         even number of hex digits, at most {max})",
+        max = 2 * psk::MAX_KEY_LEN
+    )]
     PskKey { user: String, path: String },
     #[error("TLS credentials '{id}': {reason}")]
     Config { id: String, reason: String },
@@ -129,15 +136,6 @@ pub(crate) struct X509Creds {
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 }
 
-/// `tls-creds-psk`: parsed and checked as QEMU does, but never usable (rustls has no
-/// external pre-shared keys).
-pub(crate) struct PskCreds {
-    pub(crate) id: String,
-    pub(crate) dir: PathBuf,
-    pub(crate) endpoint: Endpoint,
-    pub(crate) username: Option<String>,
-}
-
 /// `authz-simple`: the one identity allowed.
 pub(crate) struct AuthzSimple {
     pub(crate) id: String,
@@ -153,14 +151,6 @@ pub(crate) struct X509Options {
     pub(crate) sanity_check: bool,
 }
 
-/// What `object-add` gives for a `tls-creds-psk`.
-pub(crate) struct PskOptions {
-    pub(crate) id: String,
-    pub(crate) dir: Option<PathBuf>,
-    pub(crate) endpoint: Endpoint,
-    pub(crate) username: Option<String>,
-}
-
 /// The provider every configuration uses, named explicitly so that no process-wide default
 /// (or another crate's feature) picks a different one.
 fn provider() -> Arc<CryptoProvider> {
@@ -168,13 +158,13 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// `dir/name`, spelled as QEMU spells it in messages.
-fn cred_path(dir: &Path, name: &str) -> String {
+pub(super) fn cred_path(dir: &Path, name: &str) -> String {
     format!("{}/{}", dir.display(), name)
 }
 
 /// The strerror text of an I/O error (QEMU's `error_setg_errno` appends it), with the
 /// sandbox's advice when Landlock refused the path.
-fn reason(path: &str, e: std::io::Error) -> String {
+pub(super) fn reason(path: &str, e: std::io::Error) -> String {
     let e = crate::sandbox::explain_creds(Path::new(path), e);
     match e.raw_os_error() {
         Some(n) if e.get_ref().is_none() => nix::errno::Errno::from_raw(n).desc().to_string(),
@@ -204,7 +194,7 @@ fn read_cred(dir: &Path, name: &str, required: bool) -> Result<Option<Vec<u8>>, 
 
 /// Reads a regular file of at most [`MAX_FILE_SIZE`] bytes. Opened non-blocking so that a
 /// FIFO cannot hang the control thread; anything but a regular file is refused.
-fn read_bounded(path: &str) -> Result<Vec<u8>, String> {
+pub(super) fn read_bounded(path: &str) -> Result<Vec<u8>, String> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
@@ -500,59 +490,4 @@ impl ServerCertVerifier for AnyServerCert {
             .signature_verification_algorithms
             .supported_schemes()
     }
-}
-
-impl PskCreds {
-    /// Loads as QEMU's `qcrypto_tls_creds_psk_load`: the server needs `keys.psk` and no
-    /// username; the client needs its username's line (default "qemu") with a hex key.
-    /// The key is checked and dropped: nothing could use it.
-    pub(crate) fn load(o: PskOptions) -> Result<PskCreds, CredsError> {
-        if o.endpoint == Endpoint::Server && o.username.is_some() {
-            return Err(CredsError::PskServerUsername);
-        }
-        let dir = o.dir.ok_or(CredsError::NoDir)?;
-        crate::sandbox::note_creds(&dir);
-        let path = cred_path(&dir, PSK_FILE);
-        if let Err(e) = std::fs::metadata(&path) {
-            let reason = reason(&path, e);
-            return Err(CredsError::Access { path, reason });
-        }
-        let content = read_bounded(&path).map_err(|reason| CredsError::PskRead {
-            path: path.clone(),
-            reason,
-        })?;
-        if o.endpoint == Endpoint::Client {
-            let user = o.username.as_deref().unwrap_or("qemu");
-            let key = psk_lookup(&content, user).ok_or_else(|| CredsError::PskUser {
-                user: user.to_string(),
-                path: path.clone(),
-            })?;
-            if !is_hex_key(key) {
-                return Err(CredsError::PskKey {
-                    user: user.to_string(),
-                    path,
-                });
-            }
-        }
-        Ok(PskCreds {
-            id: o.id,
-            dir,
-            endpoint: o.endpoint,
-            username: o.username,
-        })
-    }
-}
-
-/// The key of `user` in a `keys.psk` (`username:hexkey` lines): the first line that starts
-/// with the name and a colon, as QEMU's `lookup_key`.
-fn psk_lookup<'a>(content: &'a [u8], user: &str) -> Option<&'a [u8]> {
-    content.split(|&b| b == b'\n').find_map(|line| {
-        line.strip_prefix(user.as_bytes())
-            .and_then(|rest| rest.strip_prefix(b":"))
-    })
-}
-
-/// What GnuTLS takes as a hex key: an even, non-zero number of hex digits.
-fn is_hex_key(key: &[u8]) -> bool {
-    !key.is_empty() && key.len() % 2 == 0 && key.iter().all(u8::is_ascii_hexdigit)
 }

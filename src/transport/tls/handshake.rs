@@ -5,11 +5,9 @@
 //! application data, its secrets and key schedule go to a [`Session`], which does the
 //! record layer itself.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use nix::poll::PollFlags;
 use rustls::client::UnbufferedClientConnection;
 use rustls::pki_types::ServerName;
 use rustls::server::UnbufferedServerConnection;
@@ -17,13 +15,10 @@ use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
 use rustls::{CommonState, SupportedCipherSuite};
 
 use super::session::{Keys, Session, Start};
+use super::wire::{check_socket, linger, Wire, FIRST_BUF, MAX_HANDSHAKE_INPUT};
 use super::{dn, reason, Endpoint, TlsClient, TlsError, TlsInfo, TlsServer};
-use crate::transport::{wait_fd, CancelToken, Channel, Uri, Woke};
+use crate::transport::{CancelToken, Channel, Uri};
 
-/// Handshake bytes buffered at most: a certificate chain larger than this is hostile.
-const MAX_HANDSHAKE_INPUT: usize = 1 << 20;
-/// The first read of the handshake: a flight with a certificate chain fits.
-const FIRST_BUF: usize = 32 << 10;
 /// SNI when nothing is checked (verify-peer off and no name known).
 const PLACEHOLDER_NAME: &str = "qemu-migration-helper.invalid";
 
@@ -132,17 +127,6 @@ pub(super) fn server(
     start(chan, info, suite, Keys::Server(kernel), secrets, left)
 }
 
-fn check_socket(chan: &Channel) -> Result<(), TlsError> {
-    if chan.is_socket {
-        Ok(())
-    } else {
-        Err(TlsError::NotSocket {
-            chan: chan.peer.clone(),
-            what: "TLS",
-        })
-    }
-}
-
 /// The host of `HOST:PORT` (`[v6]:PORT` without its brackets).
 pub(super) fn tcp_host(addr: &str) -> Option<String> {
     let (h, _) = addr.rsplit_once(':')?;
@@ -191,7 +175,7 @@ fn no_secrets(chan: &Channel, e: rustls::Error) -> TlsError {
 }
 
 /// Restores blocking I/O and routes the channel's I/O through the session.
-fn attach(mut chan: Channel, start: Start) -> Result<Channel, TlsError> {
+pub(super) fn attach(mut chan: Channel, start: Start) -> Result<Channel, TlsError> {
     let session = Session::new(start).map_err(|e| TlsError::Io {
         chan: chan.peer.clone(),
         source: e,
@@ -228,110 +212,6 @@ impl Hs for ServerHs<'_> {
     fn process<'c, 'i>(&'c mut self, buf: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
         self.0.process_tls_records(buf)
     }
-}
-
-/// The socket during the handshake: non-blocking, every wait bounded by the cancel and the
-/// deadline.
-struct Wire<'a> {
-    fd: BorrowedFd<'a>,
-    chan: &'a Channel,
-    cancel: &'a CancelToken,
-    deadline: Option<Instant>,
-    timeout: Duration,
-}
-
-impl<'a> Wire<'a> {
-    fn new(
-        chan: &'a Channel,
-        cancel: &'a CancelToken,
-        timeout: Option<Duration>,
-    ) -> Result<Self, TlsError> {
-        set_nonblocking(chan.fd.as_fd(), true).map_err(|e| io_err(chan, e))?;
-        Ok(Wire {
-            fd: chan.fd.as_fd(),
-            chan,
-            cancel,
-            deadline: timeout.and_then(|t| Instant::now().checked_add(t)),
-            timeout: timeout.unwrap_or_default(),
-        })
-    }
-
-    /// Restores blocking I/O, whatever the handshake's outcome.
-    fn finish<T>(&self, r: Result<T, TlsError>) -> Result<T, TlsError> {
-        let restored = set_nonblocking(self.fd, false).map_err(|e| io_err(self.chan, e));
-        let v = r?;
-        restored?;
-        Ok(v)
-    }
-
-    fn wait(&self, events: PollFlags) -> Result<(), TlsError> {
-        match wait_fd(self.fd, events, self.cancel, self.deadline) {
-            Ok(Woke::Ready) => Ok(()),
-            Ok(Woke::Interrupted) => Err(TlsError::Cancelled {
-                chan: self.chan.peer.clone(),
-            }),
-            Ok(Woke::TimedOut) => Err(TlsError::Timeout {
-                chan: self.chan.peer.clone(),
-                timeout: self.timeout,
-            }),
-            Err(e) => Err(io_err(self.chan, e)),
-        }
-    }
-
-    fn send(&self, mut data: &[u8]) -> Result<(), TlsError> {
-        while !data.is_empty() {
-            match nix::unistd::write(self.fd, data) {
-                Ok(n) => data = &data[n..],
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(nix::errno::Errno::EAGAIN) => self.wait(PollFlags::POLLOUT)?,
-                Err(e) => return Err(io_err(self.chan, e.into())),
-            }
-        }
-        Ok(())
-    }
-
-    fn recv(&self, buf: &mut [u8]) -> Result<usize, TlsError> {
-        loop {
-            match nix::unistd::read(self.fd.as_raw_fd(), buf) {
-                Ok(n) => return Ok(n),
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(nix::errno::Errno::EAGAIN) => self.wait(PollFlags::POLLIN)?,
-                Err(e) => return Err(io_err(self.chan, e.into())),
-            }
-        }
-    }
-
-    fn failed(&self, reason: String) -> TlsError {
-        TlsError::Handshake {
-            chan: self.chan.peer.clone(),
-            reason,
-        }
-    }
-}
-
-fn io_err(chan: &Channel, source: std::io::Error) -> TlsError {
-    TlsError::Io {
-        chan: chan.peer.clone(),
-        source,
-    }
-}
-
-fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> std::io::Result<()> {
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let flags = OFlag::from_bits_truncate(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?);
-    let flags = if on {
-        flags | OFlag::O_NONBLOCK
-    } else {
-        flags - OFlag::O_NONBLOCK
-    };
-    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags))?;
-    Ok(())
-}
-
-/// Whether `b` can start a TLS record: a content type (change_cipher_spec, alert,
-/// handshake, application data) and a 3.x version.
-fn looks_like_tls(b: &[u8]) -> bool {
-    matches!(b.first(), Some(20..=23)) && b.get(1).is_none_or(|v| *v == 3)
 }
 
 /// Runs rustls until the handshake is done (it may send application data).
@@ -378,7 +258,7 @@ fn drive<C: Hs>(conn: &mut C, w: &Wire<'_>, host: Option<&str>) -> Result<Leftov
                     }
                     inbuf.resize(inbuf.len() * 2, 0);
                 }
-                let n = w.recv(&mut inbuf[used..])?;
+                let n = w.recv_handshake(&mut inbuf[used..], &mut first)?;
                 if n == 0 {
                     return Err(w.failed(
                         "the peer closed the connection during the handshake (is TLS set on \
@@ -386,12 +266,6 @@ fn drive<C: Hs>(conn: &mut C, w: &Wire<'_>, host: Option<&str>) -> Result<Leftov
                             .into(),
                     ));
                 }
-                if first && !looks_like_tls(&inbuf[..n]) {
-                    return Err(TlsError::ClearText {
-                        chan: w.chan.peer.clone(),
-                    });
-                }
-                first = false;
                 used += n;
             }
             Ok(ConnectionState::ReadTraffic(mut r)) => {
@@ -432,31 +306,4 @@ fn send_alert<C: Hs>(conn: &mut C, w: &Wire<'_>, inbuf: &mut [u8]) {
         }
     }
     linger(w);
-}
-
-/// How long a failed handshake keeps reading what the peer still sends.
-const LINGER: Duration = Duration::from_secs(1);
-
-/// Ends the sending side and reads (dropping it) what the peer still sends until it closes,
-/// for at most [`LINGER`] (and within the handshake's deadline and the cancel): a peer in
-/// the middle of its own flight then reads the alert, and reports the reason, instead of
-/// failing its write on a closed socket ("Broken pipe", "Connection reset").
-fn linger(w: &Wire<'_>) {
-    let _ = nix::sys::socket::shutdown(w.fd.as_raw_fd(), nix::sys::socket::Shutdown::Write);
-    let until = Instant::now() + LINGER;
-    let deadline = w.deadline.map_or(until, |d| d.min(until));
-    let mut buf = [0u8; 4096];
-    loop {
-        if !matches!(
-            wait_fd(w.fd, PollFlags::POLLIN, w.cancel, Some(deadline)),
-            Ok(Woke::Ready)
-        ) {
-            return;
-        }
-        match nix::unistd::read(w.fd.as_raw_fd(), &mut buf) {
-            Ok(0) => return,
-            Ok(_) | Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => {}
-            Err(_) => return,
-        }
-    }
 }

@@ -3,24 +3,31 @@
 //! handshake before any migration byte; the destination is the server, the source the
 //! client.
 //!
-//! rustls (with the `ring` provider) runs the handshake and owns the key schedule; after it,
-//! the session splits into two halves that encrypt and decrypt records themselves with
-//! rustls's record ciphers (the kernel-TLS API, in user space): the sending half and the
-//! receiving half are independent, so that a return-path reader and a page writer never
-//! wait on each other, and records are sealed in place with one copy of the data.
+//! With x509 credentials rustls (with the `ring` provider) runs the handshake and owns the
+//! key schedule; with a pre-shared key (TLS-PSK, which rustls lacks) OpenSSL runs the
+//! handshake and the helper keeps the schedule. Either way the session then splits into
+//! two halves that encrypt and decrypt records themselves with rustls's record ciphers (the
+//! kernel-TLS API, in user space): the sending half and the receiving half are
+//! independent, so that a return-path reader and a page writer never wait on each other,
+//! and records are sealed in place with one copy of the data.
 //!
 //! - [`creds`]: the `tls-creds-x509` / `tls-creds-psk` / `authz-simple` objects, read from
 //!   their directory when added, and the rustls configurations built from them.
-//! - [`handshake`]: the handshake on a connected socket, bounded by a deadline and a cancel.
-//! - [`session`]: the two record halves a [`super::Channel`] does its I/O through.
+//! - `handshake`: the rustls handshake on a connected socket; `psk`: OpenSSL's; both over
+//!   `wire`, bounded by a deadline and a cancel.
+//! - [`session`]: the two record halves a [`super::Channel`] does its I/O through;
+//!   `schedule`: the keys of a session rustls did not negotiate.
 
 pub(crate) mod creds;
 pub(crate) mod dn;
 mod handshake;
+pub(crate) mod psk;
 mod reason;
+mod schedule;
 pub(crate) mod session;
 #[cfg(test)]
 mod tests;
+mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +59,8 @@ impl Endpoint {
 pub(crate) enum TlsSetup {
     Client(Arc<TlsClient>),
     Server(Arc<TlsServer>),
+    PskClient(Arc<psk::PskClient>),
+    PskServer(Arc<psk::PskServer>),
 }
 
 /// The source's side.
@@ -83,7 +92,8 @@ pub(crate) struct TlsInfo {
     pub(crate) protocol: String,
     /// "TLS13_AES_256_GCM_SHA384".
     pub(crate) cipher: String,
-    /// The peer certificate's distinguished name, when it sent one.
+    /// The peer's name as QEMU's `tls-authz` sees it: x509, its certificate's
+    /// distinguished name (when it sent one); TLS-PSK, the session's username (identity).
     pub(crate) peer_dn: Option<String>,
 }
 
@@ -105,6 +115,8 @@ pub(crate) enum TlsError {
     NoHostname { chan: String },
     #[error("TLS on {chan}: TLS x509 authz check for {dn} is denied")]
     AuthzDenied { chan: String, dn: String },
+    #[error("TLS on {chan}: TLS PSK authz check for {user} is denied")]
+    PskAuthzDenied { chan: String, user: String },
     #[error("TLS on {chan}: {what} needs a socket")]
     NotSocket { chan: String, what: &'static str },
     #[error("TLS I/O on {chan}: {source}")]
@@ -121,6 +133,8 @@ impl TlsSetup {
         match self {
             TlsSetup::Client(c) => &c.creds_id,
             TlsSetup::Server(s) => &s.creds_id,
+            TlsSetup::PskClient(c) => &c.creds_id,
+            TlsSetup::PskServer(s) => &s.creds_id,
         }
     }
 
@@ -138,6 +152,16 @@ impl TlsSetup {
         match self {
             TlsSetup::Client(c) => handshake::client(c, chan, uri, cancel, timeout),
             TlsSetup::Server(s) => handshake::server(s, chan, cancel, timeout),
+            TlsSetup::PskClient(c) => psk::client(c, chan, cancel, timeout),
+            TlsSetup::PskServer(s) => psk::server(s, chan, cancel, timeout),
         }
     }
+}
+
+/// Loads what OpenSSL reads on first use (its configuration file) and seeds its random
+/// generator while the filesystem is open: the sandbox then closes it (Landlock), and a
+/// TLS-PSK handshake needs nothing more than memory, futexes and getrandom(2).
+pub(crate) fn warm_up() {
+    openssl::init();
+    let _ = openssl::rand::rand_bytes(&mut [0u8; 16]);
 }

@@ -7,6 +7,7 @@
 //! Every helper here logs at debug level to a file, and no log may hold key material.
 
 mod failures;
+mod psk;
 mod stub;
 
 use std::path::PathBuf;
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use qemu_migration_helper::client::HelperClient;
 use support::end::End;
 use support::helper::HelperVm;
 use support::migrate::{recover_over_socketpair, start_fd_migration};
@@ -154,24 +156,31 @@ fn pair(src: Kind, dst: Kind, ram: u64, test: &str) -> Option<(Peer, Peer)> {
     Some((s, d))
 }
 
+/// Sets TLS up on a source's and a destination's QMP clients (QEMU's or a helper's).
+type SetTls = fn(&Pki, &mut HelperClient, &mut HelperClient);
+
 /// TLS on both ends: good server credentials on the destination (with `tls-authz` for the
 /// test client's DN), client credentials on the source.
 fn tls_both(pki: &Pki, s: &mut Peer, d: &mut Peer) {
-    tls_source(s.end.client(), &pki.client_dir());
-    tls_destination(
-        d.end.client(),
-        &pki.server_dir(ServerCert::Good),
-        Some(CLIENT_DN),
-    );
+    x509_both(pki, s.end.client(), d.end.client());
+}
+
+fn x509_both(pki: &Pki, s: &mut HelperClient, d: &mut HelperClient) {
+    tls_source(s, &pki.client_dir());
+    tls_destination(d, &pki.server_dir(ServerCert::Good), Some(CLIENT_DN));
 }
 
 /// Precopy over a socketpair with TLS and `tls-authz` on the destination; RAM compared.
 fn precopy(src: Kind, dst: Kind, test: &str) {
+    precopy_with(src, dst, test, x509_both);
+}
+
+fn precopy_with(src: Kind, dst: Kind, test: &str, set_tls: SetTls) {
     let Some((mut s, mut d)) = pair(src, dst, RAM, test) else {
         return;
     };
     let pki = Pki::new();
-    tls_both(&pki, &mut s, &mut d);
+    set_tls(&pki, s.end.client(), d.end.client());
     let t0 = Instant::now();
     start_fd_migration(s.end.client(), d.end.client());
     let si = s.end.wait(&["completed"], TIMEOUT);
@@ -258,11 +267,15 @@ fn tls_helper_to_helper_return_path() {
 // ---------------------------------------------------------------------------------------
 
 fn multifd(src: Kind, dst: Kind, test: &str) {
+    multifd_with(src, dst, test, x509_both);
+}
+
+fn multifd_with(src: Kind, dst: Kind, test: &str, set_tls: SetTls) {
     let Some((mut s, mut d)) = pair(src, dst, RAM, test) else {
         return;
     };
     let pki = Pki::new();
-    tls_both(&pki, &mut s, &mut d);
+    set_tls(&pki, s.end.client(), d.end.client());
     for p in [&mut s, &mut d] {
         let c = p.end.client();
         c.set_capabilities(&[("multifd", true)]).expect("multifd");
@@ -334,6 +347,10 @@ fn wait_uffd(h: &mut HelperVm, guest: &mut UffdGuest, want: &[&str]) -> Value {
 /// a slow push, reader threads faulting pages throughout; paused once with `migrate-pause`
 /// on the source and recovered over a fresh socketpair; RAM compared at the end.
 fn postcopy_recovery(src: Kind, test: &str) {
+    postcopy_recovery_with(src, test, x509_both);
+}
+
+fn postcopy_recovery_with(src: Kind, test: &str, set_tls: SetTls) {
     let Some(mut s) = Peer::new(src, true, RAM, test) else {
         return;
     };
@@ -350,12 +367,7 @@ fn postcopy_recovery(src: Kind, test: &str) {
             .expect("compat-version");
     }
     let pki = Pki::new();
-    tls_source(s.end.client(), &pki.client_dir());
-    tls_destination(
-        &mut dst.client,
-        &pki.server_dir(ServerCert::Good),
-        Some(CLIENT_DN),
-    );
+    set_tls(&pki, s.end.client(), &mut dst.client);
     s.end
         .client()
         .set_capabilities(&[("postcopy-ram", true)])

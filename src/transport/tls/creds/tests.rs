@@ -337,7 +337,7 @@ fn psk_files_are_checked_as_qemu_does() {
         e,
         format!(
             "Cannot set PSK client credentials: the key of qemu in {d}/keys.psk is not \
-             hexadecimal"
+             hexadecimal (an even number of hex digits, at most 1024)"
         )
     );
     assert!(psk(Endpoint::Client, Some("bob")).is_err());

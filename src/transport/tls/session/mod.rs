@@ -1,8 +1,9 @@
 //! An established TLS session split into its sending and receiving halves (owner:
 //! transport TLS). [`crate::transport::Channel`] routes its I/O through it.
 //!
-//! rustls ran the handshake and keeps the key schedule (a [`KernelConnection`]); the halves
-//! seal and open TLS 1.3 records themselves with the suite's record ciphers. Each half has
+//! rustls (x509) or OpenSSL (PSK) ran the handshake; the key schedule is rustls's (a
+//! [`KernelConnection`]) or, after OpenSSL, the helper's ([`Schedule`]). The halves seal and
+//! open TLS 1.3 records themselves with rustls's record ciphers for the suite. Each half has
 //! its own lock and no path holds both, so a return-path reader never waits on a page
 //! writer. The key schedule has a third lock, taken briefly by either half on a key update.
 
@@ -25,6 +26,7 @@ mod tx;
 
 use self::rx::{Rx, RxState};
 use self::tx::Tx;
+use super::schedule::Schedule;
 use super::TlsInfo;
 use crate::memory::page::IoVecs;
 use crate::transport::IoTimer;
@@ -47,10 +49,16 @@ pub(super) const KEY_UPDATE_AFTER: u64 = 1 << 23;
 const NEW_SESSION_TICKET: u8 = 4;
 const KEY_UPDATE: u8 = 24;
 
-/// rustls's key schedule for one side of the session.
+/// The key schedule of one side of the session: rustls's when it ran the handshake (x509),
+/// else the helper's own (TLS-PSK, whose handshake OpenSSL ran).
 pub(super) enum Keys {
     Client(KernelConnection<ClientConnectionData>),
     Server(KernelConnection<ServerConnectionData>),
+    /// `client`: this end is the client (a server's session tickets are then ignored).
+    Psk {
+        schedule: Schedule,
+        client: bool,
+    },
 }
 
 impl Keys {
@@ -60,6 +68,7 @@ impl Keys {
             (Keys::Client(k), false) => k.update_rx_secret(),
             (Keys::Server(k), true) => k.update_tx_secret(),
             (Keys::Server(k), false) => k.update_rx_secret(),
+            (Keys::Psk { schedule, .. }, tx) => return schedule.update(tx),
         };
         r.map(|(_, s)| s)
     }

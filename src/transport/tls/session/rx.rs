@@ -236,15 +236,20 @@ impl Rx {
             let msg: Vec<u8> = self.hs.drain(..4 + len).collect();
             match msg[0] {
                 NEW_SESSION_TICKET => {
-                    // For a later resumption only; a ticket rustls refuses costs nothing.
-                    if let Keys::Client(k) = &mut *lock(&s.keys) {
-                        let _ = k.handle_new_session_ticket(&msg[4..]);
-                    } else {
-                        return Err(self.fail(
-                            s,
-                            io::ErrorKind::InvalidData,
-                            "the client sent a session ticket".into(),
-                        ));
+                    // For a later resumption only; a ticket rustls refuses costs nothing, and
+                    // a PSK session never resumes.
+                    match &mut *lock(&s.keys) {
+                        Keys::Client(k) => {
+                            let _ = k.handle_new_session_ticket(&msg[4..]);
+                        }
+                        Keys::Psk { client: true, .. } => {}
+                        Keys::Server(_) | Keys::Psk { client: false, .. } => {
+                            return Err(self.fail(
+                                s,
+                                io::ErrorKind::InvalidData,
+                                "the client sent a session ticket".into(),
+                            ));
+                        }
                     }
                 }
                 KEY_UPDATE => {

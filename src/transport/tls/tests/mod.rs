@@ -3,6 +3,7 @@
 mod failures;
 mod measure;
 mod openssl;
+mod psk;
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;

@@ -3,7 +3,7 @@
 use super::*;
 
 /// Whether the `openssl` command runs (tests/install-deps.sh installs it); says SKIP if not.
-fn have_openssl(test: &str) -> bool {
+pub(super) fn have_openssl(test: &str) -> bool {
     let ok = std::process::Command::new("openssl")
         .arg("version")
         .output()
