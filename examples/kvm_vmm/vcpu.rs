@@ -1,0 +1,151 @@
+//! The vCPU thread: runs the guest, handles its two I/O ports, honours stop and throttle
+//! requests, and on stop leaves the vCPU in a state that can be saved.
+
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::error::VmmError;
+use crate::guest::{PROGRESS_PORT, VIOLATION_PORT};
+
+/// What the guest reported so far.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Progress {
+    /// The first pass this VMM saw finish (on a destination: the first after migration).
+    pub(crate) first_pass: Option<u32>,
+    /// The last pass the guest finished.
+    pub(crate) last_pass: Option<u32>,
+    pub(crate) passes_seen: u64,
+    pub(crate) violations: u64,
+}
+
+/// Shared between the vCPU thread and the thread that drives the migration.
+#[derive(Default)]
+pub(crate) struct VcpuControl {
+    progress: Mutex<Progress>,
+    /// Signalled on every report from the guest.
+    changed: Condvar,
+    stop: AtomicBool,
+    /// Percentage of time the vCPU must not run (auto-converge's CPU_THROTTLE).
+    throttle: AtomicU8,
+}
+
+impl VcpuControl {
+    fn lock(&self) -> MutexGuard<'_, Progress> {
+        // A poisoned lock only means the other thread panicked; the counters are still valid.
+        self.progress.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn progress(&self) -> Progress {
+        *self.lock()
+    }
+
+    /// Blocks until `done(progress)` holds, the vCPU stops or `timeout` passes; returns the
+    /// last progress.
+    pub(crate) fn wait(&self, timeout: Duration, done: impl Fn(&Progress) -> bool) -> Progress {
+        let guard = self.lock();
+        let (guard, _) = self
+            .changed
+            .wait_timeout_while(guard, timeout, |p| {
+                !done(p) && !self.stop.load(Ordering::Acquire)
+            })
+            .unwrap_or_else(|p| p.into_inner());
+        *guard
+    }
+
+    /// Asks the vCPU thread to return at its next exit (the guest exits at least once a
+    /// pass). A VMM whose guest may not exit for long kicks the thread with a signal.
+    pub(crate) fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.changed.notify_all();
+    }
+
+    pub(crate) fn set_throttle(&self, percent: u8) {
+        self.throttle.store(percent.min(99), Ordering::Relaxed);
+    }
+
+    fn report(&self, f: impl FnOnce(&mut Progress)) {
+        f(&mut self.lock());
+        self.changed.notify_all();
+    }
+}
+
+/// Runs the vCPU until a stop is requested. `pace` is slept after each pass, so the guest
+/// leaves CPU time to the helpers. Returns with any pending I/O completed (see below).
+pub(crate) fn run(vcpu: &mut VcpuFd, ctl: &VcpuControl, pace: Duration) -> Result<(), VmmError> {
+    let mut running_since = Instant::now();
+    while !ctl.stop.load(Ordering::Acquire) {
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(PROGRESS_PORT, data)) => {
+                let pass = port_value(data);
+                ctl.report(|p| {
+                    p.first_pass.get_or_insert(pass);
+                    p.last_pass = Some(pass);
+                    p.passes_seen += 1;
+                });
+                pause(ctl, pace, running_since.elapsed());
+                running_since = Instant::now();
+            }
+            Ok(VcpuExit::IoOut(VIOLATION_PORT, data)) => {
+                let page = port_value(data);
+                eprintln!("kvm-vmm: guest check failed at region page {page}");
+                ctl.report(|p| p.violations += 1);
+            }
+            Ok(exit) => return Err(VmmError::Guest(format!("unexpected exit {exit:?}"))),
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => return Err(VmmError::Kvm("KVM_RUN", e)),
+        }
+    }
+    complete_pending_io(vcpu)
+}
+
+/// KVM finishes an `out` (advances RIP past it) only when the vCPU is entered again; saved
+/// before that, the destination would run the `out` twice. KVM's documented way: enter with
+/// `immediate_exit` set, which completes the I/O and returns EINTR without running the guest.
+fn complete_pending_io(vcpu: &mut VcpuFd) -> Result<(), VmmError> {
+    vcpu.set_kvm_immediate_exit(1);
+    let result = match vcpu.run() {
+        Err(e) if e.errno() == libc::EINTR => Ok(()),
+        Err(e) => Err(VmmError::Kvm("KVM_RUN (immediate exit)", e)),
+        Ok(exit) => Err(VmmError::Guest(format!(
+            "the vCPU ran despite immediate_exit: {exit:?}"
+        ))),
+    };
+    vcpu.set_kvm_immediate_exit(0);
+    result
+}
+
+/// Sleeps `pace`, plus what the throttle asks: a vCPU throttled N% sleeps N/(100-N) of the
+/// time it ran (as QEMU's cpu_throttle does per timeslice).
+fn pause(ctl: &VcpuControl, pace: Duration, ran: Duration) {
+    let n = u32::from(ctl.throttle.load(Ordering::Relaxed));
+    let throttled = ran * n / (100 - n);
+    let total = pace + throttled;
+    if !total.is_zero() {
+        std::thread::sleep(total);
+    }
+}
+
+/// The value of an `out` to one of the guest's ports (the guest writes 32 bits).
+fn port_value(data: &[u8]) -> u32 {
+    let mut b = [0u8; 4];
+    let n = data.len().min(4);
+    b[..n].copy_from_slice(&data[..n]);
+    u32::from_le_bytes(b)
+}
+
+/// Runs the vCPU on its own thread; `run` returns the fd with the guest stopped.
+pub(crate) fn spawn(
+    mut vcpu: VcpuFd,
+    ctl: std::sync::Arc<VcpuControl>,
+    pace: Duration,
+) -> std::thread::JoinHandle<Result<VcpuFd, VmmError>> {
+    std::thread::spawn(move || {
+        let result = run(&mut vcpu, &ctl, pace);
+        // Whoever waits on the progress must not wait for a thread that has gone.
+        ctl.request_stop();
+        result.map(|()| vcpu)
+    })
+}
