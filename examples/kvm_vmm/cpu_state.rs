@@ -18,7 +18,7 @@ use crate::error::{kvm, VmmError};
 pub(crate) const IDSTR: &str = "kvm-vmm/cpu";
 const VERSION: u32 = 1;
 
-#[derive(Default)]
+#[derive(Default, Clone, Copy)]
 pub(crate) struct CpuState {
     pub(crate) regs: kvm_regs,
     sregs: kvm_sregs,
@@ -44,9 +44,9 @@ impl CpuState {
     }
 
     /// The element of `device-state-set`: body plus VM description.
-    pub(crate) fn to_section(&mut self, vcpu_index: u32) -> Value {
+    pub(crate) fn to_section(mut self, vcpu_index: u32) -> Value {
         let mut w = Writer::default();
-        visit(self, &mut w);
+        visit(&mut self, &mut w);
         json!({
             "idstr": IDSTR,
             "instance-id": vcpu_index,

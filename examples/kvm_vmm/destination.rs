@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::cpu_state::{self, CpuState};
-use crate::error::{join, VmmError};
+use crate::error::VmmError;
 use crate::vcpu::{self, VcpuControl};
 use crate::vm::Vm;
 use crate::{helper, Options};
@@ -33,12 +33,11 @@ pub(crate) fn run(opts: &Options, uri: &str) -> Result<(), VmmError> {
 
     state.restore(&vcpu)?;
     let ctl = Arc::new(VcpuControl::default());
-    let vcpu_thread = vcpu::spawn(vcpu, Arc::clone(&ctl), opts.pace);
+    let vcpu_thread = vcpu::spawn(vcpu, Arc::clone(&ctl), opts.pace)?;
     let p = ctl.wait(opts.timeout, |p| {
         p.passes_seen >= opts.passes || p.violations > 0
     });
-    ctl.request_stop();
-    join("vCPU", vcpu_thread)?;
+    vcpu_thread.stop()?;
     println!(
         "result: role=destination resumed-rdi={} first-pass={} last-pass={} passes={} violations={}",
         state.regs.rdi,

@@ -36,13 +36,11 @@ pub(crate) fn run(opts: &Options, uri: &str) -> Result<(), VmmError> {
     let (mut helper, child) = helper::spawn(&opts.helper, &vm, Some(&bitmap.file))?;
 
     let ctl = Arc::new(VcpuControl::default());
-    let vcpu_thread = vcpu::spawn(vcpu, Arc::clone(&ctl), opts.pace);
+    let vcpu_thread = vcpu::spawn(vcpu, Arc::clone(&ctl), opts.pace)?;
     let (stop_harvest, stop_rx) = mpsc::channel::<()>();
     let harvester = {
         let (bitmap, vm_fd) = (Arc::clone(&bitmap), Arc::clone(&vm.fd));
-        std::thread::spawn(move || {
-            dirty::harvest_loop(&bitmap, &vm_fd, HARVEST_INTERVAL, &stop_rx)
-        })
+        std::thread::spawn(move || dirty::harvest_loop(&bitmap, &vm_fd, HARVEST_INTERVAL, &stop_rx))
     };
 
     let precopy = precopy(&mut helper, &ctl, opts, uri);
@@ -50,8 +48,7 @@ pub(crate) fn run(opts: &Options, uri: &str) -> Result<(), VmmError> {
     // the harvester, then take the last dirty pages: what the vCPU wrote since the last
     // harvest must reach the destination too.
     let downtime_start = Instant::now();
-    ctl.request_stop();
-    let vcpu = join("vCPU", vcpu_thread);
+    let vcpu = vcpu_thread.stop();
     drop(stop_harvest);
     let harvested = join("harvester", harvester);
     precopy?;
@@ -59,7 +56,7 @@ pub(crate) fn run(opts: &Options, uri: &str) -> Result<(), VmmError> {
     harvested?;
     bitmap.harvest(&vm.fd)?;
 
-    let mut state = CpuState::save(&vcpu)?;
+    let state = CpuState::save(&vcpu)?;
     helper.device_state_set(json!([state.to_section(0)]))?;
     helper.migrate_continue()?;
     let info = helper.wait_for_status(&["completed"], opts.timeout)?;

@@ -1,13 +1,16 @@
 //! The vCPU thread: runs the guest, handles its two I/O ports, honours stop and throttle
 //! requests, and on stop leaves the vCPU in a state that can be saved.
 
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
-use crate::error::VmmError;
+use crate::error::{join, VmmError};
 use crate::guest::{PROGRESS_PORT, VIOLATION_PORT};
 
 /// What the guest reported so far.
@@ -55,9 +58,8 @@ impl VcpuControl {
         *guard
     }
 
-    /// Asks the vCPU thread to return at its next exit (the guest exits at least once a
-    /// pass). A VMM whose guest may not exit for long kicks the thread with a signal.
-    pub(crate) fn request_stop(&self) {
+    /// Asks the vCPU thread to return at its next exit (see [`VcpuThread::stop`]).
+    fn request_stop(&self) {
         self.stop.store(true, Ordering::Release);
         self.changed.notify_all();
     }
@@ -72,9 +74,10 @@ impl VcpuControl {
     }
 }
 
-/// Runs the vCPU until a stop is requested. `pace` is slept after each pass, so the guest
+/// Runs the vCPU until a stop is requested (checked before each entry; a kick, see
+/// [`VcpuThread::stop`], makes KVM_RUN return EINTR). `pace` is slept after each pass, so the guest
 /// leaves CPU time to the helpers. Returns with any pending I/O completed (see below).
-pub(crate) fn run(vcpu: &mut VcpuFd, ctl: &VcpuControl, pace: Duration) -> Result<(), VmmError> {
+fn run(vcpu: &mut VcpuFd, ctl: &VcpuControl, pace: Duration) -> Result<(), VmmError> {
     let mut running_since = Instant::now();
     while !ctl.stop.load(Ordering::Acquire) {
         match vcpu.run() {
@@ -117,15 +120,16 @@ fn complete_pending_io(vcpu: &mut VcpuFd) -> Result<(), VmmError> {
     result
 }
 
-/// Sleeps `pace`, plus what the throttle asks: a vCPU throttled N% sleeps N/(100-N) of the
-/// time it ran (as QEMU's cpu_throttle does per timeslice).
+/// Waits `pace`, plus what the throttle asks: a vCPU throttled N% sleeps N/(100-N) of the
+/// time it ran (as QEMU's cpu_throttle does per timeslice; here per pass). A stop request
+/// ends the wait.
 fn pause(ctl: &VcpuControl, pace: Duration, ran: Duration) {
     let n = u32::from(ctl.throttle.load(Ordering::Relaxed));
-    let throttled = ran * n / (100 - n);
-    let total = pace + throttled;
-    if !total.is_zero() {
-        std::thread::sleep(total);
-    }
+    let total = pace + ran * n / (100 - n);
+    let guard = ctl.lock();
+    let _ = ctl
+        .changed
+        .wait_timeout_while(guard, total, |_| !ctl.stop.load(Ordering::Acquire));
 }
 
 /// The value of an `out` to one of the guest's ports (the guest writes 32 bits).
@@ -136,16 +140,56 @@ fn port_value(data: &[u8]) -> u32 {
     u32::from_le_bytes(b)
 }
 
-/// Runs the vCPU on its own thread; `run` returns the fd with the guest stopped.
+/// The vCPU's thread, and how to stop it.
+pub(crate) struct VcpuThread {
+    handle: JoinHandle<Result<VcpuFd, VmmError>>,
+    ctl: Arc<VcpuControl>,
+}
+
+/// Runs the vCPU on its own thread until [`VcpuThread::stop`].
 pub(crate) fn spawn(
     mut vcpu: VcpuFd,
-    ctl: std::sync::Arc<VcpuControl>,
+    ctl: Arc<VcpuControl>,
     pace: Duration,
-) -> std::thread::JoinHandle<Result<VcpuFd, VmmError>> {
-    std::thread::spawn(move || {
-        let result = run(&mut vcpu, &ctl, pace);
+) -> Result<VcpuThread, VmmError> {
+    install_kick_handler()?;
+    let thread_ctl = Arc::clone(&ctl);
+    let handle = std::thread::spawn(move || {
+        let result = run(&mut vcpu, &thread_ctl, pace);
         // Whoever waits on the progress must not wait for a thread that has gone.
-        ctl.request_stop();
+        thread_ctl.request_stop();
         result.map(|()| vcpu)
-    })
+    });
+    Ok(VcpuThread { handle, ctl })
+}
+
+impl VcpuThread {
+    /// Stops the guest and returns its vCPU, ready to be saved. The flag alone would wait
+    /// for the guest's next exit (a whole pass); the signal (the "kick") makes KVM_RUN
+    /// return at once with EINTR. A kick that lands just before the thread enters KVM_RUN
+    /// is lost and the stop waits for the next exit: a production VMM closes that window
+    /// by setting `immediate_exit` from the handler or with KVM_SET_SIGNAL_MASK.
+    pub(crate) fn stop(self) -> Result<VcpuFd, VmmError> {
+        self.ctl.request_stop();
+        // SAFETY: the thread has not been joined, so its pthread_t is valid. An error
+        // (ESRCH: it already ended) is what the kick is for anyway.
+        let _ = unsafe { libc::pthread_kill(self.handle.as_pthread_t(), libc::SIGUSR1) };
+        join("vCPU", self.handle)
+    }
+}
+
+/// The kick's handler does nothing: its only effect is that KVM_RUN returns EINTR.
+extern "C" fn on_kick(_: libc::c_int) {}
+
+fn install_kick_handler() -> Result<(), VmmError> {
+    let action = SigAction::new(
+        SigHandler::Handler(on_kick),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    // SAFETY: the handler does nothing, so it is async-signal-safe, and nothing else in
+    // this process uses SIGUSR1.
+    unsafe { sigaction(Signal::SIGUSR1, &action) }
+        .map_err(|e| VmmError::Io("installing the vCPU kick handler", e.into()))?;
+    Ok(())
 }

@@ -62,7 +62,11 @@ impl Vm {
             .map_err(|e| VmmError::Memory(e.to_string()))?;
         let slot = kvm_userspace_memory_region {
             slot: RAM_SLOT,
-            flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            flags: if log_dirty {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: 0,
             memory_size: ram_size,
             userspace_addr: host as u64,
