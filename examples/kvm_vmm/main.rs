@@ -14,7 +14,9 @@
 //! Options (both sides): `--ram-mib N` (64; the same on both), `--pace-ms N` (1: the vCPU
 //! sleeps after each pass, leaving CPU time to the helpers), `--helper PATH` (else
 //! `QMH_HELPER_BIN`, else the helper beside target/<profile>/examples), `--timeout-s N`
-//! (120). Source: `--max-bandwidth BYTES_PER_S` (0 = unlimited), `--auto-converge`.
+//! (120). Source: `--max-bandwidth BYTES_PER_S` (0 = unlimited), `--auto-converge` (the
+//! vCPU is throttled as the helper's CPU_THROTTLE events ask), `--param NAME=VALUE` (any
+//! other `migrate-set-parameters`, e.g. `--param cpu-throttle-initial=60`).
 //! Destination: `--passes N` (20): passes the guest must finish after migration.
 
 mod cpu_state;
@@ -40,6 +42,8 @@ pub(crate) struct Options {
     max_bandwidth: u64,
     auto_converge: bool,
     passes: u64,
+    /// `--param NAME=VALUE`: more `migrate-set-parameters` for the source's helper.
+    params: serde_json::Map<String, serde_json::Value>,
 }
 
 enum Role {
@@ -71,6 +75,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<(Role, Options), VmmE
         max_bandwidth: 0,
         auto_converge: false,
         passes: 20,
+        params: serde_json::Map::new(),
     };
     let mut address = None;
     while let Some(arg) = args.next() {
@@ -87,6 +92,15 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<(Role, Options), VmmE
             "--max-bandwidth" => opts.max_bandwidth = number(&value()?)?,
             "--passes" => opts.passes = number(&value()?)?,
             "--auto-converge" => opts.auto_converge = true,
+            "--param" => {
+                let v = value()?;
+                let (name, value) = v
+                    .split_once('=')
+                    .ok_or_else(|| VmmError::Usage(format!("--param {v}: not NAME=VALUE")))?;
+                // A number or other JSON value as such, anything else as a string.
+                let value = serde_json::from_str(value).unwrap_or_else(|_| value.into());
+                opts.params.insert(name.into(), value);
+            }
             _ => return Err(VmmError::Usage(format!("unknown option {arg}"))),
         }
     }

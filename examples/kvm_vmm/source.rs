@@ -51,7 +51,7 @@ pub(crate) fn run(opts: &Options, uri: &str) -> Result<(), VmmError> {
     let vcpu = vcpu_thread.stop();
     drop(stop_harvest);
     let harvested = join("harvester", harvester);
-    precopy?;
+    let max_throttle = precopy?;
     let vcpu = vcpu?;
     harvested?;
     bitmap.harvest(&vm.fd)?;
@@ -62,7 +62,7 @@ pub(crate) fn run(opts: &Options, uri: &str) -> Result<(), VmmError> {
     let info = helper.wait_for_status(&["completed"], opts.timeout)?;
     let p = ctl.progress();
     println!(
-        "result: role=source last-pass={} stopped-rdi={} violations={} stop-to-completed-ms={} helper-downtime-ms={}",
+        "result: role=source last-pass={} stopped-rdi={} violations={} stop-to-completed-ms={} helper-downtime-ms={} max-throttle={max_throttle}",
         p.last_pass.unwrap_or(0),
         state.regs.rdi,
         p.violations,
@@ -77,13 +77,14 @@ pub(crate) fn run(opts: &Options, uri: &str) -> Result<(), VmmError> {
 }
 
 /// Starts the migration once the guest is running and waits for `pre-switchover`,
-/// throttling the vCPU as the helper asks (auto-converge) meanwhile.
+/// throttling the vCPU as the helper asks (auto-converge) meanwhile. Returns the highest
+/// throttle asked for.
 fn precopy(
     helper: &mut HelperClient,
     ctl: &VcpuControl,
     opts: &Options,
     uri: &str,
-) -> Result<(), VmmError> {
+) -> Result<u8, VmmError> {
     let p = ctl.wait(opts.timeout, |p| p.passes_seen >= WARM_UP_PASSES);
     if p.passes_seen < WARM_UP_PASSES {
         return Err(VmmError::Guest(format!(
@@ -96,9 +97,12 @@ fn precopy(
         ("pause-before-switchover", true),
         ("auto-converge", opts.auto_converge),
     ])?;
-    helper.set_parameters(json!({"max-bandwidth": opts.max_bandwidth}))?;
+    let mut params = opts.params.clone();
+    params.insert("max-bandwidth".into(), opts.max_bandwidth.into());
+    helper.set_parameters(Value::Object(params))?;
     helper.migrate(uri)?;
     let deadline = Instant::now() + opts.timeout;
+    let mut max_throttle = 0;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let ev = helper.wait_event(left, |e| {
@@ -107,11 +111,13 @@ fn precopy(
         if ev.name == event::CPU_THROTTLE {
             let percent = ev.data["percentage"].as_u64().unwrap_or(0);
             eprintln!("kvm-vmm: throttling the vCPU to {percent}%");
-            ctl.set_throttle(u8::try_from(percent).unwrap_or(99));
+            let percent = u8::try_from(percent).unwrap_or(99);
+            ctl.set_throttle(percent);
+            max_throttle = max_throttle.max(percent);
             continue;
         }
         match ev.data["status"].as_str() {
-            Some("pre-switchover") => return Ok(()),
+            Some("pre-switchover") => return Ok(max_throttle),
             Some(s @ ("failed" | "cancelled")) => {
                 let info = helper.query_migrate().unwrap_or(Value::Null);
                 return Err(VmmError::Migration(format!("{s}: {}", info["error-desc"])));

@@ -66,6 +66,12 @@ impl VcpuControl {
 
     pub(crate) fn set_throttle(&self, percent: u8) {
         self.throttle.store(percent.min(99), Ordering::Relaxed);
+        // Wakes the ticker (see `tick`).
+        self.changed.notify_all();
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
     }
 
     fn report(&self, f: impl FnOnce(&mut Progress)) {
@@ -97,7 +103,11 @@ fn run(vcpu: &mut VcpuFd, ctl: &VcpuControl, pace: Duration) -> Result<(), VmmEr
                 ctl.report(|p| p.violations += 1);
             }
             Ok(exit) => return Err(VmmError::Guest(format!("unexpected exit {exit:?}"))),
-            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) if e.errno() == libc::EINTR => {
+                // A kick: a stop (the loop ends) or the throttle's timeslice.
+                pause(ctl, Duration::ZERO, running_since.elapsed());
+                running_since = Instant::now();
+            }
             Err(e) => return Err(VmmError::Kvm("KVM_RUN", e)),
         }
     }
@@ -121,8 +131,7 @@ fn complete_pending_io(vcpu: &mut VcpuFd) -> Result<(), VmmError> {
 }
 
 /// Waits `pace`, plus what the throttle asks: a vCPU throttled N% sleeps N/(100-N) of the
-/// time it ran (as QEMU's cpu_throttle does per timeslice; here per pass). A stop request
-/// ends the wait.
+/// time it ran (as QEMU's cpu_throttle does per timeslice). A stop request ends the wait.
 fn pause(ctl: &VcpuControl, pace: Duration, ran: Duration) {
     let n = u32::from(ctl.throttle.load(Ordering::Relaxed));
     let total = pace + ran * n / (100 - n);
@@ -140,9 +149,14 @@ fn port_value(data: &[u8]) -> u32 {
     u32::from_le_bytes(b)
 }
 
-/// The vCPU's thread, and how to stop it.
+/// QEMU's throttle timeslice: while throttled, the vCPU is kicked out of the guest this
+/// often and then sleeps its share of the slice.
+const THROTTLE_TIMESLICE: Duration = Duration::from_millis(10);
+
+/// The vCPU's thread and its throttle ticker, and how to stop them.
 pub(crate) struct VcpuThread {
     handle: JoinHandle<Result<VcpuFd, VmmError>>,
+    ticker: JoinHandle<()>,
     ctl: Arc<VcpuControl>,
 }
 
@@ -160,7 +174,43 @@ pub(crate) fn spawn(
         thread_ctl.request_stop();
         result.map(|()| vcpu)
     });
-    Ok(VcpuThread { handle, ctl })
+    let (ticker_ctl, vcpu_pthread) = (Arc::clone(&ctl), handle.as_pthread_t());
+    let ticker = std::thread::spawn(move || tick(&ticker_ctl, vcpu_pthread));
+    Ok(VcpuThread {
+        handle,
+        ticker,
+        ctl,
+    })
+}
+
+/// While a throttle is in force, kicks the vCPU once a timeslice, so that it sleeps its
+/// share of every slice rather than of a whole pass (a pass can take long). Idle, on the
+/// condition variable, while there is no throttle.
+fn tick(ctl: &VcpuControl, vcpu: libc::pthread_t) {
+    let throttled = |_: &mut Progress| ctl.throttle.load(Ordering::Relaxed) == 0 && !ctl.stopping();
+    let mut guard = ctl.lock();
+    loop {
+        guard = ctl
+            .changed
+            .wait_while(guard, throttled)
+            .unwrap_or_else(|p| p.into_inner());
+        guard = ctl
+            .changed
+            .wait_timeout_while(guard, THROTTLE_TIMESLICE, |_| !ctl.stopping())
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+        if ctl.stopping() {
+            return;
+        }
+        kick(vcpu);
+    }
+}
+
+/// Makes the vCPU thread's KVM_RUN return EINTR.
+fn kick(vcpu: libc::pthread_t) {
+    // SAFETY: the vCPU thread is joined only after the ticker (VcpuThread::stop), so its
+    // pthread_t is valid. An error (ESRCH: it already ended) needs no kick anyway.
+    let _ = unsafe { libc::pthread_kill(vcpu, libc::SIGUSR1) };
 }
 
 impl VcpuThread {
@@ -171,9 +221,10 @@ impl VcpuThread {
     /// by setting `immediate_exit` from the handler or with KVM_SET_SIGNAL_MASK.
     pub(crate) fn stop(self) -> Result<VcpuFd, VmmError> {
         self.ctl.request_stop();
-        // SAFETY: the thread has not been joined, so its pthread_t is valid. An error
-        // (ESRCH: it already ended) is what the kick is for anyway.
-        let _ = unsafe { libc::pthread_kill(self.handle.as_pthread_t(), libc::SIGUSR1) };
+        self.ticker
+            .join()
+            .map_err(|_| VmmError::Panicked("throttle ticker"))?;
+        kick(self.handle.as_pthread_t());
         join("vCPU", self.handle)
     }
 }
