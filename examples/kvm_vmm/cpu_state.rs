@@ -3,12 +3,12 @@
 //! `query-device-state` (and `analyze` on a saved stream) shows every field decoded.
 //!
 //! One list of fields ([`visit`]) drives both directions, so the encoding, the decoding
-//! and the description cannot drift apart. (MSRs are not carried: this guest runs in
-//! 32-bit mode without paging and touches none; a VMM whose guest does adds them here.)
+//! and the description cannot drift apart. MSRs: the TSC and those a 32/64-bit OS sets
+//! for system calls (this guest touches none; a VMM lists what its guests use).
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
 use serde_json::{json, Value};
 
@@ -18,11 +18,27 @@ use crate::error::{kvm, VmmError};
 pub(crate) const IDSTR: &str = "kvm-vmm/cpu";
 const VERSION: u32 = 1;
 
+/// The MSRs carried, by name as in the VM description.
+const MSRS: [(&str, u32); 10] = [
+    ("tsc", 0x10),
+    ("sysenter_cs", 0x174),
+    ("sysenter_esp", 0x175),
+    ("sysenter_eip", 0x176),
+    ("pat", 0x277),
+    ("star", 0xc000_0081),
+    ("lstar", 0xc000_0082),
+    ("cstar", 0xc000_0083),
+    ("syscall_mask", 0xc000_0084),
+    ("kernel_gs_base", 0xc000_0102),
+];
+
 #[derive(Default, Clone, Copy)]
 pub(crate) struct CpuState {
     pub(crate) regs: kvm_regs,
     sregs: kvm_sregs,
     fpu: kvm_fpu,
+    /// Values of [`MSRS`], in order.
+    msrs: [u64; MSRS.len()],
 }
 
 impl CpuState {
@@ -32,6 +48,7 @@ impl CpuState {
             regs: vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?,
             sregs: vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
             fpu: vcpu.get_fpu().map_err(kvm("KVM_GET_FPU"))?,
+            msrs: get_msrs(vcpu)?,
         })
     }
 
@@ -40,6 +57,7 @@ impl CpuState {
     pub(crate) fn restore(&self, vcpu: &VcpuFd) -> Result<(), VmmError> {
         vcpu.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
         vcpu.set_fpu(&self.fpu).map_err(kvm("KVM_SET_FPU"))?;
+        set_msrs(vcpu, &self.msrs)?;
         vcpu.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))
     }
 
@@ -191,6 +209,9 @@ fn visit(s: &mut CpuState, f: &mut impl Fields) {
         f.field(format!("xmm{i}"), "buffer", x);
     }
     u32f(f, "mxcsr", &mut fpu.mxcsr);
+    for ((name, _), v) in MSRS.iter().zip(s.msrs.iter_mut()) {
+        u64f(f, format!("msr.{name}"), v);
+    }
 }
 
 #[rustfmt::skip]
@@ -205,4 +226,51 @@ fn segment(f: &mut impl Fields, name: &str, seg: &mut kvm_segment) {
     ] {
         u8f(f, format!("{name}.{part}"), v);
     }
+}
+
+fn msr_list(values: &[u64; MSRS.len()]) -> Result<Msrs, VmmError> {
+    let entries: Vec<kvm_msr_entry> = MSRS
+        .iter()
+        .zip(values)
+        .map(|(&(_, index), &data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect();
+    Msrs::from_entries(&entries).map_err(|e| VmmError::CpuState(format!("MSR list: {e:?}")))
+}
+
+fn get_msrs(vcpu: &VcpuFd) -> Result<[u64; MSRS.len()], VmmError> {
+    let mut list = msr_list(&[0; MSRS.len()])?;
+    // KVM reads MSRs in order and stops at the first it does not know.
+    let read = vcpu.get_msrs(&mut list).map_err(kvm("KVM_GET_MSRS"))?;
+    if read != MSRS.len() {
+        return Err(VmmError::CpuState(format!(
+            "KVM read no {}",
+            msr_name(read)
+        )));
+    }
+    let mut values = [0; MSRS.len()];
+    for (v, e) in values.iter_mut().zip(list.as_slice()) {
+        *v = e.data;
+    }
+    Ok(values)
+}
+
+fn set_msrs(vcpu: &VcpuFd, values: &[u64; MSRS.len()]) -> Result<(), VmmError> {
+    let written = vcpu
+        .set_msrs(&msr_list(values)?)
+        .map_err(kvm("KVM_SET_MSRS"))?;
+    if written != MSRS.len() {
+        return Err(VmmError::CpuState(format!(
+            "KVM refused {}",
+            MSRS[written].0
+        )));
+    }
+    Ok(())
+}
+
+fn msr_name(i: usize) -> &'static str {
+    MSRS.get(i).map_or("MSR", |m| m.0)
 }
