@@ -187,12 +187,12 @@ pub(crate) fn spawn(
 /// share of every slice rather than of a whole pass (a pass can take long). Idle, on the
 /// condition variable, while there is no throttle.
 fn tick(ctl: &VcpuControl, vcpu: libc::pthread_t) {
-    let throttled = |_: &mut Progress| ctl.throttle.load(Ordering::Relaxed) == 0 && !ctl.stopping();
+    let idle = |_: &mut Progress| ctl.throttle.load(Ordering::Relaxed) == 0 && !ctl.stopping();
     let mut guard = ctl.lock();
     loop {
         guard = ctl
             .changed
-            .wait_while(guard, throttled)
+            .wait_while(guard, idle)
             .unwrap_or_else(|p| p.into_inner());
         guard = ctl
             .changed
@@ -221,11 +221,12 @@ impl VcpuThread {
     /// by setting `immediate_exit` from the handler or with KVM_SET_SIGNAL_MASK.
     pub(crate) fn stop(self) -> Result<VcpuFd, VmmError> {
         self.ctl.request_stop();
-        self.ticker
-            .join()
-            .map_err(|_| VmmError::Panicked("throttle ticker"))?;
+        // The ticker first: it kicks the vCPU thread, which must not be joined before.
+        let ticker = self.ticker.join();
         kick(self.handle.as_pthread_t());
-        join("vCPU", self.handle)
+        let vcpu = join("vCPU", self.handle);
+        ticker.map_err(|_| VmmError::Panicked("throttle ticker"))?;
+        vcpu
     }
 }
 

@@ -23,7 +23,7 @@ pub(crate) struct Vm {
     pub(crate) ram_size: u64,
     /// The VMM's own mapping; KVM's memslot points at it.
     memory: GuestMemoryMmap,
-    // Dropped last: the VM and its vCPUs hold a reference to the KVM system fd anyway.
+    /// The /dev/kvm handle the VM was created from.
     _kvm: Kvm,
 }
 
