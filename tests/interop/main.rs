@@ -10,6 +10,7 @@ mod control;
 mod files;
 mod helper_helper;
 mod idle;
+mod kvm_vmm;
 mod lifecycle;
 mod logs;
 mod manpage;
