@@ -19,7 +19,9 @@ use serde_json::{json, Value};
 use support::helper::{Block, HelperVm, Memfd};
 use support::migrate::{pass_socketpair, socketpair};
 use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
-use support::util::{assert_same_memory, fill_mixed, test_seed, TempDir, KIB, MIB, PAGE_SIZE};
+use support::util::{
+    assert_same_memory, fill_mixed, test_seed, u64_at, TempDir, KIB, MIB, PAGE_SIZE,
+};
 
 const RAM: u64 = 64 * MIB;
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -114,15 +116,6 @@ fn assert_same_blocks(a: &HelperVm, b: &HelperVm, what: &str) {
             &format!("{what}, block {}", x.id),
         );
     }
-}
-
-fn u64_at(v: &Value, path: &[&str]) -> u64 {
-    let mut cur = v;
-    for p in path {
-        cur = &cur[*p];
-    }
-    cur.as_u64()
-        .unwrap_or_else(|| panic!("{} is not an integer in {v}", path.join(".")))
 }
 
 fn status_of(vm: &mut HelperVm) -> Value {

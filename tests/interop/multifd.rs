@@ -40,7 +40,9 @@ use support::helper::{HelperVm, Memfd};
 use support::migrate::pass_ends;
 use support::migrate::socketpair;
 use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
-use support::util::{assert_same_memory, fill_mixed, test_seed, TempDir, GIB, MIB, PAGE_SIZE};
+use support::util::{
+    assert_same_memory, fill_mixed, test_seed, u64_at, TempDir, GIB, MIB, PAGE_SIZE,
+};
 
 const RAM: u64 = 64 * MIB;
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -66,15 +68,6 @@ fn enable_multifd(c: &mut HelperClient, channels: u8) {
 
 fn unix_uri(dir: &TempDir, name: &str) -> String {
     format!("unix:{}", dir.join(name).display())
-}
-
-fn u64_at(v: &Value, path: &[&str]) -> u64 {
-    let mut cur = v;
-    for p in path {
-        cur = &cur[*p];
-    }
-    cur.as_u64()
-        .unwrap_or_else(|| panic!("{} is not an integer in {v}", path.join(".")))
 }
 
 /// `multifd-bytes` is at least the data of `normal` pages: every normal page went over
