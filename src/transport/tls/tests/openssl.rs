@@ -2,6 +2,19 @@
 
 use super::*;
 
+/// Connects to an `openssl s_server` as soon as it listens (its "ACCEPT" sits in its
+/// buffered stdout, so the test tries for up to 10 s).
+pub(super) fn connect_when_listening(uri: &Uri, never: &CancelToken) -> Channel {
+    let start = Instant::now();
+    loop {
+        match Channel::connect(uri, |_| None, never) {
+            Ok(ch) => return ch,
+            Err(e) => assert!(start.elapsed() < Duration::from_secs(10), "{e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Whether the `openssl` command runs (tests/install-deps.sh installs it); says SKIP if not.
 pub(super) fn have_openssl(test: &str) -> bool {
     let ok = std::process::Command::new("openssl")
@@ -51,15 +64,7 @@ fn interop_with_openssl_s_server() {
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
     let uri = Uri::Tcp(format!("127.0.0.1:{port}"));
     let never = CancelToken::new().unwrap();
-    // s_server's "ACCEPT" sits in its buffered stdout: try until it listens.
-    let start = Instant::now();
-    let ch = loop {
-        match Channel::connect(&uri, |_| None, &never) {
-            Ok(ch) => break ch,
-            Err(e) => assert!(start.elapsed() < Duration::from_secs(10), "{e}"),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let ch = connect_when_listening(&uri, &never);
     let client = client_setup(&ca, c, None);
     let ch = client.secure(ch, Some(&uri), &never, LIMIT).unwrap();
     ch.write_all(b"hello from the helper\n").unwrap();
@@ -162,14 +167,7 @@ fn a_tls12_only_peer_is_named() {
         .unwrap();
     let uri = Uri::Tcp(format!("127.0.0.1:{port}"));
     let never = CancelToken::new().unwrap();
-    let start = Instant::now();
-    let ch = loop {
-        match Channel::connect(&uri, |_| None, &never) {
-            Ok(ch) => break ch,
-            Err(e) => assert!(start.elapsed() < Duration::from_secs(10), "{e}"),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let ch = connect_when_listening(&uri, &never);
     let c = leaf(&ca, &client_dn(), &[], false, false);
     let e = client_setup(&ca, c, None)
         .secure(ch, Some(&uri), &never, LIMIT)

@@ -2,7 +2,7 @@
 //! over socket pairs (data both ways, key updates, the failures), and against
 //! `openssl s_server -psk` (a KeyUpdate from another stack).
 
-use super::openssl::have_openssl;
+use super::openssl::{connect_when_listening, have_openssl};
 use super::*;
 use crate::transport::tls::creds::testpki::TempDir;
 use crate::transport::tls::creds::{PskCreds, PskOptions, PSK_FILE};
@@ -326,14 +326,7 @@ fn key_update_against_openssl_s_server() {
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
     let uri = Uri::Tcp(format!("127.0.0.1:{port}"));
     let never = CancelToken::new().unwrap();
-    let start = Instant::now();
-    let ch = loop {
-        match Channel::connect(&uri, |_| None, &never) {
-            Ok(ch) => break ch,
-            Err(e) => assert!(start.elapsed() < Duration::from_secs(10), "{e}"),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let ch = connect_when_listening(&uri, &never);
     let p = Psk::new(&format!("qemu:{KEY}\n"));
     let ch = p
         .client(None)
