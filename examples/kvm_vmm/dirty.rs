@@ -21,7 +21,7 @@ use crate::vm::{PAGE_SIZE, RAM_SLOT};
 
 pub(crate) struct DirtyBitmap {
     /// Passed to the helper with `getfd`.
-    pub(crate) file: File,
+    file: File,
     map: MmapRegion,
     ram_size: u64,
 }
@@ -45,6 +45,13 @@ impl DirtyBitmap {
             map,
             ram_size,
         })
+    }
+
+    /// A duplicate of the bitmap's fd, for the helper (`getfd`).
+    pub(crate) fn dup(&self) -> Result<File, VmmError> {
+        self.file
+            .try_clone()
+            .map_err(|e| VmmError::Io("dup dirty bitmap fd", e))
     }
 
     /// Takes KVM's log (clearing it) and ORs it into the helper's bitmap.

@@ -83,25 +83,51 @@ impl Vm {
         })
     }
 
-    /// Pages of the region the guest program rewrites (from REGION_ADDR to the end).
-    pub(crate) fn region_pages(&self) -> u64 {
-        (self.ram_size - guest::REGION_ADDR) / PAGE_SIZE
+    /// Where the VMM mapped guest RAM: the address KVM's memslot points at, which a
+    /// postcopy destination registers with its userfaultfd and gives the helper.
+    pub(crate) fn host_addr(&self) -> Result<u64, VmmError> {
+        let host = self
+            .memory
+            .get_host_address(GuestAddress(0))
+            .map_err(|e| VmmError::Memory(e.to_string()))?;
+        Ok(host as u64)
+    }
+
+    /// The slice of the region vCPU `index` of `count` rewrites: first page's address and
+    /// number of pages (the last vCPU takes what the division leaves).
+    fn slice(&self, index: u64, count: u64) -> (u64, u64) {
+        let pages = (self.ram_size - guest::REGION_ADDR) / PAGE_SIZE;
+        let each = pages / count;
+        let len = if index + 1 == count {
+            pages - each * index
+        } else {
+            each
+        };
+        (guest::REGION_ADDR + index * each * PAGE_SIZE, len)
     }
 
     /// Copies the guest program into RAM (a fresh VM only: a destination gets it migrated).
-    pub(crate) fn load_program(&self) -> Result<(), VmmError> {
+    /// `slow_cycles`: the page step the guest reports as slow (see guest.rs).
+    pub(crate) fn load_program(&self, slow_cycles: u32) -> Result<(), VmmError> {
         self.memory
-            .write_slice(&guest::PROGRAM, GuestAddress(guest::CODE_ADDR))
+            .write_slice(&guest::program(slow_cycles), GuestAddress(guest::CODE_ADDR))
             .map_err(|e| VmmError::Memory(e.to_string()))
     }
 
-    pub(crate) fn create_vcpu(&self) -> Result<VcpuFd, VmmError> {
-        self.fd.create_vcpu(0).map_err(kvm("KVM_CREATE_VCPU"))
+    pub(crate) fn create_vcpus(&self, count: u8) -> Result<Vec<VcpuFd>, VmmError> {
+        (0..count)
+            .map(|i| {
+                self.fd
+                    .create_vcpu(u64::from(i))
+                    .map_err(kvm("KVM_CREATE_VCPU"))
+            })
+            .collect()
     }
 
-    /// Puts a fresh vCPU at the program's entry in flat 32-bit protected mode (no GDT in
-    /// memory: KVM takes the segment caches as given, and the guest never reloads them).
-    pub(crate) fn boot_vcpu(&self, vcpu: &VcpuFd) -> Result<(), VmmError> {
+    /// Puts fresh vCPU `index` of `count` at the program's entry in flat 32-bit protected
+    /// mode (no GDT in memory: KVM takes the segment caches as given, and the guest never
+    /// reloads them), on its own slice of the region.
+    pub(crate) fn boot_vcpu(&self, vcpu: &VcpuFd, index: u8, count: u8) -> Result<(), VmmError> {
         let mut sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
         let code = kvm_segment {
             base: 0,
@@ -131,8 +157,7 @@ impl Vm {
         let mut regs = vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?;
         regs.rip = guest::CODE_ADDR;
         regs.rflags = 0x2; // bit 1 is reserved and must be set
-        regs.rbx = guest::REGION_ADDR;
-        regs.rbp = self.region_pages();
+        (regs.rbx, regs.rbp) = self.slice(u64::from(index), u64::from(count));
         regs.rdi = 1; // the first pass
         vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))
     }

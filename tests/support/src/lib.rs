@@ -9,6 +9,7 @@
 
 pub mod end;
 pub mod helper;
+pub mod kvm_vmm;
 pub mod map;
 pub mod migrate;
 pub mod qemu;
