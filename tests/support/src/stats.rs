@@ -25,11 +25,16 @@ pub fn env_size<E: std::fmt::Display>(
 
 /// How many times each case runs: `QMH_BENCH_REPEAT`, default 3.
 pub fn repeat() -> usize {
-    match std::env::var("QMH_BENCH_REPEAT") {
+    env_u64("QMH_BENCH_REPEAT", 3) as usize
+}
+
+/// A number from the environment variable `var`, else `default`.
+pub fn env_u64(var: &str, default: u64) -> u64 {
+    match std::env::var(var) {
         Ok(s) => s
             .parse()
-            .unwrap_or_else(|_| panic!("QMH_BENCH_REPEAT={s:?}: want a number")),
-        Err(_) => 3,
+            .unwrap_or_else(|_| panic!("{var}={s:?}: want a number")),
+        Err(_) => default,
     }
 }
 
