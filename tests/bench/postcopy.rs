@@ -18,25 +18,29 @@
 //! page placed: `postcopy-latency` and the upper bounds of the `postcopy-latency-dist`
 //! buckets holding its p50/p99, medians over runs), the CPU seconds each end used during
 //! the postcopy phase, and the destination's drain rate (MiB/s placed) per quarter of that
-//! phase, from mincore(2) over the whole guest every 50 ms. QEMU->QEMU is measured the only way QEMU 10.0 allows from outside
+//! phase, from mincore(2) over the whole guest every 50 ms, with the mean bytes waiting in
+//! the destination's end of the socketpair (FIONREAD on a copy of it; not with preempt,
+//! whose `unix:` listener the bench has no end of). QEMU->QEMU is measured the only way QEMU 10.0 allows from outside
 //! without running a guest: the monitor's `xp` on a missing page minus `xp` on the same page
 //! once present, over the whole postcopy phase too (one reader, paced by the monitor).
 //!
 //! Environment: QMH_BENCH_PC_SIZE (default 1G), QMH_BENCH_REPEAT (default 3), the two above.
 //! Smoke run (checks the bench, measures nothing): QMH_BENCH_PC_SIZE=64M QMH_BENCH_REPEAT=1.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use qemu_migration_helper::client::HelperClient;
 use qemu_migration_helper::demo::{parse_size, process_cpu_secs};
 use serde_json::{json, Value};
 
 use support::end::End;
 use support::helper::HelperVm;
 use support::map::RamMap;
-use support::migrate::start_migration;
+use support::migrate::{socketpair, start_fd_migration_over, start_migration};
 use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
 use support::stats::{
     bench_requested, dist_quantile_us, env_size, env_u64, latency_dist, median, percentile, repeat,
@@ -94,18 +98,37 @@ fn resident_pages(map: &RamMap) -> usize {
     v.iter().filter(|b| *b & 1 == 1).count()
 }
 
-/// How often [`Drain`] counts the pages in place.
+/// How often [`Drain`] samples.
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
 
+/// Bytes waiting in the receive queue of socket `fd` (FIONREAD).
+fn queued_bytes(fd: &OwnedFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if r == 0 {
+        n.max(0) as usize
+    } else {
+        0
+    }
+}
+
 /// The destination's drain rate as the postcopy goes on: a thread counts the pages in
-/// place every [`DRAIN_EVERY`] until stopped (a sampler, so it wakes on a period).
+/// place, and with `probe` (a copy of the destination's end of a socketpair) the bytes
+/// queued for it, every [`DRAIN_EVERY`] until stopped (a sampler, so it wakes on a period).
 struct Drain {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<Vec<(Duration, usize)>>,
+    thread: JoinHandle<Vec<(Duration, usize, Option<usize>)>>,
+}
+
+/// Per quarter of the time: MiB/s placed, and the mean KiB queued in the socket.
+struct Drained {
+    rate: [f64; 4],
+    queued: Option<[f64; 4]>,
 }
 
 impl Drain {
-    fn start(map: Arc<RamMap>) -> Drain {
+    fn start(map: Arc<RamMap>, probe: Option<OwnedFd>) -> Drain {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -113,8 +136,10 @@ impl Drain {
             let mut samples = Vec::new();
             loop {
                 let done = s.load(Ordering::Relaxed);
-                samples.push((t0.elapsed(), resident_pages(&map)));
+                let q = probe.as_ref().map(queued_bytes);
+                samples.push((t0.elapsed(), resident_pages(&map), q));
                 if done {
+                    // Drops the probe: the socket closes when both ends' owners are done.
                     return samples;
                 }
                 std::thread::sleep(DRAIN_EVERY);
@@ -123,11 +148,11 @@ impl Drain {
         Drain { stop, thread }
     }
 
-    /// MiB/s placed in each quarter of the time it ran.
-    fn finish(self) -> [f64; 4] {
+    fn finish(self) -> Drained {
         self.stop.store(true, Ordering::Relaxed);
         let samples = self.thread.join().expect("drain sampler");
         let total = samples.last().map_or(Duration::ZERO, |s| s.0);
+        let bound = |q: usize| total * q as u32 / 4;
         // Pages in place at `t`: the last sample taken by then.
         let at = |t: Duration| {
             samples
@@ -136,12 +161,41 @@ impl Drain {
                 .last()
                 .map_or(0, |s| s.1)
         };
-        std::array::from_fn(|q| {
-            let (a, b) = (total * q as u32 / 4, total * (q as u32 + 1) / 4);
-            let pages = at(b).saturating_sub(at(a));
-            (pages * PAGE) as f64 / MIB as f64 / (b - a).as_secs_f64()
-        })
+        let rate = std::array::from_fn(|q| {
+            let pages = at(bound(q + 1)).saturating_sub(at(bound(q)));
+            (pages * PAGE) as f64 / MIB as f64 / (bound(q + 1) - bound(q)).as_secs_f64()
+        });
+        let queued = samples.iter().all(|s| s.2.is_some()).then(|| {
+            std::array::from_fn(|q| {
+                let v: Vec<f64> = samples
+                    .iter()
+                    .filter(|s| s.0 >= bound(q) && (s.0 < bound(q + 1) || q == 3))
+                    .filter_map(|s| s.2)
+                    .map(|b| b as f64 / 1024.0)
+                    .collect();
+                v.iter().sum::<f64>() / v.len() as f64
+            })
+        });
+        Drained { rate, queued }
     }
+}
+
+/// Connects `src` to `dst` as `start_migration` does; over a socketpair (no `preempt`)
+/// returns a copy of the destination's end, to see what waits in it.
+fn connect(
+    src: &mut HelperClient,
+    dst: &mut HelperClient,
+    dir: &TempDir,
+    preempt: bool,
+) -> Option<OwnedFd> {
+    if preempt {
+        start_migration(src, dst, dir, true);
+        return None;
+    }
+    let (s, d) = socketpair();
+    let probe = d.try_clone().expect("dup");
+    start_fd_migration_over(src, dst, (s, d));
+    Some(probe)
 }
 
 /// Reader threads touching missing pages until stopped.
@@ -208,8 +262,8 @@ struct Run {
     /// CPU seconds of the source and the destination during the postcopy phase.
     cpu: (f64, f64),
     postcopy_secs: f64,
-    /// MiB/s placed per quarter of the postcopy phase.
-    drain: [f64; 4],
+    /// Per quarter of the postcopy phase.
+    drain: Drained,
 }
 
 /// One postcopy run into a helper destination. With `preempt` both sides use
@@ -235,13 +289,13 @@ fn into_helper(from_qemu: bool, preempt: bool, pattern: Pattern, size: u64) -> R
         .set_parameters(json!({"max-bandwidth": 16 * MIB, "max-postcopy-bandwidth": 0}))
         .expect("params");
     let dir = TempDir::new("qmh-bench");
-    start_migration(src.client(), &mut dst.client, &dir, preempt);
+    let probe = connect(src.client(), &mut dst.client, &dir, preempt);
     std::thread::sleep(Duration::from_millis(200));
     src.client().migrate_start_postcopy().expect("postcopy");
     dst.wait(&["postcopy-active", "completed"], TIMEOUT);
     let cpu0 = (process_cpu_secs(src.pid()), process_cpu_secs(dst.pid()));
     let t0 = Instant::now();
-    let drain = Drain::start(guest.map.clone());
+    let drain = Drain::start(guest.map.clone(), probe);
     let readers = Readers::start(&guest, pattern);
     let v = dst.wait(&["completed"], TIMEOUT);
     let postcopy_secs = t0.elapsed().as_secs_f64();
@@ -278,14 +332,14 @@ fn qemu_to_qemu(size: u64, preempt: bool) -> Run {
         .set_parameters(json!({"max-bandwidth": 16 * MIB, "max-postcopy-bandwidth": 0}))
         .expect("params");
     let dir = TempDir::new("qmh-bench");
-    start_migration(src.qmp(), dst.qmp(), &dir, preempt);
+    let probe = connect(src.qmp(), dst.qmp(), &dir, preempt);
     std::thread::sleep(Duration::from_millis(200));
     src.qmp().migrate_start_postcopy().expect("postcopy");
     dst.wait_migration(&["postcopy-active", "completed"], TIMEOUT)
         .expect("active");
     let cpu0 = (process_cpu_secs(src.pid()), process_cpu_secs(dst.pid()));
     let map = Arc::new(dst.ram_mmap());
-    let drain = Drain::start(map.clone());
+    let drain = Drain::start(map.clone(), probe);
     let (mut missing, mut present) = (Touches::new(), Vec::new());
     let mut x = 12345u64;
     let t0 = Instant::now();
@@ -340,6 +394,7 @@ struct Pooled {
     cpu_dst: Vec<f64>,
     secs: Vec<f64>,
     drain: Vec<[f64; 4]>,
+    queued: Vec<[f64; 4]>,
 }
 
 impl Pooled {
@@ -364,7 +419,8 @@ impl Pooled {
         self.cpu_src.push(r.cpu.0);
         self.cpu_dst.push(r.cpu.1);
         self.secs.push(r.postcopy_secs);
-        self.drain.push(r.drain);
+        self.drain.push(r.drain.rate);
+        self.queued.extend(r.drain.queued);
     }
 
     fn row(&self, name: &str) -> String {
@@ -388,17 +444,18 @@ impl Pooled {
                 h(3)
             )
         };
-        let drain = (0..4)
-            .map(|q| {
-                format!(
-                    "{:.0}",
-                    median(&self.drain.iter().map(|d| d[q]).collect::<Vec<_>>())
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("/");
+        let quarters = |v: &[[f64; 4]]| -> String {
+            if v.is_empty() {
+                return "-".into();
+            }
+            (0..4)
+                .map(|q| format!("{:.0}", median(&v.iter().map(|d| d[q]).collect::<Vec<_>>())))
+                .collect::<Vec<_>>()
+                .join("/")
+        };
+        let (drain, queued) = (quarters(&self.drain), quarters(&self.queued));
         format!(
-            "{name:<34} {:>7} {:>7.0} {:>7.0} {:>23} {:>27}  {helper} {:>7.2} {:>7.2} {:>6.2} {drain:>23}",
+            "{name:<34} {:>7} {:>7.0} {:>7.0} {:>23} {:>27}  {helper} {:>7.2} {:>7.2} {:>6.2} {drain:>23} {queued:>23}",
             self.all.len(),
             percentile(&self.all, 0.5),
             percentile(&self.all, 0.99),
@@ -473,10 +530,11 @@ fn main() {
         "\nparent side: p50/p99 in us, all runs pooled, and per quarter of the touches (q1/q2/q3/q4); \
          helper: its own figures (fault read -> page placed), medians over runs, `dist` the \
          upper bound of the postcopy-latency-dist bucket; CPU seconds in the postcopy phase and its \
-         length; the pages placed per quarter of its time (mincore over the whole guest)"
+         length; per quarter of its time, the pages placed (mincore over the whole guest) and the \
+         mean bytes waiting in the destination's socket (FIONREAD on a socketpair: not with preempt)"
     );
     println!(
-        "{:<34} {:>7} {:>7} {:>7} {:>23} {:>27}  {:>8} {:>8} {:>8} {:>9} {:>9} {:>7} {:>7} {:>6} {:>23}",
+        "{:<34} {:>7} {:>7} {:>7} {:>23} {:>27}  {:>8} {:>8} {:>8} {:>9} {:>9} {:>7} {:>7} {:>6} {:>23} {:>23}",
         "case",
         "touches",
         "p50",
@@ -491,7 +549,8 @@ fn main() {
         "cpu src",
         "cpu dst",
         "secs",
-        "MiB/s placed by quarter"
+        "MiB/s placed by quarter",
+        "KiB queued by quarter"
     );
     for ((name, ..), p) in cases.iter().zip(&pooled) {
         println!("{}", p.row(name));
