@@ -15,6 +15,7 @@ use crate::transport::tls::{TlsInfo, TlsSetup};
 use crate::transport::{CancelToken, Channel, TransportError, Uri};
 use crate::wire::device_state::DeviceSection;
 
+pub(crate) use crate::engine::latency::Latency;
 pub(crate) use crate::engine::mailbox::{Command, Mailbox, Recovery, Refused};
 
 /// `migrate-set-capabilities`.
@@ -284,63 +285,6 @@ impl Stats {
             "dirty-pages-rate": g(&self.dirty_pages_rate),
             "page-size": crate::compat::wire::TARGET_PAGE_SIZE,
             "multifd-bytes": g(&self.multifd_bytes),
-        })
-    }
-}
-
-/// Page-fault service latency on a postcopy destination (fault read -> page placed).
-#[derive(Default)]
-pub(crate) struct Latency {
-    inner: Mutex<LatencyInner>,
-}
-
-#[derive(Default)]
-struct LatencyInner {
-    count: u64,
-    sum_ns: u64,
-    max_ns: u64,
-    /// Samples for percentiles, capped so a long run cannot grow memory without bound.
-    samples: Vec<u32>,
-}
-
-impl Latency {
-    const MAX_SAMPLES: usize = 1 << 20;
-
-    pub(crate) fn record(&self, d: Duration) {
-        let ns = d.as_nanos().min(u32::MAX as u128) as u64;
-        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        g.count += 1;
-        g.sum_ns += ns;
-        g.max_ns = g.max_ns.max(ns);
-        if g.samples.len() < Self::MAX_SAMPLES {
-            g.samples.push(ns as u32);
-        }
-    }
-
-    pub(crate) fn reset(&self) {
-        *self.inner.lock().unwrap_or_else(|e| e.into_inner()) = LatencyInner::default();
-    }
-
-    /// `{count, mean-us, p50-us, p99-us, max-us}`.
-    pub(crate) fn to_json(&self) -> serde_json::Value {
-        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let mut s = g.samples.clone();
-        drop(g);
-        s.sort_unstable();
-        let pct = |p: f64| -> f64 {
-            if s.is_empty() {
-                return 0.0;
-            }
-            let i = ((s.len() as f64 - 1.0) * p).round() as usize;
-            s[i.min(s.len() - 1)] as f64 / 1000.0
-        };
-        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        serde_json::json!({
-            "count": g.count,
-            "mean-us": if g.count > 0 { g.sum_ns as f64 / g.count as f64 / 1000.0 } else { 0.0 },
-            "p50-us": pct(0.50),
-            "p99-us": pct(0.99),
-            "max-us": g.max_ns as f64 / 1000.0,
         })
     }
 }

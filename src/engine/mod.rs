@@ -2,6 +2,7 @@
 //! the control channel, and the state machine.
 
 pub(crate) mod destination;
+pub(crate) mod latency;
 pub(crate) mod mailbox;
 pub(crate) mod migration;
 pub(crate) mod source;

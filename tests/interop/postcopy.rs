@@ -11,8 +11,9 @@ use serde_json::json;
 use support::helper::{HelperVm, Memfd};
 use support::migrate::{socketpair, start_migration};
 use support::qemu::{require_qemu, Qemu, QemuVm, VmOpts};
+use support::stats::latency_dist;
 use support::uffd::{Readers, UffdGuest};
-use support::util::{assert_same_memory, fill_mixed, test_seed, TempDir, MIB};
+use support::util::{assert_same_memory, fill_mixed, test_seed, u64_at, TempDir, MIB};
 
 const RAM: u64 = 64 * MIB;
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -35,6 +36,32 @@ fn wait_until<T>(guest: &mut UffdGuest, what: &str, mut f: impl FnMut() -> Optio
 
 fn status(h: &mut HelperVm) -> serde_json::Value {
     h.client.query_migrate().expect("query-migrate")
+}
+
+/// A completed destination's `postcopy-latency-dist` (QEMU 10.1's 24 log2 buckets of
+/// microseconds) holds every timed fault: it sums to `postcopy-latency.count` and to
+/// `ram.postcopy-requests` (each requested page is timed once, when placed), and its
+/// buckets agree with the exact median the helper reports beside it.
+pub(crate) fn assert_latency_dist(d: &serde_json::Value) {
+    let dist = latency_dist(d);
+    assert_eq!(dist.len(), 24, "{d}");
+    let sum: u64 = dist.iter().sum();
+    assert!(sum > 0, "no fault timed: {d}");
+    assert_eq!(sum, u64_at(d, &["postcopy-latency", "count"]), "{d}");
+    assert_eq!(sum, u64_at(d, &["ram", "postcopy-requests"]), "{d}");
+    // The median sample (nearest rank, as the helper takes it) lies in bucket `b`: the
+    // buckets below hold at most `rank` samples, those up to `b` at least `rank + 1`.
+    let p50 = d["postcopy-latency"]["p50-us"].as_f64().expect("p50-us");
+    let b = match p50 as u64 {
+        0 => 0,
+        us => (us.ilog2() as usize).min(23),
+    };
+    let rank = ((sum - 1) as f64 * 0.5).round() as u64;
+    let below: u64 = dist[..b].iter().sum();
+    assert!(
+        below <= rank && below + dist[b] > rank,
+        "p50 {p50} us is not in bucket {b} of {dist:?}"
+    );
 }
 
 /// helper -> helper in postcopy: faults served while most of RAM is still missing.
@@ -144,7 +171,7 @@ fn helper_to_helper_postcopy_opts(pause: bool, preempt: bool, prealloc: bool) {
         v["ram"]["postcopy-requests"].as_u64().unwrap() > 0,
         "no page came by request: {v}"
     );
-    assert!(d["postcopy-latency"]["count"].as_u64().unwrap() > 0, "{d}");
+    assert_latency_dist(&d);
     let on_preempt = d["ram"]["postcopy-preempt-pages"].as_u64().unwrap_or(0);
     assert_eq!(on_preempt > 0, preempt, "pages on the preempt channel: {d}");
     assert_same_memory(&expected, &guest.map, "helper_to_helper_postcopy");
@@ -238,7 +265,7 @@ fn qemu_to_helper_postcopy_with(qemu: Qemu, test: &str, preempt: bool, prealloc:
         d["ram"]["postcopy-requests"].as_u64().unwrap() > 0,
         "no page came by request: {d}"
     );
-    assert!(d["postcopy-latency"]["count"].as_u64().unwrap() > 0, "{d}");
+    assert_latency_dist(&d);
     let on_preempt = d["ram"]["postcopy-preempt-pages"].as_u64().unwrap_or(0);
     if preempt {
         assert!(on_preempt > 0, "no page came on the preempt channel: {d}");

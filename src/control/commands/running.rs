@@ -155,6 +155,8 @@ impl Helper {
             if r == Role::Destination {
                 // Page-fault service latency (fault read -> page placed), in microseconds.
                 v["postcopy-latency"] = self.ctx.latency.to_json();
+                // The same as QEMU 10.1's histogram: faults per [2^N, 2^(N+1)) us.
+                v["postcopy-latency-dist"] = self.ctx.latency.dist_json();
             }
             // Postcopy recovery figures: pauses, and each recovery's time (new channel ->
             // postcopy-active) in milliseconds.

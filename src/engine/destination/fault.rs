@@ -393,9 +393,15 @@ impl PostcopyDest {
             // Placed between the check above and the request being recorded: `placed` may
             // have missed the request, so settle it here (a pending entry left behind would
             // hold up the end of a postcopy-preempt migration).
-            {
+            let timed = {
                 let mut p = self.lock();
-                self.settle(&mut p, bi, page);
+                self.settle(&mut p, bi, page).is_none()
+            };
+            if timed {
+                // `placed` saw the request and timed it: count it with the requests, so
+                // that `postcopy-latency-dist` sums to `postcopy-requests` (the request
+                // itself need not go).
+                self.requests.fetch_add(1, Ordering::Relaxed);
             }
             self.requested[bi].clear(page);
             let _ = self.uffd.wake(self.host(bi, offset), TARGET_PAGE_SIZE);

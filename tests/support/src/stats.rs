@@ -25,11 +25,16 @@ pub fn env_size<E: std::fmt::Display>(
 
 /// How many times each case runs: `QMH_BENCH_REPEAT`, default 3.
 pub fn repeat() -> usize {
-    match std::env::var("QMH_BENCH_REPEAT") {
+    env_u64("QMH_BENCH_REPEAT", 3) as usize
+}
+
+/// A number from the environment variable `var`, else `default`.
+pub fn env_u64(var: &str, default: u64) -> u64 {
+    match std::env::var(var) {
         Ok(s) => s
             .parse()
-            .unwrap_or_else(|_| panic!("QMH_BENCH_REPEAT={s:?}: want a number")),
-        Err(_) => 3,
+            .unwrap_or_else(|_| panic!("{var}={s:?}: want a number")),
+        Err(_) => default,
     }
 }
 
@@ -46,4 +51,36 @@ pub fn percentile(v: &[f64], p: f64) -> f64 {
 /// The median of `v` (the upper one of an even count); NaN when `v` is empty.
 pub fn median(v: &[f64]) -> f64 {
     percentile(v, 0.5)
+}
+
+/// A destination's `postcopy-latency-dist` (QEMU 10.1's histogram of fault latency: bucket
+/// N counts [2^N, 2^(N+1)) us); panics naming the reply if it is missing or malformed.
+pub fn latency_dist(v: &serde_json::Value) -> Vec<u64> {
+    v["postcopy-latency-dist"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no postcopy-latency-dist in {v}"))
+        .iter()
+        .map(|b| {
+            b.as_u64()
+                .unwrap_or_else(|| panic!("postcopy-latency-dist: {b} in {v}"))
+        })
+        .collect()
+}
+
+/// The `p` quantile (0.0 to 1.0) of a `postcopy-latency-dist` histogram, as the upper
+/// bound of its bucket in microseconds (2^(N+1)); NaN when it is empty.
+pub fn dist_quantile_us(dist: &[u64], p: f64) -> f64 {
+    let n: u64 = dist.iter().sum();
+    if n == 0 {
+        return f64::NAN;
+    }
+    let want = ((n as f64 * p).ceil() as u64).max(1);
+    let mut seen = 0;
+    for (i, c) in dist.iter().enumerate() {
+        seen += c;
+        if seen >= want {
+            return (1u64 << (i + 1)) as f64;
+        }
+    }
+    f64::INFINITY
 }

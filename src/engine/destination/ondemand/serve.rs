@@ -238,7 +238,6 @@ impl Shared<'_> {
             let _ = self.pc.uffd().wake(host, TARGET_PAGE_SIZE);
             return Ok(());
         }
-        self.requests.fetch_add(1, Ordering::Relaxed);
         let (data, n) = self.run_at(bi, page, FAULT_RUN);
         if data {
             let mut g = self.lock();
@@ -249,6 +248,9 @@ impl Shared<'_> {
         }
         match self.place(bi, page, n, data, buf) {
             Ok(()) => {
+                // Counted once served, with its latency: a fault deferred by a pause comes
+                // again on resume and is counted then.
+                self.requests.fetch_add(1, Ordering::Relaxed);
                 self.latency.record(t.elapsed());
                 Ok(())
             }
