@@ -13,7 +13,7 @@ use crate::cpu_state::{self, CpuState};
 use crate::error::VmmError;
 use crate::follow::{Follow, Side};
 use crate::helper::{Handover, Helper};
-use crate::progress::{monotonic_us, quantile, Phase, VcpuControl};
+use crate::progress::{children_cpu_s, monotonic_us, quantile, Phase, VcpuControl};
 use crate::uffd::GuestFaults;
 use crate::vm::Vm;
 use crate::{vcpu, Options};
@@ -59,7 +59,7 @@ pub(crate) fn run(opts: &Options, uri: &str) -> Result<(), VmmError> {
             Phase::After
         },
     ));
-    let running_at_us = monotonic_us();
+    let (running_at_us, running) = (monotonic_us(), std::time::Instant::now());
     let vcpu_threads = vcpu::spawn(vcpus, &ctl, opts.pace)?;
 
     let finished = if postcopy {
@@ -77,11 +77,8 @@ pub(crate) fn run(opts: &Options, uri: &str) -> Result<(), VmmError> {
     // After `completed` every page is in place; after a failure this wakes any vCPU
     // blocked on a missing page, so that it can be stopped.
     let unregistered = faults.unregister();
-    let requests = follow
-        .helper
-        .client
-        .query_migrate()
-        .map(|i| i["ram"]["postcopy-requests"].as_u64().unwrap_or(0));
+    let postcopy_ms = running.elapsed().as_secs_f64() * 1000.0;
+    let info = follow.helper.client.query_migrate().unwrap_or_default();
     let (pauses, respawns) = (follow.pauses, follow.helper.respawns);
     let quit = follow.helper.quit();
 
@@ -113,14 +110,19 @@ pub(crate) fn run(opts: &Options, uri: &str) -> Result<(), VmmError> {
     let _ = write!(
         line,
         " passes={} violations={} running-at-us={running_at_us} postcopy={} pauses={pauses} \
-         helper-respawns={respawns} postcopy-requests={} slow-steps-postcopy={} \
+         helper-respawns={respawns} helper-cpu-s={:.2} postcopy-ms={:.0} postcopy-requests={} \
+         helper-p50-us={} helper-p99-us={} slow-steps-postcopy={} \
          fault-p50-us={:.1} fault-p99-us={:.1} slow-steps-after={} slow-p50-us-after={:.1} \
          slow-p99-us-after={:.1} pass-ms-postcopy={:.1} \
          pass-ms-after={:.1} tsc-khz={tsc_khz}",
         p.passes(),
         p.violations,
         u8::from(postcopy),
-        requests.unwrap_or(0),
+        children_cpu_s(),
+        if postcopy { postcopy_ms } else { 0.0 },
+        info["ram"]["postcopy-requests"].as_u64().unwrap_or(0),
+        info["postcopy-latency"]["p50-us"].as_f64().unwrap_or(0.0),
+        info["postcopy-latency"]["p99-us"].as_f64().unwrap_or(0.0),
         faults_us.len(),
         quantile(&faults_us, 0.5),
         quantile(&faults_us, 0.99),

@@ -22,7 +22,7 @@ use crate::dirty::{self, DirtyBitmap};
 use crate::error::{join, VmmError};
 use crate::follow::{Follow, Side};
 use crate::helper::{Handover, Helper};
-use crate::progress::{monotonic_us, quantile, Phase, VcpuControl};
+use crate::progress::{children_cpu_s, monotonic_us, quantile, Phase, VcpuControl};
 use crate::vm::Vm;
 use crate::{vcpu, Options};
 
@@ -68,15 +68,37 @@ pub(crate) fn run(opts: &Options, uri: &str) -> Result<(), VmmError> {
         std::thread::spawn(move || dirty::harvest_loop(&bitmap, &vm_fd, HARVEST_INTERVAL, &stop_rx))
     };
 
-    let precopy = precopy(&mut helper, &ctl, opts, uri);
-    // Whatever happened: stop the vCPUs (at switchover this is the downtime's start) and
-    // the harvester, then take the last dirty pages: what the vCPUs wrote since the last
-    // harvest must reach the destination too.
+    let max_throttle = match precopy(&mut helper, &ctl, opts, uri) {
+        Ok(max) => max,
+        Err(e) => {
+            // Before switchover the guest is whole here: it keeps running, as on a QEMU
+            // source. Shown for a few passes, then the failure is reported.
+            eprintln!("kvm-vmm: migration failed ({e}); the guest keeps running here");
+            let _ = helper.client.migrate_cancel();
+            ctl.set_throttle(0);
+            let before = ctl.progress().passes();
+            let p = ctl.wait(opts.timeout, |p| {
+                p.passes() >= before + 2 || p.violations > 0
+            });
+            println!(
+                "kvm-vmm: the guest kept running after the failed migration: {} more passes, {} failed checks",
+                p.passes() - before,
+                p.violations
+            );
+            drop(stop_harvest);
+            let _ = join("harvester", harvester);
+            let _ = vcpu_threads.stop();
+            let _ = helper.quit();
+            return Err(e);
+        }
+    };
+    // Switchover: stop the vCPUs (the downtime starts) and the harvester, then take the
+    // last dirty pages: what the vCPUs wrote since the last harvest must reach the
+    // destination too.
     let (stopped_at_us, downtime_start) = (monotonic_us(), Instant::now());
     let vcpus = vcpu_threads.stop();
     drop(stop_harvest);
     let harvested = join("harvester", harvester);
-    let max_throttle = precopy?;
     let vcpus = vcpus?;
     harvested?;
     bitmap.harvest(&vm.fd)?;
@@ -113,11 +135,13 @@ pub(crate) fn run(opts: &Options, uri: &str) -> Result<(), VmmError> {
         line,
         " violations={} stopped-at-us={stopped_at_us} stop-to-completed-ms={} helper-downtime-ms={} \
          max-throttle={max_throttle} postcopy={} pauses={pauses} helper-respawns={respawns} \
+         helper-cpu-s={:.2} \
          pass-ms-before={:.1} pass-ms-precopy={:.1} slow-steps-before={} tsc-khz={tsc_khz}",
         p.violations,
         stop_to_completed.as_millis(),
         info["downtime"],
         u8::from(opts.postcopy),
+        children_cpu_s(),
         quantile(p.pass_ms(Phase::Before), 0.5),
         quantile(p.pass_ms(Phase::Precopy), 0.5),
         p.slow_us(Phase::Before, tsc_khz).len(),

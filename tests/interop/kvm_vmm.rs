@@ -163,6 +163,13 @@ fn kvm_vmm_auto_converge_throttles_the_vcpu() {
         "without auto-converge the migration should not converge in 15 s: {:?}",
         o.src
     );
+    // A failed migration loses no guest: the source's keeps running, its checks passing.
+    let kept = o
+        .src
+        .iter()
+        .find(|l| l.contains("kept running after the failed migration"))
+        .unwrap_or_else(|| panic!("the source's guest kept running: {:?}", o.src));
+    assert!(kept.contains("2 more passes, 0 failed checks"), "{kept}");
 }
 
 /// A postcopy migration through a relay (16 MiB/s towards the destination, so that
@@ -253,4 +260,58 @@ fn kvm_vmm_postcopy_survives_killed_helpers() {
     });
     assert_eq!(s.u("helper-respawns"), 1, "{s:?}");
     assert_eq!(d.u("helper-respawns"), 1, "{d:?}");
+}
+
+/// The vCPU state as a device section with a VM description: a migration saved to a file
+/// (`file:` URI, no destination) shows each vCPU's section with its fields decoded in
+/// `analyze`, with the registers the source stopped the vCPUs with.
+#[test]
+fn kvm_vmm_vcpu_state_shows_in_analyze() {
+    require_kvm!("kvm_vmm_vcpu_state_shows_in_analyze");
+    let vmm = vmm_bin();
+    let dir = TempDir::new("kvm-vmm-file");
+    let file = dir.join("vm.mig");
+    let src = Vmm::spawn(
+        &vmm,
+        "source",
+        &args(&[
+            "--connect",
+            &format!("file:{}", file.display()),
+            "--ram-mib",
+            "16",
+        ]),
+    );
+    let (ok, lines) = src.finish(FINISH_WAIT);
+    assert!(ok, "source failed: {lines:?}");
+    let s = VmmResult::from_lines(&lines);
+    let out = std::process::Command::new(support::helper::helper_bin())
+        .arg("analyze")
+        .arg(&file)
+        .arg("--json")
+        .output()
+        .expect("run analyze");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let cpus: Vec<&serde_json::Value> = v["sections"]
+        .as_array()
+        .expect("sections")
+        .iter()
+        .filter(|x| x["type"] == "FULL" && x["idstr"] == "kvm-vmm/cpu")
+        .collect();
+    assert_eq!(cpus.len(), 2, "one section per vCPU: {cpus:?}");
+    for (i, cpu) in cpus.iter().enumerate() {
+        let fields = cpu["fields"].as_object().expect("fields decoded");
+        assert_eq!(fields.len(), 170, "vCPU {i}");
+        assert_eq!(cpu["instance-id"], i as u64);
+        assert_eq!(fields["rdi"], s.u(&format!("stopped-rdi.{i}")), "vCPU {i}");
+        let rip = fields["rip"].as_u64().expect("rip");
+        assert!(
+            (0x1000..0x1041).contains(&rip),
+            "vCPU {i} stopped in the program: {rip:#x}"
+        );
+    }
 }

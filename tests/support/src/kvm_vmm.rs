@@ -344,7 +344,10 @@ fn pump(
                 std::thread::sleep(Duration::from_secs_f64(n as f64 / rate as f64));
             }
         }
-        let _ = to.shutdown(std::net::Shutdown::Write);
+        // One direction ended (a side closed or died): the connection is gone both ways,
+        // as a dead peer's would be.
+        let _ = to.shutdown(std::net::Shutdown::Both);
+        let _ = from.shutdown(std::net::Shutdown::Both);
     })
 }
 
