@@ -113,8 +113,8 @@ pub(crate) fn run(opts: &Options, uri: &str) -> Result<(), VmmError> {
          helper-respawns={respawns} helper-cpu-s={:.2} postcopy-ms={:.0} postcopy-requests={} \
          helper-p50-us={} helper-p99-us={} slow-steps-postcopy={} \
          fault-p50-us={:.1} fault-p99-us={:.1} slow-steps-after={} slow-p50-us-after={:.1} \
-         slow-p99-us-after={:.1} pass-ms-postcopy={:.1} \
-         pass-ms-after={:.1} tsc-khz={tsc_khz}",
+         slow-p99-us-after={:.1} pages-per-s-postcopy={:.0} \
+         pages-per-s-after={:.0} tsc-khz={tsc_khz}",
         p.passes(),
         p.violations,
         u8::from(postcopy),
@@ -129,8 +129,8 @@ pub(crate) fn run(opts: &Options, uri: &str) -> Result<(), VmmError> {
         after_us.len(),
         quantile(&after_us, 0.5),
         quantile(&after_us, 0.99),
-        quantile(p.pass_ms(Phase::Postcopy), 0.5),
-        quantile(p.pass_ms(Phase::After), 0.5),
+        quantile(p.rates(Phase::Postcopy), 0.5),
+        quantile(p.rates(Phase::After), 0.5),
     );
     println!("{line}");
     if p.violations > 0 {

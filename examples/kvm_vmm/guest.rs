@@ -97,3 +97,13 @@ pub(crate) fn program(slow_cycles: u32) -> [u8; 65] {
     p[SLOW_IMM..SLOW_IMM + 4].copy_from_slice(&slow_cycles.to_le_bytes());
     p
 }
+
+/// The page of its slice a vCPU stopped at with these registers: `ecx`, except before the
+/// pass's `xor ecx, ecx`, where `ecx` still counts the last pass.
+pub(crate) fn page_index(regs: &kvm_bindings::kvm_regs) -> u64 {
+    if regs.rip < CODE_ADDR + 4 {
+        0
+    } else {
+        regs.rcx & 0xffff_ffff
+    }
+}

@@ -33,6 +33,10 @@ pub(crate) struct VcpuPasses {
     pub(crate) seen: u64,
     /// When the last pass finished (or the vCPU started).
     since: Option<Instant>,
+    /// Pages of this vCPU's slice, and where in it the current pass started (a vCPU that
+    /// resumes after migration resumes mid-pass).
+    slice_pages: u64,
+    first_page: u64,
 }
 
 /// What the guest reported so far.
@@ -42,8 +46,8 @@ pub(crate) struct Progress {
     pub(crate) violations: u64,
     /// Per phase: TSC cycles of each slow page step.
     slow: [Vec<u32>; PHASES],
-    /// Per phase: milliseconds each pass took (each vCPU's).
-    pass_ms: [Vec<f64>; PHASES],
+    /// Per phase: each pass's progress (each vCPU's), in pages written per second.
+    rates: [Vec<f64>; PHASES],
 }
 
 impl Progress {
@@ -61,9 +65,10 @@ impl Progress {
             .collect()
     }
 
-    /// The passes finished in `phase`, in milliseconds.
-    pub(crate) fn pass_ms(&self, phase: Phase) -> &[f64] {
-        &self.pass_ms[phase as usize]
+    /// The progress of each vCPU's passes that ended in `phase`, in pages per second
+    /// (a pass that spans two phases counts in the one it ended in).
+    pub(crate) fn rates(&self, phase: Phase) -> &[f64] {
+        &self.rates[phase as usize]
     }
 }
 
@@ -141,10 +146,12 @@ impl VcpuControl {
         self.throttle.load(Ordering::Relaxed)
     }
 
-    /// vCPU `index` starts running now (its first pass is timed from here).
-    pub(crate) fn started(&self, index: usize) {
+    /// vCPU `index` starts running now, at page `first_page` of its `slice_pages` (its
+    /// first pass is timed from here).
+    pub(crate) fn started(&self, index: usize, first_page: u64, slice_pages: u64) {
         if let Some(v) = self.lock().vcpus.get_mut(index) {
             v.since = Some(Instant::now());
+            (v.first_page, v.slice_pages) = (first_page.min(slice_pages), slice_pages);
         }
     }
 
@@ -155,15 +162,14 @@ impl VcpuControl {
             return;
         };
         let now = Instant::now();
-        let took = v
-            .since
-            .map(|t| now.duration_since(t).as_secs_f64() * 1000.0);
-        v.since = Some(now);
+        let took = v.since.map(|t| now.duration_since(t).as_secs_f64());
+        let pages = v.slice_pages - v.first_page;
+        (v.since, v.first_page) = (Some(now), 0);
         v.first.get_or_insert(pass);
         v.last = Some(pass);
         v.seen += 1;
-        if let Some(ms) = took {
-            push_bounded(&mut p.pass_ms[phase], ms);
+        if let Some(secs) = took.filter(|&t| t > 0.0 && pages > 0) {
+            push_bounded(&mut p.rates[phase], pages as f64 / secs);
         }
         drop(p);
         self.changed.notify_all();

@@ -136,14 +136,14 @@ pub(crate) fn run(opts: &Options, uri: &str) -> Result<(), VmmError> {
         " violations={} stopped-at-us={stopped_at_us} stop-to-completed-ms={} helper-downtime-ms={} \
          max-throttle={max_throttle} postcopy={} pauses={pauses} helper-respawns={respawns} \
          helper-cpu-s={:.2} \
-         pass-ms-before={:.1} pass-ms-precopy={:.1} slow-steps-before={} tsc-khz={tsc_khz}",
+         pages-per-s-before={:.0} pages-per-s-precopy={:.0} slow-steps-before={} tsc-khz={tsc_khz}",
         p.violations,
         stop_to_completed.as_millis(),
         info["downtime"],
         u8::from(opts.postcopy),
         children_cpu_s(),
-        quantile(p.pass_ms(Phase::Before), 0.5),
-        quantile(p.pass_ms(Phase::Precopy), 0.5),
+        quantile(p.rates(Phase::Before), 0.5),
+        quantile(p.rates(Phase::Precopy), 0.5),
         p.slow_us(Phase::Before, tsc_khz).len(),
     );
     println!("{line}");

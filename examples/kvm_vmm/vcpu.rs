@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
-use crate::error::{join, VmmError};
-use crate::guest::{PROGRESS_PORT, SLOW_PORT, VIOLATION_PORT};
+use crate::error::{join, kvm, VmmError};
+use crate::guest::{self, PROGRESS_PORT, SLOW_PORT, VIOLATION_PORT};
 use crate::progress::{Progress, VcpuControl};
 
 /// QEMU's throttle timeslice: while throttled, the vCPUs are kicked out of the guest this
@@ -21,7 +21,8 @@ const THROTTLE_TIMESLICE: Duration = Duration::from_millis(10);
 /// Runs vCPU `index` until a stop is requested. `pace` is slept after each pass, so the
 /// guest leaves CPU time to the helpers. Returns with any pending I/O completed.
 fn run(vcpu: &mut VcpuFd, index: usize, ctl: &VcpuControl, pace: Duration) -> Result<(), VmmError> {
-    ctl.started(index);
+    let regs = vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?;
+    ctl.started(index, guest::page_index(&regs), regs.rbp);
     let mut running_since = Instant::now();
     while !ctl.stopping() {
         match vcpu.run() {
