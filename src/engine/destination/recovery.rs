@@ -149,6 +149,7 @@ impl Loader<'_> {
         // The source forgot the requests of the old link.
         self.cursor.last = None;
         if let Some(s) = self.postcopy() {
+            s.new_link();
             s.resend_pending();
         }
         match self.sections(&mut r, None, None)? {
