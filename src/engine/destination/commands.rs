@@ -193,7 +193,7 @@ impl Loader<'_> {
         }
         self.phase = Phase::Postcopy(sink);
         self.arm_link_timeout();
-        self.tune_postcopy_link();
+        self.postcopy_loading();
         slog::info!(self.ctx.log, "postcopy listening");
         Ok(())
     }
@@ -247,11 +247,17 @@ impl Loader<'_> {
         Ok(())
     }
 
-    /// The main channel in postcopy (from LISTEN, and on every recovery's channel): a
-    /// short kernel queue (see `POSTCOPY_RCVBUF`).
-    pub(super) fn tune_postcopy_link(&self) {
+    /// The loader in postcopy (from LISTEN, and on every recovery's channel): a short
+    /// kernel queue on the main channel (see `POSTCOPY_RCVBUF`); without preempt, requested
+    /// pages come on the main channel, so this thread, like the fault thread, asks to be
+    /// scheduled ahead of the parent's other work (with preempt it only places background
+    /// pages, and stays behind the preempt thread).
+    pub(super) fn postcopy_loading(&self) {
         if let Some(fd) = &self.link.fd {
             crate::transport::set_recv_buffer(fd, POSTCOPY_RCVBUF);
+        }
+        if !self.ctx.caps().postcopy_preempt {
+            crate::engine::destination::priority::raise(&self.ctx.log, "loader");
         }
     }
 

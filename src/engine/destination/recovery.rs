@@ -101,7 +101,7 @@ impl Loader<'_> {
                 .map_err(RecoveryError::Preempt)?;
         }
         self.arm_link_timeout();
-        self.tune_postcopy_link();
+        self.postcopy_loading();
         let Some(rp) = self.rp.clone() else {
             return Err(RecoveryError::NoPostcopy.into());
         };
