@@ -140,7 +140,8 @@ fn threads() -> Vec<Entry> {
                 libc::PR_GET_PDEATHSIG as u64,
             ],
         ),
-        // Fault and preempt threads ask for nice -10 (their own thread id).
+        // Fault, preempt and (without preempt) loader threads ask for nice -10 (their own
+        // thread id).
         one_of(libc::SYS_setpriority, 0, &[libc::PRIO_PROCESS as u64]),
         one_of(libc::SYS_getpriority, 0, &[libc::PRIO_PROCESS as u64]),
     ]

@@ -15,7 +15,7 @@ pub(crate) use cancel::CancelToken;
 pub(crate) use cancel::{wait_fd, Never, Woke};
 pub(crate) use incoming::Incoming;
 use sockopt::{check_stream, fd_kind, set_nonblocking};
-pub(crate) use sockopt::{set_socket_timeouts, shutdown_fd};
+pub(crate) use sockopt::{set_recv_buffer, set_socket_timeouts, shutdown_fd};
 pub(crate) use timer::{IoTimer, TimeoutParam};
 pub(crate) use uri::{FileUri, Uri};
 

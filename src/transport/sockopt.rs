@@ -1,5 +1,5 @@
 //! What a channel asks of its fd (owner: transport): its kind, that a socket is a byte
-//! stream, blocking mode, timeouts and shutdown.
+//! stream, blocking mode, timeouts, buffer sizes and shutdown.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -61,7 +61,34 @@ pub(crate) fn set_socket_timeouts(fd: &OwnedFd, t: Option<std::time::Duration>) 
     let _ = s.set_write_timeout(t);
 }
 
+/// The receive buffer of the socket behind `fd` (a duplicate shares it); the kernel
+/// doubles the value for its bookkeeping. A Unix stream socket's queue is bounded by the
+/// sender's send buffer instead: there this changes nothing.
+pub(crate) fn set_recv_buffer(fd: &OwnedFd, bytes: usize) {
+    let _ = nix::sys::socket::setsockopt(fd, nix::sys::socket::sockopt::RcvBuf, &bytes);
+}
+
 /// Shuts a socket down in both directions so that blocked reads and writes return.
 pub(crate) fn shutdown_fd(fd: &OwnedFd) {
     let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{getsockopt, setsockopt, sockopt::RcvBuf};
+
+    #[test]
+    fn the_recv_buffer_set_through_a_duplicate_is_the_sockets() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let s = OwnedFd::from(l.accept().unwrap().0);
+        setsockopt(&s, RcvBuf, &(4usize << 20)).unwrap();
+        let big = getsockopt(&s, RcvBuf).unwrap();
+        set_recv_buffer(&s.try_clone().unwrap(), 256 << 10);
+        let small = getsockopt(&s, RcvBuf).unwrap();
+        // The kernel doubles what it is given, capped by net.core.rmem_max.
+        assert!(small <= 2 * (256 << 10), "{small}");
+        assert!(small < big || big <= 2 * (256 << 10), "{small} vs {big}");
+    }
 }

@@ -17,6 +17,14 @@ use crate::transport::Channel;
 use crate::wire::postcopy;
 use crate::wire::return_path::RpMessage;
 
+/// The main channel's socket receive buffer in postcopy. Precopy keeps 4 MiB there so the
+/// source runs ahead; in postcopy without preempt a requested page queues behind what the
+/// kernel holds, which drains only at placing speed while the reader's buffer is full.
+/// Over TCP this bounds that queue (to about this much: the kernel doubles the value and
+/// keeps about half for data); 256 KiB is still above the bandwidth-delay product of a
+/// 10 Gbit/s link with a 200 us round trip, so the background push keeps its rate.
+const POSTCOPY_RCVBUF: usize = 256 << 10;
+
 impl Loader<'_> {
     /// A return path that cannot be written is a broken link (postcopy pauses on it).
     pub(super) fn send_rp(&self, m: RpMessage<'_>) -> Result<(), LoadError> {
@@ -185,6 +193,7 @@ impl Loader<'_> {
         }
         self.phase = Phase::Postcopy(sink);
         self.arm_link_timeout();
+        self.postcopy_loading();
         slog::info!(self.ctx.log, "postcopy listening");
         Ok(())
     }
@@ -236,6 +245,20 @@ impl Loader<'_> {
         // POSTCOPY_RUN: the parent may start its vCPUs.
         self.ctx.state.transition(MigrationStatus::PostcopyActive)?;
         Ok(())
+    }
+
+    /// The loader in postcopy (from LISTEN, and on every recovery's channel): a short
+    /// kernel queue on the main channel (see `POSTCOPY_RCVBUF`); without preempt, requested
+    /// pages come on the main channel, so this thread, like the fault thread, asks to be
+    /// scheduled ahead of the parent's other work (with preempt it only places background
+    /// pages, and stays behind the preempt thread).
+    pub(super) fn postcopy_loading(&self) {
+        if let Some(fd) = &self.link.fd {
+            crate::transport::set_recv_buffer(fd, POSTCOPY_RCVBUF);
+        }
+        if !self.ctx.caps().postcopy_preempt {
+            crate::engine::destination::priority::raise(&self.ctx.log, "loader");
+        }
     }
 
     /// In postcopy a link with no traffic for `link-timeout` is dead (the source pings; a

@@ -108,6 +108,9 @@ pub(crate) struct PostcopyDest {
     requested: Vec<AtomicBitmap>,
     /// How many pages `pending` holds, readable without the lock.
     waiting: AtomicU64,
+    /// Requests recorded so far: it only grows (`waiting` also falls), so the loader can
+    /// tell that a page was requested since it last looked among the records it has read.
+    asked: AtomicU64,
     rp: Arc<RpWriter>,
     latency: Arc<Latency>,
     requests: Arc<AtomicU64>,
@@ -142,6 +145,7 @@ impl PostcopyDest {
         Ok(PostcopyDest {
             requested,
             waiting: AtomicU64::new(0),
+            asked: AtomicU64::new(0),
             blocks,
             uffd,
             received,
@@ -387,6 +391,8 @@ impl PostcopyDest {
             p.pages.insert((bi, page), Instant::now());
             self.waiting.fetch_add(1, Ordering::AcqRel);
             self.requested[bi].set(page);
+            // After the bit: whoever sees the new count sees the request.
+            self.asked.fetch_add(1, Ordering::Release);
         }
         std::sync::atomic::fence(Ordering::SeqCst);
         if self.received[bi].get(page) {
@@ -492,6 +498,11 @@ impl PostcopyDest {
     /// Whether any thread of the parent waits for a page, without taking a lock.
     pub(crate) fn anyone_waiting(&self) -> bool {
         self.waiting.load(Ordering::Acquire) > 0
+    }
+
+    /// How many requests have been recorded (see `asked`).
+    pub(crate) fn asked(&self) -> u64 {
+        self.asked.load(Ordering::Acquire)
     }
 
     fn missing(&self, p: &Pending) -> usize {

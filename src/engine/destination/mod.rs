@@ -40,6 +40,7 @@ mod error;
 pub(crate) mod fault;
 mod held;
 mod loader;
+mod lookahead;
 mod mapped_ram;
 mod multifd;
 mod ondemand;

@@ -9,16 +9,16 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::compat::wire::{self, TARGET_PAGE_SIZE};
+use crate::compat::wire::TARGET_PAGE_SIZE;
 use crate::engine::destination::bitmap::AtomicBitmap;
 use crate::engine::destination::error::LinkError;
 use crate::engine::destination::fault::{FaultError, PostcopyDest};
+use crate::engine::destination::lookahead::{self, ScanMark};
 use crate::engine::destination::place::{BlockCursor, Page, PageData};
 use crate::engine::destination::preempt::{PreemptChannel, PreemptConn, PreemptError};
 use crate::engine::destination::return_path::RpWriter;
 use crate::engine::migration::MigrationCtx;
 use crate::memory::block::RamBlock;
-use crate::wire::ram::{self, Record};
 
 /// Pages per UFFDIO_COPY: large enough to amortise the ioctl, small enough that a requested
 /// page behind a run of background pages is placed soon.
@@ -66,10 +66,10 @@ pub(crate) struct PostcopySink {
     faults: FaultThread,
     preempt: Option<PreemptChannel>,
     staged: Staged,
-    /// Stream offset and block context where the next look-ahead for requested pages
-    /// starts (see `place_requested_ahead`).
-    scan_to: u64,
-    scan_cursor: BlockCursor,
+    /// Where the last look-ahead for requested pages stopped (see `place_requested_ahead`).
+    mark: ScanMark,
+    /// The main channel placed a run or a zero page since `take_placed`.
+    placed: bool,
 }
 
 impl PostcopySink {
@@ -118,8 +118,8 @@ impl PostcopySink {
             },
             preempt: None,
             staged: Staged::default(),
-            scan_to: 0,
-            scan_cursor: BlockCursor::default(),
+            mark: ScanMark::default(),
+            placed: false,
         })
     }
 
@@ -173,6 +173,7 @@ impl PostcopySink {
             PageData::Bytes(data) => self.stage(page.bi, page.offset, data),
             PageData::Fill(_) => {
                 self.flush_staged()?;
+                self.placed = true;
                 self.pc.place(page)
             }
         }
@@ -213,6 +214,7 @@ impl PostcopySink {
             .pc
             .place_pages(self.staged.block, self.staged.start, &self.staged.data);
         self.staged.data.clear();
+        self.placed = true;
         r
     }
 
@@ -221,12 +223,13 @@ impl PostcopySink {
     }
 
     /// Places the pages that threads of the parent wait for among those already read
-    /// (`data`, at stream offset `at`), before the rest are placed in stream order. A
-    /// requested page arrives behind a full socket buffer of background pages (QEMU's is
-    /// about 200 KiB, read in one go); this places it as soon as it is read instead of
-    /// after all of them. The scan only follows RAM records and the footers and headers of
-    /// RAM section `ram_section` and stops at anything else; it reports nothing, as the
-    /// in-order pass validates every record again (and skips the pages placed here).
+    /// (`data`, at stream offset `at`; `cursor` is the in-order pass's block context),
+    /// before the rest are placed in stream order. A requested page arrives behind a full
+    /// socket buffer of background pages; this places it as soon as it is read instead of
+    /// after all of them. The walk goes on from where the last one stopped, or from the
+    /// in-order position when a page was requested since (see `ScanMark::start`). It
+    /// reports nothing: the in-order pass validates every record again (and skips the pages
+    /// placed here).
     pub(crate) fn place_requested_ahead(
         &mut self,
         blocks: &[Arc<RamBlock>],
@@ -246,47 +249,43 @@ impl PostcopySink {
         {
             return;
         }
-        // Go on from where the last scan stopped, unless the in-order pass is past it.
-        let (mut pos, mut cursor) = if self.scan_to > at && self.scan_to - at <= data.len() as u64 {
-            ((self.scan_to - at) as usize, self.scan_cursor)
-        } else {
-            (0, cursor)
+        // Read before the walk: a request that comes during it makes the next one start over.
+        let asked = self.pc.asked();
+        let (pos, cursor) = self.mark.start(at, data.len(), cursor, asked);
+        let pc = &self.pc;
+        let (to, cursor) = lookahead::scan(
+            blocks,
+            data,
+            pos,
+            cursor,
+            ram_section,
+            |bi, page| pc.is_requested(bi, page),
+            // On failure the in-order pass meets the same page and reports the error.
+            |page| pc.place(page).is_ok(),
+        );
+        self.mark = ScanMark {
+            to: at + to as u64,
+            cursor,
+            asked,
         };
-        loop {
-            self.scan_to = at + pos as u64;
-            self.scan_cursor = cursor;
-            let Ok(Some((rec, n))) = ram::decode_record(&data[pos..]) else {
-                return;
-            };
-            pos += n;
-            if let Record::Eos = rec {
-                // Optional footer, then this RAM section's next header, or stop.
-                if data.get(pos) == Some(&wire::section::FOOTER) {
-                    pos += 5;
-                }
-                let rest = data.get(pos..).unwrap_or(&[]);
-                let part = rest.len() >= 5
-                    && rest[0] == wire::section::PART
-                    && Some(u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]))
-                        == ram_section;
-                if !part {
-                    return;
-                }
-                pos += 5;
-                continue;
-            }
-            // The same checks as the in-order pass; any doubt stops the scan.
-            let Ok(Some(page)) = cursor.page(blocks, &rec) else {
-                return;
-            };
-            if !self.pc.is_requested(page.bi, page.index()) {
-                continue;
-            }
-            if self.pc.place(&page).is_err() {
-                // The in-order pass meets the same page and reports the error.
-                return;
-            }
-        }
+    }
+
+    /// Whether a page was requested since the last look-ahead: the records it walked are
+    /// to be walked again.
+    pub(crate) fn asked_since_scan(&self) -> bool {
+        self.pc.asked() != self.mark.asked
+    }
+
+    /// Whether the main channel placed something (a run, or a zero page) since the last
+    /// call: the loader reads what has arrived after each (see `Loader::keep_drained`).
+    pub(crate) fn take_placed(&mut self) -> bool {
+        std::mem::take(&mut self.placed)
+    }
+
+    /// A new link (a recovery): its stream offsets start again, so where the last
+    /// look-ahead stopped means nothing on it.
+    pub(crate) fn new_link(&mut self) {
+        self.mark = ScanMark::default();
     }
 
     /// Before SHUT: every requested page must be in place, and some may still be on the

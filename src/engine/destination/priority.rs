@@ -1,5 +1,5 @@
-//! The scheduling priority of the threads a vCPU waits on (the fault thread and the
-//! postcopy-preempt reader).
+//! The scheduling priority of the threads a vCPU waits on (the fault thread, and the
+//! postcopy-preempt reader or, without preempt, the loader).
 
 /// The nice value those threads ask for.
 const NICE: libc::c_int = -10;

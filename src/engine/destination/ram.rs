@@ -105,28 +105,39 @@ impl Loader<'_> {
         (pos, result.and_then(|eos| written.map(|()| eos)))
     }
 
+    /// Postcopy, while a vCPU waits, after each record: after every placed run, reads what
+    /// has arrived (the socket drains at copy speed, so a requested page behind background
+    /// pages reaches the buffer without waiting for them to be placed), and looks for
+    /// requested pages among the records read when new ones came or a page was requested
+    /// since the last look (then from the in-order position: it may be buffered already).
+    fn keep_drained<R: ReadReady>(&mut self, r: &mut Reader<R>) {
+        let Some(s) = self.postcopy() else {
+            return;
+        };
+        if !s.anyone_waiting() {
+            return;
+        }
+        let read = s.take_placed() && r.read_arrived();
+        if read || s.asked_since_scan() {
+            self.look_ahead(r);
+        }
+    }
+
     /// Postcopy: each page is placed (or staged) as it is read, and requested pages
     /// further on in the buffer are placed first.
     fn postcopy_body<R: ReadReady>(&mut self, r: &mut Reader<R>) -> Result<(), LoadError> {
         self.look_ahead(r);
-        let mut records = 0u32;
         let result = loop {
             match ram::decode_record(r.data()) {
                 Ok(Some((rec, n))) => {
                     let eos = self.place_postcopy(r.offset, rec);
                     r.consume(n);
-                    // Look at the socket every few pages, so that a requested page that
-                    // arrives while these are placed is placed at once.
-                    records = records.wrapping_add(1);
-                    if records % 8 == 0
-                        && self.postcopy().is_some_and(|s| s.anyone_waiting())
-                        && r.read_arrived()
-                    {
-                        self.look_ahead(r);
-                    }
                     match eos {
                         Ok(true) => break Ok(()),
-                        Ok(false) => continue,
+                        Ok(false) => {
+                            self.keep_drained(r);
+                            continue;
+                        }
                         Err(e) => break Err(e),
                     }
                 }

@@ -21,9 +21,6 @@ pub(crate) enum ReadError {
     Truncated { offset: u64, context: &'static str },
 }
 
-/// Postcopy: the most unplaced stream bytes that reading ahead for requested pages holds.
-const ARRIVED_MAX: usize = 512 << 10;
-
 /// What the loader reads from. `read_ready` returns only bytes that have already arrived
 /// (0 when there are none), so that a refill can gather a large batch without waiting.
 pub(crate) trait ReadReady: Read {
@@ -81,9 +78,7 @@ impl<R: ReadReady> Reader<R> {
             return Ok(false);
         }
         if self.start > 0 && (self.start >= self.buf.len() / 2 || self.end == self.buf.len()) {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
+            self.compact();
         }
         if self.end == self.buf.len() {
             // An item larger than the buffer (a big VM description): grow.
@@ -119,12 +114,21 @@ impl<R: ReadReady> Reader<R> {
         }
     }
 
-    /// Appends what has already arrived to the free end of the buffer, without moving or
-    /// waiting; true if anything came. Errors are left to the next `fill`.
+    /// Postcopy, while a vCPU waits for a page not read yet: appends what has already
+    /// arrived, without waiting, so that the kernel's queue in front of that page drains at
+    /// copy speed, not at the speed pages are placed; true if anything came. Errors are
+    /// left to the next `fill`. The unplaced bytes this holds are bounded by the buffer
+    /// (4 MiB on the main channel, `READ_CHUNK`): reading here never grows it, whatever
+    /// the peer sends. Room is made by moving the unplaced bytes to the front when that
+    /// moves no more than it frees, so a byte is moved at most once on average.
     pub(crate) fn read_arrived(&mut self) -> bool {
-        // Bounded: a backlog that only grows would fill the buffer, and then nothing could
-        // be read until all of it was placed.
-        if self.eof || self.end == self.buf.len() || self.end - self.start >= ARRIVED_MAX {
+        if self.eof {
+            return false;
+        }
+        if self.buf.len() - self.end < self.start && self.end - self.start <= self.start {
+            self.compact();
+        }
+        if self.end == self.buf.len() {
             return false;
         }
         match self.src.read_ready(&mut self.buf[self.end..]) {
@@ -174,6 +178,13 @@ impl<R> Reader<R> {
         &self.buf[self.start..self.end]
     }
 
+    /// Moves the unread bytes to the front of the buffer.
+    fn compact(&mut self) {
+        self.buf.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+    }
+
     pub(crate) fn consume(&mut self, n: usize) {
         self.start += n;
         self.offset += n as u64;
@@ -212,9 +223,7 @@ impl<R> Reader<R> {
     /// growing by doubling would touch up to twice the item.
     pub(crate) fn reserve_exact(&mut self, n: usize) {
         if self.buf.len() - self.start < n {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
+            self.compact();
             if self.buf.len() < n {
                 self.buf.resize(n, 0);
             }
@@ -224,9 +233,7 @@ impl<R> Reader<R> {
     /// Gives back what a big item made the buffer grow to, once the item is consumed.
     pub(crate) fn shrink_to(&mut self, cap: usize) {
         if self.buf.len() > cap && self.end - self.start <= cap {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
+            self.compact();
             self.buf.truncate(cap);
             self.buf.shrink_to_fit();
         }
@@ -269,5 +276,69 @@ mod tests {
         while r.fill().unwrap() {}
         assert_eq!(r.data().len(), 96);
         assert!(r.need_more("test").is_err());
+    }
+
+    /// A socket with `ready` bytes arrived and more to come: blocking reads and
+    /// `read_ready` take from the arrived ones only.
+    struct Arrived {
+        ready: std::collections::VecDeque<u8>,
+    }
+
+    impl Read for Arrived {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(self.ready.len());
+            for (d, s) in buf.iter_mut().zip(self.ready.drain(..n)) {
+                *d = s;
+            }
+            Ok(n)
+        }
+    }
+
+    impl ReadReady for Arrived {
+        fn read_ready(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.read(buf)
+        }
+    }
+
+    fn arrived(n: u8) -> Reader<Arrived> {
+        let src = Arrived {
+            ready: (0..n).collect(),
+        };
+        let mut r = Reader::new(src, "test".into(), 16);
+        r.top_up = false;
+        r
+    }
+
+    #[test]
+    fn read_arrived_takes_what_has_arrived_up_to_the_buffer_never_growing_it() {
+        let mut r = arrived(40);
+        assert!(r.read_arrived());
+        assert_eq!(r.data(), &(0..16).collect::<Vec<u8>>()[..]);
+        // Full, nothing placed: no room, and the buffer stays as it is.
+        assert!(!r.read_arrived());
+        assert_eq!(r.buf.len(), 16);
+    }
+
+    #[test]
+    fn read_arrived_makes_room_when_that_moves_no_more_than_it_frees() {
+        let mut r = arrived(40);
+        assert!(r.read_arrived());
+        // 4 placed, 12 not: moving 12 bytes to free 4 is not worth it.
+        r.consume(4);
+        assert!(!r.read_arrived());
+        assert_eq!(r.data().len(), 12);
+        // 10 placed, 6 not: moved to the front, and 10 more read behind them.
+        r.consume(6);
+        assert!(r.read_arrived());
+        assert_eq!(r.data(), &(10..26).collect::<Vec<u8>>()[..]);
+        assert_eq!(r.offset, 10);
+        assert_eq!(r.buf.len(), 16);
+    }
+
+    #[test]
+    fn read_arrived_is_nothing_when_nothing_has_arrived() {
+        let mut r = arrived(0);
+        assert!(!r.read_arrived());
+        assert!(r.data().is_empty());
     }
 }

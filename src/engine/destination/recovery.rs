@@ -101,6 +101,7 @@ impl Loader<'_> {
                 .map_err(RecoveryError::Preempt)?;
         }
         self.arm_link_timeout();
+        self.postcopy_loading();
         let Some(rp) = self.rp.clone() else {
             return Err(RecoveryError::NoPostcopy.into());
         };
@@ -149,6 +150,7 @@ impl Loader<'_> {
         // The source forgot the requests of the old link.
         self.cursor.last = None;
         if let Some(s) = self.postcopy() {
+            s.new_link();
             s.resend_pending();
         }
         match self.sections(&mut r, None, None)? {
