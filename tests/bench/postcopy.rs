@@ -24,7 +24,10 @@
 //! without running a guest: the monitor's `xp` on a missing page minus `xp` on the same page
 //! once present, over the whole postcopy phase too (one reader, paced by the monitor).
 //!
-//! Environment: QMH_BENCH_PC_SIZE (default 1G), QMH_BENCH_REPEAT (default 3), the two above.
+//! Beside them, the host's scheduling floor over the same phase: how late a thread that
+//! sleeps 500 us wakes (p50/p99); every fault needs several such wake-ups.
+//!
+//! Environment: QMH_BENCH_PC_ZERO_PCT (default 0: no zero pages), QMH_BENCH_PC_SIZE (default 1G), QMH_BENCH_REPEAT (default 3), the two above.
 //! Smoke run (checks the bench, measures nothing): QMH_BENCH_PC_SIZE=64M QMH_BENCH_REPEAT=1.
 
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -180,6 +183,46 @@ impl Drain {
     }
 }
 
+/// The share of zero pages in the guest: QMH_BENCH_PC_ZERO_PCT (default 0: random content).
+/// A mostly-zero guest sends 9-byte records, so the destination's buffer holds far more of
+/// them, each placed on its own.
+fn zero_fraction() -> f64 {
+    env_u64("QMH_BENCH_PC_ZERO_PCT", 0).min(100) as f64 / 100.0
+}
+
+/// The machine's own floor while a postcopy runs: a thread that sleeps 500 us over and
+/// over records how late each wake-up is (us). Every fault needs several wake-ups (the
+/// helper's fault thread, the source, the destination's loader, the faulting thread), so
+/// on a busy 2-CPU host their tail bounds the faults' tail.
+struct Wakeups {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Vec<f64>>,
+}
+
+impl Wakeups {
+    const GAP: Duration = Duration::from_micros(500);
+
+    fn start() -> Wakeups {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut late = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                std::thread::sleep(Self::GAP);
+                late.push(t.elapsed().saturating_sub(Self::GAP).as_secs_f64() * 1e6);
+            }
+            late
+        });
+        Wakeups { stop, thread }
+    }
+
+    fn finish(self) -> Vec<f64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("wake-up sampler")
+    }
+}
+
 /// Connects `src` to `dst` as `start_migration` does; over a socketpair (no `preempt`)
 /// returns a copy of the destination's end, to see what waits in it.
 fn connect(
@@ -264,6 +307,8 @@ struct Run {
     postcopy_secs: f64,
     /// Per quarter of the postcopy phase.
     drain: Drained,
+    /// How late a 500 us sleep woke during the postcopy phase (us).
+    wakeups: Vec<f64>,
 }
 
 /// One postcopy run into a helper destination. With `preempt` both sides use
@@ -276,12 +321,12 @@ fn into_helper(from_qemu: bool, preempt: bool, pattern: Pattern, size: u64) -> R
     dst.client.set_capabilities(&caps).expect("caps");
     let mut src = if from_qemu {
         let q = QemuVm::start(Qemu::V10, size, &VmOpts::default());
-        fill_mixed(&mut q.ram_mmap(), 5, 0.0);
+        fill_mixed(&mut q.ram_mmap(), 5, zero_fraction());
         End::Qemu(q)
     } else {
         let mut h = HelperVm::spawn_quiet();
         h.add_block("ram", size, false);
-        fill_mixed(&mut h.blocks[0].mem.map(), 5, 0.0);
+        fill_mixed(&mut h.blocks[0].mem.map(), 5, zero_fraction());
         End::Helper(h)
     };
     src.client().set_capabilities(&caps).expect("caps");
@@ -296,10 +341,12 @@ fn into_helper(from_qemu: bool, preempt: bool, pattern: Pattern, size: u64) -> R
     let cpu0 = (process_cpu_secs(src.pid()), process_cpu_secs(dst.pid()));
     let t0 = Instant::now();
     let drain = Drain::start(guest.map.clone(), probe);
+    let wakeups = Wakeups::start();
     let readers = Readers::start(&guest, pattern);
     let v = dst.wait(&["completed"], TIMEOUT);
     let postcopy_secs = t0.elapsed().as_secs_f64();
     let drain = drain.finish();
+    let wakeups = wakeups.finish();
     let touches = readers.finish();
     src.wait(&["completed"], TIMEOUT);
     let cpu = (
@@ -312,6 +359,7 @@ fn into_helper(from_qemu: bool, preempt: bool, pattern: Pattern, size: u64) -> R
         cpu,
         postcopy_secs,
         drain,
+        wakeups,
     }
 }
 
@@ -320,7 +368,7 @@ fn into_helper(from_qemu: bool, preempt: bool, pattern: Pattern, size: u64) -> R
 /// the destination completes.
 fn qemu_to_qemu(size: u64, preempt: bool) -> Run {
     let src = QemuVm::start(Qemu::V10, size, &VmOpts::default());
-    fill_mixed(&mut src.ram_mmap(), 5, 0.0);
+    fill_mixed(&mut src.ram_mmap(), 5, zero_fraction());
     let mut src = src;
     let mut dst = QemuVm::start(Qemu::V10, size, &VmOpts::incoming());
     for q in [&mut src, &mut dst] {
@@ -340,6 +388,7 @@ fn qemu_to_qemu(size: u64, preempt: bool) -> Run {
     let cpu0 = (process_cpu_secs(src.pid()), process_cpu_secs(dst.pid()));
     let map = Arc::new(dst.ram_mmap());
     let drain = Drain::start(map.clone(), probe);
+    let wakeups = Wakeups::start();
     let (mut missing, mut present) = (Touches::new(), Vec::new());
     let mut x = 12345u64;
     let t0 = Instant::now();
@@ -364,6 +413,7 @@ fn qemu_to_qemu(size: u64, preempt: bool) -> Run {
         .expect("completes");
     let postcopy_secs = t0.elapsed().as_secs_f64();
     let drain = drain.finish();
+    let wakeups = wakeups.finish();
     src.wait_migration(&["completed"], TIMEOUT)
         .expect("completes");
     let cpu = (
@@ -380,6 +430,7 @@ fn qemu_to_qemu(size: u64, preempt: bool) -> Run {
         cpu,
         postcopy_secs,
         drain,
+        wakeups,
     }
 }
 
@@ -395,6 +446,7 @@ struct Pooled {
     secs: Vec<f64>,
     drain: Vec<[f64; 4]>,
     queued: Vec<[f64; 4]>,
+    wakeups: Vec<f64>,
 }
 
 impl Pooled {
@@ -421,6 +473,7 @@ impl Pooled {
         self.secs.push(r.postcopy_secs);
         self.drain.push(r.drain.rate);
         self.queued.extend(r.drain.queued);
+        self.wakeups.extend(&r.wakeups);
     }
 
     fn row(&self, name: &str) -> String {
@@ -455,7 +508,7 @@ impl Pooled {
         };
         let (drain, queued) = (quarters(&self.drain), quarters(&self.queued));
         format!(
-            "{name:<34} {:>7} {:>7.0} {:>7.0} {:>23} {:>27}  {helper} {:>7.2} {:>7.2} {:>6.2} {drain:>23} {queued:>23}",
+            "{name:<34} {:>7} {:>7.0} {:>7.0} {:>23} {:>27}  {helper} {:>7.2} {:>7.2} {:>6.2} {drain:>23} {queued:>23} {:>6.0} {:>6.0}",
             self.all.len(),
             percentile(&self.all, 0.5),
             percentile(&self.all, 0.99),
@@ -464,6 +517,8 @@ impl Pooled {
             median(&self.cpu_src),
             median(&self.cpu_dst),
             median(&self.secs),
+            percentile(&self.wakeups, 0.5),
+            percentile(&self.wakeups, 0.99),
         )
     }
 }
@@ -480,9 +535,10 @@ fn main() {
         500,
     )));
     println!(
-        "postcopy fault latency: {} MiB guest of random content, 4 KiB pages, background push \
+        "postcopy fault latency: {} MiB guest of random content ({}% zero pages), 4 KiB pages, background push \
          unlimited, touches from postcopy-active to completed, {repeat} runs each",
-        size >> 20
+        size >> 20,
+        env_u64("QMH_BENCH_PC_ZERO_PCT", 0).min(100)
     );
     // Helper destinations: (source, QEMU source, postcopy-preempt), each in both patterns.
     let ends = [
@@ -531,10 +587,11 @@ fn main() {
          helper: its own figures (fault read -> page placed), medians over runs, `dist` the \
          upper bound of the postcopy-latency-dist bucket; CPU seconds in the postcopy phase and its \
          length; per quarter of its time, the pages placed (mincore over the whole guest) and the \
-         mean bytes waiting in the destination's socket (FIONREAD on a socketpair: not with preempt)"
+         mean bytes waiting in the destination's socket (FIONREAD on a socketpair: not with preempt); \
+         wake50/wake99: how late (us) a 500 us sleep woke meanwhile, the host's scheduling floor"
     );
     println!(
-        "{:<34} {:>7} {:>7} {:>7} {:>23} {:>27}  {:>8} {:>8} {:>8} {:>9} {:>9} {:>7} {:>7} {:>6} {:>23} {:>23}",
+        "{:<34} {:>7} {:>7} {:>7} {:>23} {:>27}  {:>8} {:>8} {:>8} {:>9} {:>9} {:>7} {:>7} {:>6} {:>23} {:>23} {:>6} {:>6}",
         "case",
         "touches",
         "p50",
@@ -550,7 +607,9 @@ fn main() {
         "cpu dst",
         "secs",
         "MiB/s placed by quarter",
-        "KiB queued by quarter"
+        "KiB queued by quarter",
+        "wake50",
+        "wake99"
     );
     for ((name, ..), p) in cases.iter().zip(&pooled) {
         println!("{}", p.row(name));
