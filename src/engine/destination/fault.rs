@@ -306,8 +306,8 @@ impl PostcopyDest {
     }
 
     /// Places `len` bytes of zero pages at `offset` with one UFFDIO_ZEROPAGE (falling back
-    /// to page by page when some are present already, EEXIST): a hole run of an on-demand
-    /// restore.
+    /// to page by page when some are present already, EEXIST): a run of zero records of
+    /// the stream, or a hole run of an on-demand restore.
     pub(crate) fn place_zeros(&self, bi: usize, offset: u64, len: u64) -> Result<(), FaultError> {
         let b = &self.blocks[bi];
         if len == 0

@@ -24,12 +24,25 @@ use crate::memory::block::RamBlock;
 /// page behind a run of background pages is placed soon.
 const STAGE_PAGES: usize = 32;
 
-/// Consecutive postcopy pages gathered for one UFFDIO_COPY.
+/// Zero pages per UFFDIO_ZEROPAGE. A zero page is a 9-byte record, so the reader's buffer
+/// holds hundreds of them for each page of data: placed one ioctl each, they were a long
+/// queue in front of a requested page. As with data runs, a requested page ends the run.
+const STAGE_ZERO_PAGES: u64 = 256;
+
+/// Consecutive postcopy pages gathered for one ioctl: pages of data (`data`, one
+/// UFFDIO_COPY) or zero pages (`zeros` of them, one UFFDIO_ZEROPAGE), never both.
 #[derive(Default)]
 struct Staged {
     block: usize,
     start: u64,
     data: Vec<u8>,
+    zeros: u64,
+}
+
+impl Staged {
+    fn pages(&self) -> u64 {
+        (self.data.len() / TARGET_PAGE_SIZE) as u64 + self.zeros
+    }
 }
 
 /// The fault thread and how it ended.
@@ -166,11 +179,12 @@ impl PostcopySink {
         }
     }
 
-    /// Places a page that came on the main channel: pages of bytes are staged into runs,
-    /// fills are placed at once.
+    /// Places a page that came on the main channel: pages of bytes and zero pages are
+    /// staged into runs, other fills are placed at once.
     pub(crate) fn place(&mut self, page: &Page<'_>) -> Result<(), FaultError> {
         match page.data {
-            PageData::Bytes(data) => self.stage(page.bi, page.offset, data),
+            PageData::Bytes(data) => self.stage(page.bi, page.offset, Some(data)),
+            PageData::Fill(0) => self.stage(page.bi, page.offset, None),
             PageData::Fill(_) => {
                 self.flush_staged()?;
                 self.placed = true;
@@ -179,41 +193,52 @@ impl PostcopySink {
         }
     }
 
-    fn stage(&mut self, bi: usize, offset: u64, data: &[u8]) -> Result<(), FaultError> {
-        let page = TARGET_PAGE_SIZE;
-        if self.pc.received[bi].get(offset / page as u64) {
+    /// Adds a page to the staged run: `data`, or a zero page (None). A page that does not
+    /// extend the run (another block, not next, the other kind, the run full) places the
+    /// run first.
+    fn stage(&mut self, bi: usize, offset: u64, data: Option<&[u8]>) -> Result<(), FaultError> {
+        let page = TARGET_PAGE_SIZE as u64;
+        if self.pc.received[bi].get(offset / page) {
             // Placed already, ahead of the stream (see place_requested_ahead).
             return self.flush_staged();
         }
-        let next = self.staged.start + self.staged.data.len() as u64;
-        if !self.staged.data.is_empty()
-            && (self.staged.block != bi
-                || next != offset
-                || self.staged.data.len() >= STAGE_PAGES * page)
-        {
+        let st = &self.staged;
+        let full = match data {
+            Some(_) => st.zeros > 0 || st.data.len() >= STAGE_PAGES * TARGET_PAGE_SIZE,
+            None => !st.data.is_empty() || st.zeros >= STAGE_ZERO_PAGES,
+        };
+        if st.pages() > 0 && (st.block != bi || st.start + st.pages() * page != offset || full) {
             self.flush_staged()?;
         }
-        if self.staged.data.is_empty() {
+        if self.staged.pages() == 0 {
             self.staged.block = bi;
             self.staged.start = offset;
         }
-        self.staged.data.extend_from_slice(data);
+        match data {
+            Some(d) => self.staged.data.extend_from_slice(d),
+            None => self.staged.zeros += 1,
+        }
         // A page a thread waits for is placed now, not when the run is full: QEMU goes on
         // sending the pages after a requested one, so the run would otherwise keep growing.
-        if self.pc.is_requested(bi, offset / page as u64) {
+        if self.pc.is_requested(bi, offset / page) {
             self.flush_staged()?;
         }
         Ok(())
     }
 
     pub(crate) fn flush_staged(&mut self) -> Result<(), FaultError> {
-        if self.staged.data.is_empty() {
+        let st = &mut self.staged;
+        let r = if st.zeros > 0 {
+            let len = st.zeros * TARGET_PAGE_SIZE as u64;
+            st.zeros = 0;
+            self.pc.place_zeros(st.block, st.start, len)
+        } else if !st.data.is_empty() {
+            let r = self.pc.place_pages(st.block, st.start, &st.data);
+            st.data.clear();
+            r
+        } else {
             return Ok(());
-        }
-        let r = self
-            .pc
-            .place_pages(self.staged.block, self.staged.start, &self.staged.data);
-        self.staged.data.clear();
+        };
         self.placed = true;
         r
     }
@@ -242,9 +267,8 @@ impl PostcopySink {
             return;
         }
         // A staged run holding a page that was requested after it was staged.
-        let staged_pages = self.staged.data.len() / TARGET_PAGE_SIZE;
         let first = self.staged.start / TARGET_PAGE_SIZE as u64;
-        if (0..staged_pages as u64).any(|i| self.pc.is_requested(self.staged.block, first + i))
+        if (0..self.staged.pages()).any(|i| self.pc.is_requested(self.staged.block, first + i))
             && self.flush_staged().is_err()
         {
             return;
