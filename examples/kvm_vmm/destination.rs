@@ -59,6 +59,11 @@ pub(crate) fn run(opts: &Options, uri: &str) -> Result<(), VmmError> {
             Phase::After
         },
     ));
+    if !postcopy {
+        // Every page is here; a page never sent is a hole that must read as zeros, not a
+        // missing-page fault nobody serves any more.
+        faults.unregister()?;
+    }
     let (running_at_us, running) = (monotonic_us(), std::time::Instant::now());
     let vcpu_threads = vcpu::spawn(vcpus, &ctl, opts.pace)?;
 
@@ -76,7 +81,11 @@ pub(crate) fn run(opts: &Options, uri: &str) -> Result<(), VmmError> {
     };
     // After `completed` every page is in place; after a failure this wakes any vCPU
     // blocked on a missing page, so that it can be stopped.
-    let unregistered = faults.unregister();
+    let unregistered = if postcopy {
+        faults.unregister()
+    } else {
+        Ok(())
+    };
     let postcopy_ms = running.elapsed().as_secs_f64() * 1000.0;
     let info = follow.helper.client.query_migrate().unwrap_or_default();
     let (pauses, respawns) = (follow.pauses, follow.helper.respawns);
