@@ -15,6 +15,13 @@ if [ -d ../shared/fixtures/qemu-streams ]; then
 else
   echo "run-all: ../shared/fixtures/qemu-streams is missing; fixture tests will say SKIP" >&2
 fi
+# The example VMM's tests need KVM (they say SKIP inside the captured test output, so say it
+# here too, where it shows).
+if ! { [ -r /dev/kvm ] && [ -w /dev/kvm ]; }; then
+  echo "run-all: /dev/kvm is missing or not usable; the kvm_vmm tests will SKIP" >&2
+else
+  echo "run-all: /dev/kvm usable; the kvm_vmm tests run the example VMM on KVM"
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

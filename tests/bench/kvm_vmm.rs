@@ -18,7 +18,7 @@
 
 use std::path::Path;
 
-use support::kvm_vmm::{kvm_missing, vmm_bin, Vmm, VmmResult};
+use support::kvm_vmm::{args, kvm_missing, migrate, vmm_bin, VmmResult};
 use support::stats::{bench_requested, env_u64, median, repeat};
 use support::util::TempDir;
 
@@ -27,28 +27,16 @@ const FINISH: std::time::Duration = std::time::Duration::from_secs(300);
 /// One migration; both result lines.
 fn run(vmm: &Path, common: &[String], src_extra: &[&str]) -> (VmmResult, VmmResult) {
     let dir = TempDir::new("kvm-bench");
-    let uri = format!("unix:{}", dir.join("mig.sock").display());
-    let mut d = vec![
-        "--listen".to_string(),
-        uri.clone(),
-        "--passes".into(),
-        "3".into(),
-    ];
-    d.extend(common.iter().cloned());
-    let dst = Vmm::spawn(vmm, "destination", &d);
-    dst.wait_line("listening on", FINISH);
-    let mut s = vec!["--connect".to_string(), uri];
-    s.extend(common.iter().cloned());
-    s.extend(src_extra.iter().map(|a| a.to_string()));
-    let src = Vmm::spawn(vmm, "source", &s);
-    let (src_ok, src_lines) = src.finish(FINISH);
-    assert!(src_ok, "source failed: {src_lines:?}");
-    let (dst_ok, dst_lines) = dst.finish(FINISH);
-    assert!(dst_ok, "destination failed: {dst_lines:?}");
-    (
-        VmmResult::from_lines(&src_lines),
-        VmmResult::from_lines(&dst_lines),
-    )
+    let o = migrate(
+        vmm,
+        dir.path(),
+        common,
+        &args(src_extra),
+        &args(&["--passes", "3"]),
+        FINISH,
+    );
+    let [s, d] = o.results();
+    (s, d)
 }
 
 fn med(runs: &[(VmmResult, VmmResult)], f: impl Fn(&VmmResult, &VmmResult) -> f64) -> f64 {

@@ -24,7 +24,8 @@ fn fixture(name: &str) -> Option<PathBuf> {
     None
 }
 
-fn analyze_json(path: &PathBuf, extra: &[&str]) -> Value {
+/// `analyze PATH --json extra...`, which must succeed: its report (kvm_vmm.rs uses it too).
+pub(crate) fn analyze_json(path: &Path, extra: &[&str]) -> Value {
     let out = Command::new(helper_bin())
         .arg("analyze")
         .arg(path)

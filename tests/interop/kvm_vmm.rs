@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
-use support::kvm_vmm::{kvm_missing, vmm_bin, Relay, Vmm, VmmResult};
+use support::kvm_vmm::{
+    args, destination, finish, kvm_missing, vmm_bin, Outcome, Relay, Vmm, VmmResult,
+};
 use support::util::TempDir;
 
 const MIB: u64 = 1 << 20;
@@ -16,65 +18,23 @@ const LINE_WAIT: Duration = Duration::from_secs(60);
 /// How long a VMM may take to finish after the test's last action.
 const FINISH_WAIT: Duration = Duration::from_secs(120);
 
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| s.to_string()).collect()
-}
-
-/// A destination listening on a unix socket in `dir`; returns it and its address.
-fn destination(vmm: &std::path::Path, dir: &TempDir, extra: &[&str]) -> (Vmm, String) {
-    let uri = format!("unix:{}", dir.join("dst.sock").display());
-    let mut a = args(&["--listen", &uri]);
-    a.extend(args(extra));
-    let dst = Vmm::spawn(vmm, "destination", &a);
-    dst.wait_line("listening on", LINE_WAIT);
-    (dst, uri)
-}
-
-/// Both sides' outcome, once both exited.
-struct Outcome {
-    src_ok: bool,
-    src: Vec<String>,
-    dst_ok: bool,
-    dst: Vec<String>,
-}
-
-fn finish(src: Vmm, mut dst: Vmm) -> Outcome {
-    let (src_ok, src) = src.finish(FINISH_WAIT);
-    if !src_ok {
-        // The destination would wait for a migration that is not coming.
-        dst.kill();
-    }
-    let (dst_ok, dst) = dst.finish(FINISH_WAIT);
-    Outcome {
-        src_ok,
-        src,
-        dst_ok,
-        dst,
-    }
-}
-
 /// A whole migration without interference: destination, then source connecting to it.
 fn migrate(common: &[&str], src_args: &[&str], dst_args: &[&str]) -> Outcome {
-    let vmm = vmm_bin();
     let dir = TempDir::new("kvm-vmm");
-    let mut d = args(common);
-    d.extend(args(dst_args));
-    let d: Vec<&str> = d.iter().map(String::as_str).collect();
-    let (dst, uri) = destination(&vmm, &dir, &d);
-    let mut s = args(&["--connect", &uri]);
-    s.extend(args(common));
-    s.extend(args(src_args));
-    let src = Vmm::spawn(&vmm, "source", &s);
-    finish(src, dst)
+    support::kvm_vmm::migrate(
+        &vmm_bin(),
+        dir.path(),
+        &args(common),
+        &args(src_args),
+        &args(dst_args),
+        FINISH_WAIT,
+    )
 }
 
 /// Both sides succeeded, neither saw a failed guest check, and every vCPU carried on from
 /// where the source stopped it. Returns the two result lines.
 fn assert_guest_carried_on(o: &Outcome, vcpus: usize, passes_after: u64) -> [VmmResult; 2] {
-    assert!(o.src_ok, "source failed: {:?}", o.src);
-    assert!(o.dst_ok, "destination failed: {:?}", o.dst);
-    let s = VmmResult::from_lines(&o.src);
-    let d = VmmResult::from_lines(&o.dst);
+    let [s, d] = o.results();
     eprintln!("source {s:?}\ndestination {d:?}");
     assert_eq!(
         s.u("violations"),
@@ -186,7 +146,7 @@ fn postcopy_through_relay(
     common.extend(extra);
     let mut d = common.clone();
     d.extend(["--passes", "5"]);
-    let (dst, dst_uri) = destination(&vmm, &dir, &d);
+    let (dst, dst_uri) = destination(&vmm, dir.path(), &args(&d), LINE_WAIT);
     let relay_path = dir.join("relay.sock");
     let relay = Relay::new(
         &relay_path,
@@ -199,7 +159,7 @@ fn postcopy_through_relay(
     let src = Vmm::spawn(&vmm, "source", &s);
     dst.wait_line("status postcopy-active", LINE_WAIT);
     interfere(&relay, &src, &dst);
-    let o = finish(src, dst);
+    let o = finish(src, dst, FINISH_WAIT);
     drop(relay);
     let [s, d] = assert_guest_carried_on(&o, 2, 5);
     assert_eq!(s.u("postcopy"), 1, "{s:?}");
@@ -284,18 +244,7 @@ fn kvm_vmm_vcpu_state_shows_in_analyze() {
     let (ok, lines) = src.finish(FINISH_WAIT);
     assert!(ok, "source failed: {lines:?}");
     let s = VmmResult::from_lines(&lines);
-    let out = std::process::Command::new(support::helper::helper_bin())
-        .arg("analyze")
-        .arg(&file)
-        .arg("--json")
-        .output()
-        .expect("run analyze");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let v = crate::analyze::analyze_json(&file, &[]);
     let cpus: Vec<&serde_json::Value> = v["sections"]
         .as_array()
         .expect("sections")

@@ -199,6 +199,75 @@ impl Drop for Vmm {
     }
 }
 
+/// `&str`s as the owned arguments [`Vmm::spawn`] takes.
+pub fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// A destination listening on a unix socket in `dir` (waited for up to `wait`), with
+/// `extra` arguments; returns it and its address.
+pub fn destination(vmm: &Path, dir: &Path, extra: &[String], wait: Duration) -> (Vmm, String) {
+    let uri = format!("unix:{}", dir.join("dst.sock").display());
+    let mut a = args(&["--listen", &uri]);
+    a.extend_from_slice(extra);
+    let dst = Vmm::spawn(vmm, "destination", &a);
+    dst.wait_line("listening on", wait);
+    (dst, uri)
+}
+
+/// Both sides of a migration, once both exited: whether each succeeded, what each printed.
+pub struct Outcome {
+    pub src_ok: bool,
+    pub src: Vec<String>,
+    pub dst_ok: bool,
+    pub dst: Vec<String>,
+}
+
+impl Outcome {
+    /// Both sides' result lines; panics with their output if either failed.
+    pub fn results(&self) -> [VmmResult; 2] {
+        assert!(self.src_ok, "source failed: {:?}", self.src);
+        assert!(self.dst_ok, "destination failed: {:?}", self.dst);
+        [
+            VmmResult::from_lines(&self.src),
+            VmmResult::from_lines(&self.dst),
+        ]
+    }
+}
+
+/// Waits for both sides (each up to `timeout`); a destination whose source failed is
+/// killed, since it would wait for a migration that is not coming.
+pub fn finish(src: Vmm, mut dst: Vmm, timeout: Duration) -> Outcome {
+    let (src_ok, src) = src.finish(timeout);
+    if !src_ok {
+        dst.kill();
+    }
+    let (dst_ok, dst) = dst.finish(timeout);
+    Outcome {
+        src_ok,
+        src,
+        dst_ok,
+        dst,
+    }
+}
+
+/// A whole migration without interference over a unix socket in `dir`: a destination
+/// with `common` and `dst_args`, then a source connecting to it with `common` and
+/// `src_args`.
+pub fn migrate(
+    vmm: &Path,
+    dir: &Path,
+    common: &[String],
+    src_args: &[String],
+    dst_args: &[String],
+    timeout: Duration,
+) -> Outcome {
+    let (dst, uri) = destination(vmm, dir, &[common, dst_args].concat(), timeout);
+    let src_all = [&args(&["--connect", &uri])[..], common, src_args].concat();
+    let src = Vmm::spawn(vmm, "source", &src_all);
+    finish(src, dst, timeout)
+}
+
 /// The `key=value` pairs of a `result:` line.
 pub struct VmmResult(HashMap<String, String>);
 
