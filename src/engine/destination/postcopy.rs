@@ -24,24 +24,22 @@ use crate::memory::block::RamBlock;
 /// page behind a run of background pages is placed soon.
 const STAGE_PAGES: usize = 32;
 
-/// Zero pages per UFFDIO_ZEROPAGE. A zero page is a 9-byte record, so the reader's buffer
-/// holds hundreds of them for each page of data: placed one ioctl each, they were a long
-/// queue in front of a requested page. As with data runs, a requested page ends the run.
-const STAGE_ZERO_PAGES: u64 = 256;
+/// Zero pages skipped (left holes) between two reads of what has arrived while a vCPU
+/// waits: a zero page is a 9-byte record, so reading after each would be a system call per
+/// few bytes of stream.
+const SKIPPED_PER_READ: u32 = 256;
 
-/// Consecutive postcopy pages gathered for one ioctl: pages of data (`data`, one
-/// UFFDIO_COPY) or zero pages (`zeros` of them, one UFFDIO_ZEROPAGE), never both.
+/// Consecutive postcopy pages of data gathered for one UFFDIO_COPY.
 #[derive(Default)]
 struct Staged {
     block: usize,
     start: u64,
     data: Vec<u8>,
-    zeros: u64,
 }
 
 impl Staged {
     fn pages(&self) -> u64 {
-        (self.data.len() / TARGET_PAGE_SIZE) as u64 + self.zeros
+        (self.data.len() / TARGET_PAGE_SIZE) as u64
     }
 }
 
@@ -81,8 +79,11 @@ pub(crate) struct PostcopySink {
     staged: Staged,
     /// Where the last look-ahead for requested pages stopped (see `place_requested_ahead`).
     mark: ScanMark,
-    /// The main channel placed a run or a zero page since `take_placed`.
+    /// The main channel placed a run or a page, or skipped `SKIPPED_PER_READ` zero pages,
+    /// since `take_placed`.
     placed: bool,
+    /// Zero pages skipped since `placed` was last set for them.
+    skipped: u32,
 }
 
 impl PostcopySink {
@@ -133,6 +134,7 @@ impl PostcopySink {
             staged: Staged::default(),
             mark: ScanMark::default(),
             placed: false,
+            skipped: 0,
         })
     }
 
@@ -179,12 +181,19 @@ impl PostcopySink {
         }
     }
 
-    /// Places a page that came on the main channel: pages of bytes and zero pages are
-    /// staged into runs, other fills are placed at once.
+    /// Places a page that came on the main channel: pages of bytes are staged into runs,
+    /// zero pages are left holes (`PostcopyDest::skip_zero`), other fills are placed at once.
     pub(crate) fn place(&mut self, page: &Page<'_>) -> Result<(), FaultError> {
         match page.data {
-            PageData::Bytes(data) => self.stage(page.bi, page.offset, Some(data)),
-            PageData::Fill(0) => self.stage(page.bi, page.offset, None),
+            PageData::Bytes(data) => self.stage(page.bi, page.offset, data),
+            PageData::Fill(0) => {
+                self.skipped += 1;
+                if self.skipped >= SKIPPED_PER_READ {
+                    self.skipped = 0;
+                    self.placed = true;
+                }
+                self.pc.skip_zero(page.bi, page.offset)
+            }
             PageData::Fill(_) => {
                 self.flush_staged()?;
                 self.placed = true;
@@ -193,20 +202,16 @@ impl PostcopySink {
         }
     }
 
-    /// Adds a page to the staged run: `data`, or a zero page (None). A page that does not
-    /// extend the run (another block, not next, the other kind, the run full) places the
-    /// run first.
-    fn stage(&mut self, bi: usize, offset: u64, data: Option<&[u8]>) -> Result<(), FaultError> {
+    /// Adds a page of data to the staged run. A page that does not extend the run (another
+    /// block, not next, the run full) places the run first.
+    fn stage(&mut self, bi: usize, offset: u64, data: &[u8]) -> Result<(), FaultError> {
         let page = TARGET_PAGE_SIZE as u64;
         if self.pc.received[bi].get(offset / page) {
             // Placed already, ahead of the stream (see place_requested_ahead).
             return self.flush_staged();
         }
         let st = &self.staged;
-        let full = match data {
-            Some(_) => st.zeros > 0 || st.data.len() >= STAGE_PAGES * TARGET_PAGE_SIZE,
-            None => !st.data.is_empty() || st.zeros >= STAGE_ZERO_PAGES,
-        };
+        let full = st.data.len() >= STAGE_PAGES * TARGET_PAGE_SIZE;
         if st.pages() > 0 && (st.block != bi || st.start + st.pages() * page != offset || full) {
             self.flush_staged()?;
         }
@@ -214,10 +219,7 @@ impl PostcopySink {
             self.staged.block = bi;
             self.staged.start = offset;
         }
-        match data {
-            Some(d) => self.staged.data.extend_from_slice(d),
-            None => self.staged.zeros += 1,
-        }
+        self.staged.data.extend_from_slice(data);
         // A page a thread waits for is placed now, not when the run is full: QEMU goes on
         // sending the pages after a requested one, so the run would otherwise keep growing.
         if self.pc.is_requested(bi, offset / page) {
@@ -228,17 +230,11 @@ impl PostcopySink {
 
     pub(crate) fn flush_staged(&mut self) -> Result<(), FaultError> {
         let st = &mut self.staged;
-        let r = if st.zeros > 0 {
-            let len = st.zeros * TARGET_PAGE_SIZE as u64;
-            st.zeros = 0;
-            self.pc.place_zeros(st.block, st.start, len)
-        } else if !st.data.is_empty() {
-            let r = self.pc.place_pages(st.block, st.start, &st.data);
-            st.data.clear();
-            r
-        } else {
+        if st.data.is_empty() {
             return Ok(());
-        };
+        }
+        let r = self.pc.place_pages(st.block, st.start, &st.data);
+        st.data.clear();
         self.placed = true;
         r
     }
