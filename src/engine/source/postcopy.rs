@@ -220,6 +220,11 @@ impl<'m> PostcopyPush<'m> {
                 len: blob.len() as u64,
                 max: stream::MAX_PACKAGED_LEN as u64,
             })?;
+        // postcopy-active before the package goes, as QEMU's source is: once the
+        // destination has it, it may report postcopy-active, and a manager that sees that
+        // may at once act on this side (`migrate-pause`). Failing to send it still fails
+        // the migration here, as in QEMU.
+        ctx.state.transition(MigrationStatus::PostcopyActive)?;
         link.out.put(|o| {
             stream::encode_command(o, wire::command::PING, &2u32.to_be_bytes())?;
             stream::encode_command(o, wire::command::PACKAGED, &len.to_be_bytes())?;
@@ -231,7 +236,6 @@ impl<'m> PostcopyPush<'m> {
             downtime_start.elapsed().as_micros() as u64,
             Ordering::Relaxed,
         );
-        ctx.state.transition(MigrationStatus::PostcopyActive)?;
         // Keep little queued in the socket, so a requested page does not wait behind
         // megabytes of background pages.
         link.out.chan().set_send_buffer(POSTCOPY_SNDBUF);
