@@ -836,3 +836,74 @@ fn postcopy_preempt_missing_page_pauses_at_the_end() {
     guest.release();
     let _ = toucher.join();
 }
+
+/// Pages of `fd` (a memfd of `size` bytes) that hold data rather than a hole, found with
+/// SEEK_DATA/SEEK_HOLE.
+fn data_pages(fd: std::os::fd::BorrowedFd<'_>, size: u64) -> u64 {
+    use std::os::fd::AsRawFd;
+    let (mut pos, mut pages) = (0i64, 0u64);
+    while (pos as u64) < size {
+        // SAFETY: lseek on an fd we hold.
+        let data = unsafe { libc::lseek(fd.as_raw_fd(), pos, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: only a hole from here on
+        }
+        let hole = unsafe { libc::lseek(fd.as_raw_fd(), data, libc::SEEK_HOLE) };
+        assert!(hole > data, "SEEK_HOLE from {data}: {hole}");
+        pages += (hole - data) as u64 / 4096;
+        pos = hole;
+    }
+    pages
+}
+
+/// A zero page of the postcopy stream is left a hole on the destination (a hole reads as
+/// zero), not allocated: with half the guest zero, the destination's memfd ends up holding
+/// exactly the non-zero pages, and the guest is the source's byte for byte. Precopy leaves
+/// zero pages as holes too, so this holds for the whole migration.
+#[test]
+fn postcopy_leaves_zero_pages_as_holes() {
+    if std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+        .is_ok_and(|s| s.contains("[always]") || s.contains("[force]"))
+    {
+        eprintln!("SKIP postcopy_leaves_zero_pages_as_holes: shmem THP is on, so memfd data comes in 2 MiB pages");
+        return;
+    }
+    let seed = test_seed("postcopy_leaves_zero_pages_as_holes");
+    let mut src = HelperVm::spawn();
+    src.add_block("pc.ram", RAM, false);
+    let zero = fill_mixed(&mut src.blocks[0].mem.map(), seed, 0.5) as u64;
+    let expected = Arc::new(src.blocks[0].mem.map().to_vec());
+    let guest = UffdGuest::new(RAM);
+    let mut dst = HelperVm::spawn();
+    guest.attach(&mut dst, "pc.ram");
+    for h in [&mut src, &mut dst] {
+        h.client
+            .set_capabilities(&[("postcopy-ram", true)])
+            .expect("caps");
+    }
+    // Most of RAM goes in postcopy.
+    src.client
+        .set_parameters(json!({"max-bandwidth": 8 * MIB}))
+        .expect("params");
+    let dir = TempDir::new("qmh-pc-holes");
+    start_migration(&mut src.client, &mut dst.client, &dir, false);
+    std::thread::sleep(Duration::from_millis(200));
+    src.client
+        .migrate_start_postcopy()
+        .expect("migrate-start-postcopy");
+    src.wait(&["completed"], TIMEOUT);
+    dst.wait(&["completed"], TIMEOUT);
+    let d = status(&mut dst);
+    let postcopy_pages = u64_at(&d, &["ram", "normal"]) + u64_at(&d, &["ram", "duplicate"]);
+    eprintln!("destination: {d}");
+    let nonzero = RAM / 4096 - zero;
+    // Counted before reading the guest: a read fault on a hole of a shared mapping
+    // allocates the page.
+    let data = data_pages(guest.mem.fd.as_fd(), RAM);
+    assert_eq!(
+        data, nonzero,
+        "{zero} zero pages of {}: the memfd holds {data} pages of data ({postcopy_pages} pages received)",
+        RAM / 4096
+    );
+    assert_same_memory(&expected, &guest.map, "postcopy_leaves_zero_pages_as_holes");
+}
