@@ -12,7 +12,9 @@ use crate::compat::wire;
 use crate::engine::migration::{MigrationCtx, Stats};
 use crate::engine::source::commands::Commands;
 use crate::engine::source::error::{LinkError, PeerError, PreemptError};
-use crate::engine::source::pages::{bit_runs, Names, Pages, Sink};
+use crate::engine::source::pages::{
+    bit_runs, Names, Pages, Sink, POSTCOPY_CHUNK, POSTCOPY_CHUNK_SHARED,
+};
 use crate::engine::source::rp_reader::{
     PageRequest, ReturnPath, Route, RpEvent, RpGate, Wait, MAX_QUEUED_REQUESTS,
 };
@@ -287,7 +289,11 @@ impl<'m> PostcopyPush<'m> {
                 }
                 resume_at = None;
             }
-            let Some((bi, wi, word)) = self.pages.next_chunk() else {
+            let chunk = match link.urgent {
+                Some(_) => POSTCOPY_CHUNK,
+                None => POSTCOPY_CHUNK_SHARED,
+            };
+            let Some((bi, wi, word)) = self.pages.next_chunk(chunk) else {
                 break;
             };
             let bt = &self.pages.blocks[bi];
