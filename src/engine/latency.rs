@@ -67,6 +67,12 @@ impl Latency {
             .collect()
     }
 
+    /// QEMU 10.1's `postcopy-latency`: the mean in nanoseconds (0 before the first fault).
+    pub(crate) fn mean_ns(&self) -> u64 {
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.sum_ns.checked_div(g.count).unwrap_or(0)
+    }
+
     /// `{count, mean-us, p50-us, p99-us, max-us}`.
     pub(crate) fn to_json(&self) -> serde_json::Value {
         let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());

@@ -4,7 +4,7 @@
 //! file is restored by QEMU in full (`-incoming defer`, `migrate-incoming file:`), and by a
 //! helper on demand with the bench as the parent (a userfaultfd over memfd mappings, see
 //! `support::uffd`): time from `migrate-incoming` to `postcopy-active` (runnable), fault
-//! latency p50/p99 (the helper's `postcopy-latency`) while reader threads touch random
+//! latency p50/p99 (the helper's `x-postcopy-latency`) while reader threads touch random
 //! pages during the background fill, and time to `completed` (every page in place) against
 //! QEMU's full restore. Prints medians and each end's CPU seconds.
 //!
@@ -99,7 +99,7 @@ fn helper_restore(file: &Path, size: u64, expected: &Arc<Vec<u8>>) -> [f64; 6] {
     let completed = t0.elapsed().as_secs_f64();
     readers.finish();
     let cpu = process_cpu_secs(h.pid()) - c0;
-    let lat = &done["postcopy-latency"];
+    let lat = &done["x-postcopy-latency"];
     [
         runnable,
         completed,

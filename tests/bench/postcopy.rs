@@ -15,7 +15,7 @@
 //!
 //! Per case: p50/p99 over the whole postcopy and per quarter of the touches (in the order
 //! they were made, all runs pooled); beside them the helper's own figures (fault read ->
-//! page placed: `postcopy-latency` and the upper bounds of the `postcopy-latency-dist`
+//! page placed: `x-postcopy-latency` and the upper bounds of the `postcopy-latency-dist`
 //! buckets holding its p50/p99, medians over runs), the CPU seconds each end used during
 //! the postcopy phase, and the destination's drain rate (MiB/s placed) per quarter of that
 //! phase, from mincore(2) over the whole guest every 50 ms, with the mean bytes waiting in
@@ -457,7 +457,7 @@ impl Pooled {
             self.quarters[i * 4 / n.max(1)].push(*us);
         }
         if let Some(d) = &r.dst {
-            let l = &d["postcopy-latency"];
+            let l = &d["x-postcopy-latency"];
             let f = |k: &str| l[k].as_f64().unwrap_or(f64::NAN);
             let dist = latency_dist(d);
             self.helper.push([
@@ -563,11 +563,11 @@ fn main() {
             let d = run.dst.as_ref().expect("helper destination");
             println!(
                 "  run {r} {name}: {} touches timed in {:.2} s; helper: requests {}, \
-                 postcopy-latency {}, postcopy-latency-dist {}",
+                 x-postcopy-latency {}, postcopy-latency-dist {}",
                 run.touches.len(),
                 run.postcopy_secs,
                 d["ram"]["postcopy-requests"],
-                d["postcopy-latency"],
+                d["x-postcopy-latency"],
                 d["postcopy-latency-dist"]
             );
             pooled[i].add(&run);

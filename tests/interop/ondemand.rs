@@ -262,7 +262,7 @@ fn ondemand_measure() {
     let during = status(&mut dst);
     eprintln!(
         "{test}: readers checked {checked} pages; remaining at start {}; latency during the fill {}",
-        mid["ram"]["remaining"], during["postcopy-latency"]
+        mid["ram"]["remaining"], during["x-postcopy-latency"]
     );
     let d = wait_status(&mut dst, &mut guest, &["completed"]);
     eprintln!("{test}: {d}");

@@ -39,7 +39,7 @@ fn status(h: &mut HelperVm) -> serde_json::Value {
 }
 
 /// A completed destination's `postcopy-latency-dist` (QEMU 10.1's 24 log2 buckets of
-/// microseconds) holds every timed fault: it sums to `postcopy-latency.count` and to
+/// microseconds) holds every timed fault: it sums to `x-postcopy-latency.count` and to
 /// `ram.postcopy-requests` (each requested page is timed once, when placed), and its
 /// buckets agree with the exact median the helper reports beside it.
 pub(crate) fn assert_latency_dist(d: &serde_json::Value) {
@@ -47,11 +47,22 @@ pub(crate) fn assert_latency_dist(d: &serde_json::Value) {
     assert_eq!(dist.len(), 24, "{d}");
     let sum: u64 = dist.iter().sum();
     assert!(sum > 0, "no fault timed: {d}");
-    assert_eq!(sum, u64_at(d, &["postcopy-latency", "count"]), "{d}");
+    assert_eq!(sum, u64_at(d, &["x-postcopy-latency", "count"]), "{d}");
+    // QEMU 10.1's `postcopy-latency`: the mean in nanoseconds, an integer.
+    let mean_ns = d["postcopy-latency"]
+        .as_u64()
+        .expect("postcopy-latency: an integer");
+    let mean_us = d["x-postcopy-latency"]["mean-us"]
+        .as_f64()
+        .expect("mean-us");
+    assert!(
+        (mean_ns as f64 - mean_us * 1000.0).abs() <= 1.0,
+        "postcopy-latency {mean_ns} ns against mean-us {mean_us}: {d}"
+    );
     assert_eq!(sum, u64_at(d, &["ram", "postcopy-requests"]), "{d}");
     // The median sample (nearest rank, as the helper takes it) lies in bucket `b`: the
     // buckets below hold at most `rank` samples, those up to `b` at least `rank + 1`.
-    let p50 = d["postcopy-latency"]["p50-us"].as_f64().expect("p50-us");
+    let p50 = d["x-postcopy-latency"]["p50-us"].as_f64().expect("p50-us");
     let b = match p50 as u64 {
         0 => 0,
         us => (us.ilog2() as usize).min(23),
