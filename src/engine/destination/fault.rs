@@ -227,18 +227,8 @@ impl PostcopyDest {
         src: *const u8,
         len: u64,
     ) -> Result<(), FaultError> {
+        self.check_range(bi, offset, len, "page")?;
         let b = &self.blocks[bi];
-        if len == 0
-            || len % PAGE != 0
-            || offset % PAGE != 0
-            || offset.checked_add(len).is_none_or(|e| e > b.size)
-        {
-            return Err(FaultError::PlaceOutside {
-                what: "page",
-                block: b.id.clone(),
-                offset,
-            });
-        }
         let copy = |off: u64, from: *const u8, n: u64| {
             // SAFETY: dst is inside the parent's registered mapping of this block
             // (host-addr, size; checked above); src is only read by the kernel, which
@@ -276,15 +266,32 @@ impl PostcopyDest {
         Ok(())
     }
 
-    fn place_zero(&self, bi: usize, offset: u64) -> Result<(), FaultError> {
+    /// Checks that `len` bytes at `offset` are whole pages inside block `bi`.
+    fn check_range(
+        &self,
+        bi: usize,
+        offset: u64,
+        len: u64,
+        what: &'static str,
+    ) -> Result<(), FaultError> {
         let b = &self.blocks[bi];
-        if offset % PAGE != 0 || offset.checked_add(PAGE).is_none_or(|e| e > b.size) {
+        if len == 0
+            || len % PAGE != 0
+            || offset % PAGE != 0
+            || offset.checked_add(len).is_none_or(|e| e > b.size)
+        {
             return Err(FaultError::PlaceOutside {
-                what: "zero page",
+                what,
                 block: b.id.clone(),
                 offset,
             });
         }
+        Ok(())
+    }
+
+    fn place_zero(&self, bi: usize, offset: u64) -> Result<(), FaultError> {
+        self.check_range(bi, offset, PAGE, "zero page")?;
+        let b = &self.blocks[bi];
         // SAFETY: inside the parent's registered mapping of this block (checked above).
         match unsafe {
             self.uffd
@@ -314,14 +321,7 @@ impl PostcopyDest {
     /// A later fault on it is served at once from here (`fault`), and `finish` unregisters
     /// the rest. A page a thread already waits for is placed, since only that wakes it.
     pub(crate) fn skip_zero(&self, bi: usize, offset: u64) -> Result<(), FaultError> {
-        let b = &self.blocks[bi];
-        if offset % PAGE != 0 || offset.checked_add(PAGE).is_none_or(|e| e > b.size) {
-            return Err(FaultError::PlaceOutside {
-                what: "zero page",
-                block: b.id.clone(),
-                offset,
-            });
-        }
+        self.check_range(bi, offset, PAGE, "zero page")?;
         let page = offset / PAGE;
         self.received[bi].set(page);
         // Pairs with the fence in `fault`: either the fault thread sees the page received
@@ -337,18 +337,8 @@ impl PostcopyDest {
     /// to page by page when some are present already, EEXIST): a run of zero records of
     /// the stream, or a hole run of an on-demand restore.
     pub(crate) fn place_zeros(&self, bi: usize, offset: u64, len: u64) -> Result<(), FaultError> {
+        self.check_range(bi, offset, len, "zero pages")?;
         let b = &self.blocks[bi];
-        if len == 0
-            || len % PAGE != 0
-            || offset % PAGE != 0
-            || offset.checked_add(len).is_none_or(|e| e > b.size)
-        {
-            return Err(FaultError::PlaceOutside {
-                what: "zero pages",
-                block: b.id.clone(),
-                offset,
-            });
-        }
         // SAFETY: inside the parent's registered mapping of this block (checked above).
         let run = unsafe {
             self.uffd
