@@ -859,6 +859,7 @@ fn data_pages(fd: std::os::fd::BorrowedFd<'_>, size: u64) -> u64 {
         if data < 0 {
             break; // ENXIO: only a hole from here on
         }
+        // SAFETY: lseek on an fd we hold.
         let hole = unsafe { libc::lseek(fd.as_raw_fd(), data, libc::SEEK_HOLE) };
         assert!(hole > data, "SEEK_HOLE from {data}: {hole}");
         pages += (hole - data) as u64 / 4096;

@@ -334,8 +334,8 @@ impl PostcopyDest {
     }
 
     /// Places `len` bytes of zero pages at `offset` with one UFFDIO_ZEROPAGE (falling back
-    /// to page by page when some are present already, EEXIST): a run of zero records of
-    /// the stream, or a hole run of an on-demand restore.
+    /// to page by page when some are present already, EEXIST): a hole run of an on-demand
+    /// restore, which serves its faults from a file with no stream to skip zero pages in.
     pub(crate) fn place_zeros(&self, bi: usize, offset: u64, len: u64) -> Result<(), FaultError> {
         self.check_range(bi, offset, len, "zero pages")?;
         let b = &self.blocks[bi];
