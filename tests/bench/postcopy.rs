@@ -18,7 +18,7 @@
 //! page placed: `x-postcopy-latency` and the upper bounds of the `postcopy-latency-dist`
 //! buckets holding its p50/p99, medians over runs), the CPU seconds each end used during
 //! the postcopy phase, and the destination's drain rate (MiB/s placed) per quarter of that
-//! phase, from mincore(2) over the whole guest every 50 ms, with the mean bytes waiting in
+//! phase, from mincore(2) over the whole guest every 250 ms, with the mean bytes waiting in
 //! the destination's end of the socketpair (FIONREAD on a copy of it; not with preempt,
 //! whose `unix:` listener the bench has no end of). QEMU->QEMU is measured the only way QEMU 10.0 allows from outside
 //! without running a guest: the monitor's `xp` on a missing page minus `xp` on the same page
@@ -27,7 +27,12 @@
 //! Beside them, the host's scheduling floor over the same phase: how late a thread that
 //! sleeps 500 us wakes (p50/p99); every fault needs several such wake-ups.
 //!
-//! Environment: QMH_BENCH_PC_ZERO_PCT (default 0: no zero pages), QMH_BENCH_PC_SIZE (default 1G), QMH_BENCH_REPEAT (default 3), the two above.
+//! Environment: QMH_BENCH_PC_ZERO_PCT (default 0: no zero pages), QMH_BENCH_PC_SIZE (default
+//! 1G), QMH_BENCH_REPEAT (default 3), the two above, and QMH_BENCH_PC_BW: the source's
+//! max-postcopy-bandwidth in MiB/s (default 0, unlimited; the targets are for that). A limit
+//! leaves the 2 CPUs partly idle, which shows how much of the latency is CPU contention
+//! between the background push, the placing and the faulting threads. QMH_BENCH_PC_CASES:
+//! comma-separated parts of the case names to run (default: all), for A/B runs.
 //! Smoke run (checks the bench, measures nothing): QMH_BENCH_PC_SIZE=64M QMH_BENCH_REPEAT=1.
 
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -101,8 +106,13 @@ fn resident_pages(map: &RamMap) -> usize {
     v.iter().filter(|b| *b & 1 == 1).count()
 }
 
-/// How often [`Drain`] samples.
+/// How often [`Drain`] samples the socket's queue (FIONREAD, cheap).
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
+
+/// Every how many of those samples [`Drain`] also counts the pages in place: a mincore(2)
+/// over a 1 GiB guest took 1-31 ms during the runs (5 ms median), so every 50 ms it took
+/// about a tenth of one of the 2 CPUs that the measured threads share.
+const RESIDENT_EVERY: usize = 5;
 
 /// Bytes waiting in the receive queue of socket `fd` (FIONREAD).
 fn queued_bytes(fd: &OwnedFd) -> usize {
@@ -116,13 +126,17 @@ fn queued_bytes(fd: &OwnedFd) -> usize {
     }
 }
 
-/// The destination's drain rate as the postcopy goes on: a thread counts the pages in
-/// place, and with `probe` (a copy of the destination's end of a socketpair) the bytes
-/// queued for it, every [`DRAIN_EVERY`] until stopped (a sampler, so it wakes on a period).
+/// The destination's drain rate as the postcopy goes on: with `probe` (a copy of the
+/// destination's end of a socketpair) a thread samples the bytes queued for it every
+/// [`DRAIN_EVERY`], and counts the pages in place every [`RESIDENT_EVERY`] samples and at
+/// the end, until stopped (a sampler, so it wakes on a period).
 struct Drain {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<Vec<(Duration, usize, Option<usize>)>>,
+    thread: JoinHandle<Vec<DrainSample>>,
 }
+
+/// When, the pages in place (when counted), the bytes queued (with a probe).
+type DrainSample = (Duration, Option<usize>, Option<usize>);
 
 /// Per quarter of the time: MiB/s placed, and the mean KiB queued in the socket.
 struct Drained {
@@ -136,11 +150,13 @@ impl Drain {
         let s = stop.clone();
         let thread = std::thread::spawn(move || {
             let t0 = Instant::now();
-            let mut samples = Vec::new();
+            let mut samples: Vec<DrainSample> = Vec::new();
             loop {
                 let done = s.load(Ordering::Relaxed);
                 let q = probe.as_ref().map(queued_bytes);
-                samples.push((t0.elapsed(), resident_pages(&map), q));
+                let count = done || samples.len() % RESIDENT_EVERY == 0;
+                let placed = count.then(|| resident_pages(&map));
+                samples.push((t0.elapsed(), placed, q));
                 if done {
                     // Drops the probe: the socket closes when both ends' owners are done.
                     return samples;
@@ -156,13 +172,23 @@ impl Drain {
         let samples = self.thread.join().expect("drain sampler");
         let total = samples.last().map_or(Duration::ZERO, |s| s.0);
         let bound = |q: usize| total * q as u32 / 4;
-        // Pages in place at `t`: the last sample taken by then.
+        // Pages in place at `t`: interpolated between the counts around it.
+        let counted: Vec<(f64, f64)> = samples
+            .iter()
+            .filter_map(|s| s.1.map(|n| (s.0.as_secs_f64(), n as f64)))
+            .collect();
         let at = |t: Duration| {
-            samples
-                .iter()
-                .take_while(|s| s.0 <= t)
-                .last()
-                .map_or(0, |s| s.1)
+            let t = t.as_secs_f64();
+            let after = counted.iter().position(|c| c.0 >= t);
+            let v = match after {
+                Some(0) => counted[0].1,
+                Some(i) => {
+                    let ((t0, n0), (t1, n1)) = (counted[i - 1], counted[i]);
+                    n0 + (n1 - n0) * (t - t0) / (t1 - t0).max(f64::EPSILON)
+                }
+                None => counted.last().map_or(0.0, |c| c.1),
+            };
+            v as usize
         };
         let rate = std::array::from_fn(|q| {
             let pages = at(bound(q + 1)).saturating_sub(at(bound(q)));
@@ -186,6 +212,23 @@ impl Drain {
 /// The share of zero pages in the guest: QMH_BENCH_PC_ZERO_PCT (default 0: random content).
 /// A mostly-zero guest sends 9-byte records, so the destination's buffer holds far more of
 /// them, each placed on its own.
+/// The QEMU->QEMU rows.
+const QQ: &str = "QEMU->QEMU (xp)";
+const QQ_PREEMPT: &str = "QEMU->QEMU preempt (xp)";
+
+/// Whether QMH_BENCH_PC_CASES selects the case `name` (all when unset).
+fn selected(name: &str) -> bool {
+    match std::env::var("QMH_BENCH_PC_CASES") {
+        Ok(v) if !v.trim().is_empty() => v.split(',').any(|p| name.contains(p.trim())),
+        _ => true,
+    }
+}
+
+/// max-postcopy-bandwidth, bytes/s (0: unlimited).
+fn postcopy_bw() -> u64 {
+    env_u64("QMH_BENCH_PC_BW", 0).saturating_mul(MIB)
+}
+
 fn zero_fraction() -> f64 {
     env_u64("QMH_BENCH_PC_ZERO_PCT", 0).min(100) as f64 / 100.0
 }
@@ -331,7 +374,7 @@ fn into_helper(from_qemu: bool, preempt: bool, pattern: Pattern, size: u64) -> R
     };
     src.client().set_capabilities(&caps).expect("caps");
     src.client()
-        .set_parameters(json!({"max-bandwidth": 16 * MIB, "max-postcopy-bandwidth": 0}))
+        .set_parameters(json!({"max-bandwidth": 16 * MIB, "max-postcopy-bandwidth": postcopy_bw()}))
         .expect("params");
     let dir = TempDir::new("qmh-bench");
     let probe = connect(src.client(), &mut dst.client, &dir, preempt);
@@ -377,7 +420,7 @@ fn qemu_to_qemu(size: u64, preempt: bool) -> Run {
             .expect("caps");
     }
     src.qmp()
-        .set_parameters(json!({"max-bandwidth": 16 * MIB, "max-postcopy-bandwidth": 0}))
+        .set_parameters(json!({"max-bandwidth": 16 * MIB, "max-postcopy-bandwidth": postcopy_bw()}))
         .expect("params");
     let dir = TempDir::new("qmh-bench");
     let probe = connect(src.qmp(), dst.qmp(), &dir, preempt);
@@ -536,9 +579,13 @@ fn main() {
     )));
     println!(
         "postcopy fault latency: {} MiB guest of random content ({}% zero pages), 4 KiB pages, background push \
-         unlimited, touches from postcopy-active to completed, {repeat} runs each",
+         {}, touches from postcopy-active to completed, {repeat} runs each",
         size >> 20,
-        env_u64("QMH_BENCH_PC_ZERO_PCT", 0).min(100)
+        env_u64("QMH_BENCH_PC_ZERO_PCT", 0).min(100),
+        match postcopy_bw() {
+            0 => "unlimited".to_string(),
+            b => format!("limited to {} MiB/s (max-postcopy-bandwidth)", b / MIB),
+        }
     );
     // Helper destinations: (source, QEMU source, postcopy-preempt), each in both patterns.
     let ends = [
@@ -554,6 +601,7 @@ fn main() {
                 .into_iter()
                 .map(move |pat| (format!("{n} {}", pat.label()), q, p, pat))
         })
+        .filter(|(name, ..)| selected(name))
         .collect();
     let mut pooled: Vec<Pooled> = cases.iter().map(|_| Pooled::default()).collect();
     let (mut qq, mut qqp) = (Pooled::default(), Pooled::default());
@@ -572,7 +620,10 @@ fn main() {
             );
             pooled[i].add(&run);
         }
-        for (preempt, p) in [(false, &mut qq), (true, &mut qqp)] {
+        for (name, preempt, p) in [(QQ, false, &mut qq), (QQ_PREEMPT, true, &mut qqp)] {
+            if !selected(name) {
+                continue;
+            }
             let run = qemu_to_qemu(size, preempt);
             println!(
                 "  run {r} QEMU->QEMU preempt={preempt}: {} xp reads of missing pages in {:.2} s",
@@ -614,8 +665,11 @@ fn main() {
     for ((name, ..), p) in cases.iter().zip(&pooled) {
         println!("{}", p.row(name));
     }
-    println!("{}", qq.row("QEMU->QEMU (xp)"));
-    println!("{}", qqp.row("QEMU->QEMU preempt (xp)"));
+    for (name, p) in [(QQ, &qq), (QQ_PREEMPT, &qqp)] {
+        if selected(name) {
+            println!("{}", p.row(name));
+        }
+    }
     println!(
         "targets (issue 16), sparse and dense: QEMU->helper p50 <= 300 us, p99 <= 2000 us; \
          with preempt, and helper->helper: p50 <= 100 us, p99 <= 1000 us"
