@@ -5,6 +5,7 @@ pub(crate) mod destination;
 pub(crate) mod latency;
 pub(crate) mod mailbox;
 pub(crate) mod migration;
+pub(crate) mod priority;
 pub(crate) mod source;
 pub(crate) mod state;
 pub(crate) mod throttle;

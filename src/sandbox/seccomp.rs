@@ -140,8 +140,9 @@ fn threads() -> Vec<Entry> {
                 libc::PR_GET_PDEATHSIG as u64,
             ],
         ),
-        // Fault, preempt and (without preempt) loader threads ask for nice -10 (their own
-        // thread id).
+        // The postcopy fault-path threads ask for nice -10 (their own thread id): fault,
+        // preempt and (without preempt) loader on a destination, return-path reader and
+        // preempt sender on a source.
         one_of(libc::SYS_setpriority, 0, &[libc::PRIO_PROCESS as u64]),
         one_of(libc::SYS_getpriority, 0, &[libc::PRIO_PROCESS as u64]),
     ]

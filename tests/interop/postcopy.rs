@@ -445,6 +445,7 @@ fn helper_to_qemu_postcopy_with(qemu: Qemu, test: &str, preempt: bool, tls: bool
     src.wait(&["postcopy-active", "completed"], TIMEOUT);
     dst.wait_migration(&["postcopy-active", "completed"], TIMEOUT)
         .expect("qemu postcopy-active");
+    assert_source_fault_path_raised(src.pid(), preempt, test);
     // Read pages near the end of RAM (pushed last) through QEMU's monitor: each read faults.
     let mut read = 0;
     for i in 0..40u64 {
@@ -487,6 +488,74 @@ fn helper_to_qemu10_postcopy() {
 #[test]
 fn helper_to_qemu72_postcopy() {
     helper_to_qemu_postcopy(Qemu::V72, "helper_to_qemu72_postcopy");
+}
+
+/// The nice value of each thread of process `pid` named `name`.
+fn thread_nice(pid: u32, name: &str) -> Vec<i64> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .filter_map(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+            // After the command's closing parenthesis come fields 3 on: nice is field 19.
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.split_whitespace().nth(16)?.parse().ok()
+        })
+        .collect()
+}
+
+/// capability(7) number of CAP_SYS_NICE.
+const CAP_SYS_NICE: u32 = 23;
+
+/// Whether a child of this process may ask for nice -10: CAP_SYS_NICE, or an RLIMIT_NICE
+/// of at least 30 (20 - nice).
+fn may_raise_priority() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let cap = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|c| c & (1 << CAP_SYS_NICE) != 0);
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit.
+    let r = unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut lim) };
+    cap || (r == 0 && lim.rlim_cur >= 30)
+}
+
+/// In postcopy a helper source's return-path reader, and with preempt its preempt sender,
+/// run at nice -10 (where the helper may raise them): a vCPU's request waits on them.
+fn assert_source_fault_path_raised(pid: u32, preempt: bool, test: &str) {
+    if !may_raise_priority() {
+        println!("SKIP {test} thread priority: no CAP_SYS_NICE or RLIMIT_NICE >= 30 here");
+        return;
+    }
+    let mut names = vec!["qmh-rp"];
+    if preempt {
+        names.push("qmh-urgent");
+    }
+    // A thread raises itself as it starts: allow it a moment (postcopy lasts about 2 s at
+    // the test's bandwidth). Report what was seen while the threads were there.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut last = Vec::new();
+    loop {
+        let seen: Vec<(&str, Vec<i64>)> = names.iter().map(|n| (*n, thread_nice(pid, n))).collect();
+        if seen.iter().all(|(_, v)| !v.is_empty()) {
+            if seen.iter().all(|(_, v)| v.iter().all(|&n| n == -10)) {
+                return;
+            }
+            last = seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{test}: source fault-path threads not at nice -10: {last:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The start of a postcopy stream for one block "ram" of `size`, up to and including RUN,

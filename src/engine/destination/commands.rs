@@ -257,7 +257,7 @@ impl Loader<'_> {
             crate::transport::set_recv_buffer(fd, POSTCOPY_RCVBUF);
         }
         if !self.ctx.caps().postcopy_preempt {
-            crate::engine::destination::priority::raise(&self.ctx.log, "loader");
+            crate::engine::priority::raise(&self.ctx.log, "loader");
         }
     }
 

@@ -449,7 +449,7 @@ impl PostcopyDest {
     pub(crate) fn run(&self) -> Result<(), FaultError> {
         // A vCPU waits while this thread sleeps: ask to be scheduled ahead of the threads
         // pushing and placing background pages.
-        crate::engine::destination::priority::raise(&self.log, "fault");
+        crate::engine::priority::raise(&self.log, "fault");
         let mut buf = userfaultfd::EventBuffer::new(64);
         loop {
             match wait_fd(self.uffd.as_fd(), PollFlags::POLLIN, &self.stop, None) {

@@ -49,7 +49,6 @@ mod place;
 mod postcopy;
 mod precopy;
 mod preempt;
-mod priority;
 mod ram;
 mod reader;
 mod recovery;

@@ -209,7 +209,7 @@ impl PreemptChannel {
                 };
                 slog::info!(log, "postcopy-preempt channel connected"; "peer" => &c.peer);
                 // A vCPU waits on every page this thread reads.
-                crate::engine::destination::priority::raise(&log, "postcopy-preempt");
+                crate::engine::priority::raise(&log, "postcopy-preempt");
                 let r = read_pages(&c, &pc, &blocks, &pages);
                 match &r {
                     Err(_) if st.is_cancelled() => return Ok(()),

@@ -424,7 +424,8 @@ impl<'m> PostcopyPush<'m> {
             .map(|(b, arc)| (arc.clone(), b.todo.clone(), b.holes.clone()))
             .collect();
         let route = self.rp_shared.route.clone();
-        let u = Urgent::spawn(c, secure, blocks, route, self.requests.drain(..))
+        let log = self.ctx.log.clone();
+        let u = Urgent::spawn(c, secure, blocks, route, self.requests.drain(..), log)
             .map_err(PreemptError::Spawn)?;
         slog::info!(self.ctx.log, "postcopy-preempt channel connected"; "uri" => %uri);
         Ok(u)

@@ -115,6 +115,8 @@ enum Next {
 
 impl Reader {
     fn run(mut self) -> Result<(), RpError> {
+        // In postcopy a vCPU's page request waits while this thread waits for a CPU.
+        crate::engine::priority::raise(&self.log, "return-path");
         loop {
             // Decode everything buffered.
             while let Some((n, next)) = self.decode_one()? {

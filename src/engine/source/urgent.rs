@@ -51,6 +51,7 @@ impl Urgent {
         blocks: Vec<UrgentBlock>,
         route: Route,
         pending: impl Iterator<Item = PageRequest>,
+        log: slog::Logger,
     ) -> std::io::Result<Urgent> {
         let (tx, rx) = mpsc::sync_channel::<PageRequest>(MAX_QUEUED_REQUESTS);
         let counts = Arc::new(Counts::default());
@@ -59,6 +60,7 @@ impl Urgent {
         let thread = std::thread::Builder::new()
             .name("qmh-urgent".into())
             .spawn(move || {
+                crate::engine::priority::raise(&log, "postcopy-preempt sender");
                 let c = secure(chan).map_err(|e| PeerError::Preempt(PreemptError::Connect(e)))?;
                 serve(Arc::new(c), &blocks, rx, &n)
             })?;

@@ -276,7 +276,7 @@ impl Shared<'_> {
     /// The fault thread: sleeps in poll(2) on the userfaultfd, its stop token and the
     /// migration's cancel token.
     pub(super) fn fault_thread(&self) -> Result<(), ServeError> {
-        crate::engine::destination::priority::raise(&self.log, "on-demand faults");
+        crate::engine::priority::raise(&self.log, "on-demand faults");
         let mut events = userfaultfd::EventBuffer::new(64);
         let mut buf = Vec::with_capacity((FAULT_RUN * PAGE) as usize);
         loop {

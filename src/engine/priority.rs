@@ -1,5 +1,6 @@
-//! The scheduling priority of the threads a vCPU waits on (the fault thread, and the
-//! postcopy-preempt reader or, without preempt, the loader).
+//! The scheduling priority of the threads a vCPU waits on in postcopy: on the destination
+//! the fault thread, and the postcopy-preempt reader or, without preempt, the loader; on a
+//! helper source the return-path reader and the postcopy-preempt sender.
 
 /// The nice value those threads ask for.
 const NICE: libc::c_int = -10;
