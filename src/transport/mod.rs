@@ -333,6 +333,46 @@ impl Channel {
         }
     }
 
+    /// The socket's send buffer as the kernel counts it (twice what was set), or None
+    /// (not a socket).
+    pub(crate) fn send_buffer(&self) -> Option<usize> {
+        if !self.is_socket {
+            return None;
+        }
+        nix::sys::socket::getsockopt(&self.fd, nix::sys::socket::sockopt::SndBuf).ok()
+    }
+
+    /// The bytes the socket holds that the peer has not taken yet (SIOCOUTQ: for a Unix
+    /// socket those in the peer's queue, for TCP those not yet acknowledged), or None.
+    pub(crate) fn unsent(&self) -> Option<usize> {
+        if !self.is_socket {
+            return None;
+        }
+        let mut n: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int through the pointer, which points to
+        // `n`, alive for the call; the fd is open (owned by self).
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+        (r == 0).then_some(n.max(0) as usize)
+    }
+
+    /// Waits until the socket can take more without blocking (or fails), `bell` rings, or
+    /// `deadline` passes. Not a socket: writable at once.
+    pub(crate) fn wait_writable(
+        &self,
+        bell: &CancelToken,
+        deadline: std::time::Instant,
+    ) -> io::Result<Woke> {
+        if !self.is_socket {
+            return Ok(Woke::Ready);
+        }
+        wait_fd(
+            self.fd.as_fd(),
+            nix::poll::PollFlags::POLLOUT,
+            bell,
+            Some(deadline),
+        )
+    }
+
     /// Shuts a socket down (both directions) so that blocked I/O on it returns.
     pub(crate) fn shutdown(&self) {
         if self.is_socket {

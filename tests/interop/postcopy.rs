@@ -769,6 +769,117 @@ fn postcopy_bad_page_requests() {
     }
 }
 
+/// Without postcopy-preempt a requested page shares the main channel with the background
+/// push. A destination (played by the test) stops reading while the push runs, so the
+/// socket fills, then asks for the guest's last page: the source has left room for it and
+/// sends it at once, right behind what the socket already held. (A push blocked in a
+/// write would send the rest of its chunk first, once the test had drained most of the
+/// socket: 32 KiB or more ahead of the page.)
+#[test]
+fn postcopy_requested_page_goes_next_without_preempt() {
+    use qemu_migration_helper::wire::return_path::{encode, RpMessage};
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const PAGE: usize = 4096;
+    let mut src = HelperVm::spawn();
+    src.add_block("ram", RAM, false);
+    // Random pages: none is sent as a ZERO record, and each is found by its contents.
+    fill_mixed(&mut src.blocks[0].mem.map(), 11, 0.0);
+    let last = RAM - PAGE as u64;
+    let want = src.blocks[0].mem.map()[last as usize..].to_vec();
+    src.client
+        .set_capabilities(&[("postcopy-ram", true)])
+        .expect("caps");
+    // Precopy slow, so that it is far from done at the switchover; the push unlimited.
+    src.client
+        .set_parameters(json!({"max-bandwidth": 8 * MIB}))
+        .expect("params");
+    let (a, b) = socketpair();
+    src.client.getfd("mig", a.as_fd()).expect("getfd");
+    drop(a);
+    let mut s = std::os::unix::net::UnixStream::from(b);
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    // Reads slowly (about 12 MiB/s, above precopy's 8) until told to stop, so that the
+    // push has sent little of the guest when it does; then reads what is there, so that
+    // what stays queued is the push's alone (a partly read record of precopy's larger
+    // writes would keep the socket's whole send buffer charged).
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut r = s.try_clone().expect("clone");
+    let stop2 = stop.clone();
+    let drain = std::thread::spawn(move || {
+        let mut sink = vec![0u8; 64 << 10];
+        while !stop2.load(Ordering::Acquire) {
+            if !matches!(r.read(&mut sink), Ok(n) if n > 0) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        r.set_nonblocking(true).expect("nonblocking");
+        while matches!(r.read(&mut sink), Ok(n) if n > 0) {}
+        r.set_nonblocking(false).expect("blocking");
+    });
+    src.client.migrate("fd:mig").expect("migrate");
+    std::thread::sleep(Duration::from_millis(100));
+    src.client.migrate_start_postcopy().expect("postcopy");
+    src.wait(&["postcopy-active"], TIMEOUT);
+    stop.store(true, Ordering::Release);
+    drain.join().expect("drain");
+    // The push fills the socket as far as it will.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int, to `queued`; the fd is open.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::FIONREAD,
+            &mut queued,
+        )
+    };
+    assert_eq!(rc, 0, "FIONREAD");
+    let queued = queued as usize;
+    assert!(
+        queued >= PAGE,
+        "the push sent nothing after the switchover: {queued}"
+    );
+    let mut m = Vec::new();
+    encode(
+        &mut m,
+        &RpMessage::ReqPagesId {
+            offset: last,
+            len: PAGE as u32,
+            block: "ram",
+        },
+    )
+    .expect("encode");
+    s.write_all(&m).expect("write request");
+    // Reads until the page's contents show up, or well past where they should be.
+    let limit = queued + (256 << 10);
+    let mut got = Vec::with_capacity(limit);
+    let mut buf = vec![0u8; 16 << 10];
+    let found = loop {
+        if let Some(i) = got.windows(PAGE).position(|w| w == &want[..]) {
+            break Some(i);
+        }
+        if got.len() >= limit {
+            break None;
+        }
+        match s.read(&mut buf) {
+            Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+            other => panic!("reading the stream: {other:?} after {} bytes", got.len()),
+        }
+    };
+    let at = found.unwrap_or_else(|| panic!("page not within {limit} bytes ({queued} queued)"));
+    println!("requested page at byte {at} after the request, {queued} bytes were queued");
+    // Behind what was queued: at most a page record's header (with the block's name) and
+    // a section header between them.
+    assert!(
+        at >= queued && at <= queued + 64,
+        "requested page at byte {at} of what followed the request; {queued} bytes were queued"
+    );
+    drop(s);
+}
+
 fn base64_encode(b: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(b)

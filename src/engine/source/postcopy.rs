@@ -277,6 +277,9 @@ impl<'m> PostcopyPush<'m> {
         self.pages.rewind();
         let mut throttle = Throttle::new();
         let mut resume_at: Option<Instant> = None;
+        // Without preempt the push keeps the socket at most half full, so that a requested
+        // page can always go in at once.
+        let room = link.out.chan().send_buffer().unwrap_or(0) / 2;
         loop {
             ka.tick(ctx, &mut link.out, &link.rp)?;
             self.serve_requests(link, Wait::Now)?;
@@ -288,6 +291,24 @@ impl<'m> PostcopyPush<'m> {
                     continue;
                 }
                 resume_at = None;
+            }
+            // Without preempt, requested pages share the socket with the push: the push
+            // waits for room here, where a request wakes it, rather than in a write that
+            // only returns once the destination has drained most of the socket.
+            if link.urgent.is_none() && link.out.chan().unsent().is_some_and(|q| q >= room) {
+                let until = ka.due(ctx, SHUT_TIMEOUT);
+                let chan = link.out.chan();
+                let writable =
+                    link.rp
+                        .wait_writable(chan, until)
+                        .map_err(|source| SourceError::Io {
+                            peer: chan.peer.clone(),
+                            sent: link.out.sent(),
+                            source,
+                        })?;
+                if !writable {
+                    continue;
+                }
             }
             let chunk = match link.urgent {
                 Some(_) => POSTCOPY_CHUNK,

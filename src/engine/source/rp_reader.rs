@@ -13,6 +13,7 @@
 //! The thread ends with the first error (or SHUT) and returns it; the handle joins it when
 //! its queue runs dry, so a dead reader is an error, never "nothing yet".
 
+use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -23,7 +24,7 @@ use crate::compat::wire;
 use crate::engine::source::error::PeerError;
 pub(crate) use crate::engine::source::rp_event::{PageRequest, RpError, RpEvent};
 use crate::engine::source::SourceError;
-use crate::transport::Channel;
+use crate::transport::{CancelToken, Channel, Woke};
 use crate::wire::return_path::{self, RpMessage};
 
 const PAGE: usize = wire::TARGET_PAGE_SIZE;
@@ -105,6 +106,11 @@ struct Reader {
     buf: Vec<u8>,
     have: usize,
     last_block: Option<usize>,
+    /// Rung once events were handed over, for a migration thread that waits in poll(2)
+    /// on its socket and on this at once (the postcopy push). A latched signal: `cancel`
+    /// rings it, `reset` clears it.
+    bell: CancelToken,
+    rang: bool,
 }
 
 /// Whether the reader goes on after a message.
@@ -126,6 +132,9 @@ impl Reader {
                     return Ok(());
                 }
             }
+            if std::mem::take(&mut self.rang) {
+                self.bell.cancel();
+            }
             if self.have == self.buf.len() {
                 // A received bitmap is larger than a message: grow.
                 self.buf.resize(self.buf.len() * 2, 0);
@@ -140,9 +149,23 @@ impl Reader {
     }
 
     /// Hands an event over; Stop when the migration thread is gone.
-    fn send(&self, ev: RpEvent) -> Next {
+    fn send(&mut self, ev: RpEvent) -> Next {
+        let ev = match self.tx.try_send(ev) {
+            Ok(()) => {
+                self.rang = true;
+                return Next::More;
+            }
+            Err(mpsc::TrySendError::Full(ev)) => ev,
+            Err(mpsc::TrySendError::Disconnected(_)) => return Next::Stop,
+        };
+        // Full: the migration thread must take events before this one fits. Wake it even
+        // if it waits for its socket.
+        self.bell.cancel();
         match self.tx.send(ev) {
-            Ok(()) => Next::More,
+            Ok(()) => {
+                self.rang = true;
+                Next::More
+            }
             Err(_) => Next::Stop,
         }
     }
@@ -237,6 +260,8 @@ pub(crate) enum Wait {
 /// the events said so far (the last PONG, whether SHUT came).
 pub(crate) struct ReturnPath {
     rx: mpsc::Receiver<RpEvent>,
+    /// Readable once the reader handed events over (reset by [`ReturnPath::wait_writable`]).
+    bell: CancelToken,
     /// The reader's channel, shut down to end the reader when the handle goes.
     chan: Arc<Channel>,
     thread: Option<JoinHandle<Result<(), RpError>>>,
@@ -257,7 +282,13 @@ impl ReturnPath {
         // Bounded: when the main thread is behind, this thread stops reading the socket and
         // the destination's writes wait (TCP's own flow control), instead of queueing here.
         let (tx, rx) = mpsc::sync_channel(MAX_QUEUED_EVENTS);
+        let bell = CancelToken::new().map_err(|source| SourceError::Spawn {
+            what: "return-path",
+            source,
+        })?;
         let reader = Reader {
+            bell: bell.clone(),
+            rang: false,
             chan: chan.clone(),
             blocks,
             route,
@@ -268,15 +299,23 @@ impl ReturnPath {
             have: 0,
             last_block: None,
         };
+        let ended = bell.clone();
         let thread = std::thread::Builder::new()
             .name("qmh-rp".into())
-            .spawn(move || reader.run())
+            .spawn(move || {
+                let r = reader.run();
+                // Its queue is closed now: a migration thread waiting for events learns
+                // why from it.
+                ended.cancel();
+                r
+            })
             .map_err(|source| SourceError::Spawn {
                 what: "return-path",
                 source,
             })?;
         Ok(ReturnPath {
             rx,
+            bell,
             chan,
             thread: Some(thread),
             last_pong: Instant::now(),
@@ -325,6 +364,16 @@ impl ReturnPath {
                 Err(Some(())) => Err(self.join().into()),
             };
         }
+    }
+
+    /// Waits until `chan` can take more without blocking, an event came, or `deadline`;
+    /// true when `chan` is writable. A push that waits here instead of in a blocked write
+    /// serves a request as soon as it comes.
+    pub(crate) fn wait_writable(&self, chan: &Channel, deadline: Instant) -> io::Result<bool> {
+        let woke = chan.wait_writable(&self.bell, deadline)?;
+        // Reset before the queue is read: an event handed over after this rings again.
+        self.bell.reset();
+        Ok(woke == Woke::Ready)
     }
 
     /// When the last PONG came (or the reader started).
@@ -421,6 +470,57 @@ mod tests {
         assert!(matches!(rp.next(soon()), Ok(Some(RpEvent::Shut(0)))));
         assert!(rp.shut() && rp.last_pong() > before);
         assert!(matches!(rp.next(Wait::Now), Ok(None)));
+    }
+
+    /// The postcopy push's wait for room on a full socket: a request ends it (false, and
+    /// the request is there to take), the peer draining the socket too (true), and a
+    /// deadline with neither (false).
+    #[test]
+    fn a_request_or_room_ends_the_wait_for_room() {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let gate = Arc::new(RpGate::default());
+        gate.postcopy.store(true, Ordering::Release);
+        let log = slog::Logger::root(slog::Discard, slog::o!());
+        let rp = ReturnPath::spawn(
+            Channel::from_unix(a.try_clone().expect("clone"), "rp".into()),
+            vec![("ram".to_string(), 1 << 20)],
+            Route::default(),
+            gate,
+            log,
+        )
+        .expect("spawn");
+        let mut rp = rp;
+        // Fills the socket without making it non-blocking (the reader shares the file).
+        let flags = nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+        while nix::sys::socket::send(a.as_raw_fd(), &[0u8; 4096], flags).is_ok() {}
+        let chan = Channel::from_unix(a, "main".into());
+        let soon = |ms| Instant::now() + std::time::Duration::from_millis(ms);
+        assert!(!rp.wait_writable(&chan, soon(50)).expect("times out"));
+
+        send(
+            &mut b,
+            &[RpMessage::ReqPagesId {
+                offset: 8192,
+                len: 4096,
+                block: "ram",
+            }],
+        );
+        let t0 = Instant::now();
+        assert!(!rp.wait_writable(&chan, soon(10_000)).expect("a request"));
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+        match rp.next(Wait::Now) {
+            Ok(Some(RpEvent::Request(r))) => assert_eq!(r.offset, 8192),
+            other => panic!("expected the request, got {other:?}"),
+        }
+        // Rung once: with the request taken, the next wait is for room again.
+        assert!(!rp.wait_writable(&chan, soon(50)).expect("times out"));
+
+        let mut sink = vec![0u8; 1 << 20];
+        b.set_nonblocking(true).expect("nonblocking");
+        while matches!(b.read(&mut sink), Ok(n) if n > 0) {}
+        assert!(rp.wait_writable(&chan, soon(10_000)).expect("room"));
     }
 
     /// A reader that stopped is an error: the destination's for what it sent, the link's
