@@ -483,7 +483,7 @@ mod tests {
         let gate = Arc::new(RpGate::default());
         gate.postcopy.store(true, Ordering::Release);
         let log = slog::Logger::root(slog::Discard, slog::o!());
-        let rp = ReturnPath::spawn(
+        let mut rp = ReturnPath::spawn(
             Channel::from_unix(a.try_clone().expect("clone"), "rp".into()),
             vec![("ram".to_string(), 1 << 20)],
             Route::default(),
@@ -491,7 +491,6 @@ mod tests {
             log,
         )
         .expect("spawn");
-        let mut rp = rp;
         // Fills the socket without making it non-blocking (the reader shares the file).
         let flags = nix::sys::socket::MsgFlags::MSG_DONTWAIT;
         while nix::sys::socket::send(a.as_raw_fd(), &[0u8; 4096], flags).is_ok() {}
