@@ -709,6 +709,26 @@ fn postcopy_fault_outside_blocks() {
     assert_eq!(toucher.join().expect("toucher"), 0);
 }
 
+/// A helper source with postcopy-ram, `params` and one block "ram" of random pages (from
+/// `seed`), whose migration channel's other end is the test's, not yet migrating.
+fn postcopy_source_to_test(
+    seed: u64,
+    params: serde_json::Value,
+) -> (HelperVm, std::os::unix::net::UnixStream) {
+    let mut src = HelperVm::spawn();
+    src.add_block("ram", RAM, false);
+    // Random pages, so that precopy cannot finish before postcopy starts.
+    fill_mixed(&mut src.blocks[0].mem.map(), seed, 0.0);
+    src.client
+        .set_capabilities(&[("postcopy-ram", true)])
+        .expect("caps");
+    src.client.set_parameters(params).expect("params");
+    let (a, b) = socketpair();
+    src.client.getfd("mig", a.as_fd()).expect("getfd");
+    drop(a);
+    (src, std::os::unix::net::UnixStream::from(b))
+}
+
 /// A destination (played by the test) that asks a helper source for a page of an unknown
 /// block, then for a page past the block's end: the source stops with a clear error.
 #[test]
@@ -733,20 +753,10 @@ fn postcopy_bad_page_requests() {
             },
         ),
     ] {
-        let mut src = HelperVm::spawn();
-        src.add_block("ram", RAM, false);
-        // Random pages, so that precopy cannot finish before postcopy starts.
-        fill_mixed(&mut src.blocks[0].mem.map(), 9, 0.0);
-        src.client
-            .set_capabilities(&[("postcopy-ram", true)])
-            .expect("caps");
-        src.client
-            .set_parameters(json!({"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 8 * MIB}))
-            .expect("params");
-        let (a, b) = socketpair();
-        src.client.getfd("mig", a.as_fd()).expect("getfd");
-        drop(a);
-        let mut s = std::os::unix::net::UnixStream::from(b);
+        let (mut src, mut s) = postcopy_source_to_test(
+            9,
+            json!({"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 8 * MIB}),
+        );
         let mut r = s.try_clone().expect("clone");
         let drain = std::thread::spawn(move || {
             let mut sink = vec![0u8; 1 << 20];
@@ -781,23 +791,11 @@ fn postcopy_requested_page_goes_next_without_preempt() {
     use std::io::{Read, Write};
     use std::sync::atomic::{AtomicBool, Ordering};
     const PAGE: usize = 4096;
-    let mut src = HelperVm::spawn();
-    src.add_block("ram", RAM, false);
-    // Random pages: none is sent as a ZERO record, and each is found by its contents.
-    fill_mixed(&mut src.blocks[0].mem.map(), 11, 0.0);
+    // Precopy slow, so that it is far from done at the switchover; the push unlimited.
+    let (mut src, mut s) = postcopy_source_to_test(11, json!({"max-bandwidth": 8 * MIB}));
+    // The pages are random: none goes as a ZERO record, and each is found by its contents.
     let last = RAM - PAGE as u64;
     let want = src.blocks[0].mem.map()[last as usize..].to_vec();
-    src.client
-        .set_capabilities(&[("postcopy-ram", true)])
-        .expect("caps");
-    // Precopy slow, so that it is far from done at the switchover; the push unlimited.
-    src.client
-        .set_parameters(json!({"max-bandwidth": 8 * MIB}))
-        .expect("params");
-    let (a, b) = socketpair();
-    src.client.getfd("mig", a.as_fd()).expect("getfd");
-    drop(a);
-    let mut s = std::os::unix::net::UnixStream::from(b);
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
     // Reads slowly (about 12 MiB/s, above precopy's 8) until told to stop, so that the
